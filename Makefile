@@ -1,0 +1,5 @@
+.PHONY: all test
+all:
+	cargo build --release
+test:
+	cargo test --workspace
