@@ -1,0 +1,114 @@
+//! The kernel command line: space-separated `key=value` words.
+
+/// Minimum severity that reaches the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Only errors.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// The default.
+    Info,
+    /// Diagnostic detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    fn parse(word: &str) -> Option<Self> {
+        Some(match word {
+            "error" => Self::Error,
+            "warn" => Self::Warn,
+            "info" => Self::Info,
+            "debug" => Self::Debug,
+            "trace" => Self::Trace,
+            _ => return None,
+        })
+    }
+}
+
+/// A deliberate fault, for the harness's negative tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Read an unmapped address (#PF).
+    PageFault,
+    /// Call `panic!`.
+    Panic,
+    /// Execute `ud2` (#UD).
+    InvalidOpcode,
+    /// Recurse until the boot stack's guard page is hit.
+    StackOverflow,
+}
+
+impl Fault {
+    fn parse(word: &str) -> Option<Self> {
+        Some(match word {
+            "pagefault" => Self::PageFault,
+            "panic" => Self::Panic,
+            "ud" => Self::InvalidOpcode,
+            "stackoverflow" => Self::StackOverflow,
+            _ => return None,
+        })
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options<'a> {
+    /// `loglevel=`.
+    pub log_level: LogLevel,
+    /// `fault=`: trigger this fault once booted.
+    pub fault: Option<Fault>,
+    /// The first word not understood, reported rather than silently dropped.
+    pub unknown: Option<&'a str>,
+}
+
+impl<'a> Options<'a> {
+    /// Parses a command line. Bad words are kept in `unknown`; the rest
+    /// still applies, so a typo never stops the boot.
+    pub fn parse(cmdline: &'a str) -> Self {
+        let mut opts = Self { log_level: LogLevel::Info, fault: None, unknown: None };
+        for word in cmdline.split_ascii_whitespace() {
+            let (key, value) = word.split_once('=').unwrap_or((word, ""));
+            let understood = match key {
+                "loglevel" => LogLevel::parse(value).map(|l| opts.log_level = l).is_some(),
+                "fault" => Fault::parse(value).map(|f| opts.fault = Some(f)).is_some(),
+                _ => false,
+            };
+            if !understood && opts.unknown.is_none() {
+                opts.unknown = Some(word);
+            }
+        }
+        opts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let o = Options::parse("");
+        assert_eq!(o, Options { log_level: LogLevel::Info, fault: None, unknown: None });
+    }
+
+    #[test]
+    fn known_words() {
+        let o = Options::parse("  loglevel=debug   fault=pagefault ");
+        assert_eq!(o.log_level, LogLevel::Debug);
+        assert_eq!(o.fault, Some(Fault::PageFault));
+        assert_eq!(Options::parse("fault=ud").fault, Some(Fault::InvalidOpcode));
+        assert_eq!(Options::parse("fault=panic").fault, Some(Fault::Panic));
+        assert_eq!(Options::parse("fault=stackoverflow").fault, Some(Fault::StackOverflow));
+    }
+
+    #[test]
+    fn unknown_words_are_reported_and_do_not_stop_parsing() {
+        let o = Options::parse("loglevel=loud fault=ud colour");
+        assert_eq!(o.unknown, Some("loglevel=loud"));
+        assert_eq!(o.log_level, LogLevel::Info);
+        assert_eq!(o.fault, Some(Fault::InvalidOpcode));
+    }
+}

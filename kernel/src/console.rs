@@ -1,0 +1,116 @@
+//! Console output (COM1 and the 0xe9 debug port), the `log` backend with
+//! timestamps and levels, and the last-words path for fatal errors.
+//!
+//! Output is lock-free: a byte at a time to the ports, so an exception or
+//! panic can always print, even if it interrupted a half-written line.
+
+use crate::arch::{clock, cpu};
+use core::fmt::{self, Write};
+use kernel::cmdline::LogLevel;
+
+const COM1: u16 = 0x3f8;
+const DEBUGCON: u16 = 0xe9;
+
+/// Programs COM1 for 115200 8N1 with FIFOs.
+pub fn init() {
+    cpu::outb(COM1 + 1, 0x00); // no UART interrupts
+    cpu::outb(COM1 + 3, 0x80); // DLAB on
+    cpu::outb(COM1, 0x01); // divisor 1 = 115200
+    cpu::outb(COM1 + 1, 0x00);
+    cpu::outb(COM1 + 3, 0x03); // 8N1, DLAB off
+    cpu::outb(COM1 + 2, 0xc7); // FIFOs on and cleared
+    cpu::outb(COM1 + 4, 0x0b);
+}
+
+fn put_byte(b: u8) {
+    // Wait for the transmitter, bounded: an absent UART reads 0xff
+    // (ready), and a stuck one must not hang the kernel.
+    for _ in 0..100_000 {
+        if cpu::inb(COM1 + 5) & 0x20 != 0 {
+            break;
+        }
+    }
+    cpu::outb(COM1, b);
+    cpu::outb(DEBUGCON, b);
+}
+
+/// A writer to every console.
+pub struct Console;
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        s.bytes().for_each(put_byte);
+        Ok(())
+    }
+}
+
+struct Logger;
+
+fn label(level: log::Level) -> &'static str {
+    match level {
+        log::Level::Error => "ERROR",
+        log::Level::Warn => "WARN ",
+        log::Level::Info => "INFO ",
+        log::Level::Debug => "DEBUG",
+        log::Level::Trace => "TRACE",
+    }
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let ns = clock::now_ns();
+        let _ = writeln!(
+            Console,
+            "[{:5}.{:06}] {} {}",
+            ns / 1_000_000_000,
+            (ns / 1000) % 1_000_000,
+            label(record.level()),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: Logger = Logger;
+
+/// Installs the logger at `level`.
+pub fn init_log(level: LogLevel) {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(match level {
+        LogLevel::Error => log::LevelFilter::Error,
+        LogLevel::Warn => log::LevelFilter::Warn,
+        LogLevel::Info => log::LevelFilter::Info,
+        LogLevel::Debug => log::LevelFilter::Debug,
+        LogLevel::Trace => log::LevelFilter::Trace,
+    });
+}
+
+/// Prints a fatal message whatever the log level.
+pub fn fatal(args: fmt::Arguments) {
+    let _ = Console.write_fmt(args);
+}
+
+/// Prints the 16 words above `rsp`, where they are mapped.
+pub fn stack_dump(rsp: u64) {
+    let _ = writeln!(Console, "  stack at {rsp:#018x}:");
+    for row in 0..8u64 {
+        let at = rsp.wrapping_add(row * 16);
+        match (crate::memory::read_u64(at), crate::memory::read_u64(at.wrapping_add(8))) {
+            (Some(a), Some(b)) => {
+                let _ = writeln!(Console, "    {at:#018x}: {a:#018x} {b:#018x}");
+            }
+            _ => {
+                let _ = writeln!(Console, "    {at:#018x}: <not mapped>");
+                return;
+            }
+        }
+    }
+}

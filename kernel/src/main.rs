@@ -1,0 +1,140 @@
+//! stordom: the bare-metal kernel. Boots through the PVH entry in `boot`,
+//! sets up the CPU, memory and clocks, then runs its job.
+#![no_std]
+#![no_main]
+
+mod arch;
+mod console;
+mod memory;
+mod rt;
+
+extern crate alloc;
+
+use arch::{apic, clock, cpu};
+use boot::start_info::{PhysRead, StartInfo, StringArena};
+use kernel::cmdline::{Fault, Options};
+
+/// Reads loader data through the entry stub's identity map of low 4 GiB.
+struct EarlyMemory;
+
+impl PhysRead for EarlyMemory {
+    fn read(&self, paddr: u64, buf: &mut [u8]) -> bool {
+        match paddr.checked_add(buf.len() as u64) {
+            Some(end) if end <= 4 << 30 && paddr != 0 => {
+                // SAFETY: the range lies in the early identity map and is
+                // only read; a bad table address yields garbage, which the
+                // parser bounds, not a fault.
+                unsafe { core::ptr::copy_nonoverlapping(paddr as *const u8, buf.as_mut_ptr(), buf.len()) };
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn fail(what: core::fmt::Arguments) -> ! {
+    log::error!("{what}");
+    cpu::exit(cpu::ExitStatus::Failure)
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
+    clock::mark_boot();
+    console::init();
+    arch::init_cpu();
+    console::init_log(kernel::cmdline::LogLevel::Info);
+
+    let mut arena = StringArena::new();
+    let info = match StartInfo::parse(&EarlyMemory, u64::from(start_info_paddr), &mut arena) {
+        Ok(info) => info,
+        Err(e) => fail(format_args!("start_info at {start_info_paddr:#x}: {e}")),
+    };
+    let opts = Options::parse(info.cmdline);
+    console::init_log(opts.log_level);
+    log::info!("stordom {} (PVH boot, start_info v{} at {:#x})", env!("CARGO_PKG_VERSION"), info.version, info.paddr);
+    log::info!("command line: \"{}\"", info.cmdline);
+    if let Some(word) = opts.unknown {
+        log::warn!("command line: ignoring \"{word}\"");
+    }
+    log::info!("memory map ({} entries):", info.memory_map().len());
+    for r in info.memory_map() {
+        log::info!("  {:#014x}-{:#014x} {:?}", r.start, r.end(), r.kind);
+    }
+    log::info!("modules ({}):", info.modules().len());
+    for (i, m) in info.modules().iter().enumerate() {
+        log::info!("  module {i}: {:#x}+{:#x} \"{}\"", m.start, m.len, m.cmdline);
+    }
+
+    let mem = match memory::init(&info) {
+        Ok(m) => m,
+        Err(e) => fail(format_args!("memory setup failed: {e}")),
+    };
+    log::info!(
+        "memory: {} MiB RAM, {} MiB free, heap {} MiB, kernel {:#x}-{:#x}, NX {}, W^X ok, RAM checked up to {:#x}",
+        mem.ram_bytes >> 20,
+        mem.free_bytes >> 20,
+        mem.heap_bytes >> 20,
+        mem.kernel.0,
+        mem.kernel.1,
+        if boot::pvh::nx_enabled() { "on" } else { "unavailable" },
+        mem.highest_checked
+    );
+    let heap_check: alloc::vec::Vec<u64> = (0..1024).collect();
+    if heap_check.iter().sum::<u64>() != 1023 * 1024 / 2 {
+        fail(format_args!("heap check failed"));
+    }
+
+    match clock::calibrate() {
+        Ok(hz) => log::info!("clock: TSC {}.{:03} MHz (PIT calibrated)", hz / 1_000_000, (hz / 1000) % 1000),
+        Err(e) => fail(format_args!("clock: cannot calibrate the TSC: {e:?}")),
+    }
+    match apic::init(|phys| memory::map_mmio(phys, 4096)) {
+        Ok(a) => log::info!("apic: {} timer {} ticks/ms", if a.x2apic { "x2APIC" } else { "xAPIC" }, a.ticks_per_ms),
+        Err(e) => fail(format_args!("apic: {e:?}")),
+    }
+    let before = (clock::now_ns(), apic::timer_interrupts());
+    apic::sleep(10_000_000);
+    let slept = clock::now_ns() - before.0;
+    let interrupts = apic::timer_interrupts() - before.1;
+    if interrupts == 0 {
+        fail(format_args!("timer: no interrupt during a 10 ms sleep"));
+    }
+    log::info!(
+        "timer: 10 ms sleep took {}.{:03} ms, {interrupts} interrupt(s)",
+        slept / 1_000_000,
+        (slept / 1000) % 1000
+    );
+
+    if let Some(fault) = opts.fault {
+        trigger(fault);
+    }
+    log::info!("boot complete in {} us; exiting", clock::now_ns() / 1000);
+    cpu::exit(cpu::ExitStatus::Success)
+}
+
+/// Causes `fault` on purpose (the harness's negative tests).
+fn trigger(fault: Fault) -> ! {
+    log::warn!("triggering {fault:?} as the command line asks");
+    match fault {
+        // SAFETY: deliberately reads an unmapped, canonical address to take
+        // a page fault; the handler never returns.
+        Fault::PageFault => unsafe {
+            (0x0000_7fff_dead_0000 as *const u64).read_volatile();
+        },
+        Fault::Panic => panic!("panic requested on the command line"),
+        // SAFETY: ud2 raises #UD, whose handler never returns.
+        Fault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        Fault::StackOverflow => {
+            recurse(core::hint::black_box(0));
+        }
+    }
+    fail(format_args!("{fault:?} did not fault"))
+}
+
+/// Recurses with a stack frame the optimiser cannot drop, until the boot
+/// stack's guard page is hit.
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    recurse(depth + 1) + frame[depth as usize % 64]
+}

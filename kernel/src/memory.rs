@@ -1,0 +1,239 @@
+//! Physical memory: the frame allocator over usable RAM, the kernel's own
+//! page tables (identity map of all RAM, W^X kernel image, guard page under
+//! the boot stack, uncached MMIO on request) and the heap.
+
+use boot::start_info::{MemoryType, StartInfo};
+use core::sync::atomic::{AtomicBool, Ordering};
+use kernel::frames::{FRAME_SIZE, FrameAllocator};
+use kernel::paging::{Access, MapError, PAGE, PageTables, TableMemory};
+use linked_list_allocator::LockedHeap;
+use spin::Mutex;
+
+unsafe extern "C" {
+    static __kernel_start: u8;
+    static __text_end: u8;
+    static __rodata_end: u8;
+    static __kernel_end: u8;
+}
+
+fn symbol(s: &u8) -> u64 {
+    s as *const u8 as u64
+}
+
+/// The early page tables from the entry stub map only the first 4 GiB.
+const EARLY_MAPPED: u64 = 4 << 30;
+
+static FRAMES: Mutex<FrameAllocator> = Mutex::new(FrameAllocator::new());
+static TABLES: Mutex<Option<PageTables<KernelTables>>> = Mutex::new(None);
+/// Set once CR3 holds the kernel's tables (all RAM reachable).
+static TABLES_LIVE: AtomicBool = AtomicBool::new(false);
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// Page-table frames come from the frame allocator and are reached
+/// through the identity map.
+struct KernelTables;
+
+// SAFETY: every table is a frame taken from FRAMES (so used for nothing
+// else) and addressed through the identity map, which covers all RAM once
+// the kernel's tables are live and the first 4 GiB before (alloc_table
+// refuses frames above that until then).
+unsafe impl TableMemory for KernelTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let mut frames = FRAMES.lock();
+        let frame = frames.alloc(1, FRAME_SIZE).ok()?;
+        if frame + FRAME_SIZE > EARLY_MAPPED && !TABLES_LIVE.load(Ordering::Acquire) {
+            let _ = frames.free(frame, 1);
+            return None;
+        }
+        // SAFETY: the frame is ours and mapped (see the impl's comment).
+        unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE as usize) };
+        Some(frame)
+    }
+
+    fn table(&mut self, addr: u64) -> &mut [u64; 512] {
+        // SAFETY: addr came from alloc_table (or is the root), see above.
+        unsafe { &mut *(addr as *mut [u64; 512]) }
+    }
+}
+
+/// What memory setup produced, for the boot log.
+pub struct MemorySummary {
+    /// Bytes of RAM in the memory map.
+    pub ram_bytes: u64,
+    /// Bytes free for allocation after setup.
+    pub free_bytes: u64,
+    /// Heap size in bytes.
+    pub heap_bytes: u64,
+    /// Kernel image [start, end).
+    pub kernel: (u64, u64),
+    /// Highest RAM address checked writable through the new tables.
+    pub highest_checked: u64,
+}
+
+/// Why memory setup failed.
+#[derive(Debug)]
+pub enum MemoryError {
+    /// No room for page tables or the heap.
+    OutOfMemory,
+    /// A page-table operation failed.
+    Map(MapError),
+    /// The kernel's own tables contain writable+executable pages.
+    WritableExecutable(usize),
+    /// A RAM frame read back differently from what was written.
+    RamCheckFailed(u64),
+}
+
+impl core::fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::OutOfMemory => write!(f, "out of memory for page tables or the heap"),
+            Self::Map(e) => write!(f, "page-table update failed: {e:?}"),
+            Self::WritableExecutable(n) => write!(f, "{n} writable+executable pages in the kernel's tables"),
+            Self::RamCheckFailed(at) => write!(f, "RAM at {at:#x} did not read back what was written"),
+        }
+    }
+}
+
+impl From<MapError> for MemoryError {
+    fn from(e: MapError) -> Self {
+        Self::Map(e)
+    }
+}
+
+/// Builds the allocator, switches to the kernel's page tables and starts
+/// the heap.
+pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (kstart, text_end, rodata_end, kend) =
+        unsafe { (symbol(&__kernel_start), symbol(&__text_end), symbol(&__rodata_end), symbol(&__kernel_end)) };
+    let ram = || info.memory_map().iter().filter(|r| r.kind == MemoryType::Ram);
+    {
+        let mut frames = FRAMES.lock();
+        for r in ram() {
+            if let Err(e) = frames.add_region(r.start, r.len) {
+                log::warn!("memory: region {:#x}+{:#x} not usable: {e:?}", r.start, r.len);
+            }
+        }
+        // Low memory holds firmware and loader data; the kernel, start_info
+        // and the modules must survive.
+        let reserved = [(0, 1 << 20), (kstart, kend - kstart)].into_iter().chain(info.occupied());
+        for (start, len) in reserved {
+            frames.reserve(start, len).map_err(|_| MemoryError::OutOfMemory)?;
+        }
+    }
+
+    let mut tables = PageTables::new(KernelTables, boot::pvh::nx_enabled())?;
+    for r in ram() {
+        let start = r.start.next_multiple_of(PAGE).max(PAGE);
+        let end = r.end() & !(PAGE - 1);
+        if start < end {
+            tables.map(start, start, end - start, Access::DATA)?;
+        }
+    }
+    for r in info.memory_map().iter().filter(|r| matches!(r.kind, MemoryType::AcpiReclaimable | MemoryType::AcpiNvs)) {
+        let start = r.start & !(PAGE - 1);
+        tables.map(start, start, r.end().next_multiple_of(PAGE) - start, Access::READ_ONLY)?;
+    }
+    if info.rsdp != 0 {
+        let page = info.rsdp & !(PAGE - 1);
+        if tables.translate(page).is_none() {
+            tables.map(page, page, PAGE, Access::READ_ONLY)?;
+        }
+    }
+    tables.map(kstart, kstart, text_end - kstart, Access::CODE)?;
+    tables.map(text_end, text_end, rodata_end - text_end, Access::READ_ONLY)?;
+    tables.map(rodata_end, rodata_end, kend - rodata_end, Access::DATA)?;
+    tables.unmap(boot::pvh::stack_guard_page(), PAGE)?;
+    let wx = tables.writable_executable_leaves();
+    if wx != 0 {
+        return Err(MemoryError::WritableExecutable(wx));
+    }
+    let root = tables.root();
+    *TABLES.lock() = Some(tables);
+    // SAFETY: the new tables identity-map everything the kernel touches:
+    // its image (code executable, data writable), its stack, all RAM and
+    // the loader's data, so execution continues unchanged at the same
+    // addresses.
+    unsafe {
+        core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags));
+    }
+    TABLES_LIVE.store(true, Ordering::Release);
+
+    let highest_checked = check_ram_ends(info)?;
+
+    let (free, heap_bytes) = {
+        let mut frames = FRAMES.lock();
+        let heap_bytes = (frames.free_bytes() / 8).clamp(1 << 20, 16 << 20) & !(FRAME_SIZE - 1);
+        let heap = frames.alloc(heap_bytes / FRAME_SIZE, FRAME_SIZE).map_err(|_| MemoryError::OutOfMemory)?;
+        // SAFETY: the frames are freshly allocated, mapped writable, and
+        // handed to the heap for good.
+        unsafe { HEAP.lock().init(heap as *mut u8, heap_bytes as usize) };
+        (frames.free_bytes(), heap_bytes)
+    };
+    Ok(MemorySummary {
+        ram_bytes: ram().map(|r| r.len).sum(),
+        free_bytes: free,
+        heap_bytes,
+        kernel: (kstart, kend),
+        highest_checked,
+    })
+}
+
+/// Writes and reads back the last free frame of every RAM region through
+/// the new tables, proving they reach the top of memory (above 4 GiB too).
+fn check_ram_ends(info: &StartInfo) -> Result<u64, MemoryError> {
+    let frames = FRAMES.lock();
+    let mut highest = 0;
+    for r in info.memory_map().iter().filter(|r| r.kind == MemoryType::Ram) {
+        let last = (r.end() & !(PAGE - 1)).saturating_sub(PAGE);
+        if last < PAGE || !frames.overlaps_free(last, PAGE) {
+            continue;
+        }
+        let p = last as *mut u64;
+        let pattern = 0x5354_4f52_444f_4d00 ^ last;
+        // SAFETY: the frame is free (nobody owns it) and mapped writable by
+        // the tables just loaded.
+        let read = unsafe {
+            p.write_volatile(pattern);
+            p.read_volatile()
+        };
+        if read != pattern {
+            return Err(MemoryError::RamCheckFailed(last));
+        }
+        highest = highest.max(last + PAGE - 1);
+    }
+    Ok(highest)
+}
+
+/// Maps `len` bytes of device registers at `phys` uncached and returns
+/// their virtual address (the identity map makes it equal to `phys`).
+pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
+    let start = phys & !(PAGE - 1);
+    let end = phys.checked_add(len)?.next_multiple_of(PAGE);
+    let mut guard = TABLES.lock();
+    let tables = guard.as_mut()?;
+    tables.map(start, start, end - start, Access::MMIO).ok()?;
+    for page in (start..end).step_by(PAGE as usize) {
+        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(page));
+    }
+    Some(phys)
+}
+
+/// Reads a u64 at `addr` if it is mapped (for diagnostics: never faults,
+/// and gives up rather than wait for a lock a crashed context may hold).
+pub fn read_u64(addr: u64) -> Option<u64> {
+    if !addr.is_multiple_of(8) {
+        return None;
+    }
+    let mut guard = TABLES.try_lock()?;
+    match guard.as_mut() {
+        Some(tables) => tables.translate(addr)?,
+        None if addr < EARLY_MAPPED => (addr, Access::DATA),
+        None => return None,
+    };
+    // SAFETY: the page is mapped (just checked) and aligned; a stale read
+    // of a diagnostic word is harmless.
+    Some(unsafe { (addr as *const u64).read_volatile() })
+}

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Bare-QEMU boot tests of the stordom ELF, plus checks on the ELF itself.
+
+usage: boot.py KERNEL_ELF
+Each case boots the kernel with a command line and asserts on the console
+output and on QEMU's exit status (33 = success, 35 = failure).
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAUNCHER = os.path.join(HERE, "..", "images", "bare", "qemu.sh")
+SUCCESS, FAILURE = 33, 35
+MAX_ELF_BYTES = 1 << 20
+
+results = []
+
+
+def check(name, ok, detail=""):
+    results.append(ok)
+    print(f"{'PASS' if ok else 'FAIL'} {name}" + ("" if ok else f": {detail}"), flush=True)
+
+
+def boot(kernel, cmdline="", mem="256M", extra=()):
+    env = dict(os.environ, CMDLINE=cmdline, MEM=mem, TIMEOUT="60")
+    start = time.monotonic()
+    p = subprocess.run([LAUNCHER, kernel, *extra], env=env, capture_output=True, text=True, errors="replace")
+    return p.returncode, p.stdout + p.stderr, time.monotonic() - start
+
+
+def boot_case(kernel, name, cmdline, status, patterns, mem="256M", extra=(), absent=()):
+    code, out, secs = boot(kernel, cmdline, mem, extra)
+    missing = [p for p in patterns if not re.search(p, out)]
+    unwanted = [p for p in absent if re.search(p, out)]
+    ok = code == status and not missing and not unwanted
+    detail = f"exit {code} (want {status}), missing {missing}, unwanted {unwanted}\n--- console ---\n{out[-3000:]}"
+    check(f"boot {name} ({secs:.2f}s)", ok, detail)
+    return out, secs
+
+
+def elf_checks(kernel):
+    size = os.path.getsize(kernel)
+    print(f"ELF size: {size} bytes ({size / 1024:.1f} KiB)")
+    check("ELF under 1 MiB", size < MAX_ELF_BYTES, f"{size} bytes")
+
+    disasm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", kernel], capture_output=True, text=True).stdout
+    red_zone = [line for line in disasm.splitlines() if re.search(r"-0x[0-9a-f]+\(%rsp\)", line)]
+    check("no red-zone stack accesses", not red_zone and "interrupt_common" in disasm, "\n".join(red_zone[:10]))
+
+    phdrs = subprocess.run(["readelf", "-lW", kernel], capture_output=True, text=True).stdout
+    loads = [line.split() for line in phdrs.splitlines() if line.strip().startswith("LOAD")]
+    wx = [l for l in loads if "W" in l[-2] and "E" in l[-2]]
+    check("no writable+executable segment", loads and not wx, f"{wx}")
+
+    notes = subprocess.run(["readelf", "-nW", kernel], capture_output=True, text=True).stdout
+    check("Xen PVH entry note present", re.search(r"Xen\s+0x00000008\s+Unknown note type: \(0x00000012\)", notes) is not None, notes)
+
+
+def main():
+    kernel = sys.argv[1]
+    elf_checks(kernel)
+
+    out, secs = boot_case(kernel, "default", "", SUCCESS, [
+        r"stordom \S+ \(PVH boot, start_info v1",
+        r"memory map \(\d+ entries\)",
+        r"0x000000100000-0x00000ffdf000 Ram",
+        r"modules \(0\)",
+        r"W\^X ok",
+        r"NX on",
+        r"clock: TSC \d+\.\d+ MHz",
+        r"apic: x?x?APIC timer \d+ ticks/ms",
+        r"timer: 10 ms sleep took 1\d\.\d+ ms, [1-9]\d* interrupt",
+        r"boot complete in \d+ us",
+    ])
+    print(f"boot-to-exit under QEMU (wall clock, default case): {secs:.2f}s")
+
+    with tempfile.NamedTemporaryFile(suffix=".img") as module:
+        module.write(os.urandom(3 * 4096 + 100))
+        module.flush()
+        boot_case(kernel, "with module and command line", "loglevel=debug colour=blue", SUCCESS, [
+            r'command line: "loglevel=debug colour=blue"',
+            r'ignoring "colour=blue"',
+            r"modules \(1\):",
+            r"module 0: 0x[0-9a-f]+\+0x3064 ",
+        ], extra=["-initrd", module.name])
+
+    boot_case(kernel, "6 GiB (RAM above 4 GiB mapped and checked)", "", SUCCESS, [
+        r"0x000100000000-0x000200000000 Ram",
+        r"RAM checked up to 0x1ffffffff",
+    ], mem="6G")
+
+    boot_case(kernel, "loglevel=error is quiet", "loglevel=error", SUCCESS, [], absent=[r"INFO", r"WARN"])
+
+    regs = r"RIP 0x[0-9a-f]{16}[\s\S]*CR2 0x[0-9a-f]{16}[\s\S]*RAX[\s\S]*stack at 0x"
+    boot_case(kernel, "fault=pagefault", "fault=pagefault", FAILURE, [
+        r"FATAL: exception 14 \(page fault\) error code 0x0\b", r"CR2 0x00007fffdead0000", regs,
+        r"stack at 0x[0-9a-f]+:\n\s+0x[0-9a-f]+: 0x[0-9a-f]{16} 0x[0-9a-f]{16}",
+    ])
+    boot_case(kernel, "fault=panic", "fault=panic", FAILURE, [
+        r"PANIC: panicked at kernel/src/main\.rs:\d+:\d+:\npanic requested on the command line",
+        r"stack at 0x[0-9a-f]+:\n\s+0x[0-9a-f]+: 0x[0-9a-f]{16}",
+    ])
+    boot_case(kernel, "fault=ud", "fault=ud", FAILURE, [r"FATAL: exception 6 \(invalid opcode\)", regs])
+    boot_case(kernel, "fault=stackoverflow hits the guard page", "fault=stackoverflow", FAILURE, [
+        r"FATAL: exception 14 \(page fault\) error code 0x2\b", regs, r"<not mapped>",
+    ])
+
+    passed = sum(results)
+    print(f"{passed} passed, {len(results) - passed} failed")
+    sys.exit(0 if passed == len(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
