@@ -48,9 +48,13 @@ impl fmt::Display for StartInfoError {
             Self::Unreadable(pa) => write!(f, "cannot read physical address {pa:#x}"),
             Self::BadMagic(m) => write!(f, "bad start_info magic {m:#x}"),
             Self::NoMemoryMap => write!(f, "start_info version 0 carries no memory map"),
-            Self::TooManyMemmapEntries(n) => write!(f, "{n} memory map entries (max {MAX_MEMMAP_ENTRIES})"),
+            Self::TooManyMemmapEntries(n) => {
+                write!(f, "{n} memory map entries (max {MAX_MEMMAP_ENTRIES})")
+            }
             Self::TooManyModules(n) => write!(f, "{n} modules (max {MAX_MODULES})"),
-            Self::BadCmdline(pa) => write!(f, "command line at {pa:#x} is unterminated or not UTF-8"),
+            Self::BadCmdline(pa) => {
+                write!(f, "command line at {pa:#x} is unterminated or not UTF-8")
+            }
         }
     }
 }
@@ -158,7 +162,10 @@ impl Default for StringArena {
 impl StringArena {
     /// An empty arena.
     pub const fn new() -> Self {
-        Self { buf: [0; MAX_CMDLINE * (MAX_MODULES + 1)], used: 0 }
+        Self {
+            buf: [0; MAX_CMDLINE * (MAX_MODULES + 1)],
+            used: 0,
+        }
     }
 }
 
@@ -184,12 +191,15 @@ fn read_cstr(
     let start = arena.used;
     for i in 0..MAX_CMDLINE {
         let mut byte = [0u8];
-        let addr = paddr.checked_add(i as u64).ok_or(StartInfoError::BadCmdline(paddr))?;
+        let addr = paddr
+            .checked_add(i as u64)
+            .ok_or(StartInfoError::BadCmdline(paddr))?;
         if !mem.read(addr, &mut byte) {
             return Err(StartInfoError::Unreadable(addr));
         }
         if byte[0] == 0 {
-            core::str::from_utf8(&arena.buf[start..start + i]).map_err(|_| StartInfoError::BadCmdline(paddr))?;
+            core::str::from_utf8(&arena.buf[start..start + i])
+                .map_err(|_| StartInfoError::BadCmdline(paddr))?;
             arena.used = start + i;
             return Ok(((start, start + i), i as u64 + 1));
         }
@@ -203,7 +213,8 @@ fn read_cstr(
 
 /// Address of entry `index` of a table at `base`, refusing to wrap.
 fn table_entry(base: u64, index: usize, entry_size: usize) -> Result<u64, StartInfoError> {
-    base.checked_add((index * entry_size) as u64).ok_or(StartInfoError::Unreadable(base))
+    base.checked_add((index * entry_size) as u64)
+        .ok_or(StartInfoError::Unreadable(base))
 }
 
 fn arena_str(arena: &StringArena, range: (usize, usize)) -> &str {
@@ -213,7 +224,11 @@ fn arena_str(arena: &StringArena, range: (usize, usize)) -> &str {
 
 impl<'a> StartInfo<'a> {
     /// Parses the block at `paddr`, copying every table and string out.
-    pub fn parse(mem: &impl PhysRead, paddr: u64, arena: &'a mut StringArena) -> Result<Self, StartInfoError> {
+    pub fn parse(
+        mem: &impl PhysRead,
+        paddr: u64,
+        arena: &'a mut StringArena,
+    ) -> Result<Self, StartInfoError> {
         let mut raw = [0u8; START_INFO_SIZE];
         if !mem.read(paddr, &mut raw) {
             return Err(StartInfoError::Unreadable(paddr));
@@ -238,15 +253,22 @@ impl<'a> StartInfo<'a> {
             return Err(StartInfoError::TooManyModules(nr_modules));
         }
 
-        let mut memmap = [MemoryRegion { start: 0, len: 0, kind: MemoryType::Reserved }; MAX_MEMMAP_ENTRIES];
+        let mut memmap = [MemoryRegion {
+            start: 0,
+            len: 0,
+            kind: MemoryType::Reserved,
+        }; MAX_MEMMAP_ENTRIES];
         for (i, slot) in memmap.iter_mut().take(memmap_entries as usize).enumerate() {
             let mut e = [0u8; MEMMAP_ENTRY_SIZE];
             let at = table_entry(memmap_paddr, i, MEMMAP_ENTRY_SIZE)?;
             if !mem.read(at, &mut e) {
                 return Err(StartInfoError::Unreadable(at));
             }
-            *slot =
-                MemoryRegion { start: u64_at(&e, 0), len: u64_at(&e, 8), kind: MemoryType::from_raw(u32_at(&e, 16)) };
+            *slot = MemoryRegion {
+                start: u64_at(&e, 0),
+                len: u64_at(&e, 8),
+                kind: MemoryType::from_raw(u32_at(&e, 16)),
+            };
         }
 
         let (cmdline_range, cmdline_len) = read_cstr(mem, cmdline_paddr, arena)?;
@@ -262,9 +284,21 @@ impl<'a> StartInfo<'a> {
         }
 
         let arena: &'a StringArena = arena;
-        let mut modules = [Module { start: 0, len: 0, cmdline: "" }; MAX_MODULES];
-        for (slot, &(start, len, range)) in modules.iter_mut().zip(module_raw.iter()).take(nr_modules as usize) {
-            *slot = Module { start, len, cmdline: arena_str(arena, range) };
+        let mut modules = [Module {
+            start: 0,
+            len: 0,
+            cmdline: "",
+        }; MAX_MODULES];
+        for (slot, &(start, len, range)) in modules
+            .iter_mut()
+            .zip(module_raw.iter())
+            .take(nr_modules as usize)
+        {
+            *slot = Module {
+                start,
+                len,
+                cmdline: arena_str(arena, range),
+            };
         }
         Ok(Self {
             paddr,
@@ -275,10 +309,16 @@ impl<'a> StartInfo<'a> {
             cmdline_span: (cmdline_paddr, cmdline_len),
             memmap,
             memmap_len: memmap_entries as usize,
-            memmap_span: (memmap_paddr, (memmap_entries as usize * MEMMAP_ENTRY_SIZE) as u64),
+            memmap_span: (
+                memmap_paddr,
+                (memmap_entries as usize * MEMMAP_ENTRY_SIZE) as u64,
+            ),
             modules,
             modules_len: nr_modules as usize,
-            modlist_span: (modlist_paddr, (nr_modules as usize * MODLIST_ENTRY_SIZE) as u64),
+            modlist_span: (
+                modlist_paddr,
+                (nr_modules as usize * MODLIST_ENTRY_SIZE) as u64,
+            ),
         })
     }
 
@@ -296,10 +336,15 @@ impl<'a> StartInfo<'a> {
     /// its tables, command lines and modules. A frame allocator must not hand
     /// these out while anything may still read them.
     pub fn occupied(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        [(self.paddr, START_INFO_SIZE as u64), self.cmdline_span, self.memmap_span, self.modlist_span]
-            .into_iter()
-            .chain(self.modules().iter().map(|m| (m.start, m.len)))
-            .filter(|&(_, len)| len > 0)
+        [
+            (self.paddr, START_INFO_SIZE as u64),
+            self.cmdline_span,
+            self.memmap_span,
+            self.modlist_span,
+        ]
+        .into_iter()
+        .chain(self.modules().iter().map(|m| (m.start, m.len)))
+        .filter(|&(_, len)| len > 0)
     }
 }
 
@@ -314,8 +359,13 @@ mod tests {
 
     impl PhysRead for Mem {
         fn read(&self, paddr: u64, buf: &mut [u8]) -> bool {
-            let Ok(start) = usize::try_from(paddr) else { return false };
-            match start.checked_add(buf.len()).and_then(|end| self.0.get(start..end)) {
+            let Ok(start) = usize::try_from(paddr) else {
+                return false;
+            };
+            match start
+                .checked_add(buf.len())
+                .and_then(|end| self.0.get(start..end))
+            {
                 Some(src) => {
                     buf.copy_from_slice(src);
                     true
@@ -370,9 +420,23 @@ mod tests {
         assert_eq!(si.cmdline, "loglevel=debug fault=panic");
         assert_eq!(si.rsdp, 0xf_0000);
         assert_eq!(si.memory_map().len(), 2);
-        assert_eq!(si.memory_map()[0], MemoryRegion { start: 0, len: 0x9_fc00, kind: MemoryType::Ram });
+        assert_eq!(
+            si.memory_map()[0],
+            MemoryRegion {
+                start: 0,
+                len: 0x9_fc00,
+                kind: MemoryType::Ram
+            }
+        );
         assert_eq!(si.memory_map()[1].kind, MemoryType::Reserved);
-        assert_eq!(si.modules(), &[Module { start: 0x2000, len: 0x800, cmdline: "disk0" }]);
+        assert_eq!(
+            si.modules(),
+            &[Module {
+                start: 0x2000,
+                len: 0x800,
+                cmdline: "disk0"
+            }]
+        );
         let occupied: Vec<_> = si.occupied().collect();
         assert!(occupied.contains(&(0x1000, 56)));
         assert!(occupied.contains(&(0x1100, 27)));
@@ -391,7 +455,10 @@ mod tests {
         );
         let mut mem = sample();
         mem.put_u32(0x1004, 0);
-        assert_eq!(StartInfo::parse(&mem, 0x1000, &mut StringArena::new()).err(), Some(StartInfoError::NoMemoryMap));
+        assert_eq!(
+            StartInfo::parse(&mem, 0x1000, &mut StringArena::new()).err(),
+            Some(StartInfoError::NoMemoryMap)
+        );
     }
 
     #[test]
@@ -426,7 +493,10 @@ mod tests {
     fn unreadable_tables_are_errors_not_panics() {
         let mut mem = sample();
         mem.put_u64(0x1028, u64::MAX - 8);
-        assert!(matches!(StartInfo::parse(&mem, 0x1000, &mut StringArena::new()), Err(StartInfoError::Unreadable(_))));
+        assert!(matches!(
+            StartInfo::parse(&mem, 0x1000, &mut StringArena::new()),
+            Err(StartInfoError::Unreadable(_))
+        ));
         let mut mem = sample();
         mem.put_u64(0x1018, u64::MAX - 2);
         assert!(StartInfo::parse(&mem, 0x1000, &mut StringArena::new()).is_err());

@@ -68,7 +68,11 @@ impl<'a> Options<'a> {
     /// Parses a command line. Bad words are kept in `unknown`; the rest
     /// still applies, so a typo never stops the boot.
     pub fn parse(cmdline: &'a str) -> Self {
-        let mut opts = Self { log_level: LogLevel::Info, fault: None, unknown: None };
+        let mut opts = Self {
+            log_level: LogLevel::Info,
+            fault: None,
+            unknown: None,
+        };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             let understood = match key {
@@ -91,7 +95,14 @@ mod tests {
     #[test]
     fn defaults() {
         let o = Options::parse("");
-        assert_eq!(o, Options { log_level: LogLevel::Info, fault: None, unknown: None });
+        assert_eq!(
+            o,
+            Options {
+                log_level: LogLevel::Info,
+                fault: None,
+                unknown: None
+            }
+        );
     }
 
     #[test]
@@ -101,7 +112,10 @@ mod tests {
         assert_eq!(o.fault, Some(Fault::PageFault));
         assert_eq!(Options::parse("fault=ud").fault, Some(Fault::InvalidOpcode));
         assert_eq!(Options::parse("fault=panic").fault, Some(Fault::Panic));
-        assert_eq!(Options::parse("fault=stackoverflow").fault, Some(Fault::StackOverflow));
+        assert_eq!(
+            Options::parse("fault=stackoverflow").fault,
+            Some(Fault::StackOverflow)
+        );
     }
 
     #[test]

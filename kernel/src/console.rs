@@ -103,7 +103,10 @@ pub fn stack_dump(rsp: u64) {
     let _ = writeln!(Console, "  stack at {rsp:#018x}:");
     for row in 0..8u64 {
         let at = rsp.wrapping_add(row * 16);
-        match (crate::memory::read_u64(at), crate::memory::read_u64(at.wrapping_add(8))) {
+        match (
+            crate::memory::read_u64(at),
+            crate::memory::read_u64(at.wrapping_add(8)),
+        ) {
             (Some(a), Some(b)) => {
                 let _ = writeln!(Console, "    {at:#018x}: {a:#018x} {b:#018x}");
             }

@@ -47,7 +47,10 @@ fn align_up(v: u64, a: u64) -> Option<u64> {
 impl FrameAllocator {
     /// An allocator with no memory.
     pub const fn new() -> Self {
-        Self { free: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0 }
+        Self {
+            free: [Range { start: 0, end: 0 }; MAX_RANGES],
+            len: 0,
+        }
     }
 
     fn ranges(&self) -> &[Range] {
@@ -83,8 +86,11 @@ impl FrameAllocator {
     /// Removes `[start, start+len)` (widened to whole frames) from the free
     /// set, wherever it overlaps; used for the kernel, modules and firmware data.
     pub fn reserve(&mut self, start: u64, len: u64) -> Result<(), FrameError> {
-        let end =
-            align_up(start.checked_add(len).ok_or(FrameError::BadRange)?, FRAME_SIZE).ok_or(FrameError::BadRange)?;
+        let end = align_up(
+            start.checked_add(len).ok_or(FrameError::BadRange)?,
+            FRAME_SIZE,
+        )
+        .ok_or(FrameError::BadRange)?;
         let start = start & !(FRAME_SIZE - 1);
         let mut i = 0;
         while i < self.len {
@@ -93,8 +99,14 @@ impl FrameAllocator {
                 i += 1;
                 continue;
             }
-            let below = Range { start: r.start, end: start };
-            let above = Range { start: end, end: r.end };
+            let below = Range {
+                start: r.start,
+                end: start,
+            };
+            let above = Range {
+                start: end,
+                end: r.end,
+            };
             match (below.start < below.end, above.start < above.end) {
                 (true, true) => {
                     self.free[i] = below;
@@ -124,8 +136,12 @@ impl FrameAllocator {
         let size = frames.checked_mul(FRAME_SIZE).ok_or(FrameError::BadRange)?;
         for i in 0..self.len {
             let r = self.free[i];
-            let Some(start) = align_up(r.start, align) else { continue };
-            let Some(end) = start.checked_add(size) else { continue };
+            let Some(start) = align_up(r.start, align) else {
+                continue;
+            };
+            let Some(end) = start.checked_add(size) else {
+                continue;
+            };
             if end > r.end {
                 continue;
             }
@@ -149,7 +165,11 @@ impl FrameAllocator {
     /// Inserts a range in order, merging with neighbours.
     fn release(&mut self, r: Range) -> Result<(), FrameError> {
         let index = self.ranges().partition_point(|x| x.end <= r.start);
-        if self.ranges().get(index).is_some_and(|next| next.start < r.end) {
+        if self
+            .ranges()
+            .get(index)
+            .is_some_and(|next| next.start < r.end)
+        {
             return Err(FrameError::DoubleFree);
         }
         let merges_prev = index > 0 && self.free[index - 1].end == r.start;
@@ -204,10 +224,16 @@ mod tests {
         let mut seen = 0;
         while let Ok(f) = a.alloc(1, FRAME_SIZE) {
             assert!(f >= 4 * MIB + FRAME_SIZE, "{f:#x} is in the kernel");
-            assert!(!(10 * MIB..10 * MIB + FRAME_SIZE).contains(&f), "{f:#x} is the module");
+            assert!(
+                !(10 * MIB..10 * MIB + FRAME_SIZE).contains(&f),
+                "{f:#x} is the module"
+            );
             seen += 1;
         }
-        assert_eq!(seen, (64 * MIB - 4 * MIB - FRAME_SIZE - FRAME_SIZE) / FRAME_SIZE);
+        assert_eq!(
+            seen,
+            (64 * MIB - 4 * MIB - FRAME_SIZE - FRAME_SIZE) / FRAME_SIZE
+        );
         assert_eq!(a.alloc(1, FRAME_SIZE), Err(FrameError::OutOfMemory));
     }
 
@@ -245,7 +271,8 @@ mod tests {
     #[test]
     fn fragmentation_is_bounded_not_fatal() {
         let mut a = FrameAllocator::new();
-        a.add_region(MIB, 4 * MAX_RANGES as u64 * FRAME_SIZE).unwrap();
+        a.add_region(MIB, 4 * MAX_RANGES as u64 * FRAME_SIZE)
+            .unwrap();
         let mut result = Ok(());
         for i in 0..MAX_RANGES as u64 + 4 {
             result = a.reserve(MIB + (2 * i + 1) * FRAME_SIZE, FRAME_SIZE);
@@ -254,6 +281,9 @@ mod tests {
             }
         }
         assert_eq!(result, Err(FrameError::TooFragmented));
-        assert!(a.ranges().windows(2).all(|w| w[0].end < w[1].start), "list stays sorted and disjoint");
+        assert!(
+            a.ranges().windows(2).all(|w| w[0].end < w[1].start),
+            "list stays sorted and disjoint"
+        );
     }
 }

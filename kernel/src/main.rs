@@ -24,7 +24,9 @@ impl PhysRead for EarlyMemory {
                 // SAFETY: the range lies in the early identity map and is
                 // only read; a bad table address yields garbage, which the
                 // parser bounds, not a fault.
-                unsafe { core::ptr::copy_nonoverlapping(paddr as *const u8, buf.as_mut_ptr(), buf.len()) };
+                unsafe {
+                    core::ptr::copy_nonoverlapping(paddr as *const u8, buf.as_mut_ptr(), buf.len())
+                };
                 true
             }
             _ => false,
@@ -51,7 +53,12 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
     };
     let opts = Options::parse(info.cmdline);
     console::init_log(opts.log_level);
-    log::info!("stordom {} (PVH boot, start_info v{} at {:#x})", env!("CARGO_PKG_VERSION"), info.version, info.paddr);
+    log::info!(
+        "stordom {} (PVH boot, start_info v{} at {:#x})",
+        env!("CARGO_PKG_VERSION"),
+        info.version,
+        info.paddr
+    );
     log::info!("command line: \"{}\"", info.cmdline);
     if let Some(word) = opts.unknown {
         log::warn!("command line: ignoring \"{word}\"");
@@ -62,7 +69,12 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
     }
     log::info!("modules ({}):", info.modules().len());
     for (i, m) in info.modules().iter().enumerate() {
-        log::info!("  module {i}: {:#x}+{:#x} \"{}\"", m.start, m.len, m.cmdline);
+        log::info!(
+            "  module {i}: {:#x}+{:#x} \"{}\"",
+            m.start,
+            m.len,
+            m.cmdline
+        );
     }
 
     let mem = match memory::init(&info) {
@@ -76,7 +88,11 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
         mem.heap_bytes >> 20,
         mem.kernel.0,
         mem.kernel.1,
-        if boot::pvh::nx_enabled() { "on" } else { "unavailable" },
+        if boot::pvh::nx_enabled() {
+            "on"
+        } else {
+            "unavailable"
+        },
         mem.highest_checked
     );
     let heap_check: alloc::vec::Vec<u64> = (0..1024).collect();
@@ -85,11 +101,19 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
     }
 
     match clock::calibrate() {
-        Ok(hz) => log::info!("clock: TSC {}.{:03} MHz (PIT calibrated)", hz / 1_000_000, (hz / 1000) % 1000),
+        Ok(hz) => log::info!(
+            "clock: TSC {}.{:03} MHz (PIT calibrated)",
+            hz / 1_000_000,
+            (hz / 1000) % 1000
+        ),
         Err(e) => fail(format_args!("clock: cannot calibrate the TSC: {e:?}")),
     }
     match apic::init(|phys| memory::map_mmio(phys, 4096)) {
-        Ok(a) => log::info!("apic: {} timer {} ticks/ms", if a.x2apic { "x2APIC" } else { "xAPIC" }, a.ticks_per_ms),
+        Ok(a) => log::info!(
+            "apic: {} timer {} ticks/ms",
+            if a.x2apic { "x2APIC" } else { "xAPIC" },
+            a.ticks_per_ms
+        ),
         Err(e) => fail(format_args!("apic: {e:?}")),
     }
     let before = (clock::now_ns(), apic::timer_interrupts());

@@ -90,8 +90,12 @@ impl core::fmt::Display for MemoryError {
         match self {
             Self::OutOfMemory => write!(f, "out of memory for page tables or the heap"),
             Self::Map(e) => write!(f, "page-table update failed: {e:?}"),
-            Self::WritableExecutable(n) => write!(f, "{n} writable+executable pages in the kernel's tables"),
-            Self::RamCheckFailed(at) => write!(f, "RAM at {at:#x} did not read back what was written"),
+            Self::WritableExecutable(n) => {
+                write!(f, "{n} writable+executable pages in the kernel's tables")
+            }
+            Self::RamCheckFailed(at) => {
+                write!(f, "RAM at {at:#x} did not read back what was written")
+            }
         }
     }
 }
@@ -106,21 +110,39 @@ impl From<MapError> for MemoryError {
 /// the heap.
 pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
     // SAFETY: linker-script symbols; only their addresses are used.
-    let (kstart, text_end, rodata_end, kend) =
-        unsafe { (symbol(&__kernel_start), symbol(&__text_end), symbol(&__rodata_end), symbol(&__kernel_end)) };
-    let ram = || info.memory_map().iter().filter(|r| r.kind == MemoryType::Ram);
+    let (kstart, text_end, rodata_end, kend) = unsafe {
+        (
+            symbol(&__kernel_start),
+            symbol(&__text_end),
+            symbol(&__rodata_end),
+            symbol(&__kernel_end),
+        )
+    };
+    let ram = || {
+        info.memory_map()
+            .iter()
+            .filter(|r| r.kind == MemoryType::Ram)
+    };
     {
         let mut frames = FRAMES.lock();
         for r in ram() {
             if let Err(e) = frames.add_region(r.start, r.len) {
-                log::warn!("memory: region {:#x}+{:#x} not usable: {e:?}", r.start, r.len);
+                log::warn!(
+                    "memory: region {:#x}+{:#x} not usable: {e:?}",
+                    r.start,
+                    r.len
+                );
             }
         }
         // Low memory holds firmware and loader data; the kernel, start_info
         // and the modules must survive.
-        let reserved = [(0, 1 << 20), (kstart, kend - kstart)].into_iter().chain(info.occupied());
+        let reserved = [(0, 1 << 20), (kstart, kend - kstart)]
+            .into_iter()
+            .chain(info.occupied());
         for (start, len) in reserved {
-            frames.reserve(start, len).map_err(|_| MemoryError::OutOfMemory)?;
+            frames
+                .reserve(start, len)
+                .map_err(|_| MemoryError::OutOfMemory)?;
         }
     }
 
@@ -132,9 +154,18 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
             tables.map(start, start, end - start, Access::DATA)?;
         }
     }
-    for r in info.memory_map().iter().filter(|r| matches!(r.kind, MemoryType::AcpiReclaimable | MemoryType::AcpiNvs)) {
+    for r in info
+        .memory_map()
+        .iter()
+        .filter(|r| matches!(r.kind, MemoryType::AcpiReclaimable | MemoryType::AcpiNvs))
+    {
         let start = r.start & !(PAGE - 1);
-        tables.map(start, start, r.end().next_multiple_of(PAGE) - start, Access::READ_ONLY)?;
+        tables.map(
+            start,
+            start,
+            r.end().next_multiple_of(PAGE) - start,
+            Access::READ_ONLY,
+        )?;
     }
     if info.rsdp != 0 {
         let page = info.rsdp & !(PAGE - 1);
@@ -166,7 +197,9 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
     let (free, heap_bytes) = {
         let mut frames = FRAMES.lock();
         let heap_bytes = (frames.free_bytes() / 8).clamp(1 << 20, 16 << 20) & !(FRAME_SIZE - 1);
-        let heap = frames.alloc(heap_bytes / FRAME_SIZE, FRAME_SIZE).map_err(|_| MemoryError::OutOfMemory)?;
+        let heap = frames
+            .alloc(heap_bytes / FRAME_SIZE, FRAME_SIZE)
+            .map_err(|_| MemoryError::OutOfMemory)?;
         // SAFETY: the frames are freshly allocated, mapped writable, and
         // handed to the heap for good.
         unsafe { HEAP.lock().init(heap as *mut u8, heap_bytes as usize) };
@@ -186,7 +219,11 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
 fn check_ram_ends(info: &StartInfo) -> Result<u64, MemoryError> {
     let frames = FRAMES.lock();
     let mut highest = 0;
-    for r in info.memory_map().iter().filter(|r| r.kind == MemoryType::Ram) {
+    for r in info
+        .memory_map()
+        .iter()
+        .filter(|r| r.kind == MemoryType::Ram)
+    {
         let last = (r.end() & !(PAGE - 1)).saturating_sub(PAGE);
         if last < PAGE || !frames.overlaps_free(last, PAGE) {
             continue;

@@ -31,13 +31,29 @@ pub struct Access {
 
 impl Access {
     /// Kernel code.
-    pub const CODE: Self = Self { writable: false, executable: true, uncached: false };
+    pub const CODE: Self = Self {
+        writable: false,
+        executable: true,
+        uncached: false,
+    };
     /// Constants and firmware tables.
-    pub const READ_ONLY: Self = Self { writable: false, executable: false, uncached: false };
+    pub const READ_ONLY: Self = Self {
+        writable: false,
+        executable: false,
+        uncached: false,
+    };
     /// Ordinary RAM.
-    pub const DATA: Self = Self { writable: true, executable: false, uncached: false };
+    pub const DATA: Self = Self {
+        writable: true,
+        executable: false,
+        uncached: false,
+    };
     /// Device registers.
-    pub const MMIO: Self = Self { writable: true, executable: false, uncached: true };
+    pub const MMIO: Self = Self {
+        writable: true,
+        executable: false,
+        uncached: true,
+    };
 }
 
 /// Why a mapping change failed.
@@ -129,10 +145,15 @@ impl<M: TableMemory> PageTables<M> {
     }
 
     fn check(virt: u64, phys: u64, len: u64) -> Result<(), MapError> {
-        let aligned = virt.is_multiple_of(PAGE) && phys.is_multiple_of(PAGE) && len.is_multiple_of(PAGE);
-        let end_ok =
-            virt.checked_add(len).is_some_and(|e| e <= 1 << 47) && phys.checked_add(len).is_some_and(|e| e <= 1 << 52);
-        if aligned && end_ok { Ok(()) } else { Err(MapError::BadRange) }
+        let aligned =
+            virt.is_multiple_of(PAGE) && phys.is_multiple_of(PAGE) && len.is_multiple_of(PAGE);
+        let end_ok = virt.checked_add(len).is_some_and(|e| e <= 1 << 47)
+            && phys.checked_add(len).is_some_and(|e| e <= 1 << 52);
+        if aligned && end_ok {
+            Ok(())
+        } else {
+            Err(MapError::BadRange)
+        }
     }
 
     /// Maps `[virt, virt+len)` to `[phys, phys+len)`, replacing whatever was
@@ -205,7 +226,11 @@ impl<M: TableMemory> PageTables<M> {
             }
             let virt = base | (i << (12 + 9 * level));
             if level == 0 || (level == 1 && entry & HUGE != 0) {
-                f(virt, if level == 0 { PAGE } else { LARGE_PAGE }, self.access_of(entry));
+                f(
+                    virt,
+                    if level == 0 { PAGE } else { LARGE_PAGE },
+                    self.access_of(entry),
+                );
             } else {
                 self.walk(entry & ADDR_MASK, level - 1, virt, f);
             }
@@ -236,7 +261,11 @@ mod tests {
 
     impl FakeMemory {
         fn new(limit: usize) -> Self {
-            Self { tables: HashMap::new(), next: 0x100_0000, limit }
+            Self {
+                tables: HashMap::new(),
+                next: 0x100_0000,
+                limit,
+            }
         }
     }
 
@@ -262,7 +291,10 @@ mod tests {
     fn ram_above_4g_uses_large_pages_and_translates() {
         let mut pt = PageTables::new(FakeMemory::new(64), true).unwrap();
         pt.map(4 * GIB, 4 * GIB, 2 * GIB, Access::DATA).unwrap();
-        assert_eq!(pt.translate(4 * GIB + 12345), Some((4 * GIB + 12345, Access::DATA)));
+        assert_eq!(
+            pt.translate(4 * GIB + 12345),
+            Some((4 * GIB + 12345, Access::DATA))
+        );
         assert_eq!(pt.translate(6 * GIB - 1), Some((6 * GIB - 1, Access::DATA)));
         assert_eq!(pt.translate(6 * GIB), None);
         let mut leaves = 0;
@@ -278,27 +310,61 @@ mod tests {
         let mut pt = PageTables::new(FakeMemory::new(64), true).unwrap();
         pt.map(0, 0, 64 * MIB, Access::DATA).unwrap();
         pt.map(MIB, MIB, 64 * 1024, Access::CODE).unwrap();
-        pt.map(MIB + 64 * 1024, MIB + 64 * 1024, 16 * 1024, Access::READ_ONLY).unwrap();
+        pt.map(
+            MIB + 64 * 1024,
+            MIB + 64 * 1024,
+            16 * 1024,
+            Access::READ_ONLY,
+        )
+        .unwrap();
         pt.unmap(0, PAGE).unwrap();
         assert_eq!(pt.translate(0), None);
         assert_eq!(pt.translate(PAGE), Some((PAGE, Access::DATA)));
         assert_eq!(pt.translate(MIB + 100), Some((MIB + 100, Access::CODE)));
-        assert_eq!(pt.translate(MIB + 70 * 1024), Some((MIB + 70 * 1024, Access::READ_ONLY)));
-        assert_eq!(pt.translate(MIB + 80 * 1024), Some((MIB + 80 * 1024, Access::DATA)));
-        assert_eq!(pt.translate(2 * MIB), Some((2 * MIB, Access::DATA)), "neighbouring large page untouched");
+        assert_eq!(
+            pt.translate(MIB + 70 * 1024),
+            Some((MIB + 70 * 1024, Access::READ_ONLY))
+        );
+        assert_eq!(
+            pt.translate(MIB + 80 * 1024),
+            Some((MIB + 80 * 1024, Access::DATA))
+        );
+        assert_eq!(
+            pt.translate(2 * MIB),
+            Some((2 * MIB, Access::DATA)),
+            "neighbouring large page untouched"
+        );
         assert_eq!(pt.writable_executable_leaves(), 0);
-        pt.map(3 * MIB, 3 * MIB, PAGE, Access { writable: true, executable: true, uncached: false }).unwrap();
-        assert_eq!(pt.writable_executable_leaves(), 1, "the check sees a W+X page");
+        pt.map(
+            3 * MIB,
+            3 * MIB,
+            PAGE,
+            Access {
+                writable: true,
+                executable: true,
+                uncached: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            pt.writable_executable_leaves(),
+            1,
+            "the check sees a W+X page"
+        );
     }
 
     #[test]
     fn mmio_is_uncached_and_without_nx_support_everything_is_executable() {
         let mut pt = PageTables::new(FakeMemory::new(16), true).unwrap();
-        pt.map(0xfee0_0000, 0xfee0_0000, PAGE, Access::MMIO).unwrap();
+        pt.map(0xfee0_0000, 0xfee0_0000, PAGE, Access::MMIO)
+            .unwrap();
         assert_eq!(pt.translate(0xfee0_0010).unwrap().1, Access::MMIO);
         let mut pt = PageTables::new(FakeMemory::new(16), false).unwrap();
         pt.map(0, 0, PAGE * 2, Access::DATA).unwrap();
-        assert!(pt.translate(0).unwrap().1.executable, "NX bit is reserved when EFER.NXE is off");
+        assert!(
+            pt.translate(0).unwrap().1.executable,
+            "NX bit is reserved when EFER.NXE is off"
+        );
     }
 
     #[test]
@@ -306,8 +372,14 @@ mod tests {
         let mut pt = PageTables::new(FakeMemory::new(3), true).unwrap();
         assert_eq!(pt.map(1, 0, PAGE, Access::DATA), Err(MapError::BadRange));
         assert_eq!(pt.map(0, 0, 100, Access::DATA), Err(MapError::BadRange));
-        assert_eq!(pt.map(1 << 47, 0, PAGE, Access::DATA), Err(MapError::BadRange));
-        assert_eq!(pt.map(!(PAGE - 1), 0, PAGE, Access::DATA), Err(MapError::BadRange));
+        assert_eq!(
+            pt.map(1 << 47, 0, PAGE, Access::DATA),
+            Err(MapError::BadRange)
+        );
+        assert_eq!(
+            pt.map(!(PAGE - 1), 0, PAGE, Access::DATA),
+            Err(MapError::BadRange)
+        );
         assert_eq!(pt.map(0, 0, PAGE, Access::DATA), Err(MapError::OutOfTables));
     }
 

@@ -96,7 +96,9 @@ pub extern "C" fn rust_eh_personality() {}
 /// Referenced by the precompiled `alloc`; reaching it is a bug.
 #[unsafe(no_mangle)]
 pub extern "C" fn _Unwind_Resume() -> ! {
-    console::fatal(format_args!("FATAL: _Unwind_Resume called with panic=abort\n"));
+    console::fatal(format_args!(
+        "FATAL: _Unwind_Resume called with panic=abort\n"
+    ));
     cpu::exit(cpu::ExitStatus::Failure)
 }
 

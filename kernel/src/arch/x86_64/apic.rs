@@ -41,7 +41,9 @@ fn read(reg: u32) -> u32 {
         MODE_X2APIC => rdmsr(X2APIC_MSR_BASE + (reg >> 4)) as u32,
         // SAFETY: MMIO_BASE is the APIC page mapped uncached by `init`, and
         // `reg` is a register offset inside it.
-        _ => unsafe { ((MMIO_BASE.load(Ordering::Relaxed) + u64::from(reg)) as *const u32).read_volatile() },
+        _ => unsafe {
+            ((MMIO_BASE.load(Ordering::Relaxed) + u64::from(reg)) as *const u32).read_volatile()
+        },
     }
 }
 
@@ -50,7 +52,9 @@ fn write(reg: u32, value: u32) {
         // SAFETY: x2APIC mode is on, so the x2APIC MSR range exists.
         MODE_X2APIC => unsafe { wrmsr(X2APIC_MSR_BASE + (reg >> 4), u64::from(value)) },
         // SAFETY: as in `read`.
-        _ => unsafe { ((MMIO_BASE.load(Ordering::Relaxed) + u64::from(reg)) as *mut u32).write_volatile(value) },
+        _ => unsafe {
+            ((MMIO_BASE.load(Ordering::Relaxed) + u64::from(reg)) as *mut u32).write_volatile(value)
+        },
     }
 }
 
@@ -60,7 +64,10 @@ fn write(reg: u32, value: u32) {
 pub fn disable_legacy_pic() {
     use super::cpu::outb;
     const PIC_VECTOR_BASE: u8 = 0xf0;
-    for (command, data, base, cascade) in [(0x20, 0x21, PIC_VECTOR_BASE, 4), (0xa0, 0xa1, PIC_VECTOR_BASE + 8, 2)] {
+    for (command, data, base, cascade) in [
+        (0x20, 0x21, PIC_VECTOR_BASE, 4),
+        (0xa0, 0xa1, PIC_VECTOR_BASE + 8, 2),
+    ] {
         outb(command, 0x11); // ICW1: initialise, ICW4 follows
         outb(data, base); // ICW2: vector base
         outb(data, cascade); // ICW3: cascade wiring
@@ -123,7 +130,10 @@ pub fn init(map_mmio: impl FnOnce(u64) -> Option<u64>) -> Result<ApicInfo, ApicE
     let ticks_per_ms = u64::from(counted) / 10;
     TICKS_PER_MS.store(ticks_per_ms.max(1), Ordering::Relaxed);
     set_handler(TIMER_VECTOR, on_timer);
-    Ok(ApicInfo { x2apic, ticks_per_ms })
+    Ok(ApicInfo {
+        x2apic,
+        ticks_per_ms,
+    })
 }
 
 fn on_timer() {
@@ -137,8 +147,8 @@ pub fn timer_interrupts() -> u64 {
 
 /// Arms a one-shot timer interrupt `ns` from now (clamped to the counter's range).
 pub fn arm_oneshot(ns: u64) {
-    let ticks =
-        (u128::from(ns) * u128::from(TICKS_PER_MS.load(Ordering::Relaxed)) / 1_000_000).clamp(1, u128::from(u32::MAX));
+    let ticks = (u128::from(ns) * u128::from(TICKS_PER_MS.load(Ordering::Relaxed)) / 1_000_000)
+        .clamp(1, u128::from(u32::MAX));
     write(REG_LVT_TIMER, u32::from(TIMER_VECTOR));
     write(REG_TIMER_INITIAL, ticks as u32);
 }

@@ -56,7 +56,9 @@ pub fn rdtsc() -> u64 {
 pub fn stack_pointer() -> u64 {
     let rsp: u64;
     // SAFETY: reads a register into a local; touches no memory.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags))
+    };
     rsp
 }
 
@@ -78,7 +80,14 @@ const DEBUG_EXIT_FAILURE: u32 = 0x11;
 /// Leaves the machine: the debug-exit device under bare QEMU, otherwise
 /// halts for good.
 pub fn exit(status: ExitStatus) -> ! {
-    outl(DEBUG_EXIT_PORT, if status == ExitStatus::Success { DEBUG_EXIT_SUCCESS } else { DEBUG_EXIT_FAILURE });
+    outl(
+        DEBUG_EXIT_PORT,
+        if status == ExitStatus::Success {
+            DEBUG_EXIT_SUCCESS
+        } else {
+            DEBUG_EXIT_FAILURE
+        },
+    );
     halt_forever()
 }
 

@@ -31,7 +31,12 @@ unsafe impl Sync for IstStacks {}
 
 static IST_STACKS: IstStacks = IstStacks(UnsafeCell::new([[0; IST_SIZE]; IST_COUNT]));
 static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, SegmentSelector, SegmentSelector, SegmentSelector)> = Once::new();
+static GDT: Once<(
+    GlobalDescriptorTable,
+    SegmentSelector,
+    SegmentSelector,
+    SegmentSelector,
+)> = Once::new();
 
 /// Kernel code selector, for IDT gates.
 pub fn code_selector() -> u16 {

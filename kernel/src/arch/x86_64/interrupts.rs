@@ -5,7 +5,9 @@
 //! before calling [`interrupt_dispatch`]. Exceptions are fatal: they print
 //! what happened and leave the machine with a failure status.
 
-use super::gdt::{self, IST_DOUBLE_FAULT, IST_EXCEPTION, IST_INTERRUPT, IST_MACHINE_CHECK, IST_NMI};
+use super::gdt::{
+    self, IST_DOUBLE_FAULT, IST_EXCEPTION, IST_INTERRUPT, IST_MACHINE_CHECK, IST_NMI,
+};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use x86_64::VirtAddr;
@@ -130,8 +132,15 @@ struct Gate {
 }
 
 impl Gate {
-    const EMPTY: Self =
-        Self { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
+    const EMPTY: Self = Self {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    };
 
     /// A present, DPL 0, 64-bit interrupt gate (IF cleared on entry).
     fn new(handler: u64, selector: u16, ist: u8) -> Self {
@@ -173,7 +182,11 @@ pub fn init() {
     // nothing else reads or writes the IDT while it is filled.
     let idt = unsafe { &mut *IDT.0.get() };
     for (vector, gate) in idt.iter_mut().enumerate() {
-        *gate = Gate::new(stubs + (vector * STUB_SIZE) as u64, selector, ist_for(vector as u8));
+        *gate = Gate::new(
+            stubs + (vector * STUB_SIZE) as u64,
+            selector,
+            ist_for(vector as u8),
+        );
     }
     let pointer = DescriptorTablePointer {
         limit: (size_of::<[Gate; 256]>() - 1) as u16,
@@ -188,7 +201,10 @@ static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
 
 /// Installs `handler` for interrupt `vector` (>= 32).
 pub fn set_handler(vector: u8, handler: fn()) {
-    assert!(vector >= FIRST_INTERRUPT_VECTOR, "vector {vector} is a CPU exception");
+    assert!(
+        vector >= FIRST_INTERRUPT_VECTOR,
+        "vector {vector} is a CPU exception"
+    );
     HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
 }
 
