@@ -1,1 +1,34 @@
+//! Xen guest interfaces as portable `no_std` code.
+//!
+//! Every hypercall goes through the [`Hypercall`] trait: the kernel provides
+//! the real one ([`arch::HypercallPage`]), host tests provide the simulated
+//! Xen in [`sim`]. Everything above that trait (event channels, grant tables,
+//! xenstore, the PV console, shared rings) is architecture-independent and
+//! tested on the host.
 #![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod arch;
+pub mod console;
+pub mod event;
+pub mod grant;
+pub mod hvm;
+pub mod hypercall;
+pub mod memory;
+pub mod ring;
+pub mod sched;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+pub mod xenstore;
+
+pub use hypercall::{Errno, Hypercall};
+
+/// A Xen domain id (`domid_t`).
+pub type DomId = u16;
+/// The calling domain, as Xen understands it in most hypercall arguments.
+pub const DOMID_SELF: DomId = 0x7ff0;
+/// Size of a Xen page; grants, rings and shared_info are all one page.
+pub const PAGE_SIZE: usize = 4096;

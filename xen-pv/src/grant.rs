@@ -1,0 +1,646 @@
+//! Grant tables: batched map/unmap of foreign grants into a window of
+//! guest-physical frames, and batched grant copy.
+
+use alloc::vec::Vec;
+
+use crate::hypercall::{Command, HypercallOp, command_batch};
+use crate::{DomId, Errno, Hypercall, PAGE_SIZE};
+
+/// A grant reference in a foreign domain's grant table.
+pub type GrantRef = u32;
+
+/// `GNTMAP_host_map`: map for CPU access (in an auto-translated guest,
+/// `host_addr` is the guest-physical address Xen inserts the page at).
+pub const GNTMAP_HOST_MAP: u32 = 1 << 1;
+/// `GNTMAP_readonly`: the mapping is read-only.
+pub const GNTMAP_READONLY: u32 = 1 << 2;
+/// `GNTCOPY_source_gref`: the copy source is a grant reference.
+pub const GNTCOPY_SOURCE_GREF: u16 = 1 << 0;
+/// `GNTCOPY_dest_gref`: the copy destination is a grant reference.
+pub const GNTCOPY_DEST_GREF: u16 = 1 << 1;
+
+/// Operations issued in one hypercall at most; larger batches are split.
+pub const MAX_BATCH: usize = 32;
+
+/// `struct gnttab_map_grant_ref`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct MapGrantRef {
+    pub host_addr: u64,
+    pub flags: u32,
+    pub gref: GrantRef,
+    pub dom: DomId,
+    pub status: i16,
+    pub handle: u32,
+    pub dev_bus_addr: u64,
+}
+
+// SAFETY: layout of public/grant_table.h `struct gnttab_map_grant_ref`.
+unsafe impl Command for MapGrantRef {
+    const OP: HypercallOp = HypercallOp::GrantTable;
+    const CMD: u32 = 0;
+}
+
+/// `struct gnttab_unmap_grant_ref`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct UnmapGrantRef {
+    pub host_addr: u64,
+    pub dev_bus_addr: u64,
+    pub handle: u32,
+    pub status: i16,
+}
+
+// SAFETY: layout of `struct gnttab_unmap_grant_ref`.
+unsafe impl Command for UnmapGrantRef {
+    const OP: HypercallOp = HypercallOp::GrantTable;
+    const CMD: u32 = 1;
+}
+
+/// One end of a grant copy (`struct gnttab_copy_ptr`): `gref_or_gfn` is a
+/// grant reference or a local frame, as the copy flags say.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct CopyPtr {
+    pub gref_or_gfn: u64,
+    pub domid: DomId,
+    pub offset: u16,
+}
+
+/// `struct gnttab_copy`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct GnttabCopy {
+    pub source: CopyPtr,
+    pub dest: CopyPtr,
+    pub len: u16,
+    pub flags: u16,
+    pub status: i16,
+}
+
+// SAFETY: layout of `struct gnttab_copy`.
+unsafe impl Command for GnttabCopy {
+    const OP: HypercallOp = HypercallOp::GrantTable;
+    const CMD: u32 = 5;
+}
+
+/// Why a grant operation failed (`GNTST_*`, plus local reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantError {
+    /// GNTST_general_error: unspecified failure.
+    General,
+    /// GNTST_bad_domain: no such domain.
+    BadDomain,
+    /// GNTST_bad_gntref: the reference is not a valid grant.
+    BadGrantRef,
+    /// GNTST_bad_handle: the mapping handle is not valid.
+    BadHandle,
+    /// GNTST_bad_virt_addr: the host address cannot take the mapping.
+    BadVirtAddr,
+    /// GNTST_bad_dev_addr: the device address is invalid.
+    BadDevAddr,
+    /// GNTST_no_device_space: no room in the device's address space.
+    NoDeviceSpace,
+    /// GNTST_permission_denied: the grant does not allow this access.
+    PermissionDenied,
+    /// GNTST_bad_page: the granted page is not valid.
+    BadPage,
+    /// GNTST_bad_copy_arg: offset/length outside the page.
+    BadCopyArg,
+    /// GNTST_address_too_big: the address does not fit the operation.
+    AddressTooBig,
+    /// GNTST_eagain: transient (page being paged in); retry later.
+    Again,
+    /// GNTST_no_space: Xen ran out of internal space.
+    NoSpace,
+    /// A status code this crate does not know.
+    Unknown(i16),
+    /// The whole hypercall failed; no operation of its batch was done.
+    Hypercall(Errno),
+    /// The GFN window has no free slot for another mapping.
+    WindowFull,
+}
+
+impl GrantError {
+    /// Maps a per-operation status; `Ok` for GNTST_okay.
+    pub fn from_status(status: i16) -> Result<(), GrantError> {
+        Err(match status {
+            0 => return Ok(()),
+            -1 => GrantError::General,
+            -2 => GrantError::BadDomain,
+            -3 => GrantError::BadGrantRef,
+            -4 => GrantError::BadHandle,
+            -5 => GrantError::BadVirtAddr,
+            -6 => GrantError::BadDevAddr,
+            -7 => GrantError::NoDeviceSpace,
+            -8 => GrantError::PermissionDenied,
+            -9 => GrantError::BadPage,
+            -10 => GrantError::BadCopyArg,
+            -11 => GrantError::AddressTooBig,
+            -12 => GrantError::Again,
+            -13 => GrantError::NoSpace,
+            other => GrantError::Unknown(other),
+        })
+    }
+}
+
+/// Hands out frames of the reserved, unpopulated GFN range that grant
+/// mappings are placed in.
+pub struct GfnWindow {
+    base: u64,
+    used: Vec<bool>,
+    next: usize,
+}
+
+impl GfnWindow {
+    /// A window of `frames` frames starting at `base_gfn`.
+    pub fn new(base_gfn: u64, frames: usize) -> Self {
+        GfnWindow {
+            base: base_gfn,
+            used: alloc::vec![false; frames],
+            next: 0,
+        }
+    }
+
+    /// Takes a free frame, searching round-robin so a just-freed frame is
+    /// reused last (Xen may still be flushing it).
+    pub fn alloc(&mut self) -> Option<u64> {
+        let n = self.used.len();
+        let slot = (0..n)
+            .map(|i| (self.next + i) % n)
+            .find(|&s| !self.used[s])?;
+        self.used[slot] = true;
+        self.next = (slot + 1) % n;
+        Some(self.base + slot as u64)
+    }
+
+    /// Returns `gfn` to the window; false if it was not taken from it.
+    pub fn free(&mut self, gfn: u64) -> bool {
+        let Some(slot) = gfn.checked_sub(self.base).map(|s| s as usize) else {
+            return false;
+        };
+        match self.used.get_mut(slot) {
+            Some(used) if *used => {
+                *used = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Frames currently taken.
+    pub fn in_use(&self) -> usize {
+        self.used.iter().filter(|u| **u).count()
+    }
+}
+
+/// A grant to map: which domain's which reference, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantSpec {
+    pub domid: DomId,
+    pub gref: GrantRef,
+    pub readonly: bool,
+}
+
+/// A live mapping; give it back to [`GrantMapper::unmap_batch`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// The guest frame the granted page now appears at.
+    pub gfn: u64,
+    pub handle: u32,
+    pub grant: GrantSpec,
+}
+
+/// One end of a grant copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyEnd {
+    /// A page another domain granted to us.
+    Grant {
+        domid: DomId,
+        gref: GrantRef,
+        offset: u16,
+    },
+    /// One of our own frames.
+    Local { gfn: u64, offset: u16 },
+}
+
+/// A grant copy of `len` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyOp {
+    pub source: CopyEnd,
+    pub dest: CopyEnd,
+    pub len: u16,
+}
+
+/// Counters of grant activity; `mapped` is the live number of mappings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantStats {
+    pub mapped: usize,
+    pub maps: u64,
+    pub unmaps: u64,
+    pub copies: u64,
+    pub hypercalls: u64,
+}
+
+/// Maps, unmaps and copies grants in batches, keeping count.
+pub struct GrantMapper<H> {
+    xen: H,
+    window: GfnWindow,
+    stats: GrantStats,
+}
+
+impl<H: Hypercall> GrantMapper<H> {
+    pub fn new(xen: H, window: GfnWindow) -> Self {
+        GrantMapper {
+            xen,
+            window,
+            stats: GrantStats::default(),
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> GrantStats {
+        self.stats
+    }
+
+    /// Maps every grant in `specs`, one hypercall per [`MAX_BATCH`]; the
+    /// result for each spec is in the same position.
+    pub fn map_batch(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
+        let mut results = Vec::with_capacity(specs.len());
+        for chunk in specs.chunks(MAX_BATCH) {
+            let mut ops: Vec<MapGrantRef> = Vec::with_capacity(chunk.len());
+            let mut gfns: Vec<Option<u64>> = Vec::with_capacity(chunk.len());
+            for spec in chunk {
+                let gfn = self.window.alloc();
+                if let Some(gfn) = gfn {
+                    ops.push(MapGrantRef {
+                        host_addr: gfn * PAGE_SIZE as u64,
+                        flags: GNTMAP_HOST_MAP | if spec.readonly { GNTMAP_READONLY } else { 0 },
+                        gref: spec.gref,
+                        dom: spec.domid,
+                        ..MapGrantRef::default()
+                    });
+                }
+                gfns.push(gfn);
+            }
+            let call = self.issue(&mut ops);
+            let mut done = ops.iter();
+            for (spec, gfn) in chunk.iter().zip(gfns) {
+                let Some(gfn) = gfn else {
+                    results.push(Err(GrantError::WindowFull));
+                    continue;
+                };
+                let outcome = done.next().map_or(Err(GrantError::General), |op| {
+                    call.and_then(|()| GrantError::from_status(op.status))
+                        .map(|()| op.handle)
+                });
+                results.push(match outcome {
+                    Ok(handle) => {
+                        self.stats.mapped += 1;
+                        self.stats.maps += 1;
+                        Ok(Mapping {
+                            gfn,
+                            handle,
+                            grant: *spec,
+                        })
+                    }
+                    Err(e) => {
+                        self.window.free(gfn);
+                        Err(e)
+                    }
+                });
+            }
+        }
+        results
+    }
+
+    /// Unmaps `mappings`. A mapping whose unmap failed is handed back in
+    /// its error so it is not forgotten (its frame stays reserved).
+    pub fn unmap_batch(
+        &mut self,
+        mappings: Vec<Mapping>,
+    ) -> Vec<Result<(), (Mapping, GrantError)>> {
+        let mut results = Vec::with_capacity(mappings.len());
+        let mut mappings = mappings.into_iter().peekable();
+        while mappings.peek().is_some() {
+            let chunk: Vec<Mapping> = mappings.by_ref().take(MAX_BATCH).collect();
+            let mut ops: Vec<UnmapGrantRef> = chunk
+                .iter()
+                .map(|m| UnmapGrantRef {
+                    host_addr: m.gfn * PAGE_SIZE as u64,
+                    handle: m.handle,
+                    ..UnmapGrantRef::default()
+                })
+                .collect();
+            let call = self.issue(&mut ops);
+            for (mapping, op) in chunk.into_iter().zip(&ops) {
+                results.push(
+                    match call.and_then(|()| GrantError::from_status(op.status)) {
+                        Ok(()) => {
+                            self.window.free(mapping.gfn);
+                            self.stats.mapped -= 1;
+                            self.stats.unmaps += 1;
+                            Ok(())
+                        }
+                        Err(e) => Err((mapping, e)),
+                    },
+                );
+            }
+        }
+        results
+    }
+
+    /// Performs grant copies, one hypercall per [`MAX_BATCH`]. Copies that
+    /// would cross a page boundary are refused without asking Xen.
+    pub fn copy_batch(&mut self, copies: &[CopyOp]) -> Vec<Result<(), GrantError>> {
+        fn end(e: CopyEnd, gref_flag: u16) -> (CopyPtr, u16) {
+            match e {
+                CopyEnd::Grant {
+                    domid,
+                    gref,
+                    offset,
+                } => (
+                    CopyPtr {
+                        gref_or_gfn: u64::from(gref),
+                        domid,
+                        offset,
+                    },
+                    gref_flag,
+                ),
+                CopyEnd::Local { gfn, offset } => (
+                    CopyPtr {
+                        gref_or_gfn: gfn,
+                        domid: crate::DOMID_SELF,
+                        offset,
+                    },
+                    0,
+                ),
+            }
+        }
+        fn fits(e: CopyEnd, len: u16) -> bool {
+            let offset = match e {
+                CopyEnd::Grant { offset, .. } | CopyEnd::Local { offset, .. } => offset,
+            };
+            usize::from(offset) + usize::from(len) <= PAGE_SIZE
+        }
+        let mut results = Vec::with_capacity(copies.len());
+        for chunk in copies.chunks(MAX_BATCH) {
+            let valid = |c: &CopyOp| fits(c.source, c.len) && fits(c.dest, c.len);
+            let mut ops: Vec<GnttabCopy> = chunk
+                .iter()
+                .filter(|c| valid(c))
+                .map(|c| {
+                    let (source, sflag) = end(c.source, GNTCOPY_SOURCE_GREF);
+                    let (dest, dflag) = end(c.dest, GNTCOPY_DEST_GREF);
+                    GnttabCopy {
+                        source,
+                        dest,
+                        len: c.len,
+                        flags: sflag | dflag,
+                        status: 0,
+                    }
+                })
+                .collect();
+            let call = self.issue(&mut ops);
+            let mut done = ops.iter();
+            for c in chunk {
+                if !valid(c) {
+                    results.push(Err(GrantError::BadCopyArg));
+                    continue;
+                }
+                let status = done.next().map_or(-1, |op| op.status);
+                let outcome = call.and_then(|()| GrantError::from_status(status));
+                if outcome.is_ok() {
+                    self.stats.copies += 1;
+                }
+                results.push(outcome);
+            }
+        }
+        results
+    }
+
+    /// One hypercall for `ops` (none if empty).
+    fn issue<T: Command>(&mut self, ops: &mut [T]) -> Result<(), GrantError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.stats.hypercalls += 1;
+        command_batch(&self.xen, ops)
+            .map(drop)
+            .map_err(GrantError::Hypercall)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_match_grant_table_h() {
+        assert_eq!(size_of::<MapGrantRef>(), 32);
+        assert_eq!(size_of::<UnmapGrantRef>(), 24);
+        assert_eq!(size_of::<CopyPtr>(), 16);
+        assert_eq!(size_of::<GnttabCopy>(), 40);
+    }
+
+    #[test]
+    fn status_codes_map_to_errors() {
+        assert_eq!(GrantError::from_status(0), Ok(()));
+        assert_eq!(GrantError::from_status(-3), Err(GrantError::BadGrantRef));
+        assert_eq!(
+            GrantError::from_status(-8),
+            Err(GrantError::PermissionDenied)
+        );
+        assert_eq!(GrantError::from_status(-12), Err(GrantError::Again));
+        assert_eq!(GrantError::from_status(-99), Err(GrantError::Unknown(-99)));
+    }
+
+    #[test]
+    fn window_allocates_round_robin_and_rejects_foreign_frames() {
+        let mut w = GfnWindow::new(0x10_0000, 3);
+        assert_eq!(w.alloc(), Some(0x10_0000));
+        assert_eq!(w.alloc(), Some(0x10_0001));
+        assert!(w.free(0x10_0000));
+        assert_eq!(w.alloc(), Some(0x10_0002));
+        assert_eq!(w.alloc(), Some(0x10_0000));
+        assert_eq!(w.alloc(), None);
+        assert!(!w.free(0x0f_ffff));
+        assert!(!w.free(0x10_0003));
+        assert!(w.free(0x10_0001));
+        assert!(!w.free(0x10_0001), "double free is refused");
+        assert_eq!(w.in_use(), 2);
+    }
+}
+
+#[cfg(test)]
+mod sim_tests {
+    use super::*;
+    use crate::sim::SimXen;
+
+    const FRONTEND: DomId = 7;
+    const WINDOW: u64 = 0x10_0000;
+
+    fn spec(gref: GrantRef, readonly: bool) -> GrantSpec {
+        GrantSpec {
+            domid: FRONTEND,
+            gref,
+            readonly,
+        }
+    }
+
+    #[test]
+    fn maps_in_batches_and_counts_live_mappings() {
+        let sim = SimXen::new();
+        let grefs: Vec<GrantRef> = (0..70u8)
+            .map(|i| sim.offer_grant(FRONTEND, false, &[i; 8]))
+            .collect();
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 128));
+        let specs: Vec<GrantSpec> = grefs.iter().map(|r| spec(*r, false)).collect();
+        let maps: Vec<Mapping> = g
+            .map_batch(&specs)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+
+        // 70 operations: 32 + 32 + 6.
+        assert_eq!(sim.calls(HypercallOp::GrantTable, MapGrantRef::CMD), 3);
+        assert_eq!(g.stats().mapped, 70);
+        assert_eq!(sim.mapped_grants(), 70);
+        assert_eq!(sim.frame(maps[69].gfn).unwrap()[..8], [69; 8]);
+
+        let rest = g.unmap_batch(maps);
+        assert!(rest.iter().all(Result::is_ok));
+        assert_eq!(sim.calls(HypercallOp::GrantTable, UnmapGrantRef::CMD), 3);
+        assert_eq!(g.stats().mapped, 0);
+        assert_eq!(g.stats().unmaps, 70);
+        assert_eq!(sim.mapped_grants(), 0);
+    }
+
+    #[test]
+    fn per_op_failures_are_typed_and_release_their_frames() {
+        let sim = SimXen::new();
+        let ro = sim.offer_grant(FRONTEND, true, b"ro");
+        let rw = sim.offer_grant(FRONTEND, false, b"rw");
+        // Frames are taken before the hypercall: 4 frames for 5 operations.
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4));
+        let results = g.map_batch(&[
+            spec(ro, false),
+            spec(ro, true),
+            spec(999, false),
+            spec(rw, false),
+            spec(rw, true),
+        ]);
+        assert_eq!(results[0], Err(GrantError::PermissionDenied));
+        let ro_map = results[1].as_ref().unwrap();
+        assert!(sim.frame_is_readonly(ro_map.gfn));
+        assert_eq!(results[2], Err(GrantError::BadGrantRef));
+        assert!(results[3].is_ok());
+        assert_eq!(results[4], Err(GrantError::WindowFull));
+        assert_eq!(g.stats().mapped, 2);
+        // The two failed operations gave their frames back.
+        let again = g.map_batch(&[spec(rw, true), spec(ro, true), spec(rw, true)]);
+        assert!(again[0].is_ok() && again[1].is_ok());
+        assert_eq!(again[2], Err(GrantError::WindowFull));
+        assert_eq!(g.stats().mapped, 4);
+    }
+
+    #[test]
+    fn failed_hypercall_fails_its_whole_batch_only() {
+        let sim = SimXen::new();
+        let specs: Vec<GrantSpec> = (0..40)
+            .map(|_| spec(sim.offer_grant(FRONTEND, false, b"x"), false))
+            .collect();
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 64));
+        sim.fail_next_hypercall(Errno::EFAULT);
+        let results = g.map_batch(&specs);
+        assert!(
+            results[..32]
+                .iter()
+                .all(|r| *r == Err(GrantError::Hypercall(Errno::EFAULT)))
+        );
+        assert!(results[32..].iter().all(Result::is_ok));
+        assert_eq!(g.stats().mapped, 8);
+
+        // A failed unmap hands the mapping back; it can be retried.
+        let maps: Vec<Mapping> = results.into_iter().filter_map(Result::ok).collect();
+        sim.fail_next_hypercall(Errno::EFAULT);
+        let failed: Vec<Mapping> = g
+            .unmap_batch(maps)
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|(m, _)| m)
+            .collect();
+        assert_eq!(failed.len(), 8);
+        assert_eq!(g.stats().mapped, 8);
+        assert!(g.unmap_batch(failed).iter().all(Result::is_ok));
+        assert_eq!(g.stats().mapped, 0);
+    }
+
+    #[test]
+    fn stale_handles_are_rejected() {
+        let sim = SimXen::new();
+        let gref = sim.offer_grant(FRONTEND, false, b"x");
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4));
+        let mut m = g.map_batch(&[spec(gref, false)]).pop().unwrap().unwrap();
+        m.handle += 100;
+        let (m, err) = g.unmap_batch(alloc::vec![m]).pop().unwrap().unwrap_err();
+        assert_eq!(err, GrantError::BadHandle);
+        assert_eq!(g.stats().mapped, 1);
+        assert_eq!(m.grant.gref, gref);
+    }
+
+    #[test]
+    fn grant_copy_both_directions_in_batches() {
+        let sim = SimXen::new();
+        let src = sim.offer_grant(FRONTEND, true, b"hello from the frontend");
+        let dst = sim.offer_grant(FRONTEND, false, &[]);
+        sim.add_local_frame(0x500, &[]);
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 1));
+        let from_guest = CopyOp {
+            source: CopyEnd::Grant {
+                domid: FRONTEND,
+                gref: src,
+                offset: 11,
+            },
+            dest: CopyEnd::Local {
+                gfn: 0x500,
+                offset: 100,
+            },
+            len: 12,
+        };
+        let to_guest = CopyOp {
+            source: CopyEnd::Local {
+                gfn: 0x500,
+                offset: 100,
+            },
+            dest: CopyEnd::Grant {
+                domid: FRONTEND,
+                gref: dst,
+                offset: 4090,
+            },
+            len: 6,
+        };
+        let into_readonly = CopyOp {
+            dest: CopyEnd::Grant {
+                domid: FRONTEND,
+                gref: src,
+                offset: 0,
+            },
+            ..to_guest
+        };
+        let across_page = CopyOp { len: 7, ..to_guest };
+        let mut ops = alloc::vec![from_guest, to_guest, into_readonly, across_page];
+        ops.extend(core::iter::repeat_n(from_guest, 30));
+        let results = g.copy_batch(&ops);
+        assert_eq!(results[..2], [Ok(()), Ok(())]);
+        assert_eq!(results[2], Err(GrantError::PermissionDenied));
+        assert_eq!(results[3], Err(GrantError::BadCopyArg));
+        assert!(results[4..].iter().all(Result::is_ok));
+        // 33 valid copies: two hypercalls (the page-crossing one never left).
+        assert_eq!(sim.calls(HypercallOp::GrantTable, GnttabCopy::CMD), 2);
+        assert_eq!(&sim.frame(0x500).unwrap()[100..112], b"the frontend");
+        assert_eq!(&sim.granted_page(FRONTEND, dst).unwrap()[4090..], b"the fr");
+        assert_eq!(g.stats().copies, 32);
+    }
+}

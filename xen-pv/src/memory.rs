@@ -1,0 +1,116 @@
+//! `memory_op` and the shared_info page.
+
+use core::sync::atomic::{AtomicI8, AtomicU8, AtomicU32, AtomicU64};
+
+use crate::hypercall::{Command, HypercallOp, command};
+use crate::{DOMID_SELF, DomId, Errno, Hypercall, PAGE_SIZE};
+
+/// `XENMAPSPACE_shared_info`: map the shared_info page.
+pub const XENMAPSPACE_SHARED_INFO: u32 = 0;
+
+/// `struct xen_add_to_physmap` (XENMEM_add_to_physmap).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct AddToPhysmap {
+    pub domid: DomId,
+    pub size: u16,
+    pub space: u32,
+    pub idx: u64,
+    pub gpfn: u64,
+}
+
+// SAFETY: layout of public/memory.h `struct xen_add_to_physmap` on x86-64.
+unsafe impl Command for AddToPhysmap {
+    const OP: HypercallOp = HypercallOp::Memory;
+    const CMD: u32 = 7;
+}
+
+/// Places the shared_info page at guest frame `gfn` (a free, unpopulated
+/// frame the kernel reserved); the kernel then maps `gfn` and views it as a
+/// [`SharedInfo`].
+pub fn map_shared_info<H: Hypercall + ?Sized>(h: &H, gfn: u64) -> Result<(), Errno> {
+    let mut arg = AddToPhysmap {
+        domid: DOMID_SELF,
+        size: 0,
+        space: XENMAPSPACE_SHARED_INFO,
+        idx: 0,
+        gpfn: gfn,
+    };
+    command(h, &mut arg).map(drop)
+}
+
+/// Number of vCPU slots in shared_info (`XEN_LEGACY_MAX_VCPUS`).
+pub const LEGACY_MAX_VCPUS: usize = 32;
+/// Words of pending/mask bits: `sizeof(xen_ulong_t) * 8` on x86-64.
+pub const EVTCHN_WORDS: usize = 64;
+/// Bits per pending/mask word.
+pub const EVTCHN_WORD_BITS: usize = 64;
+
+/// `struct vcpu_time_info`: Xen's per-vCPU clock parameters.
+#[repr(C)]
+pub struct VcpuTimeInfo {
+    pub version: AtomicU32,
+    _pad0: u32,
+    pub tsc_timestamp: AtomicU64,
+    pub system_time: AtomicU64,
+    pub tsc_to_system_mul: AtomicU32,
+    pub tsc_shift: AtomicI8,
+    pub flags: AtomicU8,
+    _pad1: [u8; 2],
+}
+
+/// `struct vcpu_info` (x86-64): the per-vCPU part of shared_info.
+#[repr(C)]
+pub struct VcpuInfo {
+    /// Set by Xen when any event is pending for this vCPU.
+    pub evtchn_upcall_pending: AtomicU8,
+    /// Non-zero blocks upcalls (PV only; HVM uses the interrupt flag).
+    pub evtchn_upcall_mask: AtomicU8,
+    _pad: [u8; 6],
+    /// One bit per pending word in [`SharedInfo::evtchn_pending`].
+    pub evtchn_pending_sel: AtomicU64,
+    _arch: [u64; 2],
+    pub time: VcpuTimeInfo,
+}
+
+/// `struct shared_info` (x86-64), padded to its page.
+#[repr(C)]
+pub struct SharedInfo {
+    pub vcpu_info: [VcpuInfo; LEGACY_MAX_VCPUS],
+    pub evtchn_pending: [AtomicU64; EVTCHN_WORDS],
+    pub evtchn_mask: [AtomicU64; EVTCHN_WORDS],
+    pub wc_version: AtomicU32,
+    pub wc_sec: AtomicU32,
+    pub wc_nsec: AtomicU32,
+    pub wc_sec_hi: AtomicU32,
+    _rest: [u8; PAGE_SIZE - 3088],
+}
+
+#[cfg(any(test, feature = "sim"))]
+impl SharedInfo {
+    /// A zeroed page, as Xen presents it before any event.
+    pub fn new_zeroed() -> alloc::boxed::Box<SharedInfo> {
+        // SAFETY: every field is an atomic integer or plain bytes, for which
+        // all-zero is a valid value.
+        alloc::boxed::Box::new(unsafe { core::mem::zeroed() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn shared_info_layout_matches_xen() {
+        assert_eq!(size_of::<VcpuTimeInfo>(), 32);
+        assert_eq!(size_of::<VcpuInfo>(), 64);
+        assert_eq!(offset_of!(VcpuInfo, evtchn_pending_sel), 8);
+        assert_eq!(offset_of!(VcpuInfo, time), 32);
+        assert_eq!(offset_of!(SharedInfo, evtchn_pending), 2048);
+        assert_eq!(offset_of!(SharedInfo, evtchn_mask), 2560);
+        assert_eq!(offset_of!(SharedInfo, wc_version), 3072);
+        assert_eq!(size_of::<SharedInfo>(), PAGE_SIZE);
+        assert_eq!(size_of::<AddToPhysmap>(), 24);
+    }
+}

@@ -1,0 +1,41 @@
+//! `sched_op`: domain shutdown.
+
+use crate::hypercall::{Command, HypercallOp, command};
+use crate::{Errno, Hypercall};
+
+/// Why the domain stops (`SHUTDOWN_*` in public/sched.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ShutdownReason {
+    /// Clean exit: the toolstack destroys the domain.
+    Poweroff = 0,
+    /// Restart the domain.
+    Reboot = 1,
+    /// Fatal error: the toolstack applies `on_crash` (and may keep a dump).
+    Crash = 3,
+}
+
+/// `struct sched_shutdown`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct SchedShutdown {
+    pub reason: u32,
+}
+
+// SAFETY: layout of public/sched.h `struct sched_shutdown`.
+unsafe impl Command for SchedShutdown {
+    const OP: HypercallOp = HypercallOp::Sched;
+    const CMD: u32 = 2;
+}
+
+/// Asks Xen to stop this domain. On real Xen this does not return on
+/// success; the caller should halt if it does.
+pub fn shutdown<H: Hypercall + ?Sized>(h: &H, reason: ShutdownReason) -> Result<(), Errno> {
+    command(
+        h,
+        &mut SchedShutdown {
+            reason: reason as u32,
+        },
+    )
+    .map(drop)
+}
