@@ -5,3 +5,4 @@
 pub mod cmdline;
 pub mod frames;
 pub mod paging;
+pub mod pattern;

@@ -6,7 +6,9 @@
 mod arch;
 mod console;
 mod memory;
+mod power;
 mod rt;
+mod xen;
 
 extern crate alloc;
 
@@ -36,7 +38,7 @@ impl PhysRead for EarlyMemory {
 
 fn fail(what: core::fmt::Arguments) -> ! {
     log::error!("{what}");
-    cpu::exit(cpu::ExitStatus::Failure)
+    crate::power::exit(cpu::ExitStatus::Failure)
 }
 
 #[unsafe(no_mangle)]
@@ -100,9 +102,25 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
         fail(format_args!("heap check failed"));
     }
 
-    match clock::calibrate() {
-        Ok(hz) => log::info!(
-            "clock: TSC {}.{:03} MHz (PIT calibrated)",
+    let xen = xen::detect().map(|cpuid| match xen::init(cpuid) {
+        Ok(x) => x,
+        Err(e) => fail(format_args!("xen: {e}")),
+    });
+    if let Some(x) = xen {
+        let (major, minor) = xen_pv::hypercall::xen_version(&x.hypercalls).unwrap_or((0, 0));
+        log::info!(
+            "xen: {major}.{minor}, CPUID leaves at {:#x}, hypercall page installed",
+            x.cpuid.base
+        );
+    }
+
+    let tsc = match xen.and_then(|x| xen::tsc_hz(&x.cpuid)) {
+        Some(hz) => Ok((clock::set_tsc_hz(hz), "reported by Xen")),
+        None => clock::calibrate().map(|hz| (hz, "PIT calibrated")),
+    };
+    match tsc {
+        Ok((hz, how)) => log::info!(
+            "clock: TSC {}.{:03} MHz ({how})",
             hz / 1_000_000,
             (hz / 1000) % 1000
         ),
@@ -133,7 +151,7 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
         trigger(fault);
     }
     log::info!("boot complete in {} us; exiting", clock::now_ns() / 1000);
-    cpu::exit(cpu::ExitStatus::Success)
+    crate::power::exit(cpu::ExitStatus::Success)
 }
 
 /// Causes `fault` on purpose (the harness's negative tests).

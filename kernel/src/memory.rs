@@ -244,18 +244,40 @@ fn check_ram_ends(info: &StartInfo) -> Result<u64, MemoryError> {
     Ok(highest)
 }
 
-/// Maps `len` bytes of device registers at `phys` uncached and returns
-/// their virtual address (the identity map makes it equal to `phys`).
-pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
+/// Identity-maps the pages covering `[phys, phys+len)` with `access`
+/// (replacing any earlier mapping) and returns the virtual address of
+/// `phys`, equal to it.
+pub fn map_identity(phys: u64, len: u64, access: Access) -> Result<u64, MapError> {
     let start = phys & !(PAGE - 1);
-    let end = phys.checked_add(len)?.next_multiple_of(PAGE);
+    let end = phys
+        .checked_add(len)
+        .ok_or(MapError::BadRange)?
+        .next_multiple_of(PAGE);
     let mut guard = TABLES.lock();
-    let tables = guard.as_mut()?;
-    tables.map(start, start, end - start, Access::MMIO).ok()?;
+    let tables = guard.as_mut().ok_or(MapError::OutOfTables)?;
+    tables.map(start, start, end - start, access)?;
     for page in (start..end).step_by(PAGE as usize) {
         x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(page));
     }
-    Some(phys)
+    Ok(phys)
+}
+
+/// Maps `len` bytes of device registers at `phys` uncached.
+pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
+    map_identity(phys, len, Access::MMIO).ok()
+}
+
+/// Changes how kernel-owned memory at `[phys, phys+len)` may be used.
+pub fn protect(phys: u64, len: u64, access: Access) -> Result<(), MapError> {
+    map_identity(phys, len, access).map(drop)
+}
+
+/// Allocates `frames` zeroed, contiguous, identity-mapped frames.
+pub fn alloc_frames(frames: u64) -> Option<u64> {
+    let start = FRAMES.lock().alloc(frames, FRAME_SIZE).ok()?;
+    // SAFETY: freshly allocated RAM, identity-mapped writable.
+    unsafe { core::ptr::write_bytes(start as *mut u8, 0, (frames * FRAME_SIZE) as usize) };
+    Some(start)
 }
 
 /// Reads a u64 at `addr` if it is mapped (for diagnostics: never faults,

@@ -99,7 +99,7 @@ pub extern "C" fn _Unwind_Resume() -> ! {
     console::fatal(format_args!(
         "FATAL: _Unwind_Resume called with panic=abort\n"
     ));
-    cpu::exit(cpu::ExitStatus::Failure)
+    crate::power::exit(cpu::ExitStatus::Failure)
 }
 
 #[panic_handler]
@@ -107,5 +107,5 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     x86_64::instructions::interrupts::disable();
     console::fatal(format_args!("PANIC: {info}\n"));
     console::stack_dump(cpu::stack_pointer());
-    cpu::exit(cpu::ExitStatus::Failure)
+    crate::power::exit(cpu::ExitStatus::Failure)
 }

@@ -54,6 +54,12 @@ fn pit_window_cycles() -> Result<u64, ClockError> {
     Ok(rdtsc() - start)
 }
 
+/// Takes the TSC frequency from a trusted source (the hypervisor); returns it.
+pub fn set_tsc_hz(hz: u64) -> u64 {
+    TSC_HZ.store(hz, Ordering::Relaxed);
+    hz
+}
+
 /// TSC frequency in Hz, 0 before calibration.
 pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)

@@ -293,5 +293,5 @@ fn report_exception(frame: &InterruptFrame) -> ! {
         frame.r15,
     ));
     crate::console::stack_dump(frame.rsp);
-    super::cpu::exit(super::cpu::ExitStatus::Failure)
+    crate::power::exit(super::cpu::ExitStatus::Failure)
 }
