@@ -15,6 +15,20 @@ pub enum RingError {
     Overflow,
 }
 
+/// The peer gave up waiting (or the wait was bounded and ran out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimedOut;
+
+/// The event channel of a shared ring, as the code driving the ring needs
+/// it. The kernel implements it with an event channel port: `notify` sends
+/// on it, `wait` halts until its handler ran (or a deadline passed).
+pub trait PeerChannel {
+    /// Signals the peer: there is new data, or space was freed.
+    fn notify(&mut self);
+    /// Waits until the peer may have made progress.
+    fn wait(&mut self) -> Result<(), TimedOut>;
+}
+
 /// One direction of a byte ring (`xenstore_domain_interface`,
 /// `xencons_interface`): `data` of power-of-two size, producer index
 /// `prod`, consumer index `cons`.

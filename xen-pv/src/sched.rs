@@ -39,3 +39,19 @@ pub fn shutdown<H: Hypercall + ?Sized>(h: &H, reason: ShutdownReason) -> Result<
     )
     .map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::SimXen;
+
+    #[test]
+    fn shutdown_passes_the_reason() {
+        let sim = SimXen::new();
+        shutdown(&sim, ShutdownReason::Crash).unwrap();
+        assert_eq!(sim.shutdown_reason(), Some(3));
+        shutdown(&sim, ShutdownReason::Poweroff).unwrap();
+        assert_eq!(sim.shutdown_reason(), Some(0));
+        assert_eq!(core::mem::size_of::<SchedShutdown>(), 4);
+    }
+}

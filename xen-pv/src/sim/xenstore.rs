@@ -8,8 +8,9 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use crate::DomId;
+use crate::ring::{PeerChannel, TimedOut};
 use crate::xenstore::wire::{HEADER_LEN, Header, MsgType, PAYLOAD_MAX, encode_perms, parse_perms};
-use crate::xenstore::{Access, Perm, XenstoreChannel, XenstoreInterface, XsError};
+use crate::xenstore::{Access, Perm, XenstoreInterface, XsError};
 
 #[derive(Clone)]
 struct Node {
@@ -25,7 +26,7 @@ struct Transaction {
     changed: BTreeSet<String>,
 }
 
-/// The daemon. As a [`XenstoreChannel`] it does one step of work per
+/// The daemon. As the client's [`PeerChannel`] it does one step of work per
 /// `wait`, so the client and the daemon interleave deterministically.
 pub struct SimXenstored<'a> {
     iface: &'a XenstoreInterface,
@@ -447,16 +448,12 @@ fn write_node(tree: &mut Tree, dom: DomId, path: &str, value: &[u8]) -> Result<(
     Ok(())
 }
 
-impl XenstoreChannel for SimXenstored<'_> {
+impl PeerChannel for SimXenstored<'_> {
     fn notify(&mut self) {
         self.notifications += 1;
     }
 
-    fn wait(&mut self) -> Result<(), XsError> {
-        if self.step() {
-            Ok(())
-        } else {
-            Err(XsError::Timeout)
-        }
+    fn wait(&mut self) -> Result<(), TimedOut> {
+        if self.step() { Ok(()) } else { Err(TimedOut) }
     }
 }

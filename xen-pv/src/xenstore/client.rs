@@ -10,6 +10,7 @@ use super::wire::{
     split_strings,
 };
 use crate::DomId;
+use crate::ring::PeerChannel;
 
 /// Longest absolute path xenstored accepts (`XENSTORE_ABS_PATH_MAX`).
 pub const PATH_MAX: usize = 3072;
@@ -17,16 +18,6 @@ pub const PATH_MAX: usize = 3072;
 pub const MAX_QUEUED_WATCH_EVENTS: usize = 1024;
 /// Attempts of a transaction that keeps hitting EAGAIN.
 pub const MAX_TX_ATTEMPTS: usize = 16;
-
-/// How the client tells xenstored about work and waits for its answers.
-pub trait XenstoreChannel {
-    /// Signals xenstored (the store event channel): requests were written
-    /// or reply space was freed.
-    fn notify(&mut self);
-    /// Waits until xenstored may have made progress (an event on the store
-    /// channel), or gives up with [`XsError::Timeout`].
-    fn wait(&mut self) -> Result<(), XsError>;
-}
 
 /// A transaction id; [`Tx::NONE`] outside transactions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +47,7 @@ pub struct Xenstore<'a, C> {
     broken: Option<XsError>,
 }
 
-impl<'a, C: XenstoreChannel> Xenstore<'a, C> {
+impl<'a, C: PeerChannel> Xenstore<'a, C> {
     pub fn new(iface: &'a XenstoreInterface, channel: C) -> Self {
         Xenstore {
             iface,
@@ -259,7 +250,7 @@ impl<'a, C: XenstoreChannel> Xenstore<'a, C> {
             }
             // The ring is full: let xenstored drain it.
             self.channel.notify();
-            self.channel.wait()?;
+            self.channel.wait().map_err(|_| XsError::Timeout)?;
         }
     }
 
@@ -268,7 +259,7 @@ impl<'a, C: XenstoreChannel> Xenstore<'a, C> {
             if let Some(message) = self.try_receive()? {
                 return Ok(message);
             }
-            self.channel.wait()?;
+            self.channel.wait().map_err(|_| XsError::Timeout)?;
         }
     }
 

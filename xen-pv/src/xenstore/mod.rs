@@ -1,15 +1,15 @@
 //! Xenstore client over the shared ring (`xenstore_domain_interface`).
 //!
 //! The kernel finds the ring with [`crate::hvm::store_ring`], maps its frame,
-//! views it as a [`XenstoreInterface`] and implements [`XenstoreChannel`]
-//! with the store event channel.
+//! views it as a [`XenstoreInterface`] and implements
+//! [`crate::ring::PeerChannel`] with the store event channel.
 
 mod client;
 pub mod wire;
 
 use core::sync::atomic::{AtomicU8, AtomicU32};
 
-pub use client::{Tx, WatchEvent, Xenstore, XenstoreChannel};
+pub use client::{Tx, WatchEvent, Xenstore};
 pub use wire::{Access, Perm, XsError};
 
 use crate::ring::ByteRing;
