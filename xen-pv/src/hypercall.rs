@@ -193,11 +193,7 @@ pub struct FeatureInfo {
     pub submap: u32,
 }
 
-// SAFETY: layout of public/version.h `struct xen_feature_info`.
-unsafe impl Command for FeatureInfo {
-    const OP: HypercallOp = HypercallOp::XenVersion;
-    const CMD: u32 = 6;
-}
+xen_command!(FeatureInfo, XenVersion, 6, "struct xen_feature_info");
 
 /// `XENFEAT_hvm_callback_vector`: the callback-IRQ fallback may use a vector.
 pub const XENFEAT_HVM_CALLBACK_VECTOR: u32 = 8;

@@ -181,6 +181,16 @@ pub fn needs_notify(old: u32, new: u32, event: u32) -> bool {
     new.wrapping_sub(event) < new.wrapping_sub(old)
 }
 
+/// Moves a shared producer index to `new` and applies the notify rule
+/// against the consumer's `event` index.
+fn publish(prod: &AtomicU32, new: u32, event: &AtomicU32) -> bool {
+    let old = prod.load(Ordering::Relaxed);
+    prod.store(new, Ordering::Release);
+    // The index store must be visible before reading the event index (mb()).
+    fence(Ordering::SeqCst);
+    needs_notify(old, new, event.load(Ordering::Acquire))
+}
+
 /// The backend's private view of a ring: consumes requests, produces
 /// responses.
 pub struct BackRing<'a> {
@@ -244,15 +254,7 @@ impl<'a> BackRing<'a> {
     /// Publishes queued responses; true if the frontend must be notified.
     pub fn push_responses(&mut self) -> bool {
         let header = self.ring.header();
-        let old = header.rsp_prod.load(Ordering::Relaxed);
-        header.rsp_prod.store(self.rsp_prod_pvt, Ordering::Release);
-        // The index store must be visible before reading rsp_event (mb()).
-        fence(Ordering::SeqCst);
-        needs_notify(
-            old,
-            self.rsp_prod_pvt,
-            header.rsp_event.load(Ordering::Acquire),
-        )
+        publish(&header.rsp_prod, self.rsp_prod_pvt, &header.rsp_event)
     }
 
     /// Before idling: asks to be notified of the next request and re-checks
@@ -322,14 +324,7 @@ impl<'a> FrontRing<'a> {
     /// Publishes queued requests; true if the backend must be notified.
     pub fn push_requests(&mut self) -> bool {
         let header = self.ring.header();
-        let old = header.req_prod.load(Ordering::Relaxed);
-        header.req_prod.store(self.req_prod_pvt, Ordering::Release);
-        fence(Ordering::SeqCst);
-        needs_notify(
-            old,
-            self.req_prod_pvt,
-            header.req_event.load(Ordering::Acquire),
-        )
+        publish(&header.req_prod, self.req_prod_pvt, &header.req_event)
     }
 
     /// Copies the next response into `out`; false if there is none.

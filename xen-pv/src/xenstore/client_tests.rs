@@ -18,6 +18,17 @@ fn with_client(start: u32, test: impl FnOnce(&mut Xenstore<'_, SimXenstored<'_>>
     test(&mut xs);
 }
 
+/// An encoded reply header with no transaction.
+fn header(msg_type: MsgType, req_id: u32, len: u32) -> [u8; 16] {
+    Header {
+        msg_type: msg_type as u32,
+        req_id,
+        tx_id: 0,
+        len,
+    }
+    .encode()
+}
+
 fn event(path: &str, token: &str) -> WatchEvent {
     WatchEvent {
         path: path.into(),
@@ -177,22 +188,12 @@ fn unknown_error_strings_and_stale_replies() {
     with_client(0, |xs| {
         // Request ids start at 1: a stale reply (id 99) is skipped, the
         // error for id 1 is an unknown string.
-        let stale = Header {
-            msg_type: MsgType::Read as u32,
-            req_id: 99,
-            tx_id: 0,
-            len: 1,
-        };
-        let error = Header {
-            msg_type: MsgType::Error as u32,
-            req_id: 1,
-            tx_id: 0,
-            len: 8,
-        };
+        let stale = header(MsgType::Read, 99, 1);
+        let error = header(MsgType::Error, 1, 8);
         let d = xs.channel_mut();
-        d.inject_raw(&stale.encode());
+        d.inject_raw(&stale);
         d.inject_raw(b"x");
-        d.inject_raw(&error.encode());
+        d.inject_raw(&error);
         d.inject_raw(b"EWEIRD\0\0");
         assert_eq!(xs.read(Tx::NONE, "missing"), Err(XsError::UnknownError));
         // The daemon's own reply to request 1 is now stale too.
@@ -317,13 +318,8 @@ fn local_limits_are_checked_before_sending() {
 #[test]
 fn malformed_replies_break_the_connection_without_panicking() {
     with_client(0, |xs| {
-        let oversized = Header {
-            msg_type: MsgType::Read as u32,
-            req_id: 1,
-            tx_id: 0,
-            len: 5000,
-        };
-        xs.channel_mut().inject_raw(&oversized.encode());
+        let oversized = header(MsgType::Read, 1, 5000);
+        xs.channel_mut().inject_raw(&oversized);
         assert_eq!(xs.read(Tx::NONE, "x"), Err(XsError::Protocol));
         assert_eq!(
             xs.read(Tx::NONE, "x"),
@@ -333,46 +329,26 @@ fn malformed_replies_break_the_connection_without_panicking() {
         assert_eq!(xs.poll_watch_event(), Err(XsError::Protocol));
     });
     with_client(0, |xs| {
-        let wrong_type = Header {
-            msg_type: MsgType::Write as u32,
-            req_id: 1,
-            tx_id: 0,
-            len: 0,
-        };
-        xs.channel_mut().inject_raw(&wrong_type.encode());
+        let wrong_type = header(MsgType::Write, 1, 0);
+        xs.channel_mut().inject_raw(&wrong_type);
         assert_eq!(xs.read(Tx::NONE, "x"), Err(XsError::Protocol));
     });
     with_client(0, |xs| {
-        let bad_dir = Header {
-            msg_type: MsgType::Directory as u32,
-            req_id: 1,
-            tx_id: 0,
-            len: 2,
-        };
-        xs.channel_mut().inject_raw(&bad_dir.encode());
+        let bad_dir = header(MsgType::Directory, 1, 2);
+        xs.channel_mut().inject_raw(&bad_dir);
         xs.channel_mut().inject_raw(b"\xff\0");
         assert_eq!(xs.directory(Tx::NONE, "x"), Err(XsError::Protocol));
         // Malformed watch events are dropped, not fatal.
-        let ev = Header {
-            msg_type: MsgType::WatchEvent as u32,
-            req_id: 0,
-            tx_id: 0,
-            len: 3,
-        };
-        xs.channel_mut().inject_raw(&ev.encode());
+        let ev = header(MsgType::WatchEvent, 0, 3);
+        xs.channel_mut().inject_raw(&ev);
         xs.channel_mut().inject_raw(b"ab\0");
         xs.channel_mut().step();
         assert_eq!(xs.poll_watch_event(), Ok(None));
     });
     with_client(0, |xs| {
         // A reply that never completes: the channel times out.
-        let truncated = Header {
-            msg_type: MsgType::Read as u32,
-            req_id: 1,
-            tx_id: 0,
-            len: 4000,
-        };
-        xs.channel_mut().inject_raw(&truncated.encode());
+        let truncated = header(MsgType::Read, 1, 4000);
+        xs.channel_mut().inject_raw(&truncated);
         assert_eq!(xs.read(Tx::NONE, "x"), Err(XsError::Timeout));
     });
     // A daemon that corrupts the ring indices.
