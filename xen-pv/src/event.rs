@@ -4,7 +4,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use core::sync::atomic::Ordering;
 
-use crate::hypercall::{Command, HypercallOp, command};
+use crate::hypercall::command;
 use crate::memory::{EVTCHN_WORD_BITS, EVTCHN_WORDS, SharedInfo};
 use crate::{DOMID_SELF, DomId, Errno, Hypercall};
 
@@ -31,11 +31,7 @@ pub struct AllocUnbound {
     pub port: u32,
 }
 
-// SAFETY: layout of public/event_channel.h `struct evtchn_alloc_unbound`.
-unsafe impl Command for AllocUnbound {
-    const OP: HypercallOp = HypercallOp::EventChannel;
-    const CMD: u32 = 6;
-}
+xen_command!(AllocUnbound, EventChannel, 6, "struct evtchn_alloc_unbound");
 
 /// `struct evtchn_bind_interdomain`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,11 +42,12 @@ pub struct BindInterdomain {
     pub local_port: u32,
 }
 
-// SAFETY: layout of `struct evtchn_bind_interdomain`.
-unsafe impl Command for BindInterdomain {
-    const OP: HypercallOp = HypercallOp::EventChannel;
-    const CMD: u32 = 0;
-}
+xen_command!(
+    BindInterdomain,
+    EventChannel,
+    0,
+    "struct evtchn_bind_interdomain"
+);
 
 /// `struct evtchn_bind_vcpu`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,11 +57,7 @@ pub struct BindVcpu {
     pub vcpu: u32,
 }
 
-// SAFETY: layout of `struct evtchn_bind_vcpu`.
-unsafe impl Command for BindVcpu {
-    const OP: HypercallOp = HypercallOp::EventChannel;
-    const CMD: u32 = 8;
-}
+xen_command!(BindVcpu, EventChannel, 8, "struct evtchn_bind_vcpu");
 
 /// The one-port structures (`evtchn_send`, `evtchn_close`,
 /// `evtchn_unmask`), told apart by their command number.
@@ -81,21 +74,9 @@ pub type Send = PortArg<4>;
 /// EVTCHNOP_unmask argument.
 pub type Unmask = PortArg<9>;
 
-// SAFETY: layout of `struct evtchn_close`.
-unsafe impl Command for Close {
-    const OP: HypercallOp = HypercallOp::EventChannel;
-    const CMD: u32 = 3;
-}
-// SAFETY: layout of `struct evtchn_send`.
-unsafe impl Command for Send {
-    const OP: HypercallOp = HypercallOp::EventChannel;
-    const CMD: u32 = 4;
-}
-// SAFETY: layout of `struct evtchn_unmask`.
-unsafe impl Command for Unmask {
-    const OP: HypercallOp = HypercallOp::EventChannel;
-    const CMD: u32 = 9;
-}
+xen_command!(Close, EventChannel, 3, "struct evtchn_close");
+xen_command!(Send, EventChannel, 4, "struct evtchn_send");
+xen_command!(Unmask, EventChannel, 9, "struct evtchn_unmask");
 
 /// What runs when a port fires. Called from the upcall: keep it short
 /// (typically: mark a ring as having work).
@@ -255,6 +236,7 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypercall::{Command, HypercallOp};
     use crate::sim::SimXen;
     use alloc::sync::Arc;
     use alloc::vec::Vec;

@@ -3,7 +3,7 @@
 
 use alloc::vec::Vec;
 
-use crate::hypercall::{Command, HypercallOp, command_batch};
+use crate::hypercall::{Command, command_batch};
 use crate::{DomId, Errno, Hypercall, PAGE_SIZE};
 
 /// A grant reference in a foreign domain's grant table.
@@ -35,11 +35,7 @@ pub struct MapGrantRef {
     pub dev_bus_addr: u64,
 }
 
-// SAFETY: layout of public/grant_table.h `struct gnttab_map_grant_ref`.
-unsafe impl Command for MapGrantRef {
-    const OP: HypercallOp = HypercallOp::GrantTable;
-    const CMD: u32 = 0;
-}
+xen_command!(MapGrantRef, GrantTable, 0, "struct gnttab_map_grant_ref");
 
 /// `struct gnttab_unmap_grant_ref`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,11 +47,12 @@ pub struct UnmapGrantRef {
     pub status: i16,
 }
 
-// SAFETY: layout of `struct gnttab_unmap_grant_ref`.
-unsafe impl Command for UnmapGrantRef {
-    const OP: HypercallOp = HypercallOp::GrantTable;
-    const CMD: u32 = 1;
-}
+xen_command!(
+    UnmapGrantRef,
+    GrantTable,
+    1,
+    "struct gnttab_unmap_grant_ref"
+);
 
 /// One end of a grant copy (`struct gnttab_copy_ptr`): `gref_or_gfn` is a
 /// grant reference or a local frame, as the copy flags say.
@@ -78,11 +75,7 @@ pub struct GnttabCopy {
     pub status: i16,
 }
 
-// SAFETY: layout of `struct gnttab_copy`.
-unsafe impl Command for GnttabCopy {
-    const OP: HypercallOp = HypercallOp::GrantTable;
-    const CMD: u32 = 5;
-}
+xen_command!(GnttabCopy, GrantTable, 5, "struct gnttab_copy");
 
 /// Why a grant operation failed (`GNTST_*`, plus local reasons).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -476,6 +469,7 @@ mod tests {
 #[cfg(test)]
 mod sim_tests {
     use super::*;
+    use crate::hypercall::{Command, HypercallOp};
     use crate::sim::SimXen;
 
     const FRONTEND: DomId = 7;

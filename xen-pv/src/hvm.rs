@@ -1,6 +1,6 @@
 //! `hvm_op`: HVM parameters and event-channel upcall setup.
 
-use crate::hypercall::{Command, HypercallOp, XENFEAT_HVM_CALLBACK_VECTOR, command, has_feature};
+use crate::hypercall::{XENFEAT_HVM_CALLBACK_VECTOR, command, has_feature};
 use crate::{DOMID_SELF, DomId, Errno, Hypercall};
 
 /// `HVM_PARAM_CALLBACK_IRQ`: how event upcalls are delivered (domain-wide).
@@ -28,16 +28,8 @@ pub type SetParam = HvmParam<0>;
 /// HVMOP_get_param argument.
 pub type GetParam = HvmParam<1>;
 
-// SAFETY: layout of public/hvm/hvm_op.h `struct xen_hvm_param`.
-unsafe impl Command for SetParam {
-    const OP: HypercallOp = HypercallOp::Hvm;
-    const CMD: u32 = 0;
-}
-// SAFETY: as above.
-unsafe impl Command for GetParam {
-    const OP: HypercallOp = HypercallOp::Hvm;
-    const CMD: u32 = 1;
-}
+xen_command!(SetParam, Hvm, 0, "struct xen_hvm_param");
+xen_command!(GetParam, Hvm, 1, "struct xen_hvm_param");
 
 /// `struct xen_hvm_evtchn_upcall_vector` (HVMOP_set_evtchn_upcall_vector).
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,11 +39,12 @@ pub struct SetEvtchnUpcallVector {
     pub vector: u8,
 }
 
-// SAFETY: layout of public/hvm/hvm_op.h `struct xen_hvm_evtchn_upcall_vector`.
-unsafe impl Command for SetEvtchnUpcallVector {
-    const OP: HypercallOp = HypercallOp::Hvm;
-    const CMD: u32 = 23;
-}
+xen_command!(
+    SetEvtchnUpcallVector,
+    Hvm,
+    23,
+    "struct xen_hvm_evtchn_upcall_vector"
+);
 
 /// Reads HVM parameter `index` of this domain.
 pub fn get_param<H: Hypercall + ?Sized>(h: &H, index: u32) -> Result<u64, Errno> {

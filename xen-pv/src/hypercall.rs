@@ -193,11 +193,7 @@ pub struct FeatureInfo {
     pub submap: u32,
 }
 
-// SAFETY: layout of public/version.h `struct xen_feature_info`.
-unsafe impl Command for FeatureInfo {
-    const OP: HypercallOp = HypercallOp::XenVersion;
-    const CMD: u32 = 6;
-}
+xen_command!(FeatureInfo, XenVersion, 6, "struct xen_feature_info");
 
 /// `XENFEAT_hvm_callback_vector`: the callback-IRQ fallback may use a vector.
 pub const XENFEAT_HVM_CALLBACK_VECTOR: u32 = 8;
@@ -223,5 +219,45 @@ mod tests {
         assert_eq!(Errno::check(i64::MIN), Err(Errno::EINVAL));
         assert_eq!(std::format!("{:?}", Errno::EAGAIN), "EAGAIN");
         assert_eq!(std::format!("{:?}", Errno(1234)), "Errno(1234)");
+    }
+
+    #[test]
+    fn typed_wrappers_reach_the_hypervisor() {
+        let sim = crate::sim::SimXen::new();
+        assert_eq!(xen_version(&sim), Ok((4, 19)));
+        assert_eq!(has_feature(&sim, XENFEAT_HVM_CALLBACK_VECTOR), Ok(true));
+        assert_eq!(has_feature(&sim, 40), Ok(false));
+        console_io_write(&sim, b"early boot\n").unwrap();
+        assert_eq!(sim.console_output(), b"early boot\n");
+        crate::memory::map_shared_info(&sim, 0xfeff0).unwrap();
+        assert_eq!(sim.shared_info_gfn(), Some(0xfeff0));
+        sim.fail_next_hypercall(Errno::ENOSYS);
+        assert_eq!(xen_version(&sim), Err(Errno::ENOSYS));
+    }
+
+    #[test]
+    fn ring_params_come_from_hvm_params() {
+        use crate::hvm::*;
+        let sim = crate::sim::SimXen::new();
+        sim.set_param(PARAM_STORE_PFN, 0xfeffc);
+        sim.set_param(PARAM_STORE_EVTCHN, 1);
+        sim.set_param(PARAM_CONSOLE_PFN, 0xfefff);
+        sim.set_param(PARAM_CONSOLE_EVTCHN, 2);
+        assert_eq!(
+            store_ring(&sim),
+            Ok(RingParams {
+                gfn: 0xfeffc,
+                port: 1
+            })
+        );
+        assert_eq!(
+            console_ring(&sim),
+            Ok(RingParams {
+                gfn: 0xfefff,
+                port: 2
+            })
+        );
+        sim.set_param(PARAM_CONSOLE_EVTCHN, 1 << 40);
+        assert_eq!(console_ring(&sim), Err(Errno::EINVAL));
     }
 }

@@ -11,6 +11,20 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+/// Declares that `$ty` is the argument structure of sub-command `$cmd` of
+/// hypercall `$op`, mirroring the C structure named by `$c`. Every use has
+/// a size/offset test against the header.
+macro_rules! xen_command {
+    ($ty:ty, $op:ident, $cmd:expr, $c:literal) => {
+        // SAFETY: `$ty` is `repr(C)` with the field layout of Xen's `$c`
+        // (checked by the module's layout test).
+        unsafe impl $crate::hypercall::Command for $ty {
+            const OP: $crate::hypercall::HypercallOp = $crate::hypercall::HypercallOp::$op;
+            const CMD: u32 = $cmd;
+        }
+    };
+}
+
 pub mod arch;
 pub mod console;
 pub mod event;

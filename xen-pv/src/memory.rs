@@ -2,7 +2,7 @@
 
 use core::sync::atomic::{AtomicI8, AtomicU8, AtomicU32, AtomicU64};
 
-use crate::hypercall::{Command, HypercallOp, command};
+use crate::hypercall::command;
 use crate::{DOMID_SELF, DomId, Errno, Hypercall, PAGE_SIZE};
 
 /// `XENMAPSPACE_shared_info`: map the shared_info page.
@@ -19,11 +19,7 @@ pub struct AddToPhysmap {
     pub gpfn: u64,
 }
 
-// SAFETY: layout of public/memory.h `struct xen_add_to_physmap` on x86-64.
-unsafe impl Command for AddToPhysmap {
-    const OP: HypercallOp = HypercallOp::Memory;
-    const CMD: u32 = 7;
-}
+xen_command!(AddToPhysmap, Memory, 7, "struct xen_add_to_physmap");
 
 /// Places the shared_info page at guest frame `gfn` (a free, unpopulated
 /// frame the kernel reserved); the kernel then maps `gfn` and views it as a

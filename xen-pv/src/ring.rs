@@ -15,6 +15,20 @@ pub enum RingError {
     Overflow,
 }
 
+/// The peer gave up waiting (or the wait was bounded and ran out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimedOut;
+
+/// The event channel of a shared ring, as the code driving the ring needs
+/// it. The kernel implements it with an event channel port: `notify` sends
+/// on it, `wait` halts until its handler ran (or a deadline passed).
+pub trait PeerChannel {
+    /// Signals the peer: there is new data, or space was freed.
+    fn notify(&mut self);
+    /// Waits until the peer may have made progress.
+    fn wait(&mut self) -> Result<(), TimedOut>;
+}
+
 /// One direction of a byte ring (`xenstore_domain_interface`,
 /// `xencons_interface`): `data` of power-of-two size, producer index
 /// `prod`, consumer index `cons`.
@@ -167,6 +181,16 @@ pub fn needs_notify(old: u32, new: u32, event: u32) -> bool {
     new.wrapping_sub(event) < new.wrapping_sub(old)
 }
 
+/// Moves a shared producer index to `new` and applies the notify rule
+/// against the consumer's `event` index.
+fn publish(prod: &AtomicU32, new: u32, event: &AtomicU32) -> bool {
+    let old = prod.load(Ordering::Relaxed);
+    prod.store(new, Ordering::Release);
+    // The index store must be visible before reading the event index (mb()).
+    fence(Ordering::SeqCst);
+    needs_notify(old, new, event.load(Ordering::Acquire))
+}
+
 /// The backend's private view of a ring: consumes requests, produces
 /// responses.
 pub struct BackRing<'a> {
@@ -230,15 +254,7 @@ impl<'a> BackRing<'a> {
     /// Publishes queued responses; true if the frontend must be notified.
     pub fn push_responses(&mut self) -> bool {
         let header = self.ring.header();
-        let old = header.rsp_prod.load(Ordering::Relaxed);
-        header.rsp_prod.store(self.rsp_prod_pvt, Ordering::Release);
-        // The index store must be visible before reading rsp_event (mb()).
-        fence(Ordering::SeqCst);
-        needs_notify(
-            old,
-            self.rsp_prod_pvt,
-            header.rsp_event.load(Ordering::Acquire),
-        )
+        publish(&header.rsp_prod, self.rsp_prod_pvt, &header.rsp_event)
     }
 
     /// Before idling: asks to be notified of the next request and re-checks
@@ -308,14 +324,7 @@ impl<'a> FrontRing<'a> {
     /// Publishes queued requests; true if the backend must be notified.
     pub fn push_requests(&mut self) -> bool {
         let header = self.ring.header();
-        let old = header.req_prod.load(Ordering::Relaxed);
-        header.req_prod.store(self.req_prod_pvt, Ordering::Release);
-        fence(Ordering::SeqCst);
-        needs_notify(
-            old,
-            self.req_prod_pvt,
-            header.req_event.load(Ordering::Acquire),
-        )
+        publish(&header.req_prod, self.req_prod_pvt, &header.req_event)
     }
 
     /// Copies the next response into `out`; false if there is none.

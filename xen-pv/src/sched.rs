@@ -1,6 +1,6 @@
 //! `sched_op`: domain shutdown.
 
-use crate::hypercall::{Command, HypercallOp, command};
+use crate::hypercall::command;
 use crate::{Errno, Hypercall};
 
 /// Why the domain stops (`SHUTDOWN_*` in public/sched.h).
@@ -22,11 +22,7 @@ pub struct SchedShutdown {
     pub reason: u32,
 }
 
-// SAFETY: layout of public/sched.h `struct sched_shutdown`.
-unsafe impl Command for SchedShutdown {
-    const OP: HypercallOp = HypercallOp::Sched;
-    const CMD: u32 = 2;
-}
+xen_command!(SchedShutdown, Sched, 2, "struct sched_shutdown");
 
 /// Asks Xen to stop this domain. On real Xen this does not return on
 /// success; the caller should halt if it does.
@@ -38,4 +34,20 @@ pub fn shutdown<H: Hypercall + ?Sized>(h: &H, reason: ShutdownReason) -> Result<
         },
     )
     .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::SimXen;
+
+    #[test]
+    fn shutdown_passes_the_reason() {
+        let sim = SimXen::new();
+        shutdown(&sim, ShutdownReason::Crash).unwrap();
+        assert_eq!(sim.shutdown_reason(), Some(3));
+        shutdown(&sim, ShutdownReason::Poweroff).unwrap();
+        assert_eq!(sim.shutdown_reason(), Some(0));
+        assert_eq!(core::mem::size_of::<SchedShutdown>(), 4);
+    }
 }

@@ -69,9 +69,9 @@ pub struct Header {
 impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0; HEADER_LEN];
-        for (dst, v) in out
-            .chunks_exact_mut(4)
-            .zip([self.msg_type, self.req_id, self.tx_id, self.len])
+        for (dst, v) in
+            out.chunks_exact_mut(4)
+                .zip([self.msg_type, self.req_id, self.tx_id, self.len])
         {
             dst.copy_from_slice(&v.to_le_bytes());
         }
@@ -80,7 +80,8 @@ impl Header {
 
     /// Decodes a header, refusing payload lengths beyond [`PAYLOAD_MAX`].
     pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<Header, XsError> {
-        let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let header = Header {
             msg_type: word(0),
             req_id: word(4),
@@ -174,7 +175,10 @@ impl XsError {
 
     /// The wire string of a daemon error (what xenstored sends).
     pub fn wire_name(self) -> Option<&'static str> {
-        ERROR_STRINGS.iter().find(|(_, e)| *e == self).map(|(s, _)| *s)
+        ERROR_STRINGS
+            .iter()
+            .find(|(_, e)| *e == self)
+            .map(|(s, _)| *s)
     }
 }
 
@@ -239,7 +243,11 @@ pub fn split_strings(payload: &[u8]) -> Result<Vec<String>, XsError> {
         return Ok(Vec::new());
     }
     body.split(|b| *b == 0)
-        .map(|s| core::str::from_utf8(s).map(String::from).map_err(|_| XsError::Protocol))
+        .map(|s| {
+            core::str::from_utf8(s)
+                .map(String::from)
+                .map_err(|_| XsError::Protocol)
+        })
         .collect()
 }
 

@@ -1,0 +1,325 @@
+//! The request/reply engine, watches and transactions.
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::XenstoreInterface;
+use super::wire::{
+    HEADER_LEN, Header, MsgType, PAYLOAD_MAX, Perm, XsError, encode_perms, parse_perms,
+    split_strings,
+};
+use crate::DomId;
+use crate::ring::PeerChannel;
+
+/// Longest absolute path xenstored accepts (`XENSTORE_ABS_PATH_MAX`).
+pub const PATH_MAX: usize = 3072;
+/// Watch events kept while nobody polls; older ones are dropped (counted).
+pub const MAX_QUEUED_WATCH_EVENTS: usize = 1024;
+/// Attempts of a transaction that keeps hitting EAGAIN.
+pub const MAX_TX_ATTEMPTS: usize = 16;
+
+/// A transaction id; [`Tx::NONE`] outside transactions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tx(pub u32);
+
+impl Tx {
+    pub const NONE: Tx = Tx(0);
+}
+
+/// A fired watch: the path that changed and the token given to `watch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub path: String,
+    pub token: String,
+}
+
+/// A xenstore connection.
+pub struct Xenstore<'a, C> {
+    iface: &'a XenstoreInterface,
+    channel: C,
+    next_req_id: u32,
+    /// A reply or event being assembled across partial ring reads.
+    partial: Vec<u8>,
+    watch_events: VecDeque<WatchEvent>,
+    dropped_watch_events: u64,
+    /// Set once the stream is unusable; every later call fails with it.
+    broken: Option<XsError>,
+}
+
+impl<'a, C: PeerChannel> Xenstore<'a, C> {
+    pub fn new(iface: &'a XenstoreInterface, channel: C) -> Self {
+        Xenstore {
+            iface,
+            channel,
+            next_req_id: 1,
+            partial: Vec::new(),
+            watch_events: VecDeque::new(),
+            dropped_watch_events: 0,
+            broken: None,
+        }
+    }
+
+    /// The channel (tests reach the simulated daemon through it).
+    pub fn channel_mut(&mut self) -> &mut C {
+        &mut self.channel
+    }
+
+    /// Watch events dropped because the queue was full.
+    pub fn dropped_watch_events(&self) -> u64 {
+        self.dropped_watch_events
+    }
+
+    pub fn read(&mut self, tx: Tx, path: &str) -> Result<Vec<u8>, XsError> {
+        self.request(MsgType::Read, tx, &[path], b"")
+    }
+
+    /// Reads a node that holds text.
+    pub fn read_string(&mut self, tx: Tx, path: &str) -> Result<String, XsError> {
+        String::from_utf8(self.read(tx, path)?).map_err(|_| XsError::Invalid)
+    }
+
+    pub fn write(&mut self, tx: Tx, path: &str, value: &[u8]) -> Result<(), XsError> {
+        self.request(MsgType::Write, tx, &[path], value).map(drop)
+    }
+
+    pub fn mkdir(&mut self, tx: Tx, path: &str) -> Result<(), XsError> {
+        self.request(MsgType::Mkdir, tx, &[path], b"").map(drop)
+    }
+
+    /// Removes a node and everything below it.
+    pub fn rm(&mut self, tx: Tx, path: &str) -> Result<(), XsError> {
+        self.request(MsgType::Rm, tx, &[path], b"").map(drop)
+    }
+
+    /// Names of the children of `path`.
+    pub fn directory(&mut self, tx: Tx, path: &str) -> Result<Vec<String>, XsError> {
+        split_strings(&self.request(MsgType::Directory, tx, &[path], b"")?)
+    }
+
+    pub fn get_perms(&mut self, tx: Tx, path: &str) -> Result<Vec<Perm>, XsError> {
+        parse_perms(&self.request(MsgType::GetPerms, tx, &[path], b"")?)
+    }
+
+    pub fn set_perms(&mut self, tx: Tx, path: &str, perms: &[Perm]) -> Result<(), XsError> {
+        self.request(MsgType::SetPerms, tx, &[path], &encode_perms(perms))
+            .map(drop)
+    }
+
+    /// The home path of domain `domid` ("/local/domain/<domid>").
+    pub fn domain_path(&mut self, domid: DomId) -> Result<String, XsError> {
+        let id = alloc::format!("{domid}");
+        let reply = self.request(MsgType::GetDomainPath, Tx::NONE, &[&id], b"")?;
+        split_strings(&reply)?.pop().ok_or(XsError::Protocol)
+    }
+
+    /// Watches `path` and everything below it; events carry `token`.
+    /// Xenstored fires one event right away.
+    pub fn watch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+        self.request(MsgType::Watch, Tx::NONE, &[path, token], b"")
+            .map(drop)
+    }
+
+    pub fn unwatch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+        self.request(MsgType::Unwatch, Tx::NONE, &[path, token], b"")
+            .map(drop)
+    }
+
+    /// The next watch event, without blocking: queued ones first (those
+    /// that arrived while waiting for replies), then any in the ring.
+    pub fn poll_watch_event(&mut self) -> Result<Option<WatchEvent>, XsError> {
+        loop {
+            if let Some(event) = self.watch_events.pop_front() {
+                return Ok(Some(event));
+            }
+            let Some((header, payload)) = self.try_receive()? else {
+                return Ok(None);
+            };
+            // Anything but an event here is a reply nobody waits for.
+            if header.msg_type == MsgType::WatchEvent as u32 {
+                self.queue_watch_event(&payload);
+            }
+        }
+    }
+
+    /// Runs `body` in a transaction and commits it, starting over while
+    /// xenstored reports a conflict (EAGAIN). `body` may run several
+    /// times, so it must not have effects outside xenstore.
+    pub fn transaction<T>(
+        &mut self,
+        mut body: impl FnMut(&mut Self, Tx) -> Result<T, XsError>,
+    ) -> Result<T, XsError> {
+        for _ in 0..MAX_TX_ATTEMPTS {
+            let tx = self.transaction_start()?;
+            match body(self, tx) {
+                Ok(value) => match self.transaction_end(tx, true) {
+                    Ok(()) => return Ok(value),
+                    Err(XsError::Again) => continue,
+                    Err(e) => return Err(e),
+                },
+                Err(e) => {
+                    // The body's error matters more than a failed abort.
+                    let _ = self.transaction_end(tx, false);
+                    if e != XsError::Again {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Err(XsError::TooManyRetries)
+    }
+
+    fn transaction_start(&mut self) -> Result<Tx, XsError> {
+        let reply = self.request(MsgType::TransactionStart, Tx::NONE, &[], b"\0")?;
+        let id = split_strings(&reply)?
+            .first()
+            .and_then(|s| s.parse::<u32>().ok())
+            .filter(|id| *id != 0)
+            .ok_or(XsError::Protocol)?;
+        Ok(Tx(id))
+    }
+
+    fn transaction_end(&mut self, tx: Tx, commit: bool) -> Result<(), XsError> {
+        let verdict: &[u8] = if commit { b"T\0" } else { b"F\0" };
+        self.request(MsgType::TransactionEnd, tx, &[], verdict)
+            .map(drop)
+    }
+
+    /// Sends one request (each of `strings` nul-terminated, then `tail` as
+    /// is) and waits for its reply, queueing watch events that arrive in
+    /// between.
+    fn request(
+        &mut self,
+        msg_type: MsgType,
+        tx: Tx,
+        strings: &[&str],
+        tail: &[u8],
+    ) -> Result<Vec<u8>, XsError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        if !strings.iter().all(|s| valid_string_arg(s)) {
+            return Err(XsError::Invalid);
+        }
+        let len = strings.iter().map(|s| s.len() + 1).sum::<usize>() + tail.len();
+        if len > PAYLOAD_MAX {
+            return Err(XsError::RequestTooLarge);
+        }
+        let req_id = self.next_req_id;
+        self.next_req_id = self.next_req_id.wrapping_add(1);
+        let header = Header {
+            msg_type: msg_type as u32,
+            req_id,
+            tx_id: tx.0,
+            len: len as u32,
+        };
+        self.send(&header.encode())?;
+        for s in strings {
+            self.send(s.as_bytes())?;
+            self.send(b"\0")?;
+        }
+        self.send(tail)?;
+        self.channel.notify();
+        loop {
+            let (reply, payload) = self.receive()?;
+            if reply.msg_type == MsgType::WatchEvent as u32 {
+                self.queue_watch_event(&payload);
+            } else if reply.req_id != req_id {
+                // A reply to an abandoned request (e.g. after a timeout).
+                continue;
+            } else if reply.msg_type == MsgType::Error as u32 {
+                return Err(XsError::from_payload(&payload));
+            } else if reply.msg_type == msg_type as u32 {
+                return Ok(payload);
+            } else {
+                return Err(self.fail(XsError::Protocol));
+            }
+        }
+    }
+
+    fn send(&mut self, mut bytes: &[u8]) -> Result<(), XsError> {
+        loop {
+            let written = self
+                .iface
+                .requests()
+                .write(bytes)
+                .map_err(|_| self.fail(XsError::RingCorrupt))?;
+            bytes = &bytes[written..];
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            // The ring is full: let xenstored drain it.
+            self.channel.notify();
+            self.channel.wait().map_err(|_| XsError::Timeout)?;
+        }
+    }
+
+    fn receive(&mut self) -> Result<(Header, Vec<u8>), XsError> {
+        loop {
+            if let Some(message) = self.try_receive()? {
+                return Ok(message);
+            }
+            self.channel.wait().map_err(|_| XsError::Timeout)?;
+        }
+    }
+
+    /// Reads what the ring holds of the current message; returns it once
+    /// complete. Never reads past the message, so partial reads resume.
+    fn try_receive(&mut self) -> Result<Option<(Header, Vec<u8>)>, XsError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        loop {
+            let header = match <&[u8; HEADER_LEN]>::try_from(
+                self.partial.get(..HEADER_LEN).unwrap_or(&[]),
+            ) {
+                Ok(bytes) => Some(Header::decode(bytes).map_err(|e| self.fail(e))?),
+                Err(_) => None,
+            };
+            let wanted = header.map_or(HEADER_LEN, |h| HEADER_LEN + h.len as usize);
+            if let (Some(header), true) = (header, self.partial.len() == wanted) {
+                let payload = self.partial.split_off(HEADER_LEN);
+                self.partial.clear();
+                return Ok(Some((header, payload)));
+            }
+            let have = self.partial.len();
+            self.partial.resize(wanted, 0);
+            let read = self.iface.responses().read(&mut self.partial[have..]);
+            let read = read.map_err(|_| self.fail(XsError::RingCorrupt))?;
+            self.partial.truncate(have + read);
+            if read == 0 {
+                return Ok(None);
+            }
+            // Space was freed: xenstored may be waiting to write more.
+            self.channel.notify();
+        }
+    }
+
+    fn queue_watch_event(&mut self, payload: &[u8]) {
+        // A malformed event carries nothing usable; drop it.
+        let Ok(mut fields) = split_strings(payload) else {
+            return;
+        };
+        if fields.len() < 2 {
+            return;
+        }
+        let token = fields.swap_remove(1);
+        let path = fields.swap_remove(0);
+        if self.watch_events.len() == MAX_QUEUED_WATCH_EVENTS {
+            self.watch_events.pop_front();
+            self.dropped_watch_events += 1;
+        }
+        self.watch_events.push_back(WatchEvent { path, token });
+    }
+
+    fn fail(&mut self, e: XsError) -> XsError {
+        self.broken = Some(e);
+        e
+    }
+}
+
+/// Whether a path or token can be sent: non-empty, bounded, and free of
+/// nul bytes (which would split it on the wire).
+fn valid_string_arg(s: &str) -> bool {
+    !s.is_empty() && s.len() <= PATH_MAX && !s.as_bytes().contains(&0)
+}
