@@ -53,6 +53,25 @@ impl Fault {
     }
 }
 
+/// What stordom does once booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Report what the machine looks like and exit (the default).
+    Boot,
+    /// Exercise the Xen interfaces against a cooperating dom0 and exit.
+    XenSelftest,
+}
+
+impl Job {
+    fn parse(word: &str) -> Option<Self> {
+        Some(match word {
+            "boot" => Self::Boot,
+            "xen-selftest" => Self::XenSelftest,
+            _ => return None,
+        })
+    }
+}
+
 /// What the command line asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options<'a> {
@@ -60,6 +79,8 @@ pub struct Options<'a> {
     pub log_level: LogLevel,
     /// `fault=`: trigger this fault once booted.
     pub fault: Option<Fault>,
+    /// `job=`: what to do once booted.
+    pub job: Job,
     /// The first word not understood, reported rather than silently dropped.
     pub unknown: Option<&'a str>,
 }
@@ -71,6 +92,7 @@ impl<'a> Options<'a> {
         let mut opts = Self {
             log_level: LogLevel::Info,
             fault: None,
+            job: Job::Boot,
             unknown: None,
         };
         for word in cmdline.split_ascii_whitespace() {
@@ -78,6 +100,7 @@ impl<'a> Options<'a> {
             let understood = match key {
                 "loglevel" => LogLevel::parse(value).map(|l| opts.log_level = l).is_some(),
                 "fault" => Fault::parse(value).map(|f| opts.fault = Some(f)).is_some(),
+                "job" => Job::parse(value).map(|j| opts.job = j).is_some(),
                 _ => false,
             };
             if !understood && opts.unknown.is_none() {
@@ -100,6 +123,7 @@ mod tests {
             Options {
                 log_level: LogLevel::Info,
                 fault: None,
+                job: Job::Boot,
                 unknown: None
             }
         );
@@ -112,6 +136,9 @@ mod tests {
         assert_eq!(o.fault, Some(Fault::PageFault));
         assert_eq!(Options::parse("fault=ud").fault, Some(Fault::InvalidOpcode));
         assert_eq!(Options::parse("fault=panic").fault, Some(Fault::Panic));
+        assert_eq!(Options::parse("job=xen-selftest").job, Job::XenSelftest);
+        assert_eq!(Options::parse("job=boot").job, Job::Boot);
+        assert_eq!(Options::parse("job=dance").unknown, Some("job=dance"));
         assert_eq!(
             Options::parse("fault=stackoverflow").fault,
             Some(Fault::StackOverflow)

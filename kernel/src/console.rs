@@ -1,15 +1,25 @@
-//! Console output (COM1 and the 0xe9 debug port), the `log` backend with
-//! timestamps and levels, and the last-words path for fatal errors.
+//! Console output and the `log` backend. Sinks: the 0xe9 debug port
+//! (QEMU's debugcon; Xen's own console for HVM/PVH guests), COM1 on bare
+//! metal, and the Xen PV console ring (what `xl console` shows) once it is
+//! connected. Lines carry a timestamp and a level.
 //!
-//! Output is lock-free: a byte at a time to the ports, so an exception or
-//! panic can always print, even if it interrupted a half-written line.
+//! Port output is lock-free, a byte at a time, so an exception or panic
+//! can always print, even if it interrupted a half-written line.
 
 use crate::arch::{clock, cpu};
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::cmdline::LogLevel;
+use xen_pv::console::{Level, LogLine};
 
 const COM1: u16 = 0x3f8;
 const DEBUGCON: u16 = 0xe9;
+/// Longest log line; longer ones are cut and marked.
+const LINE_MAX: usize = 512;
+
+/// Off under Xen: a PVH guest has no UART, and every port access there is
+/// a trap to the hypervisor.
+static COM1_ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Programs COM1 for 115200 8N1 with FIFOs.
 pub fn init() {
@@ -22,16 +32,28 @@ pub fn init() {
     cpu::outb(COM1 + 4, 0x0b);
 }
 
+/// Stops using COM1 (running on Xen, where the PV console replaces it).
+pub fn disable_serial() {
+    COM1_ENABLED.store(false, Ordering::Relaxed);
+}
+
 fn put_byte(b: u8) {
-    // Wait for the transmitter, bounded: an absent UART reads 0xff
-    // (ready), and a stuck one must not hang the kernel.
-    for _ in 0..100_000 {
-        if cpu::inb(COM1 + 5) & 0x20 != 0 {
-            break;
+    if COM1_ENABLED.load(Ordering::Relaxed) {
+        // Wait for the transmitter, bounded: an absent UART reads 0xff
+        // (ready), and a stuck one must not hang the kernel.
+        for _ in 0..100_000 {
+            if cpu::inb(COM1 + 5) & 0x20 != 0 {
+                break;
+            }
         }
+        cpu::outb(COM1, b);
     }
-    cpu::outb(COM1, b);
     cpu::outb(DEBUGCON, b);
+}
+
+fn write_all_sinks(bytes: &[u8]) {
+    bytes.iter().copied().for_each(put_byte);
+    crate::xen::console_write(bytes);
 }
 
 /// A writer to every console.
@@ -39,22 +61,12 @@ pub struct Console;
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        s.bytes().for_each(put_byte);
+        write_all_sinks(s.as_bytes());
         Ok(())
     }
 }
 
 struct Logger;
-
-fn label(level: log::Level) -> &'static str {
-    match level {
-        log::Level::Error => "ERROR",
-        log::Level::Warn => "WARN ",
-        log::Level::Info => "INFO ",
-        log::Level::Debug => "DEBUG",
-        log::Level::Trace => "TRACE",
-    }
-}
 
 impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
@@ -65,15 +77,15 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let ns = clock::now_ns();
-        let _ = writeln!(
-            Console,
-            "[{:5}.{:06}] {} {}",
-            ns / 1_000_000_000,
-            (ns / 1000) % 1_000_000,
-            label(record.level()),
-            record.args()
-        );
+        let level = match record.level() {
+            log::Level::Error => Level::Error,
+            log::Level::Warn => Level::Warn,
+            log::Level::Info => Level::Info,
+            log::Level::Debug => Level::Debug,
+            log::Level::Trace => Level::Trace,
+        };
+        let line = LogLine::<LINE_MAX>::format(clock::now_ns(), level, *record.args());
+        write_all_sinks(line.as_bytes());
     }
 
     fn flush(&self) {}

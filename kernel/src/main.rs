@@ -9,12 +9,13 @@ mod memory;
 mod power;
 mod rt;
 mod xen;
+mod xen_selftest;
 
 extern crate alloc;
 
 use arch::{apic, clock, cpu};
 use boot::start_info::{PhysRead, StartInfo, StringArena};
-use kernel::cmdline::{Fault, Options};
+use kernel::cmdline::{Fault, Job, Options};
 
 /// Reads loader data through the entry stub's identity map of low 4 GiB.
 struct EarlyMemory;
@@ -147,13 +148,36 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
         (slept / 1000) % 1000
     );
 
+    if let Some(x) = xen {
+        console::disable_serial();
+        match xen::start_services(x, mem.ram_end) {
+            Ok(s) => log::info!(
+                "xen: shared_info, event channels ({:?}), xenstore and PV console up",
+                s.upcall
+            ),
+            Err(e) => fail(format_args!("xen: {e}")),
+        }
+    }
+
     if let Some(fault) = opts.fault {
         trigger(fault);
     }
-    log::info!("boot complete in {} us; exiting", clock::now_ns() / 1000);
+    log::info!("boot complete in {} us", clock::now_ns() / 1000);
+    match opts.job {
+        Job::Boot => {}
+        Job::XenSelftest => {
+            let Some(services) = xen::services() else {
+                fail(format_args!("job=xen-selftest needs Xen"));
+            };
+            match xen_selftest::run(services) {
+                Ok(summary) => log::info!("xen-selftest: PASS {summary}"),
+                Err(why) => fail(format_args!("xen-selftest: FAIL {why}")),
+            }
+        }
+    }
+    log::info!("exiting");
     crate::power::exit(cpu::ExitStatus::Success)
 }
-
 /// Causes `fault` on purpose (the harness's negative tests).
 fn trigger(fault: Fault) -> ! {
     log::warn!("triggering {fault:?} as the command line asks");

@@ -62,6 +62,8 @@ unsafe impl TableMemory for KernelTables {
 pub struct MemorySummary {
     /// Bytes of RAM in the memory map.
     pub ram_bytes: u64,
+    /// One past the highest RAM address.
+    pub ram_end: u64,
     /// Bytes free for allocation after setup.
     pub free_bytes: u64,
     /// Heap size in bytes.
@@ -207,6 +209,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
     };
     Ok(MemorySummary {
         ram_bytes: ram().map(|r| r.len).sum(),
+        ram_end: ram().map(|r| r.end()).max().unwrap_or(0),
         free_bytes: free,
         heap_bytes,
         kernel: (kstart, kend),

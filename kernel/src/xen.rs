@@ -1,10 +1,28 @@
-//! stordom as a Xen guest: finding Xen, its hypercall page, its view of
-//! time, and leaving through it.
+//! stordom as a Xen guest: finding Xen, its hypercall page and view of
+//! time, and the services built on them (shared_info and event channels,
+//! xenstore, the PV console, grant mapping).
+//!
+//! Interrupts stay off outside halts, so the upcall handler does nothing
+//! but wake the CPU: events are dispatched from the main flow by
+//! [`poll_events`], and nothing here runs in interrupt context.
 
+use crate::arch::{apic, clock, interrupts};
 use crate::memory;
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::paging::Access;
-use spin::Once;
+use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
+use xen_pv::console::{PvConsole, XenconsInterface};
+use xen_pv::event::{EventChannels, Port, Send};
+use xen_pv::grant::{GfnWindow, GrantMapper};
+use xen_pv::hvm::{self, UpcallMethod};
+use xen_pv::hypercall::command;
+use xen_pv::memory::{SharedInfo, map_shared_info};
+use xen_pv::ring::{PeerChannel, TimedOut};
+use xen_pv::xenstore::{Xenstore, XenstoreInterface};
+use xen_pv::{Errno, PAGE_SIZE};
 
 /// Xen, once the hypercall page is installed.
 pub struct Xen {
@@ -19,20 +37,23 @@ static XEN: Once<Xen> = Once::new();
 /// Why Xen could not be brought up.
 #[derive(Debug)]
 pub enum XenError {
-    /// No frame for the hypercall page.
+    /// No frame for a page Xen needs.
     OutOfMemory,
     /// Xen refused or ignored the hypercall page.
     HypercallPage(InstallError),
-    /// The hypercall page could not be made executable.
-    Protect,
+    /// A page could not be mapped or protected.
+    Map,
+    /// A hypercall failed.
+    Hypercall(&'static str, Errno),
 }
 
 impl core::fmt::Display for XenError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::OutOfMemory => write!(f, "no frame for the hypercall page"),
+            Self::OutOfMemory => write!(f, "out of memory for a Xen page"),
             Self::HypercallPage(e) => write!(f, "hypercall page not installed: {e:?}"),
-            Self::Protect => write!(f, "hypercall page could not be made executable"),
+            Self::Map => write!(f, "a Xen page could not be mapped"),
+            Self::Hypercall(what, e) => write!(f, "{what} failed: {e:?}"),
         }
     }
 }
@@ -51,7 +72,7 @@ pub fn init(cpuid: XenCpuid) -> Result<&'static Xen, XenError> {
     // identity-mapped writable, and is used for nothing else.
     let hypercalls =
         unsafe { HypercallPage::install(page, frame, &cpuid) }.map_err(XenError::HypercallPage)?;
-    memory::protect(frame, 4096, Access::CODE).map_err(|_| XenError::Protect)?;
+    memory::protect(frame, PAGE_SIZE as u64, Access::CODE).map_err(|_| XenError::Map)?;
     Ok(XEN.call_once(|| Xen { cpuid, hypercalls }))
 }
 
@@ -68,4 +89,194 @@ pub fn tsc_hz(cpuid: &XenCpuid) -> Option<u64> {
     }
     let khz = core::arch::x86_64::__cpuid_count(cpuid.base + 3, 0).ecx;
     (khz != 0).then(|| u64::from(khz) * 1000)
+}
+
+type Hypercalls = &'static HypercallPage;
+
+/// The services every Xen job uses.
+pub struct Services {
+    /// Event channels, dispatched by [`poll_events`].
+    pub events: Mutex<EventChannels<'static, Hypercalls>>,
+    /// The xenstore connection.
+    pub store: Mutex<Xenstore<'static, PortChannel>>,
+    /// Grant mappings into the reserved GFN window.
+    pub grants: Mutex<GrantMapper<Hypercalls>>,
+    /// How upcalls arrive.
+    pub upcall: UpcallMethod,
+}
+
+static SERVICES: Once<Services> = Once::new();
+static CONSOLE: Mutex<Option<PvConsole<'static, PortChannel>>> = Mutex::new(None);
+
+/// Vector Xen raises for event-channel upcalls.
+pub const UPCALL_VECTOR: u8 = 0x30;
+/// How long xenstored may stay silent before a request fails.
+const STORE_TIMEOUT_NS: u64 = 10_000_000_000;
+/// How long a full console ring is waited on per wait.
+const CONSOLE_WAIT_NS: u64 = 10_000_000;
+/// Guest frames reserved for grant mappings: 64 MiB, enough for several
+/// rings with every request in flight carrying 1 MiB.
+pub const GRANT_WINDOW_FRAMES: u64 = 16384;
+
+/// The services, once [`start_services`] succeeded.
+pub fn services() -> Option<&'static Services> {
+    SERVICES.get()
+}
+
+/// An event channel used as a [`PeerChannel`]: `notify` sends on it,
+/// `wait` halts until its port fires (or gives up after `timeout_ns`).
+pub struct PortChannel {
+    xen: Hypercalls,
+    port: Port,
+    fired: Arc<AtomicBool>,
+    timeout_ns: u64,
+}
+
+impl PortChannel {
+    fn new(
+        xen: Hypercalls,
+        events: &mut EventChannels<'static, Hypercalls>,
+        port: u32,
+        timeout_ns: u64,
+    ) -> Self {
+        let fired = Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        events.set_handler(
+            Port(port),
+            Box::new(move |_| flag.store(true, Ordering::Release)),
+        );
+        Self {
+            xen,
+            port: Port(port),
+            fired,
+            timeout_ns,
+        }
+    }
+}
+
+impl PeerChannel for PortChannel {
+    fn notify(&mut self) {
+        // A failed send means the port is gone; the peer's silence then
+        // ends the wait with a timeout.
+        let _ = command(&self.xen, &mut Send { port: self.port.0 });
+    }
+
+    fn wait(&mut self) -> Result<(), TimedOut> {
+        let start = clock::now_ns();
+        loop {
+            poll_events();
+            if self.fired.swap(false, Ordering::AcqRel) {
+                return Ok(());
+            }
+            if clock::now_ns() - start > self.timeout_ns {
+                return Err(TimedOut);
+            }
+            halt_until_interrupt(1_000_000);
+        }
+    }
+}
+
+/// Dispatches pending event-channel events to their handlers. Skipped when
+/// the event channels are busy (a log line written while they are held).
+pub fn poll_events() {
+    if let Some(mut events) = SERVICES.get().and_then(|s| s.events.try_lock())
+        && events.has_pending(0)
+    {
+        events.handle_upcall(0);
+    }
+}
+
+/// Halts until an interrupt (an upcall, or the timer after `max_ns`).
+pub fn halt_until_interrupt(max_ns: u64) {
+    apic::arm_oneshot(max_ns);
+    // sti;hlt back to back: an interrupt pending now wakes the hlt.
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
+}
+
+fn on_upcall() {
+    // Only wakes the CPU: `poll_events` does the work outside interrupts.
+}
+
+/// Maps shared_info, routes upcalls, connects xenstore and the PV console,
+/// and reserves the grant window above `ram_end`.
+pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Services, XenError> {
+    let hc: Hypercalls = &xen.hypercalls;
+    let shared_frame = memory::alloc_frames(1).ok_or(XenError::OutOfMemory)?;
+    map_shared_info(&hc, shared_frame / PAGE_SIZE as u64)
+        .map_err(|e| XenError::Hypercall("XENMEM_add_to_physmap(shared_info)", e))?;
+    // SAFETY: Xen now backs this frame with shared_info, whose layout
+    // SharedInfo mirrors; it stays mapped for the domain's life.
+    let shared: &'static SharedInfo = unsafe { &*(shared_frame as *const SharedInfo) };
+    shared.vcpu_info[0]
+        .evtchn_upcall_mask
+        .store(0, Ordering::SeqCst);
+    let mut events = EventChannels::new(hc, shared);
+
+    interrupts::set_handler(UPCALL_VECTOR, on_upcall);
+    let upcall = hvm::setup_upcall(&hc, 0, UPCALL_VECTOR)
+        .map_err(|e| XenError::Hypercall("upcall vector setup", e))?;
+
+    let store_ring =
+        hvm::store_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_STORE_*", e))?;
+    let store_page = memory::map_identity(
+        store_ring.gfn * PAGE_SIZE as u64,
+        PAGE_SIZE as u64,
+        Access::DATA,
+    )
+    .map_err(|_| XenError::Map)?;
+    // SAFETY: the store page is shared with xenstored for the domain's
+    // life; XenstoreInterface mirrors its layout with atomics.
+    let store_iface: &'static XenstoreInterface =
+        unsafe { &*(store_page as *const XenstoreInterface) };
+    let store_channel = PortChannel::new(hc, &mut events, store_ring.port, STORE_TIMEOUT_NS);
+
+    let console_ring =
+        hvm::console_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_CONSOLE_*", e))?;
+    let console_page = memory::map_identity(
+        console_ring.gfn * PAGE_SIZE as u64,
+        PAGE_SIZE as u64,
+        Access::DATA,
+    )
+    .map_err(|_| XenError::Map)?;
+    // SAFETY: as for the store page, with xenconsoled.
+    let console_iface: &'static XenconsInterface =
+        unsafe { &*(console_page as *const XenconsInterface) };
+    let console_channel = PortChannel::new(hc, &mut events, console_ring.port, CONSOLE_WAIT_NS);
+    *CONSOLE.lock() = Some(PvConsole::new(console_iface, console_channel));
+
+    let window_base = ram_end.max(4 << 30).next_multiple_of(1 << 30);
+    memory::map_identity(
+        window_base,
+        GRANT_WINDOW_FRAMES * PAGE_SIZE as u64,
+        Access::DATA,
+    )
+    .map_err(|_| XenError::Map)?;
+    let grants = GrantMapper::new(
+        hc,
+        GfnWindow::new(window_base / PAGE_SIZE as u64, GRANT_WINDOW_FRAMES as usize),
+    );
+
+    Ok(SERVICES.call_once(|| Services {
+        events: Mutex::new(events),
+        store: Mutex::new(Xenstore::new(store_iface, store_channel)),
+        grants: Mutex::new(grants),
+        upcall,
+    }))
+}
+
+/// Writes `bytes` to the PV console, if there is one. Skipped if the
+/// console is busy (a fault while it was being written).
+pub fn console_write(bytes: &[u8]) -> bool {
+    match CONSOLE.try_lock() {
+        Some(mut guard) => guard.as_mut().map(|c| c.write_bytes(bytes)).is_some(),
+        None => false,
+    }
+}
+
+/// Flushes the TLB entries of grant-window frames after their p2m changed.
+pub fn flush_gfns(gfns: impl Iterator<Item = u64>) {
+    for gfn in gfns {
+        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(gfn * PAGE_SIZE as u64));
+    }
 }
