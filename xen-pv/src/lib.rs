@@ -26,6 +26,7 @@ macro_rules! xen_command {
 }
 
 pub mod arch;
+pub mod blkif;
 pub mod console;
 pub mod event;
 pub mod grant;
