@@ -344,7 +344,8 @@ impl<'a> SimXenstored<'a> {
             MsgType::SetPerms => {
                 let perms = parse_perms(rest).map_err(|_| XsError::Invalid)?;
                 let node = tree.get_mut(&path).ok_or(XsError::NoEntry)?;
-                if perms.is_empty() || (guest != 0 && node.perms[0].domid != guest) {
+                let owner = node.perms.first().map(|p| p.domid);
+                if perms.is_empty() || (guest != 0 && owner != Some(guest)) {
                     return Err(XsError::Access);
                 }
                 node.perms = perms;
