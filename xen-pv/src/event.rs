@@ -68,19 +68,19 @@ pub struct PortArg<const CMD: u32> {
 }
 
 /// EVTCHNOP_close argument.
-pub type Close = PortArg<3>;
+pub type EvtchnClose = PortArg<3>;
 /// EVTCHNOP_send argument.
-pub type Send = PortArg<4>;
+pub type EvtchnSend = PortArg<4>;
 /// EVTCHNOP_unmask argument.
-pub type Unmask = PortArg<9>;
+pub type EvtchnUnmask = PortArg<9>;
 
-xen_command!(Close, EventChannel, 3, "struct evtchn_close");
-xen_command!(Send, EventChannel, 4, "struct evtchn_send");
-xen_command!(Unmask, EventChannel, 9, "struct evtchn_unmask");
+xen_command!(EvtchnClose, EventChannel, 3, "struct evtchn_close");
+xen_command!(EvtchnSend, EventChannel, 4, "struct evtchn_send");
+xen_command!(EvtchnUnmask, EventChannel, 9, "struct evtchn_unmask");
 
 /// What runs when a port fires. Called from the upcall: keep it short
 /// (typically: mark a ring as having work).
-pub type Handler = Box<dyn FnMut(Port) + core::marker::Send>;
+pub type Handler = Box<dyn FnMut(Port) + Send>;
 
 /// Passes over the selector in one upcall before leaving the rest for the
 /// next poll, so one busy port cannot hold a vCPU in the handler forever.
@@ -131,13 +131,13 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
 
     /// Notifies the other end of `port`.
     pub fn send(&self, port: Port) -> Result<(), Errno> {
-        command(&self.xen, &mut Send { port: port.0 }).map(drop)
+        command(&self.xen, &mut EvtchnSend { port: port.0 }).map(drop)
     }
 
     /// Closes `port` and forgets its handler.
     pub fn close(&mut self, port: Port) -> Result<(), Errno> {
         self.handlers.remove(&port);
-        command(&self.xen, &mut Close { port: port.0 }).map(drop)
+        command(&self.xen, &mut EvtchnClose { port: port.0 }).map(drop)
     }
 
     /// Routes `port`'s upcalls to `vcpu`.
@@ -164,7 +164,7 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
         let (word, bit) = port.word_and_bit().ok_or(Errno::EINVAL)?;
         self.shared.evtchn_mask[word].fetch_and(!bit, Ordering::SeqCst);
         if self.shared.evtchn_pending[word].load(Ordering::SeqCst) & bit != 0 {
-            command(&self.xen, &mut Unmask { port: port.0 })?;
+            command(&self.xen, &mut EvtchnUnmask { port: port.0 })?;
         }
         Ok(())
     }
@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(size_of::<AllocUnbound>(), 8);
         assert_eq!(size_of::<BindInterdomain>(), 12);
         assert_eq!(size_of::<BindVcpu>(), 8);
-        assert_eq!(size_of::<Send>(), 4);
+        assert_eq!(size_of::<EvtchnSend>(), 4);
     }
 
     #[test]
@@ -329,10 +329,10 @@ mod tests {
         assert!(ev.has_pending(0), "unmask re-raises the pending event");
         assert_eq!(ev.handle_upcall(0), 1);
         assert_eq!(seen.lock().unwrap().last(), Some(&masked));
-        assert_eq!(sim.calls(HypercallOp::EventChannel, Unmask::CMD), 1);
+        assert_eq!(sim.calls(HypercallOp::EventChannel, EvtchnUnmask::CMD), 1);
         // Unmasking with nothing pending needs no hypercall.
         ev.unmask(masked).unwrap();
-        assert_eq!(sim.calls(HypercallOp::EventChannel, Unmask::CMD), 1);
+        assert_eq!(sim.calls(HypercallOp::EventChannel, EvtchnUnmask::CMD), 1);
     }
 
     #[test]

@@ -331,7 +331,7 @@ impl<H: Hypercall> GrantMapper<H> {
                     match call.and_then(|()| GrantError::from_status(op.status)) {
                         Ok(()) => {
                             self.window.free(mapping.gfn);
-                            self.stats.mapped -= 1;
+                            self.stats.mapped = self.stats.mapped.saturating_sub(1);
                             self.stats.unmaps += 1;
                             Ok(())
                         }

@@ -2,9 +2,27 @@
 //!
 //! Every hypercall goes through the [`Hypercall`] trait: the kernel provides
 //! the real one ([`arch::HypercallPage`]), host tests provide the simulated
-//! Xen in [`sim`]. Everything above that trait (event channels, grant tables,
-//! xenstore, the PV console, shared rings) is architecture-independent and
-//! tested on the host.
+//! Xen in `sim` (feature `sim`). Everything above that trait (event channels, grant tables,
+//! xenstore, the PV console, shared rings, blkif) is
+//! architecture-independent and tested on the host.
+//!
+//! # Bring-up, as the kernel does it
+//! 1. [`arch::XenCpuid::detect`]; reserve one page (writable, later
+//!    executable) and call [`arch::HypercallPage::install`] with its virtual
+//!    and guest-physical addresses.
+//! 2. Pick a free GFN, [`memory::map_shared_info`] it, map that frame and
+//!    view it as a `&'static` [`memory::SharedInfo`].
+//! 3. [`hvm::setup_upcall`] with the vector whose IDT stub calls
+//!    [`event::EventChannels::handle_upcall`] for the current vCPU (and EOIs
+//!    the LAPIC when it returns [`hvm::UpcallMethod::PerVcpuVector`]).
+//! 4. [`hvm::console_ring`] and [`hvm::store_ring`] give frames and ports:
+//!    map the frames as [`console::XenconsInterface`] and
+//!    [`xenstore::XenstoreInterface`], and implement [`ring::PeerChannel`]
+//!    for each (notify = send on the port, wait = halt until its handler
+//!    ran, with a deadline).
+//! 5. Reserve a range of unpopulated GFNs for [`grant::GfnWindow`].
+//! 6. Exit with [`sched::shutdown`]: poweroff on a clean exit, crash from
+//!    the panic handler.
 #![no_std]
 
 extern crate alloc;
@@ -26,6 +44,7 @@ macro_rules! xen_command {
 }
 
 pub mod arch;
+pub mod blkif;
 pub mod console;
 pub mod event;
 pub mod grant;
@@ -37,6 +56,9 @@ pub mod sched;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod xenstore;
+
+#[cfg(test)]
+mod garbage_tests;
 
 pub use hypercall::{Errno, Hypercall};
 

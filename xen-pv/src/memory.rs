@@ -1,6 +1,6 @@
 //! `memory_op` and the shared_info page.
 
-use core::sync::atomic::{AtomicI8, AtomicU8, AtomicU32, AtomicU64};
+use core::sync::atomic::{AtomicI8, AtomicU8, AtomicU32, AtomicU64, Ordering, fence};
 
 use crate::hypercall::command;
 use crate::{DOMID_SELF, DomId, Errno, Hypercall, PAGE_SIZE};
@@ -53,6 +53,55 @@ pub struct VcpuTimeInfo {
     pub tsc_shift: AtomicI8,
     pub flags: AtomicU8,
     _pad1: [u8; 2],
+}
+
+/// A consistent copy of a vCPU's clock parameters (Xen's pvclock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockParams {
+    pub tsc_timestamp: u64,
+    pub system_time: u64,
+    pub tsc_to_system_mul: u32,
+    pub tsc_shift: i8,
+}
+
+impl ClockParams {
+    /// Nanoseconds of Xen system time (since the domain's boot) at TSC
+    /// value `tsc`.
+    pub fn nanos_at(&self, tsc: u64) -> u64 {
+        let delta = tsc.wrapping_sub(self.tsc_timestamp);
+        // Shifts of 64 or more (never sent by a sane Xen) give 0, not a panic.
+        let shift = u32::from(self.tsc_shift.unsigned_abs());
+        let scaled = if self.tsc_shift >= 0 {
+            delta.checked_shl(shift)
+        } else {
+            delta.checked_shr(shift)
+        }
+        .unwrap_or(0);
+        let ns = (u128::from(scaled) * u128::from(self.tsc_to_system_mul)) >> 32;
+        self.system_time.wrapping_add(ns as u64)
+    }
+}
+
+/// Tries at reading the clock before concluding Xen is stuck mid-update.
+const CLOCK_READ_TRIES: usize = 1000;
+
+impl VcpuTimeInfo {
+    /// Reads the parameters. Xen makes `version` odd while it writes them,
+    /// so a read is retried until it saw one even, unchanged version.
+    pub fn read(&self) -> Option<ClockParams> {
+        (0..CLOCK_READ_TRIES).find_map(|_| {
+            let before = self.version.load(Ordering::Acquire);
+            let params = ClockParams {
+                tsc_timestamp: self.tsc_timestamp.load(Ordering::Relaxed),
+                system_time: self.system_time.load(Ordering::Relaxed),
+                tsc_to_system_mul: self.tsc_to_system_mul.load(Ordering::Relaxed),
+                tsc_shift: self.tsc_shift.load(Ordering::Relaxed),
+            };
+            fence(Ordering::Acquire);
+            let after = self.version.load(Ordering::Relaxed);
+            (before.is_multiple_of(2) && before == after).then_some(params)
+        })
+    }
 }
 
 /// `struct vcpu_info` (x86-64): the per-vCPU part of shared_info.
@@ -108,5 +157,38 @@ mod tests {
         assert_eq!(offset_of!(SharedInfo, wc_version), 3072);
         assert_eq!(size_of::<SharedInfo>(), PAGE_SIZE);
         assert_eq!(size_of::<AddToPhysmap>(), 24);
+    }
+
+    #[test]
+    fn pvclock_scales_tsc_and_respects_the_version() {
+        let shared = SharedInfo::new_zeroed();
+        let time = &shared.vcpu_info[0].time;
+        time.tsc_timestamp.store(1_000_000, Ordering::Relaxed);
+        time.system_time.store(5_000, Ordering::Relaxed);
+        // 0.5 ns per tick: a 2 GHz TSC.
+        time.tsc_to_system_mul.store(0x8000_0000, Ordering::Relaxed);
+        time.version.store(3, Ordering::Relaxed);
+        assert_eq!(time.read(), None, "Xen is mid-update");
+        time.version.store(4, Ordering::Relaxed);
+        let clock = time.read().unwrap();
+        assert_eq!(clock.nanos_at(1_002_000), 6_000);
+        let halved = ClockParams {
+            tsc_shift: -1,
+            ..clock
+        };
+        assert_eq!(halved.nanos_at(1_002_000), 5_500);
+        let doubled = ClockParams {
+            tsc_shift: 1,
+            ..clock
+        };
+        assert_eq!(doubled.nanos_at(1_002_000), 7_000);
+        // A TSC a little behind the timestamp (another vCPU's) wraps
+        // rather than panicking.
+        let _ = clock.nanos_at(999_999);
+        let absurd = ClockParams {
+            tsc_shift: 100,
+            ..clock
+        };
+        assert_eq!(absurd.nanos_at(1_002_000), 5_000);
     }
 }

@@ -10,7 +10,9 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::sync::atomic::Ordering;
 
-use crate::event::{AllocUnbound, BindInterdomain, BindVcpu, Close, Port, Send, Unmask};
+use crate::event::{
+    AllocUnbound, BindInterdomain, BindVcpu, EvtchnClose, EvtchnSend, EvtchnUnmask, Port,
+};
 use crate::grant::{GNTCOPY_DEST_GREF, GNTCOPY_SOURCE_GREF, GNTMAP_HOST_MAP, GNTMAP_READONLY};
 use crate::grant::{GnttabCopy, GrantRef, MapGrantRef, UnmapGrantRef};
 use crate::hvm::{GetParam, SetEvtchnUpcallVector, SetParam};
@@ -354,9 +356,9 @@ impl SimXen {
                 );
                 arg.local_port = port;
             }
-            Send::CMD => {
+            EvtchnSend::CMD => {
                 // SAFETY: per the hypercall contract, ptr is an evtchn_send.
-                let port = unsafe { args_mut::<Send>(ptr, 1)[0].port };
+                let port = unsafe { args_mut::<EvtchnSend>(ptr, 1)[0].port };
                 let mut w = self.world.borrow_mut();
                 match w.guest_ports.get(&port) {
                     Some(PortState::Interdomain {
@@ -370,9 +372,9 @@ impl SimXen {
                     None => return Err(Errno::EINVAL),
                 }
             }
-            Close::CMD => {
+            EvtchnClose::CMD => {
                 // SAFETY: per the hypercall contract, ptr is an evtchn_close.
-                let port = unsafe { args_mut::<Close>(ptr, 1)[0].port };
+                let port = unsafe { args_mut::<EvtchnClose>(ptr, 1)[0].port };
                 let mut w = self.world.borrow_mut();
                 match w.guest_ports.remove(&port) {
                     Some(PortState::Interdomain {
@@ -386,9 +388,9 @@ impl SimXen {
                     None => return Err(Errno::EINVAL),
                 }
             }
-            Unmask::CMD => {
+            EvtchnUnmask::CMD => {
                 // SAFETY: per the hypercall contract, ptr is an evtchn_unmask.
-                let port = unsafe { args_mut::<Unmask>(ptr, 1)[0].port };
+                let port = unsafe { args_mut::<EvtchnUnmask>(ptr, 1)[0].port };
                 let (word, bit) = (
                     port as usize / EVTCHN_WORD_BITS,
                     1u64 << (port as usize % EVTCHN_WORD_BITS),

@@ -20,6 +20,16 @@ struct Node {
 
 type Tree = BTreeMap<String, Node>;
 
+#[derive(PartialEq, Eq)]
+struct Watch {
+    /// Absolute form of the watched path.
+    path: String,
+    /// Registered relative to the guest's home: events are reported
+    /// relative too, as xenstored does.
+    relative: bool,
+    token: String,
+}
+
 struct Transaction {
     tree: Tree,
     base_generation: u64,
@@ -35,7 +45,7 @@ pub struct SimXenstored<'a> {
     generation: u64,
     transactions: BTreeMap<u32, Transaction>,
     next_tx: u32,
-    watches: Vec<(String, String)>,
+    watches: Vec<Watch>,
     incoming: Vec<u8>,
     outgoing: VecDeque<u8>,
     fired: Vec<(String, String)>,
@@ -281,10 +291,14 @@ impl<'a> SimXenstored<'a> {
                 let path = self.absolute(first)?;
                 let token = core::str::from_utf8(rest.strip_suffix(b"\0").unwrap_or(rest))
                     .map_err(|_| XsError::Invalid)?;
-                let entry = (path.clone(), token.to_string());
+                let entry = Watch {
+                    path,
+                    relative: !first.starts_with('/'),
+                    token: token.to_string(),
+                };
                 if msg_type == MsgType::Watch {
+                    self.fired.push((first.to_string(), entry.token.clone()));
                     self.watches.push(entry);
-                    self.fired.push((path, token.to_string()));
                 } else {
                     let at = self
                         .watches
@@ -344,7 +358,8 @@ impl<'a> SimXenstored<'a> {
             MsgType::SetPerms => {
                 let perms = parse_perms(rest).map_err(|_| XsError::Invalid)?;
                 let node = tree.get_mut(&path).ok_or(XsError::NoEntry)?;
-                if perms.is_empty() || (guest != 0 && node.perms[0].domid != guest) {
+                let owner = node.perms.first().map(|p| p.domid);
+                if perms.is_empty() || (guest != 0 && owner != Some(guest)) {
                     return Err(XsError::Access);
                 }
                 node.perms = perms;
@@ -373,12 +388,17 @@ impl<'a> SimXenstored<'a> {
     /// open transactions) and fire matching watches.
     fn committed(&mut self, path: &str) {
         self.generation += 1;
-        for (watched, token) in &self.watches {
-            let below = |a: &str, b: &str| {
-                a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/'
-            };
-            if watched == path || below(path, watched) || below(watched, path) {
-                self.fired.push((path.to_string(), token.clone()));
+        let home = format!("/local/domain/{}/", self.guest);
+        let below = |a: &str, b: &str| {
+            a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'/'
+        };
+        for w in &self.watches {
+            if w.path == path || below(path, &w.path) || below(&w.path, path) {
+                let reported = match path.strip_prefix(&home) {
+                    Some(relative) if w.relative => relative,
+                    _ => path,
+                };
+                self.fired.push((reported.to_string(), w.token.clone()));
             }
         }
     }

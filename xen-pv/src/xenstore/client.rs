@@ -106,7 +106,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             .map(drop)
     }
 
-    /// The home path of domain `domid` ("/local/domain/<domid>").
+    /// The home path of domain `domid` (`/local/domain/<domid>`).
     pub fn domain_path(&mut self, domid: DomId) -> Result<String, XsError> {
         let id = alloc::format!("{domid}");
         let reply = self.request(MsgType::GetDomainPath, Tx::NONE, &[&id], b"")?;
