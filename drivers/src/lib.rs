@@ -13,6 +13,7 @@ extern crate std;
 pub mod block;
 pub mod hal;
 pub mod nvme;
+pub mod pci;
 pub mod ramdisk;
 mod region;
 #[cfg(test)]

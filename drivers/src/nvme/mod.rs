@@ -27,6 +27,7 @@ pub use identify::{ControllerInfo, Namespace, NamespaceError};
 
 use crate::block::{self, BlockDevice, Completion, Geometry, IoError, Request, SubmitError};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
+use crate::pci::{self, Bdf, ConfigAccess};
 use crate::region::Region;
 use command::{Command, Entry, admin, cns, io};
 use queue::{Doorbells, QueuePair};
@@ -290,6 +291,23 @@ impl<H: Hal> NvmeController<H> {
         };
         controller.bring_up()?;
         Ok(controller)
+    }
+
+    /// Brings up the controller at PCI function `bdf`: enables memory
+    /// decoding and bus mastering, then [`Self::new`] over its BAR0.
+    ///
+    /// # Safety
+    ///
+    /// `bdf` is an NVMe controller this driver alone owns.
+    pub unsafe fn from_pci(
+        hal: H,
+        pci: &mut impl ConfigAccess,
+        bdf: Bdf,
+        config: NvmeConfig,
+    ) -> Result<Self, NvmeError> {
+        let (bar_phys, bar_len) = pci::prepare_memory_bar(pci, bdf, 0).ok_or(NvmeError::BadBar)?;
+        // SAFETY: the caller vouches for the function; BAR0 is its registers.
+        unsafe { Self::new(hal, bar_phys, bar_len, config) }
     }
 
     /// What Identify Controller said.
