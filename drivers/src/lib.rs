@@ -10,6 +10,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod ahci;
 pub mod block;
 pub mod hal;
 pub mod nvme;

@@ -55,8 +55,18 @@ impl Region {
     }
 
     pub(crate) fn write32(&self, offset: usize, value: u32) {
+        let register = self.pointer::<u32>(offset);
+        // Simulated devices give some registers write-one-to-set or
+        // write-one-to-clear behaviour, which plain memory lacks.
+        #[cfg(test)]
         // SAFETY: `pointer` checked bounds and alignment; `new` promised validity.
-        unsafe { self.pointer::<u32>(offset).write_volatile(value) }
+        let value = crate::testing::merge_register_write(
+            register as usize,
+            unsafe { register.read_volatile() },
+            value,
+        );
+        // SAFETY: `pointer` checked bounds and alignment; `new` promised validity.
+        unsafe { register.write_volatile(value) }
     }
 
     /// 64-bit registers are accessed as two 32-bit halves, low first: some

@@ -14,6 +14,35 @@ use std::vec::Vec;
 use crate::block::{BlockDevice, Completion};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
 
+/// How a simulated register combines a write with its value.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WriteRule {
+    /// Ones set bits, zeroes leave them (AHCI command issue, SActive).
+    SetBits,
+    /// Ones clear bits, zeroes leave them (interrupt and error status).
+    ClearBits,
+}
+
+std::thread_local! {
+    /// Rules by host address; each test runs on its own thread.
+    static WRITE_RULES: RefCell<BTreeMap<usize, WriteRule>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Gives the register at `phys` a write rule for the rest of the test.
+pub(crate) fn set_write_rule(phys: PhysAddr, rule: WriteRule) {
+    WRITE_RULES.with(|rules| rules.borrow_mut().insert(virt_of(phys) as usize, rule));
+}
+
+/// The value a register at host address `address` holds after `written`
+/// is written over `old`.
+pub(crate) fn merge_register_write(address: usize, old: u32, written: u32) -> u32 {
+    match WRITE_RULES.with(|rules| rules.borrow().get(&address).copied()) {
+        None => written,
+        Some(WriteRule::SetBits) => old | written,
+        Some(WriteRule::ClearBits) => old & !written,
+    }
+}
+
 /// Physical address = virtual address + this.
 pub(crate) const PHYS_OFFSET: u64 = 1 << 48;
 
@@ -31,6 +60,8 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The rules name addresses in windows freed below.
+        WRITE_RULES.with(|rules| rules.borrow_mut().clear());
         let allocations = core::mem::take(self.allocations.get_mut());
         for (phys, (pages, _)) in allocations {
             free_pages(phys, pages);
