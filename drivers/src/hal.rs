@@ -43,6 +43,7 @@ impl DmaRegion {
 ///   zeroed, owned by nobody else until passed back to `dma_free`, mapped at
 ///   `virt` for its whole length, and coherent with device DMA (cacheable
 ///   write-back memory is fine on x86);
+/// - `virt_to_phys` inverts the kernel's mapping of RAM;
 /// - `phys_to_virt` only returns a pointer when `len` bytes of RAM at `phys`
 ///   are mapped contiguously there;
 /// - `map_mmio` returns a mapping of the whole requested range that is
@@ -64,6 +65,13 @@ pub unsafe trait Hal {
     /// Where `len` bytes of RAM at `phys` are mapped, or `None` when they are
     /// not (all of them) mapped RAM.
     fn phys_to_virt(&self, phys: PhysAddr, len: usize) -> Option<NonNull<u8>>;
+
+    /// The physical address of `virt`, a pointer into RAM the kernel maps:
+    /// memory from `dma_alloc` or `phys_to_virt`, but also kernel stacks and
+    /// heap; `None` for anything else. Only the virtio-blk adapter needs
+    /// it: virtio-drivers names buffers by virtual address and keeps some
+    /// request headers on the stack.
+    fn virt_to_phys(&self, virt: NonNull<u8>) -> Option<PhysAddr>;
 
     /// Maps `len` bytes of device registers at `phys` uncached.
     ///

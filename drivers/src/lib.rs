@@ -19,6 +19,7 @@ pub mod ramdisk;
 mod region;
 #[cfg(test)]
 mod testing;
+pub mod virtio;
 
 pub use block::{BlockDevice, Completion, Geometry, IoError, Request, Segment, SubmitError};
 pub use hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};

@@ -197,6 +197,11 @@ unsafe impl Hal for TestHal {
         (end <= start + (pages * PAGE_SIZE) as u64).then(|| NonNull::new(virt_of(phys)))?
     }
 
+    fn virt_to_phys(&self, virt: NonNull<u8>) -> Option<PhysAddr> {
+        // All host memory (stacks too) is "RAM" at the fixed offset.
+        Some(phys_of(virt))
+    }
+
     unsafe fn map_mmio(&self, phys: PhysAddr, len: usize) -> Option<NonNull<u8>> {
         let window = *self.0.mmio.borrow().get(&phys)?;
         (len <= window).then(|| NonNull::new(virt_of(phys)))?
