@@ -1,6 +1,8 @@
 //! The one block-device interface every backing implements: tagged
 //! submission of requests on a numbered queue, completions found by polling.
 
+use alloc::collections::VecDeque;
+
 use crate::hal::PhysAddr;
 
 /// One piece of a scatter-gather list: `len` bytes of RAM at `phys`.
@@ -211,4 +213,14 @@ pub fn validate(
         Some(end) if end <= geometry.blocks => Ok(blocks),
         _ => Err(SubmitError::OutOfRange),
     }
+}
+
+/// Moves as many completions from `finished` into `out` as fit, oldest
+/// first, and returns how many: the tail of every backend's `poll`.
+pub(crate) fn hand_over(finished: &mut VecDeque<Completion>, out: &mut [Completion]) -> usize {
+    let count = out.len().min(finished.len());
+    for (slot, completion) in out.iter_mut().zip(finished.drain(..count)) {
+        *slot = completion;
+    }
+    count
 }

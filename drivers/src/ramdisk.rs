@@ -155,11 +155,7 @@ impl<H: Hal> BlockDevice for RamDisk<H> {
         let Some(finished) = self.finished.get_mut(usize::from(queue)) else {
             return 0;
         };
-        let count = out.len().min(finished.len());
-        for (slot, completion) in out.iter_mut().zip(finished.drain(..count)) {
-            *slot = completion;
-        }
-        count
+        block::hand_over(finished, out)
     }
 }
 
@@ -177,32 +173,15 @@ impl<H: Hal> Drop for RamDisk<H> {
 mod tests {
     use super::*;
     use crate::block::IoError;
-    use crate::testing::{TestHal, poll_one};
+    use crate::testing::{TestHal, poll_one, read_request, segment, write_request};
 
     #[test]
     fn write_read_discard_round_trip() {
         let hal = TestHal::new();
         let mut disk = RamDisk::allocate(hal.clone(), 64, 2).unwrap();
         let source = hal.buffer_with_pattern(2, 7);
-        let written = [
-            Segment {
-                phys: source.phys,
-                len: 1024,
-            },
-            Segment {
-                phys: source.phys + 4096,
-                len: 512,
-            },
-        ];
-        disk.submit(
-            1,
-            10,
-            Request::Write {
-                lba: 3,
-                segments: &written,
-            },
-        )
-        .unwrap();
+        let written = [segment(source.phys, 1024), segment(source.phys + 4096, 512)];
+        disk.submit(1, 10, write_request(3, &written)).unwrap();
         assert_eq!(
             poll_one(&hal, &mut disk, 1),
             Completion {
@@ -212,19 +191,8 @@ mod tests {
         );
 
         let target = hal.dma_buffer(1);
-        let read = [Segment {
-            phys: target.phys,
-            len: 1536,
-        }];
-        disk.submit(
-            1,
-            11,
-            Request::Read {
-                lba: 3,
-                segments: &read,
-            },
-        )
-        .unwrap();
+        let read = [segment(target.phys, 1536)];
+        disk.submit(1, 11, read_request(3, &read)).unwrap();
         assert_eq!(poll_one(&hal, &mut disk, 1).tag, 11);
         assert_eq!(hal.bytes(target.phys, 1024), hal.bytes(source.phys, 1024));
         assert_eq!(
@@ -235,15 +203,7 @@ mod tests {
         disk.submit(0, 12, Request::Discard { lba: 4, blocks: 1 })
             .unwrap();
         assert_eq!(poll_one(&hal, &mut disk, 0).result, Ok::<(), IoError>(()));
-        disk.submit(
-            0,
-            13,
-            Request::Read {
-                lba: 3,
-                segments: &read,
-            },
-        )
-        .unwrap();
+        disk.submit(0, 13, read_request(3, &read)).unwrap();
         poll_one(&hal, &mut disk, 0);
         assert_eq!(hal.bytes(target.phys, 512), hal.bytes(source.phys, 512));
         assert!(hal.bytes(target.phys + 512, 512).iter().all(|&b| b == 0));
@@ -262,34 +222,14 @@ mod tests {
             Err(SubmitError::NoSuchQueue)
         );
         let buffer = hal.dma_buffer(1);
-        let odd = [Segment {
-            phys: buffer.phys,
-            len: 100,
-        }];
+        let odd = [segment(buffer.phys, 100)];
         assert_eq!(
-            disk.submit(
-                0,
-                1,
-                Request::Read {
-                    lba: 0,
-                    segments: &odd
-                }
-            ),
+            disk.submit(0, 1, read_request(0, &odd)),
             Err(SubmitError::BadLength)
         );
-        let unmapped = [Segment {
-            phys: 0x10,
-            len: 512,
-        }];
+        let unmapped = [segment(0x10, 512)];
         assert_eq!(
-            disk.submit(
-                0,
-                1,
-                Request::Read {
-                    lba: 0,
-                    segments: &unmapped
-                }
-            ),
+            disk.submit(0, 1, read_request(0, &unmapped)),
             Err(SubmitError::BadAddress)
         );
         let mut out = [Completion::default(); 4];

@@ -11,7 +11,9 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 use std::vec::Vec;
 
-use crate::block::{BlockDevice, Completion};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::block::{BlockDevice, Completion, IoError, Request, Segment};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
 
 /// How a simulated register combines a write with its value.
@@ -228,4 +230,46 @@ pub(crate) fn poll_one(hal: &TestHal, device: &mut impl BlockDevice, queue: u16)
         hal.relax();
     }
     panic!("no completion on queue {queue}");
+}
+
+/// Submits `request` on `queue` and polls until it completes; checks the
+/// tag and returns the result.
+pub(crate) fn run_one(
+    hal: &TestHal,
+    device: &mut impl BlockDevice,
+    queue: u16,
+    tag: u64,
+    request: Request<'_>,
+) -> Result<(), IoError> {
+    device.submit(queue, tag, request).unwrap();
+    let completion = poll_one(hal, device, queue);
+    assert_eq!(completion.tag, tag);
+    completion.result
+}
+
+pub(crate) fn read_request(lba: u64, segments: &[Segment]) -> Request<'_> {
+    Request::Read { lba, segments }
+}
+
+pub(crate) fn write_request(lba: u64, segments: &[Segment]) -> Request<'_> {
+    Request::Write { lba, segments }
+}
+
+pub(crate) fn segment(phys: PhysAddr, len: u32) -> Segment {
+    Segment { phys, len }
+}
+
+/// What a simulated device reads from "physical" memory.
+pub(crate) fn read_phys<T: FromBytes>(phys: PhysAddr) -> T {
+    let mut bytes = std::vec![0u8; core::mem::size_of::<T>()];
+    // SAFETY: drivers only hand devices memory from the test Hal.
+    unsafe { std::ptr::copy_nonoverlapping(virt_of(phys), bytes.as_mut_ptr(), bytes.len()) };
+    T::read_from_bytes(&bytes).expect("sized read")
+}
+
+/// What a simulated device writes to "physical" memory.
+pub(crate) fn write_phys<T: IntoBytes + Immutable + ?Sized>(phys: PhysAddr, value: &T) {
+    let bytes = value.as_bytes();
+    // SAFETY: drivers only hand devices memory from the test Hal.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), virt_of(phys), bytes.len()) };
 }

@@ -870,11 +870,7 @@ impl<H: Hal> BlockDevice for AhciPort<H> {
                 self.issue_waiting();
             }
         }
-        let count = out.len().min(self.finished.len());
-        for (slot, completion) in out.iter_mut().zip(self.finished.drain(..count)) {
-            *slot = completion;
-        }
-        count
+        block::hand_over(&mut self.finished, out)
     }
 }
 

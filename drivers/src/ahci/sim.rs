@@ -8,7 +8,11 @@ use std::vec::Vec;
 
 use super::ata::{CommandFis, command};
 use super::{hba, port};
-use crate::testing::{WriteRule, set_write_rule, virt_of};
+use crate::testing::{WriteRule, read_phys, set_write_rule, virt_of, write_phys};
+
+fn write32(phys: u64, value: u32) {
+    write_phys(phys, &value);
+}
 
 const TASK_FILE_ERROR: u32 = 1 << 30;
 
@@ -82,22 +86,6 @@ pub(crate) struct AhciSim {
     pub disks: Vec<Option<SimDisk>>,
 }
 
-fn read32(phys: u64) -> u32 {
-    let mut bytes = [0u8; 4];
-    // SAFETY: the driver only hands the device memory from the test Hal.
-    unsafe { std::ptr::copy_nonoverlapping(virt_of(phys), bytes.as_mut_ptr(), 4) };
-    u32::from_le_bytes(bytes)
-}
-
-fn read64(phys: u64) -> u64 {
-    u64::from(read32(phys)) | (u64::from(read32(phys + 4)) << 32)
-}
-
-fn write32(phys: u64, value: u32) {
-    // SAFETY: the driver only hands the device memory from the test Hal.
-    unsafe { std::ptr::copy_nonoverlapping(value.to_le_bytes().as_ptr(), virt_of(phys), 4) };
-}
-
 fn port_register(abar: u64, number: usize, offset: usize) -> u64 {
     abar + (hba::PORT_BASE + number * hba::PORT_SIZE + offset) as u64
 }
@@ -137,7 +125,7 @@ impl AhciSim {
     }
 
     pub(crate) fn step(&mut self) {
-        let control = read32(self.abar + hba::GHC as u64);
+        let control = read_phys::<u32>(self.abar + hba::GHC as u64);
         if control & hba::GHC_RESET != 0 {
             for number in 0..self.disks.len() {
                 self.reset_port(number);
@@ -183,7 +171,7 @@ impl AhciSim {
         let Some(disk) = &mut self.disks[number] else {
             return;
         };
-        let control = read32(register(port::SATA_CONTROL));
+        let control = read_phys::<u32>(register(port::SATA_CONTROL));
         if control & 0xf == 1 {
             disk.in_reset = true;
             write32(register(port::SATA_STATUS), 0);
@@ -191,7 +179,7 @@ impl AhciSim {
         }
         if disk.in_reset {
             disk.in_reset = false;
-            let command = read32(register(port::COMMAND));
+            let command = read_phys::<u32>(register(port::COMMAND));
             self.reset_port(number);
             write32(
                 register(port::COMMAND),
@@ -199,7 +187,7 @@ impl AhciSim {
             );
             return;
         }
-        let mut command = read32(register(port::COMMAND));
+        let mut command = read_phys::<u32>(register(port::COMMAND));
         command = if command & port::CMD_FIS_RECEIVE != 0 {
             command | port::CMD_FIS_RUNNING
         } else {
@@ -220,16 +208,16 @@ impl AhciSim {
         if command & port::CMD_LIST_RUNNING == 0 || disk.halted || disk.drop_commands {
             return;
         }
-        let list = read64(register(port::COMMAND_LIST));
-        let issued = read32(register(port::ISSUE));
+        let list = read_phys::<u64>(register(port::COMMAND_LIST));
+        let issued = read_phys::<u32>(register(port::ISSUE));
         for slot in (0..32).filter(|slot| issued & (1 << slot) != 0) {
-            let active = read32(register(port::ACTIVE));
+            let active = read_phys::<u32>(register(port::ACTIVE));
             let header = list + slot * 32;
-            let flags = read32(header);
-            let table = read64(header + 8);
+            let flags = read_phys::<u32>(header);
+            let table = read_phys::<u64>(header + 8);
             let mut fis = [0u8; 20];
             for (i, byte) in fis.iter_mut().enumerate() {
-                *byte = (read32(table + (i & !3) as u64) >> (8 * (i & 3))) as u8;
+                *byte = (read_phys::<u32>(table + (i & !3) as u64) >> (8 * (i & 3))) as u8;
             }
             let fis = CommandFis::parse(&fis);
             let queued = matches!(
@@ -248,15 +236,15 @@ impl AhciSim {
             let prds: Vec<(u64, usize)> = (0..u64::from(flags >> 16))
                 .map(|i| {
                     (
-                        read64(table + 0x80 + i * 16),
-                        (read32(table + 0x80 + i * 16 + 12) & 0x3f_ffff) as usize + 1,
+                        read_phys::<u64>(table + 0x80 + i * 16),
+                        (read_phys::<u32>(table + 0x80 + i * 16 + 12) & 0x3f_ffff) as usize + 1,
                     )
                 })
                 .collect();
             let outcome = execute(disk, &fis, queued, slot as u8, &prds);
             write32(
                 register(port::ISSUE),
-                read32(register(port::ISSUE)) & !(1 << slot),
+                read_phys::<u32>(register(port::ISSUE)) & !(1 << slot),
             );
             match outcome {
                 Ok(moved) => {
@@ -264,7 +252,7 @@ impl AhciSim {
                     if queued {
                         write32(
                             register(port::ACTIVE),
-                            read32(register(port::ACTIVE)) & !(1 << slot),
+                            read_phys::<u32>(register(port::ACTIVE)) & !(1 << slot),
                         );
                     }
                 }
@@ -275,15 +263,15 @@ impl AhciSim {
                         // A failed non-queued command stays issued.
                         write32(
                             register(port::ISSUE),
-                            read32(register(port::ISSUE)) | (1 << slot),
+                            read_phys::<u32>(register(port::ISSUE)) | (1 << slot),
                         );
-                        let command = read32(register(port::COMMAND)) & !(0x1f << 8);
+                        let command = read_phys::<u32>(register(port::COMMAND)) & !(0x1f << 8);
                         write32(register(port::COMMAND), command | ((slot as u32) << 8));
                     }
                     write32(register(port::TASK_FILE), 0x51 | (u32::from(error) << 8));
                     write32(
                         register(port::INTERRUPT_STATUS),
-                        read32(register(port::INTERRUPT_STATUS)) | TASK_FILE_ERROR,
+                        read_phys::<u32>(register(port::INTERRUPT_STATUS)) | TASK_FILE_ERROR,
                     );
                     disk.halted = true;
                     return;

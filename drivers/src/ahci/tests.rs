@@ -7,7 +7,7 @@ use std::vec::Vec;
 
 use super::sim::{AhciSim, SimDisk};
 use super::*;
-use crate::testing::{TestHal, poll_one};
+use crate::testing::{TestHal, read_request, run_one, segment, write_request};
 
 struct Setup {
     hal: TestHal,
@@ -44,18 +44,6 @@ impl Setup {
     fn disk<R>(&self, number: usize, inspect: impl FnOnce(&mut SimDisk) -> R) -> R {
         inspect(self.sim.borrow_mut().disks[number].as_mut().unwrap())
     }
-}
-
-fn complete(
-    setup: &Setup,
-    port: &mut AhciPort<TestHal>,
-    tag: u64,
-    request: Request<'_>,
-) -> Result<(), IoError> {
-    port.submit(0, tag, request).unwrap();
-    let completion = poll_one(&setup.hal, port, 0);
-    assert_eq!(completion.tag, tag);
-    completion.result
 }
 
 fn drain(setup: &Setup, port: &mut AhciPort<TestHal>) -> Vec<Completion> {
@@ -98,25 +86,11 @@ fn round_trip(configure: impl FnOnce(&mut SimDisk)) {
     let (setup, mut port) = Setup::one_disk(configure);
     let source = setup.hal.buffer_with_pattern(259, 11);
     let segments = [
-        Segment {
-            phys: source.phys + 1536,
-            len: 2560,
-        },
-        Segment {
-            phys: source.phys + 8192,
-            len: (1 << 20) - 2560,
-        },
+        segment(source.phys + 1536, 2560),
+        segment(source.phys + 8192, (1 << 20) - 2560),
     ];
     assert_eq!(
-        complete(
-            &setup,
-            &mut port,
-            1,
-            Request::Write {
-                lba: 40,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut port, 0, 1, write_request(40, &segments)),
         Ok(())
     );
     let mut expected = setup.hal.bytes(source.phys + 1536, 2560);
@@ -125,20 +99,9 @@ fn round_trip(configure: impl FnOnce(&mut SimDisk)) {
         == expected[..]));
 
     let target = setup.hal.dma_buffer(256);
-    let read = [Segment {
-        phys: target.phys,
-        len: 1 << 20,
-    }];
+    let read = [segment(target.phys, 1 << 20)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut port,
-            2,
-            Request::Read {
-                lba: 40,
-                segments: &read
-            }
-        ),
+        run_one(&setup.hal, &mut port, 0, 2, read_request(40, &read)),
         Ok(())
     );
     assert!(setup.hal.bytes(target.phys, 1 << 20) == expected);
@@ -159,31 +122,14 @@ fn ncq_tags_are_allocated_until_exhausted_and_reused() {
     let (setup, mut port) = Setup::one_disk(|disk| disk.ncq_depth = Some(8));
     assert_eq!(port.geometry().queue_depth, 8);
     let buffer = setup.hal.dma_buffer(1);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
+    let segments = [segment(buffer.phys, 512)];
     for round in 0..3u64 {
         for i in 0..8 {
-            port.submit(
-                0,
-                round * 100 + i,
-                Request::Read {
-                    lba: i,
-                    segments: &segments,
-                },
-            )
-            .unwrap();
+            port.submit(0, round * 100 + i, read_request(i, &segments))
+                .unwrap();
         }
         assert_eq!(
-            port.submit(
-                0,
-                999,
-                Request::Read {
-                    lba: 0,
-                    segments: &segments
-                }
-            ),
+            port.submit(0, 999, read_request(0, &segments)),
             Err(SubmitError::QueueFull)
         );
         let tags: Vec<u64> = drain(&setup, &mut port).iter().map(|c| c.tag).collect();
@@ -203,38 +149,11 @@ fn ncq_tags_are_allocated_until_exhausted_and_reused() {
 fn flush_waits_for_queued_writes_and_later_writes_wait_for_flush() {
     let (setup, mut port) = Setup::one_disk(|_| {});
     let buffer = setup.hal.dma_buffer(1);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
-    port.submit(
-        0,
-        1,
-        Request::Write {
-            lba: 1,
-            segments: &segments,
-        },
-    )
-    .unwrap();
-    port.submit(
-        0,
-        2,
-        Request::Write {
-            lba: 2,
-            segments: &segments,
-        },
-    )
-    .unwrap();
+    let segments = [segment(buffer.phys, 512)];
+    port.submit(0, 1, write_request(1, &segments)).unwrap();
+    port.submit(0, 2, write_request(2, &segments)).unwrap();
     port.submit(0, 3, Request::Flush).unwrap();
-    port.submit(
-        0,
-        4,
-        Request::Write {
-            lba: 3,
-            segments: &segments,
-        },
-    )
-    .unwrap();
+    port.submit(0, 4, write_request(3, &segments)).unwrap();
     let mut done = Vec::new();
     for _ in 0..4 {
         done.extend(drain(&setup, &mut port).iter().map(|c| c.tag));
@@ -258,7 +177,7 @@ fn flush_waits_for_queued_writes_and_later_writes_wait_for_flush() {
 #[test]
 fn flush_without_write_cache_needs_no_command() {
     let (setup, mut port) = Setup::one_disk(|disk| disk.write_cache = false);
-    assert_eq!(complete(&setup, &mut port, 1, Request::Flush), Ok(()));
+    assert_eq!(run_one(&setup.hal, &mut port, 0, 1, Request::Flush), Ok(()));
     assert_eq!(setup.disk(0, |d| d.flushes), 0);
 }
 
@@ -268,9 +187,10 @@ fn trim_and_write_zeroes_clear_sectors() {
     let (setup, mut port) = Setup::one_disk(|disk| disk.data = vec![0xaa; SECTORS * 512]);
     // More than one TRIM range holds.
     assert_eq!(
-        complete(
-            &setup,
+        run_one(
+            &setup.hal,
             &mut port,
+            0,
             1,
             Request::Discard {
                 lba: 10,
@@ -280,9 +200,10 @@ fn trim_and_write_zeroes_clear_sectors() {
         Ok(())
     );
     assert_eq!(
-        complete(
-            &setup,
+        run_one(
+            &setup.hal,
             &mut port,
+            0,
             2,
             Request::WriteZeroes { lba: 3, blocks: 5 }
         ),
@@ -311,28 +232,15 @@ fn odd_segments_are_refused() {
     let (setup, mut port) = Setup::one_disk(|_| {});
     let buffer = setup.hal.dma_buffer(2);
     let odd = [
-        Segment {
-            phys: buffer.phys + 1,
-            len: 511,
-        },
-        Segment {
-            phys: buffer.phys + 4096,
-            len: 1,
-        },
+        segment(buffer.phys + 1, 511),
+        segment(buffer.phys + 4096, 1),
     ];
     assert_eq!(
-        port.submit(
-            0,
-            1,
-            Request::Write {
-                lba: 0,
-                segments: &odd
-            }
-        ),
+        port.submit(0, 1, write_request(0, &odd)),
         Err(SubmitError::Misaligned)
     );
     assert_eq!(
-        complete(&setup, &mut port, 2, Request::Flush),
+        run_one(&setup.hal, &mut port, 0, 2, Request::Flush),
         Ok(()),
         "no slot was lost"
     );
@@ -342,34 +250,15 @@ fn odd_segments_are_refused() {
 fn non_queued_error_fails_that_command_and_resets_the_port() {
     let (setup, mut port) = Setup::one_disk(|disk| disk.ncq_depth = None);
     let buffer = setup.hal.buffer_with_pattern(1, 2);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 4096,
-    }];
+    let segments = [segment(buffer.phys, 4096)];
     setup.disk(0, |d| d.fail_next = Some(1 << 6));
     assert_eq!(
-        complete(
-            &setup,
-            &mut port,
-            1,
-            Request::Write {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut port, 0, 1, write_request(0, &segments)),
         Err(IoError::Media)
     );
     assert_eq!(port.resets(), 1);
     assert_eq!(
-        complete(
-            &setup,
-            &mut port,
-            2,
-            Request::Write {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut port, 0, 2, write_request(0, &segments)),
         Ok(())
     );
     assert!(setup.disk(0, |d| d.data[..4096]
@@ -380,21 +269,10 @@ fn non_queued_error_fails_that_command_and_resets_the_port() {
 fn queued_error_blames_the_command_in_the_error_log() {
     let (setup, mut port) = Setup::one_disk(|_| {});
     let buffer = setup.hal.dma_buffer(1);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
+    let segments = [segment(buffer.phys, 512)];
     setup.disk(0, |d| d.fail_next = Some(1 << 6));
     for tag in 0..3 {
-        port.submit(
-            0,
-            tag,
-            Request::Read {
-                lba: tag,
-                segments: &segments,
-            },
-        )
-        .unwrap();
+        port.submit(0, tag, read_request(tag, &segments)).unwrap();
     }
     let mut results = drain(&setup, &mut port);
     results.sort_by_key(|c| c.tag);
@@ -421,15 +299,7 @@ fn queued_error_blames_the_command_in_the_error_log() {
     );
     assert!(setup.disk(0, |d| d.commands.contains(&ata::command::READ_LOG_EXT)));
     assert_eq!(
-        complete(
-            &setup,
-            &mut port,
-            5,
-            Request::Read {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut port, 0, 5, read_request(0, &segments)),
         Ok(())
     );
 }
@@ -438,30 +308,11 @@ fn queued_error_blames_the_command_in_the_error_log() {
 fn timeout_resets_the_port_and_recovers() {
     let (setup, mut port) = Setup::one_disk(|_| {});
     let buffer = setup.hal.dma_buffer(1);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
+    let segments = [segment(buffer.phys, 512)];
     setup.disk(0, |d| d.drop_commands = true);
-    port.submit(
-        0,
-        1,
-        Request::Read {
-            lba: 0,
-            segments: &segments,
-        },
-    )
-    .unwrap();
+    port.submit(0, 1, read_request(0, &segments)).unwrap();
     setup.hal.advance(5_000_000_000);
-    port.submit(
-        0,
-        2,
-        Request::Read {
-            lba: 1,
-            segments: &segments,
-        },
-    )
-    .unwrap();
+    port.submit(0, 2, read_request(1, &segments)).unwrap();
     assert!(drain(&setup, &mut port).is_empty(), "nothing is late yet");
     setup.disk(0, |d| d.drop_commands = false);
     setup.hal.advance(5_000_000_000);
@@ -483,15 +334,7 @@ fn timeout_resets_the_port_and_recovers() {
     );
     assert_eq!(port.resets(), 1);
     assert_eq!(
-        complete(
-            &setup,
-            &mut port,
-            3,
-            Request::Read {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut port, 0, 3, read_request(0, &segments)),
         Ok(())
     );
 }

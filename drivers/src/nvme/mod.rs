@@ -422,11 +422,7 @@ impl<H: Hal> NvmeController<H> {
             }
         }
         let finished = &mut self.queues[usize::from(queue)].finished;
-        let count = out.len().min(finished.len());
-        for (slot, completion) in out.iter_mut().zip(finished.drain(..count)) {
-            *slot = completion;
-        }
-        count
+        block::hand_over(finished, out)
     }
 
     /// Resets the controller after a timeout: keeps what already completed,

@@ -107,12 +107,8 @@ pub(crate) fn build(
 mod tests {
     use super::*;
     use crate::hal::Hal;
-    use crate::testing::TestHal;
+    use crate::testing::{TestHal, segment};
     use std::vec::Vec;
-
-    fn segment(phys: u64, len: u32) -> Segment {
-        Segment { phys, len }
-    }
 
     struct List {
         region: Region,

@@ -9,7 +9,7 @@ use std::vec::Vec;
 
 use super::command::{admin, io};
 use super::reg;
-use crate::testing::virt_of;
+use crate::testing::{read_phys, virt_of, write_phys};
 
 const PAGE: u64 = 4096;
 
@@ -77,26 +77,6 @@ pub(crate) struct NvmeSim {
     completion_queues: BTreeMap<u16, CompletionQueue>,
 }
 
-fn read<const N: usize>(phys: u64) -> [u8; N] {
-    let mut bytes = [0; N];
-    // SAFETY: the driver only hands the device memory from the test Hal.
-    unsafe { std::ptr::copy_nonoverlapping(virt_of(phys), bytes.as_mut_ptr(), N) };
-    bytes
-}
-
-fn read32(phys: u64) -> u32 {
-    u32::from_le_bytes(read(phys))
-}
-
-fn read64(phys: u64) -> u64 {
-    u64::from_le_bytes(read(phys))
-}
-
-fn write(phys: u64, bytes: &[u8]) {
-    // SAFETY: the driver only hands the device memory from the test Hal.
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), virt_of(phys), bytes.len()) };
-}
-
 impl NvmeSim {
     /// A controller whose BAR0 is the register window at `bar`.
     pub(crate) fn new(bar: u64, namespaces: Vec<SimNamespace>) -> Self {
@@ -131,11 +111,11 @@ impl NvmeSim {
     }
 
     fn register(&self, offset: usize) -> u32 {
-        read32(self.bar + offset as u64)
+        read_phys::<u32>(self.bar + offset as u64)
     }
 
     fn write_register(&self, offset: usize, value: u32) {
-        write(self.bar + offset as u64, &value.to_le_bytes());
+        write_phys(self.bar + offset as u64, &value.to_le_bytes());
     }
 
     fn doorbell(&self, index: u16) -> u16 {
@@ -172,8 +152,8 @@ impl NvmeSim {
             return;
         }
         let sizes = self.register(reg::AQA);
-        let submission = read64(self.bar + reg::ASQ as u64);
-        let completion = read64(self.bar + reg::ACQ as u64);
+        let submission = read_phys::<u64>(self.bar + reg::ASQ as u64);
+        let completion = read_phys::<u64>(self.bar + reg::ACQ as u64);
         self.completion_queues.insert(
             0,
             CompletionQueue {
@@ -208,7 +188,8 @@ impl NvmeSim {
             let entry_at = queue.base + u64::from(queue.head) * 64;
             queue.head = (queue.head + 1) % queue.entries;
             let (head, completion_queue) = (queue.head, queue.completion_queue);
-            let command: [u32; 16] = std::array::from_fn(|i| read32(entry_at + 4 * i as u64));
+            let command: [u32; 16] =
+                std::array::from_fn(|i| read_phys::<u32>(entry_at + 4 * i as u64));
             let cid = (command[0] >> 16) as u16;
             let outcome = if id == 0 {
                 Some(self.run_admin(&command))
@@ -237,14 +218,14 @@ impl NvmeSim {
             return;
         };
         let at = queue.base + u64::from(queue.tail) * 16;
-        write(at, &result.to_le_bytes());
-        write(at + 4, &0u32.to_le_bytes());
-        write(
+        write_phys(at, &result.to_le_bytes());
+        write_phys(at + 4, &0u32.to_le_bytes());
+        write_phys(
             at + 8,
             &(u32::from(sq_head) | (u32::from(sq_id) << 16)).to_le_bytes(),
         );
         let last = u32::from(cid) | (u32::from(queue.phase) << 16) | (u32::from(status) << 17);
-        write(at + 12, &last.to_le_bytes());
+        write_phys(at + 12, &last.to_le_bytes());
         queue.tail += 1;
         if queue.tail == queue.entries {
             queue.tail = 0;
@@ -259,7 +240,7 @@ impl NvmeSim {
         match command[0] as u8 {
             admin::IDENTIFY => match self.identify(command[10] & 0xff, command[1]) {
                 Some(page) => {
-                    write(data, &page);
+                    write_phys(data, &page);
                     (0, 0)
                 }
                 None => (INVALID_NAMESPACE, 0),
@@ -379,7 +360,7 @@ impl NvmeSim {
                 for (phys, len) in prp_chunks(prp1, prp2, bytes.len() as u64)? {
                     let disk = &mut namespace.data[at..at + len];
                     if opcode == io::READ {
-                        write(phys, disk);
+                        write_phys(phys, disk);
                     } else {
                         // SAFETY: the driver only hands the device memory from the test Hal.
                         unsafe {
@@ -401,8 +382,8 @@ impl NvmeSim {
                 for index in 0..=u64::from(command[10] & 0xff) {
                     let entry = prp1 + index * 16;
                     let bytes = range(
-                        read64(entry + 8),
-                        u64::from(read32(entry + 4)),
+                        read_phys::<u64>(entry + 8),
+                        u64::from(read_phys::<u32>(entry + 4)),
                         namespace.data.len(),
                     )?;
                     namespace.data[bytes].fill(0);
@@ -435,7 +416,7 @@ pub(crate) fn prp_chunks(prp1: u64, prp2: u64, mut bytes: u64) -> Result<Vec<(u6
     } else if bytes > PAGE {
         let mut at = prp2;
         while bytes > 0 {
-            let entry = read64(at);
+            let entry = read_phys::<u64>(at);
             if at % PAGE == PAGE - 8 && bytes > PAGE {
                 at = entry;
                 continue;

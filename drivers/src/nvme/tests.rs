@@ -7,8 +7,7 @@ use std::vec::Vec;
 
 use super::sim::{NvmeSim, SimNamespace};
 use super::*;
-use crate::block::Segment;
-use crate::testing::{TestHal, poll_one};
+use crate::testing::{TestHal, read_request, run_one, segment, write_request};
 
 const BAR_LEN: usize = 0x2000;
 
@@ -52,19 +51,6 @@ impl Setup {
     }
 }
 
-fn complete(
-    setup: &Setup,
-    device: &mut impl BlockDevice,
-    queue: u16,
-    tag: u64,
-    request: Request<'_>,
-) -> Result<(), IoError> {
-    device.submit(queue, tag, request).unwrap();
-    let completion = poll_one(&setup.hal, device, queue);
-    assert_eq!(completion.tag, tag);
-    completion.result
-}
-
 #[test]
 fn bring_up_identifies_controller_and_namespaces() {
     let mut metadata = SimNamespace::new(3, 9, 64);
@@ -106,26 +92,11 @@ fn large_scattered_write_then_read_back() {
     let source = setup.hal.buffer_with_pattern(257, 3);
     // 1 MiB: first segment starts 512 bytes into a page, the rest follow.
     let segments = [
-        Segment {
-            phys: source.phys + 512,
-            len: 4096 - 512,
-        },
-        Segment {
-            phys: source.phys + 4096,
-            len: (1 << 20) - 4096 + 512,
-        },
+        segment(source.phys + 512, 4096 - 512),
+        segment(source.phys + 4096, (1 << 20) - 4096 + 512),
     ];
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            0,
-            1,
-            Request::Write {
-                lba: 100,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 0, 1, write_request(100, &segments)),
         Ok(())
     );
     let expected = setup.hal.bytes(source.phys + 512, 1 << 20);
@@ -135,21 +106,9 @@ fn large_scattered_write_then_read_back() {
     );
 
     let target = setup.hal.dma_buffer(257);
-    let read = [Segment {
-        phys: target.phys + 1024,
-        len: 1 << 20,
-    }];
+    let read = [segment(target.phys + 1024, 1 << 20)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            1,
-            2,
-            Request::Read {
-                lba: 100,
-                segments: &read
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 1, 2, read_request(100, &read)),
         Ok(())
     );
     assert!(setup.hal.bytes(target.phys + 1024, 1 << 20) == expected);
@@ -166,39 +125,15 @@ fn chained_prp_lists_carry_four_mebibytes() {
         .unwrap();
     let mut disk = NvmeNamespace::new(Rc::new(RefCell::new(controller)), 1).unwrap();
     let source = setup.hal.buffer_with_pattern(1024, 9);
-    let write = [Segment {
-        phys: source.phys,
-        len: 4 << 20,
-    }];
+    let write = [segment(source.phys, 4 << 20)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            0,
-            7,
-            Request::Write {
-                lba: 8,
-                segments: &write
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 0, 7, write_request(8, &write)),
         Ok(())
     );
     let target = setup.hal.dma_buffer(1024);
-    let read = [Segment {
-        phys: target.phys,
-        len: 4 << 20,
-    }];
+    let read = [segment(target.phys, 4 << 20)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            0,
-            8,
-            Request::Read {
-                lba: 8,
-                segments: &read
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 0, 8, read_request(8, &read)),
         Ok(())
     );
     assert!(setup.hal.bytes(target.phys, 4 << 20) == setup.hal.bytes(source.phys, 4 << 20));
@@ -208,14 +143,14 @@ fn chained_prp_lists_carry_four_mebibytes() {
 fn flush_reaches_the_device_only_with_a_volatile_cache() {
     let setup = Setup::one_namespace();
     let mut disk = setup.disk(1);
-    assert_eq!(complete(&setup, &mut disk, 0, 5, Request::Flush), Ok(()));
+    assert_eq!(run_one(&setup.hal, &mut disk, 0, 5, Request::Flush), Ok(()));
     assert_eq!(setup.sim.borrow().flushes, 1);
 
     let setup = Setup::one_namespace();
     setup.sim.borrow_mut().volatile_write_cache = false;
     let mut disk = setup.disk(1);
     assert!(!disk.geometry().volatile_write_cache);
-    assert_eq!(complete(&setup, &mut disk, 0, 6, Request::Flush), Ok(()));
+    assert_eq!(run_one(&setup.hal, &mut disk, 0, 6, Request::Flush), Ok(()));
     assert_eq!(setup.sim.borrow().flushes, 0);
 }
 
@@ -224,26 +159,14 @@ fn discard_and_write_zeroes_clear_blocks() {
     let setup = Setup::one_namespace();
     let mut disk = setup.disk(1);
     let source = setup.hal.buffer_with_pattern(4, 1);
-    let write = [Segment {
-        phys: source.phys,
-        len: 16384,
-    }];
+    let write = [segment(source.phys, 16384)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            0,
-            1,
-            Request::Write {
-                lba: 0,
-                segments: &write
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 0, 1, write_request(0, &write)),
         Ok(())
     );
     assert_eq!(
-        complete(
-            &setup,
+        run_one(
+            &setup.hal,
             &mut disk,
             0,
             2,
@@ -252,8 +175,8 @@ fn discard_and_write_zeroes_clear_blocks() {
         Ok(())
     );
     assert_eq!(
-        complete(
-            &setup,
+        run_one(
+            &setup.hal,
             &mut disk,
             0,
             3,
@@ -309,23 +232,13 @@ fn completion_queue_wraps_many_times_with_phase_tags() {
     let mut disk = NvmeNamespace::new(Rc::new(RefCell::new(controller)), 1).unwrap();
     assert_eq!(disk.geometry().queue_depth, 3);
     let buffer = setup.hal.dma_buffer(1);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
+    let segments = [segment(buffer.phys, 512)];
     let mut next_tag = 0;
     let mut seen = Vec::new();
     for _ in 0..10 {
         for _ in 0..3 {
-            disk.submit(
-                0,
-                next_tag,
-                Request::Write {
-                    lba: next_tag,
-                    segments: &segments,
-                },
-            )
-            .unwrap();
+            disk.submit(0, next_tag, write_request(next_tag, &segments))
+                .unwrap();
             next_tag += 1;
         }
         assert_eq!(
@@ -368,35 +281,23 @@ fn device_errors_are_decoded() {
     let setup = Setup::one_namespace();
     let mut disk = setup.disk(1);
     let buffer = setup.hal.dma_buffer(1);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
+    let segments = [segment(buffer.phys, 512)];
     setup.sim.borrow_mut().fail_next_io = Some(0x281);
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            0,
-            1,
-            Request::Read {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 0, 1, read_request(0, &segments)),
         Err(IoError::Media)
     );
     setup.sim.borrow_mut().fail_next_io = Some(0x001);
     assert_eq!(
-        complete(&setup, &mut disk, 0, 2, Request::Flush),
+        run_one(&setup.hal, &mut disk, 0, 2, Request::Flush),
         Err(IoError::Unsupported)
     );
     setup.sim.borrow_mut().fail_next_io = Some(0x306);
     assert_eq!(
-        complete(&setup, &mut disk, 0, 3, Request::Flush),
+        run_one(&setup.hal, &mut disk, 0, 3, Request::Flush),
         Err(IoError::Device { code: 0x306 })
     );
-    assert_eq!(complete(&setup, &mut disk, 0, 4, Request::Flush), Ok(()));
+    assert_eq!(run_one(&setup.hal, &mut disk, 0, 4, Request::Flush), Ok(()));
 }
 
 #[test]
@@ -427,32 +328,16 @@ fn inexpressible_scatter_gather_is_refused_without_losing_a_slot() {
         .unwrap();
     let mut disk = NvmeNamespace::new(Rc::new(RefCell::new(controller)), 1).unwrap();
     let buffer = setup.hal.dma_buffer(3);
-    let bad = [
-        Segment {
-            phys: buffer.phys,
-            len: 512,
-        },
-        Segment {
-            phys: buffer.phys + 4096,
-            len: 512,
-        },
-    ];
+    let bad = [segment(buffer.phys, 512), segment(buffer.phys + 4096, 512)];
     for _ in 0..3 {
         assert_eq!(
-            disk.submit(
-                0,
-                1,
-                Request::Write {
-                    lba: 0,
-                    segments: &bad
-                }
-            ),
+            disk.submit(0, 1, write_request(0, &bad)),
             Err(SubmitError::Misaligned)
         );
     }
     assert_eq!(setup.sim.borrow().io_commands, 0);
     assert_eq!(
-        complete(&setup, &mut disk, 0, 2, Request::Flush),
+        run_one(&setup.hal, &mut disk, 0, 2, Request::Flush),
         Ok(()),
         "the only slot is still free"
     );
@@ -478,21 +363,9 @@ fn timeout_resets_the_controller_and_recovers() {
     let setup = Setup::one_namespace();
     let mut disk = setup.disk(1);
     let source = setup.hal.buffer_with_pattern(1, 5);
-    let segments = [Segment {
-        phys: source.phys,
-        len: 4096,
-    }];
+    let segments = [segment(source.phys, 4096)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            0,
-            1,
-            Request::Write {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 0, 1, write_request(0, &segments)),
         Ok(())
     );
 
@@ -500,15 +373,7 @@ fn timeout_resets_the_controller_and_recovers() {
     disk.submit(1, 10, Request::Flush).unwrap();
     setup.hal.step_device();
     setup.sim.borrow_mut().drop_io = true;
-    disk.submit(
-        0,
-        2,
-        Request::Read {
-            lba: 0,
-            segments: &segments,
-        },
-    )
-    .unwrap();
+    disk.submit(0, 2, read_request(0, &segments)).unwrap();
     setup.hal.advance(1_000_000_000);
     disk.submit(1, 11, Request::Flush).unwrap();
     setup.hal.step_device();
@@ -544,21 +409,9 @@ fn timeout_resets_the_controller_and_recovers() {
     );
 
     let target = setup.hal.dma_buffer(1);
-    let read = [Segment {
-        phys: target.phys,
-        len: 4096,
-    }];
+    let read = [segment(target.phys, 4096)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut disk,
-            0,
-            3,
-            Request::Read {
-                lba: 0,
-                segments: &read
-            }
-        ),
+        run_one(&setup.hal, &mut disk, 0, 3, read_request(0, &read)),
         Ok(())
     );
     assert_eq!(

@@ -444,11 +444,7 @@ impl<H: Hal + Default, T: Transport> BlockDevice for VirtioBlock<H, T> {
             self.finish_part(token);
         }
         self.run_waiting_flush();
-        let count = out.len().min(self.finished.len());
-        for (slot, completion) in out.iter_mut().zip(self.finished.drain(..count)) {
-            *slot = completion;
-        }
-        count
+        block::hand_over(&mut self.finished, out)
     }
 }
 

@@ -11,9 +11,10 @@ use virtio_drivers::{Error as VirtioError, PhysAddr as VirtioPhysAddr};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::*;
-use crate::block::Segment;
 use crate::hal::PhysAddr;
-use crate::testing::{TestHal, poll_one, virt_of};
+use crate::testing::{
+    TestHal, read_phys, read_request, run_one, segment, virt_of, write_phys, write_request,
+};
 
 std::thread_local! {
     static CURRENT_HAL: RefCell<Option<TestHal>> = const { RefCell::new(None) };
@@ -93,36 +94,23 @@ struct FakeDisk {
     flushes: usize,
 }
 
-fn read<T: FromBytes>(phys: u64) -> T {
-    let mut bytes = vec![0u8; size_of::<T>()];
-    // SAFETY: the driver only names memory from the test Hal.
-    unsafe { std::ptr::copy_nonoverlapping(virt_of(phys), bytes.as_mut_ptr(), bytes.len()) };
-    T::read_from_bytes(&bytes).unwrap()
-}
-
-fn write<T: IntoBytes + Immutable>(phys: u64, value: T) {
-    let bytes = value.as_bytes();
-    // SAFETY: the driver only names memory from the test Hal.
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), virt_of(phys), bytes.len()) };
-}
-
 impl FakeDisk {
     /// Executes available requests (in defer mode only flushes, which the
     /// driver sends alone).
     fn run(&mut self, include_data: bool) {
         let Some(queue) = self.queue else { return };
-        while self.next_available != read::<u16>(queue.available + 2) {
+        while self.next_available != read_phys::<u16>(queue.available + 2) {
             let slot = u64::from(self.next_available % queue.size);
-            let head: u16 = read(queue.available + 4 + 2 * slot);
+            let head: u16 = read_phys(queue.available + 4 + 2 * slot);
             let mut chain = Vec::new();
             let mut index = head;
             loop {
                 let at = queue.descriptors + 16 * u64::from(index);
                 let (address, len, flags, next) = (
-                    read::<u64>(at),
-                    read::<u32>(at + 8),
-                    read::<u16>(at + 12),
-                    read::<u16>(at + 14),
+                    read_phys::<u64>(at),
+                    read_phys::<u32>(at + 8),
+                    read_phys::<u16>(at + 12),
+                    read_phys::<u16>(at + 14),
                 );
                 chain.push((address, len as usize));
                 if flags & DESCRIPTOR_NEXT == 0 {
@@ -130,19 +118,19 @@ impl FakeDisk {
                 }
                 index = next;
             }
-            let kind: u32 = read(chain[0].0);
+            let kind: u32 = read_phys(chain[0].0);
             if kind != REQUEST_FLUSH && !include_data {
                 return;
             }
-            let sector: u64 = read(chain[0].0 + 8);
+            let sector: u64 = read_phys(chain[0].0 + 8);
             let (status_address, _) = *chain.last().unwrap();
             let status = self.execute(kind, sector, &chain[1..chain.len() - 1]);
-            write(status_address, status);
-            let used_index: u16 = read(queue.used + 2);
+            write_phys(status_address, &status);
+            let used_index: u16 = read_phys(queue.used + 2);
             let entry = queue.used + 4 + 8 * u64::from(used_index % queue.size);
-            write(entry, u32::from(head));
-            write(entry + 4, 1u32);
-            write(queue.used + 2, used_index.wrapping_add(1));
+            write_phys(entry, &u32::from(head));
+            write_phys(entry + 4, &1u32);
+            write_phys(queue.used + 2, &used_index.wrapping_add(1));
             self.next_available = self.next_available.wrapping_add(1);
         }
     }
@@ -282,43 +270,17 @@ impl Setup {
     }
 }
 
-fn complete(
-    setup: &Setup,
-    device: &mut VirtioBlock<ThreadHal, FakeTransport>,
-    tag: u64,
-    request: Request<'_>,
-) -> Result<(), IoError> {
-    device.submit(0, tag, request).unwrap();
-    let completion = poll_one(&setup.hal, device, 0);
-    assert_eq!(completion.tag, tag);
-    completion.result
-}
-
 #[test]
 fn scattered_write_then_read_back() {
     let (setup, mut device) = Setup::new();
     assert_eq!(device.geometry().blocks, 4096);
     let source = setup.hal.buffer_with_pattern(3, 4);
     let segments = [
-        Segment {
-            phys: source.phys + 512,
-            len: 1024,
-        },
-        Segment {
-            phys: source.phys + 8192,
-            len: 4096,
-        },
+        segment(source.phys + 512, 1024),
+        segment(source.phys + 8192, 4096),
     ];
     assert_eq!(
-        complete(
-            &setup,
-            &mut device,
-            1,
-            Request::Write {
-                lba: 7,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut device, 0, 1, write_request(7, &segments)),
         Ok(())
     );
     let mut expected = setup.hal.bytes(source.phys + 512, 1024);
@@ -328,20 +290,9 @@ fn scattered_write_then_read_back() {
         expected[..]
     );
     let target = setup.hal.dma_buffer(2);
-    let read = [Segment {
-        phys: target.phys,
-        len: 5120,
-    }];
+    let read = [segment(target.phys, 5120)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut device,
-            2,
-            Request::Read {
-                lba: 7,
-                segments: &read
-            }
-        ),
+        run_one(&setup.hal, &mut device, 0, 2, read_request(7, &read)),
         Ok(())
     );
     assert_eq!(setup.hal.bytes(target.phys, 5120), expected);
@@ -352,20 +303,8 @@ fn flush_waits_for_requests_in_flight() {
     let (setup, mut device) = Setup::new();
     setup.disk.borrow_mut().defer = true;
     let buffer = setup.hal.dma_buffer(1);
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
-    device
-        .submit(
-            0,
-            1,
-            Request::Write {
-                lba: 0,
-                segments: &segments,
-            },
-        )
-        .unwrap();
+    let segments = [segment(buffer.phys, 512)];
+    device.submit(0, 1, write_request(0, &segments)).unwrap();
     device.submit(0, 2, Request::Flush).unwrap();
     assert_eq!(
         device.submit(0, 3, Request::Flush),
@@ -388,67 +327,24 @@ fn limits_and_errors() {
         device.submit(0, 1, Request::Discard { lba: 0, blocks: 1 }),
         Err(SubmitError::Unsupported)
     );
-    let split = [
-        Segment {
-            phys: buffer.phys,
-            len: 256,
-        },
-        Segment {
-            phys: buffer.phys + 4096,
-            len: 256,
-        },
-    ];
+    let split = [segment(buffer.phys, 256), segment(buffer.phys + 4096, 256)];
     assert_eq!(
-        device.submit(
-            0,
-            1,
-            Request::Read {
-                lba: 0,
-                segments: &split
-            }
-        ),
+        device.submit(0, 1, read_request(0, &split)),
         Err(SubmitError::Misaligned)
     );
     setup.disk.borrow_mut().fail_next = true;
-    let segments = [Segment {
-        phys: buffer.phys,
-        len: 512,
-    }];
+    let segments = [segment(buffer.phys, 512)];
     assert_eq!(
-        complete(
-            &setup,
-            &mut device,
-            2,
-            Request::Read {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        run_one(&setup.hal, &mut device, 0, 2, read_request(0, &segments)),
         Err(IoError::Media)
     );
 
     setup.disk.borrow_mut().defer = true;
     for tag in 0..MAX_PARTS as u64 {
-        device
-            .submit(
-                0,
-                tag,
-                Request::Read {
-                    lba: tag,
-                    segments: &segments,
-                },
-            )
-            .unwrap();
+        device.submit(0, tag, read_request(tag, &segments)).unwrap();
     }
     assert_eq!(
-        device.submit(
-            0,
-            9,
-            Request::Read {
-                lba: 0,
-                segments: &segments
-            }
-        ),
+        device.submit(0, 9, read_request(0, &segments)),
         Err(SubmitError::QueueFull)
     );
     setup.disk.borrow_mut().run(true);
