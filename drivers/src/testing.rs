@@ -69,13 +69,20 @@ impl Drop for Inner {
             free_pages(phys, pages);
         }
         for (phys, len) in core::mem::take(self.mmio.get_mut()) {
-            free_pages(phys, len.div_ceil(PAGE_SIZE));
+            // SAFETY: allocated by `add_mmio` with this layout.
+            unsafe { dealloc(virt_of(phys), window_layout(len)) };
         }
     }
 }
 
 fn layout(pages: usize) -> Layout {
     Layout::from_size_align(pages.max(1) * PAGE_SIZE, PAGE_SIZE).unwrap()
+}
+
+/// Register windows are aligned to their power-of-two size, as BARs are.
+fn window_layout(len: usize) -> Layout {
+    let size = len.max(PAGE_SIZE).next_power_of_two();
+    Layout::from_size_align(size, size).unwrap()
 }
 
 fn allocate_pages(pages: usize) -> NonNull<u8> {
@@ -124,9 +131,12 @@ impl TestHal {
         self.0.clock.set(self.0.clock.get() + ns);
     }
 
-    /// A zeroed register window at `phys` for a simulated device.
+    /// A zeroed register window for a simulated device; returns its address.
     pub(crate) fn add_mmio(&self, len: usize) -> PhysAddr {
-        let phys = phys_of(allocate_pages(len.div_ceil(PAGE_SIZE)));
+        // SAFETY: the layout has a non-zero size.
+        let window =
+            NonNull::new(unsafe { alloc_zeroed(window_layout(len)) }).expect("host out of memory");
+        let phys = phys_of(window);
         self.0.mmio.borrow_mut().insert(phys, len);
         phys
     }

@@ -461,3 +461,28 @@ fn bring_up_errors() {
         "dropping the controller frees its memory"
     );
 }
+
+#[test]
+fn from_pci_enables_the_function_and_uses_bar0() {
+    use crate::pci::tests::{SimConfig, SimFunction};
+    let setup = Setup::one_namespace();
+    let at = Bdf {
+        bus: 0,
+        device: 3,
+        function: 0,
+    };
+    let bar = setup.bar();
+    let function = SimFunction::new(0x1b36, 0x0010, [1, 8, 2], 0)
+        .bar(0, bar as u32 | 0x4, !(BAR_LEN as u32 - 1))
+        .bar(1, (bar >> 32) as u32, u32::MAX);
+    let mut config = SimConfig::default();
+    config.functions.insert(at, function);
+    // SAFETY: the function and its BAR belong to the simulated controller.
+    let controller = unsafe {
+        NvmeController::from_pci(setup.hal.clone(), &mut config, at, NvmeConfig::default())
+    }
+    .unwrap();
+    assert_eq!(controller.namespaces().len(), 1);
+    let command = config.read32(at, 4);
+    assert_eq!(command & 0x406, 0x406, "memory, bus master, INTx off");
+}

@@ -4,7 +4,7 @@
 mod access;
 pub mod acpi;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use alloc::vec::Vec;
 use core::ops::RangeInclusive;

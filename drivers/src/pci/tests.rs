@@ -10,13 +10,13 @@ use crate::testing::TestHal;
 /// A function's 256 bytes of configuration space, with the writable bits
 /// of each BAR (zero bits read back as zero, like real decoders).
 #[derive(Clone)]
-struct SimFunction {
+pub(crate) struct SimFunction {
     space: [u32; 64],
     bar_masks: [u32; 6],
 }
 
 impl SimFunction {
-    fn new(vendor: u16, device: u16, class: [u8; 3], header_type: u8) -> Self {
+    pub(crate) fn new(vendor: u16, device: u16, class: [u8; 3], header_type: u8) -> Self {
         let mut space = [0; 64];
         space[0] = u32::from(vendor) | (u32::from(device) << 16);
         space[2] =
@@ -28,7 +28,7 @@ impl SimFunction {
         }
     }
 
-    fn bar(mut self, index: usize, value: u32, mask: u32) -> Self {
+    pub(crate) fn bar(mut self, index: usize, value: u32, mask: u32) -> Self {
         self.space[4 + index] = value;
         self.bar_masks[index] = mask;
         self
@@ -36,8 +36,8 @@ impl SimFunction {
 }
 
 #[derive(Default)]
-struct SimConfig {
-    functions: BTreeMap<Bdf, SimFunction>,
+pub(crate) struct SimConfig {
+    pub(crate) functions: BTreeMap<Bdf, SimFunction>,
     /// Every (bdf, offset, value) written, in order.
     writes: Vec<(Bdf, u16, u32)>,
 }
