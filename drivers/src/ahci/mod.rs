@@ -178,6 +178,7 @@ pub unsafe fn probe<H: Hal + Clone>(
         ports: Vec::new(),
         failed: Vec::new(),
     };
+    let mut ports = Vec::new();
     for number in (0..32u8).filter(|n| implemented & (1 << n) != 0) {
         let offset = hba::PORT_BASE + usize::from(number) * hba::PORT_SIZE;
         if offset + hba::PORT_SIZE > bar_len {
@@ -191,11 +192,16 @@ pub unsafe fn probe<H: Hal + Clone>(
                 port_regs.read32(port::COMMAND) | port::CMD_SPIN_UP,
             );
         }
-        // A port with nothing attached never links up; give it a moment.
-        let linked = wait(&hal, 10 * MS, || {
-            port_regs.read32(port::SATA_STATUS) & 0xf == port::DEVICE_PRESENT
-        });
-        if !linked || port_regs.read32(port::SIGNATURE) != port::SIGNATURE_ATA {
+        ports.push((number, port_regs));
+    }
+    // Links come up in parallel after the reset; an empty port never does,
+    // so all ports share one wait.
+    let linked = |regs: &Region| regs.read32(port::SATA_STATUS) & 0xf == port::DEVICE_PRESENT;
+    wait(&hal, LINK_TIMEOUT_NS / 10, || {
+        ports.iter().all(|(_, regs)| linked(regs))
+    });
+    for (number, port_regs) in ports {
+        if !linked(&port_regs) || port_regs.read32(port::SIGNATURE) != port::SIGNATURE_ATA {
             continue;
         }
         match AhciPort::bring_up(hal.clone(), port_regs, number, capabilities, config) {
