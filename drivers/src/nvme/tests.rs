@@ -1,0 +1,488 @@
+//! The NVMe driver end to end against the simulated controller.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::vec;
+use std::vec::Vec;
+
+use super::sim::{NvmeSim, SimNamespace};
+use super::*;
+use crate::testing::{TestHal, read_request, run_one, segment, write_request};
+
+const BAR_LEN: usize = 0x2000;
+
+struct Setup {
+    hal: TestHal,
+    sim: Rc<RefCell<NvmeSim>>,
+}
+
+impl Setup {
+    fn new(namespaces: Vec<SimNamespace>) -> Self {
+        let hal = TestHal::new();
+        let bar = hal.add_mmio(BAR_LEN);
+        let sim = Rc::new(RefCell::new(NvmeSim::new(bar, namespaces)));
+        let stepped = sim.clone();
+        hal.set_device(move || stepped.borrow_mut().step());
+        Self { hal, sim }
+    }
+
+    fn one_namespace() -> Self {
+        Self::new(vec![SimNamespace::new(1, 9, 8192)])
+    }
+
+    fn controller(&self, config: NvmeConfig) -> Result<NvmeController<TestHal>, NvmeError> {
+        // SAFETY: the window belongs to the simulated controller.
+        unsafe { NvmeController::new(self.hal.clone(), self.bar(), BAR_LEN, config) }
+    }
+
+    fn bar(&self) -> PhysAddr {
+        self.sim.borrow().bar()
+    }
+
+    fn disk(&self, nsid: u32) -> NvmeNamespace<TestHal> {
+        let controller = Rc::new(RefCell::new(
+            self.controller(NvmeConfig::default()).unwrap(),
+        ));
+        NvmeNamespace::new(controller, nsid).unwrap()
+    }
+
+    fn stored(&self, byte: usize, len: usize) -> Vec<u8> {
+        self.sim.borrow().namespaces[0].data[byte..byte + len].to_vec()
+    }
+}
+
+#[test]
+fn bring_up_identifies_controller_and_namespaces() {
+    let mut metadata = SimNamespace::new(3, 9, 64);
+    metadata.metadata = 8;
+    let setup = Setup::new(vec![
+        SimNamespace::new(1, 9, 4096),
+        SimNamespace::new(2, 12, 100),
+        metadata,
+    ]);
+    setup.sim.borrow_mut().mdts = 5;
+    let controller = setup
+        .controller(NvmeConfig {
+            io_queues: 8,
+            ..NvmeConfig::default()
+        })
+        .unwrap();
+    assert_eq!(&controller.info().model[..22], b"stordom simulated nvme");
+    let ids: Vec<u32> = controller.namespaces().iter().map(|n| n.id).collect();
+    assert_eq!(ids, [1, 2], "the namespace with metadata is not served");
+    let geometry = controller.geometry(2).unwrap();
+    assert_eq!((geometry.logical_block_size, geometry.blocks), (4096, 100));
+    assert!(geometry.volatile_write_cache);
+    assert_eq!(geometry.queues, 4, "the controller granted four of eight");
+    assert_eq!(geometry.queue_depth, 63);
+    assert_eq!(
+        geometry.max_transfer_bytes,
+        128 * 1024,
+        "MDTS 5 caps transfers"
+    );
+    assert_eq!(geometry.discard_granularity, Some(1));
+    assert!(controller.geometry(3).is_none());
+}
+
+#[test]
+fn large_scattered_write_then_read_back() {
+    let setup = Setup::one_namespace();
+    let mut disk = setup.disk(1);
+    assert!(disk.geometry().max_transfer_bytes >= 1 << 20);
+    let source = setup.hal.buffer_with_pattern(257, 3);
+    // 1 MiB: first segment starts 512 bytes into a page, the rest follow.
+    let segments = [
+        segment(source.phys + 512, 4096 - 512),
+        segment(source.phys + 4096, (1 << 20) - 4096 + 512),
+    ];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 1, write_request(100, &segments)),
+        Ok(())
+    );
+    let expected = setup.hal.bytes(source.phys + 512, 1 << 20);
+    assert!(
+        setup.stored(100 * 512, 1 << 20) == expected,
+        "the device holds what was written"
+    );
+
+    let target = setup.hal.dma_buffer(257);
+    let read = [segment(target.phys + 1024, 1 << 20)];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 1, 2, read_request(100, &read)),
+        Ok(())
+    );
+    assert!(setup.hal.bytes(target.phys + 1024, 1 << 20) == expected);
+}
+
+#[test]
+fn chained_prp_lists_carry_four_mebibytes() {
+    let setup = Setup::new(vec![SimNamespace::new(1, 12, 2048)]);
+    let controller = setup
+        .controller(NvmeConfig {
+            max_transfer_bytes: 4 << 20,
+            ..NvmeConfig::default()
+        })
+        .unwrap();
+    let mut disk = NvmeNamespace::new(Rc::new(RefCell::new(controller)), 1).unwrap();
+    let source = setup.hal.buffer_with_pattern(1024, 9);
+    let write = [segment(source.phys, 4 << 20)];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 7, write_request(8, &write)),
+        Ok(())
+    );
+    let target = setup.hal.dma_buffer(1024);
+    let read = [segment(target.phys, 4 << 20)];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 8, read_request(8, &read)),
+        Ok(())
+    );
+    assert!(setup.hal.bytes(target.phys, 4 << 20) == setup.hal.bytes(source.phys, 4 << 20));
+}
+
+#[test]
+fn flush_reaches_the_device_only_with_a_volatile_cache() {
+    let setup = Setup::one_namespace();
+    let mut disk = setup.disk(1);
+    assert_eq!(run_one(&setup.hal, &mut disk, 0, 5, Request::Flush), Ok(()));
+    assert_eq!(setup.sim.borrow().flushes, 1);
+
+    let setup = Setup::one_namespace();
+    setup.sim.borrow_mut().volatile_write_cache = false;
+    let mut disk = setup.disk(1);
+    assert!(!disk.geometry().volatile_write_cache);
+    assert_eq!(run_one(&setup.hal, &mut disk, 0, 6, Request::Flush), Ok(()));
+    assert_eq!(setup.sim.borrow().flushes, 0);
+}
+
+#[test]
+fn discard_and_write_zeroes_clear_blocks() {
+    let setup = Setup::one_namespace();
+    let mut disk = setup.disk(1);
+    let source = setup.hal.buffer_with_pattern(4, 1);
+    let write = [segment(source.phys, 16384)];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 1, write_request(0, &write)),
+        Ok(())
+    );
+    assert_eq!(
+        run_one(
+            &setup.hal,
+            &mut disk,
+            0,
+            2,
+            Request::Discard { lba: 2, blocks: 3 }
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        run_one(
+            &setup.hal,
+            &mut disk,
+            0,
+            3,
+            Request::WriteZeroes { lba: 10, blocks: 4 }
+        ),
+        Ok(())
+    );
+    let stored = setup.stored(0, 16384);
+    let original = setup.hal.bytes(source.phys, 16384);
+    for block in 0..32 {
+        let range = block * 512..(block + 1) * 512;
+        let cleared = (2..5).contains(&block) || (10..14).contains(&block);
+        if cleared {
+            assert!(
+                stored[range].iter().all(|&b| b == 0),
+                "block {block} was cleared"
+            );
+        } else {
+            assert_eq!(
+                stored[range.clone()],
+                original[range],
+                "block {block} was kept"
+            );
+        }
+    }
+}
+
+#[test]
+fn unsupported_optional_commands_are_refused_up_front() {
+    let setup = Setup::one_namespace();
+    setup.sim.borrow_mut().optional_commands = 0;
+    let mut disk = setup.disk(1);
+    assert_eq!(disk.geometry().discard_granularity, None);
+    assert_eq!(
+        disk.submit(0, 1, Request::Discard { lba: 0, blocks: 1 }),
+        Err(SubmitError::Unsupported)
+    );
+    assert_eq!(
+        disk.submit(0, 1, Request::WriteZeroes { lba: 0, blocks: 1 }),
+        Err(SubmitError::Unsupported)
+    );
+}
+
+#[test]
+fn completion_queue_wraps_many_times_with_phase_tags() {
+    let setup = Setup::one_namespace();
+    let controller = setup
+        .controller(NvmeConfig {
+            queue_depth: 4,
+            ..NvmeConfig::default()
+        })
+        .unwrap();
+    let mut disk = NvmeNamespace::new(Rc::new(RefCell::new(controller)), 1).unwrap();
+    assert_eq!(disk.geometry().queue_depth, 3);
+    let buffer = setup.hal.dma_buffer(1);
+    let segments = [segment(buffer.phys, 512)];
+    let mut next_tag = 0;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        for _ in 0..3 {
+            disk.submit(0, next_tag, write_request(next_tag, &segments))
+                .unwrap();
+            next_tag += 1;
+        }
+        assert_eq!(
+            disk.submit(0, 99, Request::Flush),
+            Err(SubmitError::QueueFull)
+        );
+        setup.hal.step_device();
+        let mut out = [Completion::default(); 8];
+        let count = disk.poll(0, &mut out);
+        assert_eq!(count, 3);
+        seen.extend(out[..count].iter().map(|c| c.tag));
+    }
+    assert_eq!(seen, (0..30).collect::<Vec<u64>>());
+    let mut out = [Completion::default(); 8];
+    assert_eq!(
+        disk.poll(0, &mut out),
+        0,
+        "stale entries of the last lap are not taken again"
+    );
+}
+
+#[test]
+fn small_poll_buffers_leave_the_rest_for_later() {
+    let setup = Setup::one_namespace();
+    let mut disk = setup.disk(1);
+    for tag in 0..5 {
+        disk.submit(2, tag, Request::Flush).unwrap();
+    }
+    setup.hal.step_device();
+    let mut out = [Completion::default(); 2];
+    assert_eq!(disk.poll(2, &mut out), 2);
+    assert_eq!(disk.poll(2, &mut out), 2);
+    assert_eq!(disk.poll(2, &mut out), 1);
+    assert_eq!(out[0].tag, 4);
+    assert_eq!(disk.poll(1, &mut out), 0, "other queues saw nothing");
+}
+
+#[test]
+fn device_errors_are_decoded() {
+    let setup = Setup::one_namespace();
+    let mut disk = setup.disk(1);
+    let buffer = setup.hal.dma_buffer(1);
+    let segments = [segment(buffer.phys, 512)];
+    setup.sim.borrow_mut().fail_next_io = Some(0x281);
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 1, read_request(0, &segments)),
+        Err(IoError::Media)
+    );
+    setup.sim.borrow_mut().fail_next_io = Some(0x001);
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 2, Request::Flush),
+        Err(IoError::Unsupported)
+    );
+    setup.sim.borrow_mut().fail_next_io = Some(0x306);
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 3, Request::Flush),
+        Err(IoError::Device { code: 0x306 })
+    );
+    assert_eq!(run_one(&setup.hal, &mut disk, 0, 4, Request::Flush), Ok(()));
+}
+
+#[test]
+fn stray_completion_ids_are_ignored() {
+    let setup = Setup::one_namespace();
+    setup.sim.borrow_mut().post_stray_cids = true;
+    let mut disk = setup.disk(1);
+    for tag in 0..3 {
+        disk.submit(0, tag, Request::Flush).unwrap();
+    }
+    setup.hal.step_device();
+    let mut out = [Completion::default(); 8];
+    assert_eq!(disk.poll(0, &mut out), 3);
+    assert_eq!(
+        out[..3].iter().map(|c| c.tag).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+}
+
+#[test]
+fn inexpressible_scatter_gather_is_refused_without_losing_a_slot() {
+    let setup = Setup::one_namespace();
+    let controller = setup
+        .controller(NvmeConfig {
+            queue_depth: 2,
+            ..NvmeConfig::default()
+        })
+        .unwrap();
+    let mut disk = NvmeNamespace::new(Rc::new(RefCell::new(controller)), 1).unwrap();
+    let buffer = setup.hal.dma_buffer(3);
+    let bad = [segment(buffer.phys, 512), segment(buffer.phys + 4096, 512)];
+    for _ in 0..3 {
+        assert_eq!(
+            disk.submit(0, 1, write_request(0, &bad)),
+            Err(SubmitError::Misaligned)
+        );
+    }
+    assert_eq!(setup.sim.borrow().io_commands, 0);
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 2, Request::Flush),
+        Ok(()),
+        "the only slot is still free"
+    );
+    assert_eq!(
+        disk.submit(
+            0,
+            3,
+            Request::Discard {
+                lba: 8191,
+                blocks: 2
+            }
+        ),
+        Err(SubmitError::OutOfRange)
+    );
+    assert_eq!(
+        disk.submit(4, 3, Request::Flush),
+        Err(SubmitError::NoSuchQueue)
+    );
+}
+
+#[test]
+fn timeout_resets_the_controller_and_recovers() {
+    let setup = Setup::one_namespace();
+    let mut disk = setup.disk(1);
+    let source = setup.hal.buffer_with_pattern(1, 5);
+    let segments = [segment(source.phys, 4096)];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 1, write_request(0, &segments)),
+        Ok(())
+    );
+
+    // A command on queue 1 completes but is not polled before the hang.
+    disk.submit(1, 10, Request::Flush).unwrap();
+    setup.hal.step_device();
+    setup.sim.borrow_mut().drop_io = true;
+    disk.submit(0, 2, read_request(0, &segments)).unwrap();
+    setup.hal.advance(1_000_000_000);
+    disk.submit(1, 11, Request::Flush).unwrap();
+    setup.hal.step_device();
+    let mut out = [Completion::default(); 4];
+    assert_eq!(disk.poll(0, &mut out), 0, "nothing is late yet");
+    setup.sim.borrow_mut().drop_io = false;
+
+    setup.hal.advance(4_500_000_000);
+    assert_eq!(disk.poll(0, &mut out), 1);
+    assert_eq!(
+        out[0],
+        Completion {
+            tag: 2,
+            result: Err(IoError::Timeout)
+        }
+    );
+    assert_eq!(setup.sim.borrow().resets, 1);
+    assert_eq!(disk.poll(1, &mut out), 2);
+    assert_eq!(
+        out[0],
+        Completion {
+            tag: 10,
+            result: Ok(())
+        },
+        "finished work is kept"
+    );
+    assert_eq!(
+        out[1],
+        Completion {
+            tag: 11,
+            result: Err(IoError::Aborted)
+        }
+    );
+
+    let target = setup.hal.dma_buffer(1);
+    let read = [segment(target.phys, 4096)];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 3, read_request(0, &read)),
+        Ok(())
+    );
+    assert_eq!(
+        setup.hal.bytes(target.phys, 4096),
+        setup.hal.bytes(source.phys, 4096)
+    );
+}
+
+#[test]
+fn a_controller_that_never_comes_back_fails_for_good() {
+    let setup = Setup::one_namespace();
+    let controller = Rc::new(RefCell::new(
+        setup.controller(NvmeConfig::default()).unwrap(),
+    ));
+    let mut disk = NvmeNamespace::new(controller.clone(), 1).unwrap();
+    setup.sim.borrow_mut().drop_io = true;
+    setup.sim.borrow_mut().dead_after_reset = true;
+    disk.submit(0, 1, Request::Flush).unwrap();
+    setup.hal.advance(10_000_000_000);
+    let mut out = [Completion::default(); 2];
+    assert_eq!(disk.poll(0, &mut out), 1);
+    assert_eq!(out[0].result, Err(IoError::Timeout));
+    assert!(controller.borrow().has_failed());
+    assert_eq!(
+        disk.submit(0, 2, Request::Flush),
+        Err(SubmitError::DeviceFailed)
+    );
+}
+
+#[test]
+fn bring_up_errors() {
+    let setup = Setup::one_namespace();
+    // SAFETY: the window belongs to the simulated controller.
+    let small = unsafe {
+        NvmeController::new(setup.hal.clone(), setup.bar(), 0x100, NvmeConfig::default())
+    };
+    assert_eq!(small.err(), Some(NvmeError::BadBar));
+    setup.sim.borrow_mut().max_queues = 1;
+    let hal = setup.hal.clone();
+    {
+        let controller = setup.controller(NvmeConfig::default()).unwrap();
+        assert_eq!(controller.geometry(1).unwrap().queues, 1);
+    }
+    assert_eq!(
+        hal.driver_allocations(),
+        0,
+        "dropping the controller frees its memory"
+    );
+}
+
+#[test]
+fn from_pci_enables_the_function_and_uses_bar0() {
+    use crate::pci::tests::{SimConfig, SimFunction};
+    let setup = Setup::one_namespace();
+    let at = Bdf {
+        bus: 0,
+        device: 3,
+        function: 0,
+    };
+    let bar = setup.bar();
+    let function = SimFunction::new(0x1b36, 0x0010, [1, 8, 2], 0)
+        .bar(0, bar as u32 | 0x4, !(BAR_LEN as u32 - 1))
+        .bar(1, (bar >> 32) as u32, u32::MAX);
+    let mut config = SimConfig::default();
+    config.functions.insert(at, function);
+    // SAFETY: the function and its BAR belong to the simulated controller.
+    let controller = unsafe {
+        NvmeController::from_pci(setup.hal.clone(), &mut config, at, NvmeConfig::default())
+    }
+    .unwrap();
+    assert_eq!(controller.namespaces().len(), 1);
+    let command = config.read32(at, 4);
+    assert_eq!(command & 0x406, 0x406, "memory, bus master, INTx off");
+}

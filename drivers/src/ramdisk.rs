@@ -1,0 +1,255 @@
+//! A RAM disk: memory supplied by the caller (a boot module, or pages from
+//! the `Hal`) served through [`BlockDevice`]. Requests complete at once and
+//! wait in a per-queue list until polled.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use crate::block::{self, BlockDevice, Completion, Geometry, Request, Segment, SubmitError};
+use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+
+/// Requests one RAM-disk queue holds before it must be polled.
+const QUEUE_DEPTH: u16 = 256;
+
+/// Largest read or write accepted, to bound the time one request takes.
+const MAX_TRANSFER_BYTES: u32 = 4 << 20;
+
+/// Most segments one read or write may carry.
+const MAX_SEGMENTS: u16 = 1024;
+
+/// A block device over a range of memory.
+pub struct RamDisk<H: Hal> {
+    hal: H,
+    storage: NonNull<u8>,
+    geometry: Geometry,
+    finished: Vec<VecDeque<Completion>>,
+    /// Memory the disk allocated itself, freed on drop.
+    owned: Option<DmaRegion>,
+}
+
+impl<H: Hal> RamDisk<H> {
+    /// A RAM disk over `blocks` blocks of `block_size` bytes at `storage`.
+    ///
+    /// # Safety
+    ///
+    /// `storage` is valid for reads and writes of `blocks * block_size` bytes
+    /// and used by nothing else for the disk's lifetime.
+    pub unsafe fn new(
+        hal: H,
+        storage: NonNull<u8>,
+        block_size: u32,
+        blocks: u64,
+        queues: u16,
+    ) -> Self {
+        let geometry = Geometry {
+            logical_block_size: block_size,
+            physical_block_size: block_size,
+            blocks,
+            volatile_write_cache: false,
+            discard_granularity: Some(1),
+            max_discard_blocks: blocks,
+            max_write_zeroes_blocks: blocks,
+            max_transfer_bytes: MAX_TRANSFER_BYTES,
+            max_segments: MAX_SEGMENTS,
+            queues,
+            queue_depth: QUEUE_DEPTH,
+        };
+        let finished = (0..queues).map(|_| VecDeque::new()).collect();
+        Self {
+            hal,
+            storage,
+            geometry,
+            finished,
+            owned: None,
+        }
+    }
+
+    /// A zero-filled RAM disk of `blocks` 512-byte blocks in memory from the
+    /// `Hal`, or `None` when it has not that much.
+    pub fn allocate(hal: H, blocks: u64, queues: u16) -> Option<Self> {
+        let bytes = usize::try_from(blocks.checked_mul(512)?).ok()?;
+        let region = hal.dma_alloc(bytes.div_ceil(PAGE_SIZE))?;
+        let storage = region.virt;
+        // SAFETY: the region is ours, zeroed and at least `bytes` long.
+        let mut disk = unsafe { Self::new(hal, storage, 512, blocks, queues) };
+        disk.owned = Some(region);
+        Some(disk)
+    }
+
+    fn byte_range(&self, lba: u64, blocks: u64) -> (usize, usize) {
+        let block_size = u64::from(self.geometry.logical_block_size);
+        // `block::validate` bounded lba + blocks by the capacity, which fits
+        // in memory, so neither conversion truncates.
+        ((lba * block_size) as usize, (blocks * block_size) as usize)
+    }
+
+    /// Copies between the disk at byte `offset` and the segments; returns
+    /// `Err` before copying anything if a segment is not mapped RAM.
+    fn transfer(
+        &mut self,
+        offset: usize,
+        segments: &[Segment],
+        to_disk: bool,
+    ) -> Result<(), SubmitError> {
+        let mut mapped = Vec::with_capacity(segments.len());
+        for segment in segments {
+            let len = segment.len as usize;
+            let virt = self
+                .hal
+                .phys_to_virt(segment.phys, len)
+                .ok_or(SubmitError::BadAddress)?;
+            mapped.push((virt, len));
+        }
+        let mut at = offset;
+        for (virt, len) in mapped {
+            // SAFETY: `validate` kept `at + len` within the storage that
+            // `new`'s caller vouched for; `phys_to_virt` vouched for `virt`;
+            // guest buffers never overlap the disk's own storage.
+            unsafe {
+                let disk = self.storage.as_ptr().add(at);
+                if to_disk {
+                    core::ptr::copy_nonoverlapping(virt.as_ptr(), disk, len);
+                } else {
+                    core::ptr::copy_nonoverlapping(disk, virt.as_ptr(), len);
+                }
+            }
+            at += len;
+        }
+        Ok(())
+    }
+}
+
+impl<H: Hal> BlockDevice for RamDisk<H> {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
+        let blocks = block::validate(&self.geometry, queue, &request)?;
+        if self.finished[usize::from(queue)].len() >= usize::from(QUEUE_DEPTH) {
+            return Err(SubmitError::QueueFull);
+        }
+        match request {
+            Request::Read { lba, segments } | Request::Write { lba, segments } => {
+                let (offset, _) = self.byte_range(lba, blocks);
+                let to_disk = matches!(request, Request::Write { .. });
+                self.transfer(offset, segments, to_disk)?;
+            }
+            Request::Flush => {}
+            Request::Discard { lba, blocks } | Request::WriteZeroes { lba, blocks } => {
+                // Discarded blocks read back as zeroes, like write-zeroes.
+                let (offset, len) = self.byte_range(lba, blocks);
+                // SAFETY: `validate` kept the range within the storage.
+                unsafe { self.storage.as_ptr().add(offset).write_bytes(0, len) };
+            }
+        }
+        self.finished[usize::from(queue)].push_back(Completion {
+            tag,
+            result: Ok(()),
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
+        let Some(finished) = self.finished.get_mut(usize::from(queue)) else {
+            return 0;
+        };
+        block::hand_over(finished, out)
+    }
+}
+
+impl<H: Hal> Drop for RamDisk<H> {
+    fn drop(&mut self) {
+        if let Some(region) = self.owned.take() {
+            // SAFETY: the region came from this Hal and no pointer to it
+            // outlives the disk.
+            unsafe { self.hal.dma_free(region) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::IoError;
+    use crate::testing::{TestHal, poll_one, read_request, segment, write_request};
+
+    #[test]
+    fn write_read_discard_round_trip() {
+        let hal = TestHal::new();
+        let mut disk = RamDisk::allocate(hal.clone(), 64, 2).unwrap();
+        let source = hal.buffer_with_pattern(2, 7);
+        let written = [segment(source.phys, 1024), segment(source.phys + 4096, 512)];
+        disk.submit(1, 10, write_request(3, &written)).unwrap();
+        assert_eq!(
+            poll_one(&hal, &mut disk, 1),
+            Completion {
+                tag: 10,
+                result: Ok(())
+            }
+        );
+
+        let target = hal.dma_buffer(1);
+        let read = [segment(target.phys, 1536)];
+        disk.submit(1, 11, read_request(3, &read)).unwrap();
+        assert_eq!(poll_one(&hal, &mut disk, 1).tag, 11);
+        assert_eq!(hal.bytes(target.phys, 1024), hal.bytes(source.phys, 1024));
+        assert_eq!(
+            hal.bytes(target.phys + 1024, 512),
+            hal.bytes(source.phys + 4096, 512)
+        );
+
+        disk.submit(0, 12, Request::Discard { lba: 4, blocks: 1 })
+            .unwrap();
+        assert_eq!(poll_one(&hal, &mut disk, 0).result, Ok::<(), IoError>(()));
+        disk.submit(0, 13, read_request(3, &read)).unwrap();
+        poll_one(&hal, &mut disk, 0);
+        assert_eq!(hal.bytes(target.phys, 512), hal.bytes(source.phys, 512));
+        assert!(hal.bytes(target.phys + 512, 512).iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn rejects_out_of_range_and_bad_queue() {
+        let hal = TestHal::new();
+        let mut disk = RamDisk::allocate(hal.clone(), 8, 1).unwrap();
+        assert_eq!(
+            disk.submit(0, 1, Request::Discard { lba: 7, blocks: 2 }),
+            Err(SubmitError::OutOfRange)
+        );
+        assert_eq!(
+            disk.submit(1, 1, Request::Flush),
+            Err(SubmitError::NoSuchQueue)
+        );
+        let buffer = hal.dma_buffer(1);
+        let odd = [segment(buffer.phys, 100)];
+        assert_eq!(
+            disk.submit(0, 1, read_request(0, &odd)),
+            Err(SubmitError::BadLength)
+        );
+        let unmapped = [segment(0x10, 512)];
+        assert_eq!(
+            disk.submit(0, 1, read_request(0, &unmapped)),
+            Err(SubmitError::BadAddress)
+        );
+        let mut out = [Completion::default(); 4];
+        assert_eq!(disk.poll(0, &mut out), 0);
+    }
+
+    #[test]
+    fn queue_fills_until_polled() {
+        let hal = TestHal::new();
+        let mut disk = RamDisk::allocate(hal.clone(), 8, 1).unwrap();
+        for tag in 0..u64::from(QUEUE_DEPTH) {
+            disk.submit(0, tag, Request::Flush).unwrap();
+        }
+        assert_eq!(
+            disk.submit(0, 999, Request::Flush),
+            Err(SubmitError::QueueFull)
+        );
+        let mut out = [Completion::default(); 8];
+        assert_eq!(disk.poll(0, &mut out), 8);
+        assert_eq!(out[7].tag, 7);
+        disk.submit(0, 999, Request::Flush).unwrap();
+    }
+}
