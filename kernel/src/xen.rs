@@ -15,7 +15,7 @@ use kernel::paging::Access;
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
-use xen_pv::event::{EventChannels, Port, Send};
+use xen_pv::event::{EventChannels, EvtchnSend, Port};
 use xen_pv::grant::{GfnWindow, GrantMapper};
 use xen_pv::hvm::{self, UpcallMethod};
 use xen_pv::hypercall::command;
@@ -158,7 +158,7 @@ impl PeerChannel for PortChannel {
     fn notify(&mut self) {
         // A failed send means the port is gone; the peer's silence then
         // ends the wait with a timeout.
-        let _ = command(&self.xen, &mut Send { port: self.port.0 });
+        let _ = command(&self.xen, &mut EvtchnSend { port: self.port.0 });
     }
 
     fn wait(&mut self) -> Result<(), TimedOut> {
