@@ -5,7 +5,7 @@ KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 CMDLINE ?= loglevel=info
 MODULE ?= target/demo-module.img
 
-.PHONY: all build run test test-host test-boot lint clean
+.PHONY: all build run test test-host test-boot lint bench clean
 
 all: build
 
@@ -33,6 +33,11 @@ lint:
 
 test-boot: build
 	python3 tests/boot.py $(KERNEL)
+
+# Disk benchmark on QEMU's emulated NVMe, AHCI and virtio-blk (TCG: the
+# figures are ceilings for later comparisons in the same run, not hardware).
+bench: build
+	python3 tests/bench.py $(KERNEL)
 
 clean:
 	cargo clean

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+from qemu_disks import EXPECTED, disk_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCHER = os.path.join(HERE, "..", "images", "bare", "qemu.sh")
 SUCCESS, FAILURE = 33, 35
@@ -107,6 +109,22 @@ def main():
     boot_case(kernel, "fault=ud", "fault=ud", FAILURE, [r"FATAL: exception 6 \(invalid opcode\)", regs])
     boot_case(kernel, "fault=stackoverflow hits the guard page", "fault=stackoverflow", FAILURE, [
         r"FATAL: exception 14 \(page fault\) error code 0x2\b", regs, r"<not mapped>",
+    ])
+
+    with tempfile.TemporaryDirectory() as folder:
+        out, secs = boot_case(kernel, "disk-selftest on NVMe (2 namespaces), AHCI and virtio-blk", "job=disk-selftest", SUCCESS, [
+            r"pci: ECAM at 0x[0-9a-f]+",
+            r"storage: 4 disk\(s\): " + " ".join(EXPECTED),
+            *[rf"disk-selftest: {name}: PASS in \d+ ms \(1024 KiB in \d+ segments, unaligned 1\.5 KiB, "
+              rf"last block 131071, beyond end refused" for name in EXPECTED],
+            r"disk-selftest: nvme0n1: PASS .*write-zeroes, discard\)",
+            r"disk-selftest: ahci0p0: PASS .*write-zeroes, discard\)",
+            r"ahci0p0: 00:1f\.2, NCQ on",
+            r"disk-selftest: 4 disk\(s\), 0 failed",
+        ], extra=disk_args(folder))
+        print(f"disk self-test wall clock: {secs:.2f}s")
+    boot_case(kernel, "disk-selftest without disks fails", "job=disk-selftest", FAILURE, [
+        r"storage: 0 disk\(s\)", r"DiskSelftest failed",
     ])
 
     passed = sum(results)

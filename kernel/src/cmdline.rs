@@ -60,6 +60,10 @@ pub enum Job {
     Boot,
     /// Exercise the Xen interfaces against a cooperating dom0 and exit.
     XenSelftest,
+    /// Write, read back and check every disk found, then exit.
+    DiskSelftest,
+    /// Measure every disk found and print a table, then exit.
+    DiskBench,
 }
 
 impl Job {
@@ -67,6 +71,8 @@ impl Job {
         Some(match word {
             "boot" => Self::Boot,
             "xen-selftest" => Self::XenSelftest,
+            "disk-selftest" => Self::DiskSelftest,
+            "disk-bench" => Self::DiskBench,
             _ => return None,
         })
     }
@@ -138,6 +144,8 @@ mod tests {
         assert_eq!(Options::parse("fault=panic").fault, Some(Fault::Panic));
         assert_eq!(Options::parse("job=xen-selftest").job, Job::XenSelftest);
         assert_eq!(Options::parse("job=boot").job, Job::Boot);
+        assert_eq!(Options::parse("job=disk-selftest").job, Job::DiskSelftest);
+        assert_eq!(Options::parse("job=disk-bench").job, Job::DiskBench);
         assert_eq!(Options::parse("job=dance").unknown, Some("job=dance"));
         assert_eq!(
             Options::parse("fault=stackoverflow").fault,

@@ -5,9 +5,12 @@
 
 mod arch;
 mod console;
+mod disk_test;
 mod memory;
+mod platform;
 mod power;
 mod rt;
+mod storage;
 mod xen;
 mod xen_selftest;
 
@@ -165,6 +168,20 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
     log::info!("boot complete in {} us", clock::now_ns() / 1000);
     match opts.job {
         Job::Boot => {}
+        Job::DiskSelftest | Job::DiskBench => {
+            let mut pci = storage::pci_config(info.rsdp);
+            let mut disks = storage::discover(&mut pci);
+            let names: alloc::vec::Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+            log::info!("storage: {} disk(s): {}", disks.len(), names.join(" "));
+            let ok = if opts.job == Job::DiskSelftest {
+                disk_test::selftest_all(&mut disks)
+            } else {
+                disk_test::bench_all(&mut disks)
+            };
+            if !ok {
+                fail(format_args!("{:?} failed", opts.job));
+            }
+        }
         Job::XenSelftest => {
             let Some(services) = xen::services() else {
                 fail(format_args!("job=xen-selftest needs Xen"));

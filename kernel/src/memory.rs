@@ -194,6 +194,9 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
     }
     TABLES_LIVE.store(true, Ordering::Release);
 
+    for r in ram() {
+        add_direct_range(r.start, r.end());
+    }
     let highest_checked = check_ram_ends(info)?;
 
     let (free, heap_bytes) = {
@@ -273,6 +276,66 @@ pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
 /// Changes how kernel-owned memory at `[phys, phys+len)` may be used.
 pub fn protect(phys: u64, len: u64, access: Access) -> Result<(), MapError> {
     map_identity(phys, len, access).map(drop)
+}
+
+/// Returns frames from [`alloc_frames`].
+pub fn free_frames(start: u64, frames: u64) {
+    if let Err(e) = FRAMES.lock().free(start, frames) {
+        log::error!("memory: freeing {frames} frame(s) at {start:#x}: {e:?}");
+    }
+}
+
+/// Ranges the kernel maps one-to-one as ordinary memory and may hand to
+/// devices: all RAM, and windows registered later (grant mappings).
+static DIRECT_RANGES: Mutex<([(u64, u64); 32], usize)> = Mutex::new(([(0, 0); 32], 0));
+
+/// Records `[start, end)` as directly mapped memory (see [`is_direct`]).
+pub fn add_direct_range(start: u64, end: u64) {
+    let mut guard = DIRECT_RANGES.lock();
+    let (ranges, len) = &mut *guard;
+    if *len < ranges.len() {
+        ranges[*len] = (start, end);
+        *len += 1;
+    } else {
+        log::error!("memory: no room to record direct range {start:#x}-{end:#x}");
+    }
+}
+
+/// Whether `[phys, phys+len)` lies in one directly mapped range.
+pub fn is_direct(phys: u64, len: u64) -> bool {
+    let Some(end) = phys.checked_add(len) else {
+        return false;
+    };
+    let guard = DIRECT_RANGES.lock();
+    guard.0[..guard.1]
+        .iter()
+        .any(|&(s, e)| s <= phys && end <= e)
+}
+
+/// Copies firmware data (ACPI tables) from physical memory, mapping the
+/// pages read-only first where they are not mapped yet.
+pub fn read_firmware(phys: u64, buf: &mut [u8]) -> bool {
+    let Some(end) = phys.checked_add(buf.len() as u64) else {
+        return false;
+    };
+    let first = phys & !(PAGE - 1);
+    {
+        let mut guard = TABLES.lock();
+        let Some(tables) = guard.as_mut() else {
+            return false;
+        };
+        for page in (first..end).step_by(PAGE as usize) {
+            if tables.translate(page).is_none()
+                && tables.map(page, page, PAGE, Access::READ_ONLY).is_err()
+            {
+                return false;
+            }
+        }
+    }
+    // SAFETY: every page of the range is mapped (checked or mapped above),
+    // and firmware tables are only read.
+    unsafe { core::ptr::copy_nonoverlapping(phys as *const u8, buf.as_mut_ptr(), buf.len()) };
+    true
 }
 
 /// Allocates `frames` zeroed, contiguous, identity-mapped frames.

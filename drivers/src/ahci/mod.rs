@@ -67,6 +67,8 @@ mod port {
     pub const IS_ERRORS: u32 = (1 << 30) | (1 << 29) | (1 << 28) | (1 << 27);
     pub const DEVICE_PRESENT: u32 = 3;
     pub const SIGNATURE_ATA: u32 = 0x0000_0101;
+    /// PxSIG before the first D2H register FIS arrived.
+    pub const SIGNATURE_NONE_YET: u32 = 0xffff_ffff;
 }
 
 const COMMAND_HEADER_SIZE: usize = 32;
@@ -201,7 +203,13 @@ pub unsafe fn probe<H: Hal + Clone>(
         ports.iter().all(|(_, regs)| linked(regs))
     });
     for (number, port_regs) in ports {
-        if !linked(&port_regs) || port_regs.read32(port::SIGNATURE) != port::SIGNATURE_ATA {
+        // The signature arrives with the device's first D2H FIS, which an
+        // HBA may only take once FIS receive is on (QEMU's does): all ones
+        // means "not yet", and IDENTIFY in bring-up then decides.
+        let signature = port_regs.read32(port::SIGNATURE);
+        if !linked(&port_regs)
+            || (signature != port::SIGNATURE_ATA && signature != port::SIGNATURE_NONE_YET)
+        {
             continue;
         }
         match AhciPort::bring_up(hal.clone(), port_regs, number, capabilities, config) {

@@ -22,6 +22,12 @@ pub fn outl(port: u16, value: u32) {
     unsafe { Port::new(port).write(value) }
 }
 
+/// Reads a dword from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    // SAFETY: as for `outb`.
+    unsafe { Port::new(port).read() }
+}
+
 /// Reads an MSR.
 pub fn rdmsr(msr: u32) -> u64 {
     // SAFETY: only called for architectural MSRs after CPUID showed the
