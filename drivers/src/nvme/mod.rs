@@ -150,7 +150,10 @@ impl IoQueue {
     fn list_of(&self, cid: u16) -> (Region, PhysAddr) {
         let bytes = self.list_pages * PAGE_SIZE;
         let offset = usize::from(cid) * bytes;
-        assert!(offset + bytes <= self.lists.len(), "slot beyond the PRP lists");
+        assert!(
+            offset + bytes <= self.lists.len(),
+            "slot beyond the PRP lists"
+        );
         // SAFETY: `offset + bytes` lies within `lists` (checked above).
         let region = unsafe { Region::new(self.lists.virt.add(offset), bytes) };
         (region, self.lists.phys + offset as u64)
