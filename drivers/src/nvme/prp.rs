@@ -138,6 +138,7 @@ mod tests {
         while bytes > 0 {
             let entry = u64::from_le_bytes(hal.bytes(at, 8).try_into().unwrap());
             if at % PAGE == PAGE - 8 && bytes > PAGE {
+                assert_eq!(entry % PAGE, 0, "a chain pointer names a whole list page");
                 at = entry;
                 continue;
             }

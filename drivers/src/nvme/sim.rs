@@ -418,6 +418,10 @@ pub(crate) fn prp_chunks(prp1: u64, prp2: u64, mut bytes: u64) -> Result<Vec<(u6
         while bytes > 0 {
             let entry = read_phys::<u64>(at);
             if at % PAGE == PAGE - 8 && bytes > PAGE {
+                // A chain pointer names the start of the next list page.
+                if !entry.is_multiple_of(PAGE) {
+                    return Err(PRP_OFFSET_INVALID);
+                }
                 at = entry;
                 continue;
             }
