@@ -44,6 +44,7 @@ macro_rules! xen_command {
 }
 
 pub mod arch;
+pub mod blkback;
 pub mod blkif;
 pub mod console;
 pub mod event;
@@ -55,6 +56,7 @@ pub mod ring;
 pub mod sched;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod xenbus;
 pub mod xenstore;
 
 #[cfg(test)]

@@ -1,0 +1,790 @@
+//! The ring engine: one connected blkif ring served from one disk.
+//!
+//! Each request is copied out of the shared ring once, parsed and checked
+//! against the disk, its grants mapped in one batch with the others of the
+//! same poll, and run as a short list of device steps (a barrier is a
+//! flush, the write and a flush, after every older request finished).
+//! Grants are unmapped before the response is published.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use drivers::{BlockDevice, Completion, Geometry, SubmitError};
+
+use super::Services;
+use super::target::OpenError;
+use crate::blkif::{self, Direction, Protocol, Request, SegmentList};
+use crate::event::Port;
+use crate::grant::{GrantError, GrantRef, GrantSpec, Mapping};
+use crate::ring::{BackRing, RingError};
+use crate::{DomId, PAGE_SIZE};
+
+/// Bytes in a blkif sector: every sector number on the ring and in
+/// xenstore counts these, whatever the disk's block size.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Log lines one vbd may print per second; the rest are counted.
+pub const MAX_LOG_LINES_PER_SECOND: u32 = 10;
+
+/// Rounds of complete / start / consume in one [`Ring::poll`], so a device
+/// that completes at once is answered in the same poll without a frontend
+/// being able to keep the loop busy forever.
+const ROUNDS_PER_POLL: usize = 4;
+
+/// Device completions fetched per call.
+const COMPLETION_BATCH: usize = 32;
+
+/// The device queue a ring submits on (one ring per vbd for now).
+const QUEUE: u16 = 0;
+
+/// The disk behind a vbd and what the frontend may do with it.
+pub struct Disk {
+    device: Box<dyn BlockDevice>,
+    geometry: Geometry,
+    read_only: bool,
+    /// blkif sectors per logical block.
+    sectors_per_block: u64,
+}
+
+impl Disk {
+    /// Checks that `device` can be served over blkif: a logical block of a
+    /// whole number of 512-byte sectors, and at least one block.
+    pub fn new(device: Box<dyn BlockDevice>, read_only: bool) -> Result<Disk, OpenError> {
+        let geometry = device.geometry();
+        let block = u64::from(geometry.logical_block_size);
+        if block < SECTOR_SIZE || !block.is_multiple_of(SECTOR_SIZE) || geometry.blocks == 0 {
+            return Err(OpenError::BadGeometry);
+        }
+        if geometry.blocks.checked_mul(block / SECTOR_SIZE).is_none() || geometry.queues == 0 {
+            return Err(OpenError::BadGeometry);
+        }
+        Ok(Disk {
+            device,
+            geometry,
+            read_only,
+            sectors_per_block: block / SECTOR_SIZE,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Capacity in 512-byte sectors (the `sectors` node).
+    pub fn sectors(&self) -> u64 {
+        self.geometry.blocks * self.sectors_per_block
+    }
+
+    /// Whether flushes are advertised and accepted.
+    pub fn flushes(&self) -> bool {
+        self.geometry.volatile_write_cache
+    }
+
+    /// Discard granularity in bytes, when discard is advertised.
+    pub fn discard_granularity_bytes(&self) -> Option<u64> {
+        self.geometry
+            .discard_granularity
+            .filter(|_| self.geometry.max_discard_blocks > 0)
+            .map(|g| u64::from(g.max(1)) * u64::from(self.geometry.logical_block_size))
+    }
+
+    /// The logical block of blkif `sector`, if it starts one.
+    fn block_of(&self, sector: u64) -> Option<u64> {
+        sector
+            .is_multiple_of(self.sectors_per_block)
+            .then(|| sector / self.sectors_per_block)
+    }
+}
+
+/// Prints at most [`MAX_LOG_LINES_PER_SECOND`] lines a second for one vbd.
+pub struct RateLimitedLog {
+    label: String,
+    window_start_ns: u64,
+    lines_in_window: u32,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    pub fn new(label: String) -> Self {
+        RateLimitedLog {
+            label,
+            window_start_ns: 0,
+            lines_in_window: 0,
+            suppressed: 0,
+        }
+    }
+
+    pub fn line<S: Services>(&mut self, svc: &mut S, args: fmt::Arguments<'_>) {
+        let now = svc.now_ns();
+        if now.saturating_sub(self.window_start_ns) >= 1_000_000_000 {
+            if self.suppressed > 0 {
+                let (label, n) = (&self.label, self.suppressed);
+                svc.log(format_args!("{label}: {n} more messages suppressed"));
+            }
+            self.window_start_ns = now;
+            self.lines_in_window = 0;
+            self.suppressed = 0;
+        }
+        if self.lines_in_window < MAX_LOG_LINES_PER_SECOND {
+            self.lines_in_window += 1;
+            let label = &self.label;
+            svc.log(format_args!("{label}: {args}"));
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// One device operation of a request.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Read { lba: u64 },
+    Write { lba: u64 },
+    Flush,
+    Discard { lba: u64, blocks: u64 },
+}
+
+/// A request accepted from the ring, until its response is queued.
+struct InFlight {
+    id: u64,
+    operation: u8,
+    steps: VecDeque<Step>,
+    /// The granted data, in request order.
+    segments: Vec<drivers::Segment>,
+    mappings: Vec<Mapping>,
+    status: i16,
+    /// Whether its steps may run (a barrier waits for the older requests).
+    started: bool,
+    on_device: bool,
+}
+
+/// What a valid request needs: its steps and the grants to map.
+struct Plan {
+    id: u64,
+    operation: u8,
+    steps: VecDeque<Step>,
+    segments: SegmentList,
+    map_readonly: bool,
+    barrier: bool,
+}
+
+/// A refusal: the status to answer with and why (for the log).
+type Refusal = (i16, &'static str);
+
+fn plan(request: &Request, disk: &Disk) -> Result<Plan, (u64, u8, Refusal)> {
+    let with = |id, operation, steps: &[Step], segments, map_readonly, barrier| Plan {
+        id,
+        operation,
+        steps: steps.iter().copied().collect(),
+        segments,
+        map_readonly,
+        barrier,
+    };
+    match *request {
+        Request::ReadWrite {
+            id,
+            direction,
+            sector,
+            segments,
+            ..
+        } => {
+            let (operation, write) = match direction {
+                Direction::Read => (blkif::OP_READ, false),
+                Direction::Write => (blkif::OP_WRITE, true),
+            };
+            let lba = check_data(disk, sector, &segments, write).map_err(|r| (id, operation, r))?;
+            let step = if write {
+                Step::Write { lba }
+            } else {
+                Step::Read { lba }
+            };
+            Ok(with(id, operation, &[step], segments, write, false))
+        }
+        Request::Barrier {
+            id,
+            sector,
+            segments,
+            ..
+        } => {
+            let operation = blkif::OP_WRITE_BARRIER;
+            let flush = disk.flushes();
+            if segments.as_slice().is_empty() {
+                return Ok(with(id, operation, &[Step::Flush], segments, true, true));
+            }
+            let lba = check_data(disk, sector, &segments, true).map_err(|r| (id, operation, r))?;
+            let write = Step::Write { lba };
+            let steps: &[Step] = if flush {
+                &[Step::Flush, write, Step::Flush]
+            } else {
+                &[write]
+            };
+            Ok(with(id, operation, steps, segments, true, true))
+        }
+        Request::Flush { id } => {
+            let operation = blkif::OP_FLUSH_DISKCACHE;
+            if !disk.flushes() {
+                let refusal = (blkif::RSP_EOPNOTSUPP, "flush not advertised");
+                return Err((id, operation, refusal));
+            }
+            Ok(with(
+                id,
+                operation,
+                &[Step::Flush],
+                SegmentList::default(),
+                true,
+                false,
+            ))
+        }
+        Request::Discard {
+            id,
+            sector,
+            nr_sectors,
+            secure,
+        } => {
+            let operation = blkif::OP_DISCARD;
+            let refuse = |r: Refusal| Err((id, operation, r));
+            if disk.discard_granularity_bytes().is_none() {
+                return refuse((blkif::RSP_EOPNOTSUPP, "discard not advertised"));
+            }
+            if secure {
+                return refuse((blkif::RSP_EOPNOTSUPP, "secure discard not advertised"));
+            }
+            if disk.read_only {
+                return refuse((blkif::RSP_ERROR, "discard on a read-only disk"));
+            }
+            let end = sector.checked_add(nr_sectors);
+            if end.is_none_or(|end| end > disk.sectors()) {
+                return refuse((blkif::RSP_ERROR, "discard beyond the disk"));
+            }
+            let (Some(lba), Some(blocks)) = (disk.block_of(sector), disk.block_of(nr_sectors))
+            else {
+                return refuse((blkif::RSP_ERROR, "discard not aligned to the block size"));
+            };
+            let steps: &[Step] = if blocks == 0 {
+                &[]
+            } else {
+                &[Step::Discard { lba, blocks }]
+            };
+            Ok(with(
+                id,
+                operation,
+                steps,
+                SegmentList::default(),
+                true,
+                false,
+            ))
+        }
+        Request::Indirect { id, .. } => {
+            let refusal = (blkif::RSP_EOPNOTSUPP, "indirect requests not advertised");
+            Err((id, blkif::OP_INDIRECT, refusal))
+        }
+    }
+}
+
+/// Checks a read or write against the disk; returns its first block.
+fn check_data(
+    disk: &Disk,
+    sector: u64,
+    segments: &SegmentList,
+    write: bool,
+) -> Result<u64, Refusal> {
+    if write && disk.read_only {
+        return Err((blkif::RSP_ERROR, "write to a read-only disk"));
+    }
+    let mut total = 0u64;
+    for s in segments.as_slice() {
+        let aligned = disk.block_of(u64::from(s.first_sect)).is_some()
+            && disk.block_of(u64::from(s.sectors())).is_some();
+        if !aligned {
+            return Err((blkif::RSP_ERROR, "segment not aligned to the block size"));
+        }
+        total += u64::from(s.sectors());
+    }
+    let end = sector.checked_add(total);
+    if end.is_none_or(|end| end > disk.sectors()) {
+        return Err((blkif::RSP_ERROR, "sectors beyond the disk"));
+    }
+    disk.block_of(sector)
+        .ok_or((blkif::RSP_ERROR, "sector not aligned to the block size"))
+}
+
+/// Why a ring could not be connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The ring page grant could not be mapped.
+    RingGrant(GrantError),
+    /// The mapped ring page has no address in this domain.
+    RingAddress,
+    /// The frontend's event channel could not be bound.
+    EventChannel(crate::Errno),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::RingGrant(e) => write!(f, "mapping ring-ref failed: {e:?}"),
+            ConnectError::RingAddress => f.write_str("ring page has no address"),
+            ConnectError::EventChannel(e) => write!(f, "binding event-channel failed: {e:?}"),
+        }
+    }
+}
+
+/// A connected ring.
+pub struct Ring {
+    frontend: DomId,
+    protocol: Protocol,
+    port: Port,
+    /// Valid while `ring_mapping` is mapped, i.e. until `close`.
+    ring: BackRing<'static>,
+    ring_mapping: Mapping,
+    slots: Vec<Option<InFlight>>,
+    in_flight: usize,
+    /// The slot of the barrier being drained or run; no request is taken
+    /// from the ring meanwhile.
+    barrier: Option<usize>,
+    /// No more requests are taken (disconnecting).
+    stopped: bool,
+    to_unmap: Vec<Mapping>,
+    responses_queued: bool,
+}
+
+impl Ring {
+    /// Maps the frontend's ring page, attaches to it and binds its event
+    /// channel. At most `max_in_flight` requests are held at a time (also
+    /// bounded by the ring size).
+    pub fn connect<S: Services>(
+        svc: &mut S,
+        frontend: DomId,
+        ring_ref: GrantRef,
+        remote_port: u32,
+        protocol: Protocol,
+        max_in_flight: usize,
+    ) -> Result<Ring, ConnectError> {
+        let spec = GrantSpec {
+            domid: frontend,
+            gref: ring_ref,
+            readonly: false,
+        };
+        let mapping = match svc.map_grants(&[spec]).pop() {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(ConnectError::RingGrant(e)),
+            None => return Err(ConnectError::RingGrant(GrantError::General)),
+        };
+        let base = svc
+            .frame_address(mapping.gfn)
+            .filter(|p| (p.as_ptr() as usize).is_multiple_of(8));
+        let Some(base) = base else {
+            unmap_logged(svc, alloc::vec![mapping]);
+            return Err(ConnectError::RingAddress);
+        };
+        let port = match svc.bind_interdomain(frontend, remote_port) {
+            Ok(port) => port,
+            Err(e) => {
+                unmap_logged(svc, alloc::vec![mapping]);
+                return Err(ConnectError::EventChannel(e));
+            }
+        };
+        // SAFETY: `frame_address` gives where the page mapped at
+        // `mapping.gfn` is, 8-byte aligned (checked); it stays mapped
+        // until `close`, which drops this view first.
+        let ring = unsafe { BackRing::attach(base, PAGE_SIZE, protocol.entry_size()) };
+        let slots = max_in_flight.clamp(1, ring.size() as usize);
+        Ok(Ring {
+            frontend,
+            protocol,
+            port,
+            ring,
+            ring_mapping: mapping,
+            slots: (0..slots).map(|_| None).collect(),
+            in_flight: 0,
+            barrier: None,
+            stopped: false,
+            to_unmap: Vec::new(),
+            responses_queued: false,
+        })
+    }
+
+    /// The local event channel port of this ring.
+    pub fn port(&self) -> Port {
+        self.port
+    }
+
+    /// Requests accepted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Stops taking requests; those on the device finish, those not yet
+    /// started are answered with an error.
+    pub fn stop(&mut self) {
+        self.stopped = true;
+    }
+
+    /// Whether the ring may be closed (stopped and nothing in flight).
+    pub fn drained(&self) -> bool {
+        self.stopped && self.in_flight == 0
+    }
+
+    /// Unmaps the ring page and closes the port. Call once [`Self::drained`].
+    pub fn close<S: Services>(self, svc: &mut S) {
+        debug_assert!(self.drained());
+        // Consuming `self` ends the ring view before its page goes.
+        let Ring {
+            port,
+            ring_mapping,
+            to_unmap,
+            ..
+        } = self;
+        let mut mappings = to_unmap;
+        mappings.push(ring_mapping);
+        unmap_logged(svc, mappings);
+        svc.close_port(port);
+    }
+
+    /// Does the work the ring and the disk have: completions, new requests,
+    /// responses, notification; re-arms the request event when idle.
+    /// Returns whether anything happened. `Err` means the frontend broke
+    /// the ring: stop it and disconnect.
+    pub fn poll<S: Services>(
+        &mut self,
+        disk: &mut Disk,
+        svc: &mut S,
+        log: &mut RateLimitedLog,
+    ) -> Result<bool, RingError> {
+        let mut worked = false;
+        let mut broken = Ok(());
+        for _ in 0..ROUNDS_PER_POLL {
+            let mut round = self.reap(disk, svc, log);
+            round |= self.start_ready(disk, svc, log);
+            if !self.stopped && broken.is_ok() {
+                match self.take_requests(disk, svc, log) {
+                    Ok(took) => round |= took,
+                    Err(e) => broken = Err(e),
+                }
+            }
+            if !round {
+                break;
+            }
+            worked = true;
+        }
+        let unmap = core::mem::take(&mut self.to_unmap);
+        unmap_logged(svc, unmap);
+        if core::mem::take(&mut self.responses_queued) && self.ring.push_responses() {
+            // A failed send leaves the frontend to find the responses on
+            // its next look at the ring.
+            let _ = svc.notify(self.port);
+        }
+        broken?;
+        if !worked && self.in_flight == 0 && !self.stopped {
+            worked = self.ring.final_check_for_requests()?;
+        }
+        Ok(worked)
+    }
+
+    fn respond(&mut self, id: u64, operation: u8, status: i16) {
+        let mut out = [0u8; blkif::ENTRY_SIZE_X86_64];
+        let bytes = blkif::encode_response(self.protocol, id, operation, status, &mut out);
+        self.ring.put_response(bytes);
+        self.responses_queued = true;
+    }
+
+    /// A free slot not already promised to one of `accepted`.
+    fn free_slot(&self, accepted: &[(usize, Plan)]) -> Option<usize> {
+        (0..self.slots.len()).find(|&slot| {
+            self.slots[slot].is_none() && accepted.iter().all(|(taken, _)| *taken != slot)
+        })
+    }
+
+    /// Copies requests out while there is a free slot; refuses the invalid
+    /// ones at once and maps the grants of the valid ones in one batch.
+    fn take_requests<S: Services>(
+        &mut self,
+        disk: &mut Disk,
+        svc: &mut S,
+        log: &mut RateLimitedLog,
+    ) -> Result<bool, RingError> {
+        let mut took = false;
+        let mut accepted: Vec<(usize, Plan)> = Vec::new();
+        while self.barrier.is_none() {
+            let Some(slot) = self.free_slot(&accepted) else {
+                break;
+            };
+            let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
+            if !self.ring.next_request(&mut entry)? {
+                break;
+            }
+            took = true;
+            let planned = blkif::parse_request(self.protocol, &entry, 0)
+                .map_err(|r| (r.id, r.operation, (r.status, refusal_reason(r.error))))
+                .and_then(|request| plan(&request, disk));
+            match planned {
+                Ok(p) => {
+                    if p.barrier {
+                        self.barrier = Some(slot);
+                    }
+                    accepted.push((slot, p));
+                }
+                Err((id, operation, (status, why))) => {
+                    log.line(svc, format_args!("request {id:#x} refused: {why}"));
+                    self.respond(id, operation, status);
+                }
+            }
+        }
+        self.map_and_start(accepted, disk, svc, log);
+        Ok(took)
+    }
+
+    fn map_and_start<S: Services>(
+        &mut self,
+        accepted: Vec<(usize, Plan)>,
+        disk: &mut Disk,
+        svc: &mut S,
+        log: &mut RateLimitedLog,
+    ) {
+        let specs: Vec<GrantSpec> = accepted
+            .iter()
+            .flat_map(|(_, p)| {
+                p.segments.as_slice().iter().map(|s| GrantSpec {
+                    domid: self.frontend,
+                    gref: s.gref,
+                    readonly: p.map_readonly,
+                })
+            })
+            .collect();
+        let mut results = svc.map_grants(&specs).into_iter();
+        for (slot, p) in accepted {
+            let mut request = InFlight {
+                id: p.id,
+                operation: p.operation,
+                steps: p.steps,
+                segments: Vec::new(),
+                mappings: Vec::new(),
+                status: blkif::RSP_OKAY,
+                started: !p.barrier,
+                on_device: false,
+            };
+            for segment in p.segments.as_slice() {
+                match results.next() {
+                    Some(Ok(m)) => {
+                        request.segments.push(drivers::Segment {
+                            phys: m.gfn * PAGE_SIZE as u64
+                                + u64::from(segment.first_sect) * SECTOR_SIZE,
+                            len: segment.sectors() * SECTOR_SIZE as u32,
+                        });
+                        request.mappings.push(m);
+                    }
+                    failed => {
+                        if request.status == blkif::RSP_OKAY {
+                            let (id, gref) = (p.id, segment.gref);
+                            let why = failed.and_then(Result::err);
+                            log.line(
+                                svc,
+                                format_args!("request {id:#x}: grant {gref} unmappable: {why:?}"),
+                            );
+                        }
+                        request.status = blkif::RSP_ERROR;
+                    }
+                }
+            }
+            if request.status != blkif::RSP_OKAY {
+                // Refused before any step ran: no barrier to wait for.
+                request.started = true;
+                if self.barrier == Some(slot) {
+                    self.barrier = None;
+                }
+            }
+            self.slots[slot] = Some(request);
+            self.in_flight += 1;
+            self.advance(slot, disk, svc, log);
+        }
+    }
+
+    /// Fetches device completions and moves their requests on.
+    fn reap<S: Services>(
+        &mut self,
+        disk: &mut Disk,
+        svc: &mut S,
+        log: &mut RateLimitedLog,
+    ) -> bool {
+        let mut any = false;
+        let mut done = [Completion::default(); COMPLETION_BATCH];
+        // Each pass empties at most one batch; bounded by the slot count.
+        for _ in 0..=self.slots.len() / COMPLETION_BATCH {
+            let n = disk.device.poll(QUEUE, &mut done).min(COMPLETION_BATCH);
+            for completion in &done[..n] {
+                let slot = usize::try_from(completion.tag).unwrap_or(usize::MAX);
+                let Some(Some(request)) = self.slots.get_mut(slot) else {
+                    continue;
+                };
+                if !request.on_device {
+                    continue;
+                }
+                request.on_device = false;
+                if let Err(e) = completion.result {
+                    let id = request.id;
+                    request.status = blkif::RSP_ERROR;
+                    log.line(svc, format_args!("request {id:#x}: device error {e:?}"));
+                }
+                self.advance(slot, disk, svc, log);
+                any = true;
+            }
+            if n < COMPLETION_BATCH {
+                break;
+            }
+        }
+        any
+    }
+
+    /// Starts the drained barrier, retries steps the device queue had no
+    /// room for, and fails requests not started on a stopped ring.
+    fn start_ready<S: Services>(
+        &mut self,
+        disk: &mut Disk,
+        svc: &mut S,
+        log: &mut RateLimitedLog,
+    ) -> bool {
+        let mut any = false;
+        if let Some(slot) = self.barrier
+            && self.in_flight == 1
+            && let Some(Some(barrier)) = self.slots.get_mut(slot)
+            && !barrier.started
+        {
+            barrier.started = true;
+            self.advance(slot, disk, svc, log);
+            any = true;
+        }
+        for slot in 0..self.slots.len() {
+            let Some(request) = &mut self.slots[slot] else {
+                continue;
+            };
+            if self.stopped && !request.started {
+                request.started = true;
+                request.status = blkif::RSP_ERROR;
+            }
+            if request.started && !request.on_device {
+                any |= self.advance(slot, disk, svc, log);
+            }
+        }
+        any
+    }
+
+    /// Submits the next step of the request in `slot`, or answers it when
+    /// none is left (or it failed). Returns whether it moved.
+    fn advance<S: Services>(
+        &mut self,
+        slot: usize,
+        disk: &mut Disk,
+        svc: &mut S,
+        log: &mut RateLimitedLog,
+    ) -> bool {
+        let Some(Some(request)) = self.slots.get_mut(slot) else {
+            return false;
+        };
+        if !request.started || request.on_device {
+            return false;
+        }
+        if request.status != blkif::RSP_OKAY {
+            request.steps.clear();
+        }
+        let Some(step) = request.steps.pop_front() else {
+            self.finish(slot);
+            return true;
+        };
+        let tag = slot as u64;
+        let (submitted, remainder) = match step {
+            Step::Read { lba } => {
+                let segments = &request.segments;
+                let read = drivers::Request::Read { lba, segments };
+                (disk.device.submit(QUEUE, tag, read), None)
+            }
+            Step::Write { lba } => {
+                let segments = &request.segments;
+                let write = drivers::Request::Write { lba, segments };
+                (disk.device.submit(QUEUE, tag, write), None)
+            }
+            Step::Flush => (
+                disk.device.submit(QUEUE, tag, drivers::Request::Flush),
+                None,
+            ),
+            Step::Discard { lba, blocks } => {
+                // Larger discards than the device takes go in pieces.
+                let now = blocks.min(disk.geometry.max_discard_blocks.max(1));
+                let rest = (now < blocks).then_some(Step::Discard {
+                    lba: lba + now,
+                    blocks: blocks - now,
+                });
+                let discard = drivers::Request::Discard { lba, blocks: now };
+                (disk.device.submit(QUEUE, tag, discard), rest)
+            }
+        };
+        match submitted {
+            Ok(()) => {
+                request.on_device = true;
+                if let Some(rest) = remainder {
+                    request.steps.push_front(rest);
+                }
+                true
+            }
+            Err(SubmitError::QueueFull) => {
+                // Tried again on the next poll.
+                request.steps.push_front(step);
+                false
+            }
+            Err(e) => {
+                let id = request.id;
+                request.status = blkif::RSP_ERROR;
+                log.line(svc, format_args!("request {id:#x}: device refused: {e:?}"));
+                request.steps.clear();
+                self.finish(slot);
+                true
+            }
+        }
+    }
+
+    /// Queues the response of the request in `slot` and frees the slot;
+    /// its grants are unmapped before the response is published.
+    fn finish(&mut self, slot: usize) {
+        let Some(request) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.in_flight -= 1;
+        if self.barrier == Some(slot) {
+            self.barrier = None;
+        }
+        self.to_unmap.extend(request.mappings);
+        self.respond(request.id, request.operation, request.status);
+    }
+}
+
+fn refusal_reason(error: blkif::RequestError) -> &'static str {
+    match error {
+        blkif::RequestError::UnsupportedOperation => "unsupported operation",
+        blkif::RequestError::NoSegments => "no segments",
+        blkif::RequestError::TooManySegments => "too many segments",
+        blkif::RequestError::BadSegment => "bad first/last sector",
+        blkif::RequestError::BadIndirectOperation => "bad indirect operation",
+    }
+}
+
+/// Unmaps `mappings`; a failure leaves the frame reserved, which is all
+/// that can be done about it, and is logged.
+pub fn unmap_logged<S: Services>(svc: &mut S, mappings: Vec<Mapping>) {
+    if mappings.is_empty() {
+        return;
+    }
+    for result in svc.unmap_grants(mappings) {
+        if let Err((m, e)) = result {
+            let (gfn, gref) = (m.gfn, m.grant.gref);
+            svc.log(format_args!(
+                "blkback: unmapping grant {gref} at gfn {gfn:#x} failed: {e:?}; frame kept"
+            ));
+        }
+    }
+}
