@@ -512,13 +512,20 @@ impl Ring {
     ) -> Result<bool, RingError> {
         let mut took = false;
         let mut accepted: Vec<(usize, Plan)> = Vec::new();
+        let mut broken = Ok(());
         while self.barrier.is_none() {
             let Some(slot) = self.free_slot(&accepted) else {
                 break;
             };
             let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
-            if !self.ring.next_request(&mut entry)? {
-                break;
+            match self.ring.next_request(&mut entry) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    // What was taken before the breakage is still served.
+                    broken = Err(e);
+                    break;
+                }
             }
             took = true;
             let planned = blkif::parse_request(self.protocol, &entry, 0)
@@ -538,7 +545,7 @@ impl Ring {
             }
         }
         self.map_and_start(accepted, disk, svc, log);
-        Ok(took)
+        broken.map(|()| took)
     }
 
     fn map_and_start<S: Services>(

@@ -896,3 +896,124 @@ fn other_watches_are_left_to_the_kernel() {
         assert!(!h.vbds.on_watch_event(&mut h.xs, &mut svc, &event));
     });
 }
+
+/// xorshift64*: reproducible, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+#[test]
+fn random_requests_are_all_answered_without_harm() {
+    for protocol in [Protocol::X86_32, Protocol::X86_64] {
+        run(|h| {
+            let (id, mut front) = h.connected(protocol, 0);
+            let grefs: Vec<u32> = (0..4)
+                .map(|i| front.grant(i % 2 == 0, &[]))
+                .chain([0, 9999])
+                .collect();
+            let mut rng = Rng(0x5eed_0000 ^ protocol.entry_size() as u64);
+            for round in 0..40u64 {
+                let requests: Vec<Vec<u8>> = (0..32u64)
+                    .map(|i| {
+                        let segs: Vec<Seg> = (0..11)
+                            .map(|_| Seg {
+                                gref: grefs[rng.below(grefs.len() as u64) as usize],
+                                first_sect: rng.below(10) as u8,
+                                last_sect: rng.below(10) as u8,
+                            })
+                            .collect();
+                        let op = rng.below(9) as u8;
+                        let nr = rng.below(14) as u8;
+                        let sector = rng.below(2100);
+                        front.data_request(op, round * 32 + i, sector, nr, &segs)
+                    })
+                    .collect();
+                let mut responses = h.io(&mut front, &requests);
+                responses.sort_by_key(|r| r.id);
+                let ids: Vec<u64> = responses.iter().map(|r| r.id).collect();
+                assert_eq!(ids, (round * 32..round * 32 + 32).collect::<Vec<_>>());
+                assert!(
+                    responses
+                        .iter()
+                        .all(|r| [RSP_OKAY, RSP_ERROR, RSP_EOPNOTSUPP].contains(&r.status))
+                );
+            }
+            assert_eq!(h.vbds.status(id).unwrap().state, XenbusState::Connected);
+            assert_eq!(h.grants.stats().mapped, 1);
+            assert_eq!(h.pump(), Progress::Idle);
+        });
+    }
+}
+
+#[test]
+fn hostile_frontend_nodes_leave_the_backend_consistent() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        let values = [
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+            "8",
+            "9",
+            "-1",
+            "",
+            "4x",
+            "x86_32-abi",
+            "99999999999999999999",
+            "\u{0}",
+            "3 ",
+        ];
+        let mut rng = Rng(77);
+        let mut fronts = Vec::new();
+        for _ in 0..300 {
+            let value = values[rng.below(values.len() as u64) as usize];
+            match rng.below(6) {
+                0 => h.frontend_write(id, "ring-ref", value),
+                1 => h.frontend_write(id, "event-channel", value),
+                2 => h.frontend_write(id, "protocol", value),
+                3 => {
+                    let front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
+                    for (name, value) in front.ring_nodes() {
+                        h.frontend_write(id, name, &value);
+                    }
+                    fronts.push(front);
+                }
+                _ => h.frontend_write(id, "state", value),
+            }
+            h.pump();
+            let status = h.vbds.status(id).unwrap();
+            assert!(status.connected == (status.state == XenbusState::Connected));
+            assert!(h.sim.mapped_grants() <= 1);
+        }
+        // Whatever happened, a clean close and reconnect works.
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+        h.frontend_write(id, "state", "1");
+        h.pump();
+        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
+        h.connect(id, &front, "3");
+        assert_eq!(
+            h.backend_node(id, "error"),
+            None,
+            "cleared by the reconnect"
+        );
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+    });
+}

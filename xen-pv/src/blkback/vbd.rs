@@ -113,10 +113,12 @@ impl<O: TargetOpener> VbdBackends<O> {
                 None => return true,
             }
         } else if let Some(id) = event.token.strip_prefix(FRONTEND_TOKEN) {
-            match parse_id(id) {
-                Some(id) => EventTarget::Device(id),
-                None => return true,
+            // Frontends write their nodes at will: their events only ever
+            // step a known vbd, never trigger a rescan.
+            if let Some(id) = parse_id(id).filter(|id| self.devices.contains_key(id)) {
+                self.update(xs, svc, id);
             }
+            return true;
         } else {
             return false;
         };
@@ -372,7 +374,6 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
         Ok(disk) => disk,
         Err(e) => {
             let why = format!("cannot serve target {params:?}: {e}");
-            vbd.log.line(svc, format_args!("{why}"));
             vbd.failed = true;
             report(xs, svc, vbd, &why, XenbusState::Closed);
             return Ok(false);
@@ -473,6 +474,11 @@ fn connect<C: PeerChannel, S: Services>(
     });
     vbd.ring = Some(ring);
     written?;
+    // A reconnect clears the complaint about the previous connection.
+    match xs.rm(Tx::NONE, &format!("{path}/error")) {
+        Ok(()) | Err(XsError::NoEntry) => {}
+        Err(e) => return Err(e),
+    }
     vbd.log
         .line(svc, format_args!("connected ({protocol:?} ring)"));
     set_state(xs, vbd, XenbusState::Connected)
@@ -487,18 +493,12 @@ fn report<C: PeerChannel, S: Services>(
     why: &str,
     state: XenbusState,
 ) {
-    svc.log(format_args!(
-        "vbd {}/{}: error: {why}",
-        vbd.id.frontend, vbd.id.devid
-    ));
+    vbd.log.line(svc, format_args!("error: {why}"));
     let written = xs
         .write(Tx::NONE, &format!("{}/error", vbd.path), why.as_bytes())
         .and_then(|()| set_state(xs, vbd, state));
     if let Err(e) = written {
-        svc.log(format_args!(
-            "vbd {}/{}: reporting failed: {e:?}",
-            vbd.id.frontend, vbd.id.devid
-        ));
+        vbd.log.line(svc, format_args!("reporting failed: {e:?}"));
     }
 }
 
