@@ -303,23 +303,48 @@ impl<'a> Harness<'a> {
 
     /// The frontend publishes its ring and moves to `state` (3, or 4 for
     /// a frontend that skips Initialised).
-    fn connect(&mut self, id: VbdId, front: &SimBlkfront<'_>, state: &str) {
+    fn publish_ring(&mut self, id: VbdId, front: &SimBlkfront<'_>, state: &str) {
         for (name, value) in front.ring_nodes() {
             self.frontend_write(id, name, &value);
         }
         self.frontend_write(id, "state", state);
         self.pump();
+    }
+
+    /// A new ring of the frontend of `id` (indices from `start`), which the
+    /// backend connects.
+    fn connect(
+        &mut self,
+        id: VbdId,
+        protocol: Protocol,
+        start: u32,
+        state: &str,
+    ) -> SimBlkfront<'a> {
+        let front = SimBlkfront::new(self.sim, id.frontend, protocol, start);
+        self.publish_ring(id, &front, state);
         assert_eq!(self.backend_state(id).as_deref(), Some("4"));
+        front
+    }
+
+    /// A vbd of `params` for `frontend`, in InitWait then connected.
+    fn serve(
+        &mut self,
+        frontend: DomId,
+        params: &str,
+        mode: &str,
+        protocol: Protocol,
+    ) -> (VbdId, SimBlkfront<'a>) {
+        let id = self.add_vbd(frontend, DEVID, params, mode);
+        self.pump();
+        assert_eq!(self.backend_state(id).as_deref(), Some("2"));
+        (id, self.connect(id, protocol, 0, "3"))
     }
 
     /// A vbd of a 1 MiB RAM disk with a connected frontend.
     fn connected(&mut self, protocol: Protocol, start: u32) -> (VbdId, SimBlkfront<'a>) {
         let id = self.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
         self.pump();
-        assert_eq!(self.backend_state(id).as_deref(), Some("2"));
-        let front = SimBlkfront::new(self.sim, FRONTEND, protocol, start);
-        self.connect(id, &front, "3");
-        (id, front)
+        (id, self.connect(id, protocol, start, "3"))
     }
 
     fn io(&mut self, front: &mut SimBlkfront<'_>, requests: &[Vec<u8>]) -> Vec<Response> {
@@ -531,11 +556,8 @@ fn every_invalid_field_gets_its_status() {
 #[test]
 fn writes_to_a_read_only_disk_are_refused() {
     run(|h| {
-        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "r");
-        h.pump();
+        let (id, mut front) = h.serve(FRONTEND, "ram:64K", "r", Protocol::X86_64);
         assert_eq!(h.backend_node(id, "info").as_deref(), Some("4"));
-        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
-        h.connect(id, &front, "3");
         let page = front.grant(true, &pattern(3));
         let requests = [
             front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]),
@@ -591,10 +613,7 @@ fn discard_zeroes_the_range() {
 #[test]
 fn a_4k_disk_takes_only_aligned_io() {
     run(|h| {
-        let id = h.add_vbd(FRONTEND, DEVID, "disk4k", "w");
-        h.pump();
-        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
-        h.connect(id, &front, "3");
+        let (id, mut front) = h.serve(FRONTEND, "disk4k", "w", Protocol::X86_64);
         assert_eq!(h.backend_node(id, "sectors").as_deref(), Some("2048"));
         assert_eq!(h.backend_node(id, "sector-size").as_deref(), Some("4096"));
         assert_eq!(
@@ -632,8 +651,7 @@ fn flush_and_barrier_wait_for_the_device_and_order() {
             h.backend_node(id, "feature-flush-cache").as_deref(),
             Some("1")
         );
-        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
-        h.connect(id, &front, "3");
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
         let disk = h.disk(0);
         disk.borrow_mut().hold = true;
         let page = front.grant(true, &pattern(5));
@@ -710,8 +728,7 @@ fn frontend_closes_and_comes_back() {
         h.frontend_write(id, "state", "1");
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("2"));
-        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_32, 7);
-        h.connect(id, &front, "3");
+        let mut front = h.connect(id, Protocol::X86_32, 7, "3");
         let target = front.grant(false, &[]);
         let read = front.data_request(blkif::OP_READ, 2, 0, 1, &[seg(target, 0, 7)]);
         assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
@@ -725,15 +742,13 @@ fn frontends_that_skip_states_are_served() {
         let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
         h.pump();
         // Straight to Connected, never Initialised.
-        let front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
-        h.connect(id, &front, "4");
+        h.connect(id, Protocol::X86_64, 0, "4");
         // Closed, then Initialised again with no Initialising in between.
         h.frontend_write(id, "state", "6");
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("6"));
         assert_eq!(h.sim.mapped_grants(), 0);
-        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
-        h.connect(id, &front, "3");
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
         let page = front.grant(false, &[]);
         let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 0)]);
         assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
@@ -810,10 +825,7 @@ fn a_bad_target_is_reported_and_the_others_keep_working() {
 fn a_frontend_that_breaks_the_ring_is_disconnected() {
     run(|h| {
         let (id, mut front) = h.connected(Protocol::X86_64, 0);
-        let other = h.add_vbd(8, 768, "ram:64K", "w");
-        h.pump();
-        let mut other_front = SimBlkfront::new(h.sim, 8, Protocol::X86_64, 0);
-        h.connect(other, &other_front, "3");
+        let (_, mut other_front) = h.serve(8, "ram:64K", "w", Protocol::X86_64);
 
         front.corrupt_req_prod(33);
         h.sim
@@ -986,9 +998,7 @@ fn hostile_frontend_nodes_leave_the_backend_consistent() {
                 2 => h.frontend_write(id, "protocol", value),
                 3 => {
                     let front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
-                    for (name, value) in front.ring_nodes() {
-                        h.frontend_write(id, name, &value);
-                    }
+                    h.publish_ring(id, &front, value);
                     fronts.push(front);
                 }
                 _ => h.frontend_write(id, "state", value),
@@ -1005,8 +1015,7 @@ fn hostile_frontend_nodes_leave_the_backend_consistent() {
         assert_eq!(h.sim.mapped_grants(), 0);
         h.frontend_write(id, "state", "1");
         h.pump();
-        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
-        h.connect(id, &front, "3");
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
         assert_eq!(
             h.backend_node(id, "error"),
             None,
