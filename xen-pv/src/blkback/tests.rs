@@ -718,11 +718,15 @@ fn frontend_closes_and_comes_back() {
         h.frontend_write(id, "state", "5");
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("5"));
-        assert!(!h.vbds.status(id).unwrap().connected);
-        assert_eq!(h.sim.mapped_grants(), 0, "ring page unmapped");
+        // A closing frontend is still served until it is Closed.
+        let target = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 2, 0, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
         h.frontend_write(id, "state", "6");
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        assert!(!h.vbds.status(id).unwrap().connected);
+        assert_eq!(h.sim.mapped_grants(), 0, "ring page unmapped");
 
         // Guest reboot: a new ring, the same disk.
         h.frontend_write(id, "state", "1");
@@ -730,8 +734,8 @@ fn frontend_closes_and_comes_back() {
         assert_eq!(h.backend_state(id).as_deref(), Some("2"));
         let mut front = h.connect(id, Protocol::X86_32, 7, "3");
         let target = front.grant(false, &[]);
-        let read = front.data_request(blkif::OP_READ, 2, 0, 1, &[seg(target, 0, 7)]);
-        assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
+        let read = front.data_request(blkif::OP_READ, 3, 0, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(3, blkif::OP_READ)]);
         assert_eq!(front.page(target), pattern(6));
     });
 }

@@ -301,18 +301,20 @@ fn step<C: PeerChannel, S: Services, O: TargetOpener>(
     Ok(())
 }
 
-/// Takes the vbd down as far as the frontend allows: stop the ring,
-/// Closing while it drains or while the frontend is only Closing, Closed
-/// once the ring is gone.
+/// Takes the vbd down as far as the frontend allows. While the frontend
+/// still uses the ring (`frontend_uses_ring`: it is only Closing, or has
+/// not reacted to our Closing yet) the ring is served as Linux blkback
+/// does, and the state is Closing. Otherwise the ring stops, Closing while
+/// its requests drain, Closed once it is gone.
 fn close_towards<C: PeerChannel>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
-    frontend_closing: bool,
+    frontend_uses_ring: bool,
 ) -> Result<(), XsError> {
-    if let Some(ring) = &mut vbd.ring {
+    if !frontend_uses_ring && let Some(ring) = &mut vbd.ring {
         ring.stop();
     }
-    let target = if vbd.ring.is_some() || frontend_closing {
+    let target = if vbd.ring.is_some() || frontend_uses_ring {
         XenbusState::Closing
     } else {
         XenbusState::Closed
