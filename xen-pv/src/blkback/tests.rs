@@ -762,7 +762,7 @@ fn frontends_that_skip_states_are_served() {
 #[test]
 fn online_0_detaches_and_removes_the_nodes() {
     run(|h| {
-        let (id, _front) = h.connected(Protocol::X86_64, 0);
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
         // libxl: online=0 and state=5 on the backend, then waits for 6.
         let be = backend_path(id);
         h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
@@ -772,6 +772,13 @@ fn online_0_detaches_and_removes_the_nodes() {
             h.backend_state(id).as_deref(),
             Some("5"),
             "waits for the frontend"
+        );
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(
+            h.io(&mut front, &[read]),
+            [ok(1, blkif::OP_READ)],
+            "served meanwhile"
         );
         h.frontend_write(id, "state", "6");
         h.pump();
