@@ -11,12 +11,13 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
+use core::mem::size_of;
 
 use drivers::{BlockDevice, Completion, Geometry, SubmitError};
 
 use super::Services;
 use super::target::OpenError;
-use crate::blkif::{self, Direction, Protocol, Request, SegmentList};
+use crate::blkif::{self, Direction, Protocol, Request};
 use crate::event::Port;
 use crate::grant::{GrantError, GrantRef, GrantSpec, Mapping};
 use crate::ring::{BackRing, RingError};
@@ -39,6 +40,18 @@ const COMPLETION_BATCH: usize = 32;
 
 /// The device queue a ring submits on (one ring per vbd for now).
 const QUEUE: u16 = 0;
+
+/// Most segments of an indirect request (`feature-max-indirect-segments`,
+/// Linux blkback's default): 1 MiB per request.
+pub const MAX_INDIRECT_SEGMENTS: u16 = 256;
+
+/// Segment entries in one indirect page.
+const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / size_of::<blkif::WireSegment>();
+
+/// Data grants one ring may hold mapped (4 MiB in flight); no request is
+/// taken that could go beyond it. The kernel's GFN window needs this many
+/// frames per connected ring, plus one for each ring page.
+pub const MAX_MAPPED_GRANTS_PER_RING: usize = 1024;
 
 /// The disk behind a vbd and what the frontend may do with it.
 pub struct Disk {
@@ -80,6 +93,20 @@ impl Disk {
     /// Capacity in 512-byte sectors (the `sectors` node).
     pub fn sectors(&self) -> u64 {
         self.geometry.blocks * self.sectors_per_block
+    }
+
+    /// Segments advertised for indirect requests; 0 when the device takes
+    /// no more than a direct request carries.
+    pub fn max_indirect_segments(&self) -> u16 {
+        let by_transfer = self.geometry.max_transfer_bytes / PAGE_SIZE as u32;
+        let limit = u32::from(MAX_INDIRECT_SEGMENTS)
+            .min(u32::from(self.geometry.max_segments))
+            .min(by_transfer);
+        if limit > blkif::MAX_SEGMENTS_PER_REQUEST as u32 {
+            limit as u16
+        } else {
+            0
+        }
     }
 
     /// Whether flushes are advertised and accepted.
@@ -170,23 +197,33 @@ struct Plan {
     id: u64,
     operation: u8,
     steps: VecDeque<Step>,
-    segments: SegmentList,
+    segments: Vec<blkif::Segment>,
     map_readonly: bool,
     barrier: bool,
+}
+
+impl Plan {
+    fn new(id: u64, operation: u8, steps: &[Step], segments: Vec<blkif::Segment>) -> Plan {
+        Plan {
+            id,
+            operation,
+            steps: steps.iter().copied().collect(),
+            segments,
+            map_readonly: true,
+            barrier: false,
+        }
+    }
 }
 
 /// A refusal: the status to answer with and why (for the log).
 type Refusal = (i16, &'static str);
 
-fn plan(request: &Request, disk: &Disk) -> Result<Plan, (u64, u8, Refusal)> {
-    let with = |id, operation, steps: &[Step], segments, map_readonly, barrier| Plan {
-        id,
-        operation,
-        steps: steps.iter().copied().collect(),
-        segments,
-        map_readonly,
-        barrier,
-    };
+/// A refused request: its id, operation and refusal.
+type Refused = (u64, u8, Refusal);
+
+/// Plans a request that carries its segments in the ring entry (an
+/// indirect one goes through [`plan_data`] once its segments are read).
+fn plan(request: &Request, disk: &Disk) -> Result<Plan, Refused> {
     match *request {
         Request::ReadWrite {
             id,
@@ -194,19 +231,7 @@ fn plan(request: &Request, disk: &Disk) -> Result<Plan, (u64, u8, Refusal)> {
             sector,
             segments,
             ..
-        } => {
-            let (operation, write) = match direction {
-                Direction::Read => (blkif::OP_READ, false),
-                Direction::Write => (blkif::OP_WRITE, true),
-            };
-            let lba = check_data(disk, sector, &segments, write).map_err(|r| (id, operation, r))?;
-            let step = if write {
-                Step::Write { lba }
-            } else {
-                Step::Read { lba }
-            };
-            Ok(with(id, operation, &[step], segments, write, false))
-        }
+        } => plan_data(id, direction, sector, segments.as_slice().to_vec(), disk),
         Request::Barrier {
             id,
             sector,
@@ -214,18 +239,21 @@ fn plan(request: &Request, disk: &Disk) -> Result<Plan, (u64, u8, Refusal)> {
             ..
         } => {
             let operation = blkif::OP_WRITE_BARRIER;
-            let flush = disk.flushes();
-            if segments.as_slice().is_empty() {
-                return Ok(with(id, operation, &[Step::Flush], segments, true, true));
-            }
-            let lba = check_data(disk, sector, &segments, true).map_err(|r| (id, operation, r))?;
-            let write = Step::Write { lba };
-            let steps: &[Step] = if flush {
-                &[Step::Flush, write, Step::Flush]
+            let steps: &[Step] = if segments.as_slice().is_empty() {
+                &[Step::Flush]
             } else {
-                &[write]
+                let lba = check_data(disk, sector, segments.as_slice(), true)
+                    .map_err(|r| (id, operation, r))?;
+                if disk.flushes() {
+                    &[Step::Flush, Step::Write { lba }, Step::Flush]
+                } else {
+                    &[Step::Write { lba }]
+                }
             };
-            Ok(with(id, operation, steps, segments, true, true))
+            Ok(Plan {
+                barrier: true,
+                ..Plan::new(id, operation, steps, segments.as_slice().to_vec())
+            })
         }
         Request::Flush { id } => {
             let operation = blkif::OP_FLUSH_DISKCACHE;
@@ -233,73 +261,91 @@ fn plan(request: &Request, disk: &Disk) -> Result<Plan, (u64, u8, Refusal)> {
                 let refusal = (blkif::RSP_EOPNOTSUPP, "flush not advertised");
                 return Err((id, operation, refusal));
             }
-            Ok(with(
-                id,
-                operation,
-                &[Step::Flush],
-                SegmentList::default(),
-                true,
-                false,
-            ))
+            Ok(Plan::new(id, operation, &[Step::Flush], Vec::new()))
         }
         Request::Discard {
             id,
             sector,
             nr_sectors,
             secure,
-        } => {
-            let operation = blkif::OP_DISCARD;
-            let refuse = |r: Refusal| Err((id, operation, r));
-            if disk.discard_granularity_bytes().is_none() {
-                return refuse((blkif::RSP_EOPNOTSUPP, "discard not advertised"));
-            }
-            if secure {
-                return refuse((blkif::RSP_EOPNOTSUPP, "secure discard not advertised"));
-            }
-            if disk.read_only {
-                return refuse((blkif::RSP_ERROR, "discard on a read-only disk"));
-            }
-            let end = sector.checked_add(nr_sectors);
-            if end.is_none_or(|end| end > disk.sectors()) {
-                return refuse((blkif::RSP_ERROR, "discard beyond the disk"));
-            }
-            let (Some(lba), Some(blocks)) = (disk.block_of(sector), disk.block_of(nr_sectors))
-            else {
-                return refuse((blkif::RSP_ERROR, "discard not aligned to the block size"));
-            };
-            let steps: &[Step] = if blocks == 0 {
-                &[]
-            } else {
-                &[Step::Discard { lba, blocks }]
-            };
-            Ok(with(
-                id,
-                operation,
-                steps,
-                SegmentList::default(),
-                true,
-                false,
-            ))
-        }
+        } => plan_discard(id, sector, nr_sectors, secure, disk),
         Request::Indirect { id, .. } => {
-            let refusal = (blkif::RSP_EOPNOTSUPP, "indirect requests not advertised");
+            // Only reached when the segments could not be fetched.
+            let refusal = (blkif::RSP_ERROR, "indirect segments unreadable");
             Err((id, blkif::OP_INDIRECT, refusal))
         }
     }
+}
+
+/// Plans a read or write of `segments` from `sector`.
+fn plan_data(
+    id: u64,
+    direction: Direction,
+    sector: u64,
+    segments: Vec<blkif::Segment>,
+    disk: &Disk,
+) -> Result<Plan, Refused> {
+    let (operation, write) = match direction {
+        Direction::Read => (blkif::OP_READ, false),
+        Direction::Write => (blkif::OP_WRITE, true),
+    };
+    let lba = check_data(disk, sector, &segments, write).map_err(|r| (id, operation, r))?;
+    let step = if write {
+        Step::Write { lba }
+    } else {
+        Step::Read { lba }
+    };
+    Ok(Plan {
+        map_readonly: write,
+        ..Plan::new(id, operation, &[step], segments)
+    })
+}
+
+fn plan_discard(
+    id: u64,
+    sector: u64,
+    nr_sectors: u64,
+    secure: bool,
+    disk: &Disk,
+) -> Result<Plan, Refused> {
+    let operation = blkif::OP_DISCARD;
+    let refuse = |r: Refusal| Err((id, operation, r));
+    if disk.discard_granularity_bytes().is_none() {
+        return refuse((blkif::RSP_EOPNOTSUPP, "discard not advertised"));
+    }
+    if secure {
+        return refuse((blkif::RSP_EOPNOTSUPP, "secure discard not advertised"));
+    }
+    if disk.read_only {
+        return refuse((blkif::RSP_ERROR, "discard on a read-only disk"));
+    }
+    let end = sector.checked_add(nr_sectors);
+    if end.is_none_or(|end| end > disk.sectors()) {
+        return refuse((blkif::RSP_ERROR, "discard beyond the disk"));
+    }
+    let (Some(lba), Some(blocks)) = (disk.block_of(sector), disk.block_of(nr_sectors)) else {
+        return refuse((blkif::RSP_ERROR, "discard not aligned to the block size"));
+    };
+    let steps: &[Step] = if blocks == 0 {
+        &[]
+    } else {
+        &[Step::Discard { lba, blocks }]
+    };
+    Ok(Plan::new(id, operation, steps, Vec::new()))
 }
 
 /// Checks a read or write against the disk; returns its first block.
 fn check_data(
     disk: &Disk,
     sector: u64,
-    segments: &SegmentList,
+    segments: &[blkif::Segment],
     write: bool,
 ) -> Result<u64, Refusal> {
     if write && disk.read_only {
         return Err((blkif::RSP_ERROR, "write to a read-only disk"));
     }
     let mut total = 0u64;
-    for s in segments.as_slice() {
+    for s in segments {
         let aligned = disk.block_of(u64::from(s.first_sect)).is_some()
             && disk.block_of(u64::from(s.sectors())).is_some();
         if !aligned {
@@ -353,19 +399,33 @@ pub struct Ring {
     stopped: bool,
     to_unmap: Vec<Mapping>,
     responses_queued: bool,
+    /// What `feature-max-indirect-segments` promised (0: none).
+    max_indirect: u16,
+    /// Data grants mapped for requests in flight.
+    mapped_grants: usize,
+}
+
+/// An indirect request whose segments are still in the frontend's pages.
+struct IndirectFetch {
+    slot: usize,
+    id: u64,
+    direction: Direction,
+    sector: u64,
+    nr_segments: usize,
+    pages: Vec<GrantRef>,
 }
 
 impl Ring {
     /// Maps the frontend's ring page, attaches to it and binds its event
-    /// channel. At most `max_in_flight` requests are held at a time (also
-    /// bounded by the ring size).
+    /// channel. At most the disk's queue depth of requests are held at a
+    /// time (and no more than the ring size).
     pub fn connect<S: Services>(
         svc: &mut S,
         frontend: DomId,
         ring_ref: GrantRef,
         remote_port: u32,
         protocol: Protocol,
-        max_in_flight: usize,
+        disk: &Disk,
     ) -> Result<Ring, ConnectError> {
         let spec = GrantSpec {
             domid: frontend,
@@ -395,7 +455,7 @@ impl Ring {
         // `mapping.gfn` is, 8-byte aligned (checked); it stays mapped
         // until `close`, which drops this view first.
         let ring = unsafe { BackRing::attach(base, PAGE_SIZE, protocol.entry_size()) };
-        let slots = max_in_flight.clamp(1, ring.size() as usize);
+        let slots = usize::from(disk.geometry.queue_depth).clamp(1, ring.size() as usize);
         Ok(Ring {
             frontend,
             protocol,
@@ -408,6 +468,8 @@ impl Ring {
             stopped: false,
             to_unmap: Vec::new(),
             responses_queued: false,
+            max_indirect: disk.max_indirect_segments(),
+            mapped_grants: 0,
         })
     }
 
@@ -475,6 +537,7 @@ impl Ring {
             worked = true;
         }
         let unmap = core::mem::take(&mut self.to_unmap);
+        self.mapped_grants = self.mapped_grants.saturating_sub(unmap.len());
         unmap_logged(svc, unmap);
         if core::mem::take(&mut self.responses_queued) && self.ring.push_responses() {
             // A failed send leaves the frontend to find the responses on
@@ -495,15 +558,14 @@ impl Ring {
         self.responses_queued = true;
     }
 
-    /// A free slot not already promised to one of `accepted`.
-    fn free_slot(&self, accepted: &[(usize, Plan)]) -> Option<usize> {
-        (0..self.slots.len()).find(|&slot| {
-            self.slots[slot].is_none() && accepted.iter().all(|(taken, _)| *taken != slot)
-        })
+    /// A free slot not already promised to a request in `taken`.
+    fn free_slot(&self, taken: &[usize]) -> Option<usize> {
+        (0..self.slots.len()).find(|&slot| self.slots[slot].is_none() && !taken.contains(&slot))
     }
 
-    /// Copies requests out while there is a free slot; refuses the invalid
-    /// ones at once and maps the grants of the valid ones in one batch.
+    /// Copies requests out while there is a free slot and grant room;
+    /// refuses the invalid ones at once, fetches the segments of indirect
+    /// ones, and maps the grants of the valid ones in one batch.
     fn take_requests<S: Services>(
         &mut self,
         disk: &mut Disk,
@@ -512,9 +574,15 @@ impl Ring {
     ) -> Result<bool, RingError> {
         let mut took = false;
         let mut accepted: Vec<(usize, Plan)> = Vec::new();
+        let mut fetches: Vec<IndirectFetch> = Vec::new();
+        let mut taken: Vec<usize> = Vec::new();
+        let mut reserved_grants = 0;
+        let largest_request = usize::from(self.max_indirect).max(blkif::MAX_SEGMENTS_PER_REQUEST);
         let mut broken = Ok(());
-        while self.barrier.is_none() {
-            let Some(slot) = self.free_slot(&accepted) else {
+        while self.barrier.is_none()
+            && self.mapped_grants + reserved_grants + largest_request <= MAX_MAPPED_GRANTS_PER_RING
+        {
+            let Some(slot) = self.free_slot(&taken) else {
                 break;
             };
             let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
@@ -528,14 +596,43 @@ impl Ring {
                 }
             }
             took = true;
-            let planned = blkif::parse_request(self.protocol, &entry, 0)
-                .map_err(|r| (r.id, r.operation, (r.status, refusal_reason(r.error))))
-                .and_then(|request| plan(&request, disk));
+            let parsed = blkif::parse_request(self.protocol, &entry, self.max_indirect)
+                .map_err(|r| (r.id, r.operation, (r.status, refusal_reason(r.error))));
+            let planned = match parsed {
+                Ok(Request::Indirect {
+                    id,
+                    direction,
+                    sector,
+                    nr_segments,
+                    indirect_grefs,
+                    ..
+                }) => {
+                    let nr_segments = usize::from(nr_segments);
+                    let pages = nr_segments.div_ceil(SEGMENTS_PER_INDIRECT_PAGE);
+                    // `parse_request` bounded the count by what we
+                    // advertised, which fits the reference array.
+                    let pages = indirect_grefs.get(..pages).unwrap_or(&[]).to_vec();
+                    taken.push(slot);
+                    reserved_grants += nr_segments;
+                    fetches.push(IndirectFetch {
+                        slot,
+                        id,
+                        direction,
+                        sector,
+                        nr_segments,
+                        pages,
+                    });
+                    continue;
+                }
+                parsed => parsed.and_then(|request| plan(&request, disk)),
+            };
             match planned {
                 Ok(p) => {
                     if p.barrier {
                         self.barrier = Some(slot);
                     }
+                    taken.push(slot);
+                    reserved_grants += p.segments.len();
                     accepted.push((slot, p));
                 }
                 Err((id, operation, (status, why))) => {
@@ -544,8 +641,77 @@ impl Ring {
                 }
             }
         }
+        let fetched = self.fetch_indirect_segments(&fetches, svc);
+        for (fetch, segments) in fetches.into_iter().zip(fetched) {
+            // Answered as the operation it carries, as Linux blkback does.
+            let id = fetch.id;
+            let operation = match fetch.direction {
+                Direction::Read => blkif::OP_READ,
+                Direction::Write => blkif::OP_WRITE,
+            };
+            let planned = segments
+                .map_err(|why| (id, operation, (blkif::RSP_ERROR, why)))
+                .and_then(|segments| plan_data(id, fetch.direction, fetch.sector, segments, disk));
+            match planned {
+                Ok(p) => accepted.push((fetch.slot, p)),
+                Err((id, operation, (status, why))) => {
+                    log.line(svc, format_args!("request {id:#x} refused: {why}"));
+                    self.respond(id, operation, status);
+                }
+            }
+        }
         self.map_and_start(accepted, disk, svc, log);
         broken.map(|()| took)
+    }
+
+    /// Maps the indirect pages of `fetches` in one batch, copies their
+    /// segments out (once, then validated) and unmaps them.
+    fn fetch_indirect_segments<S: Services>(
+        &self,
+        fetches: &[IndirectFetch],
+        svc: &mut S,
+    ) -> Vec<Result<Vec<blkif::Segment>, &'static str>> {
+        if fetches.is_empty() {
+            return Vec::new();
+        }
+        let specs: Vec<GrantSpec> = fetches
+            .iter()
+            .flat_map(|f| &f.pages)
+            .map(|&gref| GrantSpec {
+                domid: self.frontend,
+                gref,
+                readonly: true,
+            })
+            .collect();
+        let mut maps = svc.map_grants(&specs).into_iter();
+        let mut mapped = Vec::new();
+        let mut results = Vec::with_capacity(fetches.len());
+        for fetch in fetches {
+            let mut segments = Vec::with_capacity(fetch.nr_segments);
+            let mut outcome = if fetch.pages.is_empty() {
+                Err("no indirect pages")
+            } else {
+                Ok(())
+            };
+            for (index, page) in maps.by_ref().take(fetch.pages.len()).enumerate() {
+                let Ok(page) = page else {
+                    outcome = Err("indirect page unmappable");
+                    continue;
+                };
+                let first = index * SEGMENTS_PER_INDIRECT_PAGE;
+                let count = fetch
+                    .nr_segments
+                    .saturating_sub(first)
+                    .min(SEGMENTS_PER_INDIRECT_PAGE);
+                if outcome.is_ok() {
+                    outcome = read_indirect_page(svc, &page, count, &mut segments);
+                }
+                mapped.push(page);
+            }
+            results.push(outcome.map(|()| segments));
+        }
+        unmap_logged(svc, mapped);
+        results
     }
 
     fn map_and_start<S: Services>(
@@ -558,7 +724,7 @@ impl Ring {
         let specs: Vec<GrantSpec> = accepted
             .iter()
             .flat_map(|(_, p)| {
-                p.segments.as_slice().iter().map(|s| GrantSpec {
+                p.segments.iter().map(|s| GrantSpec {
                     domid: self.frontend,
                     gref: s.gref,
                     readonly: p.map_readonly,
@@ -577,7 +743,7 @@ impl Ring {
                 started: !p.barrier,
                 on_device: false,
             };
-            for segment in p.segments.as_slice() {
+            for segment in &p.segments {
                 match results.next() {
                     Some(Ok(m)) => {
                         request.segments.push(drivers::Segment {
@@ -586,6 +752,7 @@ impl Ring {
                             len: segment.sectors() * SECTOR_SIZE as u32,
                         });
                         request.mappings.push(m);
+                        self.mapped_grants += 1;
                     }
                     failed => {
                         if request.status == blkif::RSP_OKAY {
@@ -768,6 +935,42 @@ impl Ring {
         self.to_unmap.extend(request.mappings);
         self.respond(request.id, request.operation, request.status);
     }
+}
+
+/// Copies `count` segments out of a mapped indirect page and checks each.
+fn read_indirect_page<S: Services>(
+    svc: &S,
+    page: &Mapping,
+    count: usize,
+    out: &mut Vec<blkif::Segment>,
+) -> Result<(), &'static str> {
+    let base = svc
+        .frame_address(page.gfn)
+        .ok_or("indirect page has no address")?;
+    let entry_size = size_of::<blkif::WireSegment>();
+    for index in 0..count.min(SEGMENTS_PER_INDIRECT_PAGE) {
+        let mut raw = [0u8; 8];
+        for (offset, byte) in raw.iter_mut().enumerate() {
+            // SAFETY: `index < 512` and `offset < 8`, so the byte lies in
+            // the page mapped at `page.gfn`, mapped until the caller unmaps
+            // it; volatile because the frontend may write it meanwhile.
+            *byte = unsafe {
+                base.as_ptr()
+                    .add(index * entry_size + offset)
+                    .read_volatile()
+            };
+        }
+        let [g0, g1, g2, g3, first_sect, last_sect, _, _] = raw;
+        if first_sect > last_sect || last_sect > blkif::LAST_SECTOR_IN_PAGE {
+            return Err("bad first/last sector in an indirect segment");
+        }
+        out.push(blkif::Segment {
+            gref: u32::from_le_bytes([g0, g1, g2, g3]),
+            first_sect,
+            last_sect,
+        });
+    }
+    Ok(())
 }
 
 fn refusal_reason(error: blkif::RequestError) -> &'static str {

@@ -16,7 +16,7 @@ use super::*;
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::event::EventChannels;
 use crate::grant::{GfnWindow, GrantMapper};
-use crate::sim::blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform};
+use crate::sim::blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::sim::xenstore::SimXenstored;
 use crate::sim::{GUEST, SimXen};
 use crate::xenbus::XenbusState;
@@ -163,7 +163,7 @@ fn run(test: impl FnOnce(&mut Harness<'_>)) {
         sim: &sim,
         xs: Xenstore::new(&iface, SimXenstored::new(&iface, GUEST)),
         events: EventChannels::new(&*sim, sim.shared_info()),
-        grants: GrantMapper::new(&*sim, GfnWindow::new(WINDOW, 1024)),
+        grants: GrantMapper::new(&*sim, GfnWindow::new(WINDOW, 4096)),
         platform: SimPlatform::new(sim.clone()),
         vbds: VbdBackends::new(opener),
         disks,
@@ -493,7 +493,7 @@ fn every_invalid_field_gets_its_status() {
         let cases: Vec<(Vec<u8>, i16)> = vec![
             (rw(4, 1, 0, 1, &good), RSP_EOPNOTSUPP),
             (rw(200, 2, 0, 1, &good), RSP_EOPNOTSUPP),
-            (rw(blkif::OP_INDIRECT, 3, 0, 1, &good), RSP_EOPNOTSUPP),
+            (rw(blkif::OP_INDIRECT, 3, 0, 1, &good), RSP_ERROR),
             (rw(blkif::OP_READ, 4, 0, 0, &[]), RSP_ERROR),
             (rw(blkif::OP_READ, 5, 0, 12, &good), RSP_ERROR),
             (rw(blkif::OP_READ, 6, 0, 1, &[seg(page, 5, 4)]), RSP_ERROR),
@@ -1035,5 +1035,136 @@ fn hostile_frontend_nodes_leave_the_backend_consistent() {
         let page = front.grant(false, &[]);
         let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
         assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+    });
+}
+
+fn indirect_round_trip(protocol: Protocol) {
+    run(|h| {
+        let (id, mut front) = h.connected(protocol, 0);
+        assert_eq!(
+            h.backend_node(id, "feature-max-indirect-segments")
+                .as_deref(),
+            Some("256")
+        );
+        let sources: Vec<u32> = (0..40u8).map(|i| front.grant(true, &pattern(i))).collect();
+        let segs: Vec<Seg> = sources.iter().map(|&g| seg(g, 0, 7)).collect();
+        let list = front.grant(true, &segment_page(&segs));
+        let write = front.indirect_request(blkif::OP_WRITE, 1, 64, 40, &[list]);
+        assert_eq!(h.io(&mut front, &[write]), [ok(1, blkif::OP_WRITE)]);
+        let disk = h.disk(0);
+        for i in 0..40u8 {
+            let at = (64 + 8 * usize::from(i)) * 512;
+            assert_eq!(disk.borrow().bytes(at, 4096), pattern(i), "page {i}");
+        }
+
+        let targets: Vec<u32> = (0..40).map(|_| front.grant(false, &[])).collect();
+        // Read back half pages: sectors 4..=7 of each source page.
+        let segs: Vec<Seg> = targets.iter().map(|&g| seg(g, 4, 7)).collect();
+        let list = front.grant(true, &segment_page(&segs));
+        let read = front.indirect_request(blkif::OP_READ, 2, 64, 40, &[list]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
+        for (i, &target) in targets.iter().enumerate() {
+            let want = disk.borrow().bytes((64 + 4 * i) * 512, 2048);
+            assert_eq!(front.page(target)[2048..], want, "segment {i}");
+        }
+        assert_eq!(
+            h.grants.stats().mapped,
+            1,
+            "indirect and data pages unmapped"
+        );
+    });
+}
+
+#[test]
+fn indirect_requests_x86_64_abi() {
+    indirect_round_trip(Protocol::X86_64);
+}
+
+#[test]
+fn indirect_requests_x86_32_abi() {
+    indirect_round_trip(Protocol::X86_32);
+}
+
+#[test]
+fn invalid_indirect_requests_are_refused() {
+    run(|h| {
+        let (_, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let good = front.grant(true, &segment_page(&[seg(page, 0, 7)]));
+        let bad_sectors = front.grant(true, &segment_page(&[seg(page, 0, 7), seg(page, 6, 2)]));
+        let bad_gref = front.grant(true, &segment_page(&[seg(9999, 0, 7)]));
+        let cases = [
+            (
+                front.indirect_request(blkif::OP_READ, 1, 0, 1, &[good]),
+                RSP_OKAY,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 2, 0, 257, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 3, 0, 0, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 4, 0, 1, &[9999]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 5, 0, 2, &[bad_sectors]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 6, 0, 1, &[bad_gref]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_FLUSH_DISKCACHE, 7, 0, 1, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 8, 2047, 1, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_WRITE, 9, 0, 1, &[good]),
+                RSP_OKAY,
+            ),
+        ];
+        let requests: Vec<Vec<u8>> = cases.iter().map(|(r, _)| r.clone()).collect();
+        let want: Vec<i16> = cases.iter().map(|(_, s)| *s).collect();
+        assert_eq!(h.statuses(&mut front, &requests), want);
+        assert_eq!(h.grants.stats().mapped, 1);
+    });
+}
+
+#[test]
+fn mapped_grants_per_ring_are_bounded() {
+    run(|h| {
+        let (_, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let segs = vec![seg(page, 0, 7); 256];
+        let list = front.grant(true, &segment_page(&segs));
+        let requests: Vec<Vec<u8>> = (0..8)
+            .map(|id| front.indirect_request(blkif::OP_READ, id, 0, 256, &[list]))
+            .collect();
+        let disk = h.disk(0);
+        disk.borrow_mut().hold = true;
+        assert!(h.io(&mut front, &requests).is_empty());
+        assert_eq!(
+            disk.borrow().ops.len(),
+            4,
+            "four requests of 256 grants fit"
+        );
+        assert_eq!(
+            h.grants.stats().mapped,
+            1 + engine::MAX_MAPPED_GRANTS_PER_RING
+        );
+        disk.borrow_mut().hold = false;
+        h.pump();
+        let responses = front.responses();
+        assert_eq!(responses.len(), 8);
+        assert!(responses.iter().all(|r| r.status == RSP_OKAY));
+        assert_eq!(h.grants.stats().mapped, 1);
     });
 }

@@ -384,12 +384,20 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
     let info = if cdrom { VDISK_CDROM } else { 0 } | if read_only { VDISK_READONLY } else { 0 };
     let discard = disk.discard_granularity_bytes().filter(|_| discard_enabled);
     let flush = disk.flushes();
+    let max_indirect = disk.max_indirect_segments();
     xs.transaction(|xs, tx| {
         let write = |xs: &mut Xenstore<'_, C>, name: &str, value: &str| {
             xs.write(tx, &format!("{path}/{name}"), value.as_bytes())
         };
         write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
         write(xs, "feature-barrier", "1")?;
+        if max_indirect > 0 {
+            write(
+                xs,
+                "feature-max-indirect-segments",
+                &max_indirect.to_string(),
+            )?;
+        }
         match discard {
             Some(granularity) => {
                 write(xs, "feature-discard", "1")?;
@@ -440,15 +448,10 @@ fn connect<C: PeerChannel, S: Services>(
         report(xs, svc, vbd, why, XenbusState::Closing);
         return Ok(());
     };
-    let max_in_flight = usize::from(geometry.queue_depth);
-    let ring = match Ring::connect(
-        svc,
-        vbd.id.frontend,
-        ring_ref,
-        port,
-        protocol,
-        max_in_flight,
-    ) {
+    let Some(disk) = &vbd.disk else {
+        return Ok(());
+    };
+    let ring = match Ring::connect(svc, vbd.id.frontend, ring_ref, port, protocol, disk) {
         Ok(ring) => ring,
         Err(e) => {
             report(

@@ -19,8 +19,8 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 use super::SimXen;
 use crate::blkback::Platform;
 use crate::blkif::{
-    self, DiscardX86_32, DiscardX86_64, Protocol, RequestX86_32, RequestX86_64, ResponseX86_32,
-    ResponseX86_64, WireSegment,
+    self, DiscardX86_32, DiscardX86_64, IndirectX86_32, IndirectX86_64, Protocol, RequestX86_32,
+    RequestX86_64, ResponseX86_32, ResponseX86_64, WireSegment,
 };
 use crate::grant::GrantRef;
 use crate::ring::FrontRing;
@@ -149,6 +149,53 @@ impl<'s> SimBlkfront<'s> {
         }
     }
 
+    /// An indirect read or write of `nr_segments` segments listed in the
+    /// pages `indirect_grefs` (see [`segment_page`]).
+    pub fn indirect_request(
+        &self,
+        operation: u8,
+        id: u64,
+        sector: u64,
+        nr_segments: u16,
+        indirect_grefs: &[GrantRef],
+    ) -> Vec<u8> {
+        let mut grefs = [U32::new(0); blkif::MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (slot, gref) in grefs.iter_mut().zip(indirect_grefs) {
+            *slot = U32::new(*gref);
+        }
+        let (id, sector) = (U64::new(id), U64::new(sector));
+        let (indirect_op, nr_segments) = (operation, U16::new(nr_segments));
+        match self.protocol {
+            Protocol::X86_64 => IndirectX86_64 {
+                operation: blkif::OP_INDIRECT,
+                indirect_op,
+                nr_segments,
+                _pad1: [0; 4],
+                id,
+                sector_number: sector,
+                handle: U16::new(0),
+                _pad2: [0; 2],
+                indirect_grefs: grefs,
+                _pad3: [0; 4],
+            }
+            .as_bytes()
+            .to_vec(),
+            Protocol::X86_32 => IndirectX86_32 {
+                operation: blkif::OP_INDIRECT,
+                indirect_op,
+                nr_segments,
+                id,
+                sector_number: sector,
+                handle: U16::new(0),
+                _pad2: [0; 2],
+                indirect_grefs: grefs,
+                _pad3: [0; 8],
+            }
+            .as_bytes()
+            .to_vec(),
+        }
+    }
+
     /// A discard request in this frontend's ABI.
     pub fn discard_request(&self, id: u64, sector: u64, nr_sectors: u64, secure: bool) -> Vec<u8> {
         let flag = if secure { blkif::DISCARD_SECURE } else { 0 };
@@ -228,6 +275,22 @@ impl<'s> SimBlkfront<'s> {
         let req_prod = unsafe { base.cast::<AtomicU32>().as_ref() };
         req_prod.store(value, Ordering::Release);
     }
+}
+
+/// The contents of an indirect page listing `segs`.
+pub fn segment_page(segs: &[Seg]) -> Vec<u8> {
+    segs.iter()
+        .flat_map(|s| {
+            WireSegment {
+                gref: U32::new(s.gref),
+                first_sect: s.first_sect,
+                last_sect: s.last_sect,
+                _pad: [0; 2],
+            }
+            .as_bytes()
+            .to_vec()
+        })
+        .collect()
 }
 
 /// A `drivers::Hal` whose "physical" addresses are the simulated guest's
