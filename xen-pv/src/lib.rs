@@ -23,6 +23,12 @@
 //! 5. Reserve a range of unpopulated GFNs for [`grant::GfnWindow`].
 //! 6. Exit with [`sched::shutdown`]: poweroff on a clean exit, crash from
 //!    the panic handler.
+//!
+//! # Serving disks
+//! [`blkback`] is the blkif backend: [`blkback::VbdBackends`] watches
+//! `backend/vbd`, runs each vbd's xenbus state machine ([`xenbus`]) and
+//! serves its ring from a `drivers::BlockDevice`. Its module documentation
+//! gives the calls the kernel makes on watch events and in its poll loop.
 #![no_std]
 
 extern crate alloc;

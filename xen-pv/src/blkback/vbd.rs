@@ -21,7 +21,7 @@ use crate::xenstore::{Tx, WatchEvent, Xenstore, XsError};
 
 /// Where the toolstack creates this domain's vbds (relative to its home).
 const BACKEND_DIR: &str = "backend/vbd";
-/// Token of the watch on [`BACKEND_DIR`].
+/// Token of the watch on `backend/vbd`.
 pub const WATCH_TOKEN: &str = "stordom-blkback";
 /// Token prefix of the watches on frontends' `state` nodes.
 const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
