@@ -16,6 +16,7 @@ use core::mem::size_of;
 use drivers::{BlockDevice, Completion, Geometry, SubmitError};
 
 use super::Services;
+use super::persistent::PersistentGrants;
 use super::target::OpenError;
 use crate::blkif::{self, Direction, Protocol, Request};
 use crate::event::Port;
@@ -185,7 +186,10 @@ struct InFlight {
     steps: VecDeque<Step>,
     /// The granted data, in request order.
     segments: Vec<drivers::Segment>,
+    /// Grants mapped for this request alone.
     mappings: Vec<Mapping>,
+    /// Persistent grants it uses.
+    kept: Vec<GrantRef>,
     status: i16,
     /// Whether its steps may run (a barrier waits for the older requests).
     started: bool,
@@ -361,6 +365,21 @@ fn check_data(
         .ok_or((blkif::RSP_ERROR, "sector not aligned to the block size"))
 }
 
+/// What a frontend published for its ring (its xenstore directory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendRing {
+    /// The frontend domain.
+    pub domid: DomId,
+    /// `ring-ref`: the grant of the (single-page) shared ring.
+    pub ring_ref: GrantRef,
+    /// `event-channel`: the frontend's unbound port.
+    pub event_channel: u32,
+    /// `protocol`: the ABI of the ring entries.
+    pub protocol: Protocol,
+    /// `feature-persistent`: the frontend keeps its data grants.
+    pub persistent: bool,
+}
+
 /// Why a ring could not be connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectError {
@@ -401,8 +420,18 @@ pub struct Ring {
     responses_queued: bool,
     /// What `feature-max-indirect-segments` promised (0: none).
     max_indirect: u16,
-    /// Data grants mapped for requests in flight.
+    /// Data grants mapped for requests in flight (not the kept ones).
     mapped_grants: usize,
+    /// The grants kept mapped, when the frontend asked for it.
+    persistent: Option<PersistentGrants>,
+}
+
+/// Where a segment's page comes from.
+enum PageSource {
+    /// A persistent grant mapped at this frame.
+    Kept(u64),
+    /// The next result of this poll's map batch.
+    Mapped,
 }
 
 /// An indirect request whose segments are still in the frontend's pages.
@@ -421,14 +450,18 @@ impl Ring {
     /// time (and no more than the ring size).
     pub fn connect<S: Services>(
         svc: &mut S,
-        frontend: DomId,
-        ring_ref: GrantRef,
-        remote_port: u32,
-        protocol: Protocol,
+        frontend: &FrontendRing,
         disk: &Disk,
     ) -> Result<Ring, ConnectError> {
+        let FrontendRing {
+            domid,
+            ring_ref,
+            event_channel,
+            protocol,
+            persistent,
+        } = *frontend;
         let spec = GrantSpec {
-            domid: frontend,
+            domid,
             gref: ring_ref,
             readonly: false,
         };
@@ -444,7 +477,7 @@ impl Ring {
             unmap_logged(svc, alloc::vec![mapping]);
             return Err(ConnectError::RingAddress);
         };
-        let port = match svc.bind_interdomain(frontend, remote_port) {
+        let port = match svc.bind_interdomain(domid, event_channel) {
             Ok(port) => port,
             Err(e) => {
                 unmap_logged(svc, alloc::vec![mapping]);
@@ -457,7 +490,7 @@ impl Ring {
         let ring = unsafe { BackRing::attach(base, PAGE_SIZE, protocol.entry_size()) };
         let slots = usize::from(disk.geometry.queue_depth).clamp(1, ring.size() as usize);
         Ok(Ring {
-            frontend,
+            frontend: domid,
             protocol,
             port,
             ring,
@@ -470,6 +503,7 @@ impl Ring {
             responses_queued: false,
             max_indirect: disk.max_indirect_segments(),
             mapped_grants: 0,
+            persistent: persistent.then(PersistentGrants::default),
         })
     }
 
@@ -502,9 +536,15 @@ impl Ring {
             port,
             ring_mapping,
             to_unmap,
+            persistent,
             ..
         } = self;
         let mut mappings = to_unmap;
+        mappings.extend(
+            persistent
+                .map(PersistentGrants::into_mappings)
+                .unwrap_or_default(),
+        );
         mappings.push(ring_mapping);
         unmap_logged(svc, mappings);
         svc.close_port(port);
@@ -721,17 +761,28 @@ impl Ring {
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) {
-        let specs: Vec<GrantSpec> = accepted
-            .iter()
-            .flat_map(|(_, p)| {
-                p.segments.iter().map(|s| GrantSpec {
-                    domid: self.frontend,
-                    gref: s.gref,
-                    readonly: p.map_readonly,
-                })
-            })
-            .collect();
+        // Persistent grants are mapped writable whatever the direction:
+        // the same page serves reads and writes.
+        let readonly_allowed = self.persistent.is_none();
+        let mut sources = Vec::new();
+        let mut specs = Vec::new();
+        for (_, p) in &accepted {
+            for segment in &p.segments {
+                match self.persistent.as_mut().and_then(|k| k.take(segment.gref)) {
+                    Some(gfn) => sources.push(PageSource::Kept(gfn)),
+                    None => {
+                        sources.push(PageSource::Mapped);
+                        specs.push(GrantSpec {
+                            domid: self.frontend,
+                            gref: segment.gref,
+                            readonly: p.map_readonly && readonly_allowed,
+                        });
+                    }
+                }
+            }
+        }
         let mut results = svc.map_grants(&specs).into_iter();
+        let mut sources = sources.into_iter();
         for (slot, p) in accepted {
             let mut request = InFlight {
                 id: p.id,
@@ -739,25 +790,30 @@ impl Ring {
                 steps: p.steps,
                 segments: Vec::new(),
                 mappings: Vec::new(),
+                kept: Vec::new(),
                 status: blkif::RSP_OKAY,
                 started: !p.barrier,
                 on_device: false,
             };
             for segment in &p.segments {
-                match results.next() {
-                    Some(Ok(m)) => {
-                        request.segments.push(drivers::Segment {
-                            phys: m.gfn * PAGE_SIZE as u64
-                                + u64::from(segment.first_sect) * SECTOR_SIZE,
-                            len: segment.sectors() * SECTOR_SIZE as u32,
-                        });
-                        request.mappings.push(m);
-                        self.mapped_grants += 1;
+                let gfn = match sources.next() {
+                    Some(PageSource::Kept(gfn)) => {
+                        request.kept.push(segment.gref);
+                        Ok(gfn)
                     }
-                    failed => {
+                    _ => match results.next() {
+                        Some(Ok(m)) => Ok(self.hold(m, &mut request)),
+                        failed => Err(failed.and_then(Result::err)),
+                    },
+                };
+                match gfn {
+                    Ok(gfn) => request.segments.push(drivers::Segment {
+                        phys: gfn * PAGE_SIZE as u64 + u64::from(segment.first_sect) * SECTOR_SIZE,
+                        len: segment.sectors() * SECTOR_SIZE as u32,
+                    }),
+                    Err(why) => {
                         if request.status == blkif::RSP_OKAY {
                             let (id, gref) = (p.id, segment.gref);
-                            let why = failed.and_then(Result::err);
                             log.line(
                                 svc,
                                 format_args!("request {id:#x}: grant {gref} unmappable: {why:?}"),
@@ -778,6 +834,26 @@ impl Ring {
             self.in_flight += 1;
             self.advance(slot, disk, svc, log);
         }
+    }
+
+    /// Keeps a fresh mapping as a persistent grant if the frontend asked
+    /// for them and there is room, else holds it for `request` alone.
+    /// Returns its frame.
+    fn hold(&mut self, mapping: Mapping, request: &mut InFlight) -> u64 {
+        let gfn = mapping.gfn;
+        let gref = mapping.grant.gref;
+        let spare = match &mut self.persistent {
+            Some(kept) => kept.keep(mapping).err(),
+            None => Some(mapping),
+        };
+        match spare {
+            Some(mapping) => {
+                request.mappings.push(mapping);
+                self.mapped_grants += 1;
+            }
+            None => request.kept.push(gref),
+        }
+        gfn
     }
 
     /// Fetches device completions and moves their requests on.
@@ -933,6 +1009,11 @@ impl Ring {
             self.barrier = None;
         }
         self.to_unmap.extend(request.mappings);
+        if let Some(persistent) = &mut self.persistent {
+            for gref in request.kept {
+                persistent.release(gref);
+            }
+        }
         self.respond(request.id, request.operation, request.status);
     }
 }

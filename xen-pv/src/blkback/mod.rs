@@ -42,6 +42,7 @@
 //! the ring page; log lines: [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
 pub mod engine;
+pub mod persistent;
 pub mod target;
 mod vbd;
 
@@ -53,7 +54,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
 
-pub use engine::{Disk, SECTOR_SIZE};
+pub use engine::{Disk, FrontendRing, SECTOR_SIZE};
 pub use target::{OpenError, Target, TargetOpener};
 pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 

@@ -418,7 +418,10 @@ fn write_then_read(protocol: Protocol) {
             h.backend_node(id, "discard-alignment").as_deref(),
             Some("0")
         );
-        assert_eq!(h.backend_node(id, "feature-persistent"), None);
+        assert_eq!(
+            h.backend_node(id, "feature-persistent").as_deref(),
+            Some("1")
+        );
 
         let (a, b) = (pattern(1), pattern(2));
         let (ga, gb) = (front.grant(true, &a), front.grant(true, &b));
@@ -1166,5 +1169,46 @@ fn mapped_grants_per_ring_are_bounded() {
         assert_eq!(responses.len(), 8);
         assert!(responses.iter().all(|r| r.status == RSP_OKAY));
         assert_eq!(h.grants.stats().mapped, 1);
+    });
+}
+
+#[test]
+fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+        h.pump();
+        h.frontend_write(id, "feature-persistent", "1");
+        let mut front = h.connect(id, Protocol::X86_32, 0, "3");
+        let pool: Vec<u32> = (0..3).map(|_| front.grant(false, &[])).collect();
+        let maps_before = h.grants.stats().maps;
+        for round in 0..5u8 {
+            front.fill(pool[0], &pattern(round));
+            front.fill(pool[1], &pattern(round + 100));
+            let sector = u64::from(round) * 16;
+            // Both halves of one page in one request: the second half
+            // cannot borrow the kept mapping the first one uses.
+            let segs = [seg(pool[0], 0, 7), seg(pool[1], 0, 3), seg(pool[1], 4, 7)];
+            let write = front.data_request(blkif::OP_WRITE, 1, sector, 3, &segs);
+            let read = front.data_request(blkif::OP_READ, 2, sector, 1, &[seg(pool[2], 0, 7)]);
+            let responses = h.io(&mut front, &[write]);
+            assert_eq!(responses, [ok(1, blkif::OP_WRITE)]);
+            assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
+            assert_eq!(front.page(pool[2]), pattern(round));
+            let disk = h.disk(0);
+            assert_eq!(
+                disk.borrow().bytes((sector as usize + 8) * 512, 4096),
+                pattern(round + 100)
+            );
+        }
+        let maps = h.grants.stats().maps - maps_before;
+        assert_eq!(
+            maps,
+            3 + 5,
+            "three kept grants, one extra mapping per round"
+        );
+        assert_eq!(h.grants.stats().mapped, 1 + 3);
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.sim.mapped_grants(), 0);
     });
 }

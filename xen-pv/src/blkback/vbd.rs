@@ -11,7 +11,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::Services;
-use super::engine::{Disk, RateLimitedLog, Ring};
+use super::engine::{Disk, FrontendRing, RateLimitedLog, Ring};
 use super::target::{Target, TargetOpener};
 use crate::DomId;
 use crate::blkif::Protocol;
@@ -391,6 +391,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
         };
         write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
         write(xs, "feature-barrier", "1")?;
+        write(xs, "feature-persistent", "1")?;
         if max_indirect > 0 {
             write(
                 xs,
@@ -443,6 +444,10 @@ fn connect<C: PeerChannel, S: Services>(
         .and_then(parse_number::<u32>);
     let protocol = node(xs, "protocol")?;
     let protocol = Protocol::from_xenstore(protocol.as_deref());
+    let persistent = node(xs, "feature-persistent")?
+        .as_deref()
+        .and_then(parse_number::<u32>)
+        == Some(1);
     let (Some(ring_ref), Some(port), Some(protocol)) = (ring_ref, port, protocol) else {
         let why = "frontend gave no usable ring-ref, event-channel or protocol";
         report(xs, svc, vbd, why, XenbusState::Closing);
@@ -451,7 +456,14 @@ fn connect<C: PeerChannel, S: Services>(
     let Some(disk) = &vbd.disk else {
         return Ok(());
     };
-    let ring = match Ring::connect(svc, vbd.id.frontend, ring_ref, port, protocol, disk) {
+    let published = FrontendRing {
+        domid: vbd.id.frontend,
+        ring_ref,
+        event_channel: port,
+        protocol,
+        persistent,
+    };
+    let ring = match Ring::connect(svc, &published, disk) {
         Ok(ring) => ring,
         Err(e) => {
             report(

@@ -96,6 +96,19 @@ impl<'s> SimBlkfront<'s> {
         self.sim.offer_grant(self.domid, readonly, contents)
     }
 
+    /// The frontend writes `contents` at the start of its granted page
+    /// (as blkfront copies data into a persistent grant).
+    pub fn fill(&self, gref: GrantRef, contents: &[u8]) {
+        let page = self
+            .sim
+            .grant_page_ptr(self.domid, gref)
+            .expect("the frontend's own grant");
+        let len = contents.len().min(PAGE_SIZE);
+        // SAFETY: the granted page is PAGE_SIZE bytes and lives as long as
+        // the simulation; `len` is bounded by it.
+        unsafe { core::ptr::copy_nonoverlapping(contents.as_ptr(), page.as_ptr(), len) };
+    }
+
     /// A granted page's current contents.
     pub fn page(&self, gref: GrantRef) -> Vec<u8> {
         self.sim.granted_page(self.domid, gref).unwrap_or_default()
