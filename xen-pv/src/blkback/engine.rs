@@ -507,11 +507,6 @@ impl Ring {
         })
     }
 
-    /// The local event channel port of this ring.
-    pub fn port(&self) -> Port {
-        self.port
-    }
-
     /// Requests accepted and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.in_flight

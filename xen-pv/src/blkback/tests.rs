@@ -1212,3 +1212,28 @@ fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
         assert_eq!(h.sim.mapped_grants(), 0);
     });
 }
+
+#[test]
+fn a_frontend_that_returns_while_requests_drain_is_served_again() {
+    for (returning_state, backend_after) in [("1", "2"), ("3", "4")] {
+        run(|h| {
+            let (id, mut front) = h.connected(Protocol::X86_64, 0);
+            let disk = h.disk(0);
+            disk.borrow_mut().hold = true;
+            let page = front.grant(false, &[]);
+            let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+            assert!(h.io(&mut front, &[read]).is_empty());
+            h.frontend_write(id, "state", "6");
+            h.pump();
+            assert_eq!(h.backend_state(id).as_deref(), Some("5"), "draining");
+            // The guest rebooted fast: a new ring before the old one drained.
+            let front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
+            h.publish_ring(id, &front, returning_state);
+            assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+            disk.borrow_mut().hold = false;
+            h.pump();
+            assert_eq!(h.backend_state(id).as_deref(), Some(backend_after));
+            assert_eq!(h.sim.mapped_grants(), usize::from(backend_after == "4"));
+        });
+    }
+}

@@ -70,6 +70,9 @@ struct Vbd {
     failed: bool,
     /// The directory is gone; dropped once the ring has drained.
     removed: bool,
+    /// The frontend closed while requests were in flight: Closed is
+    /// written once they have drained, whatever the frontend does meanwhile.
+    closed_when_drained: bool,
     log: RateLimitedLog,
 }
 
@@ -208,6 +211,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 ring: None,
                 failed: false,
                 removed: false,
+                closed_when_drained: false,
             };
             self.devices.insert(id, vbd);
             self.update(xs, svc, id);
@@ -250,6 +254,9 @@ fn step<C: PeerChannel, S: Services, O: TargetOpener>(
     }
     if vbd.removed {
         return Ok(());
+    }
+    if vbd.ring.is_none() && core::mem::take(&mut vbd.closed_when_drained) {
+        set_state(xs, vbd, XenbusState::Closed)?;
     }
     if matches!(xs.read(Tx::NONE, &vbd.path), Err(XsError::NoEntry)) {
         // The toolstack removed the vbd (e.g. the guest was destroyed).
@@ -313,6 +320,7 @@ fn close_towards<C: PeerChannel>(
 ) -> Result<(), XsError> {
     if !frontend_uses_ring && let Some(ring) = &mut vbd.ring {
         ring.stop();
+        vbd.closed_when_drained = true;
     }
     let target = if vbd.ring.is_some() || frontend_uses_ring {
         XenbusState::Closing
