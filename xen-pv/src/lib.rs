@@ -23,6 +23,12 @@
 //! 5. Reserve a range of unpopulated GFNs for [`grant::GfnWindow`].
 //! 6. Exit with [`sched::shutdown`]: poweroff on a clean exit, crash from
 //!    the panic handler.
+//!
+//! # Serving disks
+//! [`blkback`] is the blkif backend: [`blkback::VbdBackends`] watches
+//! `backend/vbd`, runs each vbd's xenbus state machine ([`xenbus`]) and
+//! serves its ring from a `drivers::BlockDevice`. Its module documentation
+//! gives the calls the kernel makes on watch events and in its poll loop.
 #![no_std]
 
 extern crate alloc;
@@ -44,6 +50,7 @@ macro_rules! xen_command {
 }
 
 pub mod arch;
+pub mod blkback;
 pub mod blkif;
 pub mod console;
 pub mod event;
@@ -55,6 +62,7 @@ pub mod ring;
 pub mod sched;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod xenbus;
 pub mod xenstore;
 
 #[cfg(test)]

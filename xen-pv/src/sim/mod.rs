@@ -2,12 +2,14 @@
 //! plus foreign domains that grant pages and own event channel ends, all in
 //! one process and deterministic. [`xenstore`] holds the xenstored side.
 
+pub mod blkfront;
 pub mod xenstore;
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
 use crate::event::{
@@ -24,7 +26,25 @@ use crate::{DomId, Errno, Hypercall, PAGE_SIZE};
 /// The simulated guest's own domain id.
 pub const GUEST: DomId = 1;
 
-type Page = Box<[u8; PAGE_SIZE]>;
+/// A page-aligned page, as Xen's are: rings placed in one may hold
+/// atomics.
+#[repr(C, align(4096))]
+struct AlignedPage([u8; PAGE_SIZE]);
+
+impl core::ops::Deref for AlignedPage {
+    type Target = [u8; PAGE_SIZE];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for AlignedPage {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+type Page = Box<AlignedPage>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PortState {
@@ -218,7 +238,7 @@ impl SimXen {
         let mut w = self.world.borrow_mut();
         let gref = w.next_gref;
         w.next_gref += 1;
-        let mut page: Page = Box::new([0; PAGE_SIZE]);
+        let mut page: Page = Box::new(AlignedPage([0; PAGE_SIZE]));
         let n = contents.len().min(PAGE_SIZE);
         page[..n].copy_from_slice(&contents[..n]);
         w.grants.insert(
@@ -241,9 +261,30 @@ impl SimXen {
             .map(|g| g.page.to_vec())
     }
 
+    /// Where a granted page's bytes are, as the granting domain sees them
+    /// (a simulated frontend writes its ring and data there).
+    pub fn grant_page_ptr(&self, dom: DomId, gref: GrantRef) -> Option<NonNull<u8>> {
+        let mut w = self.world.borrow_mut();
+        let grant = w.grants.get_mut(&(dom, gref))?;
+        Some(NonNull::from(&mut grant.page.0).cast())
+    }
+
+    /// Where guest frame `gfn` (a local page or a mapped grant) is in host
+    /// memory: the simulation's answer to "the kernel maps the grant
+    /// window". Valid while the frame stays mapped.
+    pub fn frame_ptr(&self, gfn: u64) -> Option<NonNull<u8>> {
+        let mut w = self.world.borrow_mut();
+        let w = &mut *w;
+        let page = match w.frames.get_mut(&gfn)? {
+            Frame::Local(page) => page,
+            Frame::Granted { dom, gref, .. } => &mut w.grants.get_mut(&(*dom, *gref))?.page,
+        };
+        Some(NonNull::from(&mut page.0).cast())
+    }
+
     /// Populates guest frame `gfn` with `contents`.
     pub fn add_local_frame(&self, gfn: u64, contents: &[u8]) {
-        let mut page: Page = Box::new([0; PAGE_SIZE]);
+        let mut page: Page = Box::new(AlignedPage([0; PAGE_SIZE]));
         let n = contents.len().min(PAGE_SIZE);
         page[..n].copy_from_slice(&contents[..n]);
         self.world

@@ -161,6 +161,15 @@ impl<'a> SimXenstored<'a> {
         }
     }
 
+    /// Dom0 removes a node and everything below it (as the toolstack
+    /// does when a domain is destroyed), firing watches.
+    pub fn dom0_rm(&mut self, path: &str) {
+        let below = format!("{path}/");
+        self.tree.retain(|k, _| k != path && !k.starts_with(&below));
+        self.committed(path);
+        self.send_fired_events();
+    }
+
     /// Dom0 sets a node's permissions.
     pub fn dom0_set_perms(&mut self, path: &str, perms: &[Perm]) {
         if let Some(node) = self.tree.get_mut(path) {

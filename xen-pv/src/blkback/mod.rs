@@ -1,0 +1,143 @@
+//! The blkif backend: discovery of vbds under `backend/vbd`, the xenbus
+//! state machine of each, and the ring engine that serves its requests
+//! from a [`drivers::BlockDevice`].
+//!
+//! # What the kernel provides
+//! - A [`Services`] implementation: event channels (bind, send, close),
+//!   batched grant map/unmap into its GFN window, the address at which a
+//!   window frame is mapped, a clock and a console. [`XenServices`] builds
+//!   one from [`EventChannels`], [`GrantMapper`] and a small [`Platform`].
+//! - A [`TargetOpener`] that turns a parsed [`Target`] (`params`, the xl
+//!   `target=`) into a `Box<dyn BlockDevice>`.
+//! - Its `drivers::Hal` must translate the GFN window: the engine hands the
+//!   device segments at `gfn * 4096 + first_sect * 512` for each mapped
+//!   grant, so `phys_to_virt` must work there (identity-map the window)
+//!   and a DMA-capable device must reach it (IOMMU permitting).
+//!
+//! # Call sequence
+//! 1. Setup: `let mut vbds = VbdBackends::new(opener);` then
+//!    [`VbdBackends::start`]`(&mut xs)`, which watches `backend/vbd`
+//!    (relative to the domain's home). xenstored fires that watch at once,
+//!    so the existing devices are found by step 2.
+//! 2. Watch events: for every event from `xs.poll_watch_event()`, call
+//!    [`VbdBackends::on_watch_event`]`(&mut xs, &mut svc, &event)`; it
+//!    returns false for events of other watches (other tokens), which the
+//!    kernel handles itself.
+//! 3. Event-channel upcalls: nothing to call. [`XenServices`] gives each
+//!    ring port a no-op handler; the upcall only has to wake the poll loop,
+//!    which polls every ring.
+//! 4. Each poll-loop iteration: [`VbdBackends::poll`]`(&mut xs, &mut svc)`.
+//!    It reaps device completions, takes new requests (up to the in-flight
+//!    bound), maps their grants in one batch, submits, unmaps finished
+//!    ones, pushes responses and notifies when the ring's rule says so,
+//!    and finishes disconnects whose in-flight requests have drained.
+//! 5. Idle: when `poll` returns [`Progress::Idle`], every ring has re-armed
+//!    its request event and nothing is in flight; the kernel may halt
+//!    (interrupts off, check `EventChannels::has_pending` and the xenstore
+//!    ring, then `sti; hlt`). On [`Progress::Busy`] it polls again.
+//!
+//! # Resource bounds per frontend
+//! In-flight requests per ring: ring size (32) and the device's queue
+//! depth, whichever is smaller; grants mapped per ring: that times 11 plus
+//! the ring page; log lines: [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
+
+pub mod engine;
+pub mod persistent;
+pub mod target;
+mod vbd;
+
+#[cfg(test)]
+mod tests;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::fmt;
+use core::ptr::NonNull;
+
+pub use engine::{Disk, FrontendRing, SECTOR_SIZE};
+pub use target::{OpenError, Target, TargetOpener};
+pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
+
+use crate::event::{EventChannels, Port};
+use crate::grant::{GrantError, GrantMapper, GrantSpec, Mapping};
+use crate::{DomId, Errno, Hypercall};
+
+/// What the backend needs from Xen and the kernel.
+pub trait Services {
+    /// Binds a local port to the frontend's `remote_port`; an event on it
+    /// must wake the poll loop.
+    fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno>;
+    /// Notifies the frontend on `port`.
+    fn notify(&mut self, port: Port) -> Result<(), Errno>;
+    /// Closes `port` (the frontend sees it unbound).
+    fn close_port(&mut self, port: Port);
+    /// Maps grants; the result for each spec is at its position.
+    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>>;
+    /// Unmaps; a mapping whose unmap failed comes back in its error.
+    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>>;
+    /// The address at which window frame `gfn` is mapped in this domain.
+    fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>>;
+    /// A monotonic clock (for log rate limits).
+    fn now_ns(&self) -> u64;
+    /// Prints one line on the console.
+    fn log(&mut self, line: fmt::Arguments<'_>);
+}
+
+/// What only the kernel knows, for [`XenServices`].
+pub trait Platform {
+    /// See [`Services::frame_address`] (an identity-mapped window:
+    /// `gfn * 4096`).
+    fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>>;
+    /// See [`Services::now_ns`].
+    fn now_ns(&self) -> u64;
+    /// See [`Services::log`].
+    fn log(&mut self, line: fmt::Arguments<'_>);
+}
+
+/// [`Services`] over this crate's event channels and grant mapper.
+pub struct XenServices<'r, 'a, H, P> {
+    pub events: &'r mut EventChannels<'a, H>,
+    pub grants: &'r mut GrantMapper<H>,
+    pub platform: P,
+}
+
+impl<H: Hypercall, P: Platform> Services for XenServices<'_, '_, H, P> {
+    fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
+        let port = self.events.bind_interdomain(remote, remote_port)?;
+        // The upcall only has to wake the poll loop, which polls every ring.
+        self.events.set_handler(port, Box::new(|_| {}));
+        Ok(port)
+    }
+
+    fn notify(&mut self, port: Port) -> Result<(), Errno> {
+        self.events.send(port)
+    }
+
+    fn close_port(&mut self, port: Port) {
+        if let Err(e) = self.events.close(port) {
+            let n = port.0;
+            self.platform
+                .log(format_args!("blkback: closing port {n} failed: {e:?}"));
+        }
+    }
+
+    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
+        self.grants.map_batch(specs)
+    }
+
+    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>> {
+        self.grants.unmap_batch(mappings)
+    }
+
+    fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
+        self.platform.frame_address(gfn)
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.platform.now_ns()
+    }
+
+    fn log(&mut self, line: fmt::Arguments<'_>) {
+        self.platform.log(line);
+    }
+}

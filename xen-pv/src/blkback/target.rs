@@ -1,0 +1,241 @@
+//! What a vbd serves: the `target=` of the xl disk spec, which libxl
+//! writes to the backend's `params` node, and the kernel's side of opening
+//! it.
+//!
+//! # Syntax
+//! | `target=`                 | serves                                              |
+//! |---------------------------|-----------------------------------------------------|
+//! | `ram:64M`                 | a new zero-filled RAM disk; size in bytes with an optional `K`/`M`/`G`/`T` (binary) suffix, a multiple of 512 |
+//! | `module:0`                | boot module 0 (as the boot loader listed them)      |
+//! | `nvme0n1`                 | a whole disk, named by the kernel (`nvme<c>n<ns>`, `ahci<port>`, `virtio<n>`, ...) |
+//! | `nvme0n1:p1`              | partition 1 of that disk (GPT or MBR, from 1)       |
+//! | `nvme0n1@2048+1048576`    | 1048576 sectors from sector 2048 of that disk; sectors are 512 bytes, as everywhere in blkif, and must be aligned to the disk's logical block size |
+//!
+//! This module only parses; [`TargetOpener::open`] (the kernel) maps a
+//! [`Target`] to a [`BlockDevice`].
+
+use alloc::boxed::Box;
+use core::fmt;
+
+use drivers::BlockDevice;
+
+/// Longest disk name accepted.
+pub const MAX_DISK_NAME: usize = 32;
+
+/// A parsed `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// A fresh RAM disk of `bytes` bytes.
+    Ram { bytes: u64 },
+    /// Boot module number `index`.
+    Module { index: u32 },
+    /// A whole disk.
+    Disk { name: &'a str },
+    /// Partition `number` (from 1) of a disk.
+    Partition { disk: &'a str, number: u32 },
+    /// `sectors` 512-byte sectors of a disk, from sector `start`.
+    Range {
+        disk: &'a str,
+        start: u64,
+        sectors: u64,
+    },
+}
+
+/// Why a target cannot be served; reported in the backend's `error` node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpenError {
+    /// The `params` value does not follow the target syntax.
+    BadSyntax,
+    /// No disk, partition or module of that name or number.
+    NotFound,
+    /// A size or range that is zero, unaligned or beyond the disk.
+    BadSize,
+    /// Not enough memory for the RAM disk (or the backend's state).
+    OutOfMemory,
+    /// The target is already served read-write to another frontend.
+    Busy,
+    /// The disk's geometry cannot be served over blkif (block size not a
+    /// multiple of 512, no blocks).
+    BadGeometry,
+    /// Something else, described by the kernel.
+    Other(&'static str),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpenError::BadSyntax => "target syntax not understood",
+            OpenError::NotFound => "no such disk, partition or module",
+            OpenError::BadSize => "bad size or range",
+            OpenError::OutOfMemory => "out of memory",
+            OpenError::Busy => "target is in use",
+            OpenError::BadGeometry => "disk geometry cannot be served",
+            OpenError::Other(why) => why,
+        })
+    }
+}
+
+/// Opens targets; the kernel implements it over its disks and modules.
+pub trait TargetOpener {
+    /// Opens `target` for one vbd; `read_only` when the toolstack's
+    /// `mode` is `r`. The device is used on its queue 0 by one ring.
+    fn open(
+        &mut self,
+        target: &Target<'_>,
+        read_only: bool,
+    ) -> Result<Box<dyn BlockDevice>, OpenError>;
+}
+
+impl<'a> Target<'a> {
+    /// Parses a `params` value (see the module documentation).
+    pub fn parse(params: &'a str) -> Result<Target<'a>, OpenError> {
+        if let Some(size) = params.strip_prefix("ram:") {
+            let bytes = parse_size(size).ok_or(OpenError::BadSyntax)?;
+            if bytes == 0 || !bytes.is_multiple_of(512) {
+                return Err(OpenError::BadSize);
+            }
+            return Ok(Target::Ram { bytes });
+        }
+        if let Some(index) = params.strip_prefix("module:") {
+            let index = parse_number(index).ok_or(OpenError::BadSyntax)?;
+            let index = u32::try_from(index).map_err(|_| OpenError::BadSyntax)?;
+            return Ok(Target::Module { index });
+        }
+        if let Some((disk, partition)) = params.split_once(":p") {
+            let number = parse_number(partition)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or(OpenError::BadSyntax)?;
+            if number == 0 {
+                return Err(OpenError::BadSyntax);
+            }
+            return Ok(Target::Partition {
+                disk: disk_name(disk)?,
+                number,
+            });
+        }
+        if let Some((disk, range)) = params.split_once('@') {
+            let (start, sectors) = range.split_once('+').ok_or(OpenError::BadSyntax)?;
+            let (start, sectors) = parse_number(start)
+                .zip(parse_number(sectors))
+                .ok_or(OpenError::BadSyntax)?;
+            if sectors == 0 || start.checked_add(sectors).is_none() {
+                return Err(OpenError::BadSize);
+            }
+            return Ok(Target::Range {
+                disk: disk_name(disk)?,
+                start,
+                sectors,
+            });
+        }
+        Ok(Target::Disk {
+            name: disk_name(params)?,
+        })
+    }
+}
+
+/// A disk name: a lowercase letter, then lowercase letters and digits.
+fn disk_name(name: &str) -> Result<&str, OpenError> {
+    let mut chars = name.chars();
+    let starts_well = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if starts_well && rest_ok && name.len() <= MAX_DISK_NAME {
+        Ok(name)
+    } else {
+        Err(OpenError::BadSyntax)
+    }
+}
+
+/// A decimal number of digits only (no sign, no spaces).
+fn parse_number(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// A byte count with an optional binary suffix.
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'K' | b'k' => (&text[..text.len() - 1], 10),
+        b'M' | b'm' => (&text[..text.len() - 1], 20),
+        b'G' | b'g' => (&text[..text.len() - 1], 30),
+        b'T' | b't' => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    parse_number(digits)?.checked_mul(1 << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_form_parses() {
+        assert_eq!(
+            Target::parse("ram:64M"),
+            Ok(Target::Ram { bytes: 64 << 20 })
+        );
+        assert_eq!(Target::parse("ram:4096"), Ok(Target::Ram { bytes: 4096 }));
+        assert_eq!(Target::parse("module:0"), Ok(Target::Module { index: 0 }));
+        assert_eq!(
+            Target::parse("nvme0n1"),
+            Ok(Target::Disk { name: "nvme0n1" })
+        );
+        assert_eq!(
+            Target::parse("nvme0n1:p2"),
+            Ok(Target::Partition {
+                disk: "nvme0n1",
+                number: 2
+            })
+        );
+        assert_eq!(
+            Target::parse("ahci0@2048+1048576"),
+            Ok(Target::Range {
+                disk: "ahci0",
+                start: 2048,
+                sectors: 1048576
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_targets_are_refused() {
+        for bad in [
+            "",
+            "ram:",
+            "ram:12X",
+            "ram:-1",
+            "ram:99999999999999999999",
+            "ram:100000000000T",
+            "module:",
+            "module:x",
+            "module:99999999999",
+            "nvme0n1:p0",
+            "nvme0n1:p",
+            "nvme0n1@1",
+            "nvme0n1@+5",
+            "NVME",
+            "0disk",
+            "nvme/0",
+            "nvme 0",
+            ":p1",
+            "@1+1",
+            "phy:/dev/sda",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            assert_eq!(Target::parse(bad), Err(OpenError::BadSyntax), "{bad:?}");
+        }
+        for bad_size in [
+            "ram:0",
+            "ram:1000",
+            "nvme0n1@1+0",
+            "nvme0n1@1+18446744073709551615",
+        ] {
+            assert_eq!(
+                Target::parse(bad_size),
+                Err(OpenError::BadSize),
+                "{bad_size:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,1239 @@
+//! The backend against the simulated Xen, xenstored and blkfront, serving
+//! RAM disks: the xenbus dance, every operation, every invalid field.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use drivers::{BlockDevice, Completion, Geometry, RamDisk, SubmitError};
+use zerocopy::IntoBytes;
+
+use super::*;
+use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
+use crate::event::EventChannels;
+use crate::grant::{GfnWindow, GrantMapper};
+use crate::sim::blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
+use crate::sim::xenstore::SimXenstored;
+use crate::sim::{GUEST, SimXen};
+use crate::xenbus::XenbusState;
+use crate::xenstore::{Access, Perm, Xenstore, XenstoreInterface};
+
+const WINDOW: u64 = 0x10_0000;
+const FRONTEND: DomId = 7;
+const DEVID: u32 = 51712;
+
+/// What the test disk saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read(u64),
+    Write(u64),
+    Flush,
+    Discard(u64, u64),
+}
+
+/// A RAM disk that records its operations, can claim a volatile write
+/// cache, and can hold completions back (a slow device).
+struct Spy {
+    disk: RamDisk<GrantWindowHal>,
+    storage: Box<[u64]>,
+    cached: bool,
+    hold: bool,
+    held: Vec<Completion>,
+    ops: Vec<Op>,
+}
+
+impl Spy {
+    fn bytes(&self, offset: usize, len: usize) -> Vec<u8> {
+        self.storage.as_bytes()[offset..offset + len].to_vec()
+    }
+}
+
+struct SpyDisk(Rc<RefCell<Spy>>);
+
+impl BlockDevice for SpyDisk {
+    fn geometry(&self) -> Geometry {
+        let spy = self.0.borrow();
+        Geometry {
+            volatile_write_cache: spy.cached,
+            ..spy.disk.geometry()
+        }
+    }
+
+    fn submit(
+        &mut self,
+        queue: u16,
+        tag: u64,
+        request: drivers::Request<'_>,
+    ) -> Result<(), SubmitError> {
+        let mut spy = self.0.borrow_mut();
+        let op = match request {
+            drivers::Request::Read { lba, .. } => Op::Read(lba),
+            drivers::Request::Write { lba, .. } => Op::Write(lba),
+            drivers::Request::Flush => Op::Flush,
+            drivers::Request::Discard { lba, blocks } => Op::Discard(lba, blocks),
+            drivers::Request::WriteZeroes { .. } => return Err(SubmitError::Unsupported),
+        };
+        spy.ops.push(op);
+        spy.disk.submit(queue, tag, request)
+    }
+
+    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
+        let mut spy = self.0.borrow_mut();
+        let mut buf = [Completion::default(); 64];
+        let n = spy.disk.poll(queue, &mut buf);
+        spy.held.extend_from_slice(&buf[..n]);
+        if spy.hold {
+            return 0;
+        }
+        let n = out.len().min(spy.held.len());
+        for (slot, c) in out.iter_mut().zip(spy.held.drain(..n)) {
+            *slot = c;
+        }
+        n
+    }
+}
+
+type Disks = Rc<RefCell<Vec<Rc<RefCell<Spy>>>>>;
+
+struct TestOpener {
+    hal: GrantWindowHal,
+    disks: Disks,
+}
+
+impl TestOpener {
+    fn spy(&self, block_size: u32, blocks: u64, cached: bool) -> Box<dyn BlockDevice> {
+        let words = (u64::from(block_size) * blocks / 8) as usize;
+        let mut storage = vec![0u64; words].into_boxed_slice();
+        let base = core::ptr::NonNull::new(storage.as_mut_ptr().cast::<u8>()).unwrap();
+        // SAFETY: the storage is owned by the same Spy as the disk, never
+        // moves (boxed) and outlives it; tests only read it between polls.
+        let disk = unsafe { RamDisk::new(self.hal.clone(), base, block_size, blocks, 1) };
+        let spy = Rc::new(RefCell::new(Spy {
+            disk,
+            storage,
+            cached,
+            hold: false,
+            held: Vec::new(),
+            ops: Vec::new(),
+        }));
+        self.disks.borrow_mut().push(spy.clone());
+        Box::new(SpyDisk(spy))
+    }
+}
+
+impl TargetOpener for TestOpener {
+    fn open(
+        &mut self,
+        target: &Target<'_>,
+        _read_only: bool,
+    ) -> Result<Box<dyn BlockDevice>, OpenError> {
+        match *target {
+            Target::Ram { bytes } if bytes <= 1 << 20 => Ok(self.spy(512, bytes / 512, false)),
+            Target::Ram { .. } => Err(OpenError::OutOfMemory),
+            Target::Disk { name: "cached" } => Ok(self.spy(512, 2048, true)),
+            Target::Disk { name: "disk4k" } => Ok(self.spy(4096, 256, false)),
+            _ => Err(OpenError::NotFound),
+        }
+    }
+}
+
+struct Harness<'a> {
+    sim: &'a SimXen,
+    xs: Xenstore<'a, SimXenstored<'a>>,
+    events: EventChannels<'a, &'a SimXen>,
+    grants: GrantMapper<&'a SimXen>,
+    platform: SimPlatform,
+    vbds: VbdBackends<TestOpener>,
+    disks: Disks,
+}
+
+fn run(test: impl FnOnce(&mut Harness<'_>)) {
+    let sim = Rc::new(SimXen::new());
+    let iface = XenstoreInterface::new_boxed(0);
+    let disks = Disks::default();
+    let opener = TestOpener {
+        hal: GrantWindowHal::new(sim.clone()),
+        disks: disks.clone(),
+    };
+    let mut h = Harness {
+        sim: &sim,
+        xs: Xenstore::new(&iface, SimXenstored::new(&iface, GUEST)),
+        events: EventChannels::new(&*sim, sim.shared_info()),
+        grants: GrantMapper::new(&*sim, GfnWindow::new(WINDOW, 4096)),
+        platform: SimPlatform::new(sim.clone()),
+        vbds: VbdBackends::new(opener),
+        disks,
+    };
+    h.vbds.start(&mut h.xs).unwrap();
+    assert_eq!(h.pump(), Progress::Idle);
+    test(&mut h);
+}
+
+fn backend_path(id: VbdId) -> String {
+    format!(
+        "/local/domain/{GUEST}/backend/vbd/{}/{}",
+        id.frontend, id.devid
+    )
+}
+
+fn frontend_path(id: VbdId) -> String {
+    format!("/local/domain/{}/device/vbd/{}", id.frontend, id.devid)
+}
+
+impl<'a> Harness<'a> {
+    /// Runs the kernel's loop until nothing moves: xenstore traffic, watch
+    /// events, ring polls.
+    fn pump(&mut self) -> Progress {
+        let mut progress = Progress::Busy;
+        for _ in 0..100 {
+            let moved = self.xs.channel_mut().step();
+            let mut svc = XenServices {
+                events: &mut self.events,
+                grants: &mut self.grants,
+                platform: &mut self.platform,
+            };
+            let mut handled = false;
+            while let Ok(Some(event)) = self.xs.poll_watch_event() {
+                handled = true;
+                assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
+            }
+            progress = self.vbds.poll(&mut self.xs, &mut svc);
+            if !moved && !handled && progress == Progress::Idle {
+                break;
+            }
+        }
+        progress
+    }
+
+    /// The toolstack creates a vbd as libxl does.
+    fn add_vbd(&mut self, frontend: DomId, devid: u32, params: &str, mode: &str) -> VbdId {
+        let id = VbdId { frontend, devid };
+        let (be, fe) = (backend_path(id), frontend_path(id));
+        let daemon = self.xs.channel_mut();
+        let parent = format!("/local/domain/{GUEST}/backend/vbd/{frontend}");
+        daemon.dom0_write(&parent, b"");
+        let backend_perms = [
+            Perm {
+                domid: 0,
+                access: Access::None,
+            },
+            Perm {
+                domid: GUEST,
+                access: Access::Read,
+            },
+        ];
+        daemon.dom0_set_perms(&parent, &backend_perms);
+        let device_perms = [
+            Perm {
+                domid: GUEST,
+                access: Access::None,
+            },
+            Perm {
+                domid: frontend,
+                access: Access::Read,
+            },
+        ];
+        let nodes = [
+            ("", String::new()),
+            ("frontend-id", format!("{frontend}")),
+            ("online", "1".into()),
+            ("removable", "0".into()),
+            ("bootable", "1".into()),
+            ("dev", "xvda".into()),
+            ("type", "phy".into()),
+            ("mode", mode.into()),
+            ("device-type", "disk".into()),
+            ("discard-enable", "1".into()),
+            ("frontend", fe.clone()),
+            ("params", params.into()),
+            ("state", "1".into()),
+        ];
+        for (name, value) in nodes {
+            let path = if name.is_empty() {
+                be.clone()
+            } else {
+                format!("{be}/{name}")
+            };
+            daemon.dom0_write(&path, value.as_bytes());
+            daemon.dom0_set_perms(&path, &device_perms);
+        }
+        self.frontend_write(id, "", "");
+        self.frontend_write(id, "backend", &be);
+        self.frontend_write(id, "backend-id", &format!("{GUEST}"));
+        self.frontend_write(id, "virtual-device", &format!("{devid}"));
+        self.frontend_write(id, "state", "1");
+        id
+    }
+
+    /// The frontend writes one of its nodes.
+    fn frontend_write(&mut self, id: VbdId, name: &str, value: &str) {
+        let path = match name {
+            "" => frontend_path(id),
+            _ => format!("{}/{name}", frontend_path(id)),
+        };
+        let perms = [
+            Perm {
+                domid: id.frontend,
+                access: Access::None,
+            },
+            Perm {
+                domid: GUEST,
+                access: Access::Read,
+            },
+        ];
+        let daemon = self.xs.channel_mut();
+        daemon.dom0_write(&path, value.as_bytes());
+        daemon.dom0_set_perms(&path, &perms);
+    }
+
+    /// A backend node as dom0 reads it.
+    fn backend_node(&mut self, id: VbdId, name: &str) -> Option<String> {
+        let path = format!("{}/{name}", backend_path(id));
+        let value = self.xs.channel_mut().dom0_read(&path)?;
+        Some(String::from_utf8(value).unwrap())
+    }
+
+    fn backend_state(&mut self, id: VbdId) -> Option<String> {
+        self.backend_node(id, "state")
+    }
+
+    /// The frontend publishes its ring and moves to `state` (3, or 4 for
+    /// a frontend that skips Initialised).
+    fn publish_ring(&mut self, id: VbdId, front: &SimBlkfront<'_>, state: &str) {
+        for (name, value) in front.ring_nodes() {
+            self.frontend_write(id, name, &value);
+        }
+        self.frontend_write(id, "state", state);
+        self.pump();
+    }
+
+    /// A new ring of the frontend of `id` (indices from `start`), which the
+    /// backend connects.
+    fn connect(
+        &mut self,
+        id: VbdId,
+        protocol: Protocol,
+        start: u32,
+        state: &str,
+    ) -> SimBlkfront<'a> {
+        let front = SimBlkfront::new(self.sim, id.frontend, protocol, start);
+        self.publish_ring(id, &front, state);
+        assert_eq!(self.backend_state(id).as_deref(), Some("4"));
+        front
+    }
+
+    /// A vbd of `params` for `frontend`, in InitWait then connected.
+    fn serve(
+        &mut self,
+        frontend: DomId,
+        params: &str,
+        mode: &str,
+        protocol: Protocol,
+    ) -> (VbdId, SimBlkfront<'a>) {
+        let id = self.add_vbd(frontend, DEVID, params, mode);
+        self.pump();
+        assert_eq!(self.backend_state(id).as_deref(), Some("2"));
+        (id, self.connect(id, protocol, 0, "3"))
+    }
+
+    /// A vbd of a 1 MiB RAM disk with a connected frontend.
+    fn connected(&mut self, protocol: Protocol, start: u32) -> (VbdId, SimBlkfront<'a>) {
+        let id = self.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+        self.pump();
+        (id, self.connect(id, protocol, start, "3"))
+    }
+
+    fn io(&mut self, front: &mut SimBlkfront<'_>, requests: &[Vec<u8>]) -> Vec<Response> {
+        assert_eq!(front.submit(requests), requests.len());
+        self.pump();
+        front.responses()
+    }
+
+    /// The statuses of `requests`' responses, by id (refusals are answered
+    /// before requests that go to the disk).
+    fn statuses(&mut self, front: &mut SimBlkfront<'_>, requests: &[Vec<u8>]) -> Vec<i16> {
+        let mut responses = self.io(front, requests);
+        responses.sort_by_key(|r| r.id);
+        responses.iter().map(|r| r.status).collect()
+    }
+
+    fn disk(&self, index: usize) -> Rc<RefCell<Spy>> {
+        self.disks.borrow()[index].clone()
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.platform.lines.iter().any(|l| l.contains(needle))
+    }
+}
+
+fn seg(gref: u32, first_sect: u8, last_sect: u8) -> Seg {
+    Seg {
+        gref,
+        first_sect,
+        last_sect,
+    }
+}
+
+fn ok(id: u64, operation: u8) -> Response {
+    Response {
+        id,
+        operation,
+        status: RSP_OKAY,
+    }
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+        .collect()
+}
+
+/// Writes two segments through the frontend, reads them back into fresh
+/// pages, and checks the disk itself.
+fn write_then_read(protocol: Protocol) {
+    run(|h| {
+        let (id, mut front) = h.connected(protocol, 0);
+        assert_eq!(h.backend_node(id, "sectors").as_deref(), Some("2048"));
+        assert_eq!(h.backend_node(id, "sector-size").as_deref(), Some("512"));
+        assert_eq!(
+            h.backend_node(id, "physical-sector-size").as_deref(),
+            Some("512")
+        );
+        assert_eq!(h.backend_node(id, "info").as_deref(), Some("0"));
+        assert_eq!(h.backend_node(id, "feature-barrier").as_deref(), Some("1"));
+        assert_eq!(
+            h.backend_node(id, "feature-flush-cache").as_deref(),
+            Some("0")
+        );
+        assert_eq!(h.backend_node(id, "feature-discard").as_deref(), Some("1"));
+        assert_eq!(
+            h.backend_node(id, "discard-granularity").as_deref(),
+            Some("512")
+        );
+        assert_eq!(
+            h.backend_node(id, "discard-alignment").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            h.backend_node(id, "feature-persistent").as_deref(),
+            Some("1")
+        );
+
+        let (a, b) = (pattern(1), pattern(2));
+        let (ga, gb) = (front.grant(true, &a), front.grant(true, &b));
+        let write =
+            front.data_request(blkif::OP_WRITE, 10, 100, 2, &[seg(ga, 0, 7), seg(gb, 2, 3)]);
+        assert_eq!(h.io(&mut front, &[write]), [ok(10, blkif::OP_WRITE)]);
+        assert!(front.notifications() >= 1);
+
+        let disk = h.disk(0);
+        assert_eq!(disk.borrow().bytes(100 * 512, 4096), a);
+        assert_eq!(disk.borrow().bytes(108 * 512, 1024), b[1024..2048]);
+
+        let (ra, rb) = (front.grant(false, &[]), front.grant(false, &[]));
+        let read = front.data_request(blkif::OP_READ, 11, 100, 2, &[seg(ra, 0, 7), seg(rb, 4, 5)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(11, blkif::OP_READ)]);
+        assert_eq!(front.page(ra), a);
+        assert_eq!(front.page(rb)[2048..3072], b[1024..2048]);
+        assert!(front.page(rb)[..2048].iter().all(|&x| x == 0));
+        assert_eq!(
+            h.grants.stats().mapped,
+            1,
+            "only the ring page stays mapped"
+        );
+        assert_eq!(h.pump(), Progress::Idle);
+        let status = h.vbds.status(id).unwrap();
+        assert_eq!(
+            (status.state, status.connected, status.in_flight),
+            (XenbusState::Connected, true, 0)
+        );
+    });
+}
+
+#[test]
+fn write_then_read_x86_64_abi() {
+    write_then_read(Protocol::X86_64);
+}
+
+#[test]
+fn write_then_read_x86_32_abi() {
+    write_then_read(Protocol::X86_32);
+}
+
+#[test]
+fn ring_indices_wrap_at_u32_max() {
+    run(|h| {
+        let (_, mut front) = h.connected(Protocol::X86_64, u32::MAX - 5);
+        let page = front.grant(false, &[]);
+        let mut answered = Vec::new();
+        for batch in 0..3u64 {
+            let requests: Vec<Vec<u8>> = (0..32u64)
+                .map(|i| {
+                    front.data_request(blkif::OP_READ, batch * 32 + i, i, 1, &[seg(page, 0, 0)])
+                })
+                .collect();
+            answered.extend(h.io(&mut front, &requests));
+        }
+        let ids: Vec<u64> = answered.iter().map(|r| r.id).collect();
+        assert_eq!(ids, (0..96).collect::<Vec<u64>>());
+        assert!(answered.iter().all(|r| r.status == RSP_OKAY));
+    });
+}
+
+#[test]
+fn every_invalid_field_gets_its_status() {
+    run(|h| {
+        let (_, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let readonly_page = front.grant(true, &[]);
+        let good = [seg(page, 0, 7)];
+        let rw =
+            |op, id, sector, nr: u8, segs: &[Seg]| front.data_request(op, id, sector, nr, segs);
+        let cases: Vec<(Vec<u8>, i16)> = vec![
+            (rw(4, 1, 0, 1, &good), RSP_EOPNOTSUPP),
+            (rw(200, 2, 0, 1, &good), RSP_EOPNOTSUPP),
+            (rw(blkif::OP_INDIRECT, 3, 0, 1, &good), RSP_ERROR),
+            (rw(blkif::OP_READ, 4, 0, 0, &[]), RSP_ERROR),
+            (rw(blkif::OP_READ, 5, 0, 12, &good), RSP_ERROR),
+            (rw(blkif::OP_READ, 6, 0, 1, &[seg(page, 5, 4)]), RSP_ERROR),
+            (rw(blkif::OP_READ, 7, 0, 1, &[seg(page, 0, 8)]), RSP_ERROR),
+            (rw(blkif::OP_READ, 8, 2048, 1, &good), RSP_ERROR),
+            (rw(blkif::OP_READ, 9, 2041, 1, &good), RSP_ERROR),
+            (rw(blkif::OP_READ, 10, u64::MAX - 3, 1, &good), RSP_ERROR),
+            (rw(blkif::OP_READ, 11, 0, 1, &[seg(9999, 0, 7)]), RSP_ERROR),
+            (
+                rw(
+                    blkif::OP_READ,
+                    12,
+                    0,
+                    2,
+                    &[seg(page, 0, 7), seg(9999, 0, 0)],
+                ),
+                RSP_ERROR,
+            ),
+            (
+                rw(blkif::OP_READ, 13, 0, 1, &[seg(readonly_page, 0, 7)]),
+                RSP_ERROR,
+            ),
+            (rw(blkif::OP_FLUSH_DISKCACHE, 14, 0, 0, &[]), RSP_EOPNOTSUPP),
+            (front.discard_request(15, 0, 8, true), RSP_EOPNOTSUPP),
+            (front.discard_request(16, 2040, 9, false), RSP_ERROR),
+            (front.discard_request(17, u64::MAX, 2, false), RSP_ERROR),
+            (rw(blkif::OP_READ, 18, 2040, 1, &good), RSP_OKAY),
+        ];
+        let requests: Vec<Vec<u8>> = cases.iter().map(|(r, _)| r.clone()).collect();
+        h.platform.now_ns.set(1_000_000_000);
+        let responses = h.io(&mut front, &requests);
+        assert_eq!(responses.len(), cases.len());
+        for (i, (_, status)) in cases.iter().enumerate() {
+            let response = responses.iter().find(|r| r.id == i as u64 + 1).unwrap();
+            assert_eq!(response.status, *status, "request {}", i + 1);
+        }
+        assert_eq!(
+            h.grants.stats().mapped,
+            1,
+            "failed maps leave nothing mapped"
+        );
+        // 17 refusals in one second: 10 lines, the rest counted.
+        let refusals = h
+            .platform
+            .lines
+            .iter()
+            .filter(|l| l.contains("request"))
+            .count();
+        assert_eq!(refusals, engine::MAX_LOG_LINES_PER_SECOND as usize);
+        h.platform.now_ns.set(2_500_000_000);
+        let again = front.data_request(4, 99, 0, 1, &good);
+        assert_eq!(h.io(&mut front, &[again])[0].status, RSP_EOPNOTSUPP);
+        assert!(h.logged("7 more messages suppressed"));
+        // The ring is still served.
+        let read = front.data_request(blkif::OP_READ, 100, 0, 1, &good);
+        assert_eq!(h.io(&mut front, &[read]), [ok(100, blkif::OP_READ)]);
+    });
+}
+
+#[test]
+fn writes_to_a_read_only_disk_are_refused() {
+    run(|h| {
+        let (id, mut front) = h.serve(FRONTEND, "ram:64K", "r", Protocol::X86_64);
+        assert_eq!(h.backend_node(id, "info").as_deref(), Some("4"));
+        let page = front.grant(true, &pattern(3));
+        let requests = [
+            front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]),
+            front.data_request(blkif::OP_WRITE_BARRIER, 2, 0, 1, &[seg(page, 0, 7)]),
+            front.discard_request(3, 0, 8, false),
+            front.data_request(
+                blkif::OP_READ,
+                4,
+                0,
+                1,
+                &[seg(front.grant(false, &[]), 0, 7)],
+            ),
+        ];
+        let statuses = h.statuses(&mut front, &requests);
+        assert_eq!(statuses, [RSP_ERROR, RSP_ERROR, RSP_ERROR, RSP_OKAY]);
+        assert!(
+            h.disk(0)
+                .borrow()
+                .ops
+                .iter()
+                .all(|op| matches!(op, Op::Read(_)))
+        );
+    });
+}
+
+#[test]
+fn discard_zeroes_the_range() {
+    run(|h| {
+        let (_, mut front) = h.connected(Protocol::X86_32, 0);
+        let data = front.grant(true, &pattern(9));
+        let write = front.data_request(blkif::OP_WRITE, 1, 16, 1, &[seg(data, 0, 7)]);
+        let discard = front.discard_request(2, 18, 4, false);
+        let empty = front.discard_request(3, 0, 0, false);
+        let mut responses = h.io(&mut front, &[write, discard, empty]);
+        responses.sort_by_key(|r| r.id);
+        assert_eq!(
+            responses,
+            [
+                ok(1, blkif::OP_WRITE),
+                ok(2, blkif::OP_DISCARD),
+                ok(3, blkif::OP_DISCARD)
+            ]
+        );
+        let disk = h.disk(0);
+        let disk = disk.borrow();
+        assert_eq!(disk.bytes(16 * 512, 1024), pattern(9)[..1024]);
+        assert!(disk.bytes(18 * 512, 2048).iter().all(|&b| b == 0));
+        assert_eq!(disk.bytes(22 * 512, 1024), pattern(9)[3072..]);
+        assert_eq!(disk.ops, [Op::Write(16), Op::Discard(18, 4)]);
+    });
+}
+
+#[test]
+fn a_4k_disk_takes_only_aligned_io() {
+    run(|h| {
+        let (id, mut front) = h.serve(FRONTEND, "disk4k", "w", Protocol::X86_64);
+        assert_eq!(h.backend_node(id, "sectors").as_deref(), Some("2048"));
+        assert_eq!(h.backend_node(id, "sector-size").as_deref(), Some("4096"));
+        assert_eq!(
+            h.backend_node(id, "discard-granularity").as_deref(),
+            Some("4096")
+        );
+        let page = front.grant(true, &pattern(4));
+        let requests = [
+            front.data_request(blkif::OP_WRITE, 1, 8, 1, &[seg(page, 0, 7)]),
+            front.data_request(blkif::OP_WRITE, 2, 4, 1, &[seg(page, 0, 7)]),
+            front.data_request(blkif::OP_WRITE, 3, 8, 1, &[seg(page, 1, 7)]),
+            front.data_request(blkif::OP_WRITE, 4, 8, 1, &[seg(page, 0, 3)]),
+            front.discard_request(5, 8, 4, false),
+            front.discard_request(6, 16, 8, false),
+        ];
+        let statuses = h.statuses(&mut front, &requests);
+        assert_eq!(
+            statuses,
+            [
+                RSP_OKAY, RSP_ERROR, RSP_ERROR, RSP_ERROR, RSP_ERROR, RSP_OKAY
+            ]
+        );
+        let disk = h.disk(0);
+        assert_eq!(disk.borrow().ops, [Op::Write(1), Op::Discard(2, 1)]);
+        assert_eq!(disk.borrow().bytes(4096, 4096), pattern(4));
+    });
+}
+
+#[test]
+fn flush_and_barrier_wait_for_the_device_and_order() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "cached", "w");
+        h.pump();
+        assert_eq!(
+            h.backend_node(id, "feature-flush-cache").as_deref(),
+            Some("1")
+        );
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let disk = h.disk(0);
+        disk.borrow_mut().hold = true;
+        let page = front.grant(true, &pattern(5));
+        let requests = [
+            front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]),
+            front.data_request(blkif::OP_WRITE_BARRIER, 2, 8, 1, &[seg(page, 0, 7)]),
+            front.data_request(blkif::OP_WRITE, 3, 16, 1, &[seg(page, 0, 7)]),
+        ];
+        assert!(
+            h.io(&mut front, &requests).is_empty(),
+            "nothing answered while the device holds"
+        );
+        assert_eq!(
+            disk.borrow().ops,
+            [Op::Write(0)],
+            "the barrier waits for the older write"
+        );
+        assert_eq!(h.pump(), Progress::Busy);
+
+        disk.borrow_mut().hold = false;
+        h.pump();
+        let responses = front.responses();
+        assert_eq!(
+            responses,
+            [
+                ok(1, blkif::OP_WRITE),
+                ok(2, blkif::OP_WRITE_BARRIER),
+                ok(3, blkif::OP_WRITE)
+            ]
+        );
+        assert_eq!(
+            disk.borrow().ops,
+            [
+                Op::Write(0),
+                Op::Flush,
+                Op::Write(8),
+                Op::Flush,
+                Op::Write(16)
+            ]
+        );
+
+        disk.borrow_mut().hold = true;
+        let flush = front.data_request(blkif::OP_FLUSH_DISKCACHE, 4, 0, 0, &[]);
+        assert!(
+            h.io(&mut front, &[flush]).is_empty(),
+            "no flush acknowledged before the device's"
+        );
+        disk.borrow_mut().hold = false;
+        h.pump();
+        assert_eq!(front.responses(), [ok(4, blkif::OP_FLUSH_DISKCACHE)]);
+        assert_eq!(disk.borrow().ops.last(), Some(&Op::Flush));
+        assert_eq!(h.pump(), Progress::Idle);
+    });
+}
+
+#[test]
+fn frontend_closes_and_comes_back() {
+    run(|h| {
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(true, &pattern(6));
+        let write = front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[write]), [ok(1, blkif::OP_WRITE)]);
+
+        h.frontend_write(id, "state", "5");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+        // A closing frontend is still served until it is Closed.
+        let target = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 2, 0, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        assert!(!h.vbds.status(id).unwrap().connected);
+        assert_eq!(h.sim.mapped_grants(), 0, "ring page unmapped");
+
+        // Guest reboot: a new ring, the same disk.
+        h.frontend_write(id, "state", "1");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("2"));
+        let mut front = h.connect(id, Protocol::X86_32, 7, "3");
+        let target = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 3, 0, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(3, blkif::OP_READ)]);
+        assert_eq!(front.page(target), pattern(6));
+    });
+}
+
+#[test]
+fn frontends_that_skip_states_are_served() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        // Straight to Connected, never Initialised.
+        h.connect(id, Protocol::X86_64, 0, "4");
+        // Closed, then Initialised again with no Initialising in between.
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 0)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+    });
+}
+
+#[test]
+fn online_0_detaches_and_removes_the_nodes() {
+    run(|h| {
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
+        // libxl: online=0 and state=5 on the backend, then waits for 6.
+        let be = backend_path(id);
+        h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.xs.channel_mut().dom0_write(&format!("{be}/state"), b"5");
+        h.pump();
+        assert_eq!(
+            h.backend_state(id).as_deref(),
+            Some("5"),
+            "waits for the frontend"
+        );
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(
+            h.io(&mut front, &[read]),
+            [ok(1, blkif::OP_READ)],
+            "served meanwhile"
+        );
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
+        assert!(h.vbds.status(id).is_none());
+        assert_eq!(h.sim.mapped_grants(), 0);
+        assert!(h.logged("removed"));
+        assert_eq!(h.pump(), Progress::Idle);
+    });
+}
+
+#[test]
+fn online_0_before_the_frontend_connected_closes_at_once() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        let be = backend_path(id);
+        h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.pump();
+        assert_eq!(h.xs.channel_mut().dom0_read(&be), None);
+        assert!(h.vbds.status(id).is_none());
+    });
+}
+
+#[test]
+fn a_bad_target_is_reported_and_the_others_keep_working() {
+    run(|h| {
+        let missing = h.add_vbd(8, 768, "nvme9n1", "w");
+        let too_big = h.add_vbd(9, 768, "ram:1G", "w");
+        let garbage = h.add_vbd(10, 768, "ram:12X", "w");
+        let (good, mut front) = h.connected(Protocol::X86_64, 0);
+        for (id, why) in [
+            (missing, "no such disk"),
+            (too_big, "out of memory"),
+            (garbage, "syntax"),
+        ] {
+            assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+            let error = h.backend_node(id, "error").unwrap();
+            assert!(error.contains(why), "{error}");
+            assert!(h.logged(&error));
+        }
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+        assert_eq!(h.vbds.status(good).unwrap().state, XenbusState::Connected);
+        // The toolstack gives up on the failed one: it goes away cleanly.
+        let be = backend_path(missing);
+        h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.pump();
+        assert!(h.vbds.status(missing).is_none());
+    });
+}
+
+#[test]
+fn a_frontend_that_breaks_the_ring_is_disconnected() {
+    run(|h| {
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
+        let (_, mut other_front) = h.serve(8, "ram:64K", "w", Protocol::X86_64);
+
+        front.corrupt_req_prod(33);
+        h.sim
+            .remote_send(FRONTEND, front.ring_nodes()[1].1.parse().unwrap())
+            .unwrap();
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+        let error = h.backend_node(id, "error").unwrap();
+        assert!(error.contains("broke the ring"), "{error}");
+        assert!(!h.vbds.status(id).unwrap().connected);
+        assert!(front.responses().is_empty());
+
+        let page = other_front.grant(false, &[]);
+        let read = other_front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(h.io(&mut other_front, &[read]), [ok(1, blkif::OP_READ)]);
+        assert_eq!(h.sim.mapped_grants(), 1, "only the other ring");
+    });
+}
+
+#[test]
+fn a_vbd_removed_by_the_toolstack_is_dropped() {
+    run(|h| {
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
+        let disk = h.disk(0);
+        disk.borrow_mut().hold = true;
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert!(h.io(&mut front, &[read]).is_empty());
+        h.xs.channel_mut().dom0_rm(&backend_path(id));
+        h.pump();
+        assert!(
+            h.vbds.status(id).is_some(),
+            "kept while the device holds a request"
+        );
+        assert!(h.sim.mapped_grants() > 0);
+        disk.borrow_mut().hold = false;
+        assert_eq!(h.pump(), Progress::Idle);
+        assert!(h.vbds.status(id).is_none());
+        assert_eq!(h.sim.mapped_grants(), 0);
+        assert_eq!(front.responses(), [ok(1, blkif::OP_READ)]);
+    });
+}
+
+#[test]
+fn unusable_frontend_details_are_reported() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        h.frontend_write(id, "ring-ref", "12345");
+        h.frontend_write(id, "event-channel", "1");
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+        assert!(h.backend_node(id, "error").unwrap().contains("ring-ref"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+
+        h.frontend_write(id, "protocol", "arm-abi");
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        h.frontend_write(id, "state", "1");
+        h.pump();
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert!(h.backend_node(id, "error").unwrap().contains("protocol"));
+    });
+}
+
+#[test]
+fn other_watches_are_left_to_the_kernel() {
+    run(|h| {
+        let mut svc = XenServices {
+            events: &mut h.events,
+            grants: &mut h.grants,
+            platform: &mut h.platform,
+        };
+        let event = crate::xenstore::WatchEvent {
+            path: "control/shutdown".into(),
+            token: "kernel".into(),
+        };
+        assert!(!h.vbds.on_watch_event(&mut h.xs, &mut svc, &event));
+    });
+}
+
+/// xorshift64*: reproducible, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+#[test]
+fn random_requests_are_all_answered_without_harm() {
+    for protocol in [Protocol::X86_32, Protocol::X86_64] {
+        run(|h| {
+            let (id, mut front) = h.connected(protocol, 0);
+            let grefs: Vec<u32> = (0..4)
+                .map(|i| front.grant(i % 2 == 0, &[]))
+                .chain([0, 9999])
+                .collect();
+            let mut rng = Rng(0x5eed_0000 ^ protocol.entry_size() as u64);
+            for round in 0..40u64 {
+                let requests: Vec<Vec<u8>> = (0..32u64)
+                    .map(|i| {
+                        let segs: Vec<Seg> = (0..11)
+                            .map(|_| Seg {
+                                gref: grefs[rng.below(grefs.len() as u64) as usize],
+                                first_sect: rng.below(10) as u8,
+                                last_sect: rng.below(10) as u8,
+                            })
+                            .collect();
+                        let op = rng.below(9) as u8;
+                        let nr = rng.below(14) as u8;
+                        let sector = rng.below(2100);
+                        front.data_request(op, round * 32 + i, sector, nr, &segs)
+                    })
+                    .collect();
+                let mut responses = h.io(&mut front, &requests);
+                responses.sort_by_key(|r| r.id);
+                let ids: Vec<u64> = responses.iter().map(|r| r.id).collect();
+                assert_eq!(ids, (round * 32..round * 32 + 32).collect::<Vec<_>>());
+                assert!(
+                    responses
+                        .iter()
+                        .all(|r| [RSP_OKAY, RSP_ERROR, RSP_EOPNOTSUPP].contains(&r.status))
+                );
+            }
+            assert_eq!(h.vbds.status(id).unwrap().state, XenbusState::Connected);
+            assert_eq!(h.grants.stats().mapped, 1);
+            assert_eq!(h.pump(), Progress::Idle);
+        });
+    }
+}
+
+#[test]
+fn hostile_frontend_nodes_leave_the_backend_consistent() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        let values = [
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+            "8",
+            "9",
+            "-1",
+            "",
+            "4x",
+            "x86_32-abi",
+            "99999999999999999999",
+            "\u{0}",
+            "3 ",
+        ];
+        let mut rng = Rng(77);
+        let mut fronts = Vec::new();
+        for _ in 0..300 {
+            let value = values[rng.below(values.len() as u64) as usize];
+            match rng.below(6) {
+                0 => h.frontend_write(id, "ring-ref", value),
+                1 => h.frontend_write(id, "event-channel", value),
+                2 => h.frontend_write(id, "protocol", value),
+                3 => {
+                    let front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
+                    h.publish_ring(id, &front, value);
+                    fronts.push(front);
+                }
+                _ => h.frontend_write(id, "state", value),
+            }
+            h.pump();
+            let status = h.vbds.status(id).unwrap();
+            assert!(status.connected == (status.state == XenbusState::Connected));
+            assert!(h.sim.mapped_grants() <= 1);
+        }
+        // Whatever happened, a clean close and reconnect works.
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+        h.frontend_write(id, "state", "1");
+        h.pump();
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        assert_eq!(
+            h.backend_node(id, "error"),
+            None,
+            "cleared by the reconnect"
+        );
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+    });
+}
+
+fn indirect_round_trip(protocol: Protocol) {
+    run(|h| {
+        let (id, mut front) = h.connected(protocol, 0);
+        assert_eq!(
+            h.backend_node(id, "feature-max-indirect-segments")
+                .as_deref(),
+            Some("256")
+        );
+        let sources: Vec<u32> = (0..40u8).map(|i| front.grant(true, &pattern(i))).collect();
+        let segs: Vec<Seg> = sources.iter().map(|&g| seg(g, 0, 7)).collect();
+        let list = front.grant(true, &segment_page(&segs));
+        let write = front.indirect_request(blkif::OP_WRITE, 1, 64, 40, &[list]);
+        assert_eq!(h.io(&mut front, &[write]), [ok(1, blkif::OP_WRITE)]);
+        let disk = h.disk(0);
+        for i in 0..40u8 {
+            let at = (64 + 8 * usize::from(i)) * 512;
+            assert_eq!(disk.borrow().bytes(at, 4096), pattern(i), "page {i}");
+        }
+
+        let targets: Vec<u32> = (0..40).map(|_| front.grant(false, &[])).collect();
+        // Read back half pages: sectors 4..=7 of each source page.
+        let segs: Vec<Seg> = targets.iter().map(|&g| seg(g, 4, 7)).collect();
+        let list = front.grant(true, &segment_page(&segs));
+        let read = front.indirect_request(blkif::OP_READ, 2, 64, 40, &[list]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
+        for (i, &target) in targets.iter().enumerate() {
+            let want = disk.borrow().bytes((64 + 4 * i) * 512, 2048);
+            assert_eq!(front.page(target)[2048..], want, "segment {i}");
+        }
+        assert_eq!(
+            h.grants.stats().mapped,
+            1,
+            "indirect and data pages unmapped"
+        );
+    });
+}
+
+#[test]
+fn indirect_requests_x86_64_abi() {
+    indirect_round_trip(Protocol::X86_64);
+}
+
+#[test]
+fn indirect_requests_x86_32_abi() {
+    indirect_round_trip(Protocol::X86_32);
+}
+
+#[test]
+fn invalid_indirect_requests_are_refused() {
+    run(|h| {
+        let (_, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let good = front.grant(true, &segment_page(&[seg(page, 0, 7)]));
+        let bad_sectors = front.grant(true, &segment_page(&[seg(page, 0, 7), seg(page, 6, 2)]));
+        let bad_gref = front.grant(true, &segment_page(&[seg(9999, 0, 7)]));
+        let cases = [
+            (
+                front.indirect_request(blkif::OP_READ, 1, 0, 1, &[good]),
+                RSP_OKAY,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 2, 0, 257, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 3, 0, 0, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 4, 0, 1, &[9999]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 5, 0, 2, &[bad_sectors]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 6, 0, 1, &[bad_gref]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_FLUSH_DISKCACHE, 7, 0, 1, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_READ, 8, 2047, 1, &[good]),
+                RSP_ERROR,
+            ),
+            (
+                front.indirect_request(blkif::OP_WRITE, 9, 0, 1, &[good]),
+                RSP_OKAY,
+            ),
+        ];
+        let requests: Vec<Vec<u8>> = cases.iter().map(|(r, _)| r.clone()).collect();
+        let want: Vec<i16> = cases.iter().map(|(_, s)| *s).collect();
+        assert_eq!(h.statuses(&mut front, &requests), want);
+        assert_eq!(h.grants.stats().mapped, 1);
+    });
+}
+
+#[test]
+fn mapped_grants_per_ring_are_bounded() {
+    run(|h| {
+        let (_, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let segs = vec![seg(page, 0, 7); 256];
+        let list = front.grant(true, &segment_page(&segs));
+        let requests: Vec<Vec<u8>> = (0..8)
+            .map(|id| front.indirect_request(blkif::OP_READ, id, 0, 256, &[list]))
+            .collect();
+        let disk = h.disk(0);
+        disk.borrow_mut().hold = true;
+        assert!(h.io(&mut front, &requests).is_empty());
+        assert_eq!(
+            disk.borrow().ops.len(),
+            4,
+            "four requests of 256 grants fit"
+        );
+        assert_eq!(
+            h.grants.stats().mapped,
+            1 + engine::MAX_MAPPED_GRANTS_PER_RING
+        );
+        disk.borrow_mut().hold = false;
+        h.pump();
+        let responses = front.responses();
+        assert_eq!(responses.len(), 8);
+        assert!(responses.iter().all(|r| r.status == RSP_OKAY));
+        assert_eq!(h.grants.stats().mapped, 1);
+    });
+}
+
+#[test]
+fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+        h.pump();
+        h.frontend_write(id, "feature-persistent", "1");
+        let mut front = h.connect(id, Protocol::X86_32, 0, "3");
+        let pool: Vec<u32> = (0..3).map(|_| front.grant(false, &[])).collect();
+        let maps_before = h.grants.stats().maps;
+        for round in 0..5u8 {
+            front.fill(pool[0], &pattern(round));
+            front.fill(pool[1], &pattern(round + 100));
+            let sector = u64::from(round) * 16;
+            // Both halves of one page in one request: the second half
+            // cannot borrow the kept mapping the first one uses.
+            let segs = [seg(pool[0], 0, 7), seg(pool[1], 0, 3), seg(pool[1], 4, 7)];
+            let write = front.data_request(blkif::OP_WRITE, 1, sector, 3, &segs);
+            let read = front.data_request(blkif::OP_READ, 2, sector, 1, &[seg(pool[2], 0, 7)]);
+            let responses = h.io(&mut front, &[write]);
+            assert_eq!(responses, [ok(1, blkif::OP_WRITE)]);
+            assert_eq!(h.io(&mut front, &[read]), [ok(2, blkif::OP_READ)]);
+            assert_eq!(front.page(pool[2]), pattern(round));
+            let disk = h.disk(0);
+            assert_eq!(
+                disk.borrow().bytes((sector as usize + 8) * 512, 4096),
+                pattern(round + 100)
+            );
+        }
+        let maps = h.grants.stats().maps - maps_before;
+        assert_eq!(
+            maps,
+            3 + 5,
+            "three kept grants, one extra mapping per round"
+        );
+        assert_eq!(h.grants.stats().mapped, 1 + 3);
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.sim.mapped_grants(), 0);
+    });
+}
+
+#[test]
+fn a_frontend_that_returns_while_requests_drain_is_served_again() {
+    for (returning_state, backend_after) in [("1", "2"), ("3", "4")] {
+        run(|h| {
+            let (id, mut front) = h.connected(Protocol::X86_64, 0);
+            let disk = h.disk(0);
+            disk.borrow_mut().hold = true;
+            let page = front.grant(false, &[]);
+            let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+            assert!(h.io(&mut front, &[read]).is_empty());
+            h.frontend_write(id, "state", "6");
+            h.pump();
+            assert_eq!(h.backend_state(id).as_deref(), Some("5"), "draining");
+            // The guest rebooted fast: a new ring before the old one drained.
+            let front = SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0);
+            h.publish_ring(id, &front, returning_state);
+            assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+            disk.borrow_mut().hold = false;
+            h.pump();
+            assert_eq!(h.backend_state(id).as_deref(), Some(backend_after));
+            assert_eq!(h.sim.mapped_grants(), usize::from(backend_after == "4"));
+        });
+    }
+}

@@ -1,0 +1,621 @@
+//! Vbd discovery and the xenbus state machine of each vbd.
+//!
+//! The machine is level-triggered: on any event concerning a vbd it reads
+//! the current `online`, the frontend's `state` and its own position, and
+//! does what that combination calls for. Missed or coalesced watch events
+//! (a frontend that skips states) therefore need no special paths.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use super::Services;
+use super::engine::{Disk, FrontendRing, RateLimitedLog, Ring};
+use super::target::{Target, TargetOpener};
+use crate::DomId;
+use crate::blkif::Protocol;
+use crate::ring::PeerChannel;
+use crate::xenbus::XenbusState;
+use crate::xenstore::{Tx, WatchEvent, Xenstore, XsError};
+
+/// Where the toolstack creates this domain's vbds (relative to its home).
+const BACKEND_DIR: &str = "backend/vbd";
+/// Token of the watch on `backend/vbd`.
+pub const WATCH_TOKEN: &str = "stordom-blkback";
+/// Token prefix of the watches on frontends' `state` nodes.
+const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
+/// `info` bits (`VDISK_*` in blkif.h).
+const VDISK_CDROM: u32 = 1;
+const VDISK_READONLY: u32 = 4;
+
+/// A vbd: the frontend domain and its device id (the directory names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VbdId {
+    pub frontend: DomId,
+    pub devid: u32,
+}
+
+/// Whether the backend has work left or may sleep until the next event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Something happened or requests are in flight: poll again.
+    Busy,
+    /// Every ring is re-armed and nothing is in flight.
+    Idle,
+}
+
+/// A vbd as seen from outside (console, tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VbdStatus {
+    /// The backend state last written.
+    pub state: XenbusState,
+    /// A ring is mapped (possibly draining).
+    pub connected: bool,
+    /// Requests accepted and not yet answered.
+    pub in_flight: usize,
+}
+
+struct Vbd {
+    id: VbdId,
+    /// `backend/vbd/<frontend>/<devid>`.
+    path: String,
+    /// The frontend's directory, once read (its `state` is watched).
+    frontend_path: Option<String>,
+    /// The backend state last written (Initialising: none yet).
+    state: XenbusState,
+    disk: Option<Disk>,
+    ring: Option<Ring>,
+    /// The target could not be served; waits for the toolstack.
+    failed: bool,
+    /// The directory is gone; dropped once the ring has drained.
+    removed: bool,
+    /// The frontend closed while requests were in flight: Closed is
+    /// written once they have drained, whatever the frontend does meanwhile.
+    closed_when_drained: bool,
+    log: RateLimitedLog,
+}
+
+/// All vbds of this domain.
+pub struct VbdBackends<O> {
+    opener: O,
+    devices: BTreeMap<VbdId, Vbd>,
+}
+
+/// Where a watch event points.
+enum EventTarget {
+    /// The directory of vbds or of one frontend's vbds changed.
+    Rescan,
+    Device(VbdId),
+}
+
+impl<O: TargetOpener> VbdBackends<O> {
+    pub fn new(opener: O) -> Self {
+        VbdBackends {
+            opener,
+            devices: BTreeMap::new(),
+        }
+    }
+
+    /// Watches `backend/vbd`; the first event (fired at once) discovers
+    /// the vbds already there.
+    pub fn start<C: PeerChannel>(&mut self, xs: &mut Xenstore<'_, C>) -> Result<(), XsError> {
+        xs.watch(BACKEND_DIR, WATCH_TOKEN)
+    }
+
+    /// Handles one watch event; false if it belongs to another watch.
+    pub fn on_watch_event<C: PeerChannel, S: Services>(
+        &mut self,
+        xs: &mut Xenstore<'_, C>,
+        svc: &mut S,
+        event: &WatchEvent,
+    ) -> bool {
+        let target = if event.token == WATCH_TOKEN {
+            match parse_backend_path(&event.path) {
+                Some(target) => target,
+                None => return true,
+            }
+        } else if let Some(id) = event.token.strip_prefix(FRONTEND_TOKEN) {
+            // Frontends write their nodes at will: their events only ever
+            // step a known vbd, never trigger a rescan.
+            if let Some(id) = parse_id(id).filter(|id| self.devices.contains_key(id)) {
+                self.update(xs, svc, id);
+            }
+            return true;
+        } else {
+            return false;
+        };
+        match target {
+            EventTarget::Device(id) if self.devices.contains_key(&id) => self.update(xs, svc, id),
+            _ => self.rescan(xs, svc),
+        }
+        true
+    }
+
+    /// Serves every ring and finishes drained disconnects.
+    pub fn poll<C: PeerChannel, S: Services>(
+        &mut self,
+        xs: &mut Xenstore<'_, C>,
+        svc: &mut S,
+    ) -> Progress {
+        let mut busy = false;
+        let mut settle = Vec::new();
+        for vbd in self.devices.values_mut() {
+            let (Some(ring), Some(disk)) = (&mut vbd.ring, &mut vbd.disk) else {
+                continue;
+            };
+            let polled = ring.poll(disk, svc, &mut vbd.log);
+            if polled.is_err() {
+                ring.stop();
+            }
+            busy |= polled.unwrap_or(true) || ring.in_flight() > 0;
+            let drained = ring.drained();
+            if let Err(e) = polled {
+                let why = format!("frontend broke the ring ({e:?}: requests beyond its size)");
+                report(xs, svc, vbd, &why, XenbusState::Closing);
+            }
+            if drained {
+                settle.push(vbd.id);
+            }
+        }
+        for id in settle {
+            self.update(xs, svc, id);
+            busy = true;
+        }
+        if busy { Progress::Busy } else { Progress::Idle }
+    }
+
+    /// The vbd's current position, if it is known.
+    pub fn status(&self, id: VbdId) -> Option<VbdStatus> {
+        self.devices.get(&id).map(|vbd| VbdStatus {
+            state: vbd.state,
+            connected: vbd.ring.is_some(),
+            in_flight: vbd.ring.as_ref().map_or(0, Ring::in_flight),
+        })
+    }
+
+    /// Lists `backend/vbd/*/*`: adds new vbds, drops vanished ones.
+    fn rescan<C: PeerChannel, S: Services>(&mut self, xs: &mut Xenstore<'_, C>, svc: &mut S) {
+        let mut present = Vec::new();
+        let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
+        for frontend in &frontends {
+            let Some(frontend_id) = parse_number::<DomId>(frontend) else {
+                continue;
+            };
+            let devices = xs
+                .directory(Tx::NONE, &format!("{BACKEND_DIR}/{frontend}"))
+                .unwrap_or_default();
+            for devid in devices.iter().filter_map(|d| parse_number::<u32>(d)) {
+                present.push(VbdId {
+                    frontend: frontend_id,
+                    devid,
+                });
+            }
+        }
+        let known: Vec<VbdId> = self.devices.keys().copied().collect();
+        for id in known.iter().filter(|id| !present.contains(id)) {
+            self.update(xs, svc, *id);
+        }
+        for id in present {
+            if self.devices.contains_key(&id) {
+                continue;
+            }
+            let path = format!("{BACKEND_DIR}/{}/{}", id.frontend, id.devid);
+            let vbd = Vbd {
+                id,
+                log: RateLimitedLog::new(format!("vbd {}/{}", id.frontend, id.devid)),
+                path,
+                frontend_path: None,
+                state: XenbusState::Initialising,
+                disk: None,
+                ring: None,
+                failed: false,
+                removed: false,
+                closed_when_drained: false,
+            };
+            self.devices.insert(id, vbd);
+            self.update(xs, svc, id);
+        }
+    }
+
+    /// Runs the state machine of one vbd; drops it once it is gone.
+    fn update<C: PeerChannel, S: Services>(
+        &mut self,
+        xs: &mut Xenstore<'_, C>,
+        svc: &mut S,
+        id: VbdId,
+    ) {
+        let Some(vbd) = self.devices.get_mut(&id) else {
+            return;
+        };
+        if let Err(e) = step(vbd, xs, svc, &mut self.opener) {
+            vbd.log.line(svc, format_args!("xenstore: {e:?}"));
+        }
+        let gone = vbd.removed && vbd.ring.is_none();
+        if gone && let Some(vbd) = self.devices.remove(&id) {
+            if let Some(frontend) = &vbd.frontend_path {
+                // The frontend may be gone with its watch already.
+                let _ = xs.unwatch(&format!("{frontend}/state"), &frontend_token(id));
+            }
+            svc.log(format_args!("vbd {}/{}: removed", id.frontend, id.devid));
+        }
+    }
+}
+
+/// One level-triggered step of a vbd's state machine.
+fn step<C: PeerChannel, S: Services, O: TargetOpener>(
+    vbd: &mut Vbd,
+    xs: &mut Xenstore<'_, C>,
+    svc: &mut S,
+    opener: &mut O,
+) -> Result<(), XsError> {
+    if let Some(ring) = vbd.ring.take_if(|r| r.drained()) {
+        ring.close(svc);
+    }
+    if vbd.removed {
+        return Ok(());
+    }
+    if vbd.ring.is_none() && core::mem::take(&mut vbd.closed_when_drained) {
+        set_state(xs, vbd, XenbusState::Closed)?;
+    }
+    if matches!(xs.read(Tx::NONE, &vbd.path), Err(XsError::NoEntry)) {
+        // The toolstack removed the vbd (e.g. the guest was destroyed).
+        vbd.removed = true;
+        if let Some(ring) = &mut vbd.ring {
+            ring.stop();
+        }
+        return Ok(());
+    }
+    let online = read_optional(xs, &format!("{}/online", vbd.path))?.is_none_or(|v| v != "0");
+    if !vbd.failed && vbd.disk.is_none() && online && !open(vbd, xs, svc, opener)? {
+        return Ok(());
+    }
+    let frontend_state = match &vbd.frontend_path {
+        Some(frontend) => read_optional(xs, &format!("{frontend}/state"))?
+            .map_or(XenbusState::Unknown, |v| XenbusState::parse(v.as_bytes())),
+        None => XenbusState::Unknown,
+    };
+    if !online {
+        return detach(vbd, xs, frontend_state);
+    }
+    if vbd.failed {
+        return Ok(());
+    }
+    match frontend_state {
+        XenbusState::Initialising | XenbusState::InitWait => {
+            if vbd.state == XenbusState::Closed && vbd.ring.is_none() {
+                // The frontend came back (guest reboot): offer the disk again.
+                vbd.log.line(svc, format_args!("frontend reconnecting"));
+                set_state(xs, vbd, XenbusState::InitWait)?;
+            }
+        }
+        XenbusState::Initialised | XenbusState::Connected => {
+            let may_connect = matches!(vbd.state, XenbusState::InitWait | XenbusState::Closed);
+            if may_connect && vbd.ring.is_none() {
+                connect(vbd, xs, svc)?;
+            }
+        }
+        XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
+            let was_connected = vbd.ring.is_some() || vbd.state == XenbusState::Connected;
+            if frontend_state == XenbusState::Unknown && !was_connected {
+                // No frontend yet (or never connected): nothing to undo.
+                return Ok(());
+            }
+            close_towards(vbd, xs, frontend_state == XenbusState::Closing)?;
+        }
+        XenbusState::Reconfiguring | XenbusState::Reconfigured => {}
+    }
+    Ok(())
+}
+
+/// Takes the vbd down as far as the frontend allows. While the frontend
+/// still uses the ring (`frontend_uses_ring`: it is only Closing, or has
+/// not reacted to our Closing yet) the ring is served as Linux blkback
+/// does, and the state is Closing. Otherwise the ring stops, Closing while
+/// its requests drain, Closed once it is gone.
+fn close_towards<C: PeerChannel>(
+    vbd: &mut Vbd,
+    xs: &mut Xenstore<'_, C>,
+    frontend_uses_ring: bool,
+) -> Result<(), XsError> {
+    if !frontend_uses_ring && let Some(ring) = &mut vbd.ring {
+        ring.stop();
+        vbd.closed_when_drained = true;
+    }
+    let target = if vbd.ring.is_some() || frontend_uses_ring {
+        XenbusState::Closing
+    } else {
+        XenbusState::Closed
+    };
+    if vbd.state != target && vbd.state != XenbusState::Closed {
+        set_state(xs, vbd, target)?;
+    }
+    Ok(())
+}
+
+/// `online=0`: close, and once Closed with the frontend no longer using
+/// the ring, remove the backend directory.
+fn detach<C: PeerChannel>(
+    vbd: &mut Vbd,
+    xs: &mut Xenstore<'_, C>,
+    frontend: XenbusState,
+) -> Result<(), XsError> {
+    // A frontend that has (or had) our ring must close first, or it
+    // would be left with a ring nobody serves.
+    let had_ring =
+        vbd.ring.is_some() || matches!(vbd.state, XenbusState::Connected | XenbusState::Closing);
+    let frontend_busy = had_ring
+        && matches!(
+            frontend,
+            XenbusState::Initialised | XenbusState::Connected | XenbusState::Closing
+        );
+    close_towards(vbd, xs, frontend_busy)?;
+    if vbd.ring.is_none() && !frontend_busy {
+        if vbd.state != XenbusState::Closed {
+            set_state(xs, vbd, XenbusState::Closed)?;
+        }
+        xs.rm(Tx::NONE, &vbd.path)?;
+        vbd.removed = true;
+    }
+    Ok(())
+}
+
+/// Reads the toolstack's nodes, opens the target and publishes the
+/// features, then InitWait. False while the nodes are incomplete.
+fn open<C: PeerChannel, S: Services, O: TargetOpener>(
+    vbd: &mut Vbd,
+    xs: &mut Xenstore<'_, C>,
+    svc: &mut S,
+    opener: &mut O,
+) -> Result<bool, XsError> {
+    let path = vbd.path.clone();
+    let node = |xs: &mut Xenstore<'_, C>, name: &str| read_optional(xs, &format!("{path}/{name}"));
+    let (Some(params), Some(frontend)) = (node(xs, "params")?, node(xs, "frontend")?) else {
+        return Ok(false);
+    };
+    let mode = node(xs, "mode")?.unwrap_or_else(|| "w".to_string());
+    let cdrom = node(xs, "device-type")?.is_some_and(|t| t == "cdrom");
+    let discard_enabled = node(xs, "discard-enable")?.is_none_or(|v| v != "0");
+    let read_only = !mode.contains('w');
+    let disk = Target::parse(&params)
+        .and_then(|target| opener.open(&target, read_only))
+        .and_then(|device| Disk::new(device, read_only));
+    let disk = match disk {
+        Ok(disk) => disk,
+        Err(e) => {
+            let why = format!("cannot serve target {params:?}: {e}");
+            vbd.failed = true;
+            report(xs, svc, vbd, &why, XenbusState::Closed);
+            return Ok(false);
+        }
+    };
+    let info = if cdrom { VDISK_CDROM } else { 0 } | if read_only { VDISK_READONLY } else { 0 };
+    let discard = disk.discard_granularity_bytes().filter(|_| discard_enabled);
+    let flush = disk.flushes();
+    let max_indirect = disk.max_indirect_segments();
+    xs.transaction(|xs, tx| {
+        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: &str| {
+            xs.write(tx, &format!("{path}/{name}"), value.as_bytes())
+        };
+        write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
+        write(xs, "feature-barrier", "1")?;
+        write(xs, "feature-persistent", "1")?;
+        if max_indirect > 0 {
+            write(
+                xs,
+                "feature-max-indirect-segments",
+                &max_indirect.to_string(),
+            )?;
+        }
+        match discard {
+            Some(granularity) => {
+                write(xs, "feature-discard", "1")?;
+                write(xs, "discard-granularity", &granularity.to_string())?;
+                write(xs, "discard-alignment", "0")?;
+                write(xs, "discard-secure", "0")?;
+            }
+            None => write(xs, "feature-discard", "0")?,
+        }
+        write(xs, "info", &info.to_string())
+    })?;
+    let sectors = disk.sectors();
+    vbd.disk = Some(disk);
+    vbd.log.line(
+        svc,
+        format_args!("serving {params} ({sectors} sectors, mode {mode})"),
+    );
+    xs.watch(&format!("{frontend}/state"), &frontend_token(vbd.id))?;
+    vbd.frontend_path = Some(frontend);
+    set_state(xs, vbd, XenbusState::InitWait)?;
+    Ok(true)
+}
+
+/// Maps the frontend's ring and binds its channel, publishes the disk's
+/// size, then Connected. A frontend whose details are unusable gets an
+/// error node and Closing.
+fn connect<C: PeerChannel, S: Services>(
+    vbd: &mut Vbd,
+    xs: &mut Xenstore<'_, C>,
+    svc: &mut S,
+) -> Result<(), XsError> {
+    let (Some(frontend), Some(disk)) = (vbd.frontend_path.clone(), &vbd.disk) else {
+        return Ok(());
+    };
+    let (geometry, sectors) = (*disk.geometry(), disk.sectors());
+    let node =
+        |xs: &mut Xenstore<'_, C>, name: &str| read_optional(xs, &format!("{frontend}/{name}"));
+    let ring_ref = node(xs, "ring-ref")?
+        .as_deref()
+        .and_then(parse_number::<u32>);
+    let port = node(xs, "event-channel")?
+        .as_deref()
+        .and_then(parse_number::<u32>);
+    let protocol = node(xs, "protocol")?;
+    let protocol = Protocol::from_xenstore(protocol.as_deref());
+    let persistent = node(xs, "feature-persistent")?
+        .as_deref()
+        .and_then(parse_number::<u32>)
+        == Some(1);
+    let (Some(ring_ref), Some(port), Some(protocol)) = (ring_ref, port, protocol) else {
+        let why = "frontend gave no usable ring-ref, event-channel or protocol";
+        report(xs, svc, vbd, why, XenbusState::Closing);
+        return Ok(());
+    };
+    let Some(disk) = &vbd.disk else {
+        return Ok(());
+    };
+    let published = FrontendRing {
+        domid: vbd.id.frontend,
+        ring_ref,
+        event_channel: port,
+        protocol,
+        persistent,
+    };
+    let ring = match Ring::connect(svc, &published, disk) {
+        Ok(ring) => ring,
+        Err(e) => {
+            report(
+                xs,
+                svc,
+                vbd,
+                &format!("connecting: {e}"),
+                XenbusState::Closing,
+            );
+            return Ok(());
+        }
+    };
+    let path = vbd.path.clone();
+    let written = xs.transaction(|xs, tx| {
+        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: u64| {
+            xs.write(tx, &format!("{path}/{name}"), value.to_string().as_bytes())
+        };
+        write(xs, "sectors", sectors)?;
+        write(xs, "sector-size", u64::from(geometry.logical_block_size))?;
+        write(
+            xs,
+            "physical-sector-size",
+            u64::from(geometry.physical_block_size),
+        )
+    });
+    vbd.ring = Some(ring);
+    written?;
+    // A reconnect clears the complaint about the previous connection.
+    match xs.rm(Tx::NONE, &format!("{path}/error")) {
+        Ok(()) | Err(XsError::NoEntry) => {}
+        Err(e) => return Err(e),
+    }
+    vbd.log
+        .line(svc, format_args!("connected ({protocol:?} ring)"));
+    set_state(xs, vbd, XenbusState::Connected)
+}
+
+/// Reports a failure in the vbd's `error` node and on the console, then
+/// moves to `state`.
+fn report<C: PeerChannel, S: Services>(
+    xs: &mut Xenstore<'_, C>,
+    svc: &mut S,
+    vbd: &mut Vbd,
+    why: &str,
+    state: XenbusState,
+) {
+    vbd.log.line(svc, format_args!("error: {why}"));
+    let written = xs
+        .write(Tx::NONE, &format!("{}/error", vbd.path), why.as_bytes())
+        .and_then(|()| set_state(xs, vbd, state));
+    if let Err(e) = written {
+        vbd.log.line(svc, format_args!("reporting failed: {e:?}"));
+    }
+}
+
+fn set_state<C: PeerChannel>(
+    xs: &mut Xenstore<'_, C>,
+    vbd: &mut Vbd,
+    state: XenbusState,
+) -> Result<(), XsError> {
+    xs.write(
+        Tx::NONE,
+        &format!("{}/state", vbd.path),
+        state.as_str().as_bytes(),
+    )?;
+    vbd.state = state;
+    Ok(())
+}
+
+/// A node's text, `None` if it does not exist (or is not text).
+fn read_optional<C: PeerChannel>(
+    xs: &mut Xenstore<'_, C>,
+    path: &str,
+) -> Result<Option<String>, XsError> {
+    match xs.read_string(Tx::NONE, path) {
+        Ok(value) => Ok(Some(value)),
+        Err(XsError::NoEntry | XsError::Invalid) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn frontend_token(id: VbdId) -> String {
+    format!("{FRONTEND_TOKEN}{}/{}", id.frontend, id.devid)
+}
+
+/// A `<frontend>/<devid>` pair, as in tokens and paths.
+fn parse_id(text: &str) -> Option<VbdId> {
+    let (frontend, devid) = text.split_once('/')?;
+    Some(VbdId {
+        frontend: parse_number(frontend)?,
+        devid: parse_number(devid)?,
+    })
+}
+
+/// A decimal number of digits only.
+fn parse_number<T: core::str::FromStr>(text: &str) -> Option<T> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| text.parse().ok()).flatten()
+}
+
+/// Classifies a path reported by the `backend/vbd` watch, relative or
+/// absolute (`/local/domain/<self>/backend/vbd/...`).
+fn parse_backend_path(path: &str) -> Option<EventTarget> {
+    let relative = match path.strip_prefix("/local/domain/") {
+        Some(rest) => rest.split_once('/')?.1,
+        None => path,
+    };
+    let below = relative.strip_prefix(BACKEND_DIR)?;
+    if below.is_empty() {
+        return Some(EventTarget::Rescan);
+    }
+    let mut parts = below.strip_prefix('/')?.splitn(3, '/');
+    let frontend = parts.next()?;
+    match parts.next() {
+        None => Some(EventTarget::Rescan),
+        Some(devid) => parse_id(&format!("{frontend}/{devid}")).map(EventTarget::Device),
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn watch_paths_are_classified() {
+        let device = |p| match parse_backend_path(p) {
+            Some(EventTarget::Device(id)) => Some((id.frontend, id.devid)),
+            _ => None,
+        };
+        assert!(matches!(
+            parse_backend_path("backend/vbd"),
+            Some(EventTarget::Rescan)
+        ));
+        assert!(matches!(
+            parse_backend_path("backend/vbd/3"),
+            Some(EventTarget::Rescan)
+        ));
+        assert_eq!(device("backend/vbd/3/51712/state"), Some((3, 51712)));
+        assert_eq!(device("/local/domain/1/backend/vbd/3/768"), Some((3, 768)));
+        assert!(parse_backend_path("backend/vbdx").is_none());
+        assert!(parse_backend_path("backend/vif/3/0").is_none());
+        assert_eq!(device("backend/vbd/3/x"), None);
+        assert_eq!(device("backend/vbd/99999/1"), None);
+        assert_eq!(parse_id("7/-1"), None);
+        assert_eq!(parse_number::<u32>("+5"), None);
+    }
+}

@@ -1,0 +1,407 @@
+//! A simulated blkfront and the glue that lets the blkback engine run
+//! against [`SimXen`]: the frontend grants a ring page and data pages,
+//! writes requests in either ABI and reads responses; [`GrantWindowHal`]
+//! lets a `drivers` device reach mapped grants the way the kernel's
+//! identity-mapped GFN window does; [`SimPlatform`] is the console and
+//! clock.
+
+use alloc::alloc::{Layout, alloc_zeroed, dealloc};
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::Cell;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use super::SimXen;
+use crate::blkback::Platform;
+use crate::blkif::{
+    self, DiscardX86_32, DiscardX86_64, IndirectX86_32, IndirectX86_64, Protocol, RequestX86_32,
+    RequestX86_64, ResponseX86_32, ResponseX86_64, WireSegment,
+};
+use crate::grant::GrantRef;
+use crate::ring::FrontRing;
+use crate::{DomId, PAGE_SIZE};
+
+/// A response as the frontend reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub id: u64,
+    pub operation: u8,
+    pub status: i16,
+}
+
+/// One data segment of a request: a granted page and its sector range.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    pub gref: GrantRef,
+    pub first_sect: u8,
+    pub last_sect: u8,
+}
+
+/// A frontend domain with one blkif ring.
+pub struct SimBlkfront<'s> {
+    sim: &'s SimXen,
+    domid: DomId,
+    protocol: Protocol,
+    ring: FrontRing<'s>,
+    ring_ref: GrantRef,
+    port: u32,
+}
+
+impl<'s> SimBlkfront<'s> {
+    /// Domain `domid` grants a ring page (indices starting at `start`)
+    /// and allocates an unbound port for the backend.
+    pub fn new(sim: &'s SimXen, domid: DomId, protocol: Protocol, start: u32) -> Self {
+        let ring_ref = sim.offer_grant(domid, false, &[]);
+        let base = sim
+            .grant_page_ptr(domid, ring_ref)
+            .expect("the grant was just offered");
+        // SAFETY: the granted page is page-aligned, lives as long as the
+        // simulation, and the frontend touches it only through this ring.
+        let ring = unsafe { FrontRing::init(base, PAGE_SIZE, protocol.entry_size(), start) };
+        SimBlkfront {
+            sim,
+            domid,
+            protocol,
+            ring,
+            ring_ref,
+            port: sim.remote_alloc_unbound(domid),
+        }
+    }
+
+    pub fn domid(&self) -> DomId {
+        self.domid
+    }
+
+    /// The nodes blkfront writes before Initialised: ring-ref,
+    /// event-channel and protocol.
+    pub fn ring_nodes(&self) -> [(&'static str, String); 3] {
+        let protocol = match self.protocol {
+            Protocol::X86_32 => "x86_32-abi",
+            Protocol::X86_64 => "x86_64-abi",
+        };
+        [
+            ("ring-ref", alloc::format!("{}", self.ring_ref)),
+            ("event-channel", alloc::format!("{}", self.port)),
+            ("protocol", protocol.into()),
+        ]
+    }
+
+    /// Grants a data page holding `contents`.
+    pub fn grant(&self, readonly: bool, contents: &[u8]) -> GrantRef {
+        self.sim.offer_grant(self.domid, readonly, contents)
+    }
+
+    /// The frontend writes `contents` at the start of its granted page
+    /// (as blkfront copies data into a persistent grant).
+    pub fn fill(&self, gref: GrantRef, contents: &[u8]) {
+        let page = self
+            .sim
+            .grant_page_ptr(self.domid, gref)
+            .expect("the frontend's own grant");
+        let len = contents.len().min(PAGE_SIZE);
+        // SAFETY: the granted page is PAGE_SIZE bytes and lives as long as
+        // the simulation; `len` is bounded by it.
+        unsafe { core::ptr::copy_nonoverlapping(contents.as_ptr(), page.as_ptr(), len) };
+    }
+
+    /// A granted page's current contents.
+    pub fn page(&self, gref: GrantRef) -> Vec<u8> {
+        self.sim.granted_page(self.domid, gref).unwrap_or_default()
+    }
+
+    /// Times the backend notified this frontend.
+    pub fn notifications(&self) -> u64 {
+        self.sim.notifications(self.domid, self.port)
+    }
+
+    /// A read, write or barrier request in this frontend's ABI; the
+    /// segment count is `nr_segments` whatever `segs` holds (so tests can
+    /// lie about it).
+    pub fn data_request(
+        &self,
+        operation: u8,
+        id: u64,
+        sector: u64,
+        nr_segments: u8,
+        segs: &[Seg],
+    ) -> Vec<u8> {
+        let mut wire = [WireSegment::new_zeroed(); blkif::MAX_SEGMENTS_PER_REQUEST];
+        for (slot, s) in wire.iter_mut().zip(segs) {
+            slot.gref = U32::new(s.gref);
+            slot.first_sect = s.first_sect;
+            slot.last_sect = s.last_sect;
+        }
+        let (id, sector, handle) = (U64::new(id), U64::new(sector), U16::new(0));
+        match self.protocol {
+            Protocol::X86_64 => RequestX86_64 {
+                operation,
+                nr_segments,
+                handle,
+                _pad1: [0; 4],
+                id,
+                sector_number: sector,
+                seg: wire,
+            }
+            .as_bytes()
+            .to_vec(),
+            Protocol::X86_32 => RequestX86_32 {
+                operation,
+                nr_segments,
+                handle,
+                id,
+                sector_number: sector,
+                seg: wire,
+            }
+            .as_bytes()
+            .to_vec(),
+        }
+    }
+
+    /// An indirect read or write of `nr_segments` segments listed in the
+    /// pages `indirect_grefs` (see [`segment_page`]).
+    pub fn indirect_request(
+        &self,
+        operation: u8,
+        id: u64,
+        sector: u64,
+        nr_segments: u16,
+        indirect_grefs: &[GrantRef],
+    ) -> Vec<u8> {
+        let mut grefs = [U32::new(0); blkif::MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (slot, gref) in grefs.iter_mut().zip(indirect_grefs) {
+            *slot = U32::new(*gref);
+        }
+        let (id, sector) = (U64::new(id), U64::new(sector));
+        let (indirect_op, nr_segments) = (operation, U16::new(nr_segments));
+        match self.protocol {
+            Protocol::X86_64 => IndirectX86_64 {
+                operation: blkif::OP_INDIRECT,
+                indirect_op,
+                nr_segments,
+                _pad1: [0; 4],
+                id,
+                sector_number: sector,
+                handle: U16::new(0),
+                _pad2: [0; 2],
+                indirect_grefs: grefs,
+                _pad3: [0; 4],
+            }
+            .as_bytes()
+            .to_vec(),
+            Protocol::X86_32 => IndirectX86_32 {
+                operation: blkif::OP_INDIRECT,
+                indirect_op,
+                nr_segments,
+                id,
+                sector_number: sector,
+                handle: U16::new(0),
+                _pad2: [0; 2],
+                indirect_grefs: grefs,
+                _pad3: [0; 8],
+            }
+            .as_bytes()
+            .to_vec(),
+        }
+    }
+
+    /// A discard request in this frontend's ABI.
+    pub fn discard_request(&self, id: u64, sector: u64, nr_sectors: u64, secure: bool) -> Vec<u8> {
+        let flag = if secure { blkif::DISCARD_SECURE } else { 0 };
+        let (id, sector, nr) = (U64::new(id), U64::new(sector), U64::new(nr_sectors));
+        let operation = blkif::OP_DISCARD;
+        match self.protocol {
+            Protocol::X86_64 => DiscardX86_64 {
+                operation,
+                flag,
+                handle: U16::new(0),
+                _pad1: [0; 4],
+                id,
+                sector_number: sector,
+                nr_sectors: nr,
+            }
+            .as_bytes()
+            .to_vec(),
+            Protocol::X86_32 => DiscardX86_32 {
+                operation,
+                flag,
+                handle: U16::new(0),
+                id,
+                sector_number: sector,
+                nr_sectors: nr,
+            }
+            .as_bytes()
+            .to_vec(),
+        }
+    }
+
+    /// Queues requests and publishes them, notifying the backend when the
+    /// ring's rule says so. Returns how many fit.
+    pub fn submit(&mut self, requests: &[Vec<u8>]) -> usize {
+        let queued = requests
+            .iter()
+            .take_while(|r| self.ring.put_request(r))
+            .count();
+        if self.ring.push_requests() {
+            // The backend's port is bound; an unbound one only drops it.
+            let _ = self.sim.remote_send(self.domid, self.port);
+        }
+        queued
+    }
+
+    /// Every response published so far, in ring order.
+    pub fn responses(&mut self) -> Vec<Response> {
+        let mut out = Vec::new();
+        let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
+        while self.ring.next_response(&mut entry) {
+            let response = match self.protocol {
+                Protocol::X86_64 => ResponseX86_64::read_from_prefix(&entry)
+                    .ok()
+                    .map(|(r, _)| (r.id.get(), r.operation, r.status.get())),
+                Protocol::X86_32 => ResponseX86_32::read_from_prefix(&entry)
+                    .ok()
+                    .map(|(r, _)| (r.id.get(), r.operation, r.status.get())),
+            };
+            if let Some((id, operation, status)) = response {
+                out.push(Response {
+                    id,
+                    operation,
+                    status,
+                });
+            }
+        }
+        out
+    }
+
+    /// Overwrites the shared request producer, as a broken frontend would.
+    pub fn corrupt_req_prod(&self, value: u32) {
+        let base = self
+            .sim
+            .grant_page_ptr(self.domid, self.ring_ref)
+            .expect("the ring page stays granted");
+        // SAFETY: req_prod is the first (aligned) word of the ring page,
+        // which lives as long as the simulation; both ends use it atomically.
+        let req_prod = unsafe { base.cast::<AtomicU32>().as_ref() };
+        req_prod.store(value, Ordering::Release);
+    }
+}
+
+/// The contents of an indirect page listing `segs`.
+pub fn segment_page(segs: &[Seg]) -> Vec<u8> {
+    segs.iter()
+        .flat_map(|s| {
+            WireSegment {
+                gref: U32::new(s.gref),
+                first_sect: s.first_sect,
+                last_sect: s.last_sect,
+                _pad: [0; 2],
+            }
+            .as_bytes()
+            .to_vec()
+        })
+        .collect()
+}
+
+/// A `drivers::Hal` whose "physical" addresses are the simulated guest's
+/// frames (mapped grants included), like the kernel's identity-mapped
+/// GFN window, with heap memory for what devices allocate.
+#[derive(Clone)]
+pub struct GrantWindowHal {
+    sim: Rc<SimXen>,
+}
+
+impl GrantWindowHal {
+    pub fn new(sim: Rc<SimXen>) -> Self {
+        GrantWindowHal { sim }
+    }
+}
+
+/// Heap "DMA" memory lives at its own address, far above any GFN window.
+const HEAP_PHYS_TAG: u64 = 1 << 63;
+
+fn pages_layout(pages: usize) -> Option<Layout> {
+    Layout::from_size_align(pages.max(1).checked_mul(PAGE_SIZE)?, PAGE_SIZE).ok()
+}
+
+// SAFETY: `dma_alloc` hands out zeroed, page-aligned heap memory owned by
+// the caller until `dma_free`; `phys_to_virt` returns only pointers into a
+// frame the simulation has mapped, and only when the range stays in it.
+unsafe impl drivers::Hal for GrantWindowHal {
+    fn dma_alloc(&self, pages: usize) -> Option<drivers::DmaRegion> {
+        let layout = pages_layout(pages)?;
+        // SAFETY: the layout has a non-zero size.
+        let virt = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        Some(drivers::DmaRegion {
+            phys: virt.as_ptr() as u64 | HEAP_PHYS_TAG,
+            virt,
+            pages,
+        })
+    }
+
+    unsafe fn dma_free(&self, region: drivers::DmaRegion) {
+        if let Some(layout) = pages_layout(region.pages) {
+            // SAFETY: the caller passes back a region from `dma_alloc`,
+            // allocated with this layout.
+            unsafe { dealloc(region.virt.as_ptr(), layout) };
+        }
+    }
+
+    fn phys_to_virt(&self, phys: drivers::PhysAddr, len: usize) -> Option<NonNull<u8>> {
+        let offset = (phys % PAGE_SIZE as u64) as usize;
+        if offset.checked_add(len)? > PAGE_SIZE {
+            return None;
+        }
+        let page = self.sim.frame_ptr(phys / PAGE_SIZE as u64)?;
+        // SAFETY: `offset < PAGE_SIZE`, inside the frame's page.
+        Some(unsafe { page.add(offset) })
+    }
+
+    fn virt_to_phys(&self, _virt: NonNull<u8>) -> Option<drivers::PhysAddr> {
+        None
+    }
+
+    unsafe fn map_mmio(&self, _phys: drivers::PhysAddr, _len: usize) -> Option<NonNull<u8>> {
+        None
+    }
+
+    fn now_ns(&self) -> u64 {
+        0
+    }
+}
+
+/// The console and clock of the simulated driver domain.
+pub struct SimPlatform {
+    sim: Rc<SimXen>,
+    /// Every line logged, in order.
+    pub lines: Vec<String>,
+    /// The clock; tests move it.
+    pub now_ns: Cell<u64>,
+}
+
+impl SimPlatform {
+    pub fn new(sim: Rc<SimXen>) -> Self {
+        SimPlatform {
+            sim,
+            lines: Vec::new(),
+            now_ns: Cell::new(0),
+        }
+    }
+}
+
+impl Platform for &mut SimPlatform {
+    fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
+        self.sim.frame_ptr(gfn)
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.now_ns.get()
+    }
+
+    fn log(&mut self, line: core::fmt::Arguments<'_>) {
+        self.lines.push(alloc::format!("{line}"));
+    }
+}
