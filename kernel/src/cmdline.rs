@@ -56,8 +56,11 @@ impl Fault {
 /// What stordom does once booted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {
-    /// Report what the machine looks like and exit (the default).
+    /// Report what the machine looks like and exit (the default on bare
+    /// metal).
     Boot,
+    /// Serve blkif backends (the default under Xen).
+    Serve,
     /// Exercise the Xen interfaces against a cooperating dom0 and exit.
     XenSelftest,
     /// Write, read back and check every disk found, then exit.
@@ -70,6 +73,7 @@ impl Job {
     fn parse(word: &str) -> Option<Self> {
         Some(match word {
             "boot" => Self::Boot,
+            "serve" => Self::Serve,
             "xen-selftest" => Self::XenSelftest,
             "disk-selftest" => Self::DiskSelftest,
             "disk-bench" => Self::DiskBench,
@@ -85,8 +89,8 @@ pub struct Options<'a> {
     pub log_level: LogLevel,
     /// `fault=`: trigger this fault once booted.
     pub fault: Option<Fault>,
-    /// `job=`: what to do once booted.
-    pub job: Job,
+    /// `job=`: what to do once booted (None: the platform's default).
+    pub job: Option<Job>,
     /// The first word not understood, reported rather than silently dropped.
     pub unknown: Option<&'a str>,
 }
@@ -98,7 +102,7 @@ impl<'a> Options<'a> {
         let mut opts = Self {
             log_level: LogLevel::Info,
             fault: None,
-            job: Job::Boot,
+            job: None,
             unknown: None,
         };
         for word in cmdline.split_ascii_whitespace() {
@@ -106,7 +110,7 @@ impl<'a> Options<'a> {
             let understood = match key {
                 "loglevel" => LogLevel::parse(value).map(|l| opts.log_level = l).is_some(),
                 "fault" => Fault::parse(value).map(|f| opts.fault = Some(f)).is_some(),
-                "job" => Job::parse(value).map(|j| opts.job = j).is_some(),
+                "job" => Job::parse(value).map(|j| opts.job = Some(j)).is_some(),
                 _ => false,
             };
             if !understood && opts.unknown.is_none() {
@@ -129,7 +133,7 @@ mod tests {
             Options {
                 log_level: LogLevel::Info,
                 fault: None,
-                job: Job::Boot,
+                job: None,
                 unknown: None
             }
         );
@@ -142,10 +146,17 @@ mod tests {
         assert_eq!(o.fault, Some(Fault::PageFault));
         assert_eq!(Options::parse("fault=ud").fault, Some(Fault::InvalidOpcode));
         assert_eq!(Options::parse("fault=panic").fault, Some(Fault::Panic));
-        assert_eq!(Options::parse("job=xen-selftest").job, Job::XenSelftest);
-        assert_eq!(Options::parse("job=boot").job, Job::Boot);
-        assert_eq!(Options::parse("job=disk-selftest").job, Job::DiskSelftest);
-        assert_eq!(Options::parse("job=disk-bench").job, Job::DiskBench);
+        assert_eq!(
+            Options::parse("job=xen-selftest").job,
+            Some(Job::XenSelftest)
+        );
+        assert_eq!(Options::parse("job=boot").job, Some(Job::Boot));
+        assert_eq!(Options::parse("job=serve").job, Some(Job::Serve));
+        assert_eq!(
+            Options::parse("job=disk-selftest").job,
+            Some(Job::DiskSelftest)
+        );
+        assert_eq!(Options::parse("job=disk-bench").job, Some(Job::DiskBench));
         assert_eq!(Options::parse("job=dance").unknown, Some("job=dance"));
         assert_eq!(
             Options::parse("fault=stackoverflow").fault,

@@ -10,6 +10,7 @@ mod memory;
 mod platform;
 mod power;
 mod rt;
+mod serve;
 mod storage;
 mod xen;
 mod xen_selftest;
@@ -166,29 +167,48 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
         trigger(fault);
     }
     log::info!("boot complete in {} us", clock::now_ns() / 1000);
-    match opts.job {
-        Job::Boot => {}
-        Job::DiskSelftest | Job::DiskBench => {
-            let mut pci = storage::pci_config(info.rsdp);
-            let mut disks = storage::discover(&mut pci);
+    let job = opts
+        .job
+        .unwrap_or(if xen.is_some() { Job::Serve } else { Job::Boot });
+    // A PVH guest has no PCI of its own: probing ports there only traps.
+    let find_disks = || match storage::pci_config(info.rsdp, xen.is_none()) {
+        Some(mut pci) => {
+            let disks = storage::discover(&mut pci);
             let names: alloc::vec::Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
             log::info!("storage: {} disk(s): {}", disks.len(), names.join(" "));
-            let ok = if opts.job == Job::DiskSelftest {
+            disks
+        }
+        None => alloc::vec::Vec::new(),
+    };
+    match job {
+        Job::Boot => {}
+        Job::DiskSelftest | Job::DiskBench => {
+            let mut disks = find_disks();
+            let ok = if job == Job::DiskSelftest {
                 disk_test::selftest_all(&mut disks)
             } else {
                 disk_test::bench_all(&mut disks)
             };
             if !ok {
-                fail(format_args!("{:?} failed", opts.job));
+                fail(format_args!("{job:?} failed"));
             }
         }
-        Job::XenSelftest => {
+        Job::XenSelftest | Job::Serve => {
             let Some(services) = xen::services() else {
-                fail(format_args!("job=xen-selftest needs Xen"));
+                fail(format_args!("job={job:?} needs Xen"));
             };
-            match xen_selftest::run(services) {
-                Ok(summary) => log::info!("xen-selftest: PASS {summary}"),
-                Err(why) => fail(format_args!("xen-selftest: FAIL {why}")),
+            if job == Job::Serve {
+                let modules: alloc::vec::Vec<(u64, u64)> =
+                    info.modules().iter().map(|m| (m.start, m.len)).collect();
+                let opener = serve::KernelOpener::new(&modules, find_disks());
+                if let Err(why) = serve::run(services, opener) {
+                    fail(format_args!("serve: {why}"));
+                }
+            } else {
+                match xen_selftest::run(services) {
+                    Ok(summary) => log::info!("xen-selftest: PASS {summary}"),
+                    Err(why) => fail(format_args!("xen-selftest: FAIL {why}")),
+                }
             }
         }
     }

@@ -48,8 +48,9 @@ impl ConfigAccess for PciConfig {
     }
 }
 
-/// Opens configuration space: ECAM when the RSDP leads to an MCFG, else ports.
-pub fn pci_config(rsdp: u64) -> PciConfig {
+/// Opens configuration space: ECAM when the RSDP leads to an MCFG, else
+/// the ports if `allow_ports`.
+pub fn pci_config(rsdp: u64, allow_ports: bool) -> Option<PciConfig> {
     let mcfg = if rsdp == 0 {
         Err(acpi::AcpiError::NotFound)
     } else {
@@ -66,14 +67,17 @@ pub fn pci_config(rsdp: u64) -> PciConfig {
                     entry.start_bus,
                     entry.end_bus
                 );
-                return PciConfig::Ecam(ecam, entry.start_bus, entry.end_bus);
+                return Some(PciConfig::Ecam(ecam, entry.start_bus, entry.end_bus));
             }
             log::warn!("pci: ECAM window at {:#x} could not be mapped", entry.base);
         }
         Ok([]) => log::warn!("pci: MCFG lists no ECAM window"),
-        Err(e) => log::info!("pci: no MCFG ({e:?}); using port I/O"),
+        Err(e) => log::info!("pci: no MCFG ({e:?})"),
     }
-    PciConfig::Ports(PortConfig(KernelPorts))
+    allow_ports.then(|| {
+        log::info!("pci: using port I/O configuration access");
+        PciConfig::Ports(PortConfig(KernelPorts))
+    })
 }
 
 /// Brings up every storage controller found and returns its disks.

@@ -252,6 +252,9 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
         Access::DATA,
     )
     .map_err(|_| XenError::Map)?;
+    let window_end = window_base + GRANT_WINDOW_FRAMES * PAGE_SIZE as u64;
+    memory::add_direct_range(window_base, window_end);
+    log::debug!("xen: grant window {window_base:#x}-{window_end:#x}");
     let grants = GrantMapper::new(
         hc,
         GfnWindow::new(window_base / PAGE_SIZE as u64, GRANT_WINDOW_FRAMES as usize),

@@ -1,0 +1,36 @@
+# stordom serves a stock Linux guest's disk, dom0 side.
+now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+t0=$(now_ms)
+domain_create /scenario/stordom.cfg || return 1
+sd=$(xl domid stordom)
+# Ready once it watches backend/vbd (it announces it on its console).
+n=0
+until grep -q "serve: watching backend/vbd; ready" "$(domain_console stordom)" 2>/dev/null; do
+    n=$((n + 1)); [ $n -gt 300 ] && { result stordom-ready fail "no ready line"; break; }
+    sleep 0.1
+done
+say "stordom (domid $sd) serving $(( $(now_ms) - t0 )) ms after xl create"
+
+domain_create /scenario/g1.cfg || return 1
+g1=$(xl domid g1)
+be=$(xenstore-read /local/domain/$g1/device/vbd/51712/backend 2>/dev/null)
+case "$be" in
+    /local/domain/$sd/backend/vbd/*) result backend:g1 pass "$be" ;;
+    *) result backend:g1 fail "backend path '$be'" ;;
+esac
+wait_gone g1 240
+
+# The guest is gone: its vbd must be closed and removed, grants released.
+n=0
+while [ -n "$(xenstore-list /local/domain/$sd/backend/vbd/$g1 2>/dev/null)" ]; do
+    n=$((n + 1)); [ $n -gt 100 ] && break
+    sleep 0.1
+done
+if [ -z "$(xenstore-list /local/domain/$sd/backend/vbd/$g1 2>/dev/null)" ]; then
+    result vbd-removed:g1 pass
+else
+    result vbd-removed:g1 fail "backend/vbd/$g1 still there"
+fi
+
+xl shutdown stordom
+wait_gone stordom 30

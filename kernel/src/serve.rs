@@ -1,0 +1,241 @@
+//! `job=serve` (the default under Xen): stordom as a storage driver
+//! domain. Watches `backend/vbd`, runs each vbd's xenbus state machine and
+//! ring engine (xen-pv's blkback) over the disks it can open, and polls
+//! until idle, then halts until the next event. `xl shutdown` powers it
+//! off cleanly.
+
+use crate::arch::clock;
+use crate::platform::KernelHal;
+use crate::storage;
+use crate::xen::{self, Services as XenServices};
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+use core::fmt;
+use core::ptr::NonNull;
+use drivers::{BlockDevice, Completion, Geometry, RamDisk, Request, SubmitError};
+use xen_pv::blkback::{OpenError, Progress, Services, Target, TargetOpener, VbdBackends};
+use xen_pv::event::Port;
+use xen_pv::grant::{GrantError, GrantSpec, Mapping};
+use xen_pv::xenstore::{Tx, WatchEvent};
+use xen_pv::{DomId, Errno, PAGE_SIZE};
+
+/// Longest halt when idle; events end it sooner.
+const IDLE_HALT_NS: u64 = 1_000_000_000;
+const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
+
+/// A device several vbds may name over time, but only one at a time uses.
+struct Shared {
+    name: String,
+    device: Rc<RefCell<Box<dyn BlockDevice>>>,
+    in_use: Rc<Cell<bool>>,
+}
+
+/// A vbd's use of a [`Shared`] device; frees it again when dropped.
+struct Claim {
+    device: Rc<RefCell<Box<dyn BlockDevice>>>,
+    in_use: Rc<Cell<bool>>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.in_use.set(false);
+    }
+}
+
+impl BlockDevice for Claim {
+    fn geometry(&self) -> Geometry {
+        self.device.borrow().geometry()
+    }
+
+    fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
+        self.device.borrow_mut().submit(queue, tag, request)
+    }
+
+    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
+        self.device.borrow_mut().poll(queue, out)
+    }
+}
+
+/// Opens `target=` values (see xen_pv::blkback::target for the syntax).
+pub struct KernelOpener {
+    shared: Vec<Shared>,
+}
+
+impl KernelOpener {
+    /// Boot modules become `module:N`, discovered disks go by their names.
+    pub fn new(modules: &[(u64, u64)], disks: Vec<storage::Disk>) -> Self {
+        let mut shared = Vec::new();
+        for (i, &(start, len)) in modules.iter().enumerate() {
+            let blocks = len / 512;
+            let Some(storage) = NonNull::new(start as *mut u8).filter(|_| blocks > 0) else {
+                log::warn!("serve: module {i} ({len} bytes) is too small to serve");
+                continue;
+            };
+            // SAFETY: the module's frames are reserved from the allocator
+            // and identity-mapped writable; only this disk uses them.
+            let disk = unsafe { RamDisk::new(KernelHal, storage, 512, blocks, 1) };
+            if len % 512 != 0 {
+                log::warn!(
+                    "serve: module {i}: the last {} bytes are not served",
+                    len % 512
+                );
+            }
+            shared.push(Shared {
+                name: alloc::format!("module:{i}"),
+                device: Rc::new(RefCell::new(Box::new(disk))),
+                in_use: Rc::new(Cell::new(false)),
+            });
+        }
+        for disk in disks {
+            shared.push(Shared {
+                name: disk.name,
+                device: Rc::new(RefCell::new(disk.device)),
+                in_use: Rc::new(Cell::new(false)),
+            });
+        }
+        Self { shared }
+    }
+
+    fn claim(&self, name: &str) -> Result<Box<dyn BlockDevice>, OpenError> {
+        let shared = self
+            .shared
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or(OpenError::NotFound)?;
+        if shared.in_use.replace(true) {
+            return Err(OpenError::Busy);
+        }
+        Ok(Box::new(Claim {
+            device: shared.device.clone(),
+            in_use: shared.in_use.clone(),
+        }))
+    }
+}
+
+impl TargetOpener for KernelOpener {
+    fn open(
+        &mut self,
+        target: &Target<'_>,
+        _read_only: bool,
+    ) -> Result<Box<dyn BlockDevice>, OpenError> {
+        match *target {
+            Target::Ram { bytes } => RamDisk::allocate(KernelHal, bytes / 512, 1)
+                .map(|d| Box::new(d) as Box<dyn BlockDevice>)
+                .ok_or(OpenError::OutOfMemory),
+            Target::Module { index } => self.claim(&alloc::format!("module:{index}")),
+            Target::Disk { name } => self.claim(name),
+            Target::Partition { .. } | Target::Range { .. } => Err(OpenError::Other(
+                "partitions and sector ranges are not served yet",
+            )),
+        }
+    }
+}
+
+/// blkback's view of Xen: each call takes the event-channel or grant lock
+/// only for itself, so none is held while xenstore waits for an event.
+struct KernelServices(&'static XenServices);
+
+impl Services for KernelServices {
+    fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
+        let mut events = self.0.events.lock();
+        let port = events.bind_interdomain(remote, remote_port)?;
+        // The upcall only has to wake the poll loop, which polls every ring.
+        events.set_handler(port, Box::new(|_| {}));
+        Ok(port)
+    }
+
+    fn notify(&mut self, port: Port) -> Result<(), Errno> {
+        self.0.events.lock().send(port)
+    }
+
+    fn close_port(&mut self, port: Port) {
+        if let Err(e) = self.0.events.lock().close(port) {
+            log::warn!("serve: closing port {} failed: {e:?}", port.0);
+        }
+    }
+
+    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
+        self.0.grants.lock().map_batch(specs)
+    }
+
+    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>> {
+        self.0.grants.lock().unmap_batch(mappings)
+    }
+
+    fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
+        // The grant window is identity-mapped (xen::start_services).
+        NonNull::new(gfn.checked_mul(PAGE_SIZE as u64)? as *mut u8)
+    }
+
+    fn now_ns(&self) -> u64 {
+        clock::now_ns()
+    }
+
+    fn log(&mut self, line: fmt::Arguments<'_>) {
+        log::info!("{line}");
+    }
+}
+
+/// Whether `event` asks for a clean shutdown (`xl shutdown`).
+fn shutdown_requested(svc: &XenServices, event: &WatchEvent) -> bool {
+    if event.token != SHUTDOWN_TOKEN {
+        return false;
+    }
+    let mut xs = svc.store.lock();
+    match xs.read_string(Tx::NONE, "control/shutdown") {
+        Ok(what) if what == "poweroff" || what == "halt" => {
+            // Acknowledge, as the toolstack expects of a PV-aware guest.
+            let _ = xs.write(Tx::NONE, "control/shutdown", b"");
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Serves vbds until the toolstack asks stordom to shut down.
+pub fn run(svc: &'static XenServices, opener: KernelOpener) -> Result<(), String> {
+    let mut vbds = VbdBackends::new(opener);
+    let mut services = KernelServices(svc);
+    {
+        let mut xs = svc.store.lock();
+        vbds.start(&mut xs)
+            .map_err(|e| alloc::format!("watching backend/vbd: {e:?}"))?;
+        xs.watch("control/shutdown", SHUTDOWN_TOKEN)
+            .map_err(|e| alloc::format!("watching control/shutdown: {e:?}"))?;
+        // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
+        let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
+    }
+    log::info!("serve: watching backend/vbd; ready");
+    loop {
+        xen::poll_events();
+        let mut events = Vec::new();
+        {
+            let mut xs = svc.store.lock();
+            loop {
+                match xs.poll_watch_event() {
+                    Ok(Some(event)) => events.push(event),
+                    Ok(None) => break,
+                    Err(e) => return Err(alloc::format!("xenstore: {e:?}")),
+                }
+            }
+        }
+        for event in &events {
+            if shutdown_requested(svc, event) {
+                log::info!("serve: shutdown requested");
+                return Ok(());
+            }
+            let mut xs = svc.store.lock();
+            vbds.on_watch_event(&mut xs, &mut services, event);
+        }
+        let progress = {
+            let mut xs = svc.store.lock();
+            vbds.poll(&mut xs, &mut services)
+        };
+        if progress == Progress::Idle && events.is_empty() {
+            xen::halt_until_interrupt(IDLE_HALT_NS);
+        }
+    }
+}
