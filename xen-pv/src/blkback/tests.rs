@@ -896,11 +896,11 @@ fn unusable_frontend_details_are_reported() {
         assert!(h.backend_node(id, "error").unwrap().contains("ring-ref"));
         assert_eq!(h.sim.mapped_grants(), 0);
 
+        // The frontend restarts without closing: offered the disk again.
         h.frontend_write(id, "protocol", "arm-abi");
-        h.frontend_write(id, "state", "6");
-        h.pump();
         h.frontend_write(id, "state", "1");
         h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("2"));
         h.frontend_write(id, "state", "3");
         h.pump();
         assert!(h.backend_node(id, "error").unwrap().contains("protocol"));

@@ -283,8 +283,10 @@ fn step<C: PeerChannel, S: Services, O: TargetOpener>(
     }
     match frontend_state {
         XenbusState::Initialising | XenbusState::InitWait => {
-            if vbd.state == XenbusState::Closed && vbd.ring.is_none() {
-                // The frontend came back (guest reboot): offer the disk again.
+            let closed = matches!(vbd.state, XenbusState::Closing | XenbusState::Closed);
+            if closed && vbd.ring.is_none() {
+                // The frontend came back (guest reboot, or a restart after
+                // our complaint): offer the disk again.
                 vbd.log.line(svc, format_args!("frontend reconnecting"));
                 set_state(xs, vbd, XenbusState::InitWait)?;
             }
