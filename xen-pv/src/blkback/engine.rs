@@ -39,8 +39,9 @@ const ROUNDS_PER_POLL: usize = 4;
 /// Device completions fetched per call.
 const COMPLETION_BATCH: usize = 32;
 
-/// The device queue a ring submits on (one ring per vbd for now).
-const QUEUE: u16 = 0;
+/// Rings one vbd serves at most (`multi-queue-max-queues`), each on its
+/// own device queue.
+pub const MAX_QUEUES: u16 = 4;
 
 /// Most segments of an indirect request (`feature-max-indirect-segments`,
 /// Linux blkback's default): 1 MiB per request.
@@ -108,6 +109,12 @@ impl Disk {
         } else {
             0
         }
+    }
+
+    /// Rings a frontend may open (`multi-queue-max-queues`): one per device
+    /// queue, up to [`MAX_QUEUES`].
+    pub fn max_queues(&self) -> u16 {
+        self.geometry.queues.clamp(1, MAX_QUEUES)
     }
 
     /// Whether flushes are advertised and accepted.
@@ -406,6 +413,8 @@ pub struct Ring {
     frontend: DomId,
     protocol: Protocol,
     port: Port,
+    /// The device queue this ring submits on.
+    queue: u16,
     /// Valid while `ring_mapping` is mapped, i.e. until `close`.
     ring: BackRing<'static>,
     ring_mapping: Mapping,
@@ -446,12 +455,14 @@ struct IndirectFetch {
 
 impl Ring {
     /// Maps the frontend's ring page, attaches to it and binds its event
-    /// channel. At most the disk's queue depth of requests are held at a
-    /// time (and no more than the ring size).
+    /// channel; the ring will use device queue `queue` (below
+    /// [`Disk::max_queues`]). At most the disk's queue depth of requests
+    /// are held at a time (and no more than the ring size).
     pub fn connect<S: Services>(
         svc: &mut S,
         frontend: &FrontendRing,
         disk: &Disk,
+        queue: u16,
     ) -> Result<Ring, ConnectError> {
         let FrontendRing {
             domid,
@@ -493,6 +504,7 @@ impl Ring {
             frontend: domid,
             protocol,
             port,
+            queue,
             ring,
             ring_mapping: mapping,
             slots: (0..slots).map(|_| None).collect(),
@@ -862,7 +874,10 @@ impl Ring {
         let mut done = [Completion::default(); COMPLETION_BATCH];
         // Each pass empties at most one batch; bounded by the slot count.
         for _ in 0..=self.slots.len() / COMPLETION_BATCH {
-            let n = disk.device.poll(QUEUE, &mut done).min(COMPLETION_BATCH);
+            let n = disk
+                .device
+                .poll(self.queue, &mut done)
+                .min(COMPLETION_BATCH);
             for completion in &done[..n] {
                 let slot = usize::try_from(completion.tag).unwrap_or(usize::MAX);
                 let Some(Some(request)) = self.slots.get_mut(slot) else {
@@ -947,15 +962,15 @@ impl Ring {
             Step::Read { lba } => {
                 let segments = &request.segments;
                 let read = drivers::Request::Read { lba, segments };
-                (disk.device.submit(QUEUE, tag, read), None)
+                (disk.device.submit(self.queue, tag, read), None)
             }
             Step::Write { lba } => {
                 let segments = &request.segments;
                 let write = drivers::Request::Write { lba, segments };
-                (disk.device.submit(QUEUE, tag, write), None)
+                (disk.device.submit(self.queue, tag, write), None)
             }
             Step::Flush => (
-                disk.device.submit(QUEUE, tag, drivers::Request::Flush),
+                disk.device.submit(self.queue, tag, drivers::Request::Flush),
                 None,
             ),
             Step::Discard { lba, blocks } => {
@@ -966,7 +981,7 @@ impl Ring {
                     blocks: blocks - now,
                 });
                 let discard = drivers::Request::Discard { lba, blocks: now };
-                (disk.device.submit(QUEUE, tag, discard), rest)
+                (disk.device.submit(self.queue, tag, discard), rest)
             }
         };
         match submitted {

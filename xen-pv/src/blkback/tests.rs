@@ -42,7 +42,8 @@ struct Spy {
     storage: Box<[u64]>,
     cached: bool,
     hold: bool,
-    held: Vec<Completion>,
+    /// Completions held back, with their queue.
+    held: Vec<(u16, Completion)>,
     ops: Vec<Op>,
 }
 
@@ -85,15 +86,19 @@ impl BlockDevice for SpyDisk {
         let mut spy = self.0.borrow_mut();
         let mut buf = [Completion::default(); 64];
         let n = spy.disk.poll(queue, &mut buf);
-        spy.held.extend_from_slice(&buf[..n]);
+        spy.held.extend(buf[..n].iter().map(|c| (queue, *c)));
         if spy.hold {
             return 0;
         }
-        let n = out.len().min(spy.held.len());
-        for (slot, c) in out.iter_mut().zip(spy.held.drain(..n)) {
-            *slot = c;
+        let mut given = 0;
+        for slot in out.iter_mut() {
+            let Some(at) = spy.held.iter().position(|(q, _)| *q == queue) else {
+                break;
+            };
+            *slot = spy.held.remove(at).1;
+            given += 1;
         }
-        n
+        given
     }
 }
 
@@ -106,16 +111,22 @@ struct TestOpener {
 
 impl TestOpener {
     fn spy(&self, block_size: u32, blocks: u64, cached: bool) -> Box<dyn BlockDevice> {
+        let disk = self.spy_with_queues(block_size, blocks, 1);
+        self.disks.borrow().last().unwrap().borrow_mut().cached = cached;
+        disk
+    }
+
+    fn spy_with_queues(&self, block_size: u32, blocks: u64, queues: u16) -> Box<dyn BlockDevice> {
         let words = (u64::from(block_size) * blocks / 8) as usize;
         let mut storage = vec![0u64; words].into_boxed_slice();
         let base = core::ptr::NonNull::new(storage.as_mut_ptr().cast::<u8>()).unwrap();
         // SAFETY: the storage is owned by the same Spy as the disk, never
         // moves (boxed) and outlives it; tests only read it between polls.
-        let disk = unsafe { RamDisk::new(self.hal.clone(), base, block_size, blocks, 1) };
+        let disk = unsafe { RamDisk::new(self.hal.clone(), base, block_size, blocks, queues) };
         let spy = Rc::new(RefCell::new(Spy {
             disk,
             storage,
-            cached,
+            cached: false,
             hold: false,
             held: Vec::new(),
             ops: Vec::new(),
@@ -136,6 +147,7 @@ impl TargetOpener for TestOpener {
             Target::Ram { .. } => Err(OpenError::OutOfMemory),
             Target::Disk { name: "cached" } => Ok(self.spy(512, 2048, true)),
             Target::Disk { name: "disk4k" } => Ok(self.spy(4096, 256, false)),
+            Target::Disk { name: "multiqueue" } => Ok(self.spy_with_queues(512, 2048, 8)),
             _ => Err(OpenError::NotFound),
         }
     }
@@ -848,7 +860,7 @@ fn a_frontend_that_breaks_the_ring_is_disconnected() {
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("5"));
         let error = h.backend_node(id, "error").unwrap();
-        assert!(error.contains("broke the ring"), "{error}");
+        assert!(error.contains("broke a ring"), "{error}");
         assert!(!h.vbds.status(id).unwrap().connected);
         assert!(front.responses().is_empty());
 
@@ -1236,4 +1248,61 @@ fn a_frontend_that_returns_while_requests_drain_is_served_again() {
             assert_eq!(h.sim.mapped_grants(), usize::from(backend_after == "4"));
         });
     }
+}
+
+#[test]
+fn a_frontend_may_open_several_queues() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "multiqueue", "w");
+        h.pump();
+        let max = format!("{}", engine::MAX_QUEUES);
+        assert_eq!(h.backend_node(id, "multi-queue-max-queues"), Some(max));
+        let mut fronts: Vec<SimBlkfront<'_>> = (0..3)
+            .map(|_| SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0))
+            .collect();
+        h.frontend_write(id, "multi-queue-num-queues", "3");
+        for (queue, front) in fronts.iter().enumerate() {
+            h.frontend_write(id, &format!("queue-{queue}"), "");
+            for (name, value) in front.ring_nodes() {
+                let node = match name {
+                    "protocol" => name.into(),
+                    _ => format!("queue-{queue}/{name}"),
+                };
+                h.frontend_write(id, &node, &value);
+            }
+        }
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("4"));
+        assert_eq!(h.sim.mapped_grants(), 3);
+
+        let source = fronts[0].grant(true, &pattern(8));
+        let write = fronts[0].data_request(blkif::OP_WRITE, 1, 40, 1, &[seg(source, 0, 7)]);
+        assert_eq!(h.io(&mut fronts[0], &[write]), [ok(1, blkif::OP_WRITE)]);
+        let target = fronts[2].grant(false, &[]);
+        let read = fronts[2].data_request(blkif::OP_READ, 2, 40, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.io(&mut fronts[2], &[read]), [ok(2, blkif::OP_READ)]);
+        assert_eq!(fronts[2].page(target), pattern(8));
+        assert!(fronts[1].responses().is_empty());
+
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+        // Asking for more queues than offered is refused with a reason.
+        h.frontend_write(id, "multi-queue-num-queues", "5");
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+        assert!(h.backend_node(id, "error").unwrap().contains("queues"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+    });
+}
+
+#[test]
+fn a_single_queue_disk_offers_no_queues() {
+    run(|h| {
+        let (id, _front) = h.connected(Protocol::X86_64, 0);
+        assert_eq!(h.backend_node(id, "multi-queue-max-queues"), None);
+    });
 }
