@@ -164,6 +164,11 @@ struct Harness<'a> {
 }
 
 fn run(test: impl FnOnce(&mut Harness<'_>)) {
+    run_with_window(4096, test);
+}
+
+/// As [`run`], with a GFN window of `frames` frames for grant mappings.
+fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
     let sim = Rc::new(SimXen::new());
     let iface = XenstoreInterface::new_boxed(0);
     let disks = Disks::default();
@@ -175,7 +180,7 @@ fn run(test: impl FnOnce(&mut Harness<'_>)) {
         sim: &sim,
         xs: Xenstore::new(&iface, SimXenstored::new(&iface, GUEST)),
         events: EventChannels::new(&*sim, sim.shared_info()),
-        grants: GrantMapper::new(&*sim, GfnWindow::new(WINDOW, 4096)),
+        grants: GrantMapper::new(&*sim, GfnWindow::new(WINDOW, frames)),
         platform: SimPlatform::new(sim.clone()),
         vbds: VbdBackends::new(opener),
         disks,
@@ -1304,5 +1309,20 @@ fn a_single_queue_disk_offers_no_queues() {
     run(|h| {
         let (id, _front) = h.connected(Protocol::X86_64, 0);
         assert_eq!(h.backend_node(id, "multi-queue-max-queues"), None);
+    });
+}
+
+#[test]
+fn a_full_grant_window_fails_requests_not_the_backend() {
+    run_with_window(4, |h| {
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let segs = [seg(page, 0, 0); 11];
+        let big = front.data_request(blkif::OP_READ, 1, 0, 11, &segs);
+        let small = front.data_request(blkif::OP_READ, 2, 0, 1, &segs[..1]);
+        assert_eq!(h.statuses(&mut front, &[big]), [RSP_ERROR]);
+        assert_eq!(h.statuses(&mut front, &[small]), [RSP_OKAY]);
+        assert_eq!(h.grants.stats().mapped, 1);
+        assert_eq!(h.vbds.status(id).unwrap().state, XenbusState::Connected);
     });
 }
