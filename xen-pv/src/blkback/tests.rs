@@ -576,8 +576,15 @@ fn every_invalid_field_gets_its_status() {
 #[test]
 fn writes_to_a_read_only_disk_are_refused() {
     run(|h| {
-        let (id, mut front) = h.serve(FRONTEND, "ram:64K", "r", Protocol::X86_64);
-        assert_eq!(h.backend_node(id, "info").as_deref(), Some("4"));
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "r");
+        let be = backend_path(id);
+        h.xs.channel_mut()
+            .dom0_write(&format!("{be}/device-type"), b"cdrom");
+        h.xs.channel_mut()
+            .dom0_write(&format!("{be}/removable"), b"1");
+        h.pump();
+        assert_eq!(h.backend_node(id, "info").as_deref(), Some("7"));
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
         let page = front.grant(true, &pattern(3));
         let requests = [
             front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]),

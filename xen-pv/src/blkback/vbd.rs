@@ -27,6 +27,7 @@ pub const WATCH_TOKEN: &str = "stordom-blkback";
 const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
 /// `info` bits (`VDISK_*` in blkif.h).
 const VDISK_CDROM: u32 = 1;
+const VDISK_REMOVABLE: u32 = 2;
 const VDISK_READONLY: u32 = 4;
 
 /// A vbd: the frontend domain and its device id (the directory names).
@@ -397,6 +398,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
     };
     let mode = node(xs, "mode")?.unwrap_or_else(|| "w".to_string());
     let cdrom = node(xs, "device-type")?.is_some_and(|t| t == "cdrom");
+    let removable = node(xs, "removable")?.is_some_and(|v| v == "1");
     let discard_enabled = node(xs, "discard-enable")?.is_none_or(|v| v != "0");
     let read_only = !mode.contains('w');
     let disk = Target::parse(&params)
@@ -411,7 +413,14 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
             return Ok(false);
         }
     };
-    let info = if cdrom { VDISK_CDROM } else { 0 } | if read_only { VDISK_READONLY } else { 0 };
+    let info = [
+        (cdrom, VDISK_CDROM),
+        (removable, VDISK_REMOVABLE),
+        (read_only, VDISK_READONLY),
+    ]
+    .iter()
+    .filter(|(set, _)| *set)
+    .fold(0, |info, (_, bit)| info | bit);
     let discard = disk.discard_granularity_bytes().filter(|_| discard_enabled);
     let flush = disk.flushes();
     let max_indirect = disk.max_indirect_segments();
