@@ -281,8 +281,10 @@ fn plan(request: &Request, disk: &Disk) -> Result<Plan, Refused> {
             secure,
         } => plan_discard(id, sector, nr_sectors, secure, disk),
         Request::Indirect { id, .. } => {
-            // Only reached when the segments could not be fetched.
-            let refusal = (blkif::RSP_ERROR, "indirect segments unreadable");
+            // `take_requests` fetches the segments of indirect requests and
+            // plans them with `plan_data`; refuse rather than panic if one
+            // ever gets here.
+            let refusal = (blkif::RSP_ERROR, "indirect request not fetched");
             Err((id, blkif::OP_INDIRECT, refusal))
         }
     }
