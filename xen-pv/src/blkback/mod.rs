@@ -51,6 +51,28 @@
 //!    (interrupts off, check `EventChannels::has_pending` and the xenstore
 //!    ring, then `sti; hlt`). On [`Progress::Busy`] it polls again.
 //!
+//! In code (the kernel's types are placeholders):
+//! ```ignore
+//! let mut vbds = VbdBackends::new(KernelTargets::new(/* disks, modules */));
+//! vbds.start(&mut xs)?;
+//! loop {
+//!     let mut svc = XenServices {
+//!         events: &mut events,
+//!         grants: &mut grants,
+//!         platform: KernelPlatform, // frame_address(gfn) = gfn * 4096
+//!     };
+//!     while let Some(event) = xs.poll_watch_event()? {
+//!         if !vbds.on_watch_event(&mut xs, &mut svc, &event) {
+//!             kernel_watch(&event); // control/shutdown and friends
+//!         }
+//!     }
+//!     if vbds.poll(&mut xs, &mut svc) == Progress::Idle {
+//!         halt_until_event(); // cli; if !events.has_pending(0) { sti; hlt }
+//!     }
+//! }
+//! ```
+//! Every call comes from the poll loop, none from the upcall handler.
+//!
 //! # Resource bounds per frontend
 //! Per ring: in-flight requests up to the ring size (32) and the device's
 //! queue depth; data grants mapped for requests in flight up to
