@@ -12,6 +12,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use core::mem::size_of;
+use core::ptr::NonNull;
 
 use drivers::{BlockDevice, Completion, Geometry, SubmitError};
 
@@ -374,13 +375,18 @@ fn check_data(
         .ok_or((blkif::RSP_ERROR, "sector not aligned to the block size"))
 }
 
+/// Most pages of a ring, as an order (`max-ring-page-order`, Linux
+/// blkback's default): 16 pages, 512 requests.
+pub const MAX_RING_PAGE_ORDER: u32 = 4;
+
 /// What a frontend published for its ring (its xenstore directory).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendRing {
     /// The frontend domain.
     pub domid: DomId,
-    /// `ring-ref`: the grant of the (single-page) shared ring.
-    pub ring_ref: GrantRef,
+    /// `ring-ref`, or `ring-ref0..` for a ring of `1 << ring-page-order`
+    /// pages: the grants of the shared ring's pages, in order.
+    pub ring_refs: Vec<GrantRef>,
     /// `event-channel`: the frontend's unbound port.
     pub event_channel: u32,
     /// `protocol`: the ABI of the ring entries.
@@ -392,10 +398,12 @@ pub struct FrontendRing {
 /// Why a ring could not be connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectError {
-    /// The ring page grant could not be mapped.
+    /// A ring page grant could not be mapped.
     RingGrant(GrantError),
-    /// The mapped ring page has no address in this domain.
+    /// A mapped ring page has no (aligned) address in this domain.
     RingAddress,
+    /// No ring pages, or more than `max-ring-page-order` allows.
+    RingSize,
     /// The frontend's event channel could not be bound.
     EventChannel(crate::Errno),
 }
@@ -405,6 +413,7 @@ impl fmt::Display for ConnectError {
         match self {
             ConnectError::RingGrant(e) => write!(f, "mapping ring-ref failed: {e:?}"),
             ConnectError::RingAddress => f.write_str("ring page has no address"),
+            ConnectError::RingSize => f.write_str("ring size not offered"),
             ConnectError::EventChannel(e) => write!(f, "binding event-channel failed: {e:?}"),
         }
     }
@@ -417,9 +426,9 @@ pub struct Ring {
     port: Port,
     /// The device queue this ring submits on.
     queue: u16,
-    /// Valid while `ring_mapping` is mapped, i.e. until `close`.
+    /// Valid while `ring_mappings` are mapped, i.e. until `close`.
     ring: BackRing<'static>,
-    ring_mapping: Mapping,
+    ring_mappings: Vec<Mapping>,
     slots: Vec<Option<InFlight>>,
     in_flight: usize,
     /// The slot of the barrier being drained or run; no request is taken
@@ -468,39 +477,53 @@ impl Ring {
     ) -> Result<Ring, ConnectError> {
         let FrontendRing {
             domid,
-            ring_ref,
+            ref ring_refs,
             event_channel,
             protocol,
             persistent,
         } = *frontend;
-        let spec = GrantSpec {
-            domid,
-            gref: ring_ref,
-            readonly: false,
-        };
-        let mapping = match svc.map_grants(&[spec]).pop() {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(ConnectError::RingGrant(e)),
-            None => return Err(ConnectError::RingGrant(GrantError::General)),
-        };
-        let base = svc
-            .frame_address(mapping.gfn)
-            .filter(|p| (p.as_ptr() as usize).is_multiple_of(8));
-        let Some(base) = base else {
-            unmap_logged(svc, alloc::vec![mapping]);
-            return Err(ConnectError::RingAddress);
-        };
+        if ring_refs.is_empty() || ring_refs.len() > 1 << MAX_RING_PAGE_ORDER {
+            return Err(ConnectError::RingSize);
+        }
+        let specs: Vec<GrantSpec> = ring_refs
+            .iter()
+            .map(|&gref| GrantSpec {
+                domid,
+                gref,
+                readonly: false,
+            })
+            .collect();
+        let mut mappings = Vec::with_capacity(specs.len());
+        let mut failure = None;
+        for result in svc.map_grants(&specs) {
+            match result {
+                Ok(m) => mappings.push(m),
+                Err(e) => failure = failure.or(Some(ConnectError::RingGrant(e))),
+            }
+        }
+        let pages: Vec<NonNull<u8>> = mappings
+            .iter()
+            .filter_map(|m| svc.frame_address(m.gfn))
+            .filter(|p| (p.as_ptr() as usize).is_multiple_of(8))
+            .collect();
+        if failure.is_none() && pages.len() != ring_refs.len() {
+            failure = Some(ConnectError::RingAddress);
+        }
+        if let Some(e) = failure {
+            unmap_logged(svc, mappings);
+            return Err(e);
+        }
         let port = match svc.bind_interdomain(domid, event_channel) {
             Ok(port) => port,
             Err(e) => {
-                unmap_logged(svc, alloc::vec![mapping]);
+                unmap_logged(svc, mappings);
                 return Err(ConnectError::EventChannel(e));
             }
         };
-        // SAFETY: `frame_address` gives where the page mapped at
-        // `mapping.gfn` is, 8-byte aligned (checked); it stays mapped
-        // until `close`, which drops this view first.
-        let ring = unsafe { BackRing::attach(base, PAGE_SIZE, protocol.entry_size()) };
+        // SAFETY: `frame_address` gives where each page mapped at a
+        // mapping's frame is, the first 8-byte aligned (all are checked);
+        // they stay mapped until `close`, which ends this view first.
+        let ring = unsafe { BackRing::attach_pages(&pages, protocol.entry_size()) };
         let slots = usize::from(disk.geometry.queue_depth).clamp(1, ring.size() as usize);
         Ok(Ring {
             frontend: domid,
@@ -508,7 +531,7 @@ impl Ring {
             port,
             queue,
             ring,
-            ring_mapping: mapping,
+            ring_mappings: mappings,
             slots: (0..slots).map(|_| None).collect(),
             in_flight: 0,
             barrier: None,
@@ -543,7 +566,7 @@ impl Ring {
         // Consuming `self` ends the ring view before its page goes.
         let Ring {
             port,
-            ring_mapping,
+            ring_mappings,
             to_unmap,
             persistent,
             ..
@@ -554,7 +577,7 @@ impl Ring {
                 .map(PersistentGrants::into_mappings)
                 .unwrap_or_default(),
         );
-        mappings.push(ring_mapping);
+        mappings.extend(ring_mappings);
         unmap_logged(svc, mappings);
         svc.close_port(port);
     }

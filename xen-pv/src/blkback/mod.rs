@@ -8,12 +8,12 @@
 //! `feature-barrier` = 1, `feature-persistent` = 1,
 //! `feature-max-indirect-segments` (256 unless the device takes less),
 //! `multi-queue-max-queues` (device queues, at most 4, when above 1),
+//! `max-ring-page-order` = 4 (rings of up to 16 pages, 512 requests),
 //! `feature-discard` + `discard-granularity` / `discard-alignment` /
 //! `discard-secure` = 0 (when the device discards and the toolstack's
 //! `discard-enable` is not 0), `info` (`VDISK_READONLY`, `VDISK_CDROM`).
 //! At connect, in one transaction: `sectors` (512-byte units, always),
 //! `sector-size`, `physical-sector-size`; then `state` = 4.
-//! Not served: multi-page rings (`max-ring-page-order` is not published).
 //!
 //! # What the kernel provides
 //! - A [`Services`] implementation: event channels (bind, send, close),
@@ -74,8 +74,8 @@
 //! Every call comes from the poll loop, none from the upcall handler.
 //!
 //! # Resource bounds per frontend
-//! Per ring: in-flight requests up to the ring size (32) and the device's
-//! queue depth; data grants mapped for requests in flight up to
+//! Per ring: in-flight requests up to the ring size (32 per ring page) and
+//! the device's queue depth; data grants mapped for requests in flight up to
 //! [`engine::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
 //! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring page and,
 //! briefly, one indirect page per request being taken. Size the GFN window

@@ -13,6 +13,7 @@ use drivers::{BlockDevice, Completion, Geometry, RamDisk, SubmitError};
 use zerocopy::IntoBytes;
 
 use super::*;
+use crate::PAGE_SIZE;
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::event::EventChannels;
 use crate::grant::{GfnWindow, GrantMapper};
@@ -322,7 +323,7 @@ impl<'a> Harness<'a> {
     /// a frontend that skips Initialised).
     fn publish_ring(&mut self, id: VbdId, front: &SimBlkfront<'_>, state: &str) {
         for (name, value) in front.ring_nodes() {
-            self.frontend_write(id, name, &value);
+            self.frontend_write(id, &name, &value);
         }
         self.frontend_write(id, "state", state);
         self.pump();
@@ -866,9 +867,7 @@ fn a_frontend_that_breaks_the_ring_is_disconnected() {
         let (_, mut other_front) = h.serve(8, "ram:64K", "w", Protocol::X86_64);
 
         front.corrupt_req_prod(33);
-        h.sim
-            .remote_send(FRONTEND, front.ring_nodes()[1].1.parse().unwrap())
-            .unwrap();
+        h.sim.remote_send(FRONTEND, front.port()).unwrap();
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("5"));
         let error = h.backend_node(id, "error").unwrap();
@@ -1276,8 +1275,8 @@ fn a_frontend_may_open_several_queues() {
         for (queue, front) in fronts.iter().enumerate() {
             h.frontend_write(id, &format!("queue-{queue}"), "");
             for (name, value) in front.ring_nodes() {
-                let node = match name {
-                    "protocol" => name.into(),
+                let node = match name.as_str() {
+                    "protocol" => name,
                     _ => format!("queue-{queue}/{name}"),
                 };
                 h.frontend_write(id, &node, &value);
@@ -1331,5 +1330,56 @@ fn a_full_grant_window_fails_requests_not_the_backend() {
         assert_eq!(h.statuses(&mut front, &[small]), [RSP_OKAY]);
         assert_eq!(h.grants.stats().mapped, 1);
         assert_eq!(h.vbds.status(id).unwrap().state, XenbusState::Connected);
+    });
+}
+
+#[test]
+fn multi_page_rings_hold_more_requests() {
+    for (protocol, order) in [(Protocol::X86_64, 4), (Protocol::X86_32, 1)] {
+        run(|h| {
+            let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+            h.pump();
+            let max = format!("{}", engine::MAX_RING_PAGE_ORDER);
+            assert_eq!(h.backend_node(id, "max-ring-page-order"), Some(max));
+            let mut front =
+                SimBlkfront::with_pages(h.sim, FRONTEND, protocol, u32::MAX - 9, Some(order));
+            h.publish_ring(id, &front, "3");
+            assert_eq!(h.backend_state(id).as_deref(), Some("4"));
+            assert_eq!(h.sim.mapped_grants(), 1 << order);
+            let slots = crate::ring::ring_entries(PAGE_SIZE << order, protocol.entry_size());
+            let source = front.grant(true, &pattern(11));
+            let requests: Vec<Vec<u8>> = (0..u64::from(slots))
+                .map(|i| {
+                    let sector = i % 256 * 8;
+                    front.data_request(blkif::OP_WRITE, i, sector, 1, &[seg(source, 0, 7)])
+                })
+                .collect();
+            let mut responses = h.io(&mut front, &requests);
+            responses.sort_by_key(|r| r.id);
+            assert_eq!(responses.len(), slots as usize);
+            assert!(responses.iter().all(|r| r.status == RSP_OKAY));
+            let last = (slots as usize - 1) % 256 * 8 * 512;
+            assert_eq!(h.disk(0).borrow().bytes(last, 4096), pattern(11));
+            h.frontend_write(id, "state", "6");
+            h.pump();
+            assert_eq!(h.sim.mapped_grants(), 0);
+        });
+    }
+}
+
+#[test]
+fn a_ring_larger_than_offered_is_refused() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        let front = SimBlkfront::with_pages(h.sim, FRONTEND, Protocol::X86_64, 0, Some(5));
+        h.publish_ring(id, &front, "3");
+        assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+        assert!(
+            h.backend_node(id, "error")
+                .unwrap()
+                .contains("ring-page-order")
+        );
+        assert_eq!(h.sim.mapped_grants(), 0);
     });
 }

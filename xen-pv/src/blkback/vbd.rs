@@ -11,7 +11,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::Services;
-use super::engine::{Disk, FrontendRing, RateLimitedLog, Ring};
+use super::engine::{Disk, FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring};
 use super::target::{Target, TargetOpener};
 use crate::DomId;
 use crate::blkif::Protocol;
@@ -432,6 +432,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
         write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
         write(xs, "feature-barrier", "1")?;
         write(xs, "feature-persistent", "1")?;
+        write(xs, "max-ring-page-order", &MAX_RING_PAGE_ORDER.to_string())?;
         if max_queues > 1 {
             write(xs, "multi-queue-max-queues", &max_queues.to_string())?;
         }
@@ -528,10 +529,11 @@ fn connect<C: PeerChannel, S: Services>(
     set_state(xs, vbd, XenbusState::Connected)
 }
 
-/// Reads what the frontend published for its rings: `ring-ref` and
-/// `event-channel` in its directory, or in `queue-<n>/` for each of
-/// `multi-queue-num-queues` queues; `protocol` and `feature-persistent`.
-/// The inner `Err` explains what is unusable.
+/// Reads what the frontend published for its rings: `ring-ref` (or
+/// `ring-ref0..` after `ring-page-order`) and `event-channel` in its
+/// directory, or in `queue-<n>/` for each of `multi-queue-num-queues`
+/// queues; `protocol` and `feature-persistent`. The inner `Err` explains
+/// what is unusable.
 fn read_frontend_rings<C: PeerChannel>(
     xs: &mut Xenstore<'_, C>,
     frontend: &str,
@@ -556,6 +558,18 @@ fn read_frontend_rings<C: PeerChannel>(
             None => return Ok(Err(format!("{text:?} queues asked, at most {max_queues}"))),
         },
     };
+    let order_node = format!("{frontend}/ring-page-order");
+    let page_order = match read_optional(xs, &order_node)? {
+        None => None,
+        Some(text) => match parse_number::<u32>(&text).filter(|o| *o <= MAX_RING_PAGE_ORDER) {
+            Some(order) => Some(order),
+            None => {
+                return Ok(Err(format!(
+                    "ring-page-order {text:?} beyond {MAX_RING_PAGE_ORDER}"
+                )));
+            }
+        },
+    };
     let mut rings = Vec::with_capacity(usize::from(queues));
     for queue in 0..queues {
         let dir = if queues == 1 {
@@ -563,14 +577,25 @@ fn read_frontend_rings<C: PeerChannel>(
         } else {
             format!("{frontend}/queue-{queue}")
         };
-        let ring_ref = number(xs, &format!("{dir}/ring-ref"))?;
-        let event_channel = number(xs, &format!("{dir}/event-channel"))?;
-        let (Some(ring_ref), Some(event_channel)) = (ring_ref, event_channel) else {
-            return Ok(Err(format!("no usable ring-ref or event-channel in {dir}")));
+        let ref_names: Vec<String> = match page_order {
+            None => alloc::vec![format!("{dir}/ring-ref")],
+            Some(order) => (0..1u32 << order)
+                .map(|i| format!("{dir}/ring-ref{i}"))
+                .collect(),
+        };
+        let mut ring_refs = Vec::with_capacity(ref_names.len());
+        for name in &ref_names {
+            match number(xs, name)? {
+                Some(gref) => ring_refs.push(gref),
+                None => return Ok(Err(format!("no usable {name}"))),
+            }
+        }
+        let Some(event_channel) = number(xs, &format!("{dir}/event-channel"))? else {
+            return Ok(Err(format!("no usable event-channel in {dir}")));
         };
         rings.push(FrontendRing {
             domid,
-            ring_ref,
+            ring_refs,
             event_channel,
             protocol,
             persistent,
