@@ -1383,3 +1383,26 @@ fn a_ring_larger_than_offered_is_refused() {
         assert_eq!(h.sim.mapped_grants(), 0);
     });
 }
+
+#[test]
+fn a_frontend_naming_no_protocol_gets_the_native_abi() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::native(), 0);
+        for (name, value) in front.ring_nodes() {
+            if name != "protocol" {
+                h.frontend_write(id, &name, &value);
+            }
+        }
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("4"));
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 0x1234_5678_9abc, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(
+            h.io(&mut front, &[read]),
+            [ok(0x1234_5678_9abc, blkif::OP_READ)]
+        );
+    });
+}
