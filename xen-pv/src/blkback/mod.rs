@@ -77,10 +77,12 @@
 //! Per ring: in-flight requests up to the ring size (32 per ring page) and
 //! the device's queue depth; data grants mapped for requests in flight up to
 //! [`engine::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
-//! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring page and,
-//! briefly, one indirect page per request being taken. Size the GFN window
-//! for about 2100 frames per ring you mean to serve at full depth; when it
-//! runs out, requests fail with `BLKIF_RSP_ERROR` and nothing else breaks.
+//! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring pages (up
+//! to 16) and, briefly, one indirect page per request being taken (up to
+//! the in-flight bound). Size the GFN window for about 2100 frames per ring
+//! you mean to serve at full depth (2600 with 16-page rings of indirect
+//! requests); when it runs out, requests fail with `BLKIF_RSP_ERROR` and
+//! nothing else breaks.
 //! Rings per vbd: [`engine::MAX_QUEUES`]. Log lines:
 //! [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
 

@@ -520,12 +520,17 @@ fn connect<C: PeerChannel, S: Services>(
         Ok(()) | Err(XsError::NoEntry) => {}
         Err(e) => return Err(e),
     }
-    let (count, protocol) = (rings.len(), rings.first().map(|r| r.protocol));
-    let persistent = rings.first().is_some_and(|r| r.persistent);
-    vbd.log.line(
-        svc,
-        format_args!("connected: {count} ring(s), {protocol:?}, persistent grants {persistent}"),
-    );
+    if let Some(first) = rings.first() {
+        let (count, pages) = (rings.len(), first.ring_refs.len());
+        let (protocol, persistent) = (first.protocol, first.persistent);
+        vbd.log.line(
+            svc,
+            format_args!(
+                "connected: {count} ring(s) of {pages} page(s), {protocol:?}, \
+                 persistent grants {persistent}"
+            ),
+        );
+    }
     set_state(xs, vbd, XenbusState::Connected)
 }
 
