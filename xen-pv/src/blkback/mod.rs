@@ -22,8 +22,9 @@
 //!   one from [`EventChannels`], [`GrantMapper`] and a small [`Platform`].
 //! - A [`TargetOpener`] that turns a parsed [`Target`] (`params`, the xl
 //!   `target=`; syntax in [`target`]) into a `Box<dyn BlockDevice>`. Each
-//!   ring of a vbd submits on its own device queue (0, 1, ...), so a
-//!   device shared by several vbds must hand each its own queues.
+//!   ring of a vbd submits on its own device queue (0, 1, ...); to serve
+//!   one device to several vbds (ranges, partitions), open them as
+//!   [`DiskSlice`]s of one [`SharedDisk`], which share the queues safely.
 //! - Its `drivers::Hal` must translate the GFN window: the engine hands the
 //!   device segments at `gfn * 4096 + first_sect * 512` of mapped grants,
 //!   so `phys_to_virt` must work there (identity-map the window) and a
@@ -88,6 +89,7 @@
 
 pub mod engine;
 pub mod persistent;
+pub mod shared;
 pub mod target;
 mod vbd;
 
@@ -100,6 +102,7 @@ use core::fmt;
 use core::ptr::NonNull;
 
 pub use engine::{Disk, FrontendRing, SECTOR_SIZE};
+pub use shared::{DiskSlice, SharedDisk};
 pub use target::{OpenError, Target, TargetOpener};
 pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 

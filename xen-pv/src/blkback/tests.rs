@@ -14,6 +14,7 @@ use zerocopy::IntoBytes;
 
 use super::*;
 use crate::PAGE_SIZE;
+use crate::blkback::shared::SharedDisk;
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::event::EventChannels;
 use crate::grant::{GfnWindow, GrantMapper};
@@ -108,6 +109,8 @@ type Disks = Rc<RefCell<Vec<Rc<RefCell<Spy>>>>>;
 struct TestOpener {
     hal: GrantWindowHal,
     disks: Disks,
+    /// `shared0`, made on first use and sliced by `shared0@start+count`.
+    shared: Option<SharedDisk>,
 }
 
 impl TestOpener {
@@ -149,6 +152,18 @@ impl TargetOpener for TestOpener {
             Target::Disk { name: "cached" } => Ok(self.spy(512, 2048, true)),
             Target::Disk { name: "disk4k" } => Ok(self.spy(4096, 256, false)),
             Target::Disk { name: "multiqueue" } => Ok(self.spy_with_queues(512, 2048, 8)),
+            Target::Range {
+                disk: "shared0",
+                start,
+                sectors,
+            } => {
+                let shared = match &self.shared {
+                    Some(shared) => shared.clone(),
+                    None => SharedDisk::new(self.spy(512, 2048, false)),
+                };
+                self.shared = Some(shared.clone());
+                Ok(Box::new(shared.sector_range(start, sectors)?))
+            }
             _ => Err(OpenError::NotFound),
         }
     }
@@ -176,6 +191,7 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
     let opener = TestOpener {
         hal: GrantWindowHal::new(sim.clone()),
         disks: disks.clone(),
+        shared: None,
     };
     let mut h = Harness {
         sim: &sim,
@@ -1404,5 +1420,54 @@ fn a_frontend_naming_no_protocol_gets_the_native_abi() {
             h.io(&mut front, &[read]),
             [ok(0x1234_5678_9abc, blkif::OP_READ)]
         );
+    });
+}
+
+#[test]
+fn slices_of_one_disk_serve_several_guests_apart() {
+    run(|h| {
+        let (a, mut front_a) = h.serve(7, "shared0@0+1024", "w", Protocol::X86_64);
+        let (b, mut front_b) = h.serve(8, "shared0@1024+1024", "w", Protocol::X86_32);
+        let overlapping = h.add_vbd(9, DEVID, "shared0@1000+100", "w");
+        let beyond = h.add_vbd(10, DEVID, "shared0@2000+100", "w");
+        h.pump();
+        assert!(
+            h.backend_node(overlapping, "error")
+                .unwrap()
+                .contains("in use")
+        );
+        assert!(h.backend_node(beyond, "error").unwrap().contains("size"));
+        assert_eq!(h.backend_node(b, "sectors").as_deref(), Some("1024"));
+
+        let disk = h.disk(0);
+        disk.borrow_mut().hold = true;
+        let page_a = front_a.grant(true, &pattern(21));
+        let page_b = front_b.grant(true, &pattern(22));
+        let write_a = front_a.data_request(blkif::OP_WRITE, 5, 0, 1, &[seg(page_a, 0, 7)]);
+        let write_b = front_b.data_request(blkif::OP_WRITE, 5, 0, 1, &[seg(page_b, 0, 7)]);
+        assert_eq!(front_a.submit(&[write_a]), 1);
+        assert_eq!(front_b.submit(&[write_b]), 1);
+        h.pump();
+        disk.borrow_mut().hold = false;
+        h.pump();
+        // Both used tag 0 of queue 0; each got its own completion.
+        assert_eq!(front_a.responses(), [ok(5, blkif::OP_WRITE)]);
+        assert_eq!(front_b.responses(), [ok(5, blkif::OP_WRITE)]);
+        assert_eq!(disk.borrow().bytes(0, 4096), pattern(21));
+        assert_eq!(disk.borrow().bytes(1024 * 512, 4096), pattern(22));
+
+        let target = front_b.grant(false, &[]);
+        let past_end = front_b.data_request(blkif::OP_READ, 6, 1024, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.statuses(&mut front_b, &[past_end]), [RSP_ERROR]);
+
+        // Detaching one frees its range for a new vbd.
+        h.xs.channel_mut()
+            .dom0_write(&format!("{}/online", backend_path(a)), b"0");
+        h.frontend_write(a, "state", "6");
+        h.pump();
+        assert!(h.vbds.status(a).is_none());
+        let again = h.add_vbd(11, DEVID, "shared0@0+512", "w");
+        h.pump();
+        assert_eq!(h.backend_state(again).as_deref(), Some("2"));
     });
 }
