@@ -88,6 +88,7 @@
 //! [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
 pub mod engine;
+pub mod partition;
 pub mod persistent;
 pub mod shared;
 pub mod target;

@@ -15,8 +15,9 @@
 //! [`Target`] to a [`BlockDevice`]. For ranges and partitions of a disk
 //! several vbds may share, open them as slices of one
 //! [`super::SharedDisk`] ([`super::SharedDisk::sector_range`] takes a
-//! [`Target::Range`] as is; a partition is a range the kernel reads from
-//! the partition table).
+//! [`Target::Range`] as is; for a [`Target::Partition`] the kernel reads
+//! the disk's first [`super::partition::TABLE_BYTES`] and asks
+//! [`super::partition::find_partition`] for the block range).
 
 use alloc::boxed::Box;
 use core::fmt;
