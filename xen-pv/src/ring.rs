@@ -4,9 +4,12 @@
 //! Indices are free-running `u32`s compared with wrapping arithmetic; the
 //! peer writes some of them, so every difference is bounded before use.
 
+use alloc::vec::Vec;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU8, AtomicU32, Ordering, fence};
+
+use crate::PAGE_SIZE;
 
 /// The peer broke a ring invariant; the ring must be abandoned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,7 +114,7 @@ pub const SRING_HEADER_LEN: usize = 64;
 /// Entries in a shared ring of `ring_bytes` (`__RING_SIZE`): the largest
 /// power of two that fits after the header.
 pub const fn ring_entries(ring_bytes: usize, entry_size: usize) -> u32 {
-    let fit = (ring_bytes - SRING_HEADER_LEN) / entry_size;
+    let fit = ring_bytes.saturating_sub(SRING_HEADER_LEN) / entry_size;
     if fit == 0 {
         0
     } else {
@@ -119,9 +122,11 @@ pub const fn ring_entries(ring_bytes: usize, entry_size: usize) -> u32 {
     }
 }
 
-/// The shared page(s) of an io/ring.h ring: header and entry slots.
+/// The shared page(s) of an io/ring.h ring: header and entry slots. The
+/// pages need not be contiguous in this domain: an entry that straddles
+/// two pages is gathered byte by byte.
 struct SharedRing<'a> {
-    base: NonNull<u8>,
+    pages: Vec<NonNull<u8>>,
     entries: u32,
     entry_size: usize,
     _memory: PhantomData<&'a SringHeader>,
@@ -132,45 +137,65 @@ impl SharedRing<'_> {
     /// `base` points to `ring_bytes` bytes, 8-byte aligned, mapped for the
     /// ring's lifetime and accessed only through ring protocol operations.
     unsafe fn new(base: NonNull<u8>, ring_bytes: usize, entry_size: usize) -> Self {
+        let pages = (0..ring_bytes.div_ceil(PAGE_SIZE))
+            // SAFETY: every page start lies inside the caller's memory.
+            .map(|page| unsafe { base.add(page * PAGE_SIZE) })
+            .collect();
         SharedRing {
-            base,
+            pages,
             entries: ring_entries(ring_bytes, entry_size),
             entry_size,
             _memory: PhantomData,
         }
     }
 
-    fn header(&self) -> &SringHeader {
-        // SAFETY: `new`'s contract: the ring starts with an aligned header
-        // whose fields are atomics, so sharing it with the peer is sound.
-        unsafe { self.base.cast::<SringHeader>().as_ref() }
+    /// # Safety
+    /// `pages` is not empty; each points to a page, the first 8-byte
+    /// aligned, mapped for the ring's lifetime and accessed only through
+    /// ring protocol operations.
+    unsafe fn from_pages(pages: &[NonNull<u8>], entry_size: usize) -> Self {
+        SharedRing {
+            pages: pages.to_vec(),
+            entries: ring_entries(pages.len() * PAGE_SIZE, entry_size),
+            entry_size,
+            _memory: PhantomData,
+        }
     }
 
-    fn slot(&self, index: u32) -> *mut u8 {
-        let i = (index & (self.entries - 1)) as usize;
-        // SAFETY: `i < entries`, so the slot lies inside the ring memory.
-        unsafe {
-            self.base
-                .as_ptr()
-                .add(SRING_HEADER_LEN + i * self.entry_size)
-        }
+    fn header(&self) -> &SringHeader {
+        // SAFETY: the constructors' contract: the first page starts with
+        // an aligned header whose fields are atomics, so sharing it with
+        // the peer is sound.
+        unsafe { self.pages[0].cast::<SringHeader>().as_ref() }
+    }
+
+    /// The byte at `offset` into the ring; `offset` is below the ring's
+    /// size (a slot of a masked index), so its page exists.
+    fn byte(&self, offset: usize) -> *mut u8 {
+        let page = self.pages[offset / PAGE_SIZE];
+        // SAFETY: `offset % PAGE_SIZE` stays inside that page.
+        unsafe { page.as_ptr().add(offset % PAGE_SIZE) }
+    }
+
+    fn slot_offset(&self, index: u32) -> usize {
+        SRING_HEADER_LEN + (index & (self.entries - 1)) as usize * self.entry_size
     }
 
     /// Copies the entry at `index` out (volatile: the peer may write it at
     /// any time; the copy is what gets validated, never the slot).
     fn read(&self, index: u32, out: &mut [u8]) {
-        let p = self.slot(index);
+        let slot = self.slot_offset(index);
         for (i, b) in out.iter_mut().take(self.entry_size).enumerate() {
-            // SAFETY: `i < entry_size`, inside the slot.
-            *b = unsafe { p.add(i).read_volatile() };
+            // SAFETY: `i < entry_size`: a byte of the slot, in ring memory.
+            *b = unsafe { self.byte(slot + i).read_volatile() };
         }
     }
 
     fn write(&self, index: u32, bytes: &[u8]) {
-        let p = self.slot(index);
+        let slot = self.slot_offset(index);
         for (i, b) in bytes.iter().take(self.entry_size).enumerate() {
-            // SAFETY: `i < entry_size`, inside the slot.
-            unsafe { p.add(i).write_volatile(*b) };
+            // SAFETY: `i < entry_size`: a byte of the slot, in ring memory.
+            unsafe { self.byte(slot + i).write_volatile(*b) };
         }
     }
 }
@@ -209,6 +234,24 @@ impl<'a> BackRing<'a> {
     pub unsafe fn attach(base: NonNull<u8>, ring_bytes: usize, entry_size: usize) -> Self {
         // SAFETY: passed on from the caller.
         let ring = unsafe { SharedRing::new(base, ring_bytes, entry_size) };
+        let rsp_prod = ring.header().rsp_prod.load(Ordering::Acquire);
+        BackRing {
+            ring,
+            req_cons: rsp_prod,
+            rsp_prod_pvt: rsp_prod,
+        }
+    }
+
+    /// Attaches to a ring the frontend initialised over several granted
+    /// pages (`ring-page-order`), mapped wherever they are.
+    ///
+    /// # Safety
+    /// `pages` is not empty; each points to a page of ring memory, in ring
+    /// order, the first 8-byte aligned, that stay mapped for `'a` and that
+    /// this side touches only through the returned value.
+    pub unsafe fn attach_pages(pages: &[NonNull<u8>], entry_size: usize) -> Self {
+        // SAFETY: passed on from the caller.
+        let ring = unsafe { SharedRing::from_pages(pages, entry_size) };
         let rsp_prod = ring.header().rsp_prod.load(Ordering::Acquire);
         BackRing {
             ring,
@@ -294,6 +337,20 @@ impl<'a> FrontRing<'a> {
     ) -> Self {
         // SAFETY: passed on from the caller.
         let ring = unsafe { SharedRing::new(base, ring_bytes, entry_size) };
+        Self::start(ring, start)
+    }
+
+    /// As [`Self::init`], over pages that need not be contiguous.
+    ///
+    /// # Safety
+    /// As [`BackRing::attach_pages`].
+    pub unsafe fn init_pages(pages: &[NonNull<u8>], entry_size: usize, start: u32) -> Self {
+        // SAFETY: passed on from the caller.
+        let ring = unsafe { SharedRing::from_pages(pages, entry_size) };
+        Self::start(ring, start)
+    }
+
+    fn start(ring: SharedRing<'a>, start: u32) -> Self {
         let h = ring.header();
         h.req_prod.store(start, Ordering::Relaxed);
         h.rsp_prod.store(start, Ordering::Relaxed);
@@ -431,6 +488,46 @@ mod tests {
 
     fn page() -> Vec<u64> {
         vec![0u64; PAGE / 8]
+    }
+
+    #[test]
+    fn a_ring_over_scattered_pages_gathers_straddling_entries() {
+        // Two pages far apart; 112-byte entries straddle the boundary.
+        let (mut first, mut second) = (page(), page());
+        let pages = [
+            NonNull::new(first.as_mut_ptr().cast::<u8>()).unwrap(),
+            NonNull::new(second.as_mut_ptr().cast::<u8>()).unwrap(),
+        ];
+        // SAFETY: both pages are aligned and outlive both ring views.
+        let (mut front, mut back) = unsafe {
+            let front = FrontRing::init_pages(&pages, ENTRY, u32::MAX - 7);
+            (front, BackRing::attach_pages(&pages, ENTRY))
+        };
+        assert_eq!(back.size(), 64);
+        let mut entry = [0u8; ENTRY];
+        for round in 0..3u8 {
+            for i in 0..64u8 {
+                let request: Vec<u8> = (0..ENTRY as u8).map(|b| b ^ i ^ round).collect();
+                assert!(front.put_request(&request));
+            }
+            front.push_requests();
+            for i in 0..64u8 {
+                assert!(back.next_request(&mut entry).unwrap());
+                assert!(
+                    entry
+                        .iter()
+                        .enumerate()
+                        .all(|(b, v)| *v == b as u8 ^ i ^ round)
+                );
+                back.put_response(&entry);
+            }
+            back.push_responses();
+            for i in 0..64u8 {
+                assert!(front.next_response(&mut entry));
+                assert_eq!(entry[1], 1 ^ i ^ round);
+            }
+        }
+        assert!(second.iter().any(|w| *w != 0), "the second page was used");
     }
 
     #[test]

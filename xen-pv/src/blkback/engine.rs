@@ -12,6 +12,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use core::mem::size_of;
+use core::ptr::NonNull;
 
 use drivers::{BlockDevice, Completion, Geometry, SubmitError};
 
@@ -39,8 +40,9 @@ const ROUNDS_PER_POLL: usize = 4;
 /// Device completions fetched per call.
 const COMPLETION_BATCH: usize = 32;
 
-/// The device queue a ring submits on (one ring per vbd for now).
-const QUEUE: u16 = 0;
+/// Rings one vbd serves at most (`multi-queue-max-queues`), each on its
+/// own device queue.
+pub const MAX_QUEUES: u16 = 4;
 
 /// Most segments of an indirect request (`feature-max-indirect-segments`,
 /// Linux blkback's default): 1 MiB per request.
@@ -108,6 +110,12 @@ impl Disk {
         } else {
             0
         }
+    }
+
+    /// Rings a frontend may open (`multi-queue-max-queues`): one per device
+    /// queue, up to [`MAX_QUEUES`].
+    pub fn max_queues(&self) -> u16 {
+        self.geometry.queues.clamp(1, MAX_QUEUES)
     }
 
     /// Whether flushes are advertised and accepted.
@@ -274,8 +282,10 @@ fn plan(request: &Request, disk: &Disk) -> Result<Plan, Refused> {
             secure,
         } => plan_discard(id, sector, nr_sectors, secure, disk),
         Request::Indirect { id, .. } => {
-            // Only reached when the segments could not be fetched.
-            let refusal = (blkif::RSP_ERROR, "indirect segments unreadable");
+            // `take_requests` fetches the segments of indirect requests and
+            // plans them with `plan_data`; refuse rather than panic if one
+            // ever gets here.
+            let refusal = (blkif::RSP_ERROR, "indirect request not fetched");
             Err((id, blkif::OP_INDIRECT, refusal))
         }
     }
@@ -365,13 +375,18 @@ fn check_data(
         .ok_or((blkif::RSP_ERROR, "sector not aligned to the block size"))
 }
 
+/// Most pages of a ring, as an order (`max-ring-page-order`, Linux
+/// blkback's default): 16 pages, 512 requests.
+pub const MAX_RING_PAGE_ORDER: u32 = 4;
+
 /// What a frontend published for its ring (its xenstore directory).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendRing {
     /// The frontend domain.
     pub domid: DomId,
-    /// `ring-ref`: the grant of the (single-page) shared ring.
-    pub ring_ref: GrantRef,
+    /// `ring-ref`, or `ring-ref0..` for a ring of `1 << ring-page-order`
+    /// pages: the grants of the shared ring's pages, in order.
+    pub ring_refs: Vec<GrantRef>,
     /// `event-channel`: the frontend's unbound port.
     pub event_channel: u32,
     /// `protocol`: the ABI of the ring entries.
@@ -383,10 +398,12 @@ pub struct FrontendRing {
 /// Why a ring could not be connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectError {
-    /// The ring page grant could not be mapped.
+    /// A ring page grant could not be mapped.
     RingGrant(GrantError),
-    /// The mapped ring page has no address in this domain.
+    /// A mapped ring page has no (aligned) address in this domain.
     RingAddress,
+    /// No ring pages, or more than `max-ring-page-order` allows.
+    RingSize,
     /// The frontend's event channel could not be bound.
     EventChannel(crate::Errno),
 }
@@ -396,6 +413,7 @@ impl fmt::Display for ConnectError {
         match self {
             ConnectError::RingGrant(e) => write!(f, "mapping ring-ref failed: {e:?}"),
             ConnectError::RingAddress => f.write_str("ring page has no address"),
+            ConnectError::RingSize => f.write_str("ring size not offered"),
             ConnectError::EventChannel(e) => write!(f, "binding event-channel failed: {e:?}"),
         }
     }
@@ -406,9 +424,11 @@ pub struct Ring {
     frontend: DomId,
     protocol: Protocol,
     port: Port,
-    /// Valid while `ring_mapping` is mapped, i.e. until `close`.
+    /// The device queue this ring submits on.
+    queue: u16,
+    /// Valid while `ring_mappings` are mapped, i.e. until `close`.
     ring: BackRing<'static>,
-    ring_mapping: Mapping,
+    ring_mappings: Vec<Mapping>,
     slots: Vec<Option<InFlight>>,
     in_flight: usize,
     /// The slot of the barrier being drained or run; no request is taken
@@ -446,55 +466,72 @@ struct IndirectFetch {
 
 impl Ring {
     /// Maps the frontend's ring page, attaches to it and binds its event
-    /// channel. At most the disk's queue depth of requests are held at a
-    /// time (and no more than the ring size).
+    /// channel; the ring will use device queue `queue` (below
+    /// [`Disk::max_queues`]). At most the disk's queue depth of requests
+    /// are held at a time (and no more than the ring size).
     pub fn connect<S: Services>(
         svc: &mut S,
         frontend: &FrontendRing,
         disk: &Disk,
+        queue: u16,
     ) -> Result<Ring, ConnectError> {
         let FrontendRing {
             domid,
-            ring_ref,
+            ref ring_refs,
             event_channel,
             protocol,
             persistent,
         } = *frontend;
-        let spec = GrantSpec {
-            domid,
-            gref: ring_ref,
-            readonly: false,
-        };
-        let mapping = match svc.map_grants(&[spec]).pop() {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(ConnectError::RingGrant(e)),
-            None => return Err(ConnectError::RingGrant(GrantError::General)),
-        };
-        let base = svc
-            .frame_address(mapping.gfn)
-            .filter(|p| (p.as_ptr() as usize).is_multiple_of(8));
-        let Some(base) = base else {
-            unmap_logged(svc, alloc::vec![mapping]);
-            return Err(ConnectError::RingAddress);
-        };
+        if ring_refs.is_empty() || ring_refs.len() > 1 << MAX_RING_PAGE_ORDER {
+            return Err(ConnectError::RingSize);
+        }
+        let specs: Vec<GrantSpec> = ring_refs
+            .iter()
+            .map(|&gref| GrantSpec {
+                domid,
+                gref,
+                readonly: false,
+            })
+            .collect();
+        let mut mappings = Vec::with_capacity(specs.len());
+        let mut failure = None;
+        for result in svc.map_grants(&specs) {
+            match result {
+                Ok(m) => mappings.push(m),
+                Err(e) => failure = failure.or(Some(ConnectError::RingGrant(e))),
+            }
+        }
+        let pages: Vec<NonNull<u8>> = mappings
+            .iter()
+            .filter_map(|m| svc.frame_address(m.gfn))
+            .filter(|p| (p.as_ptr() as usize).is_multiple_of(8))
+            .collect();
+        if failure.is_none() && pages.len() != ring_refs.len() {
+            failure = Some(ConnectError::RingAddress);
+        }
+        if let Some(e) = failure {
+            unmap_logged(svc, mappings);
+            return Err(e);
+        }
         let port = match svc.bind_interdomain(domid, event_channel) {
             Ok(port) => port,
             Err(e) => {
-                unmap_logged(svc, alloc::vec![mapping]);
+                unmap_logged(svc, mappings);
                 return Err(ConnectError::EventChannel(e));
             }
         };
-        // SAFETY: `frame_address` gives where the page mapped at
-        // `mapping.gfn` is, 8-byte aligned (checked); it stays mapped
-        // until `close`, which drops this view first.
-        let ring = unsafe { BackRing::attach(base, PAGE_SIZE, protocol.entry_size()) };
+        // SAFETY: `frame_address` gives where each page mapped at a
+        // mapping's frame is, the first 8-byte aligned (all are checked);
+        // they stay mapped until `close`, which ends this view first.
+        let ring = unsafe { BackRing::attach_pages(&pages, protocol.entry_size()) };
         let slots = usize::from(disk.geometry.queue_depth).clamp(1, ring.size() as usize);
         Ok(Ring {
             frontend: domid,
             protocol,
             port,
+            queue,
             ring,
-            ring_mapping: mapping,
+            ring_mappings: mappings,
             slots: (0..slots).map(|_| None).collect(),
             in_flight: 0,
             barrier: None,
@@ -529,7 +566,7 @@ impl Ring {
         // Consuming `self` ends the ring view before its page goes.
         let Ring {
             port,
-            ring_mapping,
+            ring_mappings,
             to_unmap,
             persistent,
             ..
@@ -540,7 +577,7 @@ impl Ring {
                 .map(PersistentGrants::into_mappings)
                 .unwrap_or_default(),
         );
-        mappings.push(ring_mapping);
+        mappings.extend(ring_mappings);
         unmap_logged(svc, mappings);
         svc.close_port(port);
     }
@@ -862,7 +899,10 @@ impl Ring {
         let mut done = [Completion::default(); COMPLETION_BATCH];
         // Each pass empties at most one batch; bounded by the slot count.
         for _ in 0..=self.slots.len() / COMPLETION_BATCH {
-            let n = disk.device.poll(QUEUE, &mut done).min(COMPLETION_BATCH);
+            let n = disk
+                .device
+                .poll(self.queue, &mut done)
+                .min(COMPLETION_BATCH);
             for completion in &done[..n] {
                 let slot = usize::try_from(completion.tag).unwrap_or(usize::MAX);
                 let Some(Some(request)) = self.slots.get_mut(slot) else {
@@ -947,15 +987,15 @@ impl Ring {
             Step::Read { lba } => {
                 let segments = &request.segments;
                 let read = drivers::Request::Read { lba, segments };
-                (disk.device.submit(QUEUE, tag, read), None)
+                (disk.device.submit(self.queue, tag, read), None)
             }
             Step::Write { lba } => {
                 let segments = &request.segments;
                 let write = drivers::Request::Write { lba, segments };
-                (disk.device.submit(QUEUE, tag, write), None)
+                (disk.device.submit(self.queue, tag, write), None)
             }
             Step::Flush => (
-                disk.device.submit(QUEUE, tag, drivers::Request::Flush),
+                disk.device.submit(self.queue, tag, drivers::Request::Flush),
                 None,
             ),
             Step::Discard { lba, blocks } => {
@@ -966,7 +1006,7 @@ impl Ring {
                     blocks: blocks - now,
                 });
                 let discard = drivers::Request::Discard { lba, blocks: now };
-                (disk.device.submit(QUEUE, tag, discard), rest)
+                (disk.device.submit(self.queue, tag, discard), rest)
             }
         };
         match submitted {

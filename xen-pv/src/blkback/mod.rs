@@ -2,17 +2,33 @@
 //! state machine of each, and the ring engine that serves its requests
 //! from a [`drivers::BlockDevice`].
 //!
+//! # What is served
+//! Published at InitWait, in one transaction, then `state` = 2:
+//! `feature-flush-cache` (1 when the device has a volatile write cache),
+//! `feature-barrier` = 1, `feature-persistent` = 1,
+//! `feature-max-indirect-segments` (256 unless the device takes less),
+//! `multi-queue-max-queues` (device queues, at most 4, when above 1),
+//! `max-ring-page-order` = 4 (rings of up to 16 pages, 512 requests),
+//! `feature-discard` + `discard-granularity` / `discard-alignment` /
+//! `discard-secure` = 0 (when the device discards and the toolstack's
+//! `discard-enable` is not 0), `info` (`VDISK_READONLY`, `VDISK_CDROM`).
+//! At connect, in one transaction: `sectors` (512-byte units, always),
+//! `sector-size`, `physical-sector-size`; then `state` = 4.
+//!
 //! # What the kernel provides
 //! - A [`Services`] implementation: event channels (bind, send, close),
 //!   batched grant map/unmap into its GFN window, the address at which a
 //!   window frame is mapped, a clock and a console. [`XenServices`] builds
 //!   one from [`EventChannels`], [`GrantMapper`] and a small [`Platform`].
 //! - A [`TargetOpener`] that turns a parsed [`Target`] (`params`, the xl
-//!   `target=`) into a `Box<dyn BlockDevice>`.
+//!   `target=`; syntax in [`target`]) into a `Box<dyn BlockDevice>`. Each
+//!   ring of a vbd submits on its own device queue (0, 1, ...); to serve
+//!   one device to several vbds (ranges, partitions), open them as
+//!   [`DiskSlice`]s of one [`SharedDisk`], which share the queues safely.
 //! - Its `drivers::Hal` must translate the GFN window: the engine hands the
-//!   device segments at `gfn * 4096 + first_sect * 512` for each mapped
-//!   grant, so `phys_to_virt` must work there (identity-map the window)
-//!   and a DMA-capable device must reach it (IOMMU permitting).
+//!   device segments at `gfn * 4096 + first_sect * 512` of mapped grants,
+//!   so `phys_to_virt` must work there (identity-map the window) and a
+//!   DMA-capable device must reach it (IOMMU permitting).
 //!
 //! # Call sequence
 //! 1. Setup: `let mut vbds = VbdBackends::new(opener);` then
@@ -36,13 +52,45 @@
 //!    (interrupts off, check `EventChannels::has_pending` and the xenstore
 //!    ring, then `sti; hlt`). On [`Progress::Busy`] it polls again.
 //!
+//! In code (the kernel's types are placeholders):
+//! ```ignore
+//! let mut vbds = VbdBackends::new(KernelTargets::new(/* disks, modules */));
+//! vbds.start(&mut xs)?;
+//! loop {
+//!     let mut svc = XenServices {
+//!         events: &mut events,
+//!         grants: &mut grants,
+//!         platform: KernelPlatform, // frame_address(gfn) = gfn * 4096
+//!     };
+//!     while let Some(event) = xs.poll_watch_event()? {
+//!         if !vbds.on_watch_event(&mut xs, &mut svc, &event) {
+//!             kernel_watch(&event); // control/shutdown and friends
+//!         }
+//!     }
+//!     if vbds.poll(&mut xs, &mut svc) == Progress::Idle {
+//!         halt_until_event(); // cli; if !events.has_pending(0) { sti; hlt }
+//!     }
+//! }
+//! ```
+//! Every call comes from the poll loop, none from the upcall handler.
+//!
 //! # Resource bounds per frontend
-//! In-flight requests per ring: ring size (32) and the device's queue
-//! depth, whichever is smaller; grants mapped per ring: that times 11 plus
-//! the ring page; log lines: [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
+//! Per ring: in-flight requests up to the ring size (32 per ring page) and
+//! the device's queue depth; data grants mapped for requests in flight up to
+//! [`engine::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
+//! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring pages (up
+//! to 16) and, briefly, one indirect page per request being taken (up to
+//! the in-flight bound). Size the GFN window for about 2100 frames per ring
+//! you mean to serve at full depth (2600 with 16-page rings of indirect
+//! requests); when it runs out, requests fail with `BLKIF_RSP_ERROR` and
+//! nothing else breaks.
+//! Rings per vbd: [`engine::MAX_QUEUES`]. Log lines:
+//! [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
 pub mod engine;
+pub mod partition;
 pub mod persistent;
+pub mod shared;
 pub mod target;
 mod vbd;
 
@@ -55,6 +103,7 @@ use core::fmt;
 use core::ptr::NonNull;
 
 pub use engine::{Disk, FrontendRing, SECTOR_SIZE};
+pub use shared::{DiskSlice, SharedDisk};
 pub use target::{OpenError, Target, TargetOpener};
 pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 

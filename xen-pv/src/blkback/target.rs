@@ -12,7 +12,12 @@
 //! | `nvme0n1@2048+1048576`    | 1048576 sectors from sector 2048 of that disk; sectors are 512 bytes, as everywhere in blkif, and must be aligned to the disk's logical block size |
 //!
 //! This module only parses; [`TargetOpener::open`] (the kernel) maps a
-//! [`Target`] to a [`BlockDevice`].
+//! [`Target`] to a [`BlockDevice`]. For ranges and partitions of a disk
+//! several vbds may share, open them as slices of one
+//! [`super::SharedDisk`] ([`super::SharedDisk::sector_range`] takes a
+//! [`Target::Range`] as is; for a [`Target::Partition`] the kernel reads
+//! the disk's first [`super::partition::TABLE_BYTES`] and asks
+//! [`super::partition::find_partition`] for the block range).
 
 use alloc::boxed::Box;
 use core::fmt;

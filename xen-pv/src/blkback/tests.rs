@@ -13,6 +13,8 @@ use drivers::{BlockDevice, Completion, Geometry, RamDisk, SubmitError};
 use zerocopy::IntoBytes;
 
 use super::*;
+use crate::PAGE_SIZE;
+use crate::blkback::shared::SharedDisk;
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::event::EventChannels;
 use crate::grant::{GfnWindow, GrantMapper};
@@ -42,7 +44,8 @@ struct Spy {
     storage: Box<[u64]>,
     cached: bool,
     hold: bool,
-    held: Vec<Completion>,
+    /// Completions held back, with their queue.
+    held: Vec<(u16, Completion)>,
     ops: Vec<Op>,
 }
 
@@ -85,15 +88,19 @@ impl BlockDevice for SpyDisk {
         let mut spy = self.0.borrow_mut();
         let mut buf = [Completion::default(); 64];
         let n = spy.disk.poll(queue, &mut buf);
-        spy.held.extend_from_slice(&buf[..n]);
+        spy.held.extend(buf[..n].iter().map(|c| (queue, *c)));
         if spy.hold {
             return 0;
         }
-        let n = out.len().min(spy.held.len());
-        for (slot, c) in out.iter_mut().zip(spy.held.drain(..n)) {
-            *slot = c;
+        let mut given = 0;
+        for slot in out.iter_mut() {
+            let Some(at) = spy.held.iter().position(|(q, _)| *q == queue) else {
+                break;
+            };
+            *slot = spy.held.remove(at).1;
+            given += 1;
         }
-        n
+        given
     }
 }
 
@@ -102,20 +109,28 @@ type Disks = Rc<RefCell<Vec<Rc<RefCell<Spy>>>>>;
 struct TestOpener {
     hal: GrantWindowHal,
     disks: Disks,
+    /// `shared0`, made on first use and sliced by `shared0@start+count`.
+    shared: Option<SharedDisk>,
 }
 
 impl TestOpener {
     fn spy(&self, block_size: u32, blocks: u64, cached: bool) -> Box<dyn BlockDevice> {
+        let disk = self.spy_with_queues(block_size, blocks, 1);
+        self.disks.borrow().last().unwrap().borrow_mut().cached = cached;
+        disk
+    }
+
+    fn spy_with_queues(&self, block_size: u32, blocks: u64, queues: u16) -> Box<dyn BlockDevice> {
         let words = (u64::from(block_size) * blocks / 8) as usize;
         let mut storage = vec![0u64; words].into_boxed_slice();
         let base = core::ptr::NonNull::new(storage.as_mut_ptr().cast::<u8>()).unwrap();
         // SAFETY: the storage is owned by the same Spy as the disk, never
         // moves (boxed) and outlives it; tests only read it between polls.
-        let disk = unsafe { RamDisk::new(self.hal.clone(), base, block_size, blocks, 1) };
+        let disk = unsafe { RamDisk::new(self.hal.clone(), base, block_size, blocks, queues) };
         let spy = Rc::new(RefCell::new(Spy {
             disk,
             storage,
-            cached,
+            cached: false,
             hold: false,
             held: Vec::new(),
             ops: Vec::new(),
@@ -136,6 +151,19 @@ impl TargetOpener for TestOpener {
             Target::Ram { .. } => Err(OpenError::OutOfMemory),
             Target::Disk { name: "cached" } => Ok(self.spy(512, 2048, true)),
             Target::Disk { name: "disk4k" } => Ok(self.spy(4096, 256, false)),
+            Target::Disk { name: "multiqueue" } => Ok(self.spy_with_queues(512, 2048, 8)),
+            Target::Range {
+                disk: "shared0",
+                start,
+                sectors,
+            } => {
+                let shared = match &self.shared {
+                    Some(shared) => shared.clone(),
+                    None => SharedDisk::new(self.spy(512, 2048, false)),
+                };
+                self.shared = Some(shared.clone());
+                Ok(Box::new(shared.sector_range(start, sectors)?))
+            }
             _ => Err(OpenError::NotFound),
         }
     }
@@ -152,18 +180,24 @@ struct Harness<'a> {
 }
 
 fn run(test: impl FnOnce(&mut Harness<'_>)) {
+    run_with_window(4096, test);
+}
+
+/// As [`run`], with a GFN window of `frames` frames for grant mappings.
+fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
     let sim = Rc::new(SimXen::new());
     let iface = XenstoreInterface::new_boxed(0);
     let disks = Disks::default();
     let opener = TestOpener {
         hal: GrantWindowHal::new(sim.clone()),
         disks: disks.clone(),
+        shared: None,
     };
     let mut h = Harness {
         sim: &sim,
         xs: Xenstore::new(&iface, SimXenstored::new(&iface, GUEST)),
         events: EventChannels::new(&*sim, sim.shared_info()),
-        grants: GrantMapper::new(&*sim, GfnWindow::new(WINDOW, 4096)),
+        grants: GrantMapper::new(&*sim, GfnWindow::new(WINDOW, frames)),
         platform: SimPlatform::new(sim.clone()),
         vbds: VbdBackends::new(opener),
         disks,
@@ -305,7 +339,7 @@ impl<'a> Harness<'a> {
     /// a frontend that skips Initialised).
     fn publish_ring(&mut self, id: VbdId, front: &SimBlkfront<'_>, state: &str) {
         for (name, value) in front.ring_nodes() {
-            self.frontend_write(id, name, &value);
+            self.frontend_write(id, &name, &value);
         }
         self.frontend_write(id, "state", state);
         self.pump();
@@ -559,8 +593,15 @@ fn every_invalid_field_gets_its_status() {
 #[test]
 fn writes_to_a_read_only_disk_are_refused() {
     run(|h| {
-        let (id, mut front) = h.serve(FRONTEND, "ram:64K", "r", Protocol::X86_64);
-        assert_eq!(h.backend_node(id, "info").as_deref(), Some("4"));
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "r");
+        let be = backend_path(id);
+        h.xs.channel_mut()
+            .dom0_write(&format!("{be}/device-type"), b"cdrom");
+        h.xs.channel_mut()
+            .dom0_write(&format!("{be}/removable"), b"1");
+        h.pump();
+        assert_eq!(h.backend_node(id, "info").as_deref(), Some("7"));
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
         let page = front.grant(true, &pattern(3));
         let requests = [
             front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]),
@@ -842,13 +883,11 @@ fn a_frontend_that_breaks_the_ring_is_disconnected() {
         let (_, mut other_front) = h.serve(8, "ram:64K", "w", Protocol::X86_64);
 
         front.corrupt_req_prod(33);
-        h.sim
-            .remote_send(FRONTEND, front.ring_nodes()[1].1.parse().unwrap())
-            .unwrap();
+        h.sim.remote_send(FRONTEND, front.port()).unwrap();
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("5"));
         let error = h.backend_node(id, "error").unwrap();
-        assert!(error.contains("broke the ring"), "{error}");
+        assert!(error.contains("broke a ring"), "{error}");
         assert!(!h.vbds.status(id).unwrap().connected);
         assert!(front.responses().is_empty());
 
@@ -896,11 +935,11 @@ fn unusable_frontend_details_are_reported() {
         assert!(h.backend_node(id, "error").unwrap().contains("ring-ref"));
         assert_eq!(h.sim.mapped_grants(), 0);
 
+        // The frontend restarts without closing: offered the disk again.
         h.frontend_write(id, "protocol", "arm-abi");
-        h.frontend_write(id, "state", "6");
-        h.pump();
         h.frontend_write(id, "state", "1");
         h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("2"));
         h.frontend_write(id, "state", "3");
         h.pump();
         assert!(h.backend_node(id, "error").unwrap().contains("protocol"));
@@ -1236,4 +1275,199 @@ fn a_frontend_that_returns_while_requests_drain_is_served_again() {
             assert_eq!(h.sim.mapped_grants(), usize::from(backend_after == "4"));
         });
     }
+}
+
+#[test]
+fn a_frontend_may_open_several_queues() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "multiqueue", "w");
+        h.pump();
+        let max = format!("{}", engine::MAX_QUEUES);
+        assert_eq!(h.backend_node(id, "multi-queue-max-queues"), Some(max));
+        let mut fronts: Vec<SimBlkfront<'_>> = (0..3)
+            .map(|_| SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0))
+            .collect();
+        h.frontend_write(id, "multi-queue-num-queues", "3");
+        for (queue, front) in fronts.iter().enumerate() {
+            h.frontend_write(id, &format!("queue-{queue}"), "");
+            for (name, value) in front.ring_nodes() {
+                let node = match name.as_str() {
+                    "protocol" => name,
+                    _ => format!("queue-{queue}/{name}"),
+                };
+                h.frontend_write(id, &node, &value);
+            }
+        }
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("4"));
+        assert_eq!(h.sim.mapped_grants(), 3);
+
+        let source = fronts[0].grant(true, &pattern(8));
+        let write = fronts[0].data_request(blkif::OP_WRITE, 1, 40, 1, &[seg(source, 0, 7)]);
+        assert_eq!(h.io(&mut fronts[0], &[write]), [ok(1, blkif::OP_WRITE)]);
+        let target = fronts[2].grant(false, &[]);
+        let read = fronts[2].data_request(blkif::OP_READ, 2, 40, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.io(&mut fronts[2], &[read]), [ok(2, blkif::OP_READ)]);
+        assert_eq!(fronts[2].page(target), pattern(8));
+        assert!(fronts[1].responses().is_empty());
+
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+        // Asking for more queues than offered is refused with a reason.
+        h.frontend_write(id, "multi-queue-num-queues", "5");
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+        assert!(h.backend_node(id, "error").unwrap().contains("queues"));
+        assert_eq!(h.sim.mapped_grants(), 0);
+    });
+}
+
+#[test]
+fn a_single_queue_disk_offers_no_queues() {
+    run(|h| {
+        let (id, _front) = h.connected(Protocol::X86_64, 0);
+        assert_eq!(h.backend_node(id, "multi-queue-max-queues"), None);
+    });
+}
+
+#[test]
+fn a_full_grant_window_fails_requests_not_the_backend() {
+    run_with_window(4, |h| {
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let segs = [seg(page, 0, 0); 11];
+        let big = front.data_request(blkif::OP_READ, 1, 0, 11, &segs);
+        let small = front.data_request(blkif::OP_READ, 2, 0, 1, &segs[..1]);
+        assert_eq!(h.statuses(&mut front, &[big]), [RSP_ERROR]);
+        assert_eq!(h.statuses(&mut front, &[small]), [RSP_OKAY]);
+        assert_eq!(h.grants.stats().mapped, 1);
+        assert_eq!(h.vbds.status(id).unwrap().state, XenbusState::Connected);
+    });
+}
+
+#[test]
+fn multi_page_rings_hold_more_requests() {
+    for (protocol, order) in [(Protocol::X86_64, 4), (Protocol::X86_32, 1)] {
+        run(|h| {
+            let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+            h.pump();
+            let max = format!("{}", engine::MAX_RING_PAGE_ORDER);
+            assert_eq!(h.backend_node(id, "max-ring-page-order"), Some(max));
+            let mut front =
+                SimBlkfront::with_pages(h.sim, FRONTEND, protocol, u32::MAX - 9, Some(order));
+            h.publish_ring(id, &front, "3");
+            assert_eq!(h.backend_state(id).as_deref(), Some("4"));
+            assert_eq!(h.sim.mapped_grants(), 1 << order);
+            let slots = crate::ring::ring_entries(PAGE_SIZE << order, protocol.entry_size());
+            let source = front.grant(true, &pattern(11));
+            let requests: Vec<Vec<u8>> = (0..u64::from(slots))
+                .map(|i| {
+                    let sector = i % 256 * 8;
+                    front.data_request(blkif::OP_WRITE, i, sector, 1, &[seg(source, 0, 7)])
+                })
+                .collect();
+            let mut responses = h.io(&mut front, &requests);
+            responses.sort_by_key(|r| r.id);
+            assert_eq!(responses.len(), slots as usize);
+            assert!(responses.iter().all(|r| r.status == RSP_OKAY));
+            let last = (slots as usize - 1) % 256 * 8 * 512;
+            assert_eq!(h.disk(0).borrow().bytes(last, 4096), pattern(11));
+            h.frontend_write(id, "state", "6");
+            h.pump();
+            assert_eq!(h.sim.mapped_grants(), 0);
+        });
+    }
+}
+
+#[test]
+fn a_ring_larger_than_offered_is_refused() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        let front = SimBlkfront::with_pages(h.sim, FRONTEND, Protocol::X86_64, 0, Some(5));
+        h.publish_ring(id, &front, "3");
+        assert_eq!(h.backend_state(id).as_deref(), Some("5"));
+        assert!(
+            h.backend_node(id, "error")
+                .unwrap()
+                .contains("ring-page-order")
+        );
+        assert_eq!(h.sim.mapped_grants(), 0);
+    });
+}
+
+#[test]
+fn a_frontend_naming_no_protocol_gets_the_native_abi() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        h.pump();
+        let mut front = SimBlkfront::new(h.sim, FRONTEND, Protocol::native(), 0);
+        for (name, value) in front.ring_nodes() {
+            if name != "protocol" {
+                h.frontend_write(id, &name, &value);
+            }
+        }
+        h.frontend_write(id, "state", "3");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("4"));
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 0x1234_5678_9abc, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(
+            h.io(&mut front, &[read]),
+            [ok(0x1234_5678_9abc, blkif::OP_READ)]
+        );
+    });
+}
+
+#[test]
+fn slices_of_one_disk_serve_several_guests_apart() {
+    run(|h| {
+        let (a, mut front_a) = h.serve(7, "shared0@0+1024", "w", Protocol::X86_64);
+        let (b, mut front_b) = h.serve(8, "shared0@1024+1024", "w", Protocol::X86_32);
+        let overlapping = h.add_vbd(9, DEVID, "shared0@1000+100", "w");
+        let beyond = h.add_vbd(10, DEVID, "shared0@2000+100", "w");
+        h.pump();
+        assert!(
+            h.backend_node(overlapping, "error")
+                .unwrap()
+                .contains("in use")
+        );
+        assert!(h.backend_node(beyond, "error").unwrap().contains("size"));
+        assert_eq!(h.backend_node(b, "sectors").as_deref(), Some("1024"));
+
+        let disk = h.disk(0);
+        disk.borrow_mut().hold = true;
+        let page_a = front_a.grant(true, &pattern(21));
+        let page_b = front_b.grant(true, &pattern(22));
+        let write_a = front_a.data_request(blkif::OP_WRITE, 5, 0, 1, &[seg(page_a, 0, 7)]);
+        let write_b = front_b.data_request(blkif::OP_WRITE, 5, 0, 1, &[seg(page_b, 0, 7)]);
+        assert_eq!(front_a.submit(&[write_a]), 1);
+        assert_eq!(front_b.submit(&[write_b]), 1);
+        h.pump();
+        disk.borrow_mut().hold = false;
+        h.pump();
+        // Both used tag 0 of queue 0; each got its own completion.
+        assert_eq!(front_a.responses(), [ok(5, blkif::OP_WRITE)]);
+        assert_eq!(front_b.responses(), [ok(5, blkif::OP_WRITE)]);
+        assert_eq!(disk.borrow().bytes(0, 4096), pattern(21));
+        assert_eq!(disk.borrow().bytes(1024 * 512, 4096), pattern(22));
+
+        let target = front_b.grant(false, &[]);
+        let past_end = front_b.data_request(blkif::OP_READ, 6, 1024, 1, &[seg(target, 0, 7)]);
+        assert_eq!(h.statuses(&mut front_b, &[past_end]), [RSP_ERROR]);
+
+        // Detaching one frees its range for a new vbd.
+        h.xs.channel_mut()
+            .dom0_write(&format!("{}/online", backend_path(a)), b"0");
+        h.frontend_write(a, "state", "6");
+        h.pump();
+        assert!(h.vbds.status(a).is_none());
+        let again = h.add_vbd(11, DEVID, "shared0@0+512", "w");
+        h.pump();
+        assert_eq!(h.backend_state(again).as_deref(), Some("2"));
+    });
 }

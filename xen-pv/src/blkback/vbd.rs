@@ -11,7 +11,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::Services;
-use super::engine::{Disk, FrontendRing, RateLimitedLog, Ring};
+use super::engine::{Disk, FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring};
 use super::target::{Target, TargetOpener};
 use crate::DomId;
 use crate::blkif::Protocol;
@@ -27,6 +27,7 @@ pub const WATCH_TOKEN: &str = "stordom-blkback";
 const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
 /// `info` bits (`VDISK_*` in blkif.h).
 const VDISK_CDROM: u32 = 1;
+const VDISK_REMOVABLE: u32 = 2;
 const VDISK_READONLY: u32 = 4;
 
 /// A vbd: the frontend domain and its device id (the directory names).
@@ -65,7 +66,8 @@ struct Vbd {
     /// The backend state last written (Initialising: none yet).
     state: XenbusState,
     disk: Option<Disk>,
-    ring: Option<Ring>,
+    /// The connected rings (one per queue the frontend opened).
+    rings: Vec<Ring>,
     /// The target could not be served; waits for the toolstack.
     failed: bool,
     /// The directory is gone; dropped once the ring has drained.
@@ -74,6 +76,21 @@ struct Vbd {
     /// written once they have drained, whatever the frontend does meanwhile.
     closed_when_drained: bool,
     log: RateLimitedLog,
+}
+
+impl Vbd {
+    fn connected(&self) -> bool {
+        !self.rings.is_empty()
+    }
+
+    fn stop_rings(&mut self) {
+        self.rings.iter_mut().for_each(Ring::stop);
+    }
+
+    /// Rings were stopped and nothing is in flight on any of them.
+    fn drained(&self) -> bool {
+        self.connected() && self.rings.iter().all(Ring::drained)
+    }
 }
 
 /// All vbds of this domain.
@@ -141,20 +158,24 @@ impl<O: TargetOpener> VbdBackends<O> {
         let mut busy = false;
         let mut settle = Vec::new();
         for vbd in self.devices.values_mut() {
-            let (Some(ring), Some(disk)) = (&mut vbd.ring, &mut vbd.disk) else {
+            let Some(disk) = &mut vbd.disk else {
                 continue;
             };
-            let polled = ring.poll(disk, svc, &mut vbd.log);
-            if polled.is_err() {
-                ring.stop();
+            let mut broken = None;
+            for ring in &mut vbd.rings {
+                match ring.poll(disk, svc, &mut vbd.log) {
+                    Ok(worked) => busy |= worked,
+                    Err(e) => broken = Some(e),
+                }
+                busy |= ring.in_flight() > 0;
             }
-            busy |= polled.unwrap_or(true) || ring.in_flight() > 0;
-            let drained = ring.drained();
-            if let Err(e) = polled {
-                let why = format!("frontend broke the ring ({e:?}: requests beyond its size)");
+            if let Some(e) = broken {
+                vbd.stop_rings();
+                busy = true;
+                let why = format!("frontend broke a ring ({e:?}: requests beyond its size)");
                 report(xs, svc, vbd, &why, XenbusState::Closing);
             }
-            if drained {
+            if vbd.drained() {
                 settle.push(vbd.id);
             }
         }
@@ -169,8 +190,8 @@ impl<O: TargetOpener> VbdBackends<O> {
     pub fn status(&self, id: VbdId) -> Option<VbdStatus> {
         self.devices.get(&id).map(|vbd| VbdStatus {
             state: vbd.state,
-            connected: vbd.ring.is_some(),
-            in_flight: vbd.ring.as_ref().map_or(0, Ring::in_flight),
+            connected: vbd.connected(),
+            in_flight: vbd.rings.iter().map(Ring::in_flight).sum(),
         })
     }
 
@@ -208,7 +229,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 frontend_path: None,
                 state: XenbusState::Initialising,
                 disk: None,
-                ring: None,
+                rings: Vec::new(),
                 failed: false,
                 removed: false,
                 closed_when_drained: false,
@@ -231,7 +252,7 @@ impl<O: TargetOpener> VbdBackends<O> {
         if let Err(e) = step(vbd, xs, svc, &mut self.opener) {
             vbd.log.line(svc, format_args!("xenstore: {e:?}"));
         }
-        let gone = vbd.removed && vbd.ring.is_none();
+        let gone = vbd.removed && !vbd.connected();
         if gone && let Some(vbd) = self.devices.remove(&id) {
             if let Some(frontend) = &vbd.frontend_path {
                 // The frontend may be gone with its watch already.
@@ -249,21 +270,21 @@ fn step<C: PeerChannel, S: Services, O: TargetOpener>(
     svc: &mut S,
     opener: &mut O,
 ) -> Result<(), XsError> {
-    if let Some(ring) = vbd.ring.take_if(|r| r.drained()) {
-        ring.close(svc);
+    if vbd.drained() {
+        for ring in vbd.rings.drain(..) {
+            ring.close(svc);
+        }
     }
     if vbd.removed {
         return Ok(());
     }
-    if vbd.ring.is_none() && core::mem::take(&mut vbd.closed_when_drained) {
+    if !vbd.connected() && core::mem::take(&mut vbd.closed_when_drained) {
         set_state(xs, vbd, XenbusState::Closed)?;
     }
     if matches!(xs.read(Tx::NONE, &vbd.path), Err(XsError::NoEntry)) {
         // The toolstack removed the vbd (e.g. the guest was destroyed).
         vbd.removed = true;
-        if let Some(ring) = &mut vbd.ring {
-            ring.stop();
-        }
+        vbd.stop_rings();
         return Ok(());
     }
     let online = read_optional(xs, &format!("{}/online", vbd.path))?.is_none_or(|v| v != "0");
@@ -283,20 +304,22 @@ fn step<C: PeerChannel, S: Services, O: TargetOpener>(
     }
     match frontend_state {
         XenbusState::Initialising | XenbusState::InitWait => {
-            if vbd.state == XenbusState::Closed && vbd.ring.is_none() {
-                // The frontend came back (guest reboot): offer the disk again.
+            let closed = matches!(vbd.state, XenbusState::Closing | XenbusState::Closed);
+            if closed && !vbd.connected() {
+                // The frontend came back (guest reboot, or a restart after
+                // our complaint): offer the disk again.
                 vbd.log.line(svc, format_args!("frontend reconnecting"));
                 set_state(xs, vbd, XenbusState::InitWait)?;
             }
         }
         XenbusState::Initialised | XenbusState::Connected => {
             let may_connect = matches!(vbd.state, XenbusState::InitWait | XenbusState::Closed);
-            if may_connect && vbd.ring.is_none() {
+            if may_connect && !vbd.connected() {
                 connect(vbd, xs, svc)?;
             }
         }
         XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
-            let was_connected = vbd.ring.is_some() || vbd.state == XenbusState::Connected;
+            let was_connected = vbd.connected() || vbd.state == XenbusState::Connected;
             if frontend_state == XenbusState::Unknown && !was_connected {
                 // No frontend yet (or never connected): nothing to undo.
                 return Ok(());
@@ -318,11 +341,11 @@ fn close_towards<C: PeerChannel>(
     xs: &mut Xenstore<'_, C>,
     frontend_uses_ring: bool,
 ) -> Result<(), XsError> {
-    if !frontend_uses_ring && let Some(ring) = &mut vbd.ring {
-        ring.stop();
+    if !frontend_uses_ring && vbd.connected() {
+        vbd.stop_rings();
         vbd.closed_when_drained = true;
     }
-    let target = if vbd.ring.is_some() || frontend_uses_ring {
+    let target = if vbd.connected() || frontend_uses_ring {
         XenbusState::Closing
     } else {
         XenbusState::Closed
@@ -343,14 +366,14 @@ fn detach<C: PeerChannel>(
     // A frontend that has (or had) our ring must close first, or it
     // would be left with a ring nobody serves.
     let had_ring =
-        vbd.ring.is_some() || matches!(vbd.state, XenbusState::Connected | XenbusState::Closing);
+        vbd.connected() || matches!(vbd.state, XenbusState::Connected | XenbusState::Closing);
     let frontend_busy = had_ring
         && matches!(
             frontend,
             XenbusState::Initialised | XenbusState::Connected | XenbusState::Closing
         );
     close_towards(vbd, xs, frontend_busy)?;
-    if vbd.ring.is_none() && !frontend_busy {
+    if !vbd.connected() && !frontend_busy {
         if vbd.state != XenbusState::Closed {
             set_state(xs, vbd, XenbusState::Closed)?;
         }
@@ -375,6 +398,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
     };
     let mode = node(xs, "mode")?.unwrap_or_else(|| "w".to_string());
     let cdrom = node(xs, "device-type")?.is_some_and(|t| t == "cdrom");
+    let removable = node(xs, "removable")?.is_some_and(|v| v == "1");
     let discard_enabled = node(xs, "discard-enable")?.is_none_or(|v| v != "0");
     let read_only = !mode.contains('w');
     let disk = Target::parse(&params)
@@ -389,10 +413,18 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
             return Ok(false);
         }
     };
-    let info = if cdrom { VDISK_CDROM } else { 0 } | if read_only { VDISK_READONLY } else { 0 };
+    let info = [
+        (cdrom, VDISK_CDROM),
+        (removable, VDISK_REMOVABLE),
+        (read_only, VDISK_READONLY),
+    ]
+    .iter()
+    .filter(|(set, _)| *set)
+    .fold(0, |info, (_, bit)| info | bit);
     let discard = disk.discard_granularity_bytes().filter(|_| discard_enabled);
     let flush = disk.flushes();
     let max_indirect = disk.max_indirect_segments();
+    let max_queues = disk.max_queues();
     xs.transaction(|xs, tx| {
         let write = |xs: &mut Xenstore<'_, C>, name: &str, value: &str| {
             xs.write(tx, &format!("{path}/{name}"), value.as_bytes())
@@ -400,6 +432,10 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
         write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
         write(xs, "feature-barrier", "1")?;
         write(xs, "feature-persistent", "1")?;
+        write(xs, "max-ring-page-order", &MAX_RING_PAGE_ORDER.to_string())?;
+        if max_queues > 1 {
+            write(xs, "multi-queue-max-queues", &max_queues.to_string())?;
+        }
         if max_indirect > 0 {
             write(
                 xs,
@@ -430,9 +466,9 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
     Ok(true)
 }
 
-/// Maps the frontend's ring and binds its channel, publishes the disk's
-/// size, then Connected. A frontend whose details are unusable gets an
-/// error node and Closing.
+/// Maps the frontend's rings and binds their channels, publishes the
+/// disk's size, then Connected. A frontend whose details are unusable gets
+/// an error node and Closing.
 fn connect<C: PeerChannel, S: Services>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
@@ -441,49 +477,32 @@ fn connect<C: PeerChannel, S: Services>(
     let (Some(frontend), Some(disk)) = (vbd.frontend_path.clone(), &vbd.disk) else {
         return Ok(());
     };
-    let (geometry, sectors) = (*disk.geometry(), disk.sectors());
-    let node =
-        |xs: &mut Xenstore<'_, C>, name: &str| read_optional(xs, &format!("{frontend}/{name}"));
-    let ring_ref = node(xs, "ring-ref")?
-        .as_deref()
-        .and_then(parse_number::<u32>);
-    let port = node(xs, "event-channel")?
-        .as_deref()
-        .and_then(parse_number::<u32>);
-    let protocol = node(xs, "protocol")?;
-    let protocol = Protocol::from_xenstore(protocol.as_deref());
-    let persistent = node(xs, "feature-persistent")?
-        .as_deref()
-        .and_then(parse_number::<u32>)
-        == Some(1);
-    let (Some(ring_ref), Some(port), Some(protocol)) = (ring_ref, port, protocol) else {
-        let why = "frontend gave no usable ring-ref, event-channel or protocol";
-        report(xs, svc, vbd, why, XenbusState::Closing);
-        return Ok(());
+    let (geometry, sectors, max_queues) = (*disk.geometry(), disk.sectors(), disk.max_queues());
+    let rings = match read_frontend_rings(xs, &frontend, vbd.id.frontend, max_queues)? {
+        Ok(rings) => rings,
+        Err(why) => {
+            report(xs, svc, vbd, &why, XenbusState::Closing);
+            return Ok(());
+        }
     };
     let Some(disk) = &vbd.disk else {
         return Ok(());
     };
-    let published = FrontendRing {
-        domid: vbd.id.frontend,
-        ring_ref,
-        event_channel: port,
-        protocol,
-        persistent,
-    };
-    let ring = match Ring::connect(svc, &published, disk) {
-        Ok(ring) => ring,
-        Err(e) => {
-            report(
-                xs,
-                svc,
-                vbd,
-                &format!("connecting: {e}"),
-                XenbusState::Closing,
-            );
-            return Ok(());
+    let mut connected = Vec::with_capacity(rings.len());
+    for (queue, published) in (0..).zip(&rings) {
+        match Ring::connect(svc, published, disk, queue) {
+            Ok(ring) => connected.push(ring),
+            Err(e) => {
+                for mut ring in connected {
+                    ring.stop();
+                    ring.close(svc);
+                }
+                let why = format!("connecting ring {queue}: {e}");
+                report(xs, svc, vbd, &why, XenbusState::Closing);
+                return Ok(());
+            }
         }
-    };
+    }
     let path = vbd.path.clone();
     let written = xs.transaction(|xs, tx| {
         let write = |xs: &mut Xenstore<'_, C>, name: &str, value: u64| {
@@ -491,22 +510,103 @@ fn connect<C: PeerChannel, S: Services>(
         };
         write(xs, "sectors", sectors)?;
         write(xs, "sector-size", u64::from(geometry.logical_block_size))?;
-        write(
-            xs,
-            "physical-sector-size",
-            u64::from(geometry.physical_block_size),
-        )
+        let physical = u64::from(geometry.physical_block_size);
+        write(xs, "physical-sector-size", physical)
     });
-    vbd.ring = Some(ring);
+    vbd.rings = connected;
     written?;
     // A reconnect clears the complaint about the previous connection.
     match xs.rm(Tx::NONE, &format!("{path}/error")) {
         Ok(()) | Err(XsError::NoEntry) => {}
         Err(e) => return Err(e),
     }
-    vbd.log
-        .line(svc, format_args!("connected ({protocol:?} ring)"));
+    if let Some(first) = rings.first() {
+        let (count, pages) = (rings.len(), first.ring_refs.len());
+        let (protocol, persistent) = (first.protocol, first.persistent);
+        vbd.log.line(
+            svc,
+            format_args!(
+                "connected: {count} ring(s) of {pages} page(s), {protocol:?}, \
+                 persistent grants {persistent}"
+            ),
+        );
+    }
     set_state(xs, vbd, XenbusState::Connected)
+}
+
+/// Reads what the frontend published for its rings: `ring-ref` (or
+/// `ring-ref0..` after `ring-page-order`) and `event-channel` in its
+/// directory, or in `queue-<n>/` for each of `multi-queue-num-queues`
+/// queues; `protocol` and `feature-persistent`. The inner `Err` explains
+/// what is unusable.
+fn read_frontend_rings<C: PeerChannel>(
+    xs: &mut Xenstore<'_, C>,
+    frontend: &str,
+    domid: DomId,
+    max_queues: u16,
+) -> Result<Result<Vec<FrontendRing>, String>, XsError> {
+    let number = |xs: &mut Xenstore<'_, C>, path: &str| -> Result<Option<u32>, XsError> {
+        Ok(read_optional(xs, path)?
+            .as_deref()
+            .and_then(parse_number::<u32>))
+    };
+    let protocol = read_optional(xs, &format!("{frontend}/protocol"))?;
+    let Some(protocol) = Protocol::from_xenstore(protocol.as_deref()) else {
+        return Ok(Err(format!("unknown protocol {protocol:?}")));
+    };
+    let persistent = number(xs, &format!("{frontend}/feature-persistent"))? == Some(1);
+    let queues_node = format!("{frontend}/multi-queue-num-queues");
+    let queues = match read_optional(xs, &queues_node)? {
+        None => 1,
+        Some(text) => match parse_number::<u16>(&text).filter(|q| (1..=max_queues).contains(q)) {
+            Some(queues) => queues,
+            None => return Ok(Err(format!("{text:?} queues asked, at most {max_queues}"))),
+        },
+    };
+    let order_node = format!("{frontend}/ring-page-order");
+    let page_order = match read_optional(xs, &order_node)? {
+        None => None,
+        Some(text) => match parse_number::<u32>(&text).filter(|o| *o <= MAX_RING_PAGE_ORDER) {
+            Some(order) => Some(order),
+            None => {
+                return Ok(Err(format!(
+                    "ring-page-order {text:?} beyond {MAX_RING_PAGE_ORDER}"
+                )));
+            }
+        },
+    };
+    let mut rings = Vec::with_capacity(usize::from(queues));
+    for queue in 0..queues {
+        let dir = if queues == 1 {
+            String::from(frontend)
+        } else {
+            format!("{frontend}/queue-{queue}")
+        };
+        let ref_names: Vec<String> = match page_order {
+            None => alloc::vec![format!("{dir}/ring-ref")],
+            Some(order) => (0..1u32 << order)
+                .map(|i| format!("{dir}/ring-ref{i}"))
+                .collect(),
+        };
+        let mut ring_refs = Vec::with_capacity(ref_names.len());
+        for name in &ref_names {
+            match number(xs, name)? {
+                Some(gref) => ring_refs.push(gref),
+                None => return Ok(Err(format!("no usable {name}"))),
+            }
+        }
+        let Some(event_channel) = number(xs, &format!("{dir}/event-channel"))? else {
+            return Ok(Err(format!("no usable event-channel in {dir}")));
+        };
+        rings.push(FrontendRing {
+            domid,
+            ring_refs,
+            event_channel,
+            protocol,
+            persistent,
+        });
+    }
+    Ok(Ok(rings))
 }
 
 /// Reports a failure in the vbd's `error` node and on the console, then

@@ -48,7 +48,10 @@ pub struct SimBlkfront<'s> {
     domid: DomId,
     protocol: Protocol,
     ring: FrontRing<'s>,
-    ring_ref: GrantRef,
+    /// The ring's pages, in order.
+    ring_refs: Vec<GrantRef>,
+    /// `ring-page-order`, when the ring has several pages.
+    page_order: Option<u32>,
     port: u32,
 }
 
@@ -56,19 +59,36 @@ impl<'s> SimBlkfront<'s> {
     /// Domain `domid` grants a ring page (indices starting at `start`)
     /// and allocates an unbound port for the backend.
     pub fn new(sim: &'s SimXen, domid: DomId, protocol: Protocol, start: u32) -> Self {
-        let ring_ref = sim.offer_grant(domid, false, &[]);
-        let base = sim
-            .grant_page_ptr(domid, ring_ref)
-            .expect("the grant was just offered");
-        // SAFETY: the granted page is page-aligned, lives as long as the
-        // simulation, and the frontend touches it only through this ring.
-        let ring = unsafe { FrontRing::init(base, PAGE_SIZE, protocol.entry_size(), start) };
+        Self::with_pages(sim, domid, protocol, start, None)
+    }
+
+    /// As [`Self::new`], with `1 << order` ring pages published as
+    /// `ring-page-order` and `ring-ref<n>` when `page_order` is given.
+    pub fn with_pages(
+        sim: &'s SimXen,
+        domid: DomId,
+        protocol: Protocol,
+        start: u32,
+        page_order: Option<u32>,
+    ) -> Self {
+        let pages = 1usize << page_order.unwrap_or(0);
+        let ring_refs: Vec<GrantRef> = (0..pages)
+            .map(|_| sim.offer_grant(domid, false, &[]))
+            .collect();
+        let bases: Vec<NonNull<u8>> = ring_refs
+            .iter()
+            .map(|&gref| sim.grant_page_ptr(domid, gref).expect("just offered"))
+            .collect();
+        // SAFETY: the granted pages are page-aligned, live as long as the
+        // simulation, and the frontend touches them only through this ring.
+        let ring = unsafe { FrontRing::init_pages(&bases, protocol.entry_size(), start) };
         SimBlkfront {
             sim,
             domid,
             protocol,
             ring,
-            ring_ref,
+            ring_refs,
+            page_order,
             port: sim.remote_alloc_unbound(domid),
         }
     }
@@ -77,18 +97,31 @@ impl<'s> SimBlkfront<'s> {
         self.domid
     }
 
-    /// The nodes blkfront writes before Initialised: ring-ref,
+    /// The frontend's unbound port, as published in `event-channel`.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// The nodes blkfront writes before Initialised: the ring's grant(s),
     /// event-channel and protocol.
-    pub fn ring_nodes(&self) -> [(&'static str, String); 3] {
+    pub fn ring_nodes(&self) -> Vec<(String, String)> {
         let protocol = match self.protocol {
             Protocol::X86_32 => "x86_32-abi",
             Protocol::X86_64 => "x86_64-abi",
         };
-        [
-            ("ring-ref", alloc::format!("{}", self.ring_ref)),
-            ("event-channel", alloc::format!("{}", self.port)),
-            ("protocol", protocol.into()),
-        ]
+        let mut nodes = Vec::new();
+        match self.page_order {
+            None => nodes.push(("ring-ref".into(), alloc::format!("{}", self.ring_refs[0]))),
+            Some(order) => {
+                nodes.push(("ring-page-order".into(), alloc::format!("{order}")));
+                for (i, gref) in self.ring_refs.iter().enumerate() {
+                    nodes.push((alloc::format!("ring-ref{i}"), alloc::format!("{gref}")));
+                }
+            }
+        }
+        nodes.push(("event-channel".into(), alloc::format!("{}", self.port)));
+        nodes.push(("protocol".into(), protocol.into()));
+        nodes
     }
 
     /// Grants a data page holding `contents`.
@@ -281,7 +314,7 @@ impl<'s> SimBlkfront<'s> {
     pub fn corrupt_req_prod(&self, value: u32) {
         let base = self
             .sim
-            .grant_page_ptr(self.domid, self.ring_ref)
+            .grant_page_ptr(self.domid, self.ring_refs[0])
             .expect("the ring page stays granted");
         // SAFETY: req_prod is the first (aligned) word of the ring page,
         // which lives as long as the simulation; both ends use it atomically.
