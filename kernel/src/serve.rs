@@ -22,8 +22,9 @@ use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 use xen_pv::xenstore::{Tx, WatchEvent};
 use xen_pv::{DomId, Errno, PAGE_SIZE};
 
-/// Longest halt when idle; events end it sooner.
-const IDLE_HALT_NS: u64 = 1_000_000_000;
+/// Longest halt when idle; events end it sooner. Short enough for the
+/// backend's timed work (a detached vbd's grace before its removal).
+const IDLE_HALT_NS: u64 = 250_000_000;
 const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
 
 /// A device several vbds may name over time, but only one at a time uses.
@@ -195,6 +196,23 @@ fn shutdown_requested(svc: &XenServices, event: &WatchEvent) -> bool {
     }
 }
 
+/// Publishes the number of mapped grants in `data/grants-mapped` when it
+/// changed, so operators and tests can see every grant given back.
+fn publish_grant_count(svc: &XenServices, published: &mut Option<usize>) {
+    let mapped = svc.grants.lock().stats().mapped;
+    if *published != Some(mapped) {
+        let value = alloc::format!("{mapped}");
+        if svc
+            .store
+            .lock()
+            .write(Tx::NONE, "data/grants-mapped", value.as_bytes())
+            .is_ok()
+        {
+            *published = Some(mapped);
+        }
+    }
+}
+
 /// Serves vbds until the toolstack asks stordom to shut down.
 pub fn run(svc: &'static XenServices, opener: KernelOpener) -> Result<(), String> {
     let mut vbds = VbdBackends::new(opener);
@@ -209,6 +227,7 @@ pub fn run(svc: &'static XenServices, opener: KernelOpener) -> Result<(), String
         let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
     }
     log::info!("serve: watching backend/vbd; ready");
+    let mut published_grants = None;
     loop {
         xen::poll_events();
         let mut events = Vec::new();
@@ -235,6 +254,7 @@ pub fn run(svc: &'static XenServices, opener: KernelOpener) -> Result<(), String
             vbds.poll(&mut xs, &mut services)
         };
         if progress == Progress::Idle && events.is_empty() {
+            publish_grant_count(svc, &mut published_grants);
             xen::halt_until_interrupt(IDLE_HALT_NS);
         }
     }

@@ -295,6 +295,18 @@ impl<'a> Harness<'a> {
             daemon.dom0_write(&path, value.as_bytes());
             daemon.dom0_set_perms(&path, &device_perms);
         }
+        // As libxl: the frontend's home is its own, unreadable to others,
+        // so once its device directory is removed the backend reading it
+        // gets EACCES rather than ENOENT.
+        let home = format!("/local/domain/{frontend}");
+        if daemon.dom0_read(&home).is_none() {
+            daemon.dom0_write(&home, b"");
+            let home_perms = [Perm {
+                domid: frontend,
+                access: Access::None,
+            }];
+            daemon.dom0_set_perms(&home, &home_perms);
+        }
         self.frontend_write(id, "", "");
         self.frontend_write(id, "backend", &be);
         self.frontend_write(id, "backend-id", &format!("{GUEST}"));
@@ -826,11 +838,67 @@ fn online_0_detaches_and_removes_the_nodes() {
         );
         h.frontend_write(id, "state", "6");
         h.pump();
+        // libxl must see Closed before anything vanishes: it fails the
+        // detach if the state node is removed while it waits.
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        // Then the toolstack removes the frontend, and the backend its own.
+        h.xs.channel_mut().dom0_rm(&frontend_path(id));
+        h.pump();
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
         assert!(h.vbds.status(id).is_none());
         assert_eq!(h.sim.mapped_grants(), 0);
         assert!(h.logged("removed"));
         assert_eq!(h.pump(), Progress::Idle);
+    });
+}
+
+#[test]
+fn detach_removes_the_nodes_a_grace_after_closed_while_the_frontend_stays() {
+    run(|h| {
+        let (id, _front) = h.connected(Protocol::X86_64, 0);
+        let be = backend_path(id);
+        h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        // libxl reads Closed, then waits for the backend directory to go
+        // before it removes the frontend.
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        h.platform.now_ns.set(h.platform.now_ns.get() + 500_000_000);
+        h.pump();
+        assert_eq!(
+            h.backend_state(id).as_deref(),
+            Some("6"),
+            "still in its grace"
+        );
+        h.platform.now_ns.set(h.platform.now_ns.get() + 600_000_000);
+        h.pump();
+        assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
+        assert!(h.vbds.status(id).is_none());
+        assert_eq!(h.sim.mapped_grants(), 0);
+    });
+}
+
+#[test]
+fn detach_finishes_when_the_frontend_vanishes_without_a_watch_event() {
+    run(|h| {
+        let (id, _front) = h.connected(Protocol::X86_64, 0);
+        let be = backend_path(id);
+        h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        h.xs.channel_mut().dom0_rm_unwatched(&frontend_path(id));
+        h.pump();
+        assert!(
+            h.xs.channel_mut().dom0_read(&be).is_some(),
+            "not rechecked before its time"
+        );
+        h.platform
+            .now_ns
+            .set(h.platform.now_ns.get() + 1_000_000_000);
+        h.pump();
+        assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
+        assert!(h.vbds.status(id).is_none());
     });
 }
 
@@ -841,6 +909,9 @@ fn online_0_before_the_frontend_connected_closes_at_once() {
         h.pump();
         let be = backend_path(id);
         h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.pump();
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        h.xs.channel_mut().dom0_rm(&frontend_path(id));
         h.pump();
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None);
         assert!(h.vbds.status(id).is_none());
@@ -1464,6 +1535,8 @@ fn slices_of_one_disk_serve_several_guests_apart() {
         h.xs.channel_mut()
             .dom0_write(&format!("{}/online", backend_path(a)), b"0");
         h.frontend_write(a, "state", "6");
+        h.pump();
+        h.xs.channel_mut().dom0_rm(&frontend_path(a));
         h.pump();
         assert!(h.vbds.status(a).is_none());
         let again = h.add_vbd(11, DEVID, "shared0@0+512", "w");

@@ -24,6 +24,11 @@ const BACKEND_DIR: &str = "backend/vbd";
 /// Token of the watch on `backend/vbd`.
 pub const WATCH_TOKEN: &str = "stordom-blkback";
 /// Token prefix of the watches on frontends' `state` nodes.
+/// How long a detached vbd stays Closed before its directory goes.
+const DETACH_GRACE_NS: u64 = 1_000_000_000;
+/// How often a detached vbd looks again (the grace ended, or the frontend
+/// went without a watch event reaching us).
+const DETACH_RECHECK_NS: u64 = 250_000_000;
 const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
 /// `info` bits (`VDISK_*` in blkif.h).
 const VDISK_CDROM: u32 = 1;
@@ -75,6 +80,9 @@ struct Vbd {
     /// The frontend closed while requests were in flight: Closed is
     /// written once they have drained, whatever the frontend does meanwhile.
     closed_when_drained: bool,
+    /// Detached: when Closed was first seen, and when to look again.
+    closed_at: Option<u64>,
+    recheck_at: Option<u64>,
     log: RateLimitedLog,
 }
 
@@ -183,6 +191,16 @@ impl<O: TargetOpener> VbdBackends<O> {
             self.update(xs, svc, id);
             busy = true;
         }
+        let now = svc.now_ns();
+        let due: Vec<VbdId> = self
+            .devices
+            .values()
+            .filter(|vbd| vbd.recheck_at.is_some_and(|at| now >= at))
+            .map(|vbd| vbd.id)
+            .collect();
+        for id in due {
+            self.update(xs, svc, id);
+        }
         if busy { Progress::Busy } else { Progress::Idle }
     }
 
@@ -233,6 +251,8 @@ impl<O: TargetOpener> VbdBackends<O> {
                 failed: false,
                 removed: false,
                 closed_when_drained: false,
+                closed_at: None,
+                recheck_at: None,
             };
             self.devices.insert(id, vbd);
             self.update(xs, svc, id);
@@ -291,13 +311,25 @@ fn step<C: PeerChannel, S: Services, O: TargetOpener>(
     if !vbd.failed && vbd.disk.is_none() && online && !open(vbd, xs, svc, opener)? {
         return Ok(());
     }
-    let frontend_state = match &vbd.frontend_path {
-        Some(frontend) => read_optional(xs, &format!("{frontend}/state"))?
-            .map_or(XenbusState::Unknown, |v| XenbusState::parse(v.as_bytes())),
-        None => XenbusState::Unknown,
+    // None once the toolstack removed the frontend's directory (or before
+    // the frontend's path is known). A removed frontend reads as EACCES,
+    // not ENOENT: its domain's home is not ours to read.
+    let frontend_node = match &vbd.frontend_path {
+        Some(frontend) => match read_optional(xs, &format!("{frontend}/state")) {
+            Err(XsError::Access) => None,
+            other => other?,
+        },
+        None => None,
     };
+    let frontend_state = frontend_node
+        .as_ref()
+        .map_or(XenbusState::Unknown, |v| XenbusState::parse(v.as_bytes()));
     if !online {
-        return detach(vbd, xs, frontend_state);
+        let now = svc.now_ns();
+        detach(vbd, xs, frontend_state, frontend_node.is_none(), now)?;
+        let waiting = !vbd.removed && vbd.state == XenbusState::Closed;
+        vbd.recheck_at = waiting.then(|| now + DETACH_RECHECK_NS);
+        return Ok(());
     }
     if vbd.failed {
         return Ok(());
@@ -357,11 +389,18 @@ fn close_towards<C: PeerChannel>(
 }
 
 /// `online=0`: close, and once Closed with the frontend no longer using
-/// the ring, remove the backend directory.
+/// the ring, remove the backend directory, as `xl devd` does in a driver
+/// domain. Not at once: libxl in the toolstack domain waits to read
+/// Closed, fails the detach if the state node vanished first, then waits
+/// for the directory to go (10 s) before removing the frontend. So the
+/// directory goes [`DETACH_GRACE_NS`] after Closed, or as soon as the
+/// frontend is gone (`frontend_gone`: a destroyed guest, nobody waits).
 fn detach<C: PeerChannel>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     frontend: XenbusState,
+    frontend_gone: bool,
+    now: u64,
 ) -> Result<(), XsError> {
     // A frontend that has (or had) our ring must close first, or it
     // would be left with a ring nobody serves.
@@ -377,8 +416,11 @@ fn detach<C: PeerChannel>(
         if vbd.state != XenbusState::Closed {
             set_state(xs, vbd, XenbusState::Closed)?;
         }
-        xs.rm(Tx::NONE, &vbd.path)?;
-        vbd.removed = true;
+        let closed_at = *vbd.closed_at.get_or_insert(now);
+        if frontend_gone || now >= closed_at + DETACH_GRACE_NS {
+            xs.rm(Tx::NONE, &vbd.path)?;
+            vbd.removed = true;
+        }
     }
     Ok(())
 }

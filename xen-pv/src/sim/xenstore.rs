@@ -170,6 +170,13 @@ impl<'a> SimXenstored<'a> {
         self.send_fired_events();
     }
 
+    /// Dom0 removes a node and everything below it without firing any
+    /// watch: a xenstored that does not deliver the removal to us.
+    pub fn dom0_rm_unwatched(&mut self, path: &str) {
+        let below = format!("{path}/");
+        self.tree.retain(|k, _| k != path && !k.starts_with(&below));
+    }
+
     /// Dom0 sets a node's permissions.
     pub fn dom0_set_perms(&mut self, path: &str, perms: &[Perm]) {
         if let Some(node) = self.tree.get_mut(path) {
@@ -426,12 +433,33 @@ fn access(perms: &[Perm], dom: DomId) -> Access {
 }
 
 fn readable<'t>(tree: &'t Tree, dom: DomId, path: &str) -> Result<&'t Node, XsError> {
-    let node = tree.get(path).ok_or(XsError::NoEntry)?;
+    let node = tree.get(path).ok_or_else(|| absent(tree, dom, path))?;
     if access(&node.perms, dom).can_read() {
         Ok(node)
     } else {
         Err(XsError::Access)
     }
+}
+
+/// The error for reading a missing `path`: like xenstored, ENOENT only if
+/// `dom` may read the nearest existing ancestor ("without permission you
+/// have no permission to know it is not there"), else EACCES.
+fn absent(tree: &Tree, dom: DomId, path: &str) -> XsError {
+    let mut at = path;
+    while let Some(i) = at.rfind('/') {
+        at = if i == 0 { "/" } else { &at[..i] };
+        if let Some(node) = tree.get(at) {
+            return if access(&node.perms, dom).can_read() {
+                XsError::NoEntry
+            } else {
+                XsError::Access
+            };
+        }
+        if at == "/" {
+            break;
+        }
+    }
+    XsError::NoEntry
 }
 
 /// Writes `path`, creating it and missing parents with the permissions of
