@@ -55,6 +55,9 @@ DOM0_PKGS = BASE_PKGS + [
     "bash", "libtinfo6", "kmod", "libkmod2", "libssl3",
     "util-linux", "mount", "libsmartcols1", "libmount1", "libblkid1", "libselinux1",
     "libpcre2-8-0",
+    # xl's pthread_cancel dlopen()s libgcc_s ("libgcc_s.so.1 must be
+    # installed for pthread_cancel to work", then abort).
+    "libgcc-s1",
 ]
 # dom0 programs whose shared-library closure must be complete.
 DOM0_MUST_RUN = [
@@ -63,6 +66,7 @@ DOM0_MUST_RUN = [
     f"usr/lib/xen-{XEN_VER}/bin/xen-init-dom0",
     "usr/bin/xenstore-read", "usr/bin/xenstore-write", "usr/bin/xenstore-ls",
     "bin/bash", "bin/kmod", "usr/bin/flock", "sbin/losetup",
+    "lib/x86_64-linux-gnu/libgcc_s.so.1",
 ]
 DOM0_MODULES = [
     "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs",
@@ -75,7 +79,7 @@ GUEST_PKGS = BASE_PKGS + [
     "e2fsprogs", "libext2fs2", "libcom-err2", "libblkid1", "libuuid1",
     "libss2",
 ]
-GUEST_MODULES = ["xen-blkfront", "ext4"]
+GUEST_MODULES = ["xen-blkfront", "ext4", "crc32c_generic"]
 # Libraries fio links against only for I/O engines the jobs never use.
 FIO_STUB_LIBS = ["libgfapi.so.0", "libnbd.so.0", "libibverbs.so.1",
                  "librdmacm.so.1", "librados.so.2", "librbd.so.1",
