@@ -471,9 +471,16 @@ def main() -> None:
         at.run()
         res = at.evaluate()
         res["attempt"] = n
-        if res["verdict"] != "emulator-suspect":
+        if res["verdict"] != "emulator-suspect" or n == attempts:
             break
+        # Keep this attempt's own verdict beside its consoles.
+        (run_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        text = summary(res, run_dir)
+        (run_dir / "summary.txt").write_text(text + "\n")
+        print(text)
     res["attempts"] = res["attempt"]
+    if res["verdict"] == "emulator-suspect" and res["attempt"] == attempts:
+        log("still emulator-suspect after the last attempt: rerun, or look at the suspect lines")
     res["build_s"] = round(build_s, 1)
     mf = images / "manifest.json"
     if mf.exists():
