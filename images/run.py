@@ -62,6 +62,7 @@ DEFAULTS = {
     "qemu_args": [],
     "xen_args": "",
     "dom0_mem": "1024M",
+    "dom0_vcpus": 1,
     "dom0_args": "",
     "script": "dom0.sh",
 }
@@ -225,11 +226,14 @@ class Attempt:
         c = self.sc.cfg
         xen_args = (f"console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all "
                     f"console_timestamps=boot noreboot dom0_mem={c['dom0_mem']},max:{c['dom0_mem']} "
-                    f"dom0_max_vcpus={c['qemu_smp']} {c['xen_args']}").strip()
+                    f"dom0_max_vcpus={c['dom0_vcpus']} {c['xen_args']}").strip()
         dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init {c['dom0_args']}".strip()
         if "," in dom0_args:
             die("dom0_args must not contain commas (QEMU splits multiboot modules on them)")
-        return ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", c["qemu_cpu"],
+        qemu = os.environ.get("STORDOM_QEMU", "qemu-system-x86_64")
+        datadirs = [a for d in os.environ.get("STORDOM_QEMU_DATADIRS", "").split(":") if d
+                    for a in ("-L", d)]
+        return [qemu, *datadirs, "-machine", "q35,accel=tcg", "-cpu", c["qemu_cpu"],
                 "-smp", str(c["qemu_smp"]), "-m", str(c["qemu_mem"]),
                 "-display", "none", "-serial", "stdio", "-monitor", "none",
                 "-no-reboot", "-net", "none", *c["qemu_args"],
@@ -254,7 +258,7 @@ class Attempt:
                     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=err)
                 except FileNotFoundError:
-                    die("qemu-system-x86_64 not found: run images/deps.sh")
+                    die(f"{cmd[0]} not found: run images/deps.sh (or fix $STORDOM_QEMU)")
                 th = threading.Thread(target=self.reader, args=(p.stdout,), daemon=True)
                 th.start()
                 self.done.wait(self.timeout)
