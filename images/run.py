@@ -426,6 +426,11 @@ def summary(res: dict, run_dir: Path) -> str:
         out.append("")
         first = next(c for c in res["checks"] if c["status"] != "pass")
         out.append(f"  FAILED: start at {first['where']}")
+        logf = Path(first["where"].split(":")[0])
+        if logf.is_file():
+            tail = logf.read_text(errors="replace").splitlines()[-8:]
+            out.append(f"  last lines of {logf.name}:")
+            out.extend(f"    {l[:150]}" for l in tail)
     return "\n".join(out)
 
 
