@@ -424,7 +424,9 @@ def summary(res: dict, run_dir: Path) -> str:
                    "blaming the code.")
     elif res["verdict"] == "fail":
         out.append("")
-        first = next(c for c in res["checks"] if c["status"] != "pass")
+        failed = [c for c in res["checks"] if c["status"] != "pass"]
+        # Prefer a failure that names a line.
+        first = next((c for c in failed if re.search(r"\.log:\d+$", c["where"])), failed[0])
         out.append(f"  FAILED: start at {first['where']}")
         logf = Path(first["where"].split(":")[0])
         if logf.is_file():
