@@ -13,6 +13,14 @@
 # util-linux tools by full path.
 say() { echo "[dom0] $*"; }
 
+# nap SECONDS: sleep without starting a process.  Every process started in
+# dom0 is a chance for the emulator's thread-local-storage trouble (see
+# README), and the polling loops below would start one a second.  read -t
+# on a FIFO nobody writes is a shell builtin.
+[ -p /run/nap.fifo ] || mkfifo /run/nap.fifo 2>/dev/null
+exec 9<>/run/nap.fifo
+nap() { read -r -t "$1" -u 9 _nap_ 2>/dev/null; return 0; }
+
 result() {
     local name=$1 st=$2; shift 2
     if [ $# -gt 0 ]; then
@@ -85,7 +93,7 @@ wait_gone() {
             result "shutdown:$name" fail "did not shut down within $timeout s"
             return 1
         fi
-        sleep 1
+        nap 2
     done
     say "domain $name gone after ~$n s"
     result "shutdown:$name" pass
@@ -109,7 +117,7 @@ console_follower() {
                 { sub(/\r$/, ""); print p $0; fflush() }
                 /^STORDOM-CONSOLE-EOF$/ { system("touch " d); exit }' &
         done
-        sleep 1
+        nap 1
     done
 }
 
@@ -130,7 +138,7 @@ console_drain() {
             [ -e "/run/drained.$base" ] || left=$((left + 1))
         done
         [ $left -eq 0 ] && return 0
-        sleep 0.5; n=$((n + 1))
+        nap 0.5; n=$((n + 1))
     done
     say "console_drain: $left console(s) not drained after $limit s"
 }
