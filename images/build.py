@@ -554,17 +554,14 @@ class Builder:
             skeleton(root)
             trees = [self.pk.tree(p) for p in GUEST_PKGS]
             install_busybox(root, self.pk.tree("busybox-static"))
-            for b in ("bin/busybox",):
-                pass
             # fio with stubs for its unused engines' libraries.
             fio_tree = self.pk.tree("fio")
             libdir = root / "lib/x86_64-linux-gnu"
             libdir.mkdir(parents=True, exist_ok=True)
             build_fio_stubs(fio_tree / "usr/bin/fio", libdir)
             for f in ("usr/bin/fio", "sbin/mke2fs", "sbin/e2fsck"):
-                for link in (root / f,):
-                    if link.is_symlink():
-                        link.unlink()
+                if (root / f).is_symlink():  # a busybox applet link
+                    (root / f).unlink()
             copy_with_libs(trees, root, ["usr/bin/fio", "sbin/mke2fs", "sbin/e2fsck",
                                          "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"])
             for alias in ("mkfs.ext4",):
