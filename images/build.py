@@ -1,0 +1,660 @@
+#!/usr/bin/env python3
+"""Build the Xen-under-QEMU test images from Debian packages.
+
+Everything lands in the cache folder (images/cache by default, or
+$STORDOM_IMAGES_CACHE):
+
+  debs/      the .deb files, fetched by name with `apt-get download`
+  trees/     each .deb unpacked with `dpkg -x` (one folder per package version)
+  out/       the products:
+               xen.elf               Xen hypervisor (multiboot ELF)
+               vmlinuz               Linux 6.1 (dom0 and test guest)
+               vmlinux               the same kernel as an uncompressed ELF: what
+                                     guests boot (libxc would otherwise unxz
+                                     ~66 MB in dom0 under TCG on every create)
+               guest-initrd.cpio.gz  test guest: busybox, fio, e2fsprogs, jobs
+               dom0.cpio.gz          dom0: xl toolstack, blkback, guest image
+               manifest.json         resolved package versions, sizes, build times
+
+Package versions are resolved by apt (newest bookworm / bookworm-security
+candidate); nothing is pinned.  A product is rebuilt only when its inputs
+(package versions, the files under images/ it is made from) change, so a
+second run reuses the cache.
+
+Usage: build.py [--cache DIR] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+XEN_VER = "4.17"
+ARCH = "amd64"
+# Kernel flavour: the newest linux-image-6.1.0-<abi>-amd64 apt knows about.
+KERNEL_RE = re.compile(r"^linux-image-(6\.1\.0-(\d+)-amd64)$")
+
+# ---- package sets (names only; apt resolves the versions) -----------------
+# Shared runtime pieces.
+BASE_PKGS = ["libc6", "busybox-static"]
+# dom0: Xen userland + what its programs link against, bash for the hotplug
+# scripts, kmod for modprobe, util-linux for flock/losetup.
+DOM0_PKGS = BASE_PKGS + [
+    f"xen-utils-{XEN_VER}", "xen-utils-common", "xenstore-utils",
+    f"libxenmisc{XEN_VER}", "libxencall1", "libxenevtchn1",
+    "libxenforeignmemory1", "libxengnttab1", "libxenstore4",
+    "libxentoollog1", "libxenhypfs1", "libxendevicemodel1", "libxentoolcore1",
+    "libyajl2", "liblzma5", "libuuid1", "zlib1g", "libzstd1",
+    "bash", "libtinfo6", "kmod", "libkmod2", "libssl3",
+    "util-linux", "mount", "libsmartcols1", "libmount1", "libblkid1", "libselinux1",
+    "libpcre2-8-0",
+    # xl's pthread_cancel dlopen()s libgcc_s ("libgcc_s.so.1 must be
+    # installed for pthread_cancel to work", then abort).
+    "libgcc-s1",
+]
+# dom0 programs whose shared-library closure must be complete.
+DOM0_MUST_RUN = [
+    f"usr/lib/xen-{XEN_VER}/bin/xl", f"usr/lib/xen-{XEN_VER}/bin/xenstored",
+    f"usr/lib/xen-{XEN_VER}/bin/xenconsoled",
+    f"usr/lib/xen-{XEN_VER}/bin/xen-init-dom0",
+    "usr/bin/xenstore-read", "usr/bin/xenstore-write", "usr/bin/xenstore-ls",
+    "bin/bash", "bin/kmod", "usr/bin/flock", "sbin/losetup",
+    "lib/x86_64-linux-gnu/libgcc_s.so.1",
+]
+DOM0_MODULES = [
+    "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs",
+    "xen-blkback", "xen-blkfront", "loop", "brd", "nvme", "xen-pciback",
+]
+# test guest: fio (its real runtime needs only libc, libaio, libz, libnuma;
+# the ceph/gluster/rdma/pmem/nbd engines are replaced by stubs), e2fsprogs.
+GUEST_PKGS = BASE_PKGS + [
+    "fio", "libaio1", "zlib1g", "libnuma1",
+    "e2fsprogs", "libext2fs2", "libcom-err2", "libblkid1", "libuuid1",
+    "libss2",
+]
+GUEST_MODULES = ["xen-blkfront", "ext4", "crc32c_generic"]
+# Libraries fio links against only for I/O engines the jobs never use.
+FIO_STUB_LIBS = ["libgfapi.so.0", "libnbd.so.0", "libibverbs.so.1",
+                 "librdmacm.so.1", "librados.so.2", "librbd.so.1",
+                 "libpmemblk.so.1", "libpmem.so.1"]
+
+DROP_DIRS = ("usr/share/doc", "usr/share/man", "usr/share/locale",
+             "usr/share/info", "usr/share/lintian", "usr/share/bug",
+             "usr/share/bash-completion", "usr/share/zsh",
+             "usr/lib/x86_64-linux-gnu/gconv", "usr/share/i18n",
+             f"usr/lib/xen-{XEN_VER}/lib/python", f"usr/lib/xen-{XEN_VER}/boot",
+             "usr/share/python3", "etc/init.d", "lib/systemd",
+             "usr/lib/systemd", "usr/share/X11")
+
+LIBDIRS = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64",
+           "usr/lib64", "lib", "usr/lib"]
+
+
+def log(msg: str) -> None:
+    print(f"[build] {msg}", flush=True)
+
+
+def die(msg: str) -> None:
+    print(f"[build] ERROR: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, check=True, **kw)
+    except FileNotFoundError:
+        die(f"command not found: {cmd[0]} (run images/deps.sh)")
+    except subprocess.CalledProcessError as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        die(f"command failed ({e.returncode}): {' '.join(map(str, cmd))}\n{err}")
+
+
+def hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(HERE)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---- package fetching ----------------------------------------------------
+class Packages:
+    def __init__(self, cache: Path):
+        self.debs = cache / "debs"
+        self.trees = cache / "trees"
+        self.debs.mkdir(parents=True, exist_ok=True)
+        self.trees.mkdir(parents=True, exist_ok=True)
+        self.versions: dict[str, str] = {}
+
+    def resolve(self, names: list[str]) -> None:
+        names = [n for n in dict.fromkeys(names) if n not in self.versions]
+        if not names:
+            return
+        out = run(["apt-cache", "policy", *names], capture_output=True, text=True).stdout
+        cur = None
+        for line in out.splitlines():
+            m = re.match(r"^(\S+):$", line)
+            if m:
+                cur = m.group(1)
+                continue
+            m = re.match(r"^\s+Candidate:\s+(\S+)", line)
+            if m and cur:
+                if m.group(1) == "(none)":
+                    die(f"apt has no candidate for {cur}: run 'apt-get update' (images/deps.sh does)")
+                self.versions[cur] = m.group(1)
+        missing = [n for n in names if n not in self.versions]
+        if missing:
+            die(f"apt knows no package {' '.join(missing)}: run 'apt-get update' first")
+
+    def deb_path(self, name: str) -> Path | None:
+        ver = self.versions[name].replace(":", "%3a")
+        for arch in (ARCH, "all"):
+            p = self.debs / f"{name}_{ver}_{arch}.deb"
+            if p.exists():
+                return p
+        return None
+
+    def fetch(self, names: list[str]) -> None:
+        self.resolve(names)
+        todo = [n for n in dict.fromkeys(names) if self.deb_path(n) is None]
+        if todo:
+            log(f"apt-get download {len(todo)} packages: {' '.join(todo)}")
+            run(["apt-get", "download", "-q", *[f"{n}={self.versions[n]}" for n in todo]],
+                cwd=self.debs, capture_output=True)
+            for n in todo:
+                if self.deb_path(n) is None:
+                    die(f"apt-get download did not produce {n} {self.versions[n]}")
+
+    def tree(self, name: str) -> Path:
+        deb = self.deb_path(name)
+        assert deb is not None, name
+        dest = self.trees / deb.name[:-4]
+        if not dest.exists():
+            tmp = Path(tempfile.mkdtemp(dir=self.trees, prefix=".x-"))
+            run(["dpkg", "-x", str(deb), str(tmp)])
+            tmp.rename(dest)
+        return dest
+
+
+# ---- root assembly --------------------------------------------------------
+def merge_tree(src: Path, dst: Path) -> None:
+    """Copy a package tree into a root, keeping symlinks, skipping docs."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        srel = str(rel)
+        if any(srel == d or srel.startswith(d + "/") for d in DROP_DIRS):
+            dirnames[:] = []
+            continue
+        target = dst / rel
+        # usr-merge style: if target is a symlink to a dir, follow it.
+        target.mkdir(parents=True, exist_ok=True)
+        for name in list(dirnames):
+            s = Path(dirpath) / name
+            if s.is_symlink():
+                dirnames.remove(name)
+                filenames.append(name)
+        for name in filenames:
+            s = Path(dirpath) / name
+            d = target / name
+            if d.is_symlink() or d.exists():
+                if d.is_dir() and not d.is_symlink():
+                    continue
+                d.unlink()
+            if s.is_symlink():
+                os.symlink(os.readlink(s), d)
+            else:
+                shutil.copy2(s, d)
+
+
+def elf_needed(path: Path) -> list[str] | None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            return None
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def find_lib(root: Path, soname: str) -> Path | None:
+    for d in LIBDIRS + [f"usr/lib/xen-{XEN_VER}/lib/x86_64-linux-gnu"]:
+        p = root / d / soname
+        if p.exists():
+            return p
+    return None
+
+
+def check_closure(root: Path, programs: list[str]) -> None:
+    missing: dict[str, set[str]] = {}
+    seen: set[Path] = set()
+    todo = [root / p for p in programs]
+    for p in todo:
+        if not p.exists():
+            die(f"{p.relative_to(root)} is missing from the image")
+    while todo:
+        p = todo.pop()
+        rp = p.resolve()
+        if rp in seen:
+            continue
+        seen.add(rp)
+        for so in elf_needed(rp) or []:
+            lib = find_lib(root, so)
+            if lib is None:
+                missing.setdefault(so, set()).add(str(p.relative_to(root)))
+            else:
+                todo.append(lib)
+    if missing:
+        lines = [f"  {so} (needed by {', '.join(sorted(users))})" for so, users in sorted(missing.items())]
+        die("shared libraries missing from the image; add the Debian packages that "
+            "ship them to the package list in images/build.py:\n" + "\n".join(lines))
+
+
+def copy_with_libs(src_roots: list[Path], dst: Path, files: list[str]) -> None:
+    """Copy files from the first src root that has them, plus the shared
+    libraries they need (dereferenced, at their original paths)."""
+    def locate(rel: str) -> Path | None:
+        for r in src_roots:
+            if (r / rel).exists():
+                return r / rel
+        return None
+
+    def locate_lib(so: str) -> tuple[Path, str] | None:
+        for r in src_roots:
+            for d in LIBDIRS:
+                if (r / d / so).exists():
+                    return r / d / so, f"{d}/{so}"
+        return None
+
+    todo = list(files)
+    done: set[str] = set()
+    missing = []
+    while todo:
+        rel = todo.pop()
+        if rel in done:
+            continue
+        done.add(rel)
+        src = locate(rel)
+        if src is None:
+            missing.append(rel)
+            continue
+        d = dst / rel
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src.resolve(), d)
+        for so in elf_needed(src.resolve()) or []:
+            if (dst / "lib/x86_64-linux-gnu" / so).exists():
+                continue
+            found = locate_lib(so)
+            if found is None:
+                missing.append(f"{so} (needed by {rel})")
+            else:
+                todo.append(found[1])
+    if missing:
+        die("missing from the package trees: " + ", ".join(missing))
+
+
+def install_busybox(root: Path, busybox_tree: Path) -> None:
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    bb = root / "bin/busybox"
+    shutil.copy(busybox_tree / "bin/busybox", bb)
+    applets = subprocess.run([str(bb), "--list-full"], capture_output=True, text=True).stdout.split()
+    for a in applets:
+        p = root / a
+        if p.exists() or p.is_symlink():
+            continue  # a real program from a package wins
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink("/bin/busybox", p)
+
+
+def skeleton(root: Path) -> None:
+    for d in ("proc", "sys", "dev", "tmp", "run", "var/run", "var/log",
+              "var/lib", "etc", "root", "mnt"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    if not (root / "lib64").exists():
+        (root / "lib64").mkdir()
+    ld = root / "lib64/ld-linux-x86-64.so.2"
+    if not ld.exists() and not ld.is_symlink():
+        os.symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", ld)
+
+
+def add_modules(ktree: Path, kver: str, root: Path, names: list[str]) -> list[str]:
+    """Copy modules + their dependency closure; return insmod order."""
+    order: list[str] = []
+    for name in names:
+        out = run(["modprobe", "-d", str(ktree), "-S", kver, "--show-depends", name],
+                  capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"^insmod (\S+)", line)
+            if not m:
+                continue
+            ko = Path(m.group(1))
+            rel = ko.relative_to(ktree)
+            if str(rel) not in order:
+                order.append(str(rel))
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ko, root / rel)
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        src = ktree / "lib/modules" / kver / f
+        if src.exists():
+            shutil.copy(src, root / "lib/modules" / kver / f)
+    run(["depmod", "-b", str(root), kver])
+    return ["/" + o for o in order]
+
+
+def make_cpio(root: Path, out: Path) -> None:
+    """Reproducible newc cpio, gzip'd (fixed mtimes, root-owned)."""
+    tmp = out.with_suffix(".tmp")
+    epoch = 1700000000
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            os.utime(p, (epoch, epoch), follow_symlinks=False)
+    files = subprocess.run("find . -mindepth 1 -print0 | LC_ALL=C sort -z",
+                           shell=True, cwd=root, capture_output=True, check=True).stdout
+    cp = subprocess.run(["cpio", "--null", "-o", "-H", "newc", "-R", "0:0", "--reproducible",
+                         "--quiet"], input=files, cwd=root, capture_output=True)
+    if cp.returncode != 0:
+        die(f"cpio failed: {cp.stderr.decode(errors='replace')}")
+    with open(tmp, "wb") as f:
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+            gz.write(cp.stdout)
+    tmp.rename(out)
+
+
+# ---- fio stubs ---------------------------------------------------------------
+def build_fio_stubs(fio: Path, libdir: Path) -> None:
+    """Tiny stand-ins for the libraries of fio's unused engines.
+
+    Debian's fio is linked (BIND_NOW) against ceph, gluster, rdma, pmem and
+    nbd: ~80 MB of libraries.  The jobs use only the libaio/psync engines, so
+    each of those libraries is replaced by a stub with the same SONAME and
+    symbol versions whose functions abort if ever called."""
+    syms = subprocess.run(["readelf", "-W", "--dyn-syms", str(fio)], capture_output=True,
+                          text=True, check=True).stdout
+    verneed = subprocess.run(["readelf", "-W", "-V", str(fio)], capture_output=True,
+                             text=True, check=True).stdout
+    ver_file: dict[str, str] = {}
+    cur = None
+    for line in verneed.splitlines():
+        m = re.search(r"File: (\S+)", line)
+        if m:
+            cur = m.group(1)
+            continue
+        m = re.search(r"Name: (\S+)", line)
+        if m and cur:
+            ver_file[m.group(1)] = cur
+    per_lib: dict[str, dict[str, list[str]]] = {l: {} for l in FIO_STUB_LIBS}
+    unversioned: list[str] = []
+    for line in syms.splitlines():
+        f = line.split()
+        if len(f) < 8 or f[6] != "UND" or f[3] != "FUNC":
+            continue
+        name = f[7]
+        if "@" in name:
+            sym, ver = re.split(r"@+", name)[:2]
+            ver = re.sub(r"\s*\(\d+\)$", "", ver)
+            lib = ver_file.get(ver)
+            if lib in per_lib:
+                per_lib[lib].setdefault(ver, []).append(sym)
+        else:
+            unversioned.append(name)
+    # Unversioned symbols (ceph's) are looked up in the global scope; any stub
+    # that is loaded may define them.  Put them in the ceph stubs.
+    kept_libs = {"libc.so.6", "libm.so.6", "libz.so.1", "libaio.so.1", "libnuma.so.1"}
+    needed = set(elf_needed(fio) or [])
+    unknown = needed - kept_libs - set(FIO_STUB_LIBS)
+    if unknown:
+        die(f"fio needs libraries this build does not know: {sorted(unknown)}")
+    with tempfile.TemporaryDirectory() as td:
+        for lib in FIO_STUB_LIBS:
+            vers = per_lib[lib]
+            src = ['#include <stdio.h>', '#include <stdlib.h>',
+                   'static void stub(void) { fputs("stordom fio stub: ' + lib +
+                   ' called\\n", stderr); abort(); }']
+            allsyms = [s for v in vers.values() for s in v]
+            if lib == "librados.so.2":
+                allsyms += unversioned
+            for s in sorted(set(allsyms)):
+                src.append(f'void {s}(void) __attribute__((alias("stub")));')
+            c = Path(td) / f"{lib}.c"
+            c.write_text("\n".join(src) + "\n")
+            cmd = ["gcc", "-shared", "-fPIC", "-O1", "-o", str(libdir / lib), str(c),
+                   f"-Wl,-soname,{lib}"]
+            if vers:
+                vs = Path(td) / f"{lib}.map"
+                body = ""
+                for v, ss in vers.items():
+                    body += f"{v} {{ global: {'; '.join(sorted(set(ss)))}; }};\n"
+                if lib == "librados.so.2" and unversioned:
+                    body += "{ global: " + "; ".join(sorted(set(unversioned))) + "; local: *; };\n"
+                vs.write_text(body)
+                cmd.append(f"-Wl,--version-script={vs}")
+            run(cmd, capture_output=True)
+
+
+# ---- products -------------------------------------------------------------
+class Builder:
+    def __init__(self, cache: Path, force: bool):
+        self.cache = cache
+        self.out = cache / "out"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.force = force
+        self.pk = Packages(cache)
+        self.manifest: dict = {"packages": {}, "products": {}, "seconds": {}}
+        mf = self.out / "manifest.json"
+        if mf.exists():
+            try:
+                old = json.loads(mf.read_text())
+                self.manifest["products"] = old.get("products", {})
+            except json.JSONDecodeError:
+                pass
+
+    def stamp_ok(self, product: str, key: str) -> bool:
+        st = self.out / f".{product}.stamp"
+        return (not self.force and (self.out / product).exists() and st.exists()
+                and st.read_text() == key)
+
+    def stamp(self, product: str, key: str) -> None:
+        (self.out / f".{product}.stamp").write_text(key)
+
+    def key(self, pkgs: list[str], files: list[Path], extra: str = "") -> str:
+        h = hashlib.sha256()
+        for p in sorted(set(pkgs)):
+            h.update(f"{p}={self.pk.versions[p]}\n".encode())
+        h.update(hash_files(files).encode())
+        h.update(extra.encode())
+        h.update(Path(__file__).read_bytes())
+        return h.hexdigest()[:20]
+
+    def kernel_pkg(self) -> tuple[str, str]:
+        out = run(["apt-cache", "pkgnames", "linux-image-6.1.0-"], capture_output=True,
+                  text=True).stdout.split()
+        best = None
+        for n in out:
+            m = KERNEL_RE.match(n)
+            if m and (best is None or int(m.group(2)) > best[1]):
+                best = (n, int(m.group(2)), m.group(1))
+        if best is None:
+            die("apt knows no linux-image-6.1.0-*-amd64: run 'apt-get update'")
+        return best[0], best[2]
+
+    def timed(self, name, fn):
+        t = time.monotonic()
+        did = fn()
+        dt = time.monotonic() - t
+        self.manifest["seconds"][name] = round(dt, 1)
+        p = self.out / name
+        if p.exists():
+            self.manifest["products"][name] = {"bytes": p.stat().st_size}
+        log(f"{name}: {'built' if did else 'cached'} in {dt:.1f}s"
+            + (f", {p.stat().st_size / 1e6:.1f} MB" if p.exists() else ""))
+
+    def build(self) -> None:
+        t0 = time.monotonic()
+        kpkg, kver = self.kernel_pkg()
+        self.kver = kver
+        self.kpkg = kpkg
+        xen_pkg = f"xen-hypervisor-{XEN_VER}-{ARCH}"
+        allp = sorted(set(DOM0_PKGS + GUEST_PKGS + [xen_pkg, kpkg]))
+        self.pk.fetch(allp)
+        self.manifest["seconds"]["fetch"] = round(time.monotonic() - t0, 1)
+        self.manifest["packages"] = {p: self.pk.versions[p] for p in allp}
+        self.manifest["kernel"] = kver
+        self.timed("xen.elf", lambda: self.build_xen(xen_pkg))
+        self.timed("vmlinuz", self.build_vmlinuz)
+        self.timed("vmlinux", self.build_vmlinux)
+        self.timed("guest-initrd.cpio.gz", self.build_guest)
+        self.timed("dom0.cpio.gz", self.build_dom0)
+        self.manifest["seconds"]["total"] = round(time.monotonic() - t0, 1)
+        (self.out / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
+        log(f"done in {time.monotonic() - t0:.1f}s; products in {self.out}")
+
+    def build_xen(self, pkg: str) -> bool:
+        key = self.key([pkg], [])
+        if self.stamp_ok("xen.elf", key):
+            return False
+        t = self.pk.tree(pkg)
+        gz = t / f"boot/xen-{XEN_VER}-{ARCH}.gz"
+        if not gz.exists():
+            die(f"{gz} not in {pkg}")
+        tmp = self.out / "xen.elf.tmp"
+        tmp.write_bytes(gzip.decompress(gz.read_bytes()))
+        tmp.rename(self.out / "xen.elf")
+        self.stamp("xen.elf", key)
+        return True
+
+    def ktree(self) -> Path:
+        t = self.pk.tree(self.kpkg)
+        if not (t / "lib/modules" / self.kver / "modules.dep").exists():
+            run(["depmod", "-b", str(t), self.kver])
+        return t
+
+    def build_vmlinuz(self) -> bool:
+        key = self.key([self.kpkg], [])
+        if self.stamp_ok("vmlinuz", key):
+            return False
+        shutil.copy(self.ktree() / f"boot/vmlinuz-{self.kver}", self.out / "vmlinuz")
+        self.stamp("vmlinuz", key)
+        return True
+
+    def build_vmlinux(self) -> bool:
+        key = self.key([self.kpkg], [])
+        if self.stamp_ok("vmlinux", key):
+            return False
+        data = (self.out / "vmlinuz").read_bytes()
+        i = data.find(b"\xfd7zXZ\x00")
+        if i < 0:
+            die("vmlinuz holds no xz payload (kernel compression changed?)")
+        elf = lzma.LZMADecompressor().decompress(data[i:])
+        if elf[:4] != b"\x7fELF":
+            die("vmlinuz's xz payload is not an ELF")
+        tmp = self.out / "vmlinux.tmp"
+        tmp.write_bytes(elf)
+        tmp.rename(self.out / "vmlinux")
+        self.stamp("vmlinux", key)
+        return True
+
+    def build_guest(self) -> bool:
+        files = sorted((HERE / "guest").rglob("*"))
+        files = [f for f in files if f.is_file()]
+        key = self.key(GUEST_PKGS + [self.kpkg], files)
+        if self.stamp_ok("guest-initrd.cpio.gz", key):
+            return False
+        with tempfile.TemporaryDirectory(dir=self.cache) as td:
+            root = Path(td) / "root"
+            root.mkdir()
+            skeleton(root)
+            trees = [self.pk.tree(p) for p in GUEST_PKGS]
+            install_busybox(root, self.pk.tree("busybox-static"))
+            # fio with stubs for its unused engines' libraries.
+            fio_tree = self.pk.tree("fio")
+            libdir = root / "lib/x86_64-linux-gnu"
+            libdir.mkdir(parents=True, exist_ok=True)
+            build_fio_stubs(fio_tree / "usr/bin/fio", libdir)
+            for f in ("usr/bin/fio", "sbin/mke2fs", "sbin/e2fsck"):
+                if (root / f).is_symlink():  # a busybox applet link
+                    (root / f).unlink()
+            copy_with_libs(trees, root, ["usr/bin/fio", "sbin/mke2fs", "sbin/e2fsck",
+                                         "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"])
+            for alias in ("mkfs.ext4",):
+                p = root / "sbin" / alias
+                if p.exists() or p.is_symlink():
+                    p.unlink()
+                os.symlink("mke2fs", p)
+            for alias in ("fsck.ext4",):
+                p = root / "sbin" / alias
+                if p.exists() or p.is_symlink():
+                    p.unlink()
+                os.symlink("e2fsck", p)
+            shutil.copy(self.pk.tree("e2fsprogs") / "etc/mke2fs.conf", root / "etc/mke2fs.conf")
+            order = add_modules(self.ktree(), self.kver, root, GUEST_MODULES)
+            (root / "etc/modules.order").write_text("\n".join(order) + "\n")
+            for f in files:
+                rel = f.relative_to(HERE / "guest")
+                d = root / rel
+                d.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, d)
+            check_closure(root, ["usr/bin/fio", "sbin/mke2fs", "sbin/e2fsck"])
+            run(["ldconfig", "-r", str(root)], capture_output=True)
+            os.chmod(root / "init", 0o755)
+            make_cpio(root, self.out / "guest-initrd.cpio.gz")
+        self.stamp("guest-initrd.cpio.gz", key)
+        return True
+
+    def build_dom0(self) -> bool:
+        files = [f for f in sorted((HERE / "dom0").rglob("*")) if f.is_file()]
+        guest = self.out / "guest-initrd.cpio.gz"
+        key = self.key(DOM0_PKGS + [self.kpkg], files,
+                       hashlib.sha256(guest.read_bytes()).hexdigest())  # kernel: via kpkg
+        if self.stamp_ok("dom0.cpio.gz", key):
+            return False
+        with tempfile.TemporaryDirectory(dir=self.cache) as td:
+            root = Path(td) / "root"
+            root.mkdir()
+            for p in DOM0_PKGS:
+                if p == "busybox-static":
+                    continue
+                merge_tree(self.pk.tree(p), root)
+            install_busybox(root, self.pk.tree("busybox-static"))
+            skeleton(root)
+            for d in ("var/log/xen/console", "var/lib/xen", "var/run/xen",
+                      "var/run/xenstored", "var/lib/xenstored", "images", "scenario",
+                      "dev/shm"):
+                (root / d).mkdir(parents=True, exist_ok=True)
+            add_modules(self.ktree(), self.kver, root, DOM0_MODULES)
+            check_closure(root, DOM0_MUST_RUN)
+            shutil.copy(self.out / "vmlinuz", root / "images/vmlinuz")
+            shutil.copy(self.out / "vmlinux", root / "images/vmlinux")
+            shutil.copy(guest, root / "images/guest-initrd.cpio.gz")
+            for f in files:
+                rel = f.relative_to(HERE / "dom0")
+                d = root / rel
+                d.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, d)
+            os.chmod(root / "init", 0o755)
+            run(["ldconfig", "-r", str(root)], capture_output=True)
+            make_cpio(root, self.out / "dom0.cpio.gz")
+        self.stamp("dom0.cpio.gz", key)
+        return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", default=os.environ.get("STORDOM_IMAGES_CACHE", str(HERE / "cache")))
+    ap.add_argument("--force", action="store_true", help="rebuild every product")
+    a = ap.parse_args()
+    Builder(Path(a.cache).resolve(), a.force).build()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+# Helpers for scenario scripts running in dom0 (sourced by /init and by each
+# scenario's dom0.sh).  Lines a scenario prints go to the serial console.
+#   say MSG                      log a line as "[dom0] MSG"
+#   result NAME pass|fail [DETAIL]   a RESULT line the runner checks
+#   check NAME CMD...            run CMD, emit RESULT pass/fail for it
+#   ramdisk_loop NAME MiB        RAM-backed disk (tmpfs file + loop); prints /dev/loopN
+#   render CFG OUT               copy an xl config replacing @VAR@ by $VAR
+#   domain_create CFG            render + `xl create`; result "create:NAME"
+#   wait_gone NAME SECONDS       wait for a domain to shut down; destroy on timeout
+#   domain_console NAME          path of a domain's console log in dom0
+
+# busybox sh here prefers its own applets to programs in PATH: call
+# util-linux tools by full path.
+say() { echo "[dom0] $*"; }
+
+# nap SECONDS: sleep without starting a process.  Every process started in
+# dom0 is a chance for the emulator's thread-local-storage trouble (see
+# README), and the polling loops below would start one a second.  read -t
+# on a FIFO nobody writes is a shell builtin.
+[ -p /run/nap.fifo ] || mkfifo /run/nap.fifo 2>/dev/null
+exec 9<>/run/nap.fifo
+nap() { read -r -t "$1" -u 9 _nap_ 2>/dev/null; return 0; }
+
+result() {
+    local name=$1 st=$2; shift 2
+    if [ $# -gt 0 ]; then
+        echo "RESULT name=$name status=$st detail=\"$*\""
+    else
+        echo "RESULT name=$name status=$st"
+    fi
+}
+
+check() {
+    local name=$1; shift
+    if "$@"; then result "$name" pass; return 0; fi
+    result "$name" fail "command failed: $*"
+    return 1
+}
+
+ramdisk_loop() {
+    local name=$1 mib=$2 dev
+    /usr/bin/fallocate -l ${mib}M /ramdisk/$name.img || { say "fallocate $name failed"; return 1; }
+    dev=$(/sbin/losetup -f --show /ramdisk/$name.img) || { say "losetup $name failed"; return 1; }
+    echo $dev
+}
+
+render() {
+    local cfg=$1 out=$2 var
+    cp "$cfg" "$out"
+    for var in $(grep -o '@[A-Za-z_][A-Za-z0-9_]*@' "$cfg" | sort -u | tr -d @); do
+        eval "val=\${$var-}"
+        if [ -z "$val" ]; then
+            say "render $cfg: variable $var is not set"
+            return 1
+        fi
+        sed -i "s|@$var@|$val|g" "$out"
+    done
+}
+
+domain_create() {
+    local cfg=$1 name rendered t0 rc
+    name=$(sed -n 's/^ *name *= *"\([^"]*\)".*/\1/p' "$cfg" | head -n 1)
+    [ -n "$name" ] || { result "create:$cfg" fail "no name= in config"; return 1; }
+    rendered=/tmp/$name.cfg
+    render "$cfg" "$rendered" || { result "create:$name" fail "config not rendered"; return 1; }
+    say "xl create $name ($cfg)"
+    t0=$(date +%s)
+    xl create "$rendered" 2>&1 | sed "s/^/[dom0] xl: /"
+    rc=$?
+    # The pipeline's status is sed's: ask xl whether the domain exists.
+    if xl domid "$name" >/dev/null 2>&1; then
+        say "domain $name created (domid $(xl domid "$name")) in $(( $(date +%s) - t0 )) s"
+        result "create:$name" pass
+        return 0
+    fi
+    result "create:$name" fail "xl create failed"
+    return 1
+}
+
+wait_gone() {
+    # Polls xenstore (a small program) rather than xl (which sets up all of
+    # libxl each time): fewer cycles taken from the guests under TCG.
+    local name=$1 timeout=$2 id n=0 t0 now
+    id=$(xl domid "$name" 2>/dev/null) || { say "domain $name already gone"; result "shutdown:$name" pass; return 0; }
+    read -r t0 now </proc/uptime
+    t0=${t0%.*}
+    while xenstore-exists "/local/domain/$id" 2>/dev/null; do
+        read -r now n </proc/uptime
+        n=$(( ${now%.*} - t0 ))
+        if [ $n -ge "$timeout" ]; then
+            say "domain $name still running after $timeout s: destroying it"
+            xl destroy "$name"
+            result "shutdown:$name" fail "did not shut down within $timeout s"
+            return 1
+        fi
+        nap 2
+    done
+    say "domain $name gone after ~$n s"
+    result "shutdown:$name" pass
+}
+
+domain_console() { echo "/var/log/xen/console/guest-$1.log"; }
+
+# Background loop started by /init: every console log xenconsoled creates is
+# copied line by line onto dom0's console as "[con:guest-NAME] line"; the
+# runner splits those lines into one log per domain.
+console_follower() {
+    local f base
+    while :; do
+        for f in /var/log/xen/console/*.log; do
+            [ -e "$f" ] || continue
+            base=${f##*/}
+            base=${base%.log}
+            [ -e "/run/follow.$base" ] && continue
+            echo "$f" >"/run/follow.$base"
+            tail -n +1 -F "$f" 2>/dev/null | awk -v p="[con:$base] " -v d="/run/drained.$base" '
+                { sub(/\r$/, ""); print p $0; fflush() }
+                /^STORDOM-CONSOLE-EOF$/ { system("touch " d); exit }' &
+        done
+        nap 1
+    done
+}
+
+# Wait until every followed console has been copied out completely (up to
+# $1 seconds): append an end marker to each log and wait for its follower
+# to reach it.
+console_drain() {
+    local limit=${1:-30} f base n=0 left
+    for f in /run/follow.*; do
+        [ -e "$f" ] || continue
+        echo "STORDOM-CONSOLE-EOF" >>"$(cat "$f")"
+    done
+    while [ $n -lt $((limit * 2)) ]; do
+        left=0
+        for f in /run/follow.*; do
+            [ -e "$f" ] || continue
+            base=${f#/run/follow.}
+            [ -e "/run/drained.$base" ] || left=$((left + 1))
+        done
+        [ $left -eq 0 ] && return 0
+        nap 0.5; n=$((n + 1))
+    done
+    say "console_drain: $left console(s) not drained after $limit s"
+}

@@ -1,0 +1,109 @@
+# Test jobs for the stordom test guest.  Each job_NAME takes a disk name
+# (xvda), prints METRIC lines / diagnostics and returns 0 on pass.
+
+FIO="fio --ioengine=libaio --direct=1 --group_reporting --eta=never"
+
+# Disk size in MiB (or stordom.size= if smaller).
+disk_mib() {
+    local mib=$(( $(cat /sys/block/$1/size) / 2048 ))
+    if [ -n "$SIZE" ] && [ "$SIZE" -lt "$mib" ]; then mib=$SIZE; fi
+    echo $mib
+}
+
+# Data integrity: fio writes with a checksum in every block, then reads
+# everything back and verifies it; random and sequential, mixed block sizes
+# up to 1 MiB, fsync (a flush to the disk) every 16 writes.  The two halves
+# of the disk are used so one pass cannot mask the other.
+job_integrity() {
+    local dev=/dev/$1 half=$(( $(disk_mib $1) / 2 )) rc=0
+    local common="--verify=crc32c --verify_fatal=1 --do_verify=1 --fsync=16 --end_fsync=1 --iodepth=16 --bssplit=4k/25:8k/10:64k/20:128k/15:512k/15:1m/15 --blockalign=4k --randseed=20261121"
+    echo "integrity: random writes + verify over ${half} MiB"
+    $FIO --name=integrity_rand --filename=$dev --rw=randwrite --offset=0 --size=${half}M $common \
+        --output=/tmp/integrity_rand.txt || rc=1
+    grep -E 'err=|verify|WRITE:|READ:' /tmp/integrity_rand.txt
+    echo "integrity: sequential writes + verify over ${half} MiB"
+    $FIO --name=integrity_seq --filename=$dev --rw=write --offset=${half}M --size=${half}M $common \
+        --output=/tmp/integrity_seq.txt || rc=1
+    grep -E 'err=|verify|WRITE:|READ:' /tmp/integrity_seq.txt
+    # A second, independent read-back of the whole random half with fresh
+    # reads (nothing cached: O_DIRECT) after both writers finished.
+    echo "integrity: re-verify random half"
+    $FIO --name=integrity_rand --filename=$dev --rw=randwrite --offset=0 --size=${half}M $common \
+        --verify_only --output=/tmp/integrity_reverify.txt || rc=1
+    grep -E 'err=|verify|READ:' /tmp/integrity_reverify.txt
+    for f in /tmp/integrity_*.txt; do
+        if grep -q 'verify: bad\|bad magic\|crc32c: verify failed\|err= *[1-9]' $f; then rc=1; cat $f; fi
+    done
+    return $rc
+}
+
+# Checks the checker: write 16 MiB with verify headers, overwrite one 4 KiB
+# block behind fio's back (through the same disk path), and require fio's
+# verify pass to fail and name that block.  Passes only if the corruption
+# is caught.
+job_canary() {
+    local dev=/dev/$1
+    local common="--verify=crc32c --do_verify=1 --iodepth=8 --bs=64k --randseed=7 --offset=0 --size=16M"
+    $FIO --name=canary --filename=$dev --rw=randwrite $common --output=/tmp/canary_w.txt \
+        || { echo "canary: clean write+verify failed"; cat /tmp/canary_w.txt; return 1; }
+    dd if=/dev/urandom of=$dev bs=4096 count=1 seek=1024 oflag=direct conv=notrunc 2>/dev/null \
+        || { echo "canary: corrupting write failed"; return 1; }
+    if $FIO --name=canary --filename=$dev --rw=randwrite $common --verify_only \
+            --output=/tmp/canary_v.txt 2>/tmp/canary_v.err; then
+        echo "canary: fio did not notice a corrupted block"; return 1
+    fi
+    if grep -q 'offset 4194304' /tmp/canary_v.txt /tmp/canary_v.err; then
+        echo "canary: corruption at 4194304 caught"; return 0
+    fi
+    echo "canary: fio failed but not on the corrupted block:"; cat /tmp/canary_v.err /tmp/canary_v.txt; return 1
+}
+
+# Throughput / IOPS.  Writes the region first so reads hit allocated data.
+# terse v3 fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS.
+perf_one() {   # perf_one METRIC UNIT FIELD fio-args...
+    local metric=$1 unit=$2 field=$3; shift 3
+    local out
+    out=$($FIO --name=$metric --output-format=terse --terse-version=3 "$@") || { echo "perf: fio $metric failed"; echo "$out"; return 1; }
+    local v
+    v=$(echo "$out" | tail -n 1 | awk -F';' -v f=$field -v u=$unit \
+        '{ if (u == "MiB/s") printf "%.1f", $f / 1024; else printf "%d", $f }')
+    if [ -z "$v" ] || [ "$v" = "0" ] || [ "$v" = "0.0" ]; then
+        echo "perf: $metric gave no figure: $out"; return 1
+    fi
+    echo "METRIC name=$metric disk=$DISK value=$v unit=$unit"
+}
+
+job_perf() {
+    DISK=$1
+    local dev=/dev/$1 mib=$(disk_mib $1) rc=0
+    [ $mib -gt 256 ] && mib=256
+    local t="--filename=$dev --size=${mib}M --runtime=$PERF_RUNTIME --time_based --ramp_time=1"
+    perf_one seq_write_1m MiB/s 48 $t --rw=write --bs=1m --iodepth=8 || rc=1
+    perf_one seq_read_1m MiB/s 7 $t --rw=read --bs=1m --iodepth=8 || rc=1
+    perf_one rand_read_4k_qd1 IOPS 8 $t --rw=randread --bs=4k --iodepth=1 || rc=1
+    perf_one rand_read_4k_qd32 IOPS 8 $t --rw=randread --bs=4k --iodepth=32 || rc=1
+    perf_one rand_write_4k_qd32 IOPS 49 $t --rw=randwrite --bs=4k --iodepth=32 || rc=1
+    return $rc
+}
+
+# File system: mkfs.ext4, fsck, mount, write files, umount, fsck, re-mount,
+# compare checksums.
+job_fs() {
+    local dev=/dev/$1 rc=0
+    mkfs.ext4 -q -F $dev || { echo "fs: mkfs.ext4 failed"; return 1; }
+    e2fsck -fn $dev || { echo "fs: e2fsck after mkfs failed"; return 1; }
+    mount -t ext4 $dev /mnt || { echo "fs: mount failed"; return 1; }
+    mkdir -p /mnt/d
+    local i
+    for i in 1 2 3 4; do
+        dd if=/dev/urandom of=/mnt/d/f$i bs=1M count=4 2>/dev/null || rc=1
+    done
+    (cd /mnt/d && md5sum f1 f2 f3 f4) >/tmp/sums || rc=1
+    sync
+    umount /mnt || { echo "fs: umount failed"; return 1; }
+    e2fsck -fn $dev || { echo "fs: e2fsck after writing failed"; rc=1; }
+    mount -t ext4 -o ro $dev /mnt || { echo "fs: re-mount failed"; return 1; }
+    (cd /mnt/d && md5sum -c /tmp/sums) || { echo "fs: checksums differ after re-mount"; rc=1; }
+    umount /mnt
+    return $rc
+}

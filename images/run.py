@@ -1,0 +1,510 @@
+#!/usr/bin/env python3
+"""Run a scenario: QEMU (TCG) -> Xen -> dom0 -> guests, collect every
+console into a run folder, check the results.
+
+Usage: run.py SCENARIO_DIR [--runs DIR] [--retries N] [--no-build] [--timeout S]
+
+A scenario is a folder with scenario.toml (see images/README.md).  The run
+folder (runs/<time>-<scenario>/ at the top of the repository, or $STORDOM_RUNS)
+gets:
+  serial.log          everything QEMU's serial port printed, timestamped
+  xen.log             Xen's own lines
+  dom0.log            dom0's console (kernel, /init, scenario script)
+  guest-NAME.log      each domain's console (xenconsoled --log=guest)
+  results.json        checks, metrics, milestones, verdict
+  summary.txt         the summary printed at the end
+  qemu.cmdline, qemu.stderr
+Exit status 0 only if every check passed.  The last line printed is
+"N passed, N failed".
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DONE_RE = re.compile(r"STORDOM-SCENARIO-DONE rc=(\d+)")
+CON_RE = re.compile(r"^\[con:([A-Za-z0-9_.-]+)\] ?(.*)$")
+KV_RE = re.compile(r'(\w[\w.:-]*)=("([^"]*)"|\S+)')
+LINE_RE = re.compile(r"\b(RESULT|METRIC) (.*)$")
+
+# Signs that the emulator (QEMU TCG running Xen running guests) misbehaved
+# rather than the code under test: see ../shared/notes/xen-in-qemu.md.
+SUSPECT_PATTERNS = [
+    r"segfault at", r"Segmentation fault", r"general protection fault",
+    r"traps: .* trap ", r"invalid opcode", r"\bOops\b", r"BUG: ", r"Kernel panic",
+    r"[Tt]riple fault", r"stack smashing", r"double free", r"malloc\(\)",
+    r"corrupted size", r"free\(\): invalid", r"FATAL TRAP", r"Panic on CPU",
+    r"domain_crash", r"\bcrashed\b", r"Insn len emulation failed",
+    r"unhandled (page fault|exception)", r"Bad RIP",
+]
+SUSPECT_RE = re.compile("|".join(f"(?:{p})" for p in SUSPECT_PATTERNS))
+
+DEFAULTS = {
+    "timeout": 280,
+    "qemu_mem": 3072,
+    "qemu_smp": 2,
+    "qemu_cpu": "max,-smap,-fsgsbase",
+    "qemu_args": [],
+    "xen_args": "",
+    "dom0_mem": "1024M",
+    "dom0_vcpus": 1,
+    "dom0_args": "",
+    "script": "dom0.sh",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[run] {msg}", flush=True)
+
+
+def die(msg: str, code: int = 2) -> None:
+    print(f"[run] ERROR: {msg}", file=sys.stderr, flush=True)
+    print("0 passed, 1 failed")
+    sys.exit(code)
+
+
+# ---- scenario ---------------------------------------------------------------
+class Scenario:
+    def __init__(self, path: Path):
+        self.dir = path.resolve()
+        f = self.dir / "scenario.toml"
+        if not f.exists():
+            die(f"{f} not found (a scenario is a folder with scenario.toml)")
+        try:
+            raw = tomllib.loads(f.read_text())
+        except tomllib.TOMLDecodeError as e:
+            die(f"{f}: {e}")
+        self.name = raw.get("name", self.dir.name)
+        self.cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in DEFAULTS}}
+        self.description = raw.get("description", "")
+        self.env = {k: str(v) for k, v in raw.get("env", {}).items()}
+        self.checks = raw.get("check", [])
+        self.files: dict[str, Path] = {}
+        for dest, src in raw.get("files", {}).items():
+            exp = os.path.expandvars(str(src))
+            if "$" in exp:
+                die(f"scenario {self.name}: file {dest}: {src} names an unset variable")
+            p = (self.dir / exp).resolve()
+            if not p.is_file():
+                die(f"scenario {self.name}: file {dest}: {p} does not exist")
+            self.files[dest] = p
+        if not (self.dir / self.cfg["script"]).exists():
+            die(f"scenario {self.name}: script {self.cfg['script']} not found")
+        for c in self.checks:
+            if "console" not in c or not any(k in c for k in ("grep", "absent", "result", "metrics")):
+                die(f"scenario {self.name}: check {c} needs console and one of grep/absent/result/metrics")
+
+
+# ---- dom0 overlay -------------------------------------------------------------
+def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """entries: (path, mode, data); directories have mode 0o040755."""
+    out = io.BytesIO()
+    ino = 1000
+
+    def hdr(name: str, mode: int, data: bytes) -> None:
+        nonlocal ino
+        nb = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0]
+        out.write(b"070701" + b"".join(b"%08X" % v for v in fields))
+        out.write(nb)
+        out.write(b"\0" * ((4 - (110 + len(nb)) % 4) % 4))
+        out.write(data)
+        out.write(b"\0" * ((4 - len(data) % 4) % 4))
+        ino += 1
+
+    for name, mode, data in entries:
+        hdr(name, mode, data)
+    hdr("TRAILER!!!", 0, b"")
+    return out.getvalue()
+
+
+def build_overlay(sc: Scenario) -> bytes:
+    entries: list[tuple[str, int, bytes]] = []
+    dirs: set[str] = set()
+
+    def add_dirs(path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d and d not in dirs:
+                dirs.add(d)
+                entries.append((d, 0o040755, b""))
+
+    def add(dest: str, src: Path | None, data: bytes | None = None) -> None:
+        dest = dest.lstrip("/")
+        add_dirs(dest)
+        if data is None:
+            data = src.read_bytes()
+            mode = 0o100000 | (src.stat().st_mode & 0o777)
+        else:
+            mode = 0o100644
+        entries.append((dest, mode, data))
+
+    for p in sorted(sc.dir.rglob("*")):
+        if p.is_file():
+            add(f"scenario/{p.relative_to(sc.dir)}", p)
+    env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sc.env.items())
+    env += f"export SCENARIO={shlex.quote(sc.name)}\n"
+    add("scenario/env.sh", None, env.encode())
+    if sc.cfg["script"] != "dom0.sh":
+        add("scenario/dom0.sh", sc.dir / sc.cfg["script"])
+    for dest, src in sc.files.items():
+        add(dest, src)
+    return gzip.compress(cpio_newc(entries), mtime=0)
+
+
+# ---- one attempt --------------------------------------------------------------
+class Attempt:
+    def __init__(self, sc: Scenario, out: Path, images: Path, timeout: int):
+        self.sc, self.out, self.images, self.timeout = sc, out, images, timeout
+        self.t0 = 0.0
+        self.lines: dict[str, list[tuple[float, str]]] = {}
+        self.files: dict[str, io.TextIOWrapper] = {}
+        self.done_rc: int | None = None
+        self.done = threading.Event()
+        self.milestones: dict[str, float] = {}
+
+    def console_file(self, con: str):
+        if con not in self.files:
+            self.files[con] = open(self.out / f"{con}.log", "w", buffering=1)
+            self.lines[con] = []
+        return self.files[con]
+
+    def record(self, con: str, t: float, text: str) -> None:
+        self.console_file(con).write(f"[{t:8.3f}] {text}\n")
+        self.lines[con].append((t, text))
+
+    def milestone(self, name: str, t: float) -> None:
+        self.milestones.setdefault(name, round(t, 1))
+
+    def reader(self, stream) -> None:
+        serial = open(self.out / "serial.log", "w", buffering=1)
+        for raw in iter(stream.readline, b""):
+            t = time.monotonic() - self.t0
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
+            serial.write(f"[{t:8.3f}] {text}\n")
+            m = CON_RE.match(text)
+            if text.startswith("(XEN)"):
+                self.milestone("xen_first_line", t)
+                self.record("xen", t, text)
+            elif m:
+                con = m.group(1)
+                self.record(con, t, m.group(2))
+                self.milestone(f"{con}_first_line", t)
+                if "STORDOM-GUEST-DONE" in m.group(2):
+                    self.milestone(f"{con}_done", t)
+            else:
+                self.record("dom0", t, text)
+                if "Linux version" in text:
+                    self.milestone("dom0_kernel_start", t)
+                if "STORDOM-DOM0-READY" in text:
+                    self.milestone("dom0_ready", t)
+                d = DONE_RE.search(text)
+                if d:
+                    self.milestone("scenario_done", t)
+                    self.done_rc = int(d.group(1))
+                    self.done.set()
+        serial.close()
+        self.done.set()
+
+    def qemu_cmd(self, initrd: Path) -> list[str]:
+        c = self.sc.cfg
+        xen_args = (f"console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all "
+                    f"console_timestamps=boot noreboot dom0_mem={c['dom0_mem']},max:{c['dom0_mem']} "
+                    f"dom0_max_vcpus={c['dom0_vcpus']} {c['xen_args']}").strip()
+        dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init {c['dom0_args']}".strip()
+        if "," in dom0_args:
+            die("dom0_args must not contain commas (QEMU splits multiboot modules on them)")
+        qemu = os.environ.get("STORDOM_QEMU", "qemu-system-x86_64")
+        datadirs = [a for d in os.environ.get("STORDOM_QEMU_DATADIRS", "").split(":") if d
+                    for a in ("-L", d)]
+        return [qemu, *datadirs, "-machine", "q35,accel=tcg", "-cpu", c["qemu_cpu"],
+                "-smp", str(c["qemu_smp"]), "-m", str(c["qemu_mem"]),
+                "-display", "none", "-serial", "stdio", "-monitor", "none",
+                "-no-reboot", "-net", "none", *c["qemu_args"],
+                "-kernel", str(self.images / "xen.elf"), "-append", xen_args,
+                "-initrd", f"{self.images / 'vmlinuz'} {dom0_args},{initrd}"]
+
+    def run(self) -> None:
+        work = Path(tempfile.mkdtemp(prefix="stordom-run-"))
+        try:
+            initrd = work / "dom0-initrd.cpio.gz"
+            with open(initrd, "wb") as f:
+                with open(self.images / "dom0.cpio.gz", "rb") as base:
+                    shutil.copyfileobj(base, f)
+                f.write(build_overlay(self.sc))
+            cmd = self.qemu_cmd(initrd)
+            (self.out / "qemu.cmdline").write_text(shlex.join(cmd) + "\n")
+            for con in ("xen", "dom0"):
+                self.console_file(con)
+            self.t0 = time.monotonic()
+            with open(self.out / "qemu.stderr", "wb") as err:
+                try:
+                    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=err)
+                except FileNotFoundError:
+                    die(f"{cmd[0]} not found: run images/deps.sh (or fix $STORDOM_QEMU)")
+                th = threading.Thread(target=self.reader, args=(p.stdout,), daemon=True)
+                th.start()
+                self.done.wait(self.timeout)
+                self.timed_out = not self.done.is_set()
+                self.elapsed = time.monotonic() - self.t0
+                if self.done_rc is not None:
+                    time.sleep(0.5)  # let the last lines arrive
+                if p.poll() is None:
+                    p.terminate()
+                    try:
+                        p.wait(5)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+                self.qemu_rc = p.returncode
+                th.join(5)
+        finally:
+            for f in self.files.values():
+                f.close()
+            shutil.rmtree(work, ignore_errors=True)
+
+    # ---- evaluation ---------------------------------------------------------
+    def evaluate(self) -> dict:
+        results = []   # (console, lineno, t, kv)
+        metrics = []
+        suspects = []
+        for con, lines in self.lines.items():
+            for i, (t, text) in enumerate(lines, 1):
+                m = LINE_RE.search(text)
+                if m:
+                    kv = {k: (q if v.startswith('"') else v)
+                          for k, v, q in KV_RE.findall(m.group(2))}
+                    if m.group(1) == "RESULT" and "name" in kv and "status" in kv:
+                        results.append({"console": con, "line": i, "t": round(t, 1), **kv})
+                    elif m.group(1) == "METRIC" and "name" in kv and "value" in kv:
+                        try:
+                            kv["value"] = float(kv["value"])
+                        except ValueError:
+                            pass
+                        metrics.append({"console": con, **kv})
+                if SUSPECT_RE.search(text):
+                    suspects.append({"console": con, "line": i, "text": text[:200]})
+
+        checks = []
+
+        def add(name, ok, where, detail=""):
+            checks.append({"name": name, "status": "pass" if ok else "fail",
+                           "where": where, "detail": detail})
+
+        def logpath(con, line=None):
+            return f"{self.out / (con + '.log')}" + (f":{line}" if line else "")
+
+        # The run itself.
+        if self.timed_out:
+            add("scenario finished before the timeout", False, logpath("dom0"),
+                f"no STORDOM-SCENARIO-DONE within {self.timeout} s")
+        else:
+            add("scenario script exit status 0", self.done_rc == 0, logpath("dom0"),
+                f"rc={self.done_rc}" if self.done_rc is not None else "QEMU exited early "
+                f"(status {self.qemu_rc}, see qemu.stderr)")
+
+        referenced = set()
+        for c in self.sc.checks:
+            con = c["console"]
+            cons = list(self.lines) if con == "*" else [con]
+            pool = [(cn, i, t, text) for cn in cons for i, (t, text) in enumerate(self.lines.get(cn, []), 1)]
+            if "result" in c:
+                rs = [r for r in results if r["name"] == c["result"] and (con == "*" or r["console"] == con)]
+                for r in rs:
+                    referenced.add((r["console"], r["line"]))
+                bad = [r for r in rs if r["status"] != "pass"]
+                name = c.get("name", f"{con}: {c['result']} passed")
+                if not rs:
+                    add(name, False, logpath(cons[0]), f"no RESULT name={c['result']}")
+                elif bad:
+                    add(name, False, logpath(bad[0]["console"], bad[0]["line"]),
+                        bad[0].get("detail", f"status={bad[0]['status']}"))
+                else:
+                    add(name, True, logpath(rs[0]["console"], rs[0]["line"]))
+            if "grep" in c:
+                rx = re.compile(c["grep"])
+                hit = next(((cn, i) for cn, i, t, text in pool if rx.search(text)), None)
+                add(c.get("name", f"{con}: /{c['grep']}/ seen"), hit is not None,
+                    logpath(*hit) if hit else logpath(cons[0]),
+                    "" if hit else f"no line matches /{c['grep']}/")
+            if "absent" in c:
+                rx = re.compile(c["absent"])
+                hit = next(((cn, i, text) for cn, i, t, text in pool if rx.search(text)), None)
+                add(c.get("name", f"{con}: /{c['absent']}/ absent"), hit is None,
+                    logpath(hit[0], hit[1]) if hit else logpath(cons[0]),
+                    hit[2][:120] if hit else "")
+            if "metrics" in c:
+                have = {m["name"] for m in metrics if con == "*" or m["console"] == con}
+                miss = [m for m in c["metrics"] if m not in have]
+                add(c.get("name", f"{con}: metrics recorded"), not miss, logpath(cons[0]),
+                    f"missing {', '.join(miss)}" if miss else "")
+        # Every other RESULT line is a check of its own.
+        for r in results:
+            if (r["console"], r["line"]) in referenced:
+                continue
+            add(f"{r['console']}: {r['name']}" + (f" {r['disk']}" if "disk" in r else ""),
+                r["status"] == "pass", logpath(r["console"], r["line"]), r.get("detail", ""))
+
+        failed = [c for c in checks if c["status"] != "pass"]
+        if not failed:
+            verdict = "pass"
+        elif suspects:
+            verdict = "emulator-suspect"
+        else:
+            verdict = "fail"
+        return {"scenario": self.sc.name, "verdict": verdict,
+                "elapsed_s": round(self.elapsed, 1), "timed_out": self.timed_out,
+                "scenario_rc": self.done_rc, "qemu_rc": self.qemu_rc,
+                "milestones": self.milestones, "checks": checks, "results": results,
+                "metrics": metrics, "suspects": suspects,
+                "passed": len(checks) - len(failed), "failed": len(failed)}
+
+
+# ---- reporting ------------------------------------------------------------------
+def summary(res: dict, run_dir: Path) -> str:
+    out = []
+    out.append(f"scenario {res['scenario']}: {res['verdict'].upper()} in {res['elapsed_s']} s"
+               + (f" (attempt {res['attempt']} of {res['attempts']})" if res.get("attempts", 1) > 1 else ""))
+    out.append(f"run folder: {run_dir}")
+    ms = res["milestones"]
+    if ms:
+        out.append("milestones (s since QEMU start): " +
+                   ", ".join(f"{k}={v}" for k, v in sorted(ms.items(), key=lambda kv: kv[1])))
+    out.append("")
+    w = max([len(c["name"]) for c in res["checks"]] + [10])
+    for c in res["checks"]:
+        line = f"  {c['status'].upper():4}  {c['name']:{w}}"
+        if c["status"] != "pass":
+            line += f"  -> {c['where']}" + (f"  ({c['detail']})" if c["detail"] else "")
+        out.append(line)
+    if res["metrics"]:
+        cols = sorted({f"{m['console']}" + (f"/{m['disk']}" if 'disk' in m else "") for m in res["metrics"]})
+        names = list(dict.fromkeys(m["name"] for m in res["metrics"]))
+        table = {}
+        units = {}
+        for m in res["metrics"]:
+            col = f"{m['console']}" + (f"/{m['disk']}" if 'disk' in m else "")
+            table[(m["name"], col)] = m["value"]
+            units[m["name"]] = m.get("unit", "")
+        out.append("")
+        nw = max(len(n) for n in names) + 2
+        out.append("  " + "metric".ljust(nw) + "unit".ljust(8) + "".join(c.rjust(16) for c in cols))
+        for n in names:
+            row = "  " + n.ljust(nw) + units[n].ljust(8)
+            for c in cols:
+                v = table.get((n, c))
+                row += (f"{v:g}" if isinstance(v, float) else str(v or "-")).rjust(16)
+            out.append(row)
+    if res["suspects"]:
+        out.append("")
+        out.append(f"  {len(res['suspects'])} console line(s) that point at the emulator, not the code under test:")
+        for s in res["suspects"][:10]:
+            out.append(f"    {run_dir / (s['console'] + '.log')}:{s['line']}: {s['text'][:100]}")
+    if res["verdict"] == "emulator-suspect":
+        out.append("")
+        out.append("  EMULATOR SUSPECT: checks failed and the consoles show faults that the "
+                   "backend cannot cause (see ../shared/notes/xen-in-qemu.md); rerun before "
+                   "blaming the code.")
+    elif res["verdict"] == "fail":
+        out.append("")
+        failed = [c for c in res["checks"] if c["status"] != "pass"]
+        # Prefer a failure that names a line.
+        first = next((c for c in failed if re.search(r"\.log:\d+$", c["where"])), failed[0])
+        out.append(f"  FAILED: start at {first['where']}")
+        logf = Path(first["where"].split(":")[0])
+        if logf.is_file():
+            tail = logf.read_text(errors="replace").splitlines()[-8:]
+            out.append(f"  last lines of {logf.name}:")
+            out.extend(f"    {l[:150]}" for l in tail)
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Run a stordom Xen-under-QEMU scenario.")
+    ap.add_argument("scenario", help="scenario folder (with scenario.toml), or a name under images/scenarios")
+    ap.add_argument("--runs", default=os.environ.get("STORDOM_RUNS", str(REPO / "runs")),
+                    help="folder for run folders (default: runs/ at the repo top)")
+    ap.add_argument("--retries", type=int, default=1,
+                    help="reruns of an emulator-suspect run (default 1)")
+    ap.add_argument("--timeout", type=int, help="hard timeout in seconds (default: the scenario's)")
+    ap.add_argument("--no-build", action="store_true", help="use the cached images as they are")
+    ap.add_argument("--cache", default=os.environ.get("STORDOM_IMAGES_CACHE", str(HERE / "cache")))
+    a = ap.parse_args()
+
+    sdir = Path(a.scenario)
+    if not sdir.exists() and (HERE / "scenarios" / a.scenario).exists():
+        sdir = HERE / "scenarios" / a.scenario
+    sc = Scenario(sdir)
+    images = Path(a.cache).resolve() / "out"
+    tb = time.monotonic()
+    if not a.no_build:
+        b = subprocess.run([sys.executable, str(HERE / "build.py"), "--cache", str(Path(a.cache).resolve())])
+        if b.returncode != 0:
+            die("image build failed (see above)")
+    build_s = time.monotonic() - tb
+    for f in ("xen.elf", "vmlinuz", "dom0.cpio.gz"):
+        if not (images / f).exists():
+            die(f"{images / f} missing: run images/build.py")
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(a.runs).resolve() / f"{stamp}-{sc.name}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    timeout = a.timeout or int(sc.cfg["timeout"])
+    attempts = 1 + max(0, a.retries)
+    res = None
+    for n in range(1, attempts + 1):
+        if n > 1:
+            prev = run_dir / f"attempt-{n - 1}"
+            prev.mkdir()
+            for p in list(run_dir.iterdir()):
+                if p.is_file():
+                    p.rename(prev / p.name)
+            log(f"attempt {n - 1} was emulator-suspect: its consoles are in {prev}; rerunning")
+        log(f"scenario {sc.name}: booting QEMU -> Xen -> dom0 (timeout {timeout} s), consoles in {run_dir}")
+        at = Attempt(sc, run_dir, images, timeout)
+        at.run()
+        res = at.evaluate()
+        res["attempt"] = n
+        if res["verdict"] != "emulator-suspect" or n == attempts:
+            break
+        # Keep this attempt's own verdict beside its consoles.
+        (run_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        text = summary(res, run_dir)
+        (run_dir / "summary.txt").write_text(text + "\n")
+        print(text)
+    res["attempts"] = res["attempt"]
+    if res["verdict"] == "emulator-suspect" and res["attempt"] == attempts:
+        log("still emulator-suspect after the last attempt: rerun, or look at the suspect lines")
+    res["build_s"] = round(build_s, 1)
+    mf = images / "manifest.json"
+    if mf.exists():
+        m = json.loads(mf.read_text())
+        res["images"] = {"kernel": m.get("kernel"), "products": m.get("products"),
+                         "xen": m.get("packages", {}).get("xen-hypervisor-4.17-amd64")}
+    (run_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = summary(res, run_dir)
+    (run_dir / "summary.txt").write_text(text + "\n")
+    print(text)
+    print(f"{res['passed']} passed, {res['failed']} failed")
+    sys.exit(0 if res["failed"] == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Host-only tests of run.py's console routing, parsing and verdicts:
+feed synthetic consoles, check that failures are caught and that
+emulator-suspect runs are told apart.  Run: python3 images/test_run.py"""
+from __future__ import annotations
+
+import gzip
+import io
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
+
+TOML = """
+timeout = 10
+[env]
+X = "1"
+[[check]]
+console = "guest-g1"
+result = "integrity"
+[[check]]
+console = "guest-g1"
+metrics = ["seq_read_1m"]
+[[check]]
+console = "dom0"
+grep = "toolstack up"
+[[check]]
+console = "*"
+absent = "blkback: .*error"
+"""
+
+
+def attempt(serial: list[str], done: bool = True) -> dict:
+    with tempfile.TemporaryDirectory() as td:
+        sdir = Path(td) / "sc"
+        sdir.mkdir()
+        (sdir / "scenario.toml").write_text(TOML)
+        (sdir / "dom0.sh").write_text("true\n")
+        out = Path(td) / "out"
+        out.mkdir()
+        a = run.Attempt(run.Scenario(sdir), out, Path(td), 10)
+        a.t0 = 0.0
+        a.reader(io.BytesIO("".join(l + "\r\n" for l in serial).encode()))
+        for f in a.files.values():
+            f.close()
+        a.timed_out = not done
+        if not done:
+            a.done_rc = None
+        a.elapsed, a.qemu_rc = 1.0, 0
+        res = a.evaluate()
+        res["logs"] = sorted(p.name for p in out.iterdir())
+        res["guest_log"] = (out / "guest-g1.log").read_text() if (out / "guest-g1.log").exists() else ""
+        return res
+
+
+GOOD = [
+    "(XEN) [    0.1] Xen version 4.17",
+    "[    1.0] Linux version 6.1.0",
+    "[dom0] toolstack up",
+    "STORDOM-DOM0-READY",
+    "[con:guest-g1] STORDOM-GUEST-START",
+    "[con:guest-g1] RESULT name=integrity disk=xvda status=pass secs=3",
+    "[con:guest-g1] METRIC name=seq_read_1m disk=xvda value=123.5 unit=MiB/s",
+    "RESULT name=create:g1 status=pass",
+    "STORDOM-SCENARIO-DONE rc=0",
+]
+
+
+class RunTests(unittest.TestCase):
+    def test_pass_and_routing(self):
+        r = attempt(GOOD)
+        self.assertEqual(r["verdict"], "pass", r["checks"])
+        self.assertEqual(r["failed"], 0)
+        self.assertIn("guest-g1.log", r["logs"])
+        self.assertIn("xen.log", r["logs"])
+        self.assertEqual(r["metrics"][0]["value"], 123.5)
+        self.assertIn("STORDOM-GUEST-START", r["guest_log"])
+        self.assertNotIn("[con:", r["guest_log"])
+        self.assertNotIn("\r", r["guest_log"])
+
+    def test_failed_result(self):
+        r = attempt([l.replace("name=integrity disk=xvda status=pass",
+                               'name=integrity disk=xvda status=fail detail="verify: bad magic"')
+                     for l in GOOD])
+        self.assertEqual(r["verdict"], "fail")
+        bad = [c for c in r["checks"] if c["status"] == "fail"]
+        self.assertEqual(len(bad), 1)
+        self.assertIn("guest-g1.log:2", bad[0]["where"])
+
+    def test_missing_result_and_metric(self):
+        r = attempt([l for l in GOOD if "RESULT name=integrity" not in l and "METRIC" not in l])
+        self.assertEqual(r["failed"], 2)
+
+    def test_unreferenced_failed_result_counts(self):
+        r = attempt(GOOD[:-1] + ['RESULT name=setup status=fail detail="x"', GOOD[-1]])
+        self.assertEqual(r["verdict"], "fail")
+
+    def test_script_rc_and_timeout(self):
+        r = attempt(GOOD[:-1] + ["STORDOM-SCENARIO-DONE rc=3"])
+        self.assertEqual(r["verdict"], "fail")
+        r = attempt(GOOD[:-1], done=False)
+        self.assertEqual(r["verdict"], "fail")
+        self.assertIn("timeout", r["checks"][0]["name"])
+
+    def test_absent(self):
+        r = attempt(GOOD[:-1] + ["[con:guest-g1] xen-blkback: io error", GOOD[-1]])
+        self.assertEqual(r["verdict"], "fail")
+
+    def test_emulator_suspect(self):
+        seg = "[con:guest-g1] [   5.0] fio[120]: segfault at 7f00 ip 55 sp 7ff error 4"
+        r = attempt([l for l in GOOD if "RESULT name=integrity" not in l][:-1] + [seg, GOOD[-1]])
+        self.assertEqual(r["verdict"], "emulator-suspect")
+        # Suspect lines alone do not fail a run whose checks pass.
+        r = attempt(GOOD[:-1] + [seg, GOOD[-1]])
+        self.assertEqual(r["verdict"], "pass")
+        self.assertEqual(len(r["suspects"]), 1)
+
+    def test_overlay_is_valid_cpio(self):
+        with tempfile.TemporaryDirectory() as td:
+            sdir = Path(td) / "sc"
+            sdir.mkdir()
+            (sdir / "scenario.toml").write_text('[files]\n"/stordom/x.elf" = "x.bin"\n')
+            (sdir / "dom0.sh").write_text("true\n")
+            (sdir / "x.bin").write_bytes(b"\x7fELF" + bytes(100))
+            data = gzip.decompress(run.build_overlay(run.Scenario(sdir)))
+            names = subprocess.run(["cpio", "-t", "--quiet"], input=data, capture_output=True,
+                                   check=True).stdout.decode().split()
+            for n in ("scenario/dom0.sh", "scenario/env.sh", "stordom/x.elf", "stordom"):
+                self.assertIn(n, names)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=1)
