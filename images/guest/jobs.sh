@@ -107,3 +107,25 @@ job_fs() {
     umount /mnt
     return $rc
 }
+
+# Survives a reboot: the first boot writes 1 MiB of marker data, then a
+# generation block, both synced, and reboots; the next boot finds the
+# generation block and requires the marker data.  (A disk that loses the
+# generation block makes the guest loop, and the scenario times out.)
+job_persist() {
+    local dev=/dev/$1 gen=stordom-persist-gen-1
+    yes "stordom persist marker" | head -c 1048576 >/tmp/marker
+    { printf '%s' $gen; head -c $((4096 - ${#gen})) /dev/zero; } >/tmp/gen
+    if dd if=$dev bs=4096 count=1 skip=1024 iflag=direct 2>/dev/null | cmp -s - /tmp/gen; then
+        dd if=$dev of=/tmp/found bs=1M count=1 skip=8 iflag=direct 2>/dev/null
+        if cmp -s /tmp/found /tmp/marker; then
+            echo "persist: the data written before the reboot is there"; return 0
+        fi
+        echo "persist: the data written before the reboot is gone"; return 1
+    fi
+    dd if=/tmp/marker of=$dev bs=1M seek=8 oflag=direct conv=fsync,notrunc 2>/dev/null || return 1
+    dd if=/tmp/gen of=$dev bs=4096 seek=1024 oflag=direct conv=fsync,notrunc 2>/dev/null || return 1
+    echo "RESULT name=persist-written disk=$1 status=pass"
+    echo "persist: marker written; rebooting"
+    reboot -f
+}

@@ -80,13 +80,27 @@ domain_create() {
 wait_gone() {
     # Polls xenstore (a small program) rather than xl (which sets up all of
     # libxl each time): fewer cycles taken from the guests under TCG.
-    local name=$1 timeout=$2 id n=0 t0 now
+    local name=$1 timeout=$2 id n=0 t0 now checked=0 off=0
     id=$(xl domid "$name" 2>/dev/null) || { say "domain $name already gone"; result "shutdown:$name" pass; return 0; }
     read -r t0 now </proc/uptime
     t0=${t0%.*}
     while xenstore-exists "/local/domain/$id" 2>/dev/null; do
         read -r now n </proc/uptime
         n=$(( ${now%.*} - t0 ))
+        # A powered-off domain is destroyed by its `xl create` monitor; when
+        # that process died (seen under TCG), do its job after ~5 s.
+        if [ $n -ge $((checked + 5)) ]; then
+            checked=$n
+            case "$(xl list "$name" 2>/dev/null | awk 'NR==2 {print $5}')" in
+                *s*) off=$((off + 1)) ;;
+                *) off=0 ;;
+            esac
+            if [ $off -ge 2 ]; then
+                say "domain $name powered off but was not destroyed (its xl monitor is gone): destroying it"
+                xl destroy "$name"
+                break
+            fi
+        fi
         if [ $n -ge "$timeout" ]; then
             say "domain $name still running after $timeout s: destroying it"
             xl destroy "$name"
