@@ -1,28 +1,42 @@
 # stordom: build, run, test.
-#   make run    boot stordom under bare QEMU with the embedded default job
-#   make test   host unit tests, lints, and bare-QEMU boot tests
+#   make run        stordom serving a RAM disk to a Linux guest under Xen (in QEMU)
+#   make test       lints, host unit tests, bare-QEMU boot tests, Xen scenarios
+#   make run-bare   boot stordom alone under bare QEMU and exit
+#   make bench      disk benchmarks: bare-QEMU drivers; stordom vs dom0 blkback
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
+GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare
+# Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
+SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests compare
+XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE))
 CMDLINE ?= loglevel=info
 MODULE ?= target/demo-module.img
 
-.PHONY: all build run test test-host test-boot lint bench clean
+.PHONY: all build run run-bare test test-host test-boot test-xen images lint bench clean
 
 all: build
 
 build:
-	cargo build --release --bin stordom
+	cargo build --release --bin stordom -p gntshare
 	@echo "stordom ELF: $(KERNEL) ($$(stat -c %s $(KERNEL)) bytes)"
 
 $(MODULE):
 	@mkdir -p $(dir $@)
 	head -c 1048576 /dev/urandom > $@
 
+# stordom's main job: Xen (nested in QEMU) boots dom0, stordom as a storage
+# driver domain, and a stock Linux guest whose disk is a stordom RAM disk;
+# the guest checks its data and measures it. stordom's console is printed.
+run: build images
+	@$(XEN_ENV) python3 images/run.py stordom-disk --no-build --retries 2; status=$$?; \
+	run=$$(ls -td runs/*-stordom-disk | head -1); \
+	echo "--- stordom's console ($$run/guest-stordom.log) ---"; cat $$run/guest-stordom.log; exit $$status
+
 # 33 is the debug-exit device's "success" (see images/bare/qemu.sh).
-run: build $(MODULE)
+run-bare: build $(MODULE)
 	@CMDLINE="$(CMDLINE)" images/bare/qemu.sh $(KERNEL) -initrd $(MODULE); \
 	status=$$?; if [ $$status -eq 33 ]; then echo "stordom exited cleanly"; else echo "stordom failed (QEMU status $$status)"; exit 1; fi
 
-test: lint test-host test-boot
+test: lint test-host test-boot test-xen
 
 test-host:
 	cargo test --workspace
@@ -34,10 +48,21 @@ lint:
 test-boot: build
 	python3 tests/boot.py $(KERNEL)
 
+# Install host tools, fetch the Debian packages, build Xen/dom0/guest images
+# (cached in images/cache).
+images:
+	$(MAKE) --no-print-directory -C images build
+
+test-xen: build images
+	python3 images/test_run.py
+	$(XEN_ENV) python3 images/suite.py $(SCENARIOS)
+
 # Disk benchmark on QEMU's emulated NVMe, AHCI and virtio-blk (TCG: the
 # figures are ceilings for later comparisons in the same run, not hardware).
-bench: build
+bench: build images
 	python3 tests/bench.py $(KERNEL)
+	$(XEN_ENV) python3 images/run.py compare --no-build --retries 2
+	python3 images/compare.py $$(ls -td runs/*-compare | head -1)/results.json
 
 clean:
 	cargo clean
