@@ -16,7 +16,8 @@ MODULE ?= target/demo-module.img
 all: build
 
 build:
-	cargo build --release --bin stordom -p gntshare
+	cargo build --release -p kernel --bin stordom
+	cargo build --release -p gntshare
 	@echo "stordom ELF: $(KERNEL) ($$(stat -c %s $(KERNEL)) bytes)"
 
 $(MODULE):
