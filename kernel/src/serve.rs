@@ -141,11 +141,11 @@ struct KernelServices(&'static XenServices);
 
 impl Services for KernelServices {
     fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
-        let mut events = self.0.events.lock();
-        let port = events.bind_interdomain(remote, remote_port)?;
         // The upcall only has to wake the poll loop, which polls every ring.
-        events.set_handler(port, Box::new(|_| {}));
-        Ok(port)
+        self.0
+            .events
+            .lock()
+            .bind_interdomain_polled(remote, remote_port)
     }
 
     fn notify(&mut self, port: Port) -> Result<(), Errno> {

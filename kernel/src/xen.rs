@@ -219,29 +219,15 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
 
     let store_ring =
         hvm::store_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_STORE_*", e))?;
-    let store_page = memory::map_identity(
-        store_ring.gfn * PAGE_SIZE as u64,
-        PAGE_SIZE as u64,
-        Access::DATA,
-    )
-    .map_err(|_| XenError::Map)?;
     // SAFETY: the store page is shared with xenstored for the domain's
     // life; XenstoreInterface mirrors its layout with atomics.
-    let store_iface: &'static XenstoreInterface =
-        unsafe { &*(store_page as *const XenstoreInterface) };
+    let store_iface: &'static XenstoreInterface = unsafe { map_ring_page(&store_ring)? };
     let store_channel = PortChannel::new(hc, &mut events, store_ring.port, STORE_TIMEOUT_NS);
 
     let console_ring =
         hvm::console_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_CONSOLE_*", e))?;
-    let console_page = memory::map_identity(
-        console_ring.gfn * PAGE_SIZE as u64,
-        PAGE_SIZE as u64,
-        Access::DATA,
-    )
-    .map_err(|_| XenError::Map)?;
     // SAFETY: as for the store page, with xenconsoled.
-    let console_iface: &'static XenconsInterface =
-        unsafe { &*(console_page as *const XenconsInterface) };
+    let console_iface: &'static XenconsInterface = unsafe { map_ring_page(&console_ring)? };
     let console_channel = PortChannel::new(hc, &mut events, console_ring.port, CONSOLE_WAIT_NS);
     *CONSOLE.lock() = Some(PvConsole::new(console_iface, console_channel));
 
@@ -266,6 +252,23 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
         grants: Mutex::new(grants),
         upcall,
     }))
+}
+
+/// Maps the page of a ring the toolstack set up (xenstore, console) and
+/// views it as `T`.
+///
+/// # Safety
+/// The page must hold a live `T` shared with its daemon for the domain's
+/// life, and `T` must be made of atomics (the daemon writes it any time).
+unsafe fn map_ring_page<T>(ring: &hvm::RingParams) -> Result<&'static T, XenError> {
+    let page = ring
+        .gfn
+        .checked_mul(PAGE_SIZE as u64)
+        .ok_or(XenError::Map)?;
+    let addr =
+        memory::map_identity(page, PAGE_SIZE as u64, Access::DATA).map_err(|_| XenError::Map)?;
+    // SAFETY: mapped just above; the caller vouches for what lives there.
+    Ok(unsafe { &*(addr as *const T) })
 }
 
 /// Writes `bytes` to the PV console, if there is one. Skipped if the

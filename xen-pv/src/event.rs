@@ -129,6 +129,19 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
         Ok(Port(arg.local_port))
     }
 
+    /// [`Self::bind_interdomain`] for a port whose events only have to
+    /// wake a poll loop (which then polls everything): its handler does
+    /// nothing, so the event counts as handled.
+    pub fn bind_interdomain_polled(
+        &mut self,
+        remote: DomId,
+        remote_port: u32,
+    ) -> Result<Port, Errno> {
+        let port = self.bind_interdomain(remote, remote_port)?;
+        self.set_handler(port, Box::new(|_| {}));
+        Ok(port)
+    }
+
     /// Notifies the other end of `port`.
     pub fn send(&self, port: Port) -> Result<(), Errno> {
         command(&self.xen, &mut EvtchnSend { port: port.0 }).map(drop)

@@ -7,11 +7,7 @@ modprobe xen-blkfront || { result setup fail "modprobe xen-blkfront"; return 1; 
 truncate -s 32M /tmp/module0.img
 domain_create /scenario/stordom.cfg || return 1
 sd=$(xl domid stordom)
-n=0
-until grep -q "serve: watching backend/vbd; ready" "$(domain_console stordom)" 2>/dev/null; do
-    n=$((n + 1)); [ $n -gt 300 ] && break
-    sleep 0.1
-done
+stordom_ready stordom
 
 pattern() {  # pattern CYCLE FILE: 1 MiB of data that names the cycle
     yes "stordom attach cycle $1 " | head -c 1048576 >"$2"
@@ -47,17 +43,7 @@ while [ $i -le $CYCLES ]; do
         say "frontend after the failed detach:"; xenstore-ls -fp /local/domain/0/device/vbd 2>&1 | sed 's/^/[dom0]   /'
         break
     fi
-    n=0
-    while [ "$(xenstore-read /local/domain/$sd/data/grants-mapped 2>/dev/null)" != 0 ]; do
-        n=$((n + 1)); [ $n -gt 100 ] && break
-        sleep 0.1
-    done
-    mapped=$(xenstore-read /local/domain/$sd/data/grants-mapped 2>/dev/null)
-    if [ "$mapped" = 0 ]; then
-        result grants-released:$i pass
-    else
-        result grants-released:$i fail "stordom still maps '$mapped' grants"
-    fi
+    grants_released stordom grants-released:$i
     i=$((i + 1))
 done
 [ $i -gt $CYCLES ] && result cycles pass "$CYCLES attach/detach cycles" || result cycles fail "stopped at cycle $i"

@@ -3,11 +3,7 @@
 # two host cores), on same-sized RAM disks.
 DOM0_DISK=$(ramdisk_loop g-dom0 "$DISK_MIB") || { result setup fail "no ramdisk"; return 1; }
 domain_create /scenario/stordom.cfg || return 1
-n=0
-until grep -q "serve: watching backend/vbd; ready" "$(domain_console stordom)" 2>/dev/null; do
-    n=$((n + 1)); [ $n -gt 300 ] && break
-    sleep 0.1
-done
+stordom_ready stordom
 for round in 1 2; do
     for g in g-dom0 g-stordom; do
         domain_create /scenario/$g.cfg || return 1

@@ -4,11 +4,7 @@ t0=$(now_ms)
 domain_create /scenario/stordom.cfg || return 1
 sd=$(xl domid stordom)
 # Ready once it watches backend/vbd (it announces it on its console).
-n=0
-until grep -q "serve: watching backend/vbd; ready" "$(domain_console stordom)" 2>/dev/null; do
-    n=$((n + 1)); [ $n -gt 300 ] && { result stordom-ready fail "no ready line"; break; }
-    sleep 0.1
-done
+stordom_ready stordom
 say "stordom (domid $sd) serving $(( $(now_ms) - t0 )) ms after xl create"
 
 domain_create /scenario/g1.cfg || return 1

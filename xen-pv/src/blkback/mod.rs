@@ -97,7 +97,6 @@ mod vbd;
 #[cfg(test)]
 mod tests;
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
@@ -152,10 +151,8 @@ pub struct XenServices<'r, 'a, H, P> {
 
 impl<H: Hypercall, P: Platform> Services for XenServices<'_, '_, H, P> {
     fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
-        let port = self.events.bind_interdomain(remote, remote_port)?;
         // The upcall only has to wake the poll loop, which polls every ring.
-        self.events.set_handler(port, Box::new(|_| {}));
-        Ok(port)
+        self.events.bind_interdomain_polled(remote, remote_port)
     }
 
     fn notify(&mut self, port: Port) -> Result<(), Errno> {

@@ -8,6 +8,9 @@
 #   domain_create CFG            render + `xl create`; result "create:NAME"
 #   wait_gone NAME SECONDS       wait for a domain to shut down; destroy on timeout
 #   domain_console NAME          path of a domain's console log in dom0
+#   stordom_ready NAME           wait until stordom NAME serves (console line)
+#   grants_released NAME [RESULT] stordom NAME holds no grant (result RESULT,
+#                                default "grants-released")
 
 # busybox sh here prefers its own applets to programs in PATH: call
 # util-linux tools by full path.
@@ -114,6 +117,30 @@ wait_gone() {
 }
 
 domain_console() { echo "/var/log/xen/console/guest-$1.log"; }
+
+stordom_ready() {
+    local n=0
+    until grep -q "serve: watching backend/vbd; ready" "$(domain_console $1)" 2>/dev/null; do
+        n=$((n + 1)); [ $n -gt 300 ] && { result "ready:$1" fail "no ready line in 30 s"; return 1; }
+        sleep 0.1
+    done
+}
+
+grants_released() {
+    local sd n=0 mapped what=${2:-grants-released}
+    sd=$(xl domid "$1") || { result "$what" fail "no domain $1"; return 1; }
+    until [ "$(xenstore-read /local/domain/$sd/data/grants-mapped 2>/dev/null)" = 0 ]; do
+        n=$((n + 1)); [ $n -gt 50 ] && break
+        sleep 0.1
+    done
+    mapped=$(xenstore-read /local/domain/$sd/data/grants-mapped 2>/dev/null)
+    if [ "$mapped" = 0 ]; then
+        result "$what" pass
+    else
+        result "$what" fail "$1 still maps '$mapped' grants"
+        return 1
+    fi
+}
 
 # Background loop started by /init: every console log xenconsoled creates is
 # copied line by line onto dom0's console as "[con:guest-NAME] line"; the
