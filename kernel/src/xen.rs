@@ -179,9 +179,10 @@ impl PeerChannel for PortChannel {
 /// Dispatches pending event-channel events to their handlers. Skipped when
 /// the event channels are busy (a log line written while they are held).
 pub fn poll_events() {
-    if let Some(mut events) = SERVICES.get().and_then(|s| s.events.try_lock())
-        && events.has_pending(0)
-    {
+    let Some(mut events) = SERVICES.get().and_then(|s| s.events.try_lock()) else {
+        return;
+    };
+    if UPCALL_TAKEN.swap(false, Ordering::AcqRel) || events.has_pending(0) {
         events.handle_upcall(0);
     }
 }
@@ -194,8 +195,22 @@ pub fn halt_until_interrupt(max_ns: u64) {
     x86_64::instructions::interrupts::disable();
 }
 
+/// shared_info, for the upcall handler.
+static SHARED_INFO: Once<&'static SharedInfo> = Once::new();
+/// Set by the upcall handler: the selector may hold events to scan.
+static UPCALL_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The upcall interrupt: acknowledges it and leaves the scan to
+/// `poll_events` outside interrupt context. The acknowledgement matters:
+/// Xen raises the vector again while `evtchn_upcall_pending` is set, and
+/// an interrupt taken right after every `iretq` would starve the main flow.
 fn on_upcall() {
-    // Only wakes the CPU: `poll_events` does the work outside interrupts.
+    if let Some(shared) = SHARED_INFO.get() {
+        shared.vcpu_info[0]
+            .evtchn_upcall_pending
+            .store(0, Ordering::SeqCst);
+    }
+    UPCALL_TAKEN.store(true, Ordering::Release);
 }
 
 /// Maps shared_info, routes upcalls, connects xenstore and the PV console,
@@ -211,6 +226,7 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
     shared.vcpu_info[0]
         .evtchn_upcall_mask
         .store(0, Ordering::SeqCst);
+    SHARED_INFO.call_once(|| shared);
     let mut events = EventChannels::new(hc, shared);
 
     interrupts::set_handler(UPCALL_VECTOR, on_upcall);

@@ -16,7 +16,9 @@ pattern() {  # pattern CYCLE FILE: 1 MiB of data that names the cycle
 i=1
 while [ $i -le $CYCLES ]; do
     if ! xl block-attach 0 "backend=stordom, vdev=xvdb, access=rw, target=module:0"; then
-        result attach:$i fail "xl block-attach failed"; break
+        result attach:$i fail "xl block-attach failed"
+        say "stordom's vCPU state (Xen debug key d, on Xen's console):"; xl debug-keys d
+        break
     fi
     n=0
     until [ -b /dev/xvdb ]; do
@@ -39,6 +41,7 @@ while [ $i -le $CYCLES ]; do
     cmp -s /tmp/found /tmp/expected || result readback:$i fail "written data did not read back"
     if ! xl block-detach 0 xvdb; then
         result detach:$i fail "xl block-detach failed"
+        say "stordom's vCPU state (Xen debug key d, on Xen's console):"; xl debug-keys d
         say "backend after the failed detach:"; xenstore-ls -fp /local/domain/$sd/backend/vbd 2>&1 | sed 's/^/[dom0]   /'
         say "frontend after the failed detach:"; xenstore-ls -fp /local/domain/0/device/vbd 2>&1 | sed 's/^/[dom0]   /'
         break
