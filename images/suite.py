@@ -19,7 +19,7 @@ TOTALS = re.compile(r"^(\d+) passed, (\d+) failed$")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--retries", type=int, default=2, help="reruns of an emulator-suspect run")
+    ap.add_argument("--retries", type=int, default=3, help="reruns of an emulator-suspect run")
     ap.add_argument("scenarios", nargs="+")
     a = ap.parse_args()
     rows, passed, failed = [], 0, 0
