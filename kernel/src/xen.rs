@@ -171,7 +171,7 @@ impl PeerChannel for PortChannel {
             if clock::now_ns() - start > self.timeout_ns {
                 return Err(TimedOut);
             }
-            halt_until_interrupt(1_000_000);
+            apic::halt_until_interrupt(1_000_000);
         }
     }
 }
@@ -185,14 +185,6 @@ pub fn poll_events() {
     if UPCALL_TAKEN.swap(false, Ordering::AcqRel) || events.has_pending(0) {
         events.handle_upcall(0);
     }
-}
-
-/// Halts until an interrupt (an upcall, or the timer after `max_ns`).
-pub fn halt_until_interrupt(max_ns: u64) {
-    apic::arm_oneshot(max_ns);
-    // sti;hlt back to back: an interrupt pending now wakes the hlt.
-    x86_64::instructions::interrupts::enable_and_hlt();
-    x86_64::instructions::interrupts::disable();
 }
 
 /// shared_info, for the upcall handler.
@@ -293,12 +285,5 @@ pub fn console_write(bytes: &[u8]) -> bool {
     match CONSOLE.try_lock() {
         Some(mut guard) => guard.as_mut().map(|c| c.write_bytes(bytes)).is_some(),
         None => false,
-    }
-}
-
-/// Flushes the TLB entries of grant-window frames after their p2m changed.
-pub fn flush_gfns(gfns: impl Iterator<Item = u64>) {
-    for gfn in gfns {
-        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(gfn * PAGE_SIZE as u64));
     }
 }

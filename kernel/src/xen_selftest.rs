@@ -7,7 +7,7 @@
 //! accounting is back to zero, then writes `result`.
 
 use crate::arch::clock;
-use crate::xen::{self, Services};
+use crate::xen::Services;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -103,7 +103,6 @@ fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|e| format!("grant map: {e:?}"))?;
-    xen::flush_gfns(mapped.iter().map(|m| m.gfn));
     let stats = grants.stats();
     log::info!(
         "xen-selftest: mapped {} grant(s) from domain {domid} in {} hypercall(s); {} mapped now",
@@ -126,7 +125,6 @@ fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
             ));
         }
     }
-    let gfns: Vec<u64> = mapped.iter().map(|m| m.gfn).collect();
     let unmap_errors: Vec<String> = grants
         .unmap_batch(mapped)
         .into_iter()
@@ -135,7 +133,6 @@ fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
                 .map(|(m, e)| format!("unmap gref {}: {e:?}", m.grant.gref))
         })
         .collect();
-    xen::flush_gfns(gfns.into_iter());
     let after = grants.stats();
     log::info!(
         "xen-selftest: unmapped; {} mapped now ({} maps, {} unmaps in all)",

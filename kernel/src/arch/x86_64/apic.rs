@@ -161,11 +161,16 @@ pub fn sleep(ns: u64) {
         if now >= deadline {
             return;
         }
-        arm_oneshot(deadline - now);
-        // sti;hlt back to back: the interrupt cannot slip in between.
-        x86_64::instructions::interrupts::enable_and_hlt();
-        x86_64::instructions::interrupts::disable();
+        halt_until_interrupt(deadline - now);
     }
+}
+
+/// Halts until an interrupt: an event, or the timer after at most `max_ns`.
+pub fn halt_until_interrupt(max_ns: u64) {
+    arm_oneshot(max_ns);
+    // sti;hlt back to back: an interrupt pending now wakes the hlt.
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
 }
 
 /// Signals end of interrupt.
