@@ -119,6 +119,12 @@ class RunTests(unittest.TestCase):
         self.assertEqual(r["verdict"], "pass")
         self.assertEqual(len(r["suspects"]), 1)
 
+    def test_triple_fault_fails_a_passing_run(self):
+        crash = "[   62.7] (XEN) [   62.5] d1v0 Triple fault - invoking HVM shutdown action 1"
+        r = attempt(GOOD[:-1] + [crash, GOOD[-1]])
+        self.assertEqual(r["verdict"], "emulator-suspect")
+        self.assertIn("no domain triple-faulted", [c["name"] for c in r["checks"] if c["status"] != "pass"])
+
     def test_overlay_is_valid_cpio(self):
         with tempfile.TemporaryDirectory() as td:
             sdir = Path(td) / "sc"
