@@ -3,15 +3,17 @@
 #   make test       lints, host unit tests, bare-QEMU boot tests, Xen scenarios
 #   make run-bare   boot stordom alone under bare QEMU and exit
 #   make bench      disk benchmarks: bare-QEMU drivers; stordom vs dom0 blkback
+#   make soak       3 guests + attach/detach churn on stordom for SOAK_SECS (1800)
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
-SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests compare
+SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests soak compare
+SOAK_SECS ?= 1800
 XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE))
 CMDLINE ?= loglevel=info
 MODULE ?= target/demo-module.img
 
-.PHONY: all build run run-bare test test-host test-boot test-xen images lint bench clean
+.PHONY: all build run run-bare test test-host test-boot test-xen images lint bench soak clean
 
 all: build
 
@@ -64,6 +66,11 @@ bench: build images
 	python3 tests/bench.py $(KERNEL)
 	$(XEN_ENV) python3 images/run.py compare --no-build --retries 2
 	python3 images/compare.py $$(ls -td runs/*-compare | head -1)/results.json
+
+# The soak scenario at full length (make test runs it for 180 s).
+soak: build images
+	$(XEN_ENV) python3 images/run.py soak --no-build --retries 2 \
+		--env SOAK_SECS=$(SOAK_SECS) --timeout $$(( $(SOAK_SECS) + 600 ))
 
 clean:
 	cargo clean

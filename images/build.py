@@ -16,12 +16,15 @@ $STORDOM_IMAGES_CACHE):
                dom0.cpio.gz          dom0: xl toolstack, blkback, guest image
                manifest.json         resolved package versions, sizes, build times
 
-Package versions are resolved by apt (newest bookworm / bookworm-security
-candidate); nothing is pinned.  A product is rebuilt only when its inputs
-(package versions, the files under images/ it is made from) change, so a
-second run reuses the cache.
+Package versions are pinned in images/packages.lock ([images] section): the
+build takes exactly those and fails, naming the package, when Debian no
+longer serves one.  `--repin` moves every pin (host and images) to apt's
+newest bookworm / bookworm-security candidate and the newest 6.1 kernel ABI:
+a deliberate change, to be tested and committed.  A product is rebuilt only
+when its inputs (package versions, the files under images/ it is made from)
+change, so a second run reuses the cache.
 
-Usage: build.py [--cache DIR] [--force]
+Usage: build.py [--cache DIR] [--force] [--repin]
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+LOCK = HERE / "packages.lock"
 XEN_VER = "4.17"
 ARCH = "amd64"
 # Kernel flavour: the newest linux-image-6.1.0-<abi>-amd64 apt knows about.
@@ -128,6 +132,65 @@ def hash_files(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+# ---- pins -----------------------------------------------------------------
+def read_lock() -> dict[str, dict[str, str]]:
+    """packages.lock as {section: {package: version}}."""
+    if not LOCK.exists():
+        die(f"{LOCK} missing: the harness builds only from pinned versions")
+    sections: dict[str, dict[str, str]] = {"host": {}, "images": {}}
+    cur = None
+    for n, line in enumerate(LOCK.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            cur = line.strip("[]")
+            if cur not in sections:
+                die(f"{LOCK}:{n}: unknown section [{cur}]")
+            continue
+        parts = line.split()
+        if cur is None or len(parts) != 2:
+            die(f"{LOCK}:{n}: expected 'package version' inside a section")
+        sections[cur][parts[0]] = parts[1]
+    return sections
+
+
+def apt_candidates(names: list[str]) -> dict[str, str]:
+    out = run(["apt-cache", "policy", *names], capture_output=True, text=True).stdout
+    found, cur = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"^(\S+):$", line):
+            cur = m.group(1)
+        elif (m := re.match(r"^\s+Candidate:\s+(\S+)", line)) and cur and m.group(1) != "(none)":
+            found[cur] = m.group(1)
+    missing = [n for n in names if n not in found]
+    if missing:
+        die(f"apt has no candidate for {' '.join(missing)}: run 'apt-get update' first")
+    return found
+
+
+def repin() -> None:
+    """Move every pin to apt's newest candidate (and the newest 6.1 ABI)."""
+    out = run(["apt-cache", "pkgnames", "linux-image-6.1.0-"], capture_output=True,
+              text=True).stdout.split()
+    kernels = sorted((int(m.group(2)), n) for n in out if (m := KERNEL_RE.match(n)))
+    if not kernels:
+        die("apt knows no linux-image-6.1.0-*-amd64: run 'apt-get update'")
+    old = read_lock()
+    host = apt_candidates(sorted(old["host"]))
+    images = apt_candidates(sorted(set(DOM0_PKGS + GUEST_PKGS + [
+        f"xen-hypervisor-{XEN_VER}-{ARCH}", kernels[-1][1]])))
+    head = [l for l in LOCK.read_text().splitlines() if l.startswith("#")]
+    body = ["", "[host]", *(f"{k} {v}" for k, v in sorted(host.items())),
+            "", "[images]", *(f"{k} {v}" for k, v in sorted(images.items()))]
+    LOCK.write_text("\n".join(head + body) + "\n")
+    for sec, new in (("host", host), ("images", images)):
+        for k in sorted(set(new) | set(old[sec])):
+            if old[sec].get(k) != new.get(k):
+                log(f"pin {k}: {old[sec].get(k, '-')} -> {new.get(k, '-')}")
+    log(f"wrote {LOCK}; rebuild, run 'make test', commit the lock with the results")
+
+
 # ---- package fetching ----------------------------------------------------
 class Packages:
     def __init__(self, cache: Path):
@@ -138,24 +201,14 @@ class Packages:
         self.versions: dict[str, str] = {}
 
     def resolve(self, names: list[str]) -> None:
-        names = [n for n in dict.fromkeys(names) if n not in self.versions]
-        if not names:
-            return
-        out = run(["apt-cache", "policy", *names], capture_output=True, text=True).stdout
-        cur = None
-        for line in out.splitlines():
-            m = re.match(r"^(\S+):$", line)
-            if m:
-                cur = m.group(1)
-                continue
-            m = re.match(r"^\s+Candidate:\s+(\S+)", line)
-            if m and cur:
-                if m.group(1) == "(none)":
-                    die(f"apt has no candidate for {cur}: run 'apt-get update' (images/deps.sh does)")
-                self.versions[cur] = m.group(1)
-        missing = [n for n in names if n not in self.versions]
-        if missing:
-            die(f"apt knows no package {' '.join(missing)}: run 'apt-get update' first")
+        """Take each package's version from the lock file."""
+        pins = read_lock()["images"]
+        unpinned = [n for n in dict.fromkeys(names) if n not in pins]
+        if unpinned:
+            die(f"{' '.join(unpinned)} not pinned in {LOCK}: add them with "
+                f"'images/build.py --repin' (see images/README.md, 'Moving the pins')")
+        for n in names:
+            self.versions[n] = pins[n]
 
     def deb_path(self, name: str) -> Path | None:
         ver = self.versions[name].replace(":", "%3a")
@@ -170,8 +223,14 @@ class Packages:
         todo = [n for n in dict.fromkeys(names) if self.deb_path(n) is None]
         if todo:
             log(f"apt-get download {len(todo)} packages: {' '.join(todo)}")
-            run(["apt-get", "download", "-q", *[f"{n}={self.versions[n]}" for n in todo]],
-                cwd=self.debs, capture_output=True)
+            got = subprocess.run(["apt-get", "download", "-q",
+                                  *[f"{n}={self.versions[n]}" for n in todo]],
+                                 cwd=self.debs, capture_output=True, text=True)
+            if got.returncode != 0:
+                die(f"apt-get download of the pinned versions failed:\n{got.stderr.strip()}\n"
+                    f"Debian may no longer serve a pinned version ({LOCK}); 'apt-get update' "
+                    f"first, and if it is gone, move the pins on purpose with "
+                    f"'images/build.py --repin' (images/README.md, 'Moving the pins')")
             for n in todo:
                 if self.deb_path(n) is None:
                     die(f"apt-get download did not produce {n} {self.versions[n]}")
@@ -477,16 +536,11 @@ class Builder:
         return h.hexdigest()[:20]
 
     def kernel_pkg(self) -> tuple[str, str]:
-        out = run(["apt-cache", "pkgnames", "linux-image-6.1.0-"], capture_output=True,
-                  text=True).stdout.split()
-        best = None
-        for n in out:
-            m = KERNEL_RE.match(n)
-            if m and (best is None or int(m.group(2)) > best[1]):
-                best = (n, int(m.group(2)), m.group(1))
-        if best is None:
-            die("apt knows no linux-image-6.1.0-*-amd64: run 'apt-get update'")
-        return best[0], best[2]
+        """The pinned kernel package and its ABI name (6.1.0-N-amd64)."""
+        found = [(n, m.group(1)) for n in read_lock()["images"] if (m := KERNEL_RE.match(n))]
+        if len(found) != 1:
+            die(f"{LOCK} must pin exactly one linux-image-6.1.0-N-amd64 (found {len(found)})")
+        return found[0]
 
     def timed(self, name, fn):
         t = time.monotonic()
@@ -652,7 +706,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=os.environ.get("STORDOM_IMAGES_CACHE", str(HERE / "cache")))
     ap.add_argument("--force", action="store_true", help="rebuild every product")
+    ap.add_argument("--repin", action="store_true",
+                    help="move packages.lock to apt's newest candidates, then build")
     a = ap.parse_args()
+    if a.repin:
+        repin()
     Builder(Path(a.cache).resolve(), a.force).build()
 
 

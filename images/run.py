@@ -2,7 +2,7 @@
 """Run a scenario: QEMU (TCG) -> Xen -> dom0 -> guests, collect every
 console into a run folder, check the results.
 
-Usage: run.py SCENARIO_DIR [--runs DIR] [--retries N] [--no-build] [--timeout S]
+Usage: run.py SCENARIO_DIR [--runs DIR] [--retries N] [--no-build] [--timeout S] [--env NAME=VALUE]
 
 A scenario is a folder with scenario.toml (see images/README.md).  The run
 folder (runs/<time>-<scenario>/ at the top of the repository, or $STORDOM_RUNS)
@@ -41,6 +41,20 @@ DONE_RE = re.compile(r"STORDOM-SCENARIO-DONE rc=(\d+)")
 CON_RE = re.compile(r"^\[con:([A-Za-z0-9_.-]+)\] ?(.*)$")
 KV_RE = re.compile(r'(\w[\w.:-]*)=("([^"]*)"|\S+)')
 LINE_RE = re.compile(r"\b(RESULT|METRIC) (.*)$")
+# A domain's debug-port (0xe9) output as Xen prints it: "(d1) ...".  stordom
+# writes every log line there, so it reaches the serial line without dom0.
+XEN_GUEST_RE = re.compile(r"^\(d(\d+)\) ")
+# stordom's heartbeat and watchdog (kernel/src/serve.rs), seen through Xen.
+HEARTBEAT_RE = re.compile(r"^\(d(\d+)\) .*\bhb up=.*\boutstanding=(\d+)")
+WATCHDOG_RE = re.compile(r"^\(d(\d+)\) .*\bwatchdog: ")
+# dom0's /init heartbeat and its answer to a diagnosis request.
+DOM0_HB_RE = re.compile(r"^\[dom0\] hb up=")
+DIAG_DONE = "STORDOM-DIAG-DONE"
+# How long every console may stay silent before a timed-out machine counts
+# as frozen (dom0 beats every 10 s).
+SILENT_S = 45
+# Verdicts that blame the emulator, with evidence: such attempts are rerun.
+RERUN_VERDICTS = ("emulator-suspect", "machine-frozen")
 
 # Signs that the emulator (QEMU TCG running Xen running guests) misbehaved
 # rather than the code under test: see ../shared/notes/xen-in-qemu.md.
@@ -60,7 +74,7 @@ DEFAULTS = {
     "qemu_smp": 2,
     "qemu_cpu": "max,-smap,-fsgsbase",
     "qemu_args": [],
-    "xen_args": "",
+    "xen_args": "xsave=0",
     "dom0_mem": "1024M",
     "dom0_vcpus": 1,
     "dom0_args": "",
@@ -108,6 +122,26 @@ class Scenario:
         for c in self.checks:
             if "console" not in c or not any(k in c for k in ("grep", "absent", "result", "metrics")):
                 die(f"scenario {self.name}: check {c} needs console and one of grep/absent/result/metrics")
+
+
+RIP_RE = re.compile(r"diag: rip: ([0-9a-f]{16})")
+
+
+def symbolize(addr: int) -> str:
+    """'0x117903 stordom::serve::run+0x1c3' from $STORDOM_ELF's symbols."""
+    name = ""
+    elf = os.environ.get("STORDOM_ELF")
+    if elf and Path(elf).is_file():
+        try:
+            out = subprocess.run(["nm", "-n", "--demangle", elf], capture_output=True,
+                                 text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        for line in out.splitlines():
+            parts = line.split(" ", 2)
+            if len(parts) == 3 and parts[1] in "tTwW" and int(parts[0], 16) <= addr:
+                name = f" {parts[2]}+{addr - int(parts[0], 16):#x}"
+    return f"{addr:#x}{name}"
 
 
 # ---- dom0 overlay -------------------------------------------------------------
@@ -178,6 +212,7 @@ class Attempt:
         self.done_rc: int | None = None
         self.done = threading.Event()
         self.milestones: dict[str, float] = {}
+        self.diagnosis: dict = {}
 
     def console_file(self, con: str):
         if con not in self.files:
@@ -199,7 +234,7 @@ class Attempt:
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
             serial.write(f"[{t:8.3f}] {text}\n")
             m = CON_RE.match(text)
-            if text.startswith("(XEN)"):
+            if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
                 self.milestone("xen_first_line", t)
                 self.record("xen", t, text)
             elif m:
@@ -255,7 +290,7 @@ class Attempt:
             self.t0 = time.monotonic()
             with open(self.out / "qemu.stderr", "wb") as err:
                 try:
-                    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=err)
                 except FileNotFoundError:
                     die(f"{cmd[0]} not found: run images/deps.sh (or fix $STORDOM_QEMU)")
@@ -264,6 +299,8 @@ class Attempt:
                 self.done.wait(self.timeout)
                 self.timed_out = not self.done.is_set()
                 self.elapsed = time.monotonic() - self.t0
+                if self.timed_out and p.poll() is None:
+                    self.diagnose(p)
                 if self.done_rc is not None:
                     time.sleep(0.5)  # let the last lines arrive
                 if p.poll() is None:
@@ -279,6 +316,95 @@ class Attempt:
             for f in self.files.values():
                 f.close()
             shutil.rmtree(work, ignore_errors=True)
+
+    # ---- diagnosis of a timed-out run ------------------------------------------
+    def count(self, con: str) -> int:
+        return len(self.lines.get(con, []))
+
+    def wait_quiet(self, con: str, quiet: float, limit: float) -> None:
+        """Wait until `con` printed nothing for `quiet` s (at most `limit` s)."""
+        end = time.monotonic() + limit
+        n, since = self.count(con), time.monotonic()
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            if self.count(con) != n:
+                n, since = self.count(con), time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+
+    def diagnose(self, p: subprocess.Popen) -> None:
+        """Before killing a timed-out QEMU: note who was last heard from, ask
+        dom0 for its view (xl list, xenstore, stordom's vCPU registers; see
+        dom0/init) through its console, then switch the serial input to Xen
+        and ask for its debug dumps (domains and vCPUs, event channels, run
+        queues).  What answered decides the verdict (evaluate)."""
+        d: dict = {"last_line": {c: round(ls[-1][0], 1) for c, ls in self.lines.items() if ls}}
+
+        def send(data: bytes) -> bool:
+            try:
+                p.stdin.write(data)
+                p.stdin.flush()
+                return True
+            except (BrokenPipeError, OSError, ValueError):
+                return False
+
+        n0 = self.count("dom0")
+        send(b"\rstordom-diag\r")
+        end = time.monotonic() + 40
+        while time.monotonic() < end and not any(
+                DIAG_DONE in text for _, text in self.lines.get("dom0", [])[n0:]):
+            time.sleep(0.5)
+        d["dom0_answered"] = any(DIAG_DONE in text for _, text in self.lines.get("dom0", [])[n0:])
+        x0 = self.count("xen")
+        send(b"\x01\x01\x01")  # CTRL-a three times: serial input to Xen
+        time.sleep(1)
+        for key in b"qer":
+            send(bytes([key]))
+            self.wait_quiet("xen", 2, 20)
+        d["xen_answered"] = self.count("xen") > x0
+        d["t"] = round(time.monotonic() - self.t0, 1)  # the end of the diagnosis
+        d["stordom_rip"] = [symbolize(int(m.group(1), 16)) for _, text in self.lines.get("dom0", [])[n0:]
+                            if (m := RIP_RE.search(text))]
+        self.diagnosis = d
+
+    # ---- verdict ------------------------------------------------------------------
+    def classify(self, failed: list, suspects: list) -> tuple[str, list[str]]:
+        """pass; emulator-suspect (a fault signature on some console) or
+        machine-frozen (timed out, nobody heard from and Xen deaf to its
+        debug keys): both rerun; stordom-stalled (its watchdog fired, or its
+        heartbeat stopped while Xen still answered) or fail: not rerun."""
+        if not failed:
+            return "pass", []
+        xen = self.lines.get("xen", [])
+        watchdog = [(t, x) for t, x in xen if WATCHDOG_RE.match(x)]
+        beats = [(t, int(m.group(2))) for t, x in xen if (m := HEARTBEAT_RE.match(x))]
+        if suspects:
+            s = suspects[0]
+            return "emulator-suspect", [f"{s['console']}.log:{s['line']}: {s['text'][:120]}"]
+        d = self.diagnosis
+        if self.timed_out and d:
+            last = max(d["last_line"].values(), default=0.0)
+            silent = d["t"] - last
+            if silent >= SILENT_S and not d["xen_answered"] and not d["dom0_answered"]:
+                return "machine-frozen", [
+                    f"no console line from anyone for {silent:.0f} s up to the end of the diagnosis "
+                    f"(last: {', '.join(f'{c} {t} s' for c, t in sorted(d['last_line'].items()))})",
+                    "neither Xen (debug keys q, e, r) nor dom0 (stordom-diag) answered"]
+        if watchdog:
+            t, x = watchdog[0]
+            return "stordom-stalled", [f"xen.log: stordom's watchdog at {t:.1f} s: {x[:160]}"]
+        if (self.timed_out and d and d["xen_answered"] and beats and beats[-1][1] > 0
+                and d["t"] - beats[-1][0] > 30):
+            return "stordom-stalled", [
+                f"stordom's last heartbeat at {beats[-1][0]:.1f} s had {beats[-1][1]} requests "
+                f"outstanding; none came in the {d['t'] - beats[-1][0]:.0f} s before the "
+                f"timeout, while Xen still answered"]
+        ev = []
+        if self.timed_out and d:
+            ev.append(f"Xen answered its debug keys: {d['xen_answered']}; "
+                      f"dom0 answered stordom-diag: {d['dom0_answered']}; "
+                      f"stordom's vCPUs at: {', '.join(d.get('stordom_rip', [])) or '-'}")
+        return "fail", ev
 
     # ---- evaluation ---------------------------------------------------------
     def evaluate(self) -> dict:
@@ -370,17 +496,13 @@ class Attempt:
             c = crashes[0]
             add("no domain triple-faulted", False, logpath(c["console"], c["line"]), c["text"][:120])
         failed = [c for c in checks if c["status"] != "pass"]
-        if not failed:
-            verdict = "pass"
-        elif suspects:
-            verdict = "emulator-suspect"
-        else:
-            verdict = "fail"
+        verdict, evidence = self.classify(failed, suspects)
         return {"scenario": self.sc.name, "verdict": verdict,
                 "elapsed_s": round(self.elapsed, 1), "timed_out": self.timed_out,
                 "scenario_rc": self.done_rc, "qemu_rc": self.qemu_rc,
                 "milestones": self.milestones, "checks": checks, "results": results,
-                "metrics": metrics, "suspects": suspects,
+                "metrics": metrics, "suspects": suspects, "evidence": evidence,
+                "diagnosis": self.diagnosis,
                 "passed": len(checks) - len(failed), "failed": len(failed)}
 
 
@@ -424,13 +546,20 @@ def summary(res: dict, run_dir: Path) -> str:
         out.append(f"  {len(res['suspects'])} console line(s) that point at the emulator, not the code under test:")
         for s in res["suspects"][:10]:
             out.append(f"    {run_dir / (s['console'] + '.log')}:{s['line']}: {s['text'][:100]}")
-    if res["verdict"] == "emulator-suspect":
+    verdict_text = {
+        "emulator-suspect": "EMULATOR SUSPECT: checks failed and a console shows a fault that "
+                            "the backend cannot cause (see ../shared/notes/xen-in-qemu.md)",
+        "machine-frozen": "MACHINE FROZEN: the emulated machine stopped (no console line, Xen "
+                          "deaf to its debug keys): the emulator, not the code under test",
+        "stordom-stalled": "STORDOM STALLED: stordom's own heartbeat or watchdog shows it stuck",
+    }
+    if res["verdict"] != "pass":
         out.append("")
-        out.append("  EMULATOR SUSPECT: checks failed and the consoles show faults that the "
-                   "backend cannot cause (see ../shared/notes/xen-in-qemu.md); rerun before "
-                   "blaming the code.")
-    elif res["verdict"] == "fail":
-        out.append("")
+        if res["verdict"] in verdict_text:
+            out.append(f"  {verdict_text[res['verdict']]}")
+        for e in res.get("evidence", []):
+            out.append(f"    evidence: {e}")
+    if res["verdict"] in ("fail", "stordom-stalled"):
         failed = [c for c in res["checks"] if c["status"] != "pass"]
         # Prefer a failure that names a line.
         first = next((c for c in failed if re.search(r"\.log:\d+$", c["where"])), failed[0])
@@ -452,6 +581,8 @@ def main() -> None:
                     help="reruns of an emulator-suspect run (default 1)")
     ap.add_argument("--timeout", type=int, help="hard timeout in seconds (default: the scenario's)")
     ap.add_argument("--no-build", action="store_true", help="use the cached images as they are")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a scenario [env] value (e.g. SOAK_SECS=1800)")
     ap.add_argument("--cache", default=os.environ.get("STORDOM_IMAGES_CACHE", str(HERE / "cache")))
     a = ap.parse_args()
 
@@ -459,6 +590,11 @@ def main() -> None:
     if not sdir.exists() and (HERE / "scenarios" / a.scenario).exists():
         sdir = HERE / "scenarios" / a.scenario
     sc = Scenario(sdir)
+    for kv in a.env:
+        name, eq, value = kv.partition("=")
+        if not eq or name not in sc.env:
+            die(f"--env {kv}: the scenario's [env] has no {name or kv!r} to override")
+        sc.env[name] = value
     images = Path(a.cache).resolve() / "out"
     tb = time.monotonic()
     if not a.no_build:
@@ -476,6 +612,7 @@ def main() -> None:
     timeout = a.timeout or int(sc.cfg["timeout"])
     attempts = 1 + max(0, a.retries)
     res = None
+    rerun_why: list[str] = []
     for n in range(1, attempts + 1):
         if n > 1:
             prev = run_dir / f"attempt-{n - 1}"
@@ -483,13 +620,15 @@ def main() -> None:
             for p in list(run_dir.iterdir()):
                 if p.is_file():
                     p.rename(prev / p.name)
-            log(f"attempt {n - 1} was emulator-suspect: its consoles are in {prev}; rerunning")
+            log(f"attempt {n - 1} was {res['verdict']}: its consoles are in {prev}; rerunning")
+            rerun_why.append(f"attempt {n - 1} {res['verdict']}: "
+                             + "; ".join(res.get("evidence", [])[:1]))
         log(f"scenario {sc.name}: booting QEMU -> Xen -> dom0 (timeout {timeout} s), consoles in {run_dir}")
         at = Attempt(sc, run_dir, images, timeout)
         at.run()
         res = at.evaluate()
         res["attempt"] = n
-        if res["verdict"] != "emulator-suspect" or n == attempts:
+        if res["verdict"] not in RERUN_VERDICTS or n == attempts:
             break
         # Keep this attempt's own verdict beside its consoles.
         (run_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -497,8 +636,9 @@ def main() -> None:
         (run_dir / "summary.txt").write_text(text + "\n")
         print(text)
     res["attempts"] = res["attempt"]
-    if res["verdict"] == "emulator-suspect" and res["attempt"] == attempts:
-        log("still emulator-suspect after the last attempt: rerun, or look at the suspect lines")
+    if res["verdict"] in RERUN_VERDICTS and res["attempt"] == attempts:
+        log(f"still {res['verdict']} after the last attempt: rerun, or look at the evidence")
+    res["reruns"] = res["attempt"] - 1
     res["build_s"] = round(build_s, 1)
     mf = images / "manifest.json"
     if mf.exists():
@@ -509,6 +649,7 @@ def main() -> None:
     text = summary(res, run_dir)
     (run_dir / "summary.txt").write_text(text + "\n")
     print(text)
+    print(f"reruns: {res['reruns']}" + (f" ({', '.join(rerun_why)})" if rerun_why else ""))
     print(f"{res['passed']} passed, {res['failed']} failed")
     sys.exit(0 if res["failed"] == 0 else 1)
 

@@ -34,7 +34,11 @@ absent = "blkback: .*error"
 """
 
 
-def attempt(serial: list[str], done: bool = True) -> dict:
+def attempt(serial: list[str], done: bool = True, silent_s: float | None = None,
+            xen_answered: bool = True, dom0_answered: bool = True) -> dict:
+    """Feeds `serial` through a run's reader; with `silent_s`, the run timed
+    out that long after its last line and was diagnosed (Attempt.diagnose)
+    with the given answers."""
     with tempfile.TemporaryDirectory() as td:
         sdir = Path(td) / "sc"
         sdir.mkdir()
@@ -51,6 +55,11 @@ def attempt(serial: list[str], done: bool = True) -> dict:
         if not done:
             a.done_rc = None
         a.elapsed, a.qemu_rc = 1.0, 0
+        if silent_s is not None:
+            last = {c: ls[-1][0] for c, ls in a.lines.items() if ls}
+            a.diagnosis = {"t": max(last.values()) + silent_s, "last_line": last,
+                           "xen_answered": xen_answered, "dom0_answered": dom0_answered,
+                           "stordom_rip": []}
         res = a.evaluate()
         res["logs"] = sorted(p.name for p in out.iterdir())
         res["guest_log"] = (out / "guest-g1.log").read_text() if (out / "guest-g1.log").exists() else ""
@@ -124,6 +133,38 @@ class RunTests(unittest.TestCase):
         r = attempt(GOOD[:-1] + [crash, GOOD[-1]])
         self.assertEqual(r["verdict"], "emulator-suspect")
         self.assertIn("no domain triple-faulted", [c["name"] for c in r["checks"] if c["status"] != "pass"])
+
+    def test_guest_debug_port_lines_go_to_xen(self):
+        r = attempt(GOOD[:-1] + ["(d1) [   3.0] INFO  serve: watching backend/vbd; ready", GOOD[-1]])
+        self.assertEqual(r["verdict"], "pass")
+        self.assertIn("xen.log", r["logs"])
+
+    def test_machine_frozen_only_when_nobody_answers(self):
+        r = attempt(GOOD[:-1], done=False, silent_s=100, xen_answered=False, dom0_answered=False)
+        self.assertEqual(r["verdict"], "machine-frozen")
+        self.assertIn("machine-frozen", run.RERUN_VERDICTS)
+        # Xen answered its debug keys: the machine runs, something else hung.
+        r = attempt(GOOD[:-1], done=False, silent_s=100, xen_answered=True, dom0_answered=False)
+        self.assertEqual(r["verdict"], "fail")
+        self.assertIn("Xen answered its debug keys: True", r["evidence"][0])
+        # Silent only briefly: not frozen.
+        r = attempt(GOOD[:-1], done=False, silent_s=5, xen_answered=False, dom0_answered=False)
+        self.assertEqual(r["verdict"], "fail")
+
+    def test_stordom_watchdog_means_stalled(self):
+        wd = "(d1) [  40.0] WARN  watchdog: vbd 2/51712 ring 0: oldest request waited 5.0 s"
+        r = attempt(GOOD[:-1] + [wd], done=False, silent_s=60)
+        self.assertEqual(r["verdict"], "stordom-stalled")
+        self.assertNotIn("stordom-stalled", run.RERUN_VERDICTS)
+        self.assertIn("watchdog", r["evidence"][0])
+
+    def test_stordom_heartbeat_stopped_with_work_outstanding(self):
+        hb = "(d1) [  30.0] INFO  hb up=30.0 loops=9 outstanding={}"
+        r = attempt(GOOD[:-1] + [hb.format(3)], done=False, silent_s=60)
+        self.assertEqual(r["verdict"], "stordom-stalled")
+        # An idle stordom beats no more: that is no stall.
+        r = attempt(GOOD[:-1] + [hb.format(0)], done=False, silent_s=60)
+        self.assertEqual(r["verdict"], "fail")
 
     def test_overlay_is_valid_cpio(self):
         with tempfile.TemporaryDirectory() as td:

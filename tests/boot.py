@@ -110,6 +110,14 @@ def main():
     boot_case(kernel, "fault=stackoverflow hits the guard page", "fault=stackoverflow", FAILURE, [
         r"FATAL: exception 14 \(page fault\) error code 0x2\b", regs, r"<not mapped>",
     ])
+    boot_case(kernel, "fault=iststackoverflow hits the interrupt stack's guard page",
+              "fault=iststackoverflow", FAILURE, [
+        r"FATAL: exception 14 \(page fault\) error code 0x2\b", regs, r"<not mapped>",
+    ])
+    boot_case(kernel, "fault=nestedinterrupt is caught by the IST nesting check",
+              "fault=nestedinterrupt", FAILURE, [
+        r"FATAL: vector 32 entered its IST stack while vector 32 was using it",
+    ])
 
     with tempfile.TemporaryDirectory() as folder:
         out, secs = boot_case(kernel, "disk-selftest on NVMe (2 namespaces), AHCI and virtio-blk", "job=disk-selftest", SUCCESS, [

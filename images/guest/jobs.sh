@@ -129,3 +129,55 @@ job_persist() {
     echo "persist: marker written; rebooting"
     reboot -f
 }
+
+# Soak: for SOAK_SECS, four fio jobs at once on four quarters of the disk:
+# random writes with crc32c verify at QD1, QD16 and QD64 (mixed sizes 4k-1M,
+# an fsync every few writes, written blocks read back and checked as they
+# go), and random discards.  A watcher reads the disk's counters every
+# second and fails the job when requests are in flight and none completes
+# for 10 s (a stall), naming the moment.
+job_soak() {
+    local dev=/dev/$1 q=$(( $(disk_mib $1) / 4 )) rc=0
+    local v="--rw=randwrite --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_backlog=16 --blockalign=4k"
+    rm -f /tmp/soak_stall
+    soak_watch $1 &
+    local watcher=$!
+    echo "soak: ${SOAK_SECS} s on $1, 4 jobs over ${q} MiB quarters"
+    $FIO --time_based --runtime=$SOAK_SECS --randseed=$$ --output=/tmp/soak.txt \
+        --name=qd1 --filename=$dev --offset=0 --size=${q}M --iodepth=1 $v --fsync=4 \
+            --bssplit=4k/50:64k/30:1m/20 \
+        --name=qd16 --filename=$dev --offset=${q}M --size=${q}M --iodepth=16 $v --fsync=16 \
+            --bssplit=4k/40:16k/20:128k/20:1m/20 \
+        --name=qd64 --filename=$dev --offset=$((2 * q))M --size=${q}M --iodepth=64 $v --fsync=64 \
+            --bssplit=4k/60:8k/20:64k/20 \
+        --name=trim --filename=$dev --offset=$((3 * q))M --size=${q}M --iodepth=4 --rw=randtrim \
+            --bs=64k || rc=1
+    kill $watcher 2>/dev/null
+    grep -E 'err=|verify|WRITE:|READ:|TRIM:' /tmp/soak.txt
+    if grep -q 'verify: bad\|bad magic\|crc32c: verify failed\|err= *[1-9]' /tmp/soak.txt; then
+        rc=1; cat /tmp/soak.txt
+    fi
+    [ -e /tmp/soak_stall ] && { cat /tmp/soak_stall; rc=1; }
+    return $rc
+}
+
+soak_watch() {   # soak_watch DISK: the stall watcher of job_soak (builtins only)
+    local rd wr inflight last="" still=0 t=0 _
+    # read -t on a FIFO nobody writes: a one-second wait without a process.
+    [ -p /tmp/soak.fifo ] || mkfifo /tmp/soak.fifo
+    exec 8<>/tmp/soak.fifo
+    while :; do
+        read -r rd _ _ _ wr _ _ _ inflight _ </sys/block/$1/stat
+        if [ "$inflight" -gt 0 ] && [ "$rd $wr" = "$last" ]; then
+            still=$((still + 1))
+            if [ $still -eq 10 ]; then
+                echo "soak: STALL on $1 at ${t} s: $inflight requests in flight, none completed for 10 s" | tee /tmp/soak_stall
+            fi
+        else
+            still=0
+        fi
+        last="$rd $wr"
+        read -r -t 1 -u 8 _ 2>/dev/null
+        t=$((t + 1))
+    done
+}

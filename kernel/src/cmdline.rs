@@ -39,6 +39,12 @@ pub enum Fault {
     InvalidOpcode,
     /// Recurse until the boot stack's guard page is hit.
     StackOverflow,
+    /// Recurse inside an interrupt handler until its IST stack's guard
+    /// page is hit.
+    InterruptStackOverflow,
+    /// Take an interrupt inside an interrupt handler (the IST nesting check
+    /// must stop it).
+    NestedInterrupt,
 }
 
 impl Fault {
@@ -48,6 +54,8 @@ impl Fault {
             "panic" => Self::Panic,
             "ud" => Self::InvalidOpcode,
             "stackoverflow" => Self::StackOverflow,
+            "iststackoverflow" => Self::InterruptStackOverflow,
+            "nestedinterrupt" => Self::NestedInterrupt,
             _ => return None,
         })
     }
@@ -161,6 +169,14 @@ mod tests {
         assert_eq!(
             Options::parse("fault=stackoverflow").fault,
             Some(Fault::StackOverflow)
+        );
+        assert_eq!(
+            Options::parse("fault=iststackoverflow").fault,
+            Some(Fault::InterruptStackOverflow)
+        );
+        assert_eq!(
+            Options::parse("fault=nestedinterrupt").fault,
+            Some(Fault::NestedInterrupt)
         );
     }
 

@@ -17,7 +17,7 @@ mod xen_selftest;
 
 extern crate alloc;
 
-use arch::{apic, clock, cpu};
+use arch::{apic, clock, cpu, interrupts};
 use boot::start_info::{PhysRead, StartInfo, StringArena};
 use kernel::cmdline::{Fault, Job, Options};
 
@@ -230,12 +230,32 @@ fn trigger(fault: Fault) -> ! {
         Fault::StackOverflow => {
             recurse(core::hint::black_box(0));
         }
+        Fault::InterruptStackOverflow => in_timer_interrupt(|| {
+            recurse(core::hint::black_box(0));
+        }),
+        Fault::NestedInterrupt => in_timer_interrupt(|| {
+            // Let the next timer interrupt in while this one runs.
+            apic::end_of_interrupt();
+            apic::halt_until_interrupt(1_000_000);
+        }),
     }
     fail(format_args!("{fault:?} did not fault"))
 }
 
+/// Runs `body` inside the APIC timer's interrupt handler.
+fn in_timer_interrupt(body: fn()) {
+    static BODY: spin::Once<fn()> = spin::Once::new();
+    BODY.call_once(|| body);
+    interrupts::set_handler(apic::TIMER_VECTOR, || {
+        if let Some(body) = BODY.get() {
+            body();
+        }
+    });
+    apic::sleep(10_000_000);
+}
+
 /// Recurses with a stack frame the optimiser cannot drop, until the boot
-/// stack's guard page is hit.
+/// stack's (or an IST stack's) guard page is hit.
 #[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {
     let frame = core::hint::black_box([depth; 64]);

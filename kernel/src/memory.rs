@@ -179,6 +179,9 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
     tables.map(text_end, text_end, rodata_end - text_end, Access::READ_ONLY)?;
     tables.map(rodata_end, rodata_end, kend - rodata_end, Access::DATA)?;
     tables.unmap(boot::pvh::stack_guard_page(), PAGE)?;
+    for guard in crate::arch::ist_guard_pages() {
+        tables.unmap(guard, PAGE)?;
+    }
     let wx = tables.writable_executable_leaves();
     if wx != 0 {
         return Err(MemoryError::WritableExecutable(wx));

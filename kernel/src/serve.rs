@@ -4,7 +4,7 @@
 //! until idle, then halts until the next event. `xl shutdown` powers it
 //! off cleanly.
 
-use crate::arch::{apic, clock};
+use crate::arch::clock;
 use crate::platform::KernelHal;
 use crate::storage;
 use crate::xen::{self, Services as XenServices};
@@ -255,7 +255,7 @@ pub fn run(svc: &'static XenServices, opener: KernelOpener) -> Result<(), String
         };
         if progress == Progress::Idle && events.is_empty() {
             publish_grant_count(svc, &mut published_grants);
-            apic::halt_until_interrupt(IDLE_HALT_NS);
+            xen::wait_for_event(IDLE_HALT_NS);
         }
     }
 }

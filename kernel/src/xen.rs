@@ -6,7 +6,7 @@
 //! but wake the CPU: events are dispatched from the main flow by
 //! [`poll_events`], and nothing here runs in interrupt context.
 
-use crate::arch::{apic, clock, interrupts};
+use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -21,6 +21,7 @@ use xen_pv::hvm::{self, UpcallMethod};
 use xen_pv::hypercall::command;
 use xen_pv::memory::{SharedInfo, map_shared_info};
 use xen_pv::ring::{PeerChannel, TimedOut};
+use xen_pv::sched;
 use xen_pv::xenstore::{Xenstore, XenstoreInterface};
 use xen_pv::{Errno, PAGE_SIZE};
 
@@ -171,8 +172,54 @@ impl PeerChannel for PortChannel {
             if clock::now_ns() - start > self.timeout_ns {
                 return Err(TimedOut);
             }
-            apic::halt_until_interrupt(1_000_000);
+            wait_for_event(1_000_000);
         }
+    }
+}
+
+/// Longest port list handed to one poll; the rest are woken by Xen's
+/// any-event rule for multi-port polls, or by the deadline.
+const POLL_PORTS: usize = xen_pv::sched::MAX_POLL_PORTS;
+
+/// Sleeps until an event channel fires or `max_ns` passed, with interrupts
+/// off: once the event channels are up, a `SCHEDOP_poll` on every bound
+/// port (one pending already returns at once), before that the APIC timer.
+/// Under Xen stordom takes no interrupt after boot: no upcall, timer or EOI
+/// on the serving path.
+pub fn wait_for_event(max_ns: u64) {
+    let (Some(xen), Some(svc), Some(shared)) = (XEN.get(), SERVICES.get(), SHARED_INFO.get())
+    else {
+        apic::halt_until_interrupt(max_ns);
+        return;
+    };
+    let mut ports = [0u32; POLL_PORTS];
+    let count = match svc.events.try_lock() {
+        Some(events) => {
+            if events.has_pending(0) {
+                return;
+            }
+            ports
+                .iter_mut()
+                .zip(events.ports())
+                .map(|(slot, port)| *slot = port.0)
+                .count()
+        }
+        // Held by a caller further up (a log line while binding): do not
+        // sleep on a partial view.
+        None => return,
+    };
+    let deadline = shared.vcpu_info[0]
+        .time
+        .read()
+        .map(|clock| clock.nanos_at(cpu::rdtsc()).saturating_add(max_ns));
+    match deadline {
+        Some(deadline) => {
+            if let Err(e) = sched::poll(&&xen.hypercalls, &ports[..count], deadline) {
+                log::warn!("xen: SCHEDOP_poll failed ({e:?}); halting instead");
+                apic::halt_until_interrupt(max_ns);
+            }
+        }
+        None => apic::halt_until_interrupt(max_ns),
     }
 }
 

@@ -182,6 +182,12 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
         Ok(())
     }
 
+    /// Every port bound here (with a handler or polled): what an idle loop
+    /// waits on.
+    pub fn ports(&self) -> impl Iterator<Item = Port> + '_ {
+        self.handlers.keys().copied()
+    }
+
     /// Whether an upcall is (still) pending for `vcpu`; the idle loop checks
     /// this before halting.
     pub fn has_pending(&self, vcpu: usize) -> bool {

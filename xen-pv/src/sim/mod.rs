@@ -20,7 +20,7 @@ use crate::grant::{GnttabCopy, GrantRef, MapGrantRef, UnmapGrantRef};
 use crate::hvm::{GetParam, SetEvtchnUpcallVector, SetParam};
 use crate::hypercall::{Command, FeatureInfo, HypercallOp, XENFEAT_HVM_CALLBACK_VECTOR};
 use crate::memory::{AddToPhysmap, EVTCHN_WORD_BITS, SharedInfo, XENMAPSPACE_SHARED_INFO};
-use crate::sched::SchedShutdown;
+use crate::sched::{SchedPoll, SchedShutdown};
 use crate::{DomId, Errno, Hypercall, PAGE_SIZE};
 
 /// The simulated guest's own domain id.
@@ -83,6 +83,7 @@ struct World {
     upcall_vector_supported: bool,
     shared_info_gfn: Option<u64>,
     shutdown: Option<u32>,
+    last_poll: Option<(Vec<u32>, u64)>,
     console: Vec<u8>,
     calls: BTreeMap<(u32, u32), u64>,
     fail_next: Option<Errno>,
@@ -152,6 +153,11 @@ impl SimXen {
     /// The per-vCPU upcall vector the guest registered.
     pub fn upcall_vector(&self, vcpu: u32) -> Option<u8> {
         self.world.borrow().upcall_vectors.get(&vcpu).copied()
+    }
+
+    /// The ports and deadline of the last SCHEDOP_poll.
+    pub fn last_poll(&self) -> Option<(Vec<u32>, u64)> {
+        self.world.borrow().last_poll.clone()
     }
 
     /// The reason of SCHEDOP_shutdown, if the guest called it.
@@ -622,6 +628,15 @@ unsafe impl Hypercall for SimXen {
                 // SAFETY: per the hypercall contract, ptr is a sched_shutdown.
                 let arg = unsafe { args_mut::<SchedShutdown>(args[1], 1)[0] };
                 self.world.borrow_mut().shutdown = Some(arg.reason);
+                Ok(())
+            }
+            HypercallOp::Sched if cmd == SchedPoll::CMD => {
+                // SAFETY: per the hypercall contract, ptr is a sched_poll
+                // whose `ports` holds `nr_ports` ports.
+                let arg = unsafe { args_mut::<SchedPoll>(args[1], 1)[0] };
+                // SAFETY: as above.
+                let ports = unsafe { args_mut::<u32>(arg.ports, u64::from(arg.nr_ports)) };
+                self.world.borrow_mut().last_poll = Some((ports.to_vec(), arg.timeout));
                 Ok(())
             }
             HypercallOp::ConsoleIo if cmd == 0 => {

@@ -11,6 +11,7 @@
 #   stordom_ready NAME           wait until stordom NAME serves (console line)
 #   grants_released NAME [RESULT] stordom NAME holds no grant (result RESULT,
 #                                default "grants-released")
+#   dom0_heartbeat, diag_listener  started by /init (see there)
 
 # busybox sh here prefers its own applets to programs in PATH: call
 # util-linux tools by full path.
@@ -182,4 +183,45 @@ console_drain() {
         nap 0.5; n=$((n + 1))
     done
     say "console_drain: $left console(s) not drained after $limit s"
+}
+
+# "[dom0] hb up=SECONDS" every 10 s (builtins only): the runner tells a
+# frozen machine from a stuck domain by who is still heard from.
+dom0_heartbeat() {
+    local up _
+    while :; do
+        nap 10
+        read -r up _ </proc/uptime
+        echo "[dom0] hb up=$up"
+    done
+}
+
+# Reads dom0's console; on a line "stordom-diag" (the runner types it when a
+# run times out) prints dom0's view: domains, every vbd's backend and
+# frontend nodes, each stordom vCPU's registers, then STORDOM-DIAG-DONE.
+diag_listener() {
+    local line
+    while read -r line; do
+        case $line in *stordom-diag*) diag_dump 2>&1 | sed 's/^/[dom0] diag: /'; echo "STORDOM-DIAG-DONE" ;; esac
+    done
+}
+
+diag_dump() {
+    local id name v
+    xl list
+    for id in $(xenstore-list /local/domain); do
+        name=$(xenstore-read /local/domain/$id/name)
+        echo "domain $id ($name):"
+        xenstore-ls -f /local/domain/$id/device/vbd 2>/dev/null | grep -E '/(state|ring-ref[0-9]*|event-channel|queue-[0-9]+/.*|ring-page-order|protocol|feature-persistent) ='
+        case $name in
+            stordom*)
+                xenstore-ls -f /local/domain/$id/backend/vbd 2>/dev/null | grep -vE '/(frontend|script|removable|bootable|dev|type|mode|device-type|specification|discard-enable|frontend-id|info) ='
+                xenstore-ls -f /local/domain/$id/data 2>/dev/null
+                for v in $(seq 0 $(( $(xenstore-list /local/domain/$id/cpu 2>/dev/null | wc -l) - 1 ))); do
+                    echo "vcpu $v:"
+                    timeout 10 xenctx -a $id $v
+                done
+                ;;
+        esac
+    done
 }

@@ -19,17 +19,42 @@ pub const IST_EXCEPTION: u8 = 2;
 pub const IST_DOUBLE_FAULT: u8 = 3;
 pub const IST_NMI: u8 = 4;
 pub const IST_MACHINE_CHECK: u8 = 5;
-const IST_COUNT: usize = 5;
+/// Number of IST slots in use.
+pub const IST_COUNT: usize = 5;
 const IST_SIZE: usize = 32 * 1024;
+const GUARD_SIZE: usize = 4096;
 
-#[repr(C, align(16))]
-struct IstStacks(UnsafeCell<[[u8; IST_SIZE]; IST_COUNT]>);
+/// One IST stack with an unmapped guard page under it (unmapped by
+/// `memory::init`): an overflow faults instead of running into the next
+/// stack.
+#[repr(C, align(4096))]
+struct IstStack {
+    guard: [u8; GUARD_SIZE],
+    stack: [u8; IST_SIZE],
+}
+
+#[repr(C)]
+struct IstStacks(UnsafeCell<[IstStack; IST_COUNT]>);
 
 // SAFETY: the stacks are only ever used by the CPU through the TSS; Rust
 // code takes nothing but their addresses.
 unsafe impl Sync for IstStacks {}
 
-static IST_STACKS: IstStacks = IstStacks(UnsafeCell::new([[0; IST_SIZE]; IST_COUNT]));
+static IST_STACKS: IstStacks = IstStacks(UnsafeCell::new(
+    [const {
+        IstStack {
+            guard: [0; GUARD_SIZE],
+            stack: [0; IST_SIZE],
+        }
+    }; IST_COUNT],
+));
+
+/// The guard page under each IST stack, to be unmapped.
+pub fn ist_guard_pages() -> [u64; IST_COUNT] {
+    let base = IST_STACKS.0.get() as u64;
+    core::array::from_fn(|i| base + (i * size_of::<IstStack>()) as u64)
+}
+
 static TSS: Once<TaskStateSegment> = Once::new();
 static GDT: Once<(
     GlobalDescriptorTable,
@@ -46,11 +71,11 @@ pub fn code_selector() -> u16 {
 pub fn init() {
     let tss = TSS.call_once(|| {
         let mut tss = TaskStateSegment::new();
-        let base = IST_STACKS.0.get() as u64;
         let mut ist = tss.interrupt_stack_table;
-        for (i, slot) in ist.iter_mut().take(IST_COUNT).enumerate() {
-            // Stacks grow down: the slot holds the top of stack i.
-            *slot = VirtAddr::new(base + ((i + 1) * IST_SIZE) as u64);
+        for (slot, guard) in ist.iter_mut().zip(ist_guard_pages()) {
+            // Stacks grow down: the slot holds the top of the stack above
+            // the guard.
+            *slot = VirtAddr::new(guard + size_of::<IstStack>() as u64);
         }
         tss.interrupt_stack_table = ist;
         tss

@@ -243,9 +243,21 @@ const EXCEPTION_NAMES: [&str; 32] = [
     "reserved",
 ];
 
+/// The vector (+1) each IST stack is serving, 0 when free. An entry on a
+/// stack already in use has overwritten the frame of the one before it (the
+/// CPU starts every IST entry at the top of the stack): that is reported
+/// and fatal, never silently resumed.
+static IST_IN_USE: [AtomicUsize; gdt::IST_COUNT + 1] =
+    [const { AtomicUsize::new(0) }; gdt::IST_COUNT + 1];
+
 #[unsafe(no_mangle)]
 extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
     let vector = frame.vector as u8;
+    let slot = &IST_IN_USE[usize::from(ist_for(vector))];
+    let before = slot.swap(usize::from(vector) + 1, Ordering::AcqRel);
+    if before != 0 {
+        nested_entry(vector, before - 1);
+    }
     if vector < FIRST_INTERRUPT_VECTOR {
         report_exception(frame);
     }
@@ -261,6 +273,18 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
         handler();
     }
     super::apic::end_of_interrupt();
+    slot.store(0, Ordering::Release);
+}
+
+/// A second entry on an IST stack in use: print what collided and stop.
+fn nested_entry(vector: u8, interrupted: usize) -> ! {
+    static REPORTED: AtomicUsize = AtomicUsize::new(0);
+    if REPORTED.fetch_add(1, Ordering::AcqRel) == 0 {
+        crate::console::fatal(format_args!(
+            "FATAL: vector {vector} entered its IST stack while vector {interrupted} was using it\n"
+        ));
+    }
+    crate::power::exit(super::cpu::ExitStatus::Failure)
 }
 
 fn report_exception(frame: &InterruptFrame) -> ! {

@@ -5,6 +5,8 @@ pub mod apic;
 pub mod clock;
 pub mod cpu;
 mod gdt;
+
+pub use gdt::ist_guard_pages;
 pub mod interrupts;
 
 /// Loads the GDT/TSS and the IDT: from here on every fault is reported.
