@@ -183,11 +183,11 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
     match job {
         Job::Boot => {}
         Job::DiskSelftest | Job::DiskBench => {
-            let mut disks = find_disks();
+            let disks = find_disks();
             let ok = if job == Job::DiskSelftest {
-                disk_test::selftest_all(&mut disks)
+                disk_test::selftest_all(&disks)
             } else {
-                disk_test::bench_all(&mut disks)
+                disk_test::bench_all(&disks)
             };
             if !ok {
                 fail(format_args!("{job:?} failed"));

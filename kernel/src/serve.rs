@@ -6,17 +6,17 @@
 
 use crate::arch::{apic, clock};
 use crate::platform::KernelHal;
-use crate::storage;
+use crate::storage::NamedDisk;
 use crate::xen::{self, Services as XenServices};
-use alloc::boxed::Box;
-use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::{Cell, RefCell};
+use blockdev::{Disk, DiskView};
 use core::fmt;
 use core::ptr::NonNull;
-use drivers::{BlockDevice, Completion, Geometry, RamDisk, Request, SubmitError};
-use xen_pv::blkback::{OpenError, Progress, Services, Target, TargetOpener, VbdBackends};
+use drivers::RamDisk;
+use xen_pv::blkback::{
+    OpenError, Progress, Services, Target, TargetOpener, VbdBackends, claim_sectors,
+};
 use xen_pv::event::Port;
 use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 use xen_pv::xenstore::{Tx, WatchEvent};
@@ -27,48 +27,15 @@ use xen_pv::{DomId, Errno, PAGE_SIZE};
 const IDLE_HALT_NS: u64 = 250_000_000;
 const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
 
-/// A device several vbds may name over time, but only one at a time uses.
-struct Shared {
-    name: String,
-    device: Rc<RefCell<Box<dyn BlockDevice>>>,
-    in_use: Rc<Cell<bool>>,
-}
-
-/// A vbd's use of a [`Shared`] device; frees it again when dropped.
-struct Claim {
-    device: Rc<RefCell<Box<dyn BlockDevice>>>,
-    in_use: Rc<Cell<bool>>,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.in_use.set(false);
-    }
-}
-
-impl BlockDevice for Claim {
-    fn geometry(&self) -> Geometry {
-        self.device.borrow().geometry()
-    }
-
-    fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
-        self.device.borrow_mut().submit(queue, tag, request)
-    }
-
-    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
-        self.device.borrow_mut().poll(queue, out)
-    }
-}
-
-/// Opens `target=` values (see xen_pv::blkback::target for the syntax).
+/// Opens `target=` values (see xen_pv::blkback::target for the syntax)
+/// as views of the boot modules and the disks found on PCI.
 pub struct KernelOpener {
-    shared: Vec<Shared>,
+    disks: Vec<NamedDisk>,
 }
 
 impl KernelOpener {
     /// Boot modules become `module:N`, discovered disks go by their names.
-    pub fn new(modules: &[(u64, u64)], disks: Vec<storage::Disk>) -> Self {
-        let mut shared = Vec::new();
+    pub fn new(modules: &[(u64, u64)], mut disks: Vec<NamedDisk>) -> Self {
         for (i, &(start, len)) in modules.iter().enumerate() {
             let blocks = len / 512;
             let Some(storage) = NonNull::new(start as *mut u8).filter(|_| blocks > 0) else {
@@ -84,53 +51,41 @@ impl KernelOpener {
                     len % 512
                 );
             }
-            shared.push(Shared {
+            disks.push(NamedDisk {
                 name: alloc::format!("module:{i}"),
-                device: Rc::new(RefCell::new(Box::new(disk))),
-                in_use: Rc::new(Cell::new(false)),
+                disk: Disk::new(disk),
             });
         }
-        for disk in disks {
-            shared.push(Shared {
-                name: disk.name,
-                device: Rc::new(RefCell::new(disk.device)),
-                in_use: Rc::new(Cell::new(false)),
-            });
-        }
-        Self { shared }
+        Self { disks }
     }
 
-    fn claim(&self, name: &str) -> Result<Box<dyn BlockDevice>, OpenError> {
-        let shared = self
-            .shared
+    fn named(&self, name: &str) -> Result<&Disk, OpenError> {
+        self.disks
             .iter()
-            .find(|s| s.name == name)
-            .ok_or(OpenError::NotFound)?;
-        if shared.in_use.replace(true) {
-            return Err(OpenError::Busy);
-        }
-        Ok(Box::new(Claim {
-            device: shared.device.clone(),
-            in_use: shared.in_use.clone(),
-        }))
+            .find(|d| d.name == name)
+            .map(|d| &d.disk)
+            .ok_or(OpenError::NotFound)
     }
 }
 
 impl TargetOpener for KernelOpener {
-    fn open(
-        &mut self,
-        target: &Target<'_>,
-        _read_only: bool,
-    ) -> Result<Box<dyn BlockDevice>, OpenError> {
+    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<DiskView, OpenError> {
         match *target {
-            Target::Ram { bytes } => RamDisk::allocate(KernelHal, bytes / 512, 1)
-                .map(|d| Box::new(d) as Box<dyn BlockDevice>)
-                .ok_or(OpenError::OutOfMemory),
-            Target::Module { index } => self.claim(&alloc::format!("module:{index}")),
-            Target::Disk { name } => self.claim(name),
-            Target::Partition { .. } | Target::Range { .. } => Err(OpenError::Other(
-                "partitions and sector ranges are not served yet",
-            )),
+            Target::Ram { bytes } => {
+                let disk =
+                    RamDisk::allocate(KernelHal, bytes / 512, 1).ok_or(OpenError::OutOfMemory)?;
+                Ok(Disk::new(disk).claim_all()?)
+            }
+            Target::Module { index } => {
+                Ok(self.named(&alloc::format!("module:{index}"))?.claim_all()?)
+            }
+            Target::Disk { name } => Ok(self.named(name)?.claim_all()?),
+            Target::Range {
+                disk,
+                start,
+                sectors,
+            } => claim_sectors(self.named(disk)?, start, sectors),
+            Target::Partition { .. } => Err(OpenError::Other("partitions are not served yet")),
         }
     }
 }

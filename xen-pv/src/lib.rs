@@ -27,7 +27,7 @@
 //! # Serving disks
 //! [`blkback`] is the blkif backend: [`blkback::VbdBackends`] watches
 //! `backend/vbd`, runs each vbd's xenbus state machine ([`xenbus`]) and
-//! serves its ring from a `drivers::BlockDevice`. Its module documentation
+//! serves its rings from a `blockdev::DiskView`, one queue handle per ring. Its module documentation
 //! gives the calls the kernel makes on watch events and in its poll loop.
 #![no_std]
 

@@ -6,7 +6,6 @@
 //! flush, the write and a flush, after every older request finished).
 //! Grants are unmapped before the response is published.
 
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -14,7 +13,7 @@ use core::fmt;
 use core::mem::size_of;
 use core::ptr::NonNull;
 
-use drivers::{BlockDevice, Completion, Geometry, SubmitError};
+use blockdev::{Completion, DiskView, Geometry, QueueHandle, SubmitError};
 
 use super::Services;
 use super::persistent::PersistentGrants;
@@ -40,8 +39,8 @@ const ROUNDS_PER_POLL: usize = 4;
 /// Device completions fetched per call.
 const COMPLETION_BATCH: usize = 32;
 
-/// Rings one vbd serves at most (`multi-queue-max-queues`), each on its
-/// own device queue.
+/// Rings one vbd serves at most (`multi-queue-max-queues`), each with a
+/// queue handle of its own.
 pub const MAX_QUEUES: u16 = 4;
 
 /// Most segments of an indirect request (`feature-max-indirect-segments`,
@@ -57,19 +56,19 @@ const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / size_of::<blkif::WireSegme
 pub const MAX_MAPPED_GRANTS_PER_RING: usize = 1024;
 
 /// The disk behind a vbd and what the frontend may do with it.
-pub struct Disk {
-    device: Box<dyn BlockDevice>,
+pub struct ServedDisk {
+    view: DiskView,
     geometry: Geometry,
     read_only: bool,
     /// blkif sectors per logical block.
     sectors_per_block: u64,
 }
 
-impl Disk {
-    /// Checks that `device` can be served over blkif: a logical block of a
+impl ServedDisk {
+    /// Checks that `view` can be served over blkif: a logical block of a
     /// whole number of 512-byte sectors, and at least one block.
-    pub fn new(device: Box<dyn BlockDevice>, read_only: bool) -> Result<Disk, OpenError> {
-        let geometry = device.geometry();
+    pub fn new(view: DiskView, read_only: bool) -> Result<ServedDisk, OpenError> {
+        let geometry = view.geometry();
         let block = u64::from(geometry.logical_block_size);
         if block < SECTOR_SIZE || !block.is_multiple_of(SECTOR_SIZE) || geometry.blocks == 0 {
             return Err(OpenError::BadGeometry);
@@ -77,8 +76,8 @@ impl Disk {
         if geometry.blocks.checked_mul(block / SECTOR_SIZE).is_none() || geometry.queues == 0 {
             return Err(OpenError::BadGeometry);
         }
-        Ok(Disk {
-            device,
+        Ok(ServedDisk {
+            view,
             geometry,
             read_only,
             sectors_per_block: block / SECTOR_SIZE,
@@ -112,8 +111,8 @@ impl Disk {
         }
     }
 
-    /// Rings a frontend may open (`multi-queue-max-queues`): one per device
-    /// queue, up to [`MAX_QUEUES`].
+    /// Rings a frontend may open (`multi-queue-max-queues`): one per
+    /// hardware queue, up to [`MAX_QUEUES`].
     pub fn max_queues(&self) -> u16 {
         self.geometry.queues.clamp(1, MAX_QUEUES)
     }
@@ -193,7 +192,7 @@ struct InFlight {
     operation: u8,
     steps: VecDeque<Step>,
     /// The granted data, in request order.
-    segments: Vec<drivers::Segment>,
+    segments: Vec<blockdev::Segment>,
     /// Grants mapped for this request alone.
     mappings: Vec<Mapping>,
     /// Persistent grants it uses.
@@ -235,7 +234,7 @@ type Refused = (u64, u8, Refusal);
 
 /// Plans a request that carries its segments in the ring entry (an
 /// indirect one goes through [`plan_data`] once its segments are read).
-fn plan(request: &Request, disk: &Disk) -> Result<Plan, Refused> {
+fn plan(request: &Request, disk: &ServedDisk) -> Result<Plan, Refused> {
     match *request {
         Request::ReadWrite {
             id,
@@ -297,7 +296,7 @@ fn plan_data(
     direction: Direction,
     sector: u64,
     segments: Vec<blkif::Segment>,
-    disk: &Disk,
+    disk: &ServedDisk,
 ) -> Result<Plan, Refused> {
     let (operation, write) = match direction {
         Direction::Read => (blkif::OP_READ, false),
@@ -320,7 +319,7 @@ fn plan_discard(
     sector: u64,
     nr_sectors: u64,
     secure: bool,
-    disk: &Disk,
+    disk: &ServedDisk,
 ) -> Result<Plan, Refused> {
     let operation = blkif::OP_DISCARD;
     let refuse = |r: Refusal| Err((id, operation, r));
@@ -350,7 +349,7 @@ fn plan_discard(
 
 /// Checks a read or write against the disk; returns its first block.
 fn check_data(
-    disk: &Disk,
+    disk: &ServedDisk,
     sector: u64,
     segments: &[blkif::Segment],
     write: bool,
@@ -398,6 +397,8 @@ pub struct FrontendRing {
 /// Why a ring could not be connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectError {
+    /// The disk gave no queue handle.
+    Queue(blockdev::ClaimError),
     /// A ring page grant could not be mapped.
     RingGrant(GrantError),
     /// A mapped ring page has no (aligned) address in this domain.
@@ -411,6 +412,7 @@ pub enum ConnectError {
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ConnectError::Queue(e) => write!(f, "opening a disk queue failed: {e:?}"),
             ConnectError::RingGrant(e) => write!(f, "mapping ring-ref failed: {e:?}"),
             ConnectError::RingAddress => f.write_str("ring page has no address"),
             ConnectError::RingSize => f.write_str("ring size not offered"),
@@ -424,8 +426,8 @@ pub struct Ring {
     frontend: DomId,
     protocol: Protocol,
     port: Port,
-    /// The device queue this ring submits on.
-    queue: u16,
+    /// The disk queue this ring alone submits on and polls.
+    queue: QueueHandle,
     /// Valid while `ring_mappings` are mapped, i.e. until `close`.
     ring: BackRing<'static>,
     ring_mappings: Vec<Mapping>,
@@ -465,15 +467,14 @@ struct IndirectFetch {
 }
 
 impl Ring {
-    /// Maps the frontend's ring page, attaches to it and binds its event
-    /// channel; the ring will use device queue `queue` (below
-    /// [`Disk::max_queues`]). At most the disk's queue depth of requests
-    /// are held at a time (and no more than the ring size).
+    /// Opens a disk queue for the ring, maps the frontend's ring page,
+    /// attaches to it and binds its event channel. At most the disk's
+    /// queue depth of requests are held at a time (and no more than the
+    /// ring size).
     pub fn connect<S: Services>(
         svc: &mut S,
         frontend: &FrontendRing,
-        disk: &Disk,
-        queue: u16,
+        disk: &ServedDisk,
     ) -> Result<Ring, ConnectError> {
         let FrontendRing {
             domid,
@@ -485,6 +486,7 @@ impl Ring {
         if ring_refs.is_empty() || ring_refs.len() > 1 << MAX_RING_PAGE_ORDER {
             return Err(ConnectError::RingSize);
         }
+        let queue = disk.view.open_queue().map_err(ConnectError::Queue)?;
         let specs: Vec<GrantSpec> = ring_refs
             .iter()
             .map(|&gref| GrantSpec {
@@ -588,7 +590,7 @@ impl Ring {
     /// the ring: stop it and disconnect.
     pub fn poll<S: Services>(
         &mut self,
-        disk: &mut Disk,
+        disk: &mut ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) -> Result<bool, RingError> {
@@ -640,7 +642,7 @@ impl Ring {
     /// ones, and maps the grants of the valid ones in one batch.
     fn take_requests<S: Services>(
         &mut self,
-        disk: &mut Disk,
+        disk: &mut ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) -> Result<bool, RingError> {
@@ -789,7 +791,7 @@ impl Ring {
     fn map_and_start<S: Services>(
         &mut self,
         accepted: Vec<(usize, Plan)>,
-        disk: &mut Disk,
+        disk: &mut ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) {
@@ -839,7 +841,7 @@ impl Ring {
                     },
                 };
                 match gfn {
-                    Ok(gfn) => request.segments.push(drivers::Segment {
+                    Ok(gfn) => request.segments.push(blockdev::Segment {
                         phys: gfn * PAGE_SIZE as u64 + u64::from(segment.first_sect) * SECTOR_SIZE,
                         len: segment.sectors() * SECTOR_SIZE as u32,
                     }),
@@ -891,7 +893,7 @@ impl Ring {
     /// Fetches device completions and moves their requests on.
     fn reap<S: Services>(
         &mut self,
-        disk: &mut Disk,
+        disk: &mut ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) -> bool {
@@ -899,10 +901,7 @@ impl Ring {
         let mut done = [Completion::default(); COMPLETION_BATCH];
         // Each pass empties at most one batch; bounded by the slot count.
         for _ in 0..=self.slots.len() / COMPLETION_BATCH {
-            let n = disk
-                .device
-                .poll(self.queue, &mut done)
-                .min(COMPLETION_BATCH);
+            let n = self.queue.poll(&mut done).min(COMPLETION_BATCH);
             for completion in &done[..n] {
                 let slot = usize::try_from(completion.tag).unwrap_or(usize::MAX);
                 let Some(Some(request)) = self.slots.get_mut(slot) else {
@@ -931,7 +930,7 @@ impl Ring {
     /// room for, and fails requests not started on a stopped ring.
     fn start_ready<S: Services>(
         &mut self,
-        disk: &mut Disk,
+        disk: &mut ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) -> bool {
@@ -965,7 +964,7 @@ impl Ring {
     fn advance<S: Services>(
         &mut self,
         slot: usize,
-        disk: &mut Disk,
+        disk: &mut ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) -> bool {
@@ -986,18 +985,15 @@ impl Ring {
         let (submitted, remainder) = match step {
             Step::Read { lba } => {
                 let segments = &request.segments;
-                let read = drivers::Request::Read { lba, segments };
-                (disk.device.submit(self.queue, tag, read), None)
+                let read = blockdev::Request::Read { lba, segments };
+                (self.queue.submit(tag, read), None)
             }
             Step::Write { lba } => {
                 let segments = &request.segments;
-                let write = drivers::Request::Write { lba, segments };
-                (disk.device.submit(self.queue, tag, write), None)
+                let write = blockdev::Request::Write { lba, segments };
+                (self.queue.submit(tag, write), None)
             }
-            Step::Flush => (
-                disk.device.submit(self.queue, tag, drivers::Request::Flush),
-                None,
-            ),
+            Step::Flush => (self.queue.submit(tag, blockdev::Request::Flush), None),
             Step::Discard { lba, blocks } => {
                 // Larger discards than the device takes go in pieces.
                 let now = blocks.min(disk.geometry.max_discard_blocks.max(1));
@@ -1005,8 +1001,8 @@ impl Ring {
                     lba: lba + now,
                     blocks: blocks - now,
                 });
-                let discard = drivers::Request::Discard { lba, blocks: now };
-                (disk.device.submit(self.queue, tag, discard), rest)
+                let discard = blockdev::Request::Discard { lba, blocks: now };
+                (self.queue.submit(tag, discard), rest)
             }
         };
         match submitted {

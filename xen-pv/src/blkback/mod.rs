@@ -1,6 +1,6 @@
 //! The blkif backend: discovery of vbds under `backend/vbd`, the xenbus
 //! state machine of each, and the ring engine that serves its requests
-//! from a [`drivers::BlockDevice`].
+//! from a [`blockdev::DiskView`], one [`blockdev::QueueHandle`] per ring.
 //!
 //! # What is served
 //! Published at InitWait, in one transaction, then `state` = 2:
@@ -21,10 +21,10 @@
 //!   window frame is mapped, a clock and a console. [`XenServices`] builds
 //!   one from [`EventChannels`], [`GrantMapper`] and a small [`Platform`].
 //! - A [`TargetOpener`] that turns a parsed [`Target`] (`params`, the xl
-//!   `target=`; syntax in [`target`]) into a `Box<dyn BlockDevice>`. Each
-//!   ring of a vbd submits on its own device queue (0, 1, ...); to serve
-//!   one device to several vbds (ranges, partitions), open them as
-//!   [`DiskSlice`]s of one [`SharedDisk`], which share the queues safely.
+//!   `target=`; syntax in [`target`]) into a claimed [`blockdev::DiskView`].
+//!   Each ring of a vbd opens a queue handle of its own on the view; the
+//!   handle keeps the view's range and its completions to itself, so ranges
+//!   of one disk and namespaces of one controller may be served at once.
 //! - Its `drivers::Hal` must translate the GFN window: the engine hands the
 //!   device segments at `gfn * 4096 + first_sect * 512` of mapped grants,
 //!   so `phys_to_virt` must work there (identity-map the window) and a
@@ -88,9 +88,7 @@
 //! [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
 pub mod engine;
-pub mod partition;
 pub mod persistent;
-pub mod shared;
 pub mod target;
 mod vbd;
 
@@ -101,9 +99,8 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
 
-pub use engine::{Disk, FrontendRing, SECTOR_SIZE};
-pub use shared::{DiskSlice, SharedDisk};
-pub use target::{OpenError, Target, TargetOpener};
+pub use engine::{FrontendRing, SECTOR_SIZE, ServedDisk};
+pub use target::{OpenError, Target, TargetOpener, claim_sectors};
 pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 
 use crate::event::{EventChannels, Port};

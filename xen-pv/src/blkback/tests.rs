@@ -9,12 +9,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use drivers::{BlockDevice, Completion, Geometry, RamDisk, SubmitError};
+use blockdev::{Completion, Disk, DiskView, Geometry, QueuedDevice, SubmitError};
+use drivers::RamDisk;
 use zerocopy::IntoBytes;
 
 use super::*;
 use crate::PAGE_SIZE;
-use crate::blkback::shared::SharedDisk;
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::event::EventChannels;
 use crate::grant::{GfnWindow, GrantMapper};
@@ -57,7 +57,7 @@ impl Spy {
 
 struct SpyDisk(Rc<RefCell<Spy>>);
 
-impl BlockDevice for SpyDisk {
+impl QueuedDevice for SpyDisk {
     fn geometry(&self) -> Geometry {
         let spy = self.0.borrow();
         Geometry {
@@ -70,15 +70,15 @@ impl BlockDevice for SpyDisk {
         &mut self,
         queue: u16,
         tag: u64,
-        request: drivers::Request<'_>,
+        request: blockdev::Request<'_>,
     ) -> Result<(), SubmitError> {
         let mut spy = self.0.borrow_mut();
         let op = match request {
-            drivers::Request::Read { lba, .. } => Op::Read(lba),
-            drivers::Request::Write { lba, .. } => Op::Write(lba),
-            drivers::Request::Flush => Op::Flush,
-            drivers::Request::Discard { lba, blocks } => Op::Discard(lba, blocks),
-            drivers::Request::WriteZeroes { .. } => return Err(SubmitError::Unsupported),
+            blockdev::Request::Read { lba, .. } => Op::Read(lba),
+            blockdev::Request::Write { lba, .. } => Op::Write(lba),
+            blockdev::Request::Flush => Op::Flush,
+            blockdev::Request::Discard { lba, blocks } => Op::Discard(lba, blocks),
+            blockdev::Request::WriteZeroes { .. } => return Err(SubmitError::Unsupported),
         };
         spy.ops.push(op);
         spy.disk.submit(queue, tag, request)
@@ -110,17 +110,17 @@ struct TestOpener {
     hal: GrantWindowHal,
     disks: Disks,
     /// `shared0`, made on first use and sliced by `shared0@start+count`.
-    shared: Option<SharedDisk>,
+    shared: Option<Disk>,
+    /// `nvme0n1` and `nvme0n2`: two disks on one set of queues.
+    namespaces: [Disk; 2],
 }
 
 impl TestOpener {
-    fn spy(&self, block_size: u32, blocks: u64, cached: bool) -> Box<dyn BlockDevice> {
-        let disk = self.spy_with_queues(block_size, blocks, 1);
-        self.disks.borrow().last().unwrap().borrow_mut().cached = cached;
-        disk
+    fn spy(&self, block_size: u32, blocks: u64, cached: bool) -> Disk {
+        self.spy_with(block_size, blocks, 1, cached)
     }
 
-    fn spy_with_queues(&self, block_size: u32, blocks: u64, queues: u16) -> Box<dyn BlockDevice> {
+    fn spy_with(&self, block_size: u32, blocks: u64, queues: u16, cached: bool) -> Disk {
         let words = (u64::from(block_size) * blocks / 8) as usize;
         let mut storage = vec![0u64; words].into_boxed_slice();
         let base = core::ptr::NonNull::new(storage.as_mut_ptr().cast::<u8>()).unwrap();
@@ -130,28 +130,107 @@ impl TestOpener {
         let spy = Rc::new(RefCell::new(Spy {
             disk,
             storage,
-            cached: false,
+            cached,
             hold: false,
             held: Vec::new(),
             ops: Vec::new(),
         }));
         self.disks.borrow_mut().push(spy.clone());
-        Box::new(SpyDisk(spy))
+        Disk::new(SpyDisk(spy))
+    }
+}
+
+/// A controller whose namespaces share its queues, as NVMe's do: a
+/// completion is found by polling the queue it was submitted on, whichever
+/// namespace it belongs to.
+struct SharedQueueController {
+    namespaces: Vec<RamDisk<GrantWindowHal>>,
+    /// Keeps the RAM behind `namespaces`.
+    _storage: Vec<Box<[u64]>>,
+    /// Completions of every namespace, per queue, in the order they ended.
+    finished: Vec<(u16, Completion)>,
+    /// Holds completions back (a slow controller).
+    hold: bool,
+}
+
+struct ControllerNamespace {
+    controller: Rc<RefCell<SharedQueueController>>,
+    index: usize,
+}
+
+impl QueuedDevice for ControllerNamespace {
+    fn geometry(&self) -> Geometry {
+        self.controller.borrow().namespaces[self.index].geometry()
+    }
+
+    fn submit(
+        &mut self,
+        queue: u16,
+        tag: u64,
+        request: blockdev::Request<'_>,
+    ) -> Result<(), SubmitError> {
+        let mut controller = self.controller.borrow_mut();
+        let controller = &mut *controller;
+        controller.namespaces[self.index].submit(queue, tag, request)?;
+        let mut done = [Completion::default(); 4];
+        let n = controller.namespaces[self.index].poll(queue, &mut done);
+        controller
+            .finished
+            .extend(done[..n].iter().map(|c| (queue, *c)));
+        Ok(())
+    }
+
+    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
+        let mut controller = self.controller.borrow_mut();
+        if controller.hold {
+            return 0;
+        }
+        let mut given = 0;
+        for slot in out.iter_mut() {
+            let Some(at) = controller.finished.iter().position(|(q, _)| *q == queue) else {
+                break;
+            };
+            *slot = controller.finished.remove(at).1;
+            given += 1;
+        }
+        given
+    }
+}
+
+impl SharedQueueController {
+    /// Two namespaces of 2048 512-byte blocks.
+    fn new(hal: &GrantWindowHal) -> Rc<RefCell<Self>> {
+        let mut storage: Vec<Box<[u64]>> = (0..2)
+            .map(|_| vec![0u64; 2048 * 512 / 8].into_boxed_slice())
+            .collect();
+        let namespaces = storage
+            .iter_mut()
+            .map(|s| {
+                let base = core::ptr::NonNull::new(s.as_mut_ptr().cast::<u8>()).unwrap();
+                // SAFETY: the storage lives (boxed, never moved) in the
+                // same controller as the disk.
+                unsafe { RamDisk::new(hal.clone(), base, 512, 2048, 1) }
+            })
+            .collect();
+        Rc::new(RefCell::new(SharedQueueController {
+            namespaces,
+            _storage: storage,
+            finished: Vec::new(),
+            hold: false,
+        }))
     }
 }
 
 impl TargetOpener for TestOpener {
-    fn open(
-        &mut self,
-        target: &Target<'_>,
-        _read_only: bool,
-    ) -> Result<Box<dyn BlockDevice>, OpenError> {
-        match *target {
-            Target::Ram { bytes } if bytes <= 1 << 20 => Ok(self.spy(512, bytes / 512, false)),
-            Target::Ram { .. } => Err(OpenError::OutOfMemory),
-            Target::Disk { name: "cached" } => Ok(self.spy(512, 2048, true)),
-            Target::Disk { name: "disk4k" } => Ok(self.spy(4096, 256, false)),
-            Target::Disk { name: "multiqueue" } => Ok(self.spy_with_queues(512, 2048, 8)),
+    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<DiskView, OpenError> {
+        let disk = match *target {
+            Target::Ram { bytes } if bytes <= 1 << 20 => self.spy(512, bytes / 512, false),
+            Target::Ram { .. } => return Err(OpenError::OutOfMemory),
+            Target::Disk { name: "cached" } => self.spy(512, 2048, true),
+            Target::Disk { name: "disk4k" } => self.spy(4096, 256, false),
+            Target::Disk { name: "multiqueue" } => self.spy_with(512, 2048, 8, false),
+            Target::Disk { name: "nvme0n1" } => self.namespaces[0].clone(),
+            Target::Disk { name: "nvme0n2" } => self.namespaces[1].clone(),
             Target::Range {
                 disk: "shared0",
                 start,
@@ -159,13 +238,14 @@ impl TargetOpener for TestOpener {
             } => {
                 let shared = match &self.shared {
                     Some(shared) => shared.clone(),
-                    None => SharedDisk::new(self.spy(512, 2048, false)),
+                    None => self.spy(512, 2048, false),
                 };
                 self.shared = Some(shared.clone());
-                Ok(Box::new(shared.sector_range(start, sectors)?))
+                return claim_sectors(&shared, start, sectors);
             }
-            _ => Err(OpenError::NotFound),
-        }
+            _ => return Err(OpenError::NotFound),
+        };
+        Ok(disk.claim_all()?)
     }
 }
 
@@ -177,6 +257,7 @@ struct Harness<'a> {
     platform: SimPlatform,
     vbds: VbdBackends<TestOpener>,
     disks: Disks,
+    controller: Rc<RefCell<SharedQueueController>>,
 }
 
 fn run(test: impl FnOnce(&mut Harness<'_>)) {
@@ -188,10 +269,19 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
     let sim = Rc::new(SimXen::new());
     let iface = XenstoreInterface::new_boxed(0);
     let disks = Disks::default();
+    let hal = GrantWindowHal::new(sim.clone());
+    let controller = SharedQueueController::new(&hal);
+    let namespace = |index| ControllerNamespace {
+        controller: controller.clone(),
+        index,
+    };
+    let first = Disk::new(namespace(0));
+    let second = first.sharing_queues(namespace(1));
     let opener = TestOpener {
-        hal: GrantWindowHal::new(sim.clone()),
+        hal,
         disks: disks.clone(),
         shared: None,
+        namespaces: [first, second],
     };
     let mut h = Harness {
         sim: &sim,
@@ -201,6 +291,7 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         platform: SimPlatform::new(sim.clone()),
         vbds: VbdBackends::new(opener),
         disks,
+        controller,
     };
     h.vbds.start(&mut h.xs).unwrap();
     assert_eq!(h.pump(), Progress::Idle);
@@ -1542,5 +1633,46 @@ fn slices_of_one_disk_serve_several_guests_apart() {
         let again = h.add_vbd(11, DEVID, "shared0@0+512", "w");
         h.pump();
         assert_eq!(h.backend_state(again).as_deref(), Some("2"));
+    });
+}
+
+#[test]
+fn two_namespaces_of_one_controller_keep_their_completions() {
+    run(|h| {
+        let (_, mut front_a) = h.serve(7, "nvme0n1", "w", Protocol::X86_64);
+        let (_, mut front_b) = h.serve(8, "nvme0n2", "w", Protocol::X86_64);
+        let page_a = front_a.grant(true, &pattern(31));
+        let page_b = front_b.grant(true, &pattern(32));
+        // Both rings use their slot 0 for these; both namespaces' requests
+        // end on the controller's queues before either ring polls.
+        let controller = h.controller.clone();
+        controller.borrow_mut().hold = true;
+        let write_a = front_a.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page_a, 0, 7)]);
+        let write_b = front_b.data_request(blkif::OP_WRITE, 2, 0, 1, &[seg(page_b, 0, 7)]);
+        assert_eq!(front_a.submit(&[write_a]), 1);
+        assert_eq!(front_b.submit(&[write_b]), 1);
+        h.pump();
+        controller.borrow_mut().hold = false;
+        h.pump();
+        assert_eq!(front_a.responses(), [ok(1, blkif::OP_WRITE)]);
+        assert_eq!(front_b.responses(), [ok(2, blkif::OP_WRITE)]);
+        for round in 0..4u64 {
+            let target_a = front_a.grant(false, &[]);
+            let target_b = front_b.grant(false, &[]);
+            let read_a =
+                front_a.data_request(blkif::OP_READ, 10 + round, 0, 1, &[seg(target_a, 0, 7)]);
+            let read_b =
+                front_b.data_request(blkif::OP_READ, 20 + round, 0, 1, &[seg(target_b, 0, 7)]);
+            assert_eq!(front_a.submit(&[read_a]), 1);
+            assert_eq!(front_b.submit(&[read_b]), 1);
+            controller.borrow_mut().hold = true;
+            h.pump();
+            controller.borrow_mut().hold = false;
+            h.pump();
+            assert_eq!(front_a.responses(), [ok(10 + round, blkif::OP_READ)]);
+            assert_eq!(front_b.responses(), [ok(20 + round, blkif::OP_READ)]);
+            assert_eq!(front_a.page(target_a), pattern(31));
+            assert_eq!(front_b.page(target_b), pattern(32));
+        }
     });
 }

@@ -11,7 +11,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::Services;
-use super::engine::{Disk, FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring};
+use super::engine::{FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring, ServedDisk};
 use super::target::{Target, TargetOpener};
 use crate::DomId;
 use crate::blkif::Protocol;
@@ -70,7 +70,7 @@ struct Vbd {
     frontend_path: Option<String>,
     /// The backend state last written (Initialising: none yet).
     state: XenbusState,
-    disk: Option<Disk>,
+    disk: Option<ServedDisk>,
     /// The connected rings (one per queue the frontend opened).
     rings: Vec<Ring>,
     /// The target could not be served; waits for the toolstack.
@@ -445,7 +445,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
     let read_only = !mode.contains('w');
     let disk = Target::parse(&params)
         .and_then(|target| opener.open(&target, read_only))
-        .and_then(|device| Disk::new(device, read_only));
+        .and_then(|view| ServedDisk::new(view, read_only));
     let disk = match disk {
         Ok(disk) => disk,
         Err(e) => {
@@ -532,7 +532,7 @@ fn connect<C: PeerChannel, S: Services>(
     };
     let mut connected = Vec::with_capacity(rings.len());
     for (queue, published) in (0..).zip(&rings) {
-        match Ring::connect(svc, published, disk, queue) {
+        match Ring::connect(svc, published, disk) {
             Ok(ring) => connected.push(ring),
             Err(e) => {
                 for mut ring in connected {
