@@ -10,13 +10,11 @@ use crate::storage::NamedDisk;
 use crate::xen::{self, Services as XenServices};
 use alloc::string::String;
 use alloc::vec::Vec;
+use blkback::{OpenError, Progress, Services, Target, TargetOpener, VbdBackends, claim_sectors};
 use blockdev::{Disk, DiskView};
 use core::fmt;
 use core::ptr::NonNull;
 use drivers::RamDisk;
-use xen_pv::blkback::{
-    OpenError, Progress, Services, Target, TargetOpener, VbdBackends, claim_sectors,
-};
 use xen_pv::event::Port;
 use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 use xen_pv::xenstore::{Tx, WatchEvent};
@@ -27,7 +25,7 @@ use xen_pv::{DomId, Errno, PAGE_SIZE};
 const IDLE_HALT_NS: u64 = 250_000_000;
 const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
 
-/// Opens `target=` values (see xen_pv::blkback::target for the syntax)
+/// Opens `target=` values (see blkback::target for the syntax)
 /// as views of the boot modules and the disks found on PCI.
 pub struct KernelOpener {
     disks: Vec<NamedDisk>,

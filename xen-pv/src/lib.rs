@@ -50,8 +50,6 @@ macro_rules! xen_command {
 }
 
 pub mod arch;
-pub mod blkback;
-pub mod blkif;
 pub mod console;
 pub mod event;
 pub mod grant;

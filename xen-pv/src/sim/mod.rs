@@ -2,7 +2,6 @@
 //! plus foreign domains that grant pages and own event channel ends, all in
 //! one process and deterministic. [`xenstore`] holds the xenstored side.
 
-pub mod blkfront;
 pub mod xenstore;
 
 use alloc::boxed::Box;

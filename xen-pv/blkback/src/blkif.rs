@@ -581,7 +581,7 @@ mod tests {
         assert_eq!(size_of::<ResponseX86_32>(), 12);
         assert_eq!(offset_of!(ResponseX86_32, status), 10);
         assert_eq!(
-            crate::ring::ring_entries(4096, Protocol::X86_32.entry_size()),
+            xen_pv::ring::ring_entries(4096, Protocol::X86_32.entry_size()),
             32
         );
     }
@@ -808,8 +808,8 @@ mod tests {
 
     #[test]
     fn x86_32_requests_through_a_shared_ring() {
-        use crate::ring::{BackRing, FrontRing};
         use core::ptr::NonNull;
+        use xen_pv::ring::{BackRing, FrontRing};
         let mut page = alloc::vec![0u64; 512];
         let base = NonNull::new(page.as_mut_ptr().cast::<u8>()).unwrap();
         let size = Protocol::X86_32.entry_size();

@@ -15,14 +15,14 @@ use core::ptr::NonNull;
 
 use blockdev::{Completion, DiskView, Geometry, QueueHandle, SubmitError};
 
-use super::Services;
-use super::persistent::PersistentGrants;
-use super::target::OpenError;
+use crate::Services;
 use crate::blkif::{self, Direction, Protocol, Request};
-use crate::event::Port;
-use crate::grant::{GrantError, GrantRef, GrantSpec, Mapping};
-use crate::ring::{BackRing, RingError};
-use crate::{DomId, PAGE_SIZE};
+use crate::persistent::PersistentGrants;
+use crate::target::OpenError;
+use xen_pv::event::Port;
+use xen_pv::grant::{GrantError, GrantRef, GrantSpec, Mapping};
+use xen_pv::ring::{BackRing, RingError};
+use xen_pv::{DomId, PAGE_SIZE};
 
 /// Bytes in a blkif sector: every sector number on the ring and in
 /// xenstore counts these, whatever the disk's block size.
@@ -406,7 +406,7 @@ pub enum ConnectError {
     /// No ring pages, or more than `max-ring-page-order` allows.
     RingSize,
     /// The frontend's event channel could not be bound.
-    EventChannel(crate::Errno),
+    EventChannel(xen_pv::Errno),
 }
 
 impl fmt::Display for ConnectError {

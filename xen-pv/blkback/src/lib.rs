@@ -1,4 +1,4 @@
-//! The blkif backend: discovery of vbds under `backend/vbd`, the xenbus
+//! The blkif backend (blkif wire formats in [`blkif`]): discovery of vbds under `backend/vbd`, the xenbus
 //! state machine of each, and the ring engine that serves its requests
 //! from a [`blockdev::DiskView`], one [`blockdev::QueueHandle`] per ring.
 //!
@@ -87,8 +87,17 @@
 //! Rings per vbd: [`engine::MAX_QUEUES`]. Log lines:
 //! [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod blkif;
 pub mod engine;
 pub mod persistent;
+#[cfg(test)]
+mod sim_blkfront;
 pub mod target;
 mod vbd;
 
@@ -103,9 +112,9 @@ pub use engine::{FrontendRing, SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_sectors};
 pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 
-use crate::event::{EventChannels, Port};
-use crate::grant::{GrantError, GrantMapper, GrantSpec, Mapping};
-use crate::{DomId, Errno, Hypercall};
+use xen_pv::event::{EventChannels, Port};
+use xen_pv::grant::{GrantError, GrantMapper, GrantSpec, Mapping};
+use xen_pv::{DomId, Errno, Hypercall};
 
 /// What the backend needs from Xen and the kernel.
 pub trait Services {

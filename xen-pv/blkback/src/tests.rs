@@ -14,15 +14,15 @@ use drivers::RamDisk;
 use zerocopy::IntoBytes;
 
 use super::*;
-use crate::PAGE_SIZE;
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
-use crate::event::EventChannels;
-use crate::grant::{GfnWindow, GrantMapper};
-use crate::sim::blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
-use crate::sim::xenstore::SimXenstored;
-use crate::sim::{GUEST, SimXen};
-use crate::xenbus::XenbusState;
-use crate::xenstore::{Access, Perm, Xenstore, XenstoreInterface};
+use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
+use xen_pv::PAGE_SIZE;
+use xen_pv::event::EventChannels;
+use xen_pv::grant::{GfnWindow, GrantMapper};
+use xen_pv::sim::xenstore::SimXenstored;
+use xen_pv::sim::{GUEST, SimXen};
+use xen_pv::xenbus::XenbusState;
+use xen_pv::xenstore::{Access, Perm, Xenstore, XenstoreInterface};
 
 const WINDOW: u64 = 0x10_0000;
 const FRONTEND: DomId = 7;
@@ -1116,7 +1116,7 @@ fn other_watches_are_left_to_the_kernel() {
             grants: &mut h.grants,
             platform: &mut h.platform,
         };
-        let event = crate::xenstore::WatchEvent {
+        let event = xen_pv::xenstore::WatchEvent {
             path: "control/shutdown".into(),
             token: "kernel".into(),
         };
@@ -1133,6 +1133,38 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+#[test]
+fn random_blkif_entries_parse_to_valid_requests_or_refusals() {
+    let mut rng = Rng(0x5eed);
+    for _ in 0..20_000 {
+        let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
+        for byte in entry.iter_mut() {
+            *byte = rng.below(256) as u8;
+        }
+        // Bias the operation towards known codes.
+        entry[0] = (rng.below(9)) as u8;
+        for protocol in [Protocol::X86_32, Protocol::X86_64] {
+            for max_indirect in [0, 256] {
+                match blkif::parse_request(protocol, &entry, max_indirect) {
+                    Ok(
+                        blkif::Request::ReadWrite { segments, .. }
+                        | blkif::Request::Barrier { segments, .. },
+                    ) => {
+                        let segs = segments.as_slice();
+                        assert!(segs.len() <= blkif::MAX_SEGMENTS_PER_REQUEST);
+                        assert!(segs.iter().all(|s| s.first_sect <= s.last_sect
+                            && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE));
+                    }
+                    Ok(blkif::Request::Indirect { nr_segments, .. }) => {
+                        assert!(nr_segments >= 1 && nr_segments <= max_indirect)
+                    }
+                    Ok(_) | Err(_) => {}
+                }
+            }
+        }
     }
 }
 
@@ -1524,7 +1556,7 @@ fn multi_page_rings_hold_more_requests() {
             h.publish_ring(id, &front, "3");
             assert_eq!(h.backend_state(id).as_deref(), Some("4"));
             assert_eq!(h.sim.mapped_grants(), 1 << order);
-            let slots = crate::ring::ring_entries(PAGE_SIZE << order, protocol.entry_size());
+            let slots = xen_pv::ring::ring_entries(PAGE_SIZE << order, protocol.entry_size());
             let source = front.grant(true, &pattern(11));
             let requests: Vec<Vec<u8>> = (0..u64::from(slots))
                 .map(|i| {

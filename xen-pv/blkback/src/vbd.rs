@@ -10,14 +10,14 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::Services;
-use super::engine::{FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring, ServedDisk};
-use super::target::{Target, TargetOpener};
-use crate::DomId;
+use crate::Services;
 use crate::blkif::Protocol;
-use crate::ring::PeerChannel;
-use crate::xenbus::XenbusState;
-use crate::xenstore::{Tx, WatchEvent, Xenstore, XsError};
+use crate::engine::{FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring, ServedDisk};
+use crate::target::{Target, TargetOpener};
+use xen_pv::DomId;
+use xen_pv::ring::PeerChannel;
+use xen_pv::xenbus::XenbusState;
+use xen_pv::xenstore::{Tx, WatchEvent, Xenstore, XsError};
 
 /// Where the toolstack creates this domain's vbds (relative to its home).
 const BACKEND_DIR: &str = "backend/vbd";
