@@ -92,17 +92,19 @@ impl<H: Hal> RamDisk<H> {
         segments: &[Segment],
         to_disk: bool,
     ) -> Result<(), SubmitError> {
-        let mut mapped = Vec::with_capacity(segments.len());
+        // Every segment is checked before anything is copied.
+        for segment in segments {
+            self.hal
+                .phys_to_virt(segment.phys, segment.len as usize)
+                .ok_or(SubmitError::BadAddress)?;
+        }
+        let mut at = offset;
         for segment in segments {
             let len = segment.len as usize;
             let virt = self
                 .hal
                 .phys_to_virt(segment.phys, len)
                 .ok_or(SubmitError::BadAddress)?;
-            mapped.push((virt, len));
-        }
-        let mut at = offset;
-        for (virt, len) in mapped {
             // SAFETY: `validate` kept `at + len` within the storage that
             // `new`'s caller vouched for; `phys_to_virt` vouched for `virt`;
             // guest buffers never overlap the disk's own storage.

@@ -111,12 +111,16 @@ impl Services for KernelServices {
         }
     }
 
-    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
-        self.0.grants.lock().map_batch(specs)
+    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>) {
+        self.0.grants.lock().map_batch(specs, results);
     }
 
-    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>> {
-        self.0.grants.lock().unmap_batch(mappings)
+    fn unmap_grants(
+        &mut self,
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    ) {
+        self.0.grants.lock().unmap_batch(mappings, failed);
     }
 
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {

@@ -98,8 +98,9 @@ fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
     }
 
     let mut grants = svc.grants.lock();
-    let mapped: Vec<Mapping> = grants
-        .map_batch(&specs)
+    let mut results = Vec::with_capacity(specs.len());
+    grants.map_batch(&specs, &mut results);
+    let mut mapped: Vec<Mapping> = results
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|e| format!("grant map: {e:?}"))?;
@@ -125,13 +126,11 @@ fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
             ));
         }
     }
-    let unmap_errors: Vec<String> = grants
-        .unmap_batch(mapped)
-        .into_iter()
-        .filter_map(|r| {
-            r.err()
-                .map(|(m, e)| format!("unmap gref {}: {e:?}", m.grant.gref))
-        })
+    let mut failed = Vec::new();
+    grants.unmap_batch(&mut mapped, &mut failed);
+    let unmap_errors: Vec<String> = failed
+        .iter()
+        .map(|(m, e)| format!("unmap gref {}: {e:?}", m.grant.gref))
         .collect();
     let after = grants.stats();
     log::info!(

@@ -25,10 +25,8 @@
 //!    the panic handler.
 //!
 //! # Serving disks
-//! [`blkback`] is the blkif backend: [`blkback::VbdBackends`] watches
-//! `backend/vbd`, runs each vbd's xenbus state machine ([`xenbus`]) and
-//! serves its rings from a `blockdev::DiskView`, one queue handle per ring. Its module documentation
-//! gives the calls the kernel makes on watch events and in its poll loop.
+//! The blkif protocol and its backend live in the `blkback` crate, which
+//! uses this crate's event channels, grants, xenstore and rings.
 #![no_std]
 
 extern crate alloc;

@@ -189,13 +189,13 @@ pub type Entry = [u8; ENTRY_SIZE_X86_64];
 
 /// One data segment: part of a granted page, in 512-byte sectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Segment {
+pub struct GrantedSegment {
     pub gref: u32,
     pub first_sect: u8,
     pub last_sect: u8,
 }
 
-impl Segment {
+impl GrantedSegment {
     /// Sectors covered (validated segments only).
     pub fn sectors(&self) -> u32 {
         u32::from(self.last_sect - self.first_sect) + 1
@@ -252,11 +252,11 @@ pub enum Request {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SegmentList {
     len: u8,
-    items: [Segment; MAX_SEGMENTS_PER_REQUEST],
+    items: [GrantedSegment; MAX_SEGMENTS_PER_REQUEST],
 }
 
 impl SegmentList {
-    pub fn as_slice(&self) -> &[Segment] {
+    pub fn as_slice(&self) -> &[GrantedSegment] {
         &self.items[..usize::from(self.len)]
     }
 }
@@ -478,7 +478,7 @@ fn validate_segments(rw: &RawReadWrite) -> Result<SegmentList, RequestError> {
         if wire.first_sect > wire.last_sect || wire.last_sect > LAST_SECTOR_IN_PAGE {
             return Err(RequestError::BadSegment);
         }
-        *slot = Segment {
+        *slot = GrantedSegment {
             gref: wire.gref.get(),
             first_sect: wire.first_sect,
             last_sect: wire.last_sect,
@@ -621,7 +621,7 @@ mod tests {
         assert_eq!(segments.as_slice().len(), 2);
         assert_eq!(
             segments.as_slice()[1],
-            Segment {
+            GrantedSegment {
                 gref: 11,
                 first_sect: 2,
                 last_sect: 3
@@ -631,7 +631,7 @@ mod tests {
             segments
                 .as_slice()
                 .iter()
-                .map(Segment::sectors)
+                .map(GrantedSegment::sectors)
                 .sum::<u32>(),
             10
         );
@@ -651,7 +651,7 @@ mod tests {
                 ..
             } => assert_eq!(
                 segments.as_slice(),
-                [Segment {
+                [GrantedSegment {
                     gref: 5,
                     first_sect: 1,
                     last_sect: 1

@@ -77,15 +77,15 @@
 //! # Resource bounds per frontend
 //! Per ring: in-flight requests up to the ring size (32 per ring page) and
 //! the device's queue depth; data grants mapped for requests in flight up to
-//! [`engine::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
+//! [`ring_io::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
 //! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring pages (up
 //! to 16) and, briefly, one indirect page per request being taken (up to
 //! the in-flight bound). Size the GFN window for about 2100 frames per ring
 //! you mean to serve at full depth (2600 with 16-page rings of indirect
 //! requests); when it runs out, requests fail with `BLKIF_RSP_ERROR` and
 //! nothing else breaks.
-//! Rings per vbd: [`engine::MAX_QUEUES`]. Log lines:
-//! [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
+//! Rings per vbd: [`served_disk::MAX_QUEUES`]. Log lines:
+//! [`rate_limited_log::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
 #![no_std]
 
@@ -93,9 +93,14 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+#[cfg(test)]
+mod alloc_count;
 pub mod blkif;
-pub mod engine;
 pub mod persistent;
+mod plan;
+pub mod rate_limited_log;
+pub mod ring_io;
+pub mod served_disk;
 #[cfg(test)]
 mod sim_blkfront;
 pub mod target;
@@ -108,7 +113,8 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
 
-pub use engine::{FrontendRing, SECTOR_SIZE, ServedDisk};
+pub use ring_io::FrontendRing;
+pub use served_disk::{SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_sectors};
 pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 
@@ -125,10 +131,16 @@ pub trait Services {
     fn notify(&mut self, port: Port) -> Result<(), Errno>;
     /// Closes `port` (the frontend sees it unbound).
     fn close_port(&mut self, port: Port);
-    /// Maps grants; the result for each spec is at its position.
-    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>>;
-    /// Unmaps; a mapping whose unmap failed comes back in its error.
-    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>>;
+    /// Maps grants, appending the result for each spec to `results`, in
+    /// order (without allocating when `results` has room).
+    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>);
+    /// Unmaps every mapping in `mappings`, leaving it empty; one whose
+    /// unmap failed goes to `failed` with its error.
+    fn unmap_grants(
+        &mut self,
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    );
     /// The address at which window frame `gfn` is mapped in this domain.
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>>;
     /// A monotonic clock (for log rate limits).
@@ -173,12 +185,16 @@ impl<H: Hypercall, P: Platform> Services for XenServices<'_, '_, H, P> {
         }
     }
 
-    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
-        self.grants.map_batch(specs)
+    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>) {
+        self.grants.map_batch(specs, results);
     }
 
-    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>> {
-        self.grants.unmap_batch(mappings)
+    fn unmap_grants(
+        &mut self,
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    ) {
+        self.grants.unmap_batch(mappings, failed);
     }
 
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {

@@ -12,7 +12,9 @@ use alloc::vec::Vec;
 
 use crate::Services;
 use crate::blkif::Protocol;
-use crate::engine::{FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring, ServedDisk};
+use crate::rate_limited_log::RateLimitedLog;
+use crate::ring_io::{FrontendRing, MAX_RING_PAGE_ORDER, Ring};
+use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
 use xen_pv::DomId;
 use xen_pv::ring::PeerChannel;

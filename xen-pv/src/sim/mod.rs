@@ -14,8 +14,8 @@ use core::sync::atomic::Ordering;
 use crate::event::{
     AllocUnbound, BindInterdomain, BindVcpu, EvtchnClose, EvtchnSend, EvtchnUnmask, Port,
 };
-use crate::grant::{GNTCOPY_DEST_GREF, GNTCOPY_SOURCE_GREF, GNTMAP_HOST_MAP, GNTMAP_READONLY};
-use crate::grant::{GnttabCopy, GrantRef, MapGrantRef, UnmapGrantRef};
+use crate::grant::{GNTMAP_HOST_MAP, GNTMAP_READONLY};
+use crate::grant::{GrantRef, MapGrantRef, UnmapGrantRef};
 use crate::hvm::{GetParam, SetEvtchnUpcallVector, SetParam};
 use crate::hypercall::{Command, FeatureInfo, HypercallOp, XENFEAT_HVM_CALLBACK_VECTOR};
 use crate::memory::{AddToPhysmap, EVTCHN_WORD_BITS, SharedInfo, XENMAPSPACE_SHARED_INFO};
@@ -473,12 +473,6 @@ impl SimXen {
                     op.status = w.unmap(op);
                 }
             }
-            GnttabCopy::CMD => {
-                // SAFETY: per the hypercall contract, `count` copy structures.
-                for op in unsafe { args_mut::<GnttabCopy>(ptr, count) } {
-                    op.status = w.copy(op);
-                }
-            }
             _ => return Err(Errno::ENOSYS),
         }
         Ok(())
@@ -546,47 +540,6 @@ impl World {
         }
         self.handles.remove(&op.handle);
         self.frames.remove(&gfn);
-        0
-    }
-
-    fn copy(&mut self, op: &GnttabCopy) -> i16 {
-        let len = usize::from(op.len);
-        let (so, doff) = (usize::from(op.source.offset), usize::from(op.dest.offset));
-        if so + len > PAGE_SIZE || doff + len > PAGE_SIZE {
-            return -10;
-        }
-        let mut buf = [0u8; PAGE_SIZE];
-        let source = if op.flags & GNTCOPY_SOURCE_GREF != 0 {
-            match self
-                .grants
-                .get(&(op.source.domid, op.source.gref_or_gfn as GrantRef))
-            {
-                Some(g) if g.grantee == GUEST => &g.page,
-                _ => return -3,
-            }
-        } else {
-            match self.frames.get(&op.source.gref_or_gfn) {
-                Some(Frame::Local(page)) => page,
-                _ => return -9,
-            }
-        };
-        buf[..len].copy_from_slice(&source[so..so + len]);
-        let dest = if op.flags & GNTCOPY_DEST_GREF != 0 {
-            match self
-                .grants
-                .get_mut(&(op.dest.domid, op.dest.gref_or_gfn as GrantRef))
-            {
-                Some(g) if g.grantee == GUEST && !g.readonly => &mut g.page,
-                Some(_) => return -8,
-                None => return -3,
-            }
-        } else {
-            match self.frames.get_mut(&op.dest.gref_or_gfn) {
-                Some(Frame::Local(page)) => page,
-                _ => return -9,
-            }
-        };
-        dest[doff..doff + len].copy_from_slice(&buf[..len]);
         0
     }
 }
