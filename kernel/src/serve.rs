@@ -1,24 +1,25 @@
 //! `job=serve` (the default under Xen): stordom as a storage driver
 //! domain. Watches `backend/vbd`, runs each vbd's xenbus state machine and
-//! ring engine (xen-pv's blkback) over the disks it can open, and polls
+//! ring engine (the blkback crate) over the disks it can open, and polls
 //! until idle, then halts until the next event. `xl shutdown` powers it
 //! off cleanly.
 
 use crate::arch::{apic, clock};
 use crate::platform::KernelHal;
 use crate::storage::NamedDisk;
-use crate::xen::{self, Services as XenServices};
+use crate::xen::{self, PortChannel, XenConnection};
 use alloc::string::String;
 use alloc::vec::Vec;
-use blkback::{OpenError, Progress, Services, Target, TargetOpener, VbdBackends, claim_sectors};
+use blkback::{
+    OpenError, Platform, Progress, Target, TargetOpener, VbdBackends, XenBackendServices,
+    claim_sectors,
+};
 use blockdev::{Disk, DiskView};
 use core::fmt;
 use core::ptr::NonNull;
 use drivers::RamDisk;
-use xen_pv::event::Port;
-use xen_pv::grant::{GrantError, GrantSpec, Mapping};
-use xen_pv::xenstore::{Tx, WatchEvent};
-use xen_pv::{DomId, Errno, PAGE_SIZE};
+use xen_pv::PAGE_SIZE;
+use xen_pv::xenstore::{Tx, WatchEvent, Xenstore};
 
 /// Longest halt when idle; events end it sooner. Short enough for the
 /// backend's timed work (a detached vbd's grace before its removal).
@@ -88,43 +89,12 @@ impl TargetOpener for KernelOpener {
     }
 }
 
-/// blkback's view of Xen: each call takes the event-channel or grant lock
-/// only for itself, so none is held while xenstore waits for an event.
-struct KernelServices(&'static XenServices);
+/// What only the kernel knows, for blkback: the grant window is
+/// identity-mapped (xen::start_services), the TSC clock, the log.
+struct KernelPlatform;
 
-impl Services for KernelServices {
-    fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
-        // The upcall only has to wake the poll loop, which polls every ring.
-        self.0
-            .events
-            .lock()
-            .bind_interdomain_polled(remote, remote_port)
-    }
-
-    fn notify(&mut self, port: Port) -> Result<(), Errno> {
-        self.0.events.lock().send(port)
-    }
-
-    fn close_port(&mut self, port: Port) {
-        if let Err(e) = self.0.events.lock().close(port) {
-            log::warn!("serve: closing port {} failed: {e:?}", port.0);
-        }
-    }
-
-    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>) {
-        self.0.grants.lock().map_batch(specs, results);
-    }
-
-    fn unmap_grants(
-        &mut self,
-        mappings: &mut Vec<Mapping>,
-        failed: &mut Vec<(Mapping, GrantError)>,
-    ) {
-        self.0.grants.lock().unmap_batch(mappings, failed);
-    }
-
+impl Platform for KernelPlatform {
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
-        // The grant window is identity-mapped (xen::start_services).
         NonNull::new(gfn.checked_mul(PAGE_SIZE as u64)? as *mut u8)
     }
 
@@ -138,11 +108,10 @@ impl Services for KernelServices {
 }
 
 /// Whether `event` asks for a clean shutdown (`xl shutdown`).
-fn shutdown_requested(svc: &XenServices, event: &WatchEvent) -> bool {
+fn shutdown_requested(xs: &mut Xenstore<'static, PortChannel>, event: &WatchEvent) -> bool {
     if event.token != SHUTDOWN_TOKEN {
         return false;
     }
-    let mut xs = svc.store.lock();
     match xs.read_string(Tx::NONE, "control/shutdown") {
         Ok(what) if what == "poweroff" || what == "halt" => {
             // Acknowledge, as the toolstack expects of a PV-aware guest.
@@ -155,13 +124,14 @@ fn shutdown_requested(svc: &XenServices, event: &WatchEvent) -> bool {
 
 /// Publishes the number of mapped grants in `data/grants-mapped` when it
 /// changed, so operators and tests can see every grant given back.
-fn publish_grant_count(svc: &XenServices, published: &mut Option<usize>) {
-    let mapped = svc.grants.lock().stats().mapped;
+fn publish_grant_count(
+    xs: &mut Xenstore<'static, PortChannel>,
+    mapped: usize,
+    published: &mut Option<usize>,
+) {
     if *published != Some(mapped) {
         let value = alloc::format!("{mapped}");
-        if svc
-            .store
-            .lock()
+        if xs
             .write(Tx::NONE, "data/grants-mapped", value.as_bytes())
             .is_ok()
         {
@@ -170,48 +140,53 @@ fn publish_grant_count(svc: &XenServices, published: &mut Option<usize>) {
     }
 }
 
-/// Serves vbds until the toolstack asks stordom to shut down.
-pub fn run(svc: &'static XenServices, opener: KernelOpener) -> Result<(), String> {
+/// Serves vbds until the toolstack asks stordom to shut down. The loop
+/// owns the event channels, xenstore connection and grant mapper: ring
+/// polling touches no xenstore node, and what it finds for the toolstack
+/// is handled afterwards.
+pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
+    let XenConnection {
+        mut events,
+        store: mut xs,
+        mut grants,
+        ..
+    } = xen;
     let mut vbds = VbdBackends::new(opener);
-    let mut services = KernelServices(svc);
-    {
-        let mut xs = svc.store.lock();
-        vbds.start(&mut xs)
-            .map_err(|e| alloc::format!("watching backend/vbd: {e:?}"))?;
-        xs.watch("control/shutdown", SHUTDOWN_TOKEN)
-            .map_err(|e| alloc::format!("watching control/shutdown: {e:?}"))?;
-        // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
-        let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
-    }
+    vbds.start(&mut xs)
+        .map_err(|e| alloc::format!("watching backend/vbd: {e:?}"))?;
+    xs.watch("control/shutdown", SHUTDOWN_TOKEN)
+        .map_err(|e| alloc::format!("watching control/shutdown: {e:?}"))?;
+    // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
+    let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
     log::info!("serve: watching backend/vbd; ready");
     let mut published_grants = None;
+    let mut watch_events = Vec::new();
     loop {
-        xen::poll_events();
-        let mut events = Vec::new();
-        {
-            let mut xs = svc.store.lock();
-            loop {
-                match xs.poll_watch_event() {
-                    Ok(Some(event)) => events.push(event),
-                    Ok(None) => break,
-                    Err(e) => return Err(alloc::format!("xenstore: {e:?}")),
-                }
+        xen::dispatch_events(&mut events);
+        watch_events.clear();
+        loop {
+            match xs.poll_watch_event() {
+                Ok(Some(event)) => watch_events.push(event),
+                Ok(None) => break,
+                Err(e) => return Err(alloc::format!("xenstore: {e:?}")),
             }
         }
-        for event in &events {
-            if shutdown_requested(svc, event) {
+        let mut backend = XenBackendServices {
+            events: &mut events,
+            grants: &mut grants,
+            platform: KernelPlatform,
+        };
+        for event in &watch_events {
+            if shutdown_requested(&mut xs, event) {
                 log::info!("serve: shutdown requested");
                 return Ok(());
             }
-            let mut xs = svc.store.lock();
-            vbds.on_watch_event(&mut xs, &mut services, event);
+            vbds.on_watch_event(&mut xs, &mut backend, event);
         }
-        let progress = {
-            let mut xs = svc.store.lock();
-            vbds.poll(&mut xs, &mut services)
-        };
-        if progress == Progress::Idle && events.is_empty() {
-            publish_grant_count(svc, &mut published_grants);
+        let polled = vbds.poll_rings(&mut backend);
+        vbds.attend(&mut xs, &mut backend, &polled.attention);
+        if polled.progress == Progress::Idle && watch_events.is_empty() {
+            publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
             apic::halt_until_interrupt(IDLE_HALT_NS);
         }
     }

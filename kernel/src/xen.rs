@@ -3,8 +3,10 @@
 //! xenstore, the PV console, grant mapping).
 //!
 //! Interrupts stay off outside halts, so the upcall handler does nothing
-//! but wake the CPU: events are dispatched from the main flow by
-//! [`poll_events`], and nothing here runs in interrupt context.
+//! but wake the CPU: the job that owns the [`XenConnection`] dispatches
+//! events with [`dispatch_events`], and nothing here runs in interrupt
+//! context. xenstore and console waits poll their own port's pending bit,
+//! so they never need the event channels.
 
 use crate::arch::{apic, clock, interrupts};
 use crate::memory;
@@ -15,7 +17,7 @@ use kernel::paging::Access;
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
-use xen_pv::event::{EventChannels, EvtchnSend, Port};
+use xen_pv::event::{EventChannels, EvtchnSend, Port, take_pending};
 use xen_pv::grant::{GfnWindow, GrantMapper};
 use xen_pv::hvm::{self, UpcallMethod};
 use xen_pv::hypercall::command;
@@ -91,21 +93,22 @@ pub fn tsc_hz(cpuid: &XenCpuid) -> Option<u64> {
     (khz != 0).then(|| u64::from(khz) * 1000)
 }
 
-type Hypercalls = &'static HypercallPage;
+/// How the kernel makes hypercalls.
+pub type Hypercalls = &'static HypercallPage;
 
-/// The services every Xen job uses.
-pub struct Services {
-    /// Event channels, dispatched by [`poll_events`].
-    pub events: Mutex<EventChannels<'static, Hypercalls>>,
+/// What a Xen job owns: its event channels, xenstore connection and
+/// grant mapper (the PV console is the logger's).
+pub struct XenConnection {
+    /// Event channels, dispatched by [`dispatch_events`].
+    pub events: EventChannels<'static, Hypercalls>,
     /// The xenstore connection.
-    pub store: Mutex<Xenstore<'static, PortChannel>>,
+    pub store: Xenstore<'static, PortChannel>,
     /// Grant mappings into the reserved GFN window.
-    pub grants: Mutex<GrantMapper<Hypercalls>>,
+    pub grants: GrantMapper<Hypercalls>,
     /// How upcalls arrive.
     pub upcall: UpcallMethod,
 }
 
-static SERVICES: Once<Services> = Once::new();
 static CONSOLE: Mutex<Option<PvConsole<'static, PortChannel>>> = Mutex::new(None);
 
 /// Vector Xen raises for event-channel upcalls.
@@ -118,23 +121,22 @@ const CONSOLE_WAIT_NS: u64 = 10_000_000;
 /// rings with every request in flight carrying 1 MiB.
 pub const GRANT_WINDOW_FRAMES: u64 = 16384;
 
-/// The services, once [`start_services`] succeeded.
-pub fn services() -> Option<&'static Services> {
-    SERVICES.get()
-}
-
 /// An event channel used as a [`PeerChannel`]: `notify` sends on it,
 /// `wait` halts until its port fires (or gives up after `timeout_ns`).
 pub struct PortChannel {
     xen: Hypercalls,
+    shared: &'static SharedInfo,
     port: Port,
     fired: Arc<AtomicBool>,
     timeout_ns: u64,
 }
 
 impl PortChannel {
+    /// The channel on `port`. An event dispatched by `events` (whoever
+    /// owns them later) is remembered for the next wait.
     fn new(
         xen: Hypercalls,
+        shared: &'static SharedInfo,
         events: &mut EventChannels<'static, Hypercalls>,
         port: u32,
         timeout_ns: u64,
@@ -147,6 +149,7 @@ impl PortChannel {
         );
         Self {
             xen,
+            shared,
             port: Port(port),
             fired,
             timeout_ns,
@@ -164,8 +167,7 @@ impl PeerChannel for PortChannel {
     fn wait(&mut self) -> Result<(), TimedOut> {
         let start = clock::now_ns();
         loop {
-            poll_events();
-            if self.fired.swap(false, Ordering::AcqRel) {
+            if self.fired.swap(false, Ordering::AcqRel) || take_pending(self.shared, 0, self.port) {
                 return Ok(());
             }
             if clock::now_ns() - start > self.timeout_ns {
@@ -176,12 +178,8 @@ impl PeerChannel for PortChannel {
     }
 }
 
-/// Dispatches pending event-channel events to their handlers. Skipped when
-/// the event channels are busy (a log line written while they are held).
-pub fn poll_events() {
-    let Some(mut events) = SERVICES.get().and_then(|s| s.events.try_lock()) else {
-        return;
-    };
+/// Dispatches pending event-channel events to their handlers.
+pub fn dispatch_events(events: &mut EventChannels<'static, Hypercalls>) {
     if UPCALL_TAKEN.swap(false, Ordering::AcqRel) || events.has_pending(0) {
         events.handle_upcall(0);
     }
@@ -193,7 +191,7 @@ static SHARED_INFO: Once<&'static SharedInfo> = Once::new();
 static UPCALL_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// The upcall interrupt: acknowledges it and leaves the scan to
-/// `poll_events` outside interrupt context. The acknowledgement matters:
+/// `dispatch_events` outside interrupt context. The acknowledgement matters:
 /// Xen raises the vector again while `evtchn_upcall_pending` is set, and
 /// an interrupt taken right after every `iretq` would starve the main flow.
 fn on_upcall() {
@@ -207,7 +205,7 @@ fn on_upcall() {
 
 /// Maps shared_info, routes upcalls, connects xenstore and the PV console,
 /// and reserves the grant window above `ram_end`.
-pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Services, XenError> {
+pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, XenError> {
     let hc: Hypercalls = &xen.hypercalls;
     let shared_frame = memory::alloc_frames(1).ok_or(XenError::OutOfMemory)?;
     map_shared_info(&hc, shared_frame / PAGE_SIZE as u64)
@@ -230,13 +228,15 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
     // SAFETY: the store page is shared with xenstored for the domain's
     // life; XenstoreInterface mirrors its layout with atomics.
     let store_iface: &'static XenstoreInterface = unsafe { map_ring_page(&store_ring)? };
-    let store_channel = PortChannel::new(hc, &mut events, store_ring.port, STORE_TIMEOUT_NS);
+    let store_channel =
+        PortChannel::new(hc, shared, &mut events, store_ring.port, STORE_TIMEOUT_NS);
 
     let console_ring =
         hvm::console_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_CONSOLE_*", e))?;
     // SAFETY: as for the store page, with xenconsoled.
     let console_iface: &'static XenconsInterface = unsafe { map_ring_page(&console_ring)? };
-    let console_channel = PortChannel::new(hc, &mut events, console_ring.port, CONSOLE_WAIT_NS);
+    let console_channel =
+        PortChannel::new(hc, shared, &mut events, console_ring.port, CONSOLE_WAIT_NS);
     *CONSOLE.lock() = Some(PvConsole::new(console_iface, console_channel));
 
     let window_base = ram_end.max(4 << 30).next_multiple_of(1 << 30);
@@ -254,12 +254,12 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
         GfnWindow::new(window_base / PAGE_SIZE as u64, GRANT_WINDOW_FRAMES as usize),
     );
 
-    Ok(SERVICES.call_once(|| Services {
-        events: Mutex::new(events),
-        store: Mutex::new(Xenstore::new(store_iface, store_channel)),
-        grants: Mutex::new(grants),
+    Ok(XenConnection {
+        events,
+        store: Xenstore::new(store_iface, store_channel),
+        grants,
         upcall,
-    }))
+    })
 }
 
 /// Maps the page of a ring the toolstack set up (xenstore, console) and

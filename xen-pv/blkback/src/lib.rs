@@ -16,9 +16,9 @@
 //! `sector-size`, `physical-sector-size`; then `state` = 4.
 //!
 //! # What the kernel provides
-//! - A [`Services`] implementation: event channels (bind, send, close),
+//! - A [`BackendServices`] implementation: event channels (bind, send, close),
 //!   batched grant map/unmap into its GFN window, the address at which a
-//!   window frame is mapped, a clock and a console. [`XenServices`] builds
+//!   window frame is mapped, a clock and a console. [`XenBackendServices`] builds
 //!   one from [`EventChannels`], [`GrantMapper`] and a small [`Platform`].
 //! - A [`TargetOpener`] that turns a parsed [`Target`] (`params`, the xl
 //!   `target=`; syntax in [`target`]) into a claimed [`blockdev::DiskView`].
@@ -39,15 +39,18 @@
 //!    [`VbdBackends::on_watch_event`]`(&mut xs, &mut svc, &event)`; it
 //!    returns false for events of other watches (other tokens), which the
 //!    kernel handles itself.
-//! 3. Event-channel upcalls: nothing to call. [`XenServices`] gives each
+//! 3. Event-channel upcalls: nothing to call. [`XenBackendServices`] gives each
 //!    ring port a no-op handler; the upcall only has to wake the poll loop,
 //!    which polls every ring.
-//! 4. Each poll-loop iteration: [`VbdBackends::poll`]`(&mut xs, &mut svc)`.
-//!    It reaps device completions, takes new requests (up to the in-flight
-//!    bound), maps their grants in one batch, submits, unmaps finished
-//!    ones, pushes responses and notifies when the ring's rule says so,
-//!    and finishes disconnects whose in-flight requests have drained.
-//! 5. Idle: when `poll` returns [`Progress::Idle`], every ring has re-armed
+//! 4. Each poll-loop iteration: [`VbdBackends::poll_rings`]`(&mut svc)`
+//!    reaps device completions, takes new requests (up to the in-flight
+//!    bound), maps their grants in batches, submits, unmaps finished ones,
+//!    pushes responses and notifies when the ring's rule says so. It
+//!    touches no xenstore node: what needs the toolstack (a broken ring, a
+//!    drained disconnect, a timed step) comes back in its
+//!    [`RingsPolled::attention`], which
+//!    [`VbdBackends::attend`]`(&mut xs, &mut svc, &attention)` handles.
+//! 5. Idle: when the progress is [`Progress::Idle`], every ring has re-armed
 //!    its request event and nothing is in flight; the kernel may halt
 //!    (interrupts off, check `EventChannels::has_pending` and the xenstore
 //!    ring, then `sti; hlt`). On [`Progress::Busy`] it polls again.
@@ -57,7 +60,7 @@
 //! let mut vbds = VbdBackends::new(KernelTargets::new(/* disks, modules */));
 //! vbds.start(&mut xs)?;
 //! loop {
-//!     let mut svc = XenServices {
+//!     let mut svc = XenBackendServices {
 //!         events: &mut events,
 //!         grants: &mut grants,
 //!         platform: KernelPlatform, // frame_address(gfn) = gfn * 4096
@@ -67,7 +70,9 @@
 //!             kernel_watch(&event); // control/shutdown and friends
 //!         }
 //!     }
-//!     if vbds.poll(&mut xs, &mut svc) == Progress::Idle {
+//!     let polled = vbds.poll_rings(&mut svc);
+//!     vbds.attend(&mut xs, &mut svc, &polled.attention);
+//!     if polled.progress == Progress::Idle {
 //!         halt_until_event(); // cli; if !events.has_pending(0) { sti; hlt }
 //!     }
 //! }
@@ -116,14 +121,14 @@ use core::ptr::NonNull;
 pub use ring_io::FrontendRing;
 pub use served_disk::{SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_sectors};
-pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
+pub use vbd::{Attention, Progress, RingsPolled, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 
 use xen_pv::event::{EventChannels, Port};
 use xen_pv::grant::{GrantError, GrantMapper, GrantSpec, Mapping};
 use xen_pv::{DomId, Errno, Hypercall};
 
 /// What the backend needs from Xen and the kernel.
-pub trait Services {
+pub trait BackendServices {
     /// Binds a local port to the frontend's `remote_port`; an event on it
     /// must wake the poll loop.
     fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno>;
@@ -149,25 +154,25 @@ pub trait Services {
     fn log(&mut self, line: fmt::Arguments<'_>);
 }
 
-/// What only the kernel knows, for [`XenServices`].
+/// What only the kernel knows, for [`XenBackendServices`].
 pub trait Platform {
-    /// See [`Services::frame_address`] (an identity-mapped window:
+    /// See [`BackendServices::frame_address`] (an identity-mapped window:
     /// `gfn * 4096`).
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>>;
-    /// See [`Services::now_ns`].
+    /// See [`BackendServices::now_ns`].
     fn now_ns(&self) -> u64;
-    /// See [`Services::log`].
+    /// See [`BackendServices::log`].
     fn log(&mut self, line: fmt::Arguments<'_>);
 }
 
-/// [`Services`] over this crate's event channels and grant mapper.
-pub struct XenServices<'r, 'a, H, P> {
+/// [`BackendServices`] over this crate's event channels and grant mapper.
+pub struct XenBackendServices<'r, 'a, H, P> {
     pub events: &'r mut EventChannels<'a, H>,
     pub grants: &'r mut GrantMapper<H>,
     pub platform: P,
 }
 
-impl<H: Hypercall, P: Platform> Services for XenServices<'_, '_, H, P> {
+impl<H: Hypercall, P: Platform> BackendServices for XenBackendServices<'_, '_, H, P> {
     fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
         // The upcall only has to wake the poll loop, which polls every ring.
         self.events.bind_interdomain_polled(remote, remote_port)

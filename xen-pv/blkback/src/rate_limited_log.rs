@@ -3,7 +3,7 @@
 use alloc::string::String;
 use core::fmt;
 
-use crate::Services;
+use crate::BackendServices;
 
 /// Log lines one vbd may print per second; the rest are counted.
 pub const MAX_LOG_LINES_PER_SECOND: u32 = 10;
@@ -26,7 +26,7 @@ impl RateLimitedLog {
         }
     }
 
-    pub fn line<S: Services>(&mut self, svc: &mut S, args: fmt::Arguments<'_>) {
+    pub fn line<S: BackendServices>(&mut self, svc: &mut S, args: fmt::Arguments<'_>) {
         let now = svc.now_ns();
         if now.saturating_sub(self.window_start_ns) >= 1_000_000_000 {
             if self.suppressed > 0 {

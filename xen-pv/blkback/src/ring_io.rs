@@ -19,7 +19,7 @@ use xen_pv::grant::{GrantError, GrantRef, GrantSpec, MAX_BATCH, Mapping};
 use xen_pv::ring::{BackRing, RingError};
 use xen_pv::{DomId, PAGE_SIZE};
 
-use crate::Services;
+use crate::BackendServices;
 use crate::blkif::{self, Direction, GrantedSegment, Protocol, Request};
 use crate::persistent::PersistentGrants;
 use crate::plan::{self, Plan, Refusal, Step, Steps};
@@ -232,7 +232,7 @@ impl Ring {
     /// attaches to it and binds its event channel, and allocates the
     /// request state of its slots. At most the disk's queue depth of
     /// requests are held at a time (and no more than the ring size).
-    pub fn connect<S: Services>(
+    pub fn connect<S: BackendServices>(
         svc: &mut S,
         frontend: &FrontendRing,
         disk: &ServedDisk,
@@ -351,7 +351,7 @@ impl Ring {
     }
 
     /// Unmaps the ring page and closes the port. Call once [`Self::drained`].
-    pub fn close<S: Services>(self, svc: &mut S) {
+    pub fn close<S: BackendServices>(self, svc: &mut S) {
         debug_assert!(self.drained());
         // Consuming `self` ends the ring view before its page goes.
         let Ring {
@@ -376,7 +376,7 @@ impl Ring {
     /// responses, notification; re-arms the request event when idle.
     /// Returns whether anything happened. `Err` means the frontend broke
     /// the ring: stop it and disconnect.
-    pub fn poll<S: Services>(
+    pub fn poll<S: BackendServices>(
         &mut self,
         disk: &ServedDisk,
         svc: &mut S,
@@ -412,7 +412,7 @@ impl Ring {
     }
 
     /// Unmaps the data grants of the requests answered since the last call.
-    fn unmap_finished<S: Services>(&mut self, svc: &mut S) {
+    fn unmap_finished<S: BackendServices>(&mut self, svc: &mut S) {
         if self.to_unmap.is_empty() {
             return;
         }
@@ -430,7 +430,7 @@ impl Ring {
     /// Copies requests out while there is a free slot and grant room;
     /// refuses the invalid ones at once, fetches the segments of indirect
     /// ones, and maps the grants of the valid ones in batches.
-    fn take_requests<S: Services>(
+    fn take_requests<S: BackendServices>(
         &mut self,
         disk: &ServedDisk,
         svc: &mut S,
@@ -568,7 +568,7 @@ impl Ring {
     }
 
     /// Answers a request refused before it took a slot's resources.
-    fn refuse<S: Services>(
+    fn refuse<S: BackendServices>(
         &mut self,
         id: u64,
         operation: u8,
@@ -597,7 +597,7 @@ impl Ring {
 
     /// Maps the indirect pages of the indirect requests taken, in
     /// batches, and copies their segments (checked once) into their slots.
-    fn fetch_indirect_segments<S: Services>(&mut self, svc: &mut S) {
+    fn fetch_indirect_segments<S: BackendServices>(&mut self, svc: &mut S) {
         for at in 0..self.taken.len() {
             let index = self.taken[at];
             let Some(indirect) = self.slots[index].indirect else {
@@ -625,7 +625,7 @@ impl Ring {
     }
 
     /// Maps the gathered indirect pages, reads them and unmaps them.
-    fn read_indirect_batch<S: Services>(&mut self, svc: &mut S) {
+    fn read_indirect_batch<S: BackendServices>(&mut self, svc: &mut S) {
         if self.batch.specs.is_empty() {
             return;
         }
@@ -659,7 +659,7 @@ impl Ring {
 
     /// Maps the data grants of the requests accepted in this poll (kept
     /// ones are reused) in batches, then starts them.
-    fn map_and_start<S: Services>(&mut self, svc: &mut S, log: &mut RateLimitedLog) {
+    fn map_and_start<S: BackendServices>(&mut self, svc: &mut S, log: &mut RateLimitedLog) {
         // Persistent grants are mapped writable whatever the direction:
         // the same page serves reads and writes.
         let readonly_allowed = self.persistent.is_none();
@@ -716,7 +716,7 @@ impl Ring {
     }
 
     /// Maps the gathered data grants and records each in its slot.
-    fn map_data_batch<S: Services>(&mut self, svc: &mut S, log: &mut RateLimitedLog) {
+    fn map_data_batch<S: BackendServices>(&mut self, svc: &mut S, log: &mut RateLimitedLog) {
         if self.batch.specs.is_empty() {
             return;
         }
@@ -771,7 +771,7 @@ impl Ring {
     }
 
     /// Fetches device completions and moves their requests on.
-    fn reap<S: Services>(&mut self, svc: &mut S, log: &mut RateLimitedLog) -> bool {
+    fn reap<S: BackendServices>(&mut self, svc: &mut S, log: &mut RateLimitedLog) -> bool {
         let mut any = false;
         let mut done = [Completion::default(); COMPLETION_BATCH];
         // Each pass empties at most one batch; bounded by the slot count.
@@ -803,7 +803,7 @@ impl Ring {
 
     /// Starts the drained barrier, retries steps the device queue had no
     /// room for, and fails requests not started on a stopped ring.
-    fn start_ready<S: Services>(&mut self, svc: &mut S, log: &mut RateLimitedLog) -> bool {
+    fn start_ready<S: BackendServices>(&mut self, svc: &mut S, log: &mut RateLimitedLog) -> bool {
         let mut any = false;
         if let Some(index) = self.barrier
             && self.in_flight == 1
@@ -833,7 +833,7 @@ impl Ring {
 
     /// Submits the next step of the request in slot `index`, or answers it
     /// when none is left (or it failed). Returns whether it moved.
-    fn advance<S: Services>(
+    fn advance<S: BackendServices>(
         &mut self,
         index: usize,
         svc: &mut S,
@@ -952,7 +952,7 @@ fn device_segment(gfn: u64, grant: GrantedSegment) -> blockdev::Segment {
 }
 
 /// Copies `count` segments out of a mapped indirect page, checking each.
-fn read_indirect_page<S: Services>(
+fn read_indirect_page<S: BackendServices>(
     svc: &S,
     page: &Mapping,
     count: usize,
@@ -992,7 +992,7 @@ fn read_indirect_page<S: Services>(
 
 /// Logs the unmaps that failed; their frames stay reserved, which is all
 /// that can be done about them.
-fn log_unmap_failures<S: Services>(svc: &mut S, failures: &mut Vec<(Mapping, GrantError)>) {
+fn log_unmap_failures<S: BackendServices>(svc: &mut S, failures: &mut Vec<(Mapping, GrantError)>) {
     for (m, e) in failures.drain(..) {
         let (gfn, gref) = (m.gfn, m.grant.gref);
         svc.log(format_args!(
@@ -1002,7 +1002,7 @@ fn log_unmap_failures<S: Services>(svc: &mut S, failures: &mut Vec<(Mapping, Gra
 }
 
 /// Unmaps `mappings` (leaving it empty); failures are logged.
-pub fn unmap_logged<S: Services>(svc: &mut S, mappings: &mut Vec<Mapping>) {
+pub fn unmap_logged<S: BackendServices>(svc: &mut S, mappings: &mut Vec<Mapping>) {
     if mappings.is_empty() {
         return;
     }

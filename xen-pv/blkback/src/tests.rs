@@ -334,7 +334,7 @@ impl<'a> Harness<'a> {
         let mut progress = Progress::Busy;
         for _ in 0..100 {
             let moved = uncounted(|| self.xs.channel_mut().step());
-            let mut svc = XenServices {
+            let mut svc = XenBackendServices {
                 events: &mut self.events,
                 grants: &mut self.grants,
                 platform: &mut self.platform,
@@ -344,7 +344,9 @@ impl<'a> Harness<'a> {
                 handled = true;
                 assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
             }
-            progress = self.vbds.poll(&mut self.xs, &mut svc);
+            let polled = self.vbds.poll_rings(&mut svc);
+            self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
+            progress = polled.progress;
             if !moved && !handled && progress == Progress::Idle {
                 break;
             }
@@ -1132,7 +1134,7 @@ fn unusable_frontend_details_are_reported() {
 #[test]
 fn other_watches_are_left_to_the_kernel() {
     run(|h| {
-        let mut svc = XenServices {
+        let mut svc = XenBackendServices {
             events: &mut h.events,
             grants: &mut h.grants,
             platform: &mut h.platform,

@@ -10,14 +10,14 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use crate::Services;
+use crate::BackendServices;
 use crate::blkif::Protocol;
 use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::{FrontendRing, MAX_RING_PAGE_ORDER, Ring};
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
 use xen_pv::DomId;
-use xen_pv::ring::PeerChannel;
+use xen_pv::ring::{PeerChannel, RingError};
 use xen_pv::xenbus::XenbusState;
 use xen_pv::xenstore::{Tx, WatchEvent, Xenstore, XsError};
 
@@ -51,6 +51,27 @@ pub enum Progress {
     Busy,
     /// Every ring is re-armed and nothing is in flight.
     Idle,
+}
+
+/// What a vbd needs from xenstore after its rings were polled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attention {
+    /// The frontend broke a ring; the rings are stopped: say why and close.
+    BrokenRing(RingError),
+    /// Its rings drained after a stop: move the state machine on.
+    Drained,
+    /// A timed step (a detached vbd's grace) is due.
+    Due,
+}
+
+/// What [`VbdBackends::poll_rings`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RingsPolled {
+    /// Whether to poll again at once.
+    pub progress: Progress,
+    /// Vbds that need xenstore work, for [`VbdBackends::attend`] (empty,
+    /// and unallocated, in the steady state).
+    pub attention: Vec<(VbdId, Attention)>,
 }
 
 /// A vbd as seen from outside (console, tests).
@@ -131,7 +152,7 @@ impl<O: TargetOpener> VbdBackends<O> {
     }
 
     /// Handles one watch event; false if it belongs to another watch.
-    pub fn on_watch_event<C: PeerChannel, S: Services>(
+    pub fn on_watch_event<C: PeerChannel, S: BackendServices>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
         svc: &mut S,
@@ -159,16 +180,18 @@ impl<O: TargetOpener> VbdBackends<O> {
         true
     }
 
-    /// Serves every ring and finishes drained disconnects.
-    pub fn poll<C: PeerChannel, S: Services>(
-        &mut self,
-        xs: &mut Xenstore<'_, C>,
-        svc: &mut S,
-    ) -> Progress {
+    /// Serves every ring; touches no xenstore node. What needs the
+    /// toolstack (broken rings, drained disconnects, timed steps) is
+    /// returned for [`Self::attend`].
+    pub fn poll_rings<S: BackendServices>(&mut self, svc: &mut S) -> RingsPolled {
         let mut busy = false;
-        let mut settle = Vec::new();
+        let mut attention = Vec::new();
+        let now = svc.now_ns();
         for vbd in self.devices.values_mut() {
-            let Some(disk) = &mut vbd.disk else {
+            if vbd.recheck_at.is_some_and(|at| now >= at) {
+                attention.push((vbd.id, Attention::Due));
+            }
+            let Some(disk) = &vbd.disk else {
                 continue;
             };
             let mut broken = None;
@@ -182,28 +205,38 @@ impl<O: TargetOpener> VbdBackends<O> {
             if let Some(e) = broken {
                 vbd.stop_rings();
                 busy = true;
-                let why = format!("frontend broke a ring ({e:?}: requests beyond its size)");
-                report(xs, svc, vbd, &why, XenbusState::Closing);
+                attention.push((vbd.id, Attention::BrokenRing(e)));
             }
             if vbd.drained() {
-                settle.push(vbd.id);
+                attention.push((vbd.id, Attention::Drained));
+                busy = true;
             }
         }
-        for id in settle {
-            self.update(xs, svc, id);
-            busy = true;
+        RingsPolled {
+            progress: if busy { Progress::Busy } else { Progress::Idle },
+            attention,
         }
-        let now = svc.now_ns();
-        let due: Vec<VbdId> = self
-            .devices
-            .values()
-            .filter(|vbd| vbd.recheck_at.is_some_and(|at| now >= at))
-            .map(|vbd| vbd.id)
-            .collect();
-        for id in due {
-            self.update(xs, svc, id);
+    }
+
+    /// Does the xenstore work [`Self::poll_rings`] asked for.
+    pub fn attend<C: PeerChannel, S: BackendServices>(
+        &mut self,
+        xs: &mut Xenstore<'_, C>,
+        svc: &mut S,
+        attention: &[(VbdId, Attention)],
+    ) {
+        for &(id, need) in attention {
+            match need {
+                Attention::BrokenRing(e) => {
+                    if let Some(vbd) = self.devices.get_mut(&id) {
+                        let why =
+                            format!("frontend broke a ring ({e:?}: requests beyond its size)");
+                        report(xs, svc, vbd, &why, XenbusState::Closing);
+                    }
+                }
+                Attention::Drained | Attention::Due => self.update(xs, svc, id),
+            }
         }
-        if busy { Progress::Busy } else { Progress::Idle }
     }
 
     /// The vbd's current position, if it is known.
@@ -216,7 +249,11 @@ impl<O: TargetOpener> VbdBackends<O> {
     }
 
     /// Lists `backend/vbd/*/*`: adds new vbds, drops vanished ones.
-    fn rescan<C: PeerChannel, S: Services>(&mut self, xs: &mut Xenstore<'_, C>, svc: &mut S) {
+    fn rescan<C: PeerChannel, S: BackendServices>(
+        &mut self,
+        xs: &mut Xenstore<'_, C>,
+        svc: &mut S,
+    ) {
         let mut present = Vec::new();
         let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
         for frontend in &frontends {
@@ -262,7 +299,7 @@ impl<O: TargetOpener> VbdBackends<O> {
     }
 
     /// Runs the state machine of one vbd; drops it once it is gone.
-    fn update<C: PeerChannel, S: Services>(
+    fn update<C: PeerChannel, S: BackendServices>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
         svc: &mut S,
@@ -286,7 +323,7 @@ impl<O: TargetOpener> VbdBackends<O> {
 }
 
 /// One level-triggered step of a vbd's state machine.
-fn step<C: PeerChannel, S: Services, O: TargetOpener>(
+fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
@@ -429,7 +466,7 @@ fn detach<C: PeerChannel>(
 
 /// Reads the toolstack's nodes, opens the target and publishes the
 /// features, then InitWait. False while the nodes are incomplete.
-fn open<C: PeerChannel, S: Services, O: TargetOpener>(
+fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
@@ -513,7 +550,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
 /// Maps the frontend's rings and binds their channels, publishes the
 /// disk's size, then Connected. A frontend whose details are unusable gets
 /// an error node and Closing.
-fn connect<C: PeerChannel, S: Services>(
+fn connect<C: PeerChannel, S: BackendServices>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
@@ -655,7 +692,7 @@ fn read_frontend_rings<C: PeerChannel>(
 
 /// Reports a failure in the vbd's `error` node and on the console, then
 /// moves to `state`.
-fn report<C: PeerChannel, S: Services>(
+fn report<C: PeerChannel, S: BackendServices>(
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
     vbd: &mut Vbd,
