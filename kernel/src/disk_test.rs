@@ -9,7 +9,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::{Completion, Geometry, QueueHandle, Request, Segment, SubmitError};
 use drivers::hal::{DmaRegion, Hal, PAGE_SIZE};
-use kernel::pattern::{first_mismatch, pattern_byte};
+use test_pattern::{first_mismatch, pattern_byte};
 
 /// Longest a single request may take before the test calls it hung
 /// (drivers time out and reset well before this).

@@ -5,4 +5,3 @@
 pub mod cmdline;
 pub mod frames;
 pub mod paging;
-pub mod pattern;

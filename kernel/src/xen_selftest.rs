@@ -11,7 +11,7 @@ use crate::xen::{Hypercalls, XenConnection};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use kernel::pattern::first_mismatch;
+use test_pattern::first_mismatch;
 use xen_pv::grant::{GrantMapper, GrantSpec, Mapping};
 use xen_pv::ring::PeerChannel;
 use xen_pv::xenstore::{Tx, XsError};
