@@ -228,8 +228,7 @@ fn trigger(fault: Fault) -> ! {
             (0x0000_7fff_dead_0000 as *const u64).read_volatile();
         },
         Fault::Panic => panic!("panic requested on the command line"),
-        // SAFETY: ud2 raises #UD, whose handler never returns.
-        Fault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        Fault::InvalidOpcode => cpu::raise_invalid_opcode(),
         Fault::StackOverflow => {
             recurse(core::hint::black_box(0));
         }

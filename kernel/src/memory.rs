@@ -2,10 +2,11 @@
 //! page tables (identity map of all RAM, W^X kernel image, guard page under
 //! the boot stack, uncached MMIO on request) and the heap.
 
+use crate::arch::mmu;
+use crate::arch::paging::{Access, MapError, PAGE, PageTables, TableMemory};
 use boot::start_info::{MemoryType, StartInfo};
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::frames::{FRAME_SIZE, FrameAllocator};
-use kernel::paging::{Access, MapError, PAGE, PageTables, TableMemory};
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 
@@ -189,9 +190,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
     // its image (code executable, data writable), its stack, all RAM and
     // the loader's data, so execution continues unchanged at the same
     // addresses.
-    unsafe {
-        core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags));
-    }
+    unsafe { mmu::load_root(root) };
     TABLES_LIVE.store(true, Ordering::Release);
 
     for r in ram() {
@@ -263,7 +262,7 @@ pub fn map_identity(phys: u64, len: u64, access: Access) -> Result<u64, MapError
     let tables = guard.as_mut().ok_or(MapError::OutOfTables)?;
     tables.map(start, start, end - start, access)?;
     for page in (start..end).step_by(PAGE as usize) {
-        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(page));
+        mmu::flush_page(page);
     }
     Ok(phys)
 }

@@ -8,12 +8,12 @@
 //! context. xenstore and console waits poll their own port's pending bit,
 //! so they never need the event channels.
 
-use crate::arch::{apic, clock, interrupts};
+use crate::arch::paging::Access;
+use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, Ordering};
-use kernel::paging::Access;
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
@@ -89,7 +89,7 @@ pub fn tsc_hz(cpuid: &XenCpuid) -> Option<u64> {
     if cpuid.max_leaf < cpuid.base + 3 {
         return None;
     }
-    let khz = core::arch::x86_64::__cpuid_count(cpuid.base + 3, 0).ecx;
+    let (_, _, khz, _) = cpu::cpuid_count(cpuid.base + 3, 0);
     (khz != 0).then(|| u64::from(khz) * 1000)
 }
 
