@@ -3,7 +3,7 @@
 //! the boot stack, uncached MMIO on request) and the heap.
 
 use crate::arch::mmu;
-use crate::arch::paging::{Access, MapError, PAGE, PageTables, TableMemory};
+use crate::arch::paging::{MapError, PAGE, PageAccess, PageTables, TableMemory};
 use boot::start_info::{MemoryType, StartInfo};
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::frames::{FRAME_SIZE, FrameAllocator};
@@ -154,7 +154,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
         let start = r.start.next_multiple_of(PAGE).max(PAGE);
         let end = r.end() & !(PAGE - 1);
         if start < end {
-            tables.map(start, start, end - start, Access::DATA)?;
+            tables.map(start, start, end - start, PageAccess::DATA)?;
         }
     }
     for r in info
@@ -167,18 +167,23 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
             start,
             start,
             r.end().next_multiple_of(PAGE) - start,
-            Access::READ_ONLY,
+            PageAccess::READ_ONLY,
         )?;
     }
     if info.rsdp != 0 {
         let page = info.rsdp & !(PAGE - 1);
         if tables.translate(page).is_none() {
-            tables.map(page, page, PAGE, Access::READ_ONLY)?;
+            tables.map(page, page, PAGE, PageAccess::READ_ONLY)?;
         }
     }
-    tables.map(kstart, kstart, text_end - kstart, Access::CODE)?;
-    tables.map(text_end, text_end, rodata_end - text_end, Access::READ_ONLY)?;
-    tables.map(rodata_end, rodata_end, kend - rodata_end, Access::DATA)?;
+    tables.map(kstart, kstart, text_end - kstart, PageAccess::CODE)?;
+    tables.map(
+        text_end,
+        text_end,
+        rodata_end - text_end,
+        PageAccess::READ_ONLY,
+    )?;
+    tables.map(rodata_end, rodata_end, kend - rodata_end, PageAccess::DATA)?;
     tables.unmap(boot::pvh::stack_guard_page(), PAGE)?;
     let wx = tables.writable_executable_leaves();
     if wx != 0 {
@@ -252,7 +257,7 @@ fn check_ram_ends(info: &StartInfo) -> Result<u64, MemoryError> {
 /// Identity-maps the pages covering `[phys, phys+len)` with `access`
 /// (replacing any earlier mapping) and returns the virtual address of
 /// `phys`, equal to it.
-pub fn map_identity(phys: u64, len: u64, access: Access) -> Result<u64, MapError> {
+pub fn map_identity(phys: u64, len: u64, access: PageAccess) -> Result<u64, MapError> {
     let start = phys & !(PAGE - 1);
     let end = phys
         .checked_add(len)
@@ -269,11 +274,11 @@ pub fn map_identity(phys: u64, len: u64, access: Access) -> Result<u64, MapError
 
 /// Maps `len` bytes of device registers at `phys` uncached.
 pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
-    map_identity(phys, len, Access::MMIO).ok()
+    map_identity(phys, len, PageAccess::MMIO).ok()
 }
 
 /// Changes how kernel-owned memory at `[phys, phys+len)` may be used.
-pub fn protect(phys: u64, len: u64, access: Access) -> Result<(), MapError> {
+pub fn protect(phys: u64, len: u64, access: PageAccess) -> Result<(), MapError> {
     map_identity(phys, len, access).map(drop)
 }
 
@@ -325,7 +330,7 @@ pub fn read_firmware(phys: u64, buf: &mut [u8]) -> bool {
         };
         for page in (first..end).step_by(PAGE as usize) {
             if tables.translate(page).is_none()
-                && tables.map(page, page, PAGE, Access::READ_ONLY).is_err()
+                && tables.map(page, page, PAGE, PageAccess::READ_ONLY).is_err()
             {
                 return false;
             }
@@ -354,7 +359,7 @@ pub fn read_u64(addr: u64) -> Option<u64> {
     let mut guard = TABLES.try_lock()?;
     match guard.as_mut() {
         Some(tables) => tables.translate(addr)?,
-        None if addr < EARLY_MAPPED => (addr, Access::DATA),
+        None if addr < EARLY_MAPPED => (addr, PageAccess::DATA),
         None => return None,
     };
     // SAFETY: the page is mapped (just checked) and aligned; a stale read

@@ -8,7 +8,7 @@
 //! context. xenstore and console waits poll their own port's pending bit,
 //! so they never need the event channels.
 
-use crate::arch::paging::Access;
+use crate::arch::paging::PageAccess;
 use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
@@ -74,7 +74,7 @@ pub fn init(cpuid: XenCpuid) -> Result<&'static Xen, XenError> {
     // identity-mapped writable, and is used for nothing else.
     let hypercalls =
         unsafe { HypercallPage::install(page, frame, &cpuid) }.map_err(XenError::HypercallPage)?;
-    memory::protect(frame, PAGE_SIZE as u64, Access::CODE).map_err(|_| XenError::Map)?;
+    memory::protect(frame, PAGE_SIZE as u64, PageAccess::CODE).map_err(|_| XenError::Map)?;
     Ok(XEN.call_once(|| Xen { cpuid, hypercalls }))
 }
 
@@ -243,7 +243,7 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
     memory::map_identity(
         window_base,
         GRANT_WINDOW_FRAMES * PAGE_SIZE as u64,
-        Access::DATA,
+        PageAccess::DATA,
     )
     .map_err(|_| XenError::Map)?;
     let window_end = window_base + GRANT_WINDOW_FRAMES * PAGE_SIZE as u64;
@@ -273,8 +273,8 @@ unsafe fn map_ring_page<T>(ring: &hvm::RingParams) -> Result<&'static T, XenErro
         .gfn
         .checked_mul(PAGE_SIZE as u64)
         .ok_or(XenError::Map)?;
-    let addr =
-        memory::map_identity(page, PAGE_SIZE as u64, Access::DATA).map_err(|_| XenError::Map)?;
+    let addr = memory::map_identity(page, PAGE_SIZE as u64, PageAccess::DATA)
+        .map_err(|_| XenError::Map)?;
     // SAFETY: mapped just above; the caller vouches for what lives there.
     Ok(unsafe { &*(addr as *const T) })
 }

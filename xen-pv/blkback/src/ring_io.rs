@@ -20,13 +20,13 @@ use xen_pv::ring::{BackRing, RingError};
 use xen_pv::{DomId, PAGE_SIZE};
 
 use crate::BackendServices;
-use crate::blkif::{self, Direction, GrantedSegment, Protocol, Request};
+use crate::blkif::{self, BlkifRequest, Direction, GrantedSegment, Protocol};
 use crate::persistent::PersistentGrants;
 use crate::plan::{self, Plan, Refusal, Step, Steps};
 use crate::rate_limited_log::RateLimitedLog;
 use crate::served_disk::{SECTOR_SIZE, ServedDisk};
 
-/// Rounds of complete / start / consume in one [`Ring::poll`], so a device
+/// Rounds of complete / start / consume in one [`BlkifRing::serve`], so a device
 /// that completes at once is answered in the same poll without a frontend
 /// being able to keep the loop busy forever.
 const ROUNDS_PER_POLL: usize = 4;
@@ -195,7 +195,7 @@ struct MapBatch {
 }
 
 /// A connected ring.
-pub struct Ring {
+pub struct BlkifRing {
     frontend: DomId,
     protocol: Protocol,
     port: Port,
@@ -227,7 +227,7 @@ pub struct Ring {
     persistent: Option<PersistentGrants>,
 }
 
-impl Ring {
+impl BlkifRing {
     /// Opens a disk queue for the ring, maps the frontend's ring page,
     /// attaches to it and binds its event channel, and allocates the
     /// request state of its slots. At most the disk's queue depth of
@@ -236,7 +236,7 @@ impl Ring {
         svc: &mut S,
         frontend: &FrontendRing,
         disk: &ServedDisk,
-    ) -> Result<Ring, ConnectError> {
+    ) -> Result<BlkifRing, ConnectError> {
         let FrontendRing {
             domid,
             ref ring_refs,
@@ -307,7 +307,7 @@ impl Ring {
             svc.close_port(port);
             return Err(ConnectError::OutOfMemory);
         };
-        Ok(Ring {
+        Ok(BlkifRing {
             frontend: domid,
             protocol,
             port,
@@ -354,7 +354,7 @@ impl Ring {
     pub fn close<S: BackendServices>(self, svc: &mut S) {
         debug_assert!(self.drained());
         // Consuming `self` ends the ring view before its page goes.
-        let Ring {
+        let BlkifRing {
             port,
             ring_mappings,
             to_unmap,
@@ -376,7 +376,7 @@ impl Ring {
     /// responses, notification; re-arms the request event when idle.
     /// Returns whether anything happened. `Err` means the frontend broke
     /// the ring: stop it and disconnect.
-    pub fn poll<S: BackendServices>(
+    pub fn serve<S: BackendServices>(
         &mut self,
         disk: &ServedDisk,
         svc: &mut S,
@@ -468,7 +468,7 @@ impl Ring {
             };
             let slot = &mut self.slots[index];
             let planned = match request {
-                Request::ReadWrite {
+                BlkifRequest::ReadWrite {
                     id,
                     direction,
                     sector,
@@ -479,7 +479,7 @@ impl Ring {
                     slot.grants.extend_from_slice(segments.as_slice());
                     plan::plan_data(direction, sector, &slot.grants, disk)
                 }
-                Request::Barrier {
+                BlkifRequest::Barrier {
                     id,
                     sector,
                     segments,
@@ -489,11 +489,11 @@ impl Ring {
                     slot.grants.extend_from_slice(segments.as_slice());
                     plan::plan_barrier(sector, &slot.grants, disk)
                 }
-                Request::Flush { id } => {
+                BlkifRequest::Flush { id } => {
                     slot.take(id, blkif::OP_FLUSH_DISKCACHE);
                     plan::plan_flush(disk)
                 }
-                Request::Discard {
+                BlkifRequest::Discard {
                     id,
                     sector,
                     nr_sectors,
@@ -502,7 +502,7 @@ impl Ring {
                     slot.take(id, blkif::OP_DISCARD);
                     plan::plan_discard(sector, nr_sectors, secure, disk)
                 }
-                Request::Indirect {
+                BlkifRequest::Indirect {
                     id,
                     direction,
                     sector,

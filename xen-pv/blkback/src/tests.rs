@@ -1173,15 +1173,15 @@ fn random_blkif_entries_parse_to_valid_requests_or_refusals() {
             for max_indirect in [0, 256] {
                 match blkif::parse_request(protocol, &entry, max_indirect) {
                     Ok(
-                        blkif::Request::ReadWrite { segments, .. }
-                        | blkif::Request::Barrier { segments, .. },
+                        blkif::BlkifRequest::ReadWrite { segments, .. }
+                        | blkif::BlkifRequest::Barrier { segments, .. },
                     ) => {
                         let segs = segments.as_slice();
                         assert!(segs.len() <= blkif::MAX_SEGMENTS_PER_REQUEST);
                         assert!(segs.iter().all(|s| s.first_sect <= s.last_sect
                             && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE));
                     }
-                    Ok(blkif::Request::Indirect { nr_segments, .. }) => {
+                    Ok(blkif::BlkifRequest::Indirect { nr_segments, .. }) => {
                         assert!(nr_segments >= 1 && nr_segments <= max_indirect)
                     }
                     Ok(_) | Err(_) => {}

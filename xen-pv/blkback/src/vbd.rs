@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 use crate::BackendServices;
 use crate::blkif::Protocol;
 use crate::rate_limited_log::RateLimitedLog;
-use crate::ring_io::{FrontendRing, MAX_RING_PAGE_ORDER, Ring};
+use crate::ring_io::{BlkifRing, FrontendRing, MAX_RING_PAGE_ORDER};
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
 use xen_pv::DomId;
@@ -95,7 +95,7 @@ struct Vbd {
     state: XenbusState,
     disk: Option<ServedDisk>,
     /// The connected rings (one per queue the frontend opened).
-    rings: Vec<Ring>,
+    rings: Vec<BlkifRing>,
     /// The target could not be served; waits for the toolstack.
     failed: bool,
     /// The directory is gone; dropped once the ring has drained.
@@ -115,12 +115,12 @@ impl Vbd {
     }
 
     fn stop_rings(&mut self) {
-        self.rings.iter_mut().for_each(Ring::stop);
+        self.rings.iter_mut().for_each(BlkifRing::stop);
     }
 
     /// Rings were stopped and nothing is in flight on any of them.
     fn drained(&self) -> bool {
-        self.connected() && self.rings.iter().all(Ring::drained)
+        self.connected() && self.rings.iter().all(BlkifRing::drained)
     }
 }
 
@@ -196,7 +196,7 @@ impl<O: TargetOpener> VbdBackends<O> {
             };
             let mut broken = None;
             for ring in &mut vbd.rings {
-                match ring.poll(disk, svc, &mut vbd.log) {
+                match ring.serve(disk, svc, &mut vbd.log) {
                     Ok(worked) => busy |= worked,
                     Err(e) => broken = Some(e),
                 }
@@ -244,7 +244,7 @@ impl<O: TargetOpener> VbdBackends<O> {
         self.devices.get(&id).map(|vbd| VbdStatus {
             state: vbd.state,
             connected: vbd.connected(),
-            in_flight: vbd.rings.iter().map(Ring::in_flight).sum(),
+            in_flight: vbd.rings.iter().map(BlkifRing::in_flight).sum(),
         })
     }
 
@@ -571,7 +571,7 @@ fn connect<C: PeerChannel, S: BackendServices>(
     };
     let mut connected = Vec::with_capacity(rings.len());
     for (queue, published) in (0..).zip(&rings) {
-        match Ring::connect(svc, published, disk) {
+        match BlkifRing::connect(svc, published, disk) {
             Ok(ring) => connected.push(ring),
             Err(e) => {
                 for mut ring in connected {
