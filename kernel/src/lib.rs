@@ -5,8 +5,8 @@
 
 pub mod cmdline;
 pub mod frames;
-/// The x86-64 page-table format: architecture code, so it lives under
-/// `arch/x86_64/`; built here to be host-tested, and reached by the kernel
-/// through its `arch` facade (`arch::paging`).
+// The x86-64 page-table format: architecture code, so it lives under
+// `arch/x86_64/`; built here to be host-tested, and reached by the kernel
+// through its `arch` facade (`arch::paging`).
 #[path = "arch/x86_64/paging.rs"]
 pub mod paging;

@@ -101,6 +101,7 @@ extern crate std;
 #[cfg(test)]
 mod alloc_count;
 pub mod blkif;
+mod negotiate;
 pub mod persistent;
 mod plan;
 pub mod rate_limited_log;

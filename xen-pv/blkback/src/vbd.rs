@@ -11,9 +11,11 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use crate::BackendServices;
-use crate::blkif::Protocol;
+use crate::negotiate::{
+    Offer, parse_number, publish_features, publish_size, read_frontend_rings, read_optional,
+};
 use crate::rate_limited_log::RateLimitedLog;
-use crate::ring_io::{BlkifRing, FrontendRing, MAX_RING_PAGE_ORDER};
+use crate::ring_io::BlkifRing;
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
 use xen_pv::DomId;
@@ -25,17 +27,13 @@ use xen_pv::xenstore::{Tx, WatchEvent, Xenstore, XsError};
 const BACKEND_DIR: &str = "backend/vbd";
 /// Token of the watch on `backend/vbd`.
 pub const WATCH_TOKEN: &str = "stordom-blkback";
-/// Token prefix of the watches on frontends' `state` nodes.
 /// How long a detached vbd stays Closed before its directory goes.
 const DETACH_GRACE_NS: u64 = 1_000_000_000;
 /// How often a detached vbd looks again (the grace ended, or the frontend
 /// went without a watch event reaching us).
 const DETACH_RECHECK_NS: u64 = 250_000_000;
+/// Token prefix of the watches on frontends' `state` nodes.
 const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
-/// `info` bits (`VDISK_*` in blkif.h).
-const VDISK_CDROM: u32 = 1;
-const VDISK_REMOVABLE: u32 = 2;
-const VDISK_READONLY: u32 = 4;
 
 /// A vbd: the frontend domain and its device id (the directory names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -494,47 +492,13 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
             return Ok(false);
         }
     };
-    let info = [
-        (cdrom, VDISK_CDROM),
-        (removable, VDISK_REMOVABLE),
-        (read_only, VDISK_READONLY),
-    ]
-    .iter()
-    .filter(|(set, _)| *set)
-    .fold(0, |info, (_, bit)| info | bit);
-    let discard = disk.discard_granularity_bytes().filter(|_| discard_enabled);
-    let flush = disk.flushes();
-    let max_indirect = disk.max_indirect_segments();
-    let max_queues = disk.max_queues();
-    xs.transaction(|xs, tx| {
-        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: &str| {
-            xs.write(tx, &format!("{path}/{name}"), value.as_bytes())
-        };
-        write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
-        write(xs, "feature-barrier", "1")?;
-        write(xs, "feature-persistent", "1")?;
-        write(xs, "max-ring-page-order", &MAX_RING_PAGE_ORDER.to_string())?;
-        if max_queues > 1 {
-            write(xs, "multi-queue-max-queues", &max_queues.to_string())?;
-        }
-        if max_indirect > 0 {
-            write(
-                xs,
-                "feature-max-indirect-segments",
-                &max_indirect.to_string(),
-            )?;
-        }
-        match discard {
-            Some(granularity) => {
-                write(xs, "feature-discard", "1")?;
-                write(xs, "discard-granularity", &granularity.to_string())?;
-                write(xs, "discard-alignment", "0")?;
-                write(xs, "discard-secure", "0")?;
-            }
-            None => write(xs, "feature-discard", "0")?,
-        }
-        write(xs, "info", &info.to_string())
-    })?;
+    let offer = Offer {
+        read_only,
+        cdrom,
+        removable,
+        discard_enabled,
+    };
+    publish_features(xs, &path, &disk, &offer)?;
     let sectors = disk.sectors();
     vbd.disk = Some(disk);
     vbd.log.line(
@@ -585,15 +549,7 @@ fn connect<C: PeerChannel, S: BackendServices>(
         }
     }
     let path = vbd.path.clone();
-    let written = xs.transaction(|xs, tx| {
-        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: u64| {
-            xs.write(tx, &format!("{path}/{name}"), value.to_string().as_bytes())
-        };
-        write(xs, "sectors", sectors)?;
-        write(xs, "sector-size", u64::from(geometry.logical_block_size))?;
-        let physical = u64::from(geometry.physical_block_size);
-        write(xs, "physical-sector-size", physical)
-    });
+    let written = publish_size(xs, &path, sectors, &geometry);
     vbd.rings = connected;
     written?;
     // A reconnect clears the complaint about the previous connection.
@@ -613,81 +569,6 @@ fn connect<C: PeerChannel, S: BackendServices>(
         );
     }
     set_state(xs, vbd, XenbusState::Connected)
-}
-
-/// Reads what the frontend published for its rings: `ring-ref` (or
-/// `ring-ref0..` after `ring-page-order`) and `event-channel` in its
-/// directory, or in `queue-<n>/` for each of `multi-queue-num-queues`
-/// queues; `protocol` and `feature-persistent`. The inner `Err` explains
-/// what is unusable.
-fn read_frontend_rings<C: PeerChannel>(
-    xs: &mut Xenstore<'_, C>,
-    frontend: &str,
-    domid: DomId,
-    max_queues: u16,
-) -> Result<Result<Vec<FrontendRing>, String>, XsError> {
-    let number = |xs: &mut Xenstore<'_, C>, path: &str| -> Result<Option<u32>, XsError> {
-        Ok(read_optional(xs, path)?
-            .as_deref()
-            .and_then(parse_number::<u32>))
-    };
-    let protocol = read_optional(xs, &format!("{frontend}/protocol"))?;
-    let Some(protocol) = Protocol::from_xenstore(protocol.as_deref()) else {
-        return Ok(Err(format!("unknown protocol {protocol:?}")));
-    };
-    let persistent = number(xs, &format!("{frontend}/feature-persistent"))? == Some(1);
-    let queues_node = format!("{frontend}/multi-queue-num-queues");
-    let queues = match read_optional(xs, &queues_node)? {
-        None => 1,
-        Some(text) => match parse_number::<u16>(&text).filter(|q| (1..=max_queues).contains(q)) {
-            Some(queues) => queues,
-            None => return Ok(Err(format!("{text:?} queues asked, at most {max_queues}"))),
-        },
-    };
-    let order_node = format!("{frontend}/ring-page-order");
-    let page_order = match read_optional(xs, &order_node)? {
-        None => None,
-        Some(text) => match parse_number::<u32>(&text).filter(|o| *o <= MAX_RING_PAGE_ORDER) {
-            Some(order) => Some(order),
-            None => {
-                return Ok(Err(format!(
-                    "ring-page-order {text:?} beyond {MAX_RING_PAGE_ORDER}"
-                )));
-            }
-        },
-    };
-    let mut rings = Vec::with_capacity(usize::from(queues));
-    for queue in 0..queues {
-        let dir = if queues == 1 {
-            String::from(frontend)
-        } else {
-            format!("{frontend}/queue-{queue}")
-        };
-        let ref_names: Vec<String> = match page_order {
-            None => alloc::vec![format!("{dir}/ring-ref")],
-            Some(order) => (0..1u32 << order)
-                .map(|i| format!("{dir}/ring-ref{i}"))
-                .collect(),
-        };
-        let mut ring_refs = Vec::with_capacity(ref_names.len());
-        for name in &ref_names {
-            match number(xs, name)? {
-                Some(gref) => ring_refs.push(gref),
-                None => return Ok(Err(format!("no usable {name}"))),
-            }
-        }
-        let Some(event_channel) = number(xs, &format!("{dir}/event-channel"))? else {
-            return Ok(Err(format!("no usable event-channel in {dir}")));
-        };
-        rings.push(FrontendRing {
-            domid,
-            ring_refs,
-            event_channel,
-            protocol,
-            persistent,
-        });
-    }
-    Ok(Ok(rings))
 }
 
 /// Reports a failure in the vbd's `error` node and on the console, then
@@ -722,18 +603,6 @@ fn set_state<C: PeerChannel>(
     Ok(())
 }
 
-/// A node's text, `None` if it does not exist (or is not text).
-fn read_optional<C: PeerChannel>(
-    xs: &mut Xenstore<'_, C>,
-    path: &str,
-) -> Result<Option<String>, XsError> {
-    match xs.read_string(Tx::NONE, path) {
-        Ok(value) => Ok(Some(value)),
-        Err(XsError::NoEntry | XsError::Invalid) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 fn frontend_token(id: VbdId) -> String {
     format!("{FRONTEND_TOKEN}{}/{}", id.frontend, id.devid)
 }
@@ -745,12 +614,6 @@ fn parse_id(text: &str) -> Option<VbdId> {
         frontend: parse_number(frontend)?,
         devid: parse_number(devid)?,
     })
-}
-
-/// A decimal number of digits only.
-fn parse_number<T: core::str::FromStr>(text: &str) -> Option<T> {
-    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
-    digits.then(|| text.parse().ok()).flatten()
 }
 
 /// Classifies a path reported by the `backend/vbd` watch, relative or

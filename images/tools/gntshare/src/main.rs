@@ -2,7 +2,7 @@
 //! through Linux's gntalloc device, prints their grant references on one
 //! line, and keeps them granted until stdin closes (or a line is read).
 //!
-//! usage: gntshare DOMID COUNT [SEED]
+//! usage: gntshare DOMID COUNT \[SEED\]
 //! Page i holds `test_pattern::pattern_byte(seed, i, offset)`, which
 //! stordom recomputes to check what it mapped.
 
