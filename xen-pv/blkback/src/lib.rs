@@ -101,10 +101,11 @@ extern crate std;
 #[cfg(test)]
 mod alloc_count;
 pub mod blkif;
-mod negotiate;
+pub mod negotiate;
 pub mod persistent;
 mod plan;
 pub mod rate_limited_log;
+mod request_slot;
 pub mod ring_io;
 pub mod served_disk;
 #[cfg(test)]
@@ -119,7 +120,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
 
-pub use ring_io::FrontendRing;
+pub use negotiate::FrontendRing;
 pub use served_disk::{SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_sectors};
 pub use vbd::{Attention, Progress, RingsPolled, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};

@@ -8,11 +8,12 @@ use alloc::vec::Vec;
 
 use blockdev::Geometry;
 use xen_pv::DomId;
+use xen_pv::grant::GrantRef;
 use xen_pv::ring::PeerChannel;
 use xen_pv::xenstore::{Tx, Xenstore, XsError};
 
 use crate::blkif::Protocol;
-use crate::ring_io::{FrontendRing, MAX_RING_PAGE_ORDER};
+use crate::ring_io::MAX_RING_PAGE_ORDER;
 use crate::served_disk::ServedDisk;
 
 /// `info` bits (`VDISK_*` in blkif.h).
@@ -99,6 +100,22 @@ pub(crate) fn publish_size<C: PeerChannel>(
         let physical = u64::from(geometry.physical_block_size);
         write(xs, "physical-sector-size", physical)
     })
+}
+
+/// What a frontend published for its ring (its xenstore directory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendRing {
+    /// The frontend domain.
+    pub domid: DomId,
+    /// `ring-ref`, or `ring-ref0..` for a ring of `1 << ring-page-order`
+    /// pages: the grants of the shared ring's pages, in order.
+    pub ring_refs: Vec<GrantRef>,
+    /// `event-channel`: the frontend's unbound port.
+    pub event_channel: u32,
+    /// `protocol`: the ABI of the ring entries.
+    pub protocol: Protocol,
+    /// `feature-persistent`: the frontend keeps its data grants.
+    pub persistent: bool,
 }
 
 /// Reads what the frontend published for its rings: `ring-ref` (or

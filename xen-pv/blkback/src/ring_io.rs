@@ -10,21 +10,25 @@
 use alloc::collections::TryReserveError;
 use alloc::vec::Vec;
 use core::fmt;
-use core::mem::size_of;
 use core::ptr::NonNull;
 
 use blockdev::{Completion, QueueHandle, SubmitError};
+use xen_pv::DomId;
 use xen_pv::event::Port;
-use xen_pv::grant::{GrantError, GrantRef, GrantSpec, MAX_BATCH, Mapping};
+use xen_pv::grant::{GrantError, GrantSpec, MAX_BATCH, Mapping};
 use xen_pv::ring::{BackRing, RingError};
-use xen_pv::{DomId, PAGE_SIZE};
 
 use crate::BackendServices;
-use crate::blkif::{self, BlkifRequest, Direction, GrantedSegment, Protocol};
+use crate::blkif::{self, BlkifRequest, Protocol};
+use crate::negotiate::FrontendRing;
 use crate::persistent::PersistentGrants;
-use crate::plan::{self, Plan, Refusal, Step, Steps};
+use crate::plan::{self, Plan, Refusal, Step};
 use crate::rate_limited_log::RateLimitedLog;
-use crate::served_disk::{SECTOR_SIZE, ServedDisk};
+use crate::request_slot::{
+    IndirectPages, SEGMENTS_PER_INDIRECT_PAGE, Slot, SlotState, allocate_slots, device_segment,
+    read_indirect_page, reserved,
+};
+use crate::served_disk::ServedDisk;
 
 /// Rounds of complete / start / consume in one [`BlkifRing::serve`], so a device
 /// that completes at once is answered in the same poll without a frontend
@@ -33,9 +37,6 @@ const ROUNDS_PER_POLL: usize = 4;
 
 /// Device completions fetched per call.
 const COMPLETION_BATCH: usize = 32;
-
-/// Segment entries in one indirect page.
-const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / size_of::<blkif::WireSegment>();
 
 /// Data grants one ring may hold mapped (4 MiB in flight); no request is
 /// taken that could go beyond it. The kernel's GFN window needs this many
@@ -49,22 +50,6 @@ pub const MAX_SEGMENT_STATE_PER_RING: usize = 8192;
 /// Most pages of a ring, as an order (`max-ring-page-order`, Linux
 /// blkback's default): 16 pages, 512 requests.
 pub const MAX_RING_PAGE_ORDER: u32 = 4;
-
-/// What a frontend published for its ring (its xenstore directory).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendRing {
-    /// The frontend domain.
-    pub domid: DomId,
-    /// `ring-ref`, or `ring-ref0..` for a ring of `1 << ring-page-order`
-    /// pages: the grants of the shared ring's pages, in order.
-    pub ring_refs: Vec<GrantRef>,
-    /// `event-channel`: the frontend's unbound port.
-    pub event_channel: u32,
-    /// `protocol`: the ABI of the ring entries.
-    pub protocol: Protocol,
-    /// `feature-persistent`: the frontend keeps its data grants.
-    pub persistent: bool,
-}
 
 /// Why a ring could not be connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,89 +78,6 @@ impl fmt::Display for ConnectError {
             ConnectError::RingSize => f.write_str("ring size not offered"),
             ConnectError::EventChannel(e) => write!(f, "binding event-channel failed: {e:?}"),
         }
-    }
-}
-
-/// An indirect request whose segments are still in the frontend's pages.
-#[derive(Clone, Copy, Debug)]
-struct IndirectPages {
-    direction: Direction,
-    sector: u64,
-    nr_segments: usize,
-    pages: [GrantRef; blkif::MAX_INDIRECT_PAGES_PER_REQUEST],
-    count: usize,
-}
-
-/// Where a request in a slot stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SlotState {
-    /// No request.
-    Free,
-    /// Taken from the ring in this poll; its grants are being mapped.
-    Taken,
-    /// Accepted and not yet answered.
-    InFlight,
-}
-
-/// One ring slot's request state, allocated at connect and reused.
-struct Slot {
-    state: SlotState,
-    id: u64,
-    operation: u8,
-    steps: Steps,
-    /// Its segments as the frontend listed them (parsed and checked once).
-    grants: Vec<GrantedSegment>,
-    /// The same segments where the device finds them, once mapped.
-    segments: Vec<blockdev::Segment>,
-    /// Grants mapped for this request alone.
-    mappings: Vec<Mapping>,
-    /// Persistent grants it uses.
-    kept: Vec<GrantRef>,
-    map_readonly: bool,
-    /// An indirect request still to fetch, then plan.
-    indirect: Option<IndirectPages>,
-    /// Why fetching its indirect segments failed.
-    fetch_failed: Option<&'static str>,
-    status: i16,
-    /// Whether its steps may run (a barrier waits for the older requests).
-    started: bool,
-    on_device: bool,
-}
-
-impl Slot {
-    fn new(segments: usize) -> Result<Slot, TryReserveError> {
-        Ok(Slot {
-            state: SlotState::Free,
-            id: 0,
-            operation: 0,
-            steps: Steps::default(),
-            grants: reserved(segments)?,
-            segments: reserved(segments)?,
-            mappings: reserved(segments)?,
-            kept: reserved(segments)?,
-            map_readonly: true,
-            indirect: None,
-            fetch_failed: None,
-            status: blkif::RSP_OKAY,
-            started: false,
-            on_device: false,
-        })
-    }
-
-    /// Takes a new request `id` of `operation`.
-    fn take(&mut self, id: u64, operation: u8) {
-        self.state = SlotState::Taken;
-        self.id = id;
-        self.operation = operation;
-        self.steps = Steps::default();
-        self.grants.clear();
-        self.segments.clear();
-        self.map_readonly = true;
-        self.indirect = None;
-        self.fetch_failed = None;
-        self.status = blkif::RSP_OKAY;
-        self.started = false;
-        self.on_device = false;
     }
 }
 
@@ -925,69 +827,6 @@ impl BlkifRing {
         let (id, operation, status) = (slot.id, slot.operation, slot.status);
         self.respond(id, operation, status);
     }
-}
-
-/// An empty vector with room for `capacity` elements, if memory allows.
-fn reserved<T>(capacity: usize) -> Result<Vec<T>, TryReserveError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(capacity)?;
-    Ok(v)
-}
-
-/// The request state of `count` slots of up to `segments` segments each.
-fn allocate_slots(count: usize, segments: usize) -> Result<Vec<Slot>, TryReserveError> {
-    let mut slots = reserved(count)?;
-    for _ in 0..count {
-        slots.push(Slot::new(segments)?);
-    }
-    Ok(slots)
-}
-
-/// Where the device finds `grant`'s sectors of the page mapped at `gfn`.
-fn device_segment(gfn: u64, grant: GrantedSegment) -> blockdev::Segment {
-    blockdev::Segment {
-        phys: gfn * PAGE_SIZE as u64 + u64::from(grant.first_sect) * SECTOR_SIZE,
-        len: grant.sectors() * SECTOR_SIZE as u32,
-    }
-}
-
-/// Copies `count` segments out of a mapped indirect page, checking each.
-fn read_indirect_page<S: BackendServices>(
-    svc: &S,
-    page: &Mapping,
-    count: usize,
-    out: &mut Vec<GrantedSegment>,
-) -> Result<(), &'static str> {
-    let base = svc
-        .frame_address(page.gfn)
-        .ok_or("indirect page has no address")?;
-    let entry_size = size_of::<blkif::WireSegment>();
-    for index in 0..count.min(SEGMENTS_PER_INDIRECT_PAGE) {
-        let mut raw = [0u8; 8];
-        for (offset, byte) in raw.iter_mut().enumerate() {
-            // SAFETY: `index < 512` and `offset < 8`, so the byte lies in
-            // the page mapped at `page.gfn`, mapped until the caller unmaps
-            // it; volatile because the frontend may write it meanwhile.
-            *byte = unsafe {
-                base.as_ptr()
-                    .add(index * entry_size + offset)
-                    .read_volatile()
-            };
-        }
-        let [g0, g1, g2, g3, first_sect, last_sect, _, _] = raw;
-        if first_sect > last_sect || last_sect > blkif::LAST_SECTOR_IN_PAGE {
-            return Err("bad first/last sector in an indirect segment");
-        }
-        if out.len() == out.capacity() {
-            return Err("more indirect segments than advertised");
-        }
-        out.push(GrantedSegment {
-            gref: u32::from_le_bytes([g0, g1, g2, g3]),
-            first_sect,
-            last_sect,
-        });
-    }
-    Ok(())
 }
 
 /// Logs the unmaps that failed; their frames stay reserved, which is all
