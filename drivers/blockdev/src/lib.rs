@@ -18,7 +18,7 @@ extern crate std;
 
 mod disk;
 
-pub use disk::{ClaimError, Disk, DiskView, QueueHandle, QueueRouter};
+pub use disk::{ClaimError, Disk, DiskView, QueueHandle};
 
 use alloc::collections::VecDeque;
 

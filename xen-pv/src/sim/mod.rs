@@ -58,7 +58,6 @@ struct Grant {
 }
 
 enum Frame {
-    Local(Page),
     Granted {
         dom: DomId,
         gref: GrantRef,
@@ -268,35 +267,22 @@ impl SimXen {
         Some(NonNull::from(&mut grant.page.0).cast())
     }
 
-    /// Where guest frame `gfn` (a local page or a mapped grant) is in host
+    /// Where guest frame `gfn` (a mapped grant) is in host
     /// memory: the simulation's answer to "the kernel maps the grant
     /// window". Valid while the frame stays mapped.
     pub fn frame_ptr(&self, gfn: u64) -> Option<NonNull<u8>> {
         let mut w = self.world.borrow_mut();
         let w = &mut *w;
         let page = match w.frames.get_mut(&gfn)? {
-            Frame::Local(page) => page,
             Frame::Granted { dom, gref, .. } => &mut w.grants.get_mut(&(*dom, *gref))?.page,
         };
         Some(NonNull::from(&mut page.0).cast())
     }
 
-    /// Populates guest frame `gfn` with `contents`.
-    pub fn add_local_frame(&self, gfn: u64, contents: &[u8]) {
-        let mut page: Page = Box::new(AlignedPage([0; PAGE_SIZE]));
-        let n = contents.len().min(PAGE_SIZE);
-        page[..n].copy_from_slice(&contents[..n]);
-        self.world
-            .borrow_mut()
-            .frames
-            .insert(gfn, Frame::Local(page));
-    }
-
-    /// What the guest sees at frame `gfn`: a local page or a mapped grant.
+    /// What the guest sees at frame `gfn`: a mapped grant.
     pub fn frame(&self, gfn: u64) -> Option<Vec<u8>> {
         let w = self.world.borrow();
         match w.frames.get(&gfn)? {
-            Frame::Local(page) => Some(page.to_vec()),
             Frame::Granted { dom, gref, .. } => {
                 w.grants.get(&(*dom, *gref)).map(|g| g.page.to_vec())
             }
