@@ -57,6 +57,19 @@ impl Spy {
     }
 }
 
+/// Moves the completions of `queue` from `held` into `out`, oldest first.
+fn hand_over_held(held: &mut Vec<(u16, Completion)>, queue: u16, out: &mut [Completion]) -> usize {
+    let mut given = 0;
+    for slot in out.iter_mut() {
+        let Some(at) = held.iter().position(|(q, _)| *q == queue) else {
+            break;
+        };
+        *slot = held.remove(at).1;
+        given += 1;
+    }
+    given
+}
+
 struct SpyDisk(Rc<RefCell<Spy>>);
 
 impl QueuedDevice for SpyDisk {
@@ -94,15 +107,7 @@ impl QueuedDevice for SpyDisk {
         if spy.hold {
             return 0;
         }
-        let mut given = 0;
-        for slot in out.iter_mut() {
-            let Some(at) = spy.held.iter().position(|(q, _)| *q == queue) else {
-                break;
-            };
-            *slot = spy.held.remove(at).1;
-            given += 1;
-        }
-        given
+        hand_over_held(&mut spy.held, queue, out)
     }
 }
 
@@ -187,15 +192,7 @@ impl QueuedDevice for ControllerNamespace {
         if controller.hold {
             return 0;
         }
-        let mut given = 0;
-        for slot in out.iter_mut() {
-            let Some(at) = controller.finished.iter().position(|(q, _)| *q == queue) else {
-                break;
-            };
-            *slot = controller.finished.remove(at).1;
-            given += 1;
-        }
-        given
+        hand_over_held(&mut controller.finished, queue, out)
     }
 }
 
