@@ -2,8 +2,8 @@
 //!
 //! Every hypercall goes through the [`Hypercall`] trait: the kernel provides
 //! the real one ([`arch::HypercallPage`]), host tests provide the simulated
-//! Xen in `sim` (feature `sim`). Everything above that trait (event channels, grant tables,
-//! xenstore, the PV console, shared rings, blkif) is
+//! Xen in `sim` (feature `sim`). Everything above that trait (event
+//! channels, grant tables, xenstore, the PV console, shared rings) is
 //! architecture-independent and tested on the host.
 //!
 //! # Bring-up, as the kernel does it
@@ -18,8 +18,10 @@
 //! 4. [`hvm::console_ring`] and [`hvm::store_ring`] give frames and ports:
 //!    map the frames as [`console::XenconsInterface`] and
 //!    [`xenstore::XenstoreInterface`], and implement [`ring::PeerChannel`]
-//!    for each (notify = send on the port, wait = halt until its handler
-//!    ran, with a deadline).
+//!    for each (notify = send on the port, wait = halt until
+//!    [`event::take_pending`] finds its port fired, with a deadline), so
+//!    waits never need the [`event::EventChannels`], which the job that
+//!    serves owns.
 //! 5. Reserve a range of unpopulated GFNs for [`grant::GfnWindow`].
 //! 6. Exit with [`sched::shutdown`]: poweroff on a clean exit, crash from
 //!    the panic handler.
