@@ -96,6 +96,24 @@ struct MapBatch {
     results: Vec<Result<Mapping, GrantError>>,
 }
 
+impl MapBatch {
+    /// Maps the gathered grants; afterwards `results` has exactly one
+    /// entry per target, whatever the services returned.
+    fn map<S: BackendServices>(&mut self, svc: &mut S) {
+        self.results.clear();
+        svc.map_grants(&self.specs, &mut self.results);
+        self.results.truncate(self.targets.len());
+        self.results
+            .resize_with(self.targets.len(), || Err(GrantError::General));
+    }
+
+    fn clear(&mut self) {
+        self.specs.clear();
+        self.targets.clear();
+        self.results.clear();
+    }
+}
+
 /// A connected ring.
 pub struct BlkifRing {
     frontend: DomId,
@@ -531,8 +549,7 @@ impl BlkifRing {
         if self.batch.specs.is_empty() {
             return;
         }
-        self.batch.results.clear();
-        svc.map_grants(&self.batch.specs, &mut self.batch.results);
+        self.batch.map(svc);
         for (target, result) in self.batch.targets.iter().zip(self.batch.results.drain(..)) {
             let slot = &mut self.slots[target.slot];
             let Ok(page) = result else {
@@ -553,8 +570,7 @@ impl BlkifRing {
             }
             self.indirect_pages.push(page);
         }
-        self.batch.specs.clear();
-        self.batch.targets.clear();
+        self.batch.clear();
         svc.unmap_grants(&mut self.indirect_pages, &mut self.unmap_failures);
         log_unmap_failures(svc, &mut self.unmap_failures);
     }
@@ -622,8 +638,7 @@ impl BlkifRing {
         if self.batch.specs.is_empty() {
             return;
         }
-        self.batch.results.clear();
-        svc.map_grants(&self.batch.specs, &mut self.batch.results);
+        self.batch.map(svc);
         for at in 0..self.batch.targets.len() {
             let target = self.batch.targets[at];
             let result = core::mem::replace(&mut self.batch.results[at], Err(GrantError::General));
@@ -646,9 +661,7 @@ impl BlkifRing {
                 }
             }
         }
-        self.batch.specs.clear();
-        self.batch.targets.clear();
-        self.batch.results.clear();
+        self.batch.clear();
     }
 
     /// Keeps a fresh mapping as a persistent grant if the frontend asked
