@@ -187,7 +187,11 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         vbds.attend(&mut xs, &mut backend, &polled.attention);
         if polled.progress == Progress::Idle && watch_events.is_empty() {
             publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
-            apic::halt_until_interrupt(IDLE_HALT_NS);
+            // An event that came while xenstore was busy is looked at
+            // before halting (interrupts stay off until the halt).
+            if !xen::events_pending(&events) {
+                apic::halt_until_interrupt(IDLE_HALT_NS);
+            }
         }
     }
 }

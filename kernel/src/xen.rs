@@ -185,6 +185,14 @@ pub fn dispatch_events(events: &mut EventChannels<'static, Hypercalls>) {
     }
 }
 
+/// Whether an upcall came (during a xenstore or console wait) or is
+/// flagged pending since the last [`dispatch_events`]: then the loop must
+/// look again rather than halt, since Xen raises no new upcall while one
+/// is flagged pending.
+pub fn events_pending(events: &EventChannels<'static, Hypercalls>) -> bool {
+    UPCALL_TAKEN.load(Ordering::Acquire) || events.has_pending(0)
+}
+
 /// shared_info, for the upcall handler.
 static SHARED_INFO: Once<&'static SharedInfo> = Once::new();
 /// Set by the upcall handler: the selector may hold events to scan.
