@@ -2,8 +2,7 @@
 
 use core::ptr::NonNull;
 
-/// A physical (bus) address as a device sees it.
-pub type PhysAddr = u64;
+pub use blockdev::PhysAddr;
 
 /// The page size DMA memory is allocated and aligned in.
 pub const PAGE_SIZE: usize = 4096;

@@ -1,5 +1,6 @@
 //! stordom's storage drivers: PCI, NVMe, AHCI, virtio-blk and a RAM disk,
-//! all behind one tagged submit / polled completion [`BlockDevice`] trait.
+//! all behind the block layer's tagged submit / polled completion
+//! [`blockdev::QueuedDevice`] trait.
 //!
 //! The crate is portable `no_std` code: everything it needs from the kernel
 //! (DMA memory, MMIO mappings, a clock) comes through the [`Hal`] trait, so
@@ -20,9 +21,10 @@
 //!    - virtio-blk: [`virtio::VirtioBlock::from_pci`];
 //!    - a RAM disk: [`RamDisk::new`] over a boot module or
 //!      [`RamDisk::allocate`].
-//! 4. Drive any of them through [`BlockDevice`]: `submit(queue, tag, request)`
-//!    and, in the poll loop, `poll(queue, &mut completions)`. Polling also
-//!    detects timeouts and resets the controller or port.
+//! 4. Serve each as a [`blockdev::Disk`] (the namespaces of one NVMe
+//!    controller on one set of queues: [`blockdev::Disk::sharing_queues`]);
+//!    consumers submit and poll on its queue handles. Polling also detects
+//!    timeouts and resets the controller or port.
 #![no_std]
 
 extern crate alloc;
@@ -30,7 +32,6 @@ extern crate alloc;
 extern crate std;
 
 pub mod ahci;
-pub mod block;
 pub mod hal;
 pub mod nvme;
 pub mod pci;
@@ -40,6 +41,5 @@ mod region;
 mod testing;
 pub mod virtio;
 
-pub use block::{BlockDevice, Completion, Geometry, IoError, Request, Segment, SubmitError};
 pub use hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
 pub use ramdisk::RamDisk;

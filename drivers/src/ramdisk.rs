@@ -1,13 +1,13 @@
 //! A RAM disk: memory supplied by the caller (a boot module, or pages from
-//! the `Hal`) served through [`BlockDevice`]. Requests complete at once and
+//! the `Hal`) served through [`QueuedDevice`]. Requests complete at once and
 //! wait in a per-queue list until polled.
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use crate::block::{self, BlockDevice, Completion, Geometry, Request, Segment, SubmitError};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use blockdev::{self, Completion, Geometry, QueuedDevice, Request, Segment, SubmitError};
 
 /// Requests one RAM-disk queue holds before it must be polled.
 const QUEUE_DEPTH: u16 = 256;
@@ -79,7 +79,7 @@ impl<H: Hal> RamDisk<H> {
 
     fn byte_range(&self, lba: u64, blocks: u64) -> (usize, usize) {
         let block_size = u64::from(self.geometry.logical_block_size);
-        // `block::validate` bounded lba + blocks by the capacity, which fits
+        // `blockdev::validate` bounded lba + blocks by the capacity, which fits
         // in memory, so neither conversion truncates.
         ((lba * block_size) as usize, (blocks * block_size) as usize)
     }
@@ -92,17 +92,19 @@ impl<H: Hal> RamDisk<H> {
         segments: &[Segment],
         to_disk: bool,
     ) -> Result<(), SubmitError> {
-        let mut mapped = Vec::with_capacity(segments.len());
+        // Every segment is checked before anything is copied.
+        for segment in segments {
+            self.hal
+                .phys_to_virt(segment.phys, segment.len as usize)
+                .ok_or(SubmitError::BadAddress)?;
+        }
+        let mut at = offset;
         for segment in segments {
             let len = segment.len as usize;
             let virt = self
                 .hal
                 .phys_to_virt(segment.phys, len)
                 .ok_or(SubmitError::BadAddress)?;
-            mapped.push((virt, len));
-        }
-        let mut at = offset;
-        for (virt, len) in mapped {
             // SAFETY: `validate` kept `at + len` within the storage that
             // `new`'s caller vouched for; `phys_to_virt` vouched for `virt`;
             // guest buffers never overlap the disk's own storage.
@@ -120,13 +122,13 @@ impl<H: Hal> RamDisk<H> {
     }
 }
 
-impl<H: Hal> BlockDevice for RamDisk<H> {
+impl<H: Hal> QueuedDevice for RamDisk<H> {
     fn geometry(&self) -> Geometry {
         self.geometry
     }
 
     fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
-        let blocks = block::validate(&self.geometry, queue, &request)?;
+        let blocks = blockdev::validate(&self.geometry, queue, &request)?;
         if self.finished[usize::from(queue)].len() >= usize::from(QUEUE_DEPTH) {
             return Err(SubmitError::QueueFull);
         }
@@ -155,7 +157,7 @@ impl<H: Hal> BlockDevice for RamDisk<H> {
         let Some(finished) = self.finished.get_mut(usize::from(queue)) else {
             return 0;
         };
-        block::hand_over(finished, out)
+        blockdev::hand_over(finished, out)
     }
 }
 
@@ -172,8 +174,8 @@ impl<H: Hal> Drop for RamDisk<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::IoError;
     use crate::testing::{TestHal, poll_one, read_request, segment, write_request};
+    use blockdev::IoError;
 
     #[test]
     fn write_read_discard_round_trip() {

@@ -13,8 +13,8 @@ use std::vec::Vec;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::block::{BlockDevice, Completion, IoError, Request, Segment};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
+use blockdev::{Completion, IoError, QueuedDevice, Request, Segment};
 
 /// How a simulated register combines a write with its value.
 #[derive(Clone, Copy, Debug)]
@@ -231,7 +231,7 @@ unsafe impl Hal for TestHal {
 
 /// Polls `queue` (stepping the simulated device between tries) until one
 /// completion arrives.
-pub(crate) fn poll_one(hal: &TestHal, device: &mut impl BlockDevice, queue: u16) -> Completion {
+pub(crate) fn poll_one(hal: &TestHal, device: &mut impl QueuedDevice, queue: u16) -> Completion {
     let mut out = [Completion::default(); 1];
     for _ in 0..1000 {
         if device.poll(queue, &mut out) == 1 {
@@ -246,7 +246,7 @@ pub(crate) fn poll_one(hal: &TestHal, device: &mut impl BlockDevice, queue: u16)
 /// tag and returns the result.
 pub(crate) fn run_one(
     hal: &TestHal,
-    device: &mut impl BlockDevice,
+    device: &mut impl QueuedDevice,
     queue: u16,
     tag: u64,
     request: Request<'_>,

@@ -3,13 +3,13 @@
 
 use crate::arch::clock;
 use crate::platform::KernelHal;
-use crate::storage::Disk;
+use crate::storage::NamedDisk;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use blockdev::{Completion, Geometry, QueueHandle, Request, Segment, SubmitError};
 use drivers::hal::{DmaRegion, Hal, PAGE_SIZE};
-use drivers::{BlockDevice, Completion, Geometry, Request, Segment, SubmitError};
-use kernel::pattern::{first_mismatch, pattern_byte};
+use test_pattern::{first_mismatch, pattern_byte};
 
 /// Longest a single request may take before the test calls it hung
 /// (drivers time out and reset well before this).
@@ -53,13 +53,19 @@ impl Drop for Buffer {
     }
 }
 
-/// Submits `request` on queue 0 and waits for its completion.
-fn run_sync(dev: &mut dyn BlockDevice, tag: u64, request: Request<'_>) -> Result<(), String> {
-    dev.submit(0, tag, request).map_err(|e| format!("{e:?}"))?;
+/// A queue handle on the whole of `disk`.
+fn open_whole(disk: &NamedDisk) -> Result<QueueHandle, String> {
+    let view = disk.disk.claim_all().map_err(|e| format!("{e:?}"))?;
+    view.open_queue().map_err(|e| format!("{e:?}"))
+}
+
+/// Submits `request` and waits for its completion.
+fn run_sync(dev: &mut QueueHandle, tag: u64, request: Request<'_>) -> Result<(), String> {
+    dev.submit(tag, request).map_err(|e| format!("{e:?}"))?;
     let start = clock::now_ns();
     let mut done = [Completion::default(); 8];
     loop {
-        let n = dev.poll(0, &mut done);
+        let n = dev.poll(&mut done);
         if let Some(c) = done[..n].iter().find(|c| c.tag == tag) {
             return c.result.map_err(|e| format!("{e:?}"));
         }
@@ -109,8 +115,9 @@ fn scattered(buf: &Buffer, bytes: usize, max_segments: usize) -> Vec<Segment> {
 }
 
 /// One disk's self-test; Ok lists what was checked.
-fn selftest(disk: &mut Disk, seed: u32) -> Result<String, String> {
-    let dev = disk.device.as_mut();
+fn selftest(disk: &NamedDisk, seed: u32) -> Result<String, String> {
+    let mut queue = open_whole(disk)?;
+    let dev = &mut queue;
     let g: Geometry = dev.geometry();
     let bs = g.logical_block_size as usize;
     let mut done = Vec::new();
@@ -285,10 +292,10 @@ fn selftest(disk: &mut Disk, seed: u32) -> Result<String, String> {
 }
 
 /// Runs the self-test on every disk; false if any failed (or none exist).
-pub fn selftest_all(disks: &mut [Disk]) -> bool {
+pub fn selftest_all(disks: &[NamedDisk]) -> bool {
     let mut failed = 0;
-    for (i, disk) in disks.iter_mut().enumerate() {
-        let g = disk.device.geometry();
+    for (i, disk) in disks.iter().enumerate() {
+        let g = disk.disk.geometry();
         log::info!(
             "disk-selftest: {}: {} blocks of {} bytes ({} MiB), write cache {}, discard {}",
             disk.name,
@@ -341,7 +348,7 @@ impl Rng {
 /// Runs `depth` requests of `bytes` at a time for BENCH_NS; returns
 /// completed requests per second.
 fn bench_case(
-    dev: &mut dyn BlockDevice,
+    dev: &mut QueueHandle,
     write: bool,
     random: bool,
     bytes: usize,
@@ -356,7 +363,7 @@ fn bench_case(
     let buf = Buffer::new(bytes * depth)?;
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut next_seq = 0u64;
-    let mut issue = |dev: &mut dyn BlockDevice, slot: usize| -> Result<(), String> {
+    let mut issue = |dev: &mut QueueHandle, slot: usize| -> Result<(), String> {
         let index = if random {
             rng.next() % span
         } else {
@@ -380,7 +387,7 @@ fn bench_case(
                 segments: &segments,
             }
         };
-        match dev.submit(0, slot as u64, request) {
+        match dev.submit(slot as u64, request) {
             Ok(()) => Ok(()),
             Err(SubmitError::QueueFull) => Err("queue full at the advertised depth".into()),
             Err(e) => Err(format!("{e:?}")),
@@ -394,7 +401,7 @@ fn bench_case(
     let mut in_flight = depth;
     let mut done = [Completion::default(); 64];
     while in_flight > 0 {
-        let n = dev.poll(0, &mut done);
+        let n = dev.poll(&mut done);
         let running = clock::now_ns() - start < BENCH_NS;
         for c in &done[..n] {
             c.result.map_err(|e| format!("{e:?}"))?;
@@ -414,7 +421,7 @@ fn bench_case(
 }
 
 /// Benchmarks every disk and prints one table.
-pub fn bench_all(disks: &mut [Disk]) -> bool {
+pub fn bench_all(disks: &[NamedDisk]) -> bool {
     log::info!(
         "disk-bench: each case runs {} ms; IOPS for 4 KiB, MiB/s for 1 MiB",
         BENCH_NS / 1_000_000
@@ -430,8 +437,16 @@ pub fn bench_all(disks: &mut [Disk]) -> bool {
         "seqwr-1m"
     );
     let mut ok = true;
-    for disk in disks.iter_mut() {
-        let dev = disk.device.as_mut();
+    for disk in disks {
+        let mut queue = match open_whole(disk) {
+            Ok(queue) => queue,
+            Err(e) => {
+                log::error!("disk-bench: {}: {e}", disk.name);
+                ok = false;
+                continue;
+            }
+        };
+        let dev = &mut queue;
         let cases = [
             (false, true, 4096, 1),
             (false, true, 4096, 32),

@@ -152,16 +152,19 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
         (slept / 1000) % 1000
     );
 
-    if let Some(x) = xen {
+    let connection = xen.map(|x| {
         console::disable_serial();
         match xen::start_services(x, mem.ram_end) {
-            Ok(s) => log::info!(
-                "xen: shared_info, event channels ({:?}), xenstore and PV console up",
-                s.upcall
-            ),
+            Ok(c) => {
+                log::info!(
+                    "xen: shared_info, event channels ({:?}), xenstore and PV console up",
+                    c.upcall
+                );
+                c
+            }
             Err(e) => fail(format_args!("xen: {e}")),
         }
-    }
+    });
 
     if let Some(fault) = opts.fault {
         trigger(fault);
@@ -183,29 +186,29 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
     match job {
         Job::Boot => {}
         Job::DiskSelftest | Job::DiskBench => {
-            let mut disks = find_disks();
+            let disks = find_disks();
             let ok = if job == Job::DiskSelftest {
-                disk_test::selftest_all(&mut disks)
+                disk_test::selftest_all(&disks)
             } else {
-                disk_test::bench_all(&mut disks)
+                disk_test::bench_all(&disks)
             };
             if !ok {
                 fail(format_args!("{job:?} failed"));
             }
         }
         Job::XenSelftest | Job::Serve => {
-            let Some(services) = xen::services() else {
+            let Some(mut connection) = connection else {
                 fail(format_args!("job={job:?} needs Xen"));
             };
             if job == Job::Serve {
                 let modules: alloc::vec::Vec<(u64, u64)> =
                     info.modules().iter().map(|m| (m.start, m.len)).collect();
                 let opener = serve::KernelOpener::new(&modules, find_disks());
-                if let Err(why) = serve::run(services, opener) {
+                if let Err(why) = serve::run(connection, opener) {
                     fail(format_args!("serve: {why}"));
                 }
             } else {
-                match xen_selftest::run(services) {
+                match xen_selftest::run(&mut connection) {
                     Ok(summary) => log::info!("xen-selftest: PASS {summary}"),
                     Err(why) => fail(format_args!("xen-selftest: FAIL {why}")),
                 }
@@ -225,8 +228,7 @@ fn trigger(fault: Fault) -> ! {
             (0x0000_7fff_dead_0000 as *const u64).read_volatile();
         },
         Fault::Panic => panic!("panic requested on the command line"),
-        // SAFETY: ud2 raises #UD, whose handler never returns.
-        Fault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        Fault::InvalidOpcode => cpu::raise_invalid_opcode(),
         Fault::StackOverflow => {
             recurse(core::hint::black_box(0));
         }

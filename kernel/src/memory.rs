@@ -2,10 +2,11 @@
 //! page tables (identity map of all RAM, W^X kernel image, guard page under
 //! the boot stack, uncached MMIO on request) and the heap.
 
+use crate::arch::mmu;
+use crate::arch::paging::{MapError, PAGE, PageAccess, PageTables, TableMemory};
 use boot::start_info::{MemoryType, StartInfo};
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::frames::{FRAME_SIZE, FrameAllocator};
-use kernel::paging::{Access, MapError, PAGE, PageTables, TableMemory};
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 
@@ -153,7 +154,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
         let start = r.start.next_multiple_of(PAGE).max(PAGE);
         let end = r.end() & !(PAGE - 1);
         if start < end {
-            tables.map(start, start, end - start, Access::DATA)?;
+            tables.map(start, start, end - start, PageAccess::DATA)?;
         }
     }
     for r in info
@@ -166,18 +167,23 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
             start,
             start,
             r.end().next_multiple_of(PAGE) - start,
-            Access::READ_ONLY,
+            PageAccess::READ_ONLY,
         )?;
     }
     if info.rsdp != 0 {
         let page = info.rsdp & !(PAGE - 1);
         if tables.translate(page).is_none() {
-            tables.map(page, page, PAGE, Access::READ_ONLY)?;
+            tables.map(page, page, PAGE, PageAccess::READ_ONLY)?;
         }
     }
-    tables.map(kstart, kstart, text_end - kstart, Access::CODE)?;
-    tables.map(text_end, text_end, rodata_end - text_end, Access::READ_ONLY)?;
-    tables.map(rodata_end, rodata_end, kend - rodata_end, Access::DATA)?;
+    tables.map(kstart, kstart, text_end - kstart, PageAccess::CODE)?;
+    tables.map(
+        text_end,
+        text_end,
+        rodata_end - text_end,
+        PageAccess::READ_ONLY,
+    )?;
+    tables.map(rodata_end, rodata_end, kend - rodata_end, PageAccess::DATA)?;
     tables.unmap(boot::pvh::stack_guard_page(), PAGE)?;
     for guard in crate::arch::ist_guard_pages() {
         tables.unmap(guard, PAGE)?;
@@ -192,9 +198,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
     // its image (code executable, data writable), its stack, all RAM and
     // the loader's data, so execution continues unchanged at the same
     // addresses.
-    unsafe {
-        core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags));
-    }
+    unsafe { mmu::load_root(root) };
     TABLES_LIVE.store(true, Ordering::Release);
 
     for r in ram() {
@@ -256,7 +260,7 @@ fn check_ram_ends(info: &StartInfo) -> Result<u64, MemoryError> {
 /// Identity-maps the pages covering `[phys, phys+len)` with `access`
 /// (replacing any earlier mapping) and returns the virtual address of
 /// `phys`, equal to it.
-pub fn map_identity(phys: u64, len: u64, access: Access) -> Result<u64, MapError> {
+pub fn map_identity(phys: u64, len: u64, access: PageAccess) -> Result<u64, MapError> {
     let start = phys & !(PAGE - 1);
     let end = phys
         .checked_add(len)
@@ -266,18 +270,18 @@ pub fn map_identity(phys: u64, len: u64, access: Access) -> Result<u64, MapError
     let tables = guard.as_mut().ok_or(MapError::OutOfTables)?;
     tables.map(start, start, end - start, access)?;
     for page in (start..end).step_by(PAGE as usize) {
-        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(page));
+        mmu::flush_page(page);
     }
     Ok(phys)
 }
 
 /// Maps `len` bytes of device registers at `phys` uncached.
 pub fn map_mmio(phys: u64, len: u64) -> Option<u64> {
-    map_identity(phys, len, Access::MMIO).ok()
+    map_identity(phys, len, PageAccess::MMIO).ok()
 }
 
 /// Changes how kernel-owned memory at `[phys, phys+len)` may be used.
-pub fn protect(phys: u64, len: u64, access: Access) -> Result<(), MapError> {
+pub fn protect(phys: u64, len: u64, access: PageAccess) -> Result<(), MapError> {
     map_identity(phys, len, access).map(drop)
 }
 
@@ -329,7 +333,7 @@ pub fn read_firmware(phys: u64, buf: &mut [u8]) -> bool {
         };
         for page in (first..end).step_by(PAGE as usize) {
             if tables.translate(page).is_none()
-                && tables.map(page, page, PAGE, Access::READ_ONLY).is_err()
+                && tables.map(page, page, PAGE, PageAccess::READ_ONLY).is_err()
             {
                 return false;
             }
@@ -358,7 +362,7 @@ pub fn read_u64(addr: u64) -> Option<u64> {
     let mut guard = TABLES.try_lock()?;
     match guard.as_mut() {
         Some(tables) => tables.translate(addr)?,
-        None if addr < EARLY_MAPPED => (addr, Access::DATA),
+        None if addr < EARLY_MAPPED => (addr, PageAccess::DATA),
         None => return None,
     };
     // SAFETY: the page is mapped (just checked) and aligned; a stale read

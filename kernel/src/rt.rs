@@ -1,59 +1,13 @@
 //! What the freestanding binary needs from a runtime: the C memory
-//! functions the precompiled `core` calls, the unwinding symbols the
-//! precompiled `alloc` references, and the panic handler.
+//! functions the precompiled `core` calls (the copying ones are the
+//! architecture's, in `arch`), the unwinding symbols the precompiled
+//! `alloc` references, and the panic handler.
 
 use crate::arch::cpu;
 use crate::console;
 
-// The loops below are written with volatile accesses or string
-// instructions so the compiler cannot turn them back into calls to
-// themselves.
-
-/// # Safety
-/// C `memcpy`: `n` bytes readable at `src`, writable at `dst`, no overlap.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges; rep movsb copies exactly n
-    // bytes forward (DF is clear in the ABI).
-    unsafe {
-        core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags));
-    }
-    dst
-}
-
-/// # Safety
-/// C `memmove`: `n` bytes readable at `src`, writable at `dst`; may overlap.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize).wrapping_add(n) {
-        // SAFETY: a forward copy is correct when dst is below src or the
-        // ranges do not overlap; the caller guarantees the ranges.
-        return unsafe { memcpy(dst, src, n) };
-    }
-    // SAFETY: dst overlaps src from above: copy backwards with DF set from
-    // the last byte, then clear DF again as the ABI requires.
-    unsafe {
-        core::arch::asm!(
-            "std", "rep movsb", "cld",
-            inout("rcx") n => _,
-            inout("rdi") dst.add(n - 1) => _,
-            inout("rsi") src.add(n - 1) => _,
-            options(nostack)
-        );
-    }
-    dst
-}
-
-/// # Safety
-/// C `memset`: `n` bytes writable at `dst`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees the range; rep stosb stores n bytes.
-    unsafe {
-        core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8, options(nostack, preserves_flags));
-    }
-    dst
-}
+// The loops below are written with volatile accesses so the compiler
+// cannot turn them back into calls to themselves.
 
 /// # Safety
 /// C `memcmp`: `n` bytes readable at both pointers.
@@ -104,7 +58,7 @@ pub extern "C" fn _Unwind_Resume() -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    x86_64::instructions::interrupts::disable();
+    cpu::disable_interrupts();
     console::fatal(format_args!("PANIC: {info}\n"));
     console::stack_dump(cpu::stack_pointer());
     crate::power::exit(cpu::ExitStatus::Failure)

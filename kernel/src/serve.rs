@@ -1,74 +1,40 @@
 //! `job=serve` (the default under Xen): stordom as a storage driver
 //! domain. Watches `backend/vbd`, runs each vbd's xenbus state machine and
-//! ring engine (xen-pv's blkback) over the disks it can open, and polls
+//! ring engine (the blkback crate) over the disks it can open, and polls
 //! until idle, then halts until the next event. `xl shutdown` powers it
 //! off cleanly.
 
 use crate::arch::clock;
 use crate::platform::KernelHal;
-use crate::storage;
-use crate::xen::{self, Services as XenServices};
-use alloc::boxed::Box;
-use alloc::rc::Rc;
+use crate::storage::NamedDisk;
+use crate::xen::{self, PortChannel, XenConnection};
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::{Cell, RefCell};
+use blkback::{
+    OpenError, Platform, Progress, Target, TargetOpener, VbdBackends, XenBackendServices,
+    claim_sectors,
+};
+use blockdev::{Disk, DiskView};
 use core::fmt;
 use core::ptr::NonNull;
-use drivers::{BlockDevice, Completion, Geometry, RamDisk, Request, SubmitError};
-use xen_pv::blkback::{OpenError, Progress, Services, Target, TargetOpener, VbdBackends};
-use xen_pv::event::Port;
-use xen_pv::grant::{GrantError, GrantSpec, Mapping};
-use xen_pv::xenstore::{Tx, WatchEvent};
-use xen_pv::{DomId, Errno, PAGE_SIZE};
+use drivers::RamDisk;
+use xen_pv::PAGE_SIZE;
+use xen_pv::xenstore::{Tx, WatchEvent, Xenstore};
 
 /// Longest halt when idle; events end it sooner. Short enough for the
 /// backend's timed work (a detached vbd's grace before its removal).
 const IDLE_HALT_NS: u64 = 250_000_000;
 const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
 
-/// A device several vbds may name over time, but only one at a time uses.
-struct Shared {
-    name: String,
-    device: Rc<RefCell<Box<dyn BlockDevice>>>,
-    in_use: Rc<Cell<bool>>,
-}
-
-/// A vbd's use of a [`Shared`] device; frees it again when dropped.
-struct Claim {
-    device: Rc<RefCell<Box<dyn BlockDevice>>>,
-    in_use: Rc<Cell<bool>>,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.in_use.set(false);
-    }
-}
-
-impl BlockDevice for Claim {
-    fn geometry(&self) -> Geometry {
-        self.device.borrow().geometry()
-    }
-
-    fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
-        self.device.borrow_mut().submit(queue, tag, request)
-    }
-
-    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
-        self.device.borrow_mut().poll(queue, out)
-    }
-}
-
-/// Opens `target=` values (see xen_pv::blkback::target for the syntax).
+/// Opens `target=` values (see blkback::target for the syntax)
+/// as views of the boot modules and the disks found on PCI.
 pub struct KernelOpener {
-    shared: Vec<Shared>,
+    disks: Vec<NamedDisk>,
 }
 
 impl KernelOpener {
     /// Boot modules become `module:N`, discovered disks go by their names.
-    pub fn new(modules: &[(u64, u64)], disks: Vec<storage::Disk>) -> Self {
-        let mut shared = Vec::new();
+    pub fn new(modules: &[(u64, u64)], mut disks: Vec<NamedDisk>) -> Self {
         for (i, &(start, len)) in modules.iter().enumerate() {
             let blocks = len / 512;
             let Some(storage) = NonNull::new(start as *mut u8).filter(|_| blocks > 0) else {
@@ -84,90 +50,51 @@ impl KernelOpener {
                     len % 512
                 );
             }
-            shared.push(Shared {
+            disks.push(NamedDisk {
                 name: alloc::format!("module:{i}"),
-                device: Rc::new(RefCell::new(Box::new(disk))),
-                in_use: Rc::new(Cell::new(false)),
+                disk: Disk::new(disk),
             });
         }
-        for disk in disks {
-            shared.push(Shared {
-                name: disk.name,
-                device: Rc::new(RefCell::new(disk.device)),
-                in_use: Rc::new(Cell::new(false)),
-            });
-        }
-        Self { shared }
+        Self { disks }
     }
 
-    fn claim(&self, name: &str) -> Result<Box<dyn BlockDevice>, OpenError> {
-        let shared = self
-            .shared
+    fn named(&self, name: &str) -> Result<&Disk, OpenError> {
+        self.disks
             .iter()
-            .find(|s| s.name == name)
-            .ok_or(OpenError::NotFound)?;
-        if shared.in_use.replace(true) {
-            return Err(OpenError::Busy);
-        }
-        Ok(Box::new(Claim {
-            device: shared.device.clone(),
-            in_use: shared.in_use.clone(),
-        }))
+            .find(|d| d.name == name)
+            .map(|d| &d.disk)
+            .ok_or(OpenError::NotFound)
     }
 }
 
 impl TargetOpener for KernelOpener {
-    fn open(
-        &mut self,
-        target: &Target<'_>,
-        _read_only: bool,
-    ) -> Result<Box<dyn BlockDevice>, OpenError> {
+    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<DiskView, OpenError> {
         match *target {
-            Target::Ram { bytes } => RamDisk::allocate(KernelHal, bytes / 512, 1)
-                .map(|d| Box::new(d) as Box<dyn BlockDevice>)
-                .ok_or(OpenError::OutOfMemory),
-            Target::Module { index } => self.claim(&alloc::format!("module:{index}")),
-            Target::Disk { name } => self.claim(name),
-            Target::Partition { .. } | Target::Range { .. } => Err(OpenError::Other(
-                "partitions and sector ranges are not served yet",
-            )),
+            Target::Ram { bytes } => {
+                let disk =
+                    RamDisk::allocate(KernelHal, bytes / 512, 1).ok_or(OpenError::OutOfMemory)?;
+                Ok(Disk::new(disk).claim_all()?)
+            }
+            Target::Module { index } => {
+                Ok(self.named(&alloc::format!("module:{index}"))?.claim_all()?)
+            }
+            Target::Disk { name } => Ok(self.named(name)?.claim_all()?),
+            Target::Range {
+                disk,
+                start,
+                sectors,
+            } => claim_sectors(self.named(disk)?, start, sectors),
+            Target::Partition { .. } => Err(OpenError::Other("partitions are not served yet")),
         }
     }
 }
 
-/// blkback's view of Xen: each call takes the event-channel or grant lock
-/// only for itself, so none is held while xenstore waits for an event.
-struct KernelServices(&'static XenServices);
+/// What only the kernel knows, for blkback: the grant window is
+/// identity-mapped (xen::start_services), the TSC clock, the log.
+struct KernelPlatform;
 
-impl Services for KernelServices {
-    fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
-        // The upcall only has to wake the poll loop, which polls every ring.
-        self.0
-            .events
-            .lock()
-            .bind_interdomain_polled(remote, remote_port)
-    }
-
-    fn notify(&mut self, port: Port) -> Result<(), Errno> {
-        self.0.events.lock().send(port)
-    }
-
-    fn close_port(&mut self, port: Port) {
-        if let Err(e) = self.0.events.lock().close(port) {
-            log::warn!("serve: closing port {} failed: {e:?}", port.0);
-        }
-    }
-
-    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
-        self.0.grants.lock().map_batch(specs)
-    }
-
-    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>> {
-        self.0.grants.lock().unmap_batch(mappings)
-    }
-
+impl Platform for KernelPlatform {
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
-        // The grant window is identity-mapped (xen::start_services).
         NonNull::new(gfn.checked_mul(PAGE_SIZE as u64)? as *mut u8)
     }
 
@@ -181,11 +108,10 @@ impl Services for KernelServices {
 }
 
 /// Whether `event` asks for a clean shutdown (`xl shutdown`).
-fn shutdown_requested(svc: &XenServices, event: &WatchEvent) -> bool {
+fn shutdown_requested(xs: &mut Xenstore<'static, PortChannel>, event: &WatchEvent) -> bool {
     if event.token != SHUTDOWN_TOKEN {
         return false;
     }
-    let mut xs = svc.store.lock();
     match xs.read_string(Tx::NONE, "control/shutdown") {
         Ok(what) if what == "poweroff" || what == "halt" => {
             // Acknowledge, as the toolstack expects of a PV-aware guest.
@@ -198,13 +124,14 @@ fn shutdown_requested(svc: &XenServices, event: &WatchEvent) -> bool {
 
 /// Publishes the number of mapped grants in `data/grants-mapped` when it
 /// changed, so operators and tests can see every grant given back.
-fn publish_grant_count(svc: &XenServices, published: &mut Option<usize>) {
-    let mapped = svc.grants.lock().stats().mapped;
+fn publish_grant_count(
+    xs: &mut Xenstore<'static, PortChannel>,
+    mapped: usize,
+    published: &mut Option<usize>,
+) {
     if *published != Some(mapped) {
         let value = alloc::format!("{mapped}");
-        if svc
-            .store
-            .lock()
+        if xs
             .write(Tx::NONE, "data/grants-mapped", value.as_bytes())
             .is_ok()
         {
@@ -213,49 +140,58 @@ fn publish_grant_count(svc: &XenServices, published: &mut Option<usize>) {
     }
 }
 
-/// Serves vbds until the toolstack asks stordom to shut down.
-pub fn run(svc: &'static XenServices, opener: KernelOpener) -> Result<(), String> {
+/// Serves vbds until the toolstack asks stordom to shut down. The loop
+/// owns the event channels, xenstore connection and grant mapper: ring
+/// polling touches no xenstore node, and what it finds for the toolstack
+/// is handled afterwards.
+pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
+    let XenConnection {
+        mut events,
+        store: mut xs,
+        mut grants,
+        ..
+    } = xen;
     let mut vbds = VbdBackends::new(opener);
-    let mut services = KernelServices(svc);
-    {
-        let mut xs = svc.store.lock();
-        vbds.start(&mut xs)
-            .map_err(|e| alloc::format!("watching backend/vbd: {e:?}"))?;
-        xs.watch("control/shutdown", SHUTDOWN_TOKEN)
-            .map_err(|e| alloc::format!("watching control/shutdown: {e:?}"))?;
-        // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
-        let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
-    }
+    vbds.start(&mut xs)
+        .map_err(|e| alloc::format!("watching backend/vbd: {e:?}"))?;
+    xs.watch("control/shutdown", SHUTDOWN_TOKEN)
+        .map_err(|e| alloc::format!("watching control/shutdown: {e:?}"))?;
+    // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
+    let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
     log::info!("serve: watching backend/vbd; ready");
     let mut published_grants = None;
+    let mut watch_events = Vec::new();
     loop {
-        xen::poll_events();
-        let mut events = Vec::new();
-        {
-            let mut xs = svc.store.lock();
-            loop {
-                match xs.poll_watch_event() {
-                    Ok(Some(event)) => events.push(event),
-                    Ok(None) => break,
-                    Err(e) => return Err(alloc::format!("xenstore: {e:?}")),
-                }
+        xen::dispatch_events(&mut events);
+        watch_events.clear();
+        loop {
+            match xs.poll_watch_event() {
+                Ok(Some(event)) => watch_events.push(event),
+                Ok(None) => break,
+                Err(e) => return Err(alloc::format!("xenstore: {e:?}")),
             }
         }
-        for event in &events {
-            if shutdown_requested(svc, event) {
+        let mut backend = XenBackendServices {
+            events: &mut events,
+            grants: &mut grants,
+            platform: KernelPlatform,
+        };
+        for event in &watch_events {
+            if shutdown_requested(&mut xs, event) {
                 log::info!("serve: shutdown requested");
                 return Ok(());
             }
-            let mut xs = svc.store.lock();
-            vbds.on_watch_event(&mut xs, &mut services, event);
+            vbds.on_watch_event(&mut xs, &mut backend, event);
         }
-        let progress = {
-            let mut xs = svc.store.lock();
-            vbds.poll(&mut xs, &mut services)
-        };
-        if progress == Progress::Idle && events.is_empty() {
-            publish_grant_count(svc, &mut published_grants);
-            xen::wait_for_event(IDLE_HALT_NS);
+        let polled = vbds.poll_rings(&mut backend);
+        vbds.attend(&mut xs, &mut backend, &polled.attention);
+        if polled.progress == Progress::Idle && watch_events.is_empty() {
+            publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
+            // An event that came while xenstore was busy is looked at
+            // before halting (interrupts stay off until the halt).
+            if !xen::events_pending(&events) {
+                xen::sleep_until_any_event(&events, IDLE_HALT_NS);
+            }
         }
     }
 }

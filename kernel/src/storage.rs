@@ -1,27 +1,25 @@
 //! Finding the disks: PCI through ECAM (ACPI MCFG) or the port-I/O
 //! fallback, then NVMe namespaces, AHCI ports and virtio-blk devices, each
-//! behind [`BlockDevice`] with a name an operator can use.
+//! a [`blockdev::Disk`] with a name an operator can use.
 
 use crate::memory;
 use crate::platform::{KernelHal, KernelPorts};
-use alloc::boxed::Box;
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use drivers::BlockDevice;
 use drivers::ahci::{self, AhciConfig};
 use drivers::nvme::{NvmeConfig, NvmeController, NvmeNamespace};
 use drivers::pci::{self, Bdf, ConfigAccess, Ecam, PortConfig, StorageKind, acpi};
 use drivers::virtio::VirtioBlock;
 
 /// A disk stordom can serve.
-pub struct Disk {
+pub struct NamedDisk {
     /// `nvme0n1`, `ahci0p2`, `virtio0`, ...
     pub name: String,
     /// The device.
-    pub device: Box<dyn BlockDevice>,
+    pub disk: blockdev::Disk,
 }
 
 /// Configuration space, however it is reached.
@@ -81,7 +79,7 @@ pub fn pci_config(rsdp: u64, allow_ports: bool) -> Option<PciConfig> {
 }
 
 /// Brings up every storage controller found and returns its disks.
-pub fn discover(config: &mut PciConfig) -> Vec<Disk> {
+pub fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
     let buses = match config {
         PciConfig::Ecam(_, first, last) => *first..=*last,
         PciConfig::Ports(_) => 0..=255,
@@ -127,13 +125,21 @@ pub fn discover(config: &mut PciConfig) -> Vec<Disk> {
                             }
                         );
                         let shared = Rc::new(RefCell::new(controller));
+                        // The namespaces share the controller's queues.
+                        let mut first: Option<blockdev::Disk> = None;
                         for nsid in namespaces {
-                            if let Some(ns) = NvmeNamespace::new(shared.clone(), nsid) {
-                                disks.push(Disk {
-                                    name: format!("nvme{index}n{nsid}"),
-                                    device: Box::new(ns),
-                                });
-                            }
+                            let Some(ns) = NvmeNamespace::new(shared.clone(), nsid) else {
+                                continue;
+                            };
+                            let disk = match &first {
+                                Some(first) => first.sharing_queues(ns),
+                                None => blockdev::Disk::new(ns),
+                            };
+                            first.get_or_insert_with(|| disk.clone());
+                            disks.push(NamedDisk {
+                                name: format!("nvme{index}n{nsid}"),
+                                disk,
+                            });
                         }
                     }
                     Err(e) => log::error!("nvme{index}: {place}: {e:?}"),
@@ -154,9 +160,9 @@ pub fn discover(config: &mut PciConfig) -> Vec<Disk> {
                                 port.number(),
                                 if port.uses_ncq() { "on" } else { "off" }
                             );
-                            disks.push(Disk {
+                            disks.push(NamedDisk {
                                 name: format!("ahci{index}p{}", port.number()),
-                                device: Box::new(port),
+                                disk: blockdev::Disk::new(port),
                             });
                         }
                     }
@@ -170,9 +176,9 @@ pub fn discover(config: &mut PciConfig) -> Vec<Disk> {
                 match unsafe { VirtioBlock::from_pci(KernelHal, config, at) } {
                     Ok(dev) => {
                         log::info!("virtio{index}: {place}");
-                        disks.push(Disk {
+                        disks.push(NamedDisk {
                             name: format!("virtio{index}"),
-                            device: Box::new(dev),
+                            disk: blockdev::Disk::new(dev),
                         });
                     }
                     Err(e) => log::error!("virtio{index}: {place}: {e:?}"),

@@ -3,19 +3,21 @@
 //! xenstore, the PV console, grant mapping).
 //!
 //! Interrupts stay off outside halts, so the upcall handler does nothing
-//! but wake the CPU: events are dispatched from the main flow by
-//! [`poll_events`], and nothing here runs in interrupt context.
+//! but wake the CPU: the job that owns the [`XenConnection`] dispatches
+//! events with [`dispatch_events`], and nothing here runs in interrupt
+//! context. xenstore and console waits poll their own port's pending bit,
+//! so they never need the event channels.
 
+use crate::arch::paging::PageAccess;
 use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, Ordering};
-use kernel::paging::Access;
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
-use xen_pv::event::{EventChannels, EvtchnSend, Port};
+use xen_pv::event::{EventChannels, EvtchnSend, Port, take_pending};
 use xen_pv::grant::{GfnWindow, GrantMapper};
 use xen_pv::hvm::{self, UpcallMethod};
 use xen_pv::hypercall::command;
@@ -73,7 +75,7 @@ pub fn init(cpuid: XenCpuid) -> Result<&'static Xen, XenError> {
     // identity-mapped writable, and is used for nothing else.
     let hypercalls =
         unsafe { HypercallPage::install(page, frame, &cpuid) }.map_err(XenError::HypercallPage)?;
-    memory::protect(frame, PAGE_SIZE as u64, Access::CODE).map_err(|_| XenError::Map)?;
+    memory::protect(frame, PAGE_SIZE as u64, PageAccess::CODE).map_err(|_| XenError::Map)?;
     Ok(XEN.call_once(|| Xen { cpuid, hypercalls }))
 }
 
@@ -88,25 +90,26 @@ pub fn tsc_hz(cpuid: &XenCpuid) -> Option<u64> {
     if cpuid.max_leaf < cpuid.base + 3 {
         return None;
     }
-    let khz = core::arch::x86_64::__cpuid_count(cpuid.base + 3, 0).ecx;
+    let (_, _, khz, _) = cpu::cpuid_count(cpuid.base + 3, 0);
     (khz != 0).then(|| u64::from(khz) * 1000)
 }
 
-type Hypercalls = &'static HypercallPage;
+/// How the kernel makes hypercalls.
+pub type Hypercalls = &'static HypercallPage;
 
-/// The services every Xen job uses.
-pub struct Services {
-    /// Event channels, dispatched by [`poll_events`].
-    pub events: Mutex<EventChannels<'static, Hypercalls>>,
+/// What a Xen job owns: its event channels, xenstore connection and
+/// grant mapper (the PV console is the logger's).
+pub struct XenConnection {
+    /// Event channels, dispatched by [`dispatch_events`].
+    pub events: EventChannels<'static, Hypercalls>,
     /// The xenstore connection.
-    pub store: Mutex<Xenstore<'static, PortChannel>>,
+    pub store: Xenstore<'static, PortChannel>,
     /// Grant mappings into the reserved GFN window.
-    pub grants: Mutex<GrantMapper<Hypercalls>>,
+    pub grants: GrantMapper<Hypercalls>,
     /// How upcalls arrive.
     pub upcall: UpcallMethod,
 }
 
-static SERVICES: Once<Services> = Once::new();
 static CONSOLE: Mutex<Option<PvConsole<'static, PortChannel>>> = Mutex::new(None);
 
 /// Vector Xen raises for event-channel upcalls.
@@ -119,23 +122,22 @@ const CONSOLE_WAIT_NS: u64 = 10_000_000;
 /// rings with every request in flight carrying 1 MiB.
 pub const GRANT_WINDOW_FRAMES: u64 = 16384;
 
-/// The services, once [`start_services`] succeeded.
-pub fn services() -> Option<&'static Services> {
-    SERVICES.get()
-}
-
 /// An event channel used as a [`PeerChannel`]: `notify` sends on it,
 /// `wait` halts until its port fires (or gives up after `timeout_ns`).
 pub struct PortChannel {
     xen: Hypercalls,
+    shared: &'static SharedInfo,
     port: Port,
     fired: Arc<AtomicBool>,
     timeout_ns: u64,
 }
 
 impl PortChannel {
+    /// The channel on `port`. An event dispatched by `events` (whoever
+    /// owns them later) is remembered for the next wait.
     fn new(
         xen: Hypercalls,
+        shared: &'static SharedInfo,
         events: &mut EventChannels<'static, Hypercalls>,
         port: u32,
         timeout_ns: u64,
@@ -148,6 +150,7 @@ impl PortChannel {
         );
         Self {
             xen,
+            shared,
             port: Port(port),
             fired,
             timeout_ns,
@@ -165,73 +168,67 @@ impl PeerChannel for PortChannel {
     fn wait(&mut self) -> Result<(), TimedOut> {
         let start = clock::now_ns();
         loop {
-            poll_events();
-            if self.fired.swap(false, Ordering::AcqRel) {
+            if self.fired.swap(false, Ordering::AcqRel) || take_pending(self.shared, 0, self.port) {
                 return Ok(());
             }
             if clock::now_ns() - start > self.timeout_ns {
                 return Err(TimedOut);
             }
-            wait_for_event(1_000_000);
+            let waited = clock::now_ns() - start;
+            sleep_until_event(
+                &[self.port.0],
+                self.timeout_ns.saturating_sub(waited).max(1),
+            );
         }
     }
 }
 
-/// Longest port list handed to one poll; the rest are woken by Xen's
-/// any-event rule for multi-port polls, or by the deadline.
-const POLL_PORTS: usize = xen_pv::sched::MAX_POLL_PORTS;
-
-/// Sleeps until an event channel fires or `max_ns` passed, with interrupts
-/// off: once the event channels are up, a `SCHEDOP_poll` on every bound
-/// port (one pending already returns at once), before that the APIC timer.
-/// Under Xen stordom takes no interrupt after boot: no upcall, timer or EOI
-/// on the serving path.
-pub fn wait_for_event(max_ns: u64) {
-    let (Some(xen), Some(svc), Some(shared)) = (XEN.get(), SERVICES.get(), SHARED_INFO.get())
-    else {
-        apic::halt_until_interrupt(max_ns);
-        return;
-    };
-    let mut ports = [0u32; POLL_PORTS];
-    let count = match svc.events.try_lock() {
-        Some(events) => {
-            if events.has_pending(0) {
-                return;
-            }
-            ports
-                .iter_mut()
-                .zip(events.ports())
-                .map(|(slot, port)| *slot = port.0)
-                .count()
-        }
-        // Held by a caller further up (a log line while binding): do not
-        // sleep on a partial view.
-        None => return,
-    };
-    let deadline = shared.vcpu_info[0]
-        .time
-        .read()
+/// Sleeps until one of `ports` is pending or `max_ns` passed, with
+/// interrupts off, by `SCHEDOP_poll` (a port pending already returns at
+/// once; more than one port: any event of the domain wakes it). Under Xen
+/// stordom takes no interrupt after boot: no upcall, timer or EOI on the
+/// serving path. Without Xen's clock (never seen): the APIC timer's halt.
+pub fn sleep_until_event(ports: &[u32], max_ns: u64) {
+    let deadline = SHARED_INFO
+        .get()
+        .and_then(|shared| shared.vcpu_info[0].time.read())
         .map(|clock| clock.nanos_at(cpu::rdtsc()).saturating_add(max_ns));
-    match deadline {
-        Some(deadline) => {
-            if let Err(e) = sched::poll(&&xen.hypercalls, &ports[..count], deadline) {
+    match (XEN.get(), deadline) {
+        (Some(xen), Some(deadline)) => {
+            if let Err(e) = sched::poll(&&xen.hypercalls, ports, deadline) {
                 log::warn!("xen: SCHEDOP_poll failed ({e:?}); halting instead");
                 apic::halt_until_interrupt(max_ns);
             }
         }
-        None => apic::halt_until_interrupt(max_ns),
+        _ => apic::halt_until_interrupt(max_ns),
     }
 }
 
-/// Dispatches pending event-channel events to their handlers. Skipped when
-/// the event channels are busy (a log line written while they are held).
-pub fn poll_events() {
-    let Some(mut events) = SERVICES.get().and_then(|s| s.events.try_lock()) else {
-        return;
-    };
+/// Sleeps until an event on any port bound in `events` (see
+/// [`sleep_until_event`]), at most `max_ns`.
+pub fn sleep_until_any_event(events: &EventChannels<'static, Hypercalls>, max_ns: u64) {
+    let mut ports = [0u32; sched::MAX_POLL_PORTS];
+    let count = ports
+        .iter_mut()
+        .zip(events.ports())
+        .map(|(slot, port)| *slot = port.0)
+        .count();
+    sleep_until_event(&ports[..count], max_ns);
+}
+
+/// Dispatches pending event-channel events to their handlers.
+pub fn dispatch_events(events: &mut EventChannels<'static, Hypercalls>) {
     if UPCALL_TAKEN.swap(false, Ordering::AcqRel) || events.has_pending(0) {
         events.handle_upcall(0);
     }
+}
+
+/// Whether an upcall came (during a xenstore or console wait) or is
+/// flagged pending since the last [`dispatch_events`]: then the loop must
+/// look again rather than halt, since Xen raises no new upcall while one
+/// is flagged pending.
+pub fn events_pending(events: &EventChannels<'static, Hypercalls>) -> bool {
+    UPCALL_TAKEN.load(Ordering::Acquire) || events.has_pending(0)
 }
 
 /// shared_info, for the upcall handler.
@@ -240,7 +237,7 @@ static SHARED_INFO: Once<&'static SharedInfo> = Once::new();
 static UPCALL_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// The upcall interrupt: acknowledges it and leaves the scan to
-/// `poll_events` outside interrupt context. The acknowledgement matters:
+/// `dispatch_events` outside interrupt context. The acknowledgement matters:
 /// Xen raises the vector again while `evtchn_upcall_pending` is set, and
 /// an interrupt taken right after every `iretq` would starve the main flow.
 fn on_upcall() {
@@ -254,7 +251,7 @@ fn on_upcall() {
 
 /// Maps shared_info, routes upcalls, connects xenstore and the PV console,
 /// and reserves the grant window above `ram_end`.
-pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Services, XenError> {
+pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, XenError> {
     let hc: Hypercalls = &xen.hypercalls;
     let shared_frame = memory::alloc_frames(1).ok_or(XenError::OutOfMemory)?;
     map_shared_info(&hc, shared_frame / PAGE_SIZE as u64)
@@ -277,20 +274,22 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
     // SAFETY: the store page is shared with xenstored for the domain's
     // life; XenstoreInterface mirrors its layout with atomics.
     let store_iface: &'static XenstoreInterface = unsafe { map_ring_page(&store_ring)? };
-    let store_channel = PortChannel::new(hc, &mut events, store_ring.port, STORE_TIMEOUT_NS);
+    let store_channel =
+        PortChannel::new(hc, shared, &mut events, store_ring.port, STORE_TIMEOUT_NS);
 
     let console_ring =
         hvm::console_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_CONSOLE_*", e))?;
     // SAFETY: as for the store page, with xenconsoled.
     let console_iface: &'static XenconsInterface = unsafe { map_ring_page(&console_ring)? };
-    let console_channel = PortChannel::new(hc, &mut events, console_ring.port, CONSOLE_WAIT_NS);
+    let console_channel =
+        PortChannel::new(hc, shared, &mut events, console_ring.port, CONSOLE_WAIT_NS);
     *CONSOLE.lock() = Some(PvConsole::new(console_iface, console_channel));
 
     let window_base = ram_end.max(4 << 30).next_multiple_of(1 << 30);
     memory::map_identity(
         window_base,
         GRANT_WINDOW_FRAMES * PAGE_SIZE as u64,
-        Access::DATA,
+        PageAccess::DATA,
     )
     .map_err(|_| XenError::Map)?;
     let window_end = window_base + GRANT_WINDOW_FRAMES * PAGE_SIZE as u64;
@@ -301,12 +300,12 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<&'static Servic
         GfnWindow::new(window_base / PAGE_SIZE as u64, GRANT_WINDOW_FRAMES as usize),
     );
 
-    Ok(SERVICES.call_once(|| Services {
-        events: Mutex::new(events),
-        store: Mutex::new(Xenstore::new(store_iface, store_channel)),
-        grants: Mutex::new(grants),
+    Ok(XenConnection {
+        events,
+        store: Xenstore::new(store_iface, store_channel),
+        grants,
         upcall,
-    }))
+    })
 }
 
 /// Maps the page of a ring the toolstack set up (xenstore, console) and
@@ -320,8 +319,8 @@ unsafe fn map_ring_page<T>(ring: &hvm::RingParams) -> Result<&'static T, XenErro
         .gfn
         .checked_mul(PAGE_SIZE as u64)
         .ok_or(XenError::Map)?;
-    let addr =
-        memory::map_identity(page, PAGE_SIZE as u64, Access::DATA).map_err(|_| XenError::Map)?;
+    let addr = memory::map_identity(page, PAGE_SIZE as u64, PageAccess::DATA)
+        .map_err(|_| XenError::Map)?;
     // SAFETY: mapped just above; the caller vouches for what lives there.
     Ok(unsafe { &*(addr as *const T) })
 }

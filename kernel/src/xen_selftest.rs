@@ -7,12 +7,12 @@
 //! accounting is back to zero, then writes `result`.
 
 use crate::arch::clock;
-use crate::xen::Services;
+use crate::xen::{Hypercalls, XenConnection};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use kernel::pattern::first_mismatch;
-use xen_pv::grant::{GrantSpec, Mapping};
+use test_pattern::first_mismatch;
+use xen_pv::grant::{GrantMapper, GrantSpec, Mapping};
 use xen_pv::ring::PeerChannel;
 use xen_pv::xenstore::{Tx, XsError};
 use xen_pv::{DomId, PAGE_SIZE};
@@ -25,8 +25,8 @@ fn xs(what: &str, e: XsError) -> String {
 }
 
 /// Runs the self-test; Ok carries a one-line summary.
-pub fn run(svc: &Services) -> Result<String, String> {
-    let mut store = svc.store.lock();
+pub fn run(xen: &mut XenConnection) -> Result<String, String> {
+    let store = &mut xen.store;
     let domid = store
         .read_string(Tx::NONE, "domid")
         .map_err(|e| xs("read domid", e))?;
@@ -66,7 +66,7 @@ pub fn run(svc: &Services) -> Result<String, String> {
             }
         }
     };
-    let summary = check_grants(svc, &offer)?;
+    let summary = check_grants(&mut xen.grants, &offer)?;
     store
         .write(Tx::NONE, &format!("{base}/result"), summary.as_bytes())
         .map_err(|e| xs("write result", e))?;
@@ -78,7 +78,7 @@ pub fn run(svc: &Services) -> Result<String, String> {
 
 /// Parses "DOMID SEED GREF...", maps the grants read-only, checks them
 /// and unmaps them.
-fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
+fn check_grants(grants: &mut GrantMapper<Hypercalls>, offer: &str) -> Result<String, String> {
     let mut words = offer.split_ascii_whitespace();
     let bad = || format!("malformed grant offer \"{offer}\"");
     let domid: DomId = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
@@ -97,9 +97,9 @@ fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
         return Err(bad());
     }
 
-    let mut grants = svc.grants.lock();
-    let mapped: Vec<Mapping> = grants
-        .map_batch(&specs)
+    let mut results = Vec::with_capacity(specs.len());
+    grants.map_batch(&specs, &mut results);
+    let mut mapped: Vec<Mapping> = results
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(|e| format!("grant map: {e:?}"))?;
@@ -125,13 +125,11 @@ fn check_grants(svc: &Services, offer: &str) -> Result<String, String> {
             ));
         }
     }
-    let unmap_errors: Vec<String> = grants
-        .unmap_batch(mapped)
-        .into_iter()
-        .filter_map(|r| {
-            r.err()
-                .map(|(m, e)| format!("unmap gref {}: {e:?}", m.grant.gref))
-        })
+    let mut failed = Vec::new();
+    grants.unmap_batch(&mut mapped, &mut failed);
+    let unmap_errors: Vec<String> = failed
+        .iter()
+        .map(|(m, e)| format!("unmap gref {}: {e:?}", m.grant.gref))
         .collect();
     let after = grants.stats();
     log::info!(

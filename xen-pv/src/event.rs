@@ -86,6 +86,38 @@ pub type Handler = Box<dyn FnMut(Port) + Send>;
 /// next poll, so one busy port cannot hold a vCPU in the handler forever.
 const MAX_SCAN_PASSES: usize = 8;
 
+/// Takes (tests and clears) a pending event on `port` without dispatching
+/// it: for a channel whose only user polls it (a xenstore or console wait),
+/// so that user does not depend on whoever owns the [`EventChannels`].
+///
+/// Re-arms `vcpu`'s upcall as a dispatch would: Xen raises no upcall for
+/// an event whose selector bit is still set, so the bit of the port's word
+/// is cleared, and set again (with the upcall flagged pending, for the
+/// next [`EventChannels::handle_upcall`]) if other ports of the word wait.
+pub fn take_pending(shared: &SharedInfo, vcpu: usize, port: Port) -> bool {
+    let word = port.0 as usize / EVTCHN_WORD_BITS;
+    let bit = 1u64 << (port.0 as usize % EVTCHN_WORD_BITS);
+    let (Some(pending), Some(mask)) = (
+        shared.evtchn_pending.get(word),
+        shared.evtchn_mask.get(word),
+    ) else {
+        return false;
+    };
+    if pending.fetch_and(!bit, Ordering::SeqCst) & bit == 0 {
+        return false;
+    }
+    if let Some(info) = shared.vcpu_info.get(vcpu) {
+        let selector = 1 << word;
+        info.evtchn_pending_sel
+            .fetch_and(!selector, Ordering::SeqCst);
+        if pending.load(Ordering::SeqCst) & !mask.load(Ordering::SeqCst) != 0 {
+            info.evtchn_pending_sel.fetch_or(selector, Ordering::SeqCst);
+            info.evtchn_upcall_pending.store(1, Ordering::SeqCst);
+        }
+    }
+    true
+}
+
 /// Event channels of this domain: hypercalls, masks and dispatch.
 pub struct EventChannels<'a, H> {
     xen: H,
@@ -410,5 +442,27 @@ mod tests {
             old.param(PARAM_CALLBACK_IRQ),
             Some(callback_vector_param(0xf3))
         );
+    }
+
+    #[test]
+    fn a_polled_port_takes_its_own_event_once_and_rearms_the_upcall() {
+        let sim = SimXen::new();
+        let shared = sim.shared_info();
+        let info = &shared.vcpu_info[0];
+        shared.evtchn_pending[1].fetch_or(1 << 3 | 1 << 4, Ordering::SeqCst);
+        info.evtchn_pending_sel.fetch_or(1 << 1, Ordering::SeqCst);
+        assert!(!take_pending(shared, 0, Port(3)));
+        assert!(take_pending(shared, 0, Port(67)));
+        // Port 68 still waits: its word stays selected, the upcall pending.
+        assert_eq!(info.evtchn_pending_sel.load(Ordering::SeqCst), 1 << 1);
+        assert_eq!(info.evtchn_upcall_pending.load(Ordering::SeqCst), 1);
+        assert!(!take_pending(shared, 0, Port(67)), "taken once");
+        info.evtchn_upcall_pending.store(0, Ordering::SeqCst);
+        assert!(take_pending(shared, 0, Port(68)));
+        // Nothing left in the word: its selector bit is clear again, so
+        // Xen raises an upcall for the next event in it.
+        assert_eq!(info.evtchn_pending_sel.load(Ordering::SeqCst), 0);
+        assert_eq!(info.evtchn_upcall_pending.load(Ordering::SeqCst), 0);
+        assert!(!take_pending(shared, 0, Port(u32::MAX)));
     }
 }

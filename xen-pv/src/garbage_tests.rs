@@ -3,7 +3,6 @@
 
 use alloc::vec::Vec;
 
-use crate::blkif::{self, LAST_SECTOR_IN_PAGE, MAX_SEGMENTS_PER_REQUEST, Protocol, Request};
 use crate::sim::xenstore::SimXenstored;
 use crate::xenstore::wire::{Header, MsgType};
 use crate::xenstore::{Tx, Xenstore, XenstoreInterface};
@@ -25,35 +24,6 @@ impl Rng {
 
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-#[test]
-fn random_blkif_entries_parse_to_valid_requests_or_refusals() {
-    let mut rng = Rng(0x5eed);
-    for _ in 0..20_000 {
-        let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
-        entry.copy_from_slice(&rng.bytes(blkif::ENTRY_SIZE_X86_64));
-        // Bias the operation towards known codes.
-        entry[0] = (rng.below(9)) as u8;
-        for protocol in [Protocol::X86_32, Protocol::X86_64] {
-            for max_indirect in [0, 256] {
-                match blkif::parse_request(protocol, &entry, max_indirect) {
-                    Ok(Request::ReadWrite { segments, .. } | Request::Barrier { segments, .. }) => {
-                        let segs = segments.as_slice();
-                        assert!(segs.len() <= MAX_SEGMENTS_PER_REQUEST);
-                        assert!(
-                            segs.iter().all(|s| s.first_sect <= s.last_sect
-                                && s.last_sect <= LAST_SECTOR_IN_PAGE)
-                        );
-                    }
-                    Ok(Request::Indirect { nr_segments, .. }) => {
-                        assert!(nr_segments >= 1 && nr_segments <= max_indirect)
-                    }
-                    Ok(_) | Err(_) => {}
-                }
-            }
-        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Grant tables: batched map/unmap of foreign grants into a window of
-//! guest-physical frames, and batched grant copy.
+//! guest-physical frames. The batch calls take the caller's buffers, so a
+//! caller that keeps them allocates nothing per batch.
 
 use alloc::vec::Vec;
 
@@ -14,10 +15,6 @@ pub type GrantRef = u32;
 pub const GNTMAP_HOST_MAP: u32 = 1 << 1;
 /// `GNTMAP_readonly`: the mapping is read-only.
 pub const GNTMAP_READONLY: u32 = 1 << 2;
-/// `GNTCOPY_source_gref`: the copy source is a grant reference.
-pub const GNTCOPY_SOURCE_GREF: u16 = 1 << 0;
-/// `GNTCOPY_dest_gref`: the copy destination is a grant reference.
-pub const GNTCOPY_DEST_GREF: u16 = 1 << 1;
 
 /// Operations issued in one hypercall at most; larger batches are split.
 pub const MAX_BATCH: usize = 32;
@@ -53,29 +50,6 @@ xen_command!(
     1,
     "struct gnttab_unmap_grant_ref"
 );
-
-/// One end of a grant copy (`struct gnttab_copy_ptr`): `gref_or_gfn` is a
-/// grant reference or a local frame, as the copy flags say.
-#[derive(Clone, Copy, Debug, Default)]
-#[repr(C)]
-pub struct CopyPtr {
-    pub gref_or_gfn: u64,
-    pub domid: DomId,
-    pub offset: u16,
-}
-
-/// `struct gnttab_copy`.
-#[derive(Clone, Copy, Debug, Default)]
-#[repr(C)]
-pub struct GnttabCopy {
-    pub source: CopyPtr,
-    pub dest: CopyPtr,
-    pub len: u16,
-    pub flags: u16,
-    pub status: i16,
-}
-
-xen_command!(GnttabCopy, GrantTable, 5, "struct gnttab_copy");
 
 /// Why a grant operation failed (`GNTST_*`, plus local reasons).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,34 +178,12 @@ pub struct Mapping {
     pub grant: GrantSpec,
 }
 
-/// One end of a grant copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyEnd {
-    /// A page another domain granted to us.
-    Grant {
-        domid: DomId,
-        gref: GrantRef,
-        offset: u16,
-    },
-    /// One of our own frames.
-    Local { gfn: u64, offset: u16 },
-}
-
-/// A grant copy of `len` bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CopyOp {
-    pub source: CopyEnd,
-    pub dest: CopyEnd,
-    pub len: u16,
-}
-
 /// Counters of grant activity; `mapped` is the live number of mappings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GrantStats {
     pub mapped: usize,
     pub maps: u64,
     pub unmaps: u64,
-    pub copies: u64,
     pub hypercalls: u64,
 }
 
@@ -256,28 +208,32 @@ impl<H: Hypercall> GrantMapper<H> {
         self.stats
     }
 
-    /// Maps every grant in `specs`, one hypercall per [`MAX_BATCH`]; the
-    /// result for each spec is in the same position.
-    pub fn map_batch(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
-        let mut results = Vec::with_capacity(specs.len());
+    /// Maps every grant in `specs`, one hypercall per [`MAX_BATCH`], and
+    /// appends the result for each spec to `results`, in order.
+    pub fn map_batch(
+        &mut self,
+        specs: &[GrantSpec],
+        results: &mut Vec<Result<Mapping, GrantError>>,
+    ) {
         for chunk in specs.chunks(MAX_BATCH) {
-            let mut ops: Vec<MapGrantRef> = Vec::with_capacity(chunk.len());
-            let mut gfns: Vec<Option<u64>> = Vec::with_capacity(chunk.len());
-            for spec in chunk {
-                let gfn = self.window.alloc();
-                if let Some(gfn) = gfn {
-                    ops.push(MapGrantRef {
+            let mut ops = [MapGrantRef::default(); MAX_BATCH];
+            let mut gfns = [None; MAX_BATCH];
+            let mut issued = 0;
+            for (spec, gfn) in chunk.iter().zip(&mut gfns) {
+                *gfn = self.window.alloc();
+                if let Some(gfn) = *gfn {
+                    ops[issued] = MapGrantRef {
                         host_addr: gfn * PAGE_SIZE as u64,
                         flags: GNTMAP_HOST_MAP | if spec.readonly { GNTMAP_READONLY } else { 0 },
                         gref: spec.gref,
                         dom: spec.domid,
                         ..MapGrantRef::default()
-                    });
+                    };
+                    issued += 1;
                 }
-                gfns.push(gfn);
             }
-            let call = self.issue(&mut ops);
-            let mut done = ops.iter();
+            let call = self.issue(&mut ops[..issued]);
+            let mut done = ops[..issued].iter();
             for (spec, gfn) in chunk.iter().zip(gfns) {
                 let Some(gfn) = gfn else {
                     results.push(Err(GrantError::WindowFull));
@@ -304,112 +260,39 @@ impl<H: Hypercall> GrantMapper<H> {
                 });
             }
         }
-        results
     }
 
-    /// Unmaps `mappings`. A mapping whose unmap failed is handed back in
-    /// its error so it is not forgotten (its frame stays reserved).
+    /// Unmaps every mapping in `mappings`, leaving it empty (its capacity
+    /// kept). A mapping whose unmap failed goes to `failed` with its
+    /// error, so it is not forgotten (its frame stays reserved).
     pub fn unmap_batch(
         &mut self,
-        mappings: Vec<Mapping>,
-    ) -> Vec<Result<(), (Mapping, GrantError)>> {
-        let mut results = Vec::with_capacity(mappings.len());
-        let mut mappings = mappings.into_iter().peekable();
-        while mappings.peek().is_some() {
-            let chunk: Vec<Mapping> = mappings.by_ref().take(MAX_BATCH).collect();
-            let mut ops: Vec<UnmapGrantRef> = chunk
-                .iter()
-                .map(|m| UnmapGrantRef {
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    ) {
+        while !mappings.is_empty() {
+            let start = mappings.len().saturating_sub(MAX_BATCH);
+            let mut ops = [UnmapGrantRef::default(); MAX_BATCH];
+            let count = mappings.len() - start;
+            for (op, m) in ops.iter_mut().zip(&mappings[start..]) {
+                *op = UnmapGrantRef {
                     host_addr: m.gfn * PAGE_SIZE as u64,
                     handle: m.handle,
                     ..UnmapGrantRef::default()
-                })
-                .collect();
-            let call = self.issue(&mut ops);
-            for (mapping, op) in chunk.into_iter().zip(&ops) {
-                results.push(
-                    match call.and_then(|()| GrantError::from_status(op.status)) {
-                        Ok(()) => {
-                            self.window.free(mapping.gfn);
-                            self.stats.mapped = self.stats.mapped.saturating_sub(1);
-                            self.stats.unmaps += 1;
-                            Ok(())
-                        }
-                        Err(e) => Err((mapping, e)),
-                    },
-                );
+                };
             }
-        }
-        results
-    }
-
-    /// Performs grant copies, one hypercall per [`MAX_BATCH`]. Copies that
-    /// would cross a page boundary are refused without asking Xen.
-    pub fn copy_batch(&mut self, copies: &[CopyOp]) -> Vec<Result<(), GrantError>> {
-        fn end(e: CopyEnd, gref_flag: u16) -> (CopyPtr, u16) {
-            match e {
-                CopyEnd::Grant {
-                    domid,
-                    gref,
-                    offset,
-                } => (
-                    CopyPtr {
-                        gref_or_gfn: u64::from(gref),
-                        domid,
-                        offset,
-                    },
-                    gref_flag,
-                ),
-                CopyEnd::Local { gfn, offset } => (
-                    CopyPtr {
-                        gref_or_gfn: gfn,
-                        domid: crate::DOMID_SELF,
-                        offset,
-                    },
-                    0,
-                ),
-            }
-        }
-        fn fits(e: CopyEnd, len: u16) -> bool {
-            let offset = match e {
-                CopyEnd::Grant { offset, .. } | CopyEnd::Local { offset, .. } => offset,
-            };
-            usize::from(offset) + usize::from(len) <= PAGE_SIZE
-        }
-        let mut results = Vec::with_capacity(copies.len());
-        for chunk in copies.chunks(MAX_BATCH) {
-            let valid = |c: &CopyOp| fits(c.source, c.len) && fits(c.dest, c.len);
-            let mut ops: Vec<GnttabCopy> = chunk
-                .iter()
-                .filter(|c| valid(c))
-                .map(|c| {
-                    let (source, sflag) = end(c.source, GNTCOPY_SOURCE_GREF);
-                    let (dest, dflag) = end(c.dest, GNTCOPY_DEST_GREF);
-                    GnttabCopy {
-                        source,
-                        dest,
-                        len: c.len,
-                        flags: sflag | dflag,
-                        status: 0,
+            let call = self.issue(&mut ops[..count]);
+            for (mapping, op) in mappings.drain(start..).zip(&ops) {
+                match call.and_then(|()| GrantError::from_status(op.status)) {
+                    Ok(()) => {
+                        self.window.free(mapping.gfn);
+                        self.stats.mapped = self.stats.mapped.saturating_sub(1);
+                        self.stats.unmaps += 1;
                     }
-                })
-                .collect();
-            let call = self.issue(&mut ops);
-            let mut done = ops.iter();
-            for c in chunk {
-                if !valid(c) {
-                    results.push(Err(GrantError::BadCopyArg));
-                    continue;
+                    Err(e) => failed.push((mapping, e)),
                 }
-                let status = done.next().map_or(-1, |op| op.status);
-                let outcome = call.and_then(|()| GrantError::from_status(status));
-                if outcome.is_ok() {
-                    self.stats.copies += 1;
-                }
-                results.push(outcome);
             }
         }
-        results
     }
 
     /// One hypercall for `ops` (none if empty).
@@ -433,8 +316,6 @@ mod tests {
     fn layouts_match_grant_table_h() {
         assert_eq!(size_of::<MapGrantRef>(), 32);
         assert_eq!(size_of::<UnmapGrantRef>(), 24);
-        assert_eq!(size_of::<CopyPtr>(), 16);
-        assert_eq!(size_of::<GnttabCopy>(), 40);
     }
 
     #[test]
@@ -491,11 +372,9 @@ mod sim_tests {
             .collect();
         let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 128));
         let specs: Vec<GrantSpec> = grefs.iter().map(|r| spec(*r, false)).collect();
-        let maps: Vec<Mapping> = g
-            .map_batch(&specs)
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let mut results = Vec::new();
+        g.map_batch(&specs, &mut results);
+        let mut maps: Vec<Mapping> = results.into_iter().map(Result::unwrap).collect();
 
         // 70 operations: 32 + 32 + 6.
         assert_eq!(sim.calls(HypercallOp::GrantTable, MapGrantRef::CMD), 3);
@@ -503,8 +382,9 @@ mod sim_tests {
         assert_eq!(sim.mapped_grants(), 70);
         assert_eq!(sim.frame(maps[69].gfn).unwrap()[..8], [69; 8]);
 
-        let rest = g.unmap_batch(maps);
-        assert!(rest.iter().all(Result::is_ok));
+        let mut failed = Vec::new();
+        g.unmap_batch(&mut maps, &mut failed);
+        assert!(maps.is_empty() && failed.is_empty());
         assert_eq!(sim.calls(HypercallOp::GrantTable, UnmapGrantRef::CMD), 3);
         assert_eq!(g.stats().mapped, 0);
         assert_eq!(g.stats().unmaps, 70);
@@ -518,13 +398,15 @@ mod sim_tests {
         let rw = sim.offer_grant(FRONTEND, false, b"rw");
         // Frames are taken before the hypercall: 4 frames for 5 operations.
         let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4));
-        let results = g.map_batch(&[
+        let mut results = Vec::new();
+        let specs = [
             spec(ro, false),
             spec(ro, true),
             spec(999, false),
             spec(rw, false),
             spec(rw, true),
-        ]);
+        ];
+        g.map_batch(&specs, &mut results);
         assert_eq!(results[0], Err(GrantError::PermissionDenied));
         let ro_map = results[1].as_ref().unwrap();
         assert!(sim.frame_is_readonly(ro_map.gfn));
@@ -533,7 +415,11 @@ mod sim_tests {
         assert_eq!(results[4], Err(GrantError::WindowFull));
         assert_eq!(g.stats().mapped, 2);
         // The two failed operations gave their frames back.
-        let again = g.map_batch(&[spec(rw, true), spec(ro, true), spec(rw, true)]);
+        let mut again = Vec::new();
+        g.map_batch(
+            &[spec(rw, true), spec(ro, true), spec(rw, true)],
+            &mut again,
+        );
         assert!(again[0].is_ok() && again[1].is_ok());
         assert_eq!(again[2], Err(GrantError::WindowFull));
         assert_eq!(g.stats().mapped, 4);
@@ -547,7 +433,8 @@ mod sim_tests {
             .collect();
         let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 64));
         sim.fail_next_hypercall(Errno::EFAULT);
-        let results = g.map_batch(&specs);
+        let mut results = Vec::new();
+        g.map_batch(&specs, &mut results);
         assert!(
             results[..32]
                 .iter()
@@ -557,17 +444,16 @@ mod sim_tests {
         assert_eq!(g.stats().mapped, 8);
 
         // A failed unmap hands the mapping back; it can be retried.
-        let maps: Vec<Mapping> = results.into_iter().filter_map(Result::ok).collect();
+        let mut maps: Vec<Mapping> = results.into_iter().filter_map(Result::ok).collect();
         sim.fail_next_hypercall(Errno::EFAULT);
-        let failed: Vec<Mapping> = g
-            .unmap_batch(maps)
-            .into_iter()
-            .filter_map(Result::err)
-            .map(|(m, _)| m)
-            .collect();
+        let mut failed = Vec::new();
+        g.unmap_batch(&mut maps, &mut failed);
         assert_eq!(failed.len(), 8);
         assert_eq!(g.stats().mapped, 8);
-        assert!(g.unmap_batch(failed).iter().all(Result::is_ok));
+        let mut retry: Vec<Mapping> = failed.into_iter().map(|(m, _)| m).collect();
+        let mut failed = Vec::new();
+        g.unmap_batch(&mut retry, &mut failed);
+        assert!(failed.is_empty());
         assert_eq!(g.stats().mapped, 0);
     }
 
@@ -576,65 +462,15 @@ mod sim_tests {
         let sim = SimXen::new();
         let gref = sim.offer_grant(FRONTEND, false, b"x");
         let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4));
-        let mut m = g.map_batch(&[spec(gref, false)]).pop().unwrap().unwrap();
+        let mut results = Vec::new();
+        g.map_batch(&[spec(gref, false)], &mut results);
+        let mut m = results.pop().unwrap().unwrap();
         m.handle += 100;
-        let (m, err) = g.unmap_batch(alloc::vec![m]).pop().unwrap().unwrap_err();
+        let mut failed = Vec::new();
+        g.unmap_batch(&mut alloc::vec![m], &mut failed);
+        let (m, err) = failed.pop().unwrap();
         assert_eq!(err, GrantError::BadHandle);
         assert_eq!(g.stats().mapped, 1);
         assert_eq!(m.grant.gref, gref);
-    }
-
-    #[test]
-    fn grant_copy_both_directions_in_batches() {
-        let sim = SimXen::new();
-        let src = sim.offer_grant(FRONTEND, true, b"hello from the frontend");
-        let dst = sim.offer_grant(FRONTEND, false, &[]);
-        sim.add_local_frame(0x500, &[]);
-        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 1));
-        let from_guest = CopyOp {
-            source: CopyEnd::Grant {
-                domid: FRONTEND,
-                gref: src,
-                offset: 11,
-            },
-            dest: CopyEnd::Local {
-                gfn: 0x500,
-                offset: 100,
-            },
-            len: 12,
-        };
-        let to_guest = CopyOp {
-            source: CopyEnd::Local {
-                gfn: 0x500,
-                offset: 100,
-            },
-            dest: CopyEnd::Grant {
-                domid: FRONTEND,
-                gref: dst,
-                offset: 4090,
-            },
-            len: 6,
-        };
-        let into_readonly = CopyOp {
-            dest: CopyEnd::Grant {
-                domid: FRONTEND,
-                gref: src,
-                offset: 0,
-            },
-            ..to_guest
-        };
-        let across_page = CopyOp { len: 7, ..to_guest };
-        let mut ops = alloc::vec![from_guest, to_guest, into_readonly, across_page];
-        ops.extend(core::iter::repeat_n(from_guest, 30));
-        let results = g.copy_batch(&ops);
-        assert_eq!(results[..2], [Ok(()), Ok(())]);
-        assert_eq!(results[2], Err(GrantError::PermissionDenied));
-        assert_eq!(results[3], Err(GrantError::BadCopyArg));
-        assert!(results[4..].iter().all(Result::is_ok));
-        // 33 valid copies: two hypercalls (the page-crossing one never left).
-        assert_eq!(sim.calls(HypercallOp::GrantTable, GnttabCopy::CMD), 2);
-        assert_eq!(&sim.frame(0x500).unwrap()[100..112], b"the frontend");
-        assert_eq!(&sim.granted_page(FRONTEND, dst).unwrap()[4090..], b"the fr");
-        assert_eq!(g.stats().copies, 32);
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Every hypercall goes through the [`Hypercall`] trait: the kernel provides
 //! the real one ([`arch::HypercallPage`]), host tests provide the simulated
-//! Xen in `sim` (feature `sim`). Everything above that trait (event channels, grant tables,
-//! xenstore, the PV console, shared rings, blkif) is
+//! Xen in `sim` (feature `sim`). Everything above that trait (event
+//! channels, grant tables, xenstore, the PV console, shared rings) is
 //! architecture-independent and tested on the host.
 //!
 //! # Bring-up, as the kernel does it
@@ -18,17 +18,17 @@
 //! 4. [`hvm::console_ring`] and [`hvm::store_ring`] give frames and ports:
 //!    map the frames as [`console::XenconsInterface`] and
 //!    [`xenstore::XenstoreInterface`], and implement [`ring::PeerChannel`]
-//!    for each (notify = send on the port, wait = halt until its handler
-//!    ran, with a deadline).
+//!    for each (notify = send on the port, wait = halt until
+//!    [`event::take_pending`] finds its port fired, with a deadline), so
+//!    waits never need the [`event::EventChannels`], which the job that
+//!    serves owns.
 //! 5. Reserve a range of unpopulated GFNs for [`grant::GfnWindow`].
 //! 6. Exit with [`sched::shutdown`]: poweroff on a clean exit, crash from
 //!    the panic handler.
 //!
 //! # Serving disks
-//! [`blkback`] is the blkif backend: [`blkback::VbdBackends`] watches
-//! `backend/vbd`, runs each vbd's xenbus state machine ([`xenbus`]) and
-//! serves its ring from a `drivers::BlockDevice`. Its module documentation
-//! gives the calls the kernel makes on watch events and in its poll loop.
+//! The blkif protocol and its backend live in the `blkback` crate, which
+//! uses this crate's event channels, grants, xenstore and rings.
 #![no_std]
 
 extern crate alloc;
@@ -50,8 +50,6 @@ macro_rules! xen_command {
 }
 
 pub mod arch;
-pub mod blkback;
-pub mod blkif;
 pub mod console;
 pub mod event;
 pub mod grant;

@@ -1,7 +1,7 @@
 //! ATA pieces AHCI carries: register FISes, IDENTIFY DEVICE data, status
 //! and error decoding, TRIM ranges.
 
-use crate::block::IoError;
+use blockdev::IoError;
 
 /// ATA commands stordom issues.
 pub(crate) mod command {

@@ -3,7 +3,7 @@
 //! EXT, DATA SET MANAGEMENT TRIM, write-zeroes as writes from a zero page,
 //! and port reset on errors and timeouts.
 //!
-//! Each port with an ATA disk becomes an [`AhciPort`], a [`BlockDevice`]
+//! Each port with an ATA disk becomes an [`AhciPort`], a [`QueuedDevice`]
 //! with one queue. Queued and non-queued commands never run together: a
 //! flush or TRIM waits for the queued commands in flight to finish, and
 //! commands submitted after it wait for it, in submission order.
@@ -20,13 +20,11 @@ use alloc::vec::Vec;
 
 pub use ata::{AtaIdentity, IdentifyError};
 
-use crate::block::{
-    self, BlockDevice, Completion, Geometry, IoError, Request, Segment, SubmitError,
-};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
 use crate::pci::{self, Bdf, ConfigAccess};
 use crate::region::Region;
 use ata::CommandFis;
+use blockdev::{self, Completion, Geometry, IoError, QueuedDevice, Request, Segment, SubmitError};
 
 /// HBA registers.
 mod hba {
@@ -819,7 +817,7 @@ impl<H: Hal> AhciPort<H> {
     }
 }
 
-impl<H: Hal> BlockDevice for AhciPort<H> {
+impl<H: Hal> QueuedDevice for AhciPort<H> {
     fn geometry(&self) -> Geometry {
         let sector = self.identity.logical_sector_size;
         let max_transfer = u64::from(self.config.max_transfer_bytes)
@@ -848,7 +846,7 @@ impl<H: Hal> BlockDevice for AhciPort<H> {
         if self.failed {
             return Err(SubmitError::DeviceFailed);
         }
-        let blocks = block::validate(&self.geometry(), queue, &request)?;
+        let blocks = blockdev::validate(&self.geometry(), queue, &request)?;
         if matches!(request, Request::Flush) && !self.identity.write_cache {
             // Without a volatile cache every completed write is durable.
             self.finished.push_back(Completion {
@@ -884,7 +882,7 @@ impl<H: Hal> BlockDevice for AhciPort<H> {
                 self.issue_waiting();
             }
         }
-        block::hand_over(&mut self.finished, out)
+        blockdev::hand_over(&mut self.finished, out)
     }
 }
 

@@ -1,8 +1,8 @@
 //! Submission and completion queue entries, opcodes and status decoding.
 
-use crate::block::IoError;
 use crate::hal::PhysAddr;
 use crate::nvme::prp::Prps;
+use blockdev::IoError;
 
 /// Bytes in a submission queue entry.
 pub(crate) const SQE_SIZE: usize = 64;

@@ -25,10 +25,10 @@ use core::mem::ManuallyDrop;
 
 pub use identify::{ControllerInfo, Namespace, NamespaceError};
 
-use crate::block::{self, BlockDevice, Completion, Geometry, IoError, Request, SubmitError};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
 use crate::pci::{self, Bdf, ConfigAccess};
 use crate::region::Region;
+use blockdev::{self, Completion, Geometry, IoError, QueuedDevice, Request, SubmitError};
 use command::{Command, Entry, admin, cns, io};
 use queue::{Doorbells, QueuePair};
 
@@ -384,7 +384,7 @@ impl<H: Hal> NvmeController<H> {
             return Err(SubmitError::DeviceFailed);
         }
         let geometry = self.geometry(nsid).ok_or(SubmitError::OutOfRange)?;
-        let blocks = block::validate(&geometry, queue, &request)?;
+        let blocks = blockdev::validate(&geometry, queue, &request)?;
         let deadline_ns = self.hal.now_ns().saturating_add(self.config.timeout_ns);
         let queue = &mut self.queues[usize::from(queue)];
         if matches!(request, Request::Flush) && !self.info.volatile_write_cache {
@@ -424,7 +424,7 @@ impl<H: Hal> NvmeController<H> {
             }
         }
         let finished = &mut self.queues[usize::from(queue)].finished;
-        block::hand_over(finished, out)
+        blockdev::hand_over(finished, out)
     }
 
     /// Resets the controller after a timeout: keeps what already completed,
@@ -674,11 +674,12 @@ impl<H: Hal> Drop for NvmeController<H> {
     }
 }
 
-/// One namespace of a shared controller as a [`BlockDevice`].
+/// One namespace of a shared controller as a [`QueuedDevice`].
 ///
-/// Several namespaces share the controller's queues; give each consumer
-/// its own queue index, since polling a queue returns all of its
-/// completions.
+/// Several namespaces share the controller's queues, and polling a queue
+/// returns all of its completions: serve them as [`blockdev::Disk`]s on one
+/// set of queues ([`blockdev::Disk::sharing_queues`]), whose handles keep
+/// each consumer's completions apart.
 pub struct NvmeNamespace<H: Hal> {
     controller: Rc<RefCell<NvmeController<H>>>,
     nsid: u32,
@@ -697,7 +698,7 @@ impl<H: Hal> NvmeNamespace<H> {
     }
 }
 
-impl<H: Hal> BlockDevice for NvmeNamespace<H> {
+impl<H: Hal> QueuedDevice for NvmeNamespace<H> {
     fn geometry(&self) -> Geometry {
         self.geometry
     }

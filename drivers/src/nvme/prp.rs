@@ -7,9 +7,9 @@
 //! 512 entries, the last of which chains to the next list page when more
 //! follow.
 
-use crate::block::{Segment, SubmitError};
 use crate::hal::{PAGE_SIZE, PhysAddr};
 use crate::region::Region;
+use blockdev::{Segment, SubmitError};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const ENTRIES_PER_PAGE: usize = PAGE_SIZE / 8;

@@ -486,3 +486,61 @@ fn from_pci_enables_the_function_and_uses_bar0() {
     let command = config.read32(at, 4);
     assert_eq!(command & 0x406, 0x406, "memory, bus master, INTx off");
 }
+
+#[test]
+fn namespaces_on_shared_queues_get_their_own_completions() {
+    // The mix-up the block layer's queue handles prevent: two namespaces
+    // of one controller, one I/O queue, the same tag on both.
+    let setup = Setup::new(vec![
+        SimNamespace::new(1, 9, 64),
+        SimNamespace::new(2, 9, 64),
+    ]);
+    let config = NvmeConfig {
+        io_queues: 1,
+        ..NvmeConfig::default()
+    };
+    let controller = Rc::new(RefCell::new(setup.controller(config).unwrap()));
+    let first = blockdev::Disk::new(NvmeNamespace::new(controller.clone(), 1).unwrap());
+    let second = first.sharing_queues(NvmeNamespace::new(controller, 2).unwrap());
+    let (view_a, view_b) = (first.claim_all().unwrap(), second.claim_all().unwrap());
+    let (mut a, mut b) = (view_a.open_queue().unwrap(), view_b.open_queue().unwrap());
+    let (data_a, data_b) = (
+        setup.hal.buffer_with_pattern(1, 1),
+        setup.hal.buffer_with_pattern(1, 2),
+    );
+    let segments_a = [segment(data_a.phys, 4096)];
+    let segments_b = [segment(data_b.phys, 4096)];
+    a.submit(0, write_request(0, &segments_a)).unwrap();
+    b.submit(0, write_request(0, &segments_b)).unwrap();
+    // Let both commands finish before either handle polls.
+    for _ in 0..10 {
+        setup.hal.step_device();
+    }
+    let mut out = [Completion::default(); 4];
+    assert_eq!(b.poll(&mut out), 1, "b finds both, keeps its own");
+    assert_eq!(
+        out[0],
+        Completion {
+            tag: 0,
+            result: Ok(())
+        }
+    );
+    assert_eq!(a.poll(&mut out), 1, "a's completion was kept for it");
+    assert_eq!(
+        out[0],
+        Completion {
+            tag: 0,
+            result: Ok(())
+        }
+    );
+    assert_eq!(a.poll(&mut out) + b.poll(&mut out), 0);
+    let sim = setup.sim.borrow();
+    assert_eq!(
+        sim.namespaces[0].data[..4096],
+        setup.hal.bytes(data_a.phys, 4096)[..]
+    );
+    assert_eq!(
+        sim.namespaces[1].data[..4096],
+        setup.hal.bytes(data_b.phys, 4096)[..]
+    );
+}

@@ -1,4 +1,4 @@
-//! virtio-blk through the virtio-drivers crate, behind [`BlockDevice`].
+//! virtio-blk through the virtio-drivers crate, behind [`QueuedDevice`].
 //!
 //! virtio-drivers' block driver has one 16-entry virtqueue, one buffer per
 //! request and only a blocking flush, so: each segment of a request is a
@@ -21,9 +21,9 @@ use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
 use virtio_drivers::{BufferDirection, Error as VirtioError};
 
-use crate::block::{self, BlockDevice, Completion, Geometry, IoError, Request, SubmitError};
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
 use crate::pci::{self, Bdf, ConfigAccess};
+use blockdev::{self, Completion, Geometry, IoError, QueuedDevice, Request, SubmitError};
 
 /// Virtio requests in flight at once: 16 descriptors, three per request.
 pub const MAX_PARTS: usize = 5;
@@ -113,7 +113,7 @@ struct Pending {
     result: Result<(), IoError>,
 }
 
-/// A virtio-blk device as a [`BlockDevice`] with one queue.
+/// A virtio-blk device as a [`QueuedDevice`] with one queue.
 pub struct VirtioBlock<H: Hal + Default, T: Transport> {
     hal: H,
     /// Dropped by hand, before the memory its queue points into.
@@ -345,7 +345,7 @@ fn io_error(error: VirtioError) -> IoError {
     }
 }
 
-impl<H: Hal + Default, T: Transport> BlockDevice for VirtioBlock<H, T> {
+impl<H: Hal + Default, T: Transport> QueuedDevice for VirtioBlock<H, T> {
     fn geometry(&self) -> Geometry {
         Geometry {
             logical_block_size: SECTOR_SIZE as u32,
@@ -364,7 +364,7 @@ impl<H: Hal + Default, T: Transport> BlockDevice for VirtioBlock<H, T> {
     }
 
     fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
-        block::validate(&self.geometry(), queue, &request)?;
+        blockdev::validate(&self.geometry(), queue, &request)?;
         if self.flush_waiting.is_some() {
             return Err(SubmitError::QueueFull);
         }
@@ -444,7 +444,7 @@ impl<H: Hal + Default, T: Transport> BlockDevice for VirtioBlock<H, T> {
             self.finish_part(token);
         }
         self.run_waiting_flush();
-        block::hand_over(&mut self.finished, out)
+        blockdev::hand_over(&mut self.finished, out)
     }
 }
 

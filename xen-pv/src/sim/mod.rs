@@ -2,7 +2,6 @@
 //! plus foreign domains that grant pages and own event channel ends, all in
 //! one process and deterministic. [`xenstore`] holds the xenstored side.
 
-pub mod blkfront;
 pub mod xenstore;
 
 use alloc::boxed::Box;
@@ -15,8 +14,8 @@ use core::sync::atomic::Ordering;
 use crate::event::{
     AllocUnbound, BindInterdomain, BindVcpu, EvtchnClose, EvtchnSend, EvtchnUnmask, Port,
 };
-use crate::grant::{GNTCOPY_DEST_GREF, GNTCOPY_SOURCE_GREF, GNTMAP_HOST_MAP, GNTMAP_READONLY};
-use crate::grant::{GnttabCopy, GrantRef, MapGrantRef, UnmapGrantRef};
+use crate::grant::{GNTMAP_HOST_MAP, GNTMAP_READONLY};
+use crate::grant::{GrantRef, MapGrantRef, UnmapGrantRef};
 use crate::hvm::{GetParam, SetEvtchnUpcallVector, SetParam};
 use crate::hypercall::{Command, FeatureInfo, HypercallOp, XENFEAT_HVM_CALLBACK_VECTOR};
 use crate::memory::{AddToPhysmap, EVTCHN_WORD_BITS, SharedInfo, XENMAPSPACE_SHARED_INFO};
@@ -59,7 +58,6 @@ struct Grant {
 }
 
 enum Frame {
-    Local(Page),
     Granted {
         dom: DomId,
         gref: GrantRef,
@@ -275,35 +273,22 @@ impl SimXen {
         Some(NonNull::from(&mut grant.page.0).cast())
     }
 
-    /// Where guest frame `gfn` (a local page or a mapped grant) is in host
+    /// Where guest frame `gfn` (a mapped grant) is in host
     /// memory: the simulation's answer to "the kernel maps the grant
     /// window". Valid while the frame stays mapped.
     pub fn frame_ptr(&self, gfn: u64) -> Option<NonNull<u8>> {
         let mut w = self.world.borrow_mut();
         let w = &mut *w;
         let page = match w.frames.get_mut(&gfn)? {
-            Frame::Local(page) => page,
             Frame::Granted { dom, gref, .. } => &mut w.grants.get_mut(&(*dom, *gref))?.page,
         };
         Some(NonNull::from(&mut page.0).cast())
     }
 
-    /// Populates guest frame `gfn` with `contents`.
-    pub fn add_local_frame(&self, gfn: u64, contents: &[u8]) {
-        let mut page: Page = Box::new(AlignedPage([0; PAGE_SIZE]));
-        let n = contents.len().min(PAGE_SIZE);
-        page[..n].copy_from_slice(&contents[..n]);
-        self.world
-            .borrow_mut()
-            .frames
-            .insert(gfn, Frame::Local(page));
-    }
-
-    /// What the guest sees at frame `gfn`: a local page or a mapped grant.
+    /// What the guest sees at frame `gfn`: a mapped grant.
     pub fn frame(&self, gfn: u64) -> Option<Vec<u8>> {
         let w = self.world.borrow();
         match w.frames.get(&gfn)? {
-            Frame::Local(page) => Some(page.to_vec()),
             Frame::Granted { dom, gref, .. } => {
                 w.grants.get(&(*dom, *gref)).map(|g| g.page.to_vec())
             }
@@ -480,12 +465,6 @@ impl SimXen {
                     op.status = w.unmap(op);
                 }
             }
-            GnttabCopy::CMD => {
-                // SAFETY: per the hypercall contract, `count` copy structures.
-                for op in unsafe { args_mut::<GnttabCopy>(ptr, count) } {
-                    op.status = w.copy(op);
-                }
-            }
             _ => return Err(Errno::ENOSYS),
         }
         Ok(())
@@ -553,47 +532,6 @@ impl World {
         }
         self.handles.remove(&op.handle);
         self.frames.remove(&gfn);
-        0
-    }
-
-    fn copy(&mut self, op: &GnttabCopy) -> i16 {
-        let len = usize::from(op.len);
-        let (so, doff) = (usize::from(op.source.offset), usize::from(op.dest.offset));
-        if so + len > PAGE_SIZE || doff + len > PAGE_SIZE {
-            return -10;
-        }
-        let mut buf = [0u8; PAGE_SIZE];
-        let source = if op.flags & GNTCOPY_SOURCE_GREF != 0 {
-            match self
-                .grants
-                .get(&(op.source.domid, op.source.gref_or_gfn as GrantRef))
-            {
-                Some(g) if g.grantee == GUEST => &g.page,
-                _ => return -3,
-            }
-        } else {
-            match self.frames.get(&op.source.gref_or_gfn) {
-                Some(Frame::Local(page)) => page,
-                _ => return -9,
-            }
-        };
-        buf[..len].copy_from_slice(&source[so..so + len]);
-        let dest = if op.flags & GNTCOPY_DEST_GREF != 0 {
-            match self
-                .grants
-                .get_mut(&(op.dest.domid, op.dest.gref_or_gfn as GrantRef))
-            {
-                Some(g) if g.grantee == GUEST && !g.readonly => &mut g.page,
-                Some(_) => return -8,
-                None => return -3,
-            }
-        } else {
-            match self.frames.get_mut(&op.dest.gref_or_gfn) {
-                Some(Frame::Local(page)) => page,
-                _ => return -9,
-            }
-        };
-        dest[doff..doff + len].copy_from_slice(&buf[..len]);
         0
     }
 }

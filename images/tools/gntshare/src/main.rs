@@ -2,13 +2,13 @@
 //! through Linux's gntalloc device, prints their grant references on one
 //! line, and keeps them granted until stdin closes (or a line is read).
 //!
-//! usage: gntshare DOMID COUNT [SEED]
-//! Page i holds `kernel::pattern::pattern_byte(seed, i, offset)`, which
+//! usage: gntshare DOMID COUNT \[SEED\]
+//! Page i holds `test_pattern::pattern_byte(seed, i, offset)`, which
 //! stordom recomputes to check what it mapped.
 
-use kernel::pattern::pattern_byte;
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
+use test_pattern::pattern_byte;
 
 const PAGE: usize = 4096;
 const GNTALLOC_FLAG_WRITABLE: u16 = 1;

@@ -47,8 +47,24 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
 
 /// CPUID leaf `leaf`, subleaf 0: (eax, ebx, ecx, edx).
 pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
-    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    cpuid_count(leaf, 0)
+}
+
+/// CPUID leaf `leaf`, subleaf `subleaf`: (eax, ebx, ecx, edx).
+pub fn cpuid_count(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
     (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+/// Masks interrupts on this CPU.
+pub fn disable_interrupts() {
+    x86_64::instructions::interrupts::disable();
+}
+
+/// Executes an undefined instruction (#UD), for the negative tests.
+pub fn raise_invalid_opcode() -> ! {
+    // SAFETY: ud2 raises #UD, whose handler reports it and never returns.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
 }
 
 /// Reads the time-stamp counter.
@@ -100,7 +116,7 @@ pub fn exit(status: ExitStatus) -> ! {
 /// Stops this CPU with interrupts off.
 pub fn halt_forever() -> ! {
     loop {
-        x86_64::instructions::interrupts::disable();
+        disable_interrupts();
         x86_64::instructions::hlt();
     }
 }

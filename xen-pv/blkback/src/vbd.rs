@@ -10,30 +10,30 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::Services;
-use super::engine::{Disk, FrontendRing, MAX_RING_PAGE_ORDER, RateLimitedLog, Ring};
-use super::target::{Target, TargetOpener};
-use crate::DomId;
-use crate::blkif::Protocol;
-use crate::ring::PeerChannel;
-use crate::xenbus::XenbusState;
-use crate::xenstore::{Tx, WatchEvent, Xenstore, XsError};
+use crate::BackendServices;
+use crate::negotiate::{
+    Offer, parse_number, publish_features, publish_size, read_frontend_rings, read_optional,
+};
+use crate::rate_limited_log::RateLimitedLog;
+use crate::ring_io::BlkifRing;
+use crate::served_disk::ServedDisk;
+use crate::target::{Target, TargetOpener};
+use xen_pv::DomId;
+use xen_pv::ring::{PeerChannel, RingError};
+use xen_pv::xenbus::XenbusState;
+use xen_pv::xenstore::{Tx, WatchEvent, Xenstore, XsError};
 
 /// Where the toolstack creates this domain's vbds (relative to its home).
 const BACKEND_DIR: &str = "backend/vbd";
 /// Token of the watch on `backend/vbd`.
 pub const WATCH_TOKEN: &str = "stordom-blkback";
-/// Token prefix of the watches on frontends' `state` nodes.
 /// How long a detached vbd stays Closed before its directory goes.
 const DETACH_GRACE_NS: u64 = 1_000_000_000;
 /// How often a detached vbd looks again (the grace ended, or the frontend
 /// went without a watch event reaching us).
 const DETACH_RECHECK_NS: u64 = 250_000_000;
+/// Token prefix of the watches on frontends' `state` nodes.
 const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
-/// `info` bits (`VDISK_*` in blkif.h).
-const VDISK_CDROM: u32 = 1;
-const VDISK_REMOVABLE: u32 = 2;
-const VDISK_READONLY: u32 = 4;
 
 /// A vbd: the frontend domain and its device id (the directory names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,6 +49,27 @@ pub enum Progress {
     Busy,
     /// Every ring is re-armed and nothing is in flight.
     Idle,
+}
+
+/// What a vbd needs from xenstore after its rings were polled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attention {
+    /// The frontend broke a ring; the rings are stopped: say why and close.
+    BrokenRing(RingError),
+    /// Its rings drained after a stop: move the state machine on.
+    Drained,
+    /// A timed step (a detached vbd's grace) is due.
+    Due,
+}
+
+/// What [`VbdBackends::poll_rings`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RingsPolled {
+    /// Whether to poll again at once.
+    pub progress: Progress,
+    /// Vbds that need xenstore work, for [`VbdBackends::attend`] (empty,
+    /// and unallocated, in the steady state).
+    pub attention: Vec<(VbdId, Attention)>,
 }
 
 /// A vbd as seen from outside (console, tests).
@@ -70,9 +91,9 @@ struct Vbd {
     frontend_path: Option<String>,
     /// The backend state last written (Initialising: none yet).
     state: XenbusState,
-    disk: Option<Disk>,
+    disk: Option<ServedDisk>,
     /// The connected rings (one per queue the frontend opened).
-    rings: Vec<Ring>,
+    rings: Vec<BlkifRing>,
     /// The target could not be served; waits for the toolstack.
     failed: bool,
     /// The directory is gone; dropped once the ring has drained.
@@ -92,12 +113,12 @@ impl Vbd {
     }
 
     fn stop_rings(&mut self) {
-        self.rings.iter_mut().for_each(Ring::stop);
+        self.rings.iter_mut().for_each(BlkifRing::stop);
     }
 
     /// Rings were stopped and nothing is in flight on any of them.
     fn drained(&self) -> bool {
-        self.connected() && self.rings.iter().all(Ring::drained)
+        self.connected() && self.rings.iter().all(BlkifRing::drained)
     }
 }
 
@@ -129,7 +150,7 @@ impl<O: TargetOpener> VbdBackends<O> {
     }
 
     /// Handles one watch event; false if it belongs to another watch.
-    pub fn on_watch_event<C: PeerChannel, S: Services>(
+    pub fn on_watch_event<C: PeerChannel, S: BackendServices>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
         svc: &mut S,
@@ -157,21 +178,23 @@ impl<O: TargetOpener> VbdBackends<O> {
         true
     }
 
-    /// Serves every ring and finishes drained disconnects.
-    pub fn poll<C: PeerChannel, S: Services>(
-        &mut self,
-        xs: &mut Xenstore<'_, C>,
-        svc: &mut S,
-    ) -> Progress {
+    /// Serves every ring; touches no xenstore node. What needs the
+    /// toolstack (broken rings, drained disconnects, timed steps) is
+    /// returned for [`Self::attend`].
+    pub fn poll_rings<S: BackendServices>(&mut self, svc: &mut S) -> RingsPolled {
         let mut busy = false;
-        let mut settle = Vec::new();
+        let mut attention = Vec::new();
+        let now = svc.now_ns();
         for vbd in self.devices.values_mut() {
-            let Some(disk) = &mut vbd.disk else {
+            if vbd.recheck_at.is_some_and(|at| now >= at) {
+                attention.push((vbd.id, Attention::Due));
+            }
+            let Some(disk) = &vbd.disk else {
                 continue;
             };
             let mut broken = None;
             for ring in &mut vbd.rings {
-                match ring.poll(disk, svc, &mut vbd.log) {
+                match ring.serve(disk, svc, &mut vbd.log) {
                     Ok(worked) => busy |= worked,
                     Err(e) => broken = Some(e),
                 }
@@ -180,28 +203,38 @@ impl<O: TargetOpener> VbdBackends<O> {
             if let Some(e) = broken {
                 vbd.stop_rings();
                 busy = true;
-                let why = format!("frontend broke a ring ({e:?}: requests beyond its size)");
-                report(xs, svc, vbd, &why, XenbusState::Closing);
+                attention.push((vbd.id, Attention::BrokenRing(e)));
             }
             if vbd.drained() {
-                settle.push(vbd.id);
+                attention.push((vbd.id, Attention::Drained));
+                busy = true;
             }
         }
-        for id in settle {
-            self.update(xs, svc, id);
-            busy = true;
+        RingsPolled {
+            progress: if busy { Progress::Busy } else { Progress::Idle },
+            attention,
         }
-        let now = svc.now_ns();
-        let due: Vec<VbdId> = self
-            .devices
-            .values()
-            .filter(|vbd| vbd.recheck_at.is_some_and(|at| now >= at))
-            .map(|vbd| vbd.id)
-            .collect();
-        for id in due {
-            self.update(xs, svc, id);
+    }
+
+    /// Does the xenstore work [`Self::poll_rings`] asked for.
+    pub fn attend<C: PeerChannel, S: BackendServices>(
+        &mut self,
+        xs: &mut Xenstore<'_, C>,
+        svc: &mut S,
+        attention: &[(VbdId, Attention)],
+    ) {
+        for &(id, need) in attention {
+            match need {
+                Attention::BrokenRing(e) => {
+                    if let Some(vbd) = self.devices.get_mut(&id) {
+                        let why =
+                            format!("frontend broke a ring ({e:?}: requests beyond its size)");
+                        report(xs, svc, vbd, &why, XenbusState::Closing);
+                    }
+                }
+                Attention::Drained | Attention::Due => self.update(xs, svc, id),
+            }
         }
-        if busy { Progress::Busy } else { Progress::Idle }
     }
 
     /// The vbd's current position, if it is known.
@@ -209,12 +242,16 @@ impl<O: TargetOpener> VbdBackends<O> {
         self.devices.get(&id).map(|vbd| VbdStatus {
             state: vbd.state,
             connected: vbd.connected(),
-            in_flight: vbd.rings.iter().map(Ring::in_flight).sum(),
+            in_flight: vbd.rings.iter().map(BlkifRing::in_flight).sum(),
         })
     }
 
     /// Lists `backend/vbd/*/*`: adds new vbds, drops vanished ones.
-    fn rescan<C: PeerChannel, S: Services>(&mut self, xs: &mut Xenstore<'_, C>, svc: &mut S) {
+    fn rescan<C: PeerChannel, S: BackendServices>(
+        &mut self,
+        xs: &mut Xenstore<'_, C>,
+        svc: &mut S,
+    ) {
         let mut present = Vec::new();
         let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
         for frontend in &frontends {
@@ -260,7 +297,7 @@ impl<O: TargetOpener> VbdBackends<O> {
     }
 
     /// Runs the state machine of one vbd; drops it once it is gone.
-    fn update<C: PeerChannel, S: Services>(
+    fn update<C: PeerChannel, S: BackendServices>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
         svc: &mut S,
@@ -284,7 +321,7 @@ impl<O: TargetOpener> VbdBackends<O> {
 }
 
 /// One level-triggered step of a vbd's state machine.
-fn step<C: PeerChannel, S: Services, O: TargetOpener>(
+fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
@@ -427,7 +464,7 @@ fn detach<C: PeerChannel>(
 
 /// Reads the toolstack's nodes, opens the target and publishes the
 /// features, then InitWait. False while the nodes are incomplete.
-fn open<C: PeerChannel, S: Services, O: TargetOpener>(
+fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
@@ -445,7 +482,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
     let read_only = !mode.contains('w');
     let disk = Target::parse(&params)
         .and_then(|target| opener.open(&target, read_only))
-        .and_then(|device| Disk::new(device, read_only));
+        .and_then(|view| ServedDisk::new(view, read_only));
     let disk = match disk {
         Ok(disk) => disk,
         Err(e) => {
@@ -455,47 +492,13 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
             return Ok(false);
         }
     };
-    let info = [
-        (cdrom, VDISK_CDROM),
-        (removable, VDISK_REMOVABLE),
-        (read_only, VDISK_READONLY),
-    ]
-    .iter()
-    .filter(|(set, _)| *set)
-    .fold(0, |info, (_, bit)| info | bit);
-    let discard = disk.discard_granularity_bytes().filter(|_| discard_enabled);
-    let flush = disk.flushes();
-    let max_indirect = disk.max_indirect_segments();
-    let max_queues = disk.max_queues();
-    xs.transaction(|xs, tx| {
-        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: &str| {
-            xs.write(tx, &format!("{path}/{name}"), value.as_bytes())
-        };
-        write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
-        write(xs, "feature-barrier", "1")?;
-        write(xs, "feature-persistent", "1")?;
-        write(xs, "max-ring-page-order", &MAX_RING_PAGE_ORDER.to_string())?;
-        if max_queues > 1 {
-            write(xs, "multi-queue-max-queues", &max_queues.to_string())?;
-        }
-        if max_indirect > 0 {
-            write(
-                xs,
-                "feature-max-indirect-segments",
-                &max_indirect.to_string(),
-            )?;
-        }
-        match discard {
-            Some(granularity) => {
-                write(xs, "feature-discard", "1")?;
-                write(xs, "discard-granularity", &granularity.to_string())?;
-                write(xs, "discard-alignment", "0")?;
-                write(xs, "discard-secure", "0")?;
-            }
-            None => write(xs, "feature-discard", "0")?,
-        }
-        write(xs, "info", &info.to_string())
-    })?;
+    let offer = Offer {
+        read_only,
+        cdrom,
+        removable,
+        discard_enabled,
+    };
+    publish_features(xs, &path, &disk, &offer)?;
     let sectors = disk.sectors();
     vbd.disk = Some(disk);
     vbd.log.line(
@@ -511,7 +514,7 @@ fn open<C: PeerChannel, S: Services, O: TargetOpener>(
 /// Maps the frontend's rings and binds their channels, publishes the
 /// disk's size, then Connected. A frontend whose details are unusable gets
 /// an error node and Closing.
-fn connect<C: PeerChannel, S: Services>(
+fn connect<C: PeerChannel, S: BackendServices>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
@@ -532,7 +535,7 @@ fn connect<C: PeerChannel, S: Services>(
     };
     let mut connected = Vec::with_capacity(rings.len());
     for (queue, published) in (0..).zip(&rings) {
-        match Ring::connect(svc, published, disk, queue) {
+        match BlkifRing::connect(svc, published, disk) {
             Ok(ring) => connected.push(ring),
             Err(e) => {
                 for mut ring in connected {
@@ -546,15 +549,7 @@ fn connect<C: PeerChannel, S: Services>(
         }
     }
     let path = vbd.path.clone();
-    let written = xs.transaction(|xs, tx| {
-        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: u64| {
-            xs.write(tx, &format!("{path}/{name}"), value.to_string().as_bytes())
-        };
-        write(xs, "sectors", sectors)?;
-        write(xs, "sector-size", u64::from(geometry.logical_block_size))?;
-        let physical = u64::from(geometry.physical_block_size);
-        write(xs, "physical-sector-size", physical)
-    });
+    let written = publish_size(xs, &path, sectors, &geometry);
     vbd.rings = connected;
     written?;
     // A reconnect clears the complaint about the previous connection.
@@ -576,84 +571,9 @@ fn connect<C: PeerChannel, S: Services>(
     set_state(xs, vbd, XenbusState::Connected)
 }
 
-/// Reads what the frontend published for its rings: `ring-ref` (or
-/// `ring-ref0..` after `ring-page-order`) and `event-channel` in its
-/// directory, or in `queue-<n>/` for each of `multi-queue-num-queues`
-/// queues; `protocol` and `feature-persistent`. The inner `Err` explains
-/// what is unusable.
-fn read_frontend_rings<C: PeerChannel>(
-    xs: &mut Xenstore<'_, C>,
-    frontend: &str,
-    domid: DomId,
-    max_queues: u16,
-) -> Result<Result<Vec<FrontendRing>, String>, XsError> {
-    let number = |xs: &mut Xenstore<'_, C>, path: &str| -> Result<Option<u32>, XsError> {
-        Ok(read_optional(xs, path)?
-            .as_deref()
-            .and_then(parse_number::<u32>))
-    };
-    let protocol = read_optional(xs, &format!("{frontend}/protocol"))?;
-    let Some(protocol) = Protocol::from_xenstore(protocol.as_deref()) else {
-        return Ok(Err(format!("unknown protocol {protocol:?}")));
-    };
-    let persistent = number(xs, &format!("{frontend}/feature-persistent"))? == Some(1);
-    let queues_node = format!("{frontend}/multi-queue-num-queues");
-    let queues = match read_optional(xs, &queues_node)? {
-        None => 1,
-        Some(text) => match parse_number::<u16>(&text).filter(|q| (1..=max_queues).contains(q)) {
-            Some(queues) => queues,
-            None => return Ok(Err(format!("{text:?} queues asked, at most {max_queues}"))),
-        },
-    };
-    let order_node = format!("{frontend}/ring-page-order");
-    let page_order = match read_optional(xs, &order_node)? {
-        None => None,
-        Some(text) => match parse_number::<u32>(&text).filter(|o| *o <= MAX_RING_PAGE_ORDER) {
-            Some(order) => Some(order),
-            None => {
-                return Ok(Err(format!(
-                    "ring-page-order {text:?} beyond {MAX_RING_PAGE_ORDER}"
-                )));
-            }
-        },
-    };
-    let mut rings = Vec::with_capacity(usize::from(queues));
-    for queue in 0..queues {
-        let dir = if queues == 1 {
-            String::from(frontend)
-        } else {
-            format!("{frontend}/queue-{queue}")
-        };
-        let ref_names: Vec<String> = match page_order {
-            None => alloc::vec![format!("{dir}/ring-ref")],
-            Some(order) => (0..1u32 << order)
-                .map(|i| format!("{dir}/ring-ref{i}"))
-                .collect(),
-        };
-        let mut ring_refs = Vec::with_capacity(ref_names.len());
-        for name in &ref_names {
-            match number(xs, name)? {
-                Some(gref) => ring_refs.push(gref),
-                None => return Ok(Err(format!("no usable {name}"))),
-            }
-        }
-        let Some(event_channel) = number(xs, &format!("{dir}/event-channel"))? else {
-            return Ok(Err(format!("no usable event-channel in {dir}")));
-        };
-        rings.push(FrontendRing {
-            domid,
-            ring_refs,
-            event_channel,
-            protocol,
-            persistent,
-        });
-    }
-    Ok(Ok(rings))
-}
-
 /// Reports a failure in the vbd's `error` node and on the console, then
 /// moves to `state`.
-fn report<C: PeerChannel, S: Services>(
+fn report<C: PeerChannel, S: BackendServices>(
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
     vbd: &mut Vbd,
@@ -683,18 +603,6 @@ fn set_state<C: PeerChannel>(
     Ok(())
 }
 
-/// A node's text, `None` if it does not exist (or is not text).
-fn read_optional<C: PeerChannel>(
-    xs: &mut Xenstore<'_, C>,
-    path: &str,
-) -> Result<Option<String>, XsError> {
-    match xs.read_string(Tx::NONE, path) {
-        Ok(value) => Ok(Some(value)),
-        Err(XsError::NoEntry | XsError::Invalid) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 fn frontend_token(id: VbdId) -> String {
     format!("{FRONTEND_TOKEN}{}/{}", id.frontend, id.devid)
 }
@@ -706,12 +614,6 @@ fn parse_id(text: &str) -> Option<VbdId> {
         frontend: parse_number(frontend)?,
         devid: parse_number(devid)?,
     })
-}
-
-/// A decimal number of digits only.
-fn parse_number<T: core::str::FromStr>(text: &str) -> Option<T> {
-    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
-    digits.then(|| text.parse().ok()).flatten()
 }
 
 /// Classifies a path reported by the `backend/vbd` watch, relative or

@@ -11,18 +11,14 @@
 //! | `nvme0n1:p1`              | partition 1 of that disk (GPT or MBR, from 1)       |
 //! | `nvme0n1@2048+1048576`    | 1048576 sectors from sector 2048 of that disk; sectors are 512 bytes, as everywhere in blkif, and must be aligned to the disk's logical block size |
 //!
-//! This module only parses; [`TargetOpener::open`] (the kernel) maps a
-//! [`Target`] to a [`BlockDevice`]. For ranges and partitions of a disk
-//! several vbds may share, open them as slices of one
-//! [`super::SharedDisk`] ([`super::SharedDisk::sector_range`] takes a
-//! [`Target::Range`] as is; for a [`Target::Partition`] the kernel reads
-//! the disk's first [`super::partition::TABLE_BYTES`] and asks
-//! [`super::partition::find_partition`] for the block range).
+//! This module parses; [`TargetOpener::open`] (the kernel) maps a
+//! [`Target`] to a claimed [`DiskView`]: [`blockdev::Disk::claim_all`] for a
+//! whole disk, [`claim_sectors`] for a [`Target::Range`]. Two vbds may
+//! serve ranges of one disk; overlapping claims are refused.
 
-use alloc::boxed::Box;
 use core::fmt;
 
-use drivers::BlockDevice;
+use blockdev::{ClaimError, Disk, DiskView};
 
 /// Longest disk name accepted.
 pub const MAX_DISK_NAME: usize = 32;
@@ -82,13 +78,29 @@ impl fmt::Display for OpenError {
 
 /// Opens targets; the kernel implements it over its disks and modules.
 pub trait TargetOpener {
-    /// Opens `target` for one vbd; `read_only` when the toolstack's
-    /// `mode` is `r`. The device is used on its queue 0 by one ring.
-    fn open(
-        &mut self,
-        target: &Target<'_>,
-        read_only: bool,
-    ) -> Result<Box<dyn BlockDevice>, OpenError>;
+    /// Claims `target` for one vbd; `read_only` when the toolstack's
+    /// `mode` is `r`. Each ring of the vbd opens a queue of the view.
+    fn open(&mut self, target: &Target<'_>, read_only: bool) -> Result<DiskView, OpenError>;
+}
+
+impl From<ClaimError> for OpenError {
+    fn from(error: ClaimError) -> Self {
+        match error {
+            ClaimError::OutOfRange => OpenError::BadSize,
+            ClaimError::Busy | ClaimError::NoHandles => OpenError::Busy,
+        }
+    }
+}
+
+/// Claims `sectors` 512-byte sectors of `disk` from sector `start` (a
+/// [`Target::Range`]); both must fall on the disk's logical blocks.
+pub fn claim_sectors(disk: &Disk, start: u64, sectors: u64) -> Result<DiskView, OpenError> {
+    let per_block = u64::from(disk.geometry().logical_block_size) / 512;
+    let aligned = |n: u64| per_block > 0 && n.is_multiple_of(per_block);
+    if !aligned(start) || !aligned(sectors) {
+        return Err(OpenError::BadSize);
+    }
+    Ok(disk.claim(start / per_block, sectors / per_block)?)
 }
 
 impl<'a> Target<'a> {

@@ -1,9 +1,29 @@
-//! The one block-device interface every backing implements: tagged
-//! submission of requests on a numbered queue, completions found by polling.
+//! stordom's block layer: what a storage driver implements and what a
+//! backend uses, in one small crate that both depend on.
+//!
+//! - A driver implements [`QueuedDevice`]: tagged submission of requests on
+//!   a numbered hardware queue, completions found by polling that queue.
+//! - A backend never touches a [`QueuedDevice`]: it gets a [`Disk`], claims
+//!   a [`DiskView`] of it (the whole disk, or a range of blocks), and opens
+//!   one [`QueueHandle`] per consumer (in stordom, per blkif ring). A handle
+//!   enforces its view's range, and the completions of the tags submitted
+//!   on it come back on it alone, even when several handles (of several
+//!   disks, e.g. the namespaces of one NVMe controller) share a hardware
+//!   queue.
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+mod disk;
+
+pub use disk::{ClaimError, Disk, DiskView, QueueHandle};
 
 use alloc::collections::VecDeque;
 
-use crate::hal::PhysAddr;
+/// A physical (bus) address.
+pub type PhysAddr = u64;
 
 /// One piece of a scatter-gather list: `len` bytes of RAM at `phys`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,13 +160,18 @@ pub enum SubmitError {
     BadAddress,
     /// The device failed and could not be recovered.
     DeviceFailed,
+    /// The tag does not fit the bits a [`QueueHandle`] leaves to its user
+    /// ([`QueueHandle::MAX_TAG`]).
+    BadTag,
 }
 
-/// A block device: tagged submission on a queue, completions by polling.
+/// What a storage driver implements: tagged submission on numbered
+/// hardware queues, completions by polling.
 ///
-/// Submitting and polling one queue is the work of one consumer (in stordom,
-/// one blkif ring); completions of a queue are only returned by polling it.
-pub trait BlockDevice {
+/// Completions of a queue are only returned by polling it, and polling a
+/// queue returns all of them, whoever submitted: share a device between
+/// consumers only through a [`Disk`] and its [`QueueHandle`]s.
+pub trait QueuedDevice {
     /// Shape and limits.
     fn geometry(&self) -> Geometry;
 
@@ -216,8 +241,8 @@ pub fn validate(
 }
 
 /// Moves as many completions from `finished` into `out` as fit, oldest
-/// first, and returns how many: the tail of every backend's `poll`.
-pub(crate) fn hand_over(finished: &mut VecDeque<Completion>, out: &mut [Completion]) -> usize {
+/// first, and returns how many: the tail of every driver's `poll`.
+pub fn hand_over(finished: &mut VecDeque<Completion>, out: &mut [Completion]) -> usize {
     let count = out.len().min(finished.len());
     for (slot, completion) in out.iter_mut().zip(finished.drain(..count)) {
         *slot = completion;

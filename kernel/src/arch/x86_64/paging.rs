@@ -20,7 +20,7 @@ pub const LARGE_PAGE: u64 = 2 << 20;
 
 /// How a mapping may be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Access {
+pub struct PageAccess {
     /// Stores allowed.
     pub writable: bool,
     /// Instruction fetch allowed.
@@ -29,7 +29,7 @@ pub struct Access {
     pub uncached: bool,
 }
 
-impl Access {
+impl PageAccess {
     /// Kernel code.
     pub const CODE: Self = Self {
         writable: false,
@@ -102,7 +102,7 @@ impl<M: TableMemory> PageTables<M> {
         self.root
     }
 
-    fn leaf_bits(&self, access: Access) -> u64 {
+    fn leaf_bits(&self, access: PageAccess) -> u64 {
         let mut bits = PRESENT;
         if access.writable {
             bits |= WRITABLE;
@@ -116,8 +116,8 @@ impl<M: TableMemory> PageTables<M> {
         bits
     }
 
-    fn access_of(&self, entry: u64) -> Access {
-        Access {
+    fn access_of(&self, entry: u64) -> PageAccess {
+        PageAccess {
             writable: entry & WRITABLE != 0,
             executable: entry & NO_EXECUTE == 0,
             uncached: entry & CACHE_DISABLE != 0,
@@ -158,7 +158,13 @@ impl<M: TableMemory> PageTables<M> {
 
     /// Maps `[virt, virt+len)` to `[phys, phys+len)`, replacing whatever was
     /// there. Uses 2 MiB pages where both sides are aligned.
-    pub fn map(&mut self, virt: u64, phys: u64, len: u64, access: Access) -> Result<(), MapError> {
+    pub fn map(
+        &mut self,
+        virt: u64,
+        phys: u64,
+        len: u64,
+        access: PageAccess,
+    ) -> Result<(), MapError> {
         Self::check(virt, phys, len)?;
         let bits = self.leaf_bits(access);
         let mut done = 0;
@@ -195,7 +201,7 @@ impl<M: TableMemory> PageTables<M> {
     }
 
     /// Where `virt` maps to and how, if it is mapped.
-    pub fn translate(&mut self, virt: u64) -> Option<(u64, Access)> {
+    pub fn translate(&mut self, virt: u64) -> Option<(u64, PageAccess)> {
         let mut table = self.root;
         for level in (0..4).rev() {
             let entry = self.mem.table(table)[index(virt, level)];
@@ -214,11 +220,17 @@ impl<M: TableMemory> PageTables<M> {
     }
 
     /// Calls `f(virt, len, access)` for every leaf mapping, in address order.
-    pub fn for_each_leaf(&mut self, mut f: impl FnMut(u64, u64, Access)) {
+    pub fn for_each_leaf(&mut self, mut f: impl FnMut(u64, u64, PageAccess)) {
         self.walk(self.root, 3, 0, &mut f);
     }
 
-    fn walk(&mut self, table: u64, level: u32, base: u64, f: &mut impl FnMut(u64, u64, Access)) {
+    fn walk(
+        &mut self,
+        table: u64,
+        level: u32,
+        base: u64,
+        f: &mut impl FnMut(u64, u64, PageAccess),
+    ) {
         for i in 0..512u64 {
             let entry = self.mem.table(table)[i as usize];
             if entry & PRESENT == 0 {
@@ -290,12 +302,15 @@ mod tests {
     #[test]
     fn ram_above_4g_uses_large_pages_and_translates() {
         let mut pt = PageTables::new(FakeMemory::new(64), true).unwrap();
-        pt.map(4 * GIB, 4 * GIB, 2 * GIB, Access::DATA).unwrap();
+        pt.map(4 * GIB, 4 * GIB, 2 * GIB, PageAccess::DATA).unwrap();
         assert_eq!(
             pt.translate(4 * GIB + 12345),
-            Some((4 * GIB + 12345, Access::DATA))
+            Some((4 * GIB + 12345, PageAccess::DATA))
         );
-        assert_eq!(pt.translate(6 * GIB - 1), Some((6 * GIB - 1, Access::DATA)));
+        assert_eq!(
+            pt.translate(6 * GIB - 1),
+            Some((6 * GIB - 1, PageAccess::DATA))
+        );
         assert_eq!(pt.translate(6 * GIB), None);
         let mut leaves = 0;
         pt.for_each_leaf(|_, len, _| {
@@ -308,30 +323,30 @@ mod tests {
     #[test]
     fn kernel_sections_split_large_pages_and_keep_w_xor_x() {
         let mut pt = PageTables::new(FakeMemory::new(64), true).unwrap();
-        pt.map(0, 0, 64 * MIB, Access::DATA).unwrap();
-        pt.map(MIB, MIB, 64 * 1024, Access::CODE).unwrap();
+        pt.map(0, 0, 64 * MIB, PageAccess::DATA).unwrap();
+        pt.map(MIB, MIB, 64 * 1024, PageAccess::CODE).unwrap();
         pt.map(
             MIB + 64 * 1024,
             MIB + 64 * 1024,
             16 * 1024,
-            Access::READ_ONLY,
+            PageAccess::READ_ONLY,
         )
         .unwrap();
         pt.unmap(0, PAGE).unwrap();
         assert_eq!(pt.translate(0), None);
-        assert_eq!(pt.translate(PAGE), Some((PAGE, Access::DATA)));
-        assert_eq!(pt.translate(MIB + 100), Some((MIB + 100, Access::CODE)));
+        assert_eq!(pt.translate(PAGE), Some((PAGE, PageAccess::DATA)));
+        assert_eq!(pt.translate(MIB + 100), Some((MIB + 100, PageAccess::CODE)));
         assert_eq!(
             pt.translate(MIB + 70 * 1024),
-            Some((MIB + 70 * 1024, Access::READ_ONLY))
+            Some((MIB + 70 * 1024, PageAccess::READ_ONLY))
         );
         assert_eq!(
             pt.translate(MIB + 80 * 1024),
-            Some((MIB + 80 * 1024, Access::DATA))
+            Some((MIB + 80 * 1024, PageAccess::DATA))
         );
         assert_eq!(
             pt.translate(2 * MIB),
-            Some((2 * MIB, Access::DATA)),
+            Some((2 * MIB, PageAccess::DATA)),
             "neighbouring large page untouched"
         );
         assert_eq!(pt.writable_executable_leaves(), 0);
@@ -339,7 +354,7 @@ mod tests {
             3 * MIB,
             3 * MIB,
             PAGE,
-            Access {
+            PageAccess {
                 writable: true,
                 executable: true,
                 uncached: false,
@@ -356,11 +371,11 @@ mod tests {
     #[test]
     fn mmio_is_uncached_and_without_nx_support_everything_is_executable() {
         let mut pt = PageTables::new(FakeMemory::new(16), true).unwrap();
-        pt.map(0xfee0_0000, 0xfee0_0000, PAGE, Access::MMIO)
+        pt.map(0xfee0_0000, 0xfee0_0000, PAGE, PageAccess::MMIO)
             .unwrap();
-        assert_eq!(pt.translate(0xfee0_0010).unwrap().1, Access::MMIO);
+        assert_eq!(pt.translate(0xfee0_0010).unwrap().1, PageAccess::MMIO);
         let mut pt = PageTables::new(FakeMemory::new(16), false).unwrap();
-        pt.map(0, 0, PAGE * 2, Access::DATA).unwrap();
+        pt.map(0, 0, PAGE * 2, PageAccess::DATA).unwrap();
         assert!(
             pt.translate(0).unwrap().1.executable,
             "NX bit is reserved when EFER.NXE is off"
@@ -370,27 +385,33 @@ mod tests {
     #[test]
     fn bad_ranges_and_table_exhaustion_are_errors() {
         let mut pt = PageTables::new(FakeMemory::new(3), true).unwrap();
-        assert_eq!(pt.map(1, 0, PAGE, Access::DATA), Err(MapError::BadRange));
-        assert_eq!(pt.map(0, 0, 100, Access::DATA), Err(MapError::BadRange));
         assert_eq!(
-            pt.map(1 << 47, 0, PAGE, Access::DATA),
+            pt.map(1, 0, PAGE, PageAccess::DATA),
+            Err(MapError::BadRange)
+        );
+        assert_eq!(pt.map(0, 0, 100, PageAccess::DATA), Err(MapError::BadRange));
+        assert_eq!(
+            pt.map(1 << 47, 0, PAGE, PageAccess::DATA),
             Err(MapError::BadRange)
         );
         assert_eq!(
-            pt.map(!(PAGE - 1), 0, PAGE, Access::DATA),
+            pt.map(!(PAGE - 1), 0, PAGE, PageAccess::DATA),
             Err(MapError::BadRange)
         );
-        assert_eq!(pt.map(0, 0, PAGE, Access::DATA), Err(MapError::OutOfTables));
+        assert_eq!(
+            pt.map(0, 0, PAGE, PageAccess::DATA),
+            Err(MapError::OutOfTables)
+        );
     }
 
     #[test]
     fn large_page_never_replaces_a_table() {
         let mut pt = PageTables::new(FakeMemory::new(16), true).unwrap();
-        pt.map(0, 0, PAGE, Access::CODE).unwrap();
-        pt.map(0, 0, LARGE_PAGE, Access::DATA).unwrap();
+        pt.map(0, 0, PAGE, PageAccess::CODE).unwrap();
+        pt.map(0, 0, LARGE_PAGE, PageAccess::DATA).unwrap();
         let mut n = 0;
         pt.for_each_leaf(|_, len, a| {
-            assert_eq!((len, a), (PAGE, Access::DATA));
+            assert_eq!((len, a), (PAGE, PageAccess::DATA));
             n += 1;
         });
         assert_eq!(n, 512);

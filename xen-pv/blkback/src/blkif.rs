@@ -23,7 +23,7 @@ pub const ENTRY_SIZE_X86_64: usize = 112;
 /// Ring entry size of the x86-32 ABI.
 pub const ENTRY_SIZE_X86_32: usize = 108;
 
-/// Request operations (`BLKIF_OP_*`).
+/// BlkifRequest operations (`BLKIF_OP_*`).
 pub const OP_READ: u8 = 0;
 pub const OP_WRITE: u8 = 1;
 pub const OP_WRITE_BARRIER: u8 = 2;
@@ -189,13 +189,13 @@ pub type Entry = [u8; ENTRY_SIZE_X86_64];
 
 /// One data segment: part of a granted page, in 512-byte sectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Segment {
+pub struct GrantedSegment {
     pub gref: u32,
     pub first_sect: u8,
     pub last_sect: u8,
 }
 
-impl Segment {
+impl GrantedSegment {
     /// Sectors covered (validated segments only).
     pub fn sectors(&self) -> u32 {
         u32::from(self.last_sect - self.first_sect) + 1
@@ -211,7 +211,7 @@ pub enum Direction {
 
 /// A validated request; nothing in it still points into shared memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Request {
+pub enum BlkifRequest {
     /// Read or write of the sectors named by the direct segments.
     ReadWrite {
         id: u64,
@@ -252,11 +252,11 @@ pub enum Request {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SegmentList {
     len: u8,
-    items: [Segment; MAX_SEGMENTS_PER_REQUEST],
+    items: [GrantedSegment; MAX_SEGMENTS_PER_REQUEST],
 }
 
 impl SegmentList {
-    pub fn as_slice(&self) -> &[Segment] {
+    pub fn as_slice(&self) -> &[GrantedSegment] {
         &self.items[..usize::from(self.len)]
     }
 }
@@ -304,7 +304,7 @@ pub fn parse_request(
     protocol: Protocol,
     entry: &Entry,
     max_indirect_segments: u16,
-) -> Result<Request, Refused> {
+) -> Result<BlkifRequest, Refused> {
     let operation = entry[0];
     let rw = read_write_view(protocol, entry);
     let refuse = |error: RequestError| Refused {
@@ -322,13 +322,13 @@ pub fn parse_request(
             let segments = validate_segments(&rw).map_err(refuse)?;
             let (id, handle, sector) = (rw.id, rw.handle, rw.sector);
             Ok(match operation {
-                OP_WRITE_BARRIER => Request::Barrier {
+                OP_WRITE_BARRIER => BlkifRequest::Barrier {
                     id,
                     handle,
                     sector,
                     segments,
                 },
-                _ => Request::ReadWrite {
+                _ => BlkifRequest::ReadWrite {
                     id,
                     direction: if operation == OP_READ {
                         Direction::Read
@@ -341,7 +341,7 @@ pub fn parse_request(
                 },
             })
         }
-        OP_FLUSH_DISKCACHE => Ok(Request::Flush { id: rw.id }),
+        OP_FLUSH_DISKCACHE => Ok(BlkifRequest::Flush { id: rw.id }),
         OP_DISCARD => {
             let (id, flag, sector, nr_sectors) = match protocol {
                 Protocol::X86_64 => {
@@ -363,7 +363,7 @@ pub fn parse_request(
                     )
                 }
             };
-            Ok(Request::Discard {
+            Ok(BlkifRequest::Discard {
                 id,
                 sector,
                 nr_sectors,
@@ -418,7 +418,7 @@ pub fn parse_request(
             if nr_segments > max_indirect_segments {
                 return Err(refuse(RequestError::TooManySegments));
             }
-            Ok(Request::Indirect {
+            Ok(BlkifRequest::Indirect {
                 id,
                 direction,
                 handle,
@@ -478,7 +478,7 @@ fn validate_segments(rw: &RawReadWrite) -> Result<SegmentList, RequestError> {
         if wire.first_sect > wire.last_sect || wire.last_sect > LAST_SECTOR_IN_PAGE {
             return Err(RequestError::BadSegment);
         }
-        *slot = Segment {
+        *slot = GrantedSegment {
             gref: wire.gref.get(),
             first_sect: wire.first_sect,
             last_sect: wire.last_sect,
@@ -581,7 +581,7 @@ mod tests {
         assert_eq!(size_of::<ResponseX86_32>(), 12);
         assert_eq!(offset_of!(ResponseX86_32, status), 10);
         assert_eq!(
-            crate::ring::ring_entries(4096, Protocol::X86_32.entry_size()),
+            xen_pv::ring::ring_entries(4096, Protocol::X86_32.entry_size()),
             32
         );
     }
@@ -604,7 +604,7 @@ mod tests {
     fn read_write_requests_in_both_abis() {
         let r64 = rw64(OP_WRITE, 2, &[seg(10, 0, 7), seg(11, 2, 3)]);
         let parsed = parse_request(Protocol::X86_64, &entry_of(&r64), 0).unwrap();
-        let Request::ReadWrite {
+        let BlkifRequest::ReadWrite {
             id,
             direction,
             handle,
@@ -621,7 +621,7 @@ mod tests {
         assert_eq!(segments.as_slice().len(), 2);
         assert_eq!(
             segments.as_slice()[1],
-            Segment {
+            GrantedSegment {
                 gref: 11,
                 first_sect: 2,
                 last_sect: 3
@@ -631,7 +631,7 @@ mod tests {
             segments
                 .as_slice()
                 .iter()
-                .map(Segment::sectors)
+                .map(GrantedSegment::sectors)
                 .sum::<u32>(),
             10
         );
@@ -643,7 +643,7 @@ mod tests {
         r32.sector_number = U64::new(9);
         r32.seg[0] = seg(5, 1, 1);
         match parse_request(Protocol::X86_32, &entry_of(&r32), 0).unwrap() {
-            Request::ReadWrite {
+            BlkifRequest::ReadWrite {
                 id: 77,
                 direction: Direction::Read,
                 sector: 9,
@@ -651,7 +651,7 @@ mod tests {
                 ..
             } => assert_eq!(
                 segments.as_slice(),
-                [Segment {
+                [GrantedSegment {
                     gref: 5,
                     first_sect: 1,
                     last_sect: 1
@@ -661,7 +661,10 @@ mod tests {
         }
         // The same bytes read with the wrong ABI give a different id.
         let misread = parse_request(Protocol::X86_64, &entry_of(&r32), 0);
-        assert!(!matches!(misread, Ok(Request::ReadWrite { id: 77, .. })));
+        assert!(!matches!(
+            misread,
+            Ok(BlkifRequest::ReadWrite { id: 77, .. })
+        ));
     }
 
     #[test]
@@ -696,7 +699,7 @@ mod tests {
                 &entry_of(&rw64(OP_WRITE_BARRIER, 0, &[])),
                 0
             ),
-            Ok(Request::Barrier { .. })
+            Ok(BlkifRequest::Barrier { .. })
         ));
         assert_eq!(
             parse_request(
@@ -704,7 +707,7 @@ mod tests {
                 &entry_of(&rw64(OP_FLUSH_DISKCACHE, 200, &[])),
                 0
             ),
-            Ok(Request::Flush {
+            Ok(BlkifRequest::Flush {
                 id: 0xdead_beef_0000_0001
             })
         );
@@ -718,7 +721,7 @@ mod tests {
         d64.id = U64::new(3);
         d64.sector_number = U64::new(2048);
         d64.nr_sectors = U64::new(4096);
-        let want = Request::Discard {
+        let want = BlkifRequest::Discard {
             id: 3,
             sector: 2048,
             nr_sectors: 4096,
@@ -751,7 +754,7 @@ mod tests {
         i32_.indirect_grefs[1] = U32::new(42);
         let e = entry_of(&i32_);
         match parse_request(Protocol::X86_32, &e, 256).unwrap() {
-            Request::Indirect {
+            BlkifRequest::Indirect {
                 id: 9,
                 direction: Direction::Write,
                 handle: 768,
@@ -808,8 +811,8 @@ mod tests {
 
     #[test]
     fn x86_32_requests_through_a_shared_ring() {
-        use crate::ring::{BackRing, FrontRing};
         use core::ptr::NonNull;
+        use xen_pv::ring::{BackRing, FrontRing};
         let mut page = alloc::vec![0u64; 512];
         let base = NonNull::new(page.as_mut_ptr().cast::<u8>()).unwrap();
         let size = Protocol::X86_32.entry_size();
@@ -832,7 +835,7 @@ mod tests {
         let mut entry = [0u8; ENTRY_SIZE_X86_64];
         let mut out = [0u8; ENTRY_SIZE_X86_64];
         while back.next_request(&mut entry).unwrap() {
-            let Ok(Request::ReadWrite { id, segments, .. }) =
+            let Ok(BlkifRequest::ReadWrite { id, segments, .. }) =
                 parse_request(Protocol::X86_32, &entry, 0)
             else {
                 panic!("bad request");

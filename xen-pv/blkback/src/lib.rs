@@ -1,6 +1,6 @@
-//! The blkif backend: discovery of vbds under `backend/vbd`, the xenbus
+//! The blkif backend (blkif wire formats in [`blkif`]): discovery of vbds under `backend/vbd`, the xenbus
 //! state machine of each, and the ring engine that serves its requests
-//! from a [`drivers::BlockDevice`].
+//! from a [`blockdev::DiskView`], one [`blockdev::QueueHandle`] per ring.
 //!
 //! # What is served
 //! Published at InitWait, in one transaction, then `state` = 2:
@@ -16,15 +16,15 @@
 //! `sector-size`, `physical-sector-size`; then `state` = 4.
 //!
 //! # What the kernel provides
-//! - A [`Services`] implementation: event channels (bind, send, close),
+//! - A [`BackendServices`] implementation: event channels (bind, send, close),
 //!   batched grant map/unmap into its GFN window, the address at which a
-//!   window frame is mapped, a clock and a console. [`XenServices`] builds
+//!   window frame is mapped, a clock and a console. [`XenBackendServices`] builds
 //!   one from [`EventChannels`], [`GrantMapper`] and a small [`Platform`].
 //! - A [`TargetOpener`] that turns a parsed [`Target`] (`params`, the xl
-//!   `target=`; syntax in [`target`]) into a `Box<dyn BlockDevice>`. Each
-//!   ring of a vbd submits on its own device queue (0, 1, ...); to serve
-//!   one device to several vbds (ranges, partitions), open them as
-//!   [`DiskSlice`]s of one [`SharedDisk`], which share the queues safely.
+//!   `target=`; syntax in [`target`]) into a claimed [`blockdev::DiskView`].
+//!   Each ring of a vbd opens a queue handle of its own on the view; the
+//!   handle keeps the view's range and its completions to itself, so ranges
+//!   of one disk and namespaces of one controller may be served at once.
 //! - Its `drivers::Hal` must translate the GFN window: the engine hands the
 //!   device segments at `gfn * 4096 + first_sect * 512` of mapped grants,
 //!   so `phys_to_virt` must work there (identity-map the window) and a
@@ -39,15 +39,18 @@
 //!    [`VbdBackends::on_watch_event`]`(&mut xs, &mut svc, &event)`; it
 //!    returns false for events of other watches (other tokens), which the
 //!    kernel handles itself.
-//! 3. Event-channel upcalls: nothing to call. [`XenServices`] gives each
+//! 3. Event-channel upcalls: nothing to call. [`XenBackendServices`] gives each
 //!    ring port a no-op handler; the upcall only has to wake the poll loop,
 //!    which polls every ring.
-//! 4. Each poll-loop iteration: [`VbdBackends::poll`]`(&mut xs, &mut svc)`.
-//!    It reaps device completions, takes new requests (up to the in-flight
-//!    bound), maps their grants in one batch, submits, unmaps finished
-//!    ones, pushes responses and notifies when the ring's rule says so,
-//!    and finishes disconnects whose in-flight requests have drained.
-//! 5. Idle: when `poll` returns [`Progress::Idle`], every ring has re-armed
+//! 4. Each poll-loop iteration: [`VbdBackends::poll_rings`]`(&mut svc)`
+//!    reaps device completions, takes new requests (up to the in-flight
+//!    bound), maps their grants in batches, submits, unmaps finished ones,
+//!    pushes responses and notifies when the ring's rule says so. It
+//!    touches no xenstore node: what needs the toolstack (a broken ring, a
+//!    drained disconnect, a timed step) comes back in its
+//!    [`RingsPolled::attention`], which
+//!    [`VbdBackends::attend`]`(&mut xs, &mut svc, &attention)` handles.
+//! 5. Idle: when the progress is [`Progress::Idle`], every ring has re-armed
 //!    its request event and nothing is in flight; the kernel may halt
 //!    (interrupts off, check `EventChannels::has_pending` and the xenstore
 //!    ring, then `sti; hlt`). On [`Progress::Busy`] it polls again.
@@ -57,7 +60,7 @@
 //! let mut vbds = VbdBackends::new(KernelTargets::new(/* disks, modules */));
 //! vbds.start(&mut xs)?;
 //! loop {
-//!     let mut svc = XenServices {
+//!     let mut svc = XenBackendServices {
 //!         events: &mut events,
 //!         grants: &mut grants,
 //!         platform: KernelPlatform, // frame_address(gfn) = gfn * 4096
@@ -67,7 +70,9 @@
 //!             kernel_watch(&event); // control/shutdown and friends
 //!         }
 //!     }
-//!     if vbds.poll(&mut xs, &mut svc) == Progress::Idle {
+//!     let polled = vbds.poll_rings(&mut svc);
+//!     vbds.attend(&mut xs, &mut svc, &polled.attention);
+//!     if polled.progress == Progress::Idle {
 //!         halt_until_event(); // cli; if !events.has_pending(0) { sti; hlt }
 //!     }
 //! }
@@ -77,20 +82,34 @@
 //! # Resource bounds per frontend
 //! Per ring: in-flight requests up to the ring size (32 per ring page) and
 //! the device's queue depth; data grants mapped for requests in flight up to
-//! [`engine::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
+//! [`ring_io::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
 //! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring pages (up
 //! to 16) and, briefly, one indirect page per request being taken (up to
 //! the in-flight bound). Size the GFN window for about 2100 frames per ring
 //! you mean to serve at full depth (2600 with 16-page rings of indirect
 //! requests); when it runs out, requests fail with `BLKIF_RSP_ERROR` and
 //! nothing else breaks.
-//! Rings per vbd: [`engine::MAX_QUEUES`]. Log lines:
-//! [`engine::MAX_LOG_LINES_PER_SECOND`] per vbd.
+//! Rings per vbd: [`served_disk::MAX_QUEUES`]. Log lines:
+//! [`rate_limited_log::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
-pub mod engine;
-pub mod partition;
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+#[cfg(test)]
+mod alloc_count;
+pub mod blkif;
+pub mod negotiate;
 pub mod persistent;
-pub mod shared;
+mod plan;
+pub mod rate_limited_log;
+mod request_slot;
+pub mod ring_io;
+pub mod served_disk;
+#[cfg(test)]
+mod sim_blkfront;
 pub mod target;
 mod vbd;
 
@@ -101,17 +120,17 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
 
-pub use engine::{Disk, FrontendRing, SECTOR_SIZE};
-pub use shared::{DiskSlice, SharedDisk};
-pub use target::{OpenError, Target, TargetOpener};
-pub use vbd::{Progress, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
+pub use negotiate::FrontendRing;
+pub use served_disk::{SECTOR_SIZE, ServedDisk};
+pub use target::{OpenError, Target, TargetOpener, claim_sectors};
+pub use vbd::{Attention, Progress, RingsPolled, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
 
-use crate::event::{EventChannels, Port};
-use crate::grant::{GrantError, GrantMapper, GrantSpec, Mapping};
-use crate::{DomId, Errno, Hypercall};
+use xen_pv::event::{EventChannels, Port};
+use xen_pv::grant::{GrantError, GrantMapper, GrantSpec, Mapping};
+use xen_pv::{DomId, Errno, Hypercall};
 
 /// What the backend needs from Xen and the kernel.
-pub trait Services {
+pub trait BackendServices {
     /// Binds a local port to the frontend's `remote_port`; an event on it
     /// must wake the poll loop.
     fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno>;
@@ -119,10 +138,16 @@ pub trait Services {
     fn notify(&mut self, port: Port) -> Result<(), Errno>;
     /// Closes `port` (the frontend sees it unbound).
     fn close_port(&mut self, port: Port);
-    /// Maps grants; the result for each spec is at its position.
-    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>>;
-    /// Unmaps; a mapping whose unmap failed comes back in its error.
-    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>>;
+    /// Maps grants, appending the result for each spec to `results`, in
+    /// order (without allocating when `results` has room).
+    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>);
+    /// Unmaps every mapping in `mappings`, leaving it empty; one whose
+    /// unmap failed goes to `failed` with its error.
+    fn unmap_grants(
+        &mut self,
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    );
     /// The address at which window frame `gfn` is mapped in this domain.
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>>;
     /// A monotonic clock (for log rate limits).
@@ -131,25 +156,25 @@ pub trait Services {
     fn log(&mut self, line: fmt::Arguments<'_>);
 }
 
-/// What only the kernel knows, for [`XenServices`].
+/// What only the kernel knows, for [`XenBackendServices`].
 pub trait Platform {
-    /// See [`Services::frame_address`] (an identity-mapped window:
+    /// See [`BackendServices::frame_address`] (an identity-mapped window:
     /// `gfn * 4096`).
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>>;
-    /// See [`Services::now_ns`].
+    /// See [`BackendServices::now_ns`].
     fn now_ns(&self) -> u64;
-    /// See [`Services::log`].
+    /// See [`BackendServices::log`].
     fn log(&mut self, line: fmt::Arguments<'_>);
 }
 
-/// [`Services`] over this crate's event channels and grant mapper.
-pub struct XenServices<'r, 'a, H, P> {
+/// [`BackendServices`] over this crate's event channels and grant mapper.
+pub struct XenBackendServices<'r, 'a, H, P> {
     pub events: &'r mut EventChannels<'a, H>,
     pub grants: &'r mut GrantMapper<H>,
     pub platform: P,
 }
 
-impl<H: Hypercall, P: Platform> Services for XenServices<'_, '_, H, P> {
+impl<H: Hypercall, P: Platform> BackendServices for XenBackendServices<'_, '_, H, P> {
     fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
         // The upcall only has to wake the poll loop, which polls every ring.
         self.events.bind_interdomain_polled(remote, remote_port)
@@ -167,12 +192,16 @@ impl<H: Hypercall, P: Platform> Services for XenServices<'_, '_, H, P> {
         }
     }
 
-    fn map_grants(&mut self, specs: &[GrantSpec]) -> Vec<Result<Mapping, GrantError>> {
-        self.grants.map_batch(specs)
+    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>) {
+        self.grants.map_batch(specs, results);
     }
 
-    fn unmap_grants(&mut self, mappings: Vec<Mapping>) -> Vec<Result<(), (Mapping, GrantError)>> {
-        self.grants.unmap_batch(mappings)
+    fn unmap_grants(
+        &mut self,
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    ) {
+        self.grants.unmap_batch(mappings, failed);
     }
 
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {

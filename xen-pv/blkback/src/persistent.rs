@@ -5,7 +5,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::grant::{GrantRef, Mapping};
+use xen_pv::grant::{GrantRef, Mapping};
 
 /// Grants one ring keeps mapped at most (Linux blkback's default); later
 /// ones are mapped per request as without the feature.
@@ -60,7 +60,7 @@ impl PersistentGrants {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grant::GrantSpec;
+    use xen_pv::grant::GrantSpec;
 
     fn mapping(gref: GrantRef) -> Mapping {
         Mapping {

@@ -1,5 +1,7 @@
 //! The data pattern test peers and stordom agree on, so each side can
-//! check what the other wrote without sending it.
+//! check what the other wrote without sending it: the kernel's disk and
+//! Xen self-tests, and dom0's gntshare tool.
+#![no_std]
 
 /// The byte at `offset` of page `page` of a pattern seeded with `seed`.
 pub fn pattern_byte(seed: u32, page: usize, offset: usize) -> u8 {

@@ -16,15 +16,15 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use super::SimXen;
-use crate::blkback::Platform;
+use crate::Platform;
 use crate::blkif::{
     self, DiscardX86_32, DiscardX86_64, IndirectX86_32, IndirectX86_64, Protocol, RequestX86_32,
     RequestX86_64, ResponseX86_32, ResponseX86_64, WireSegment,
 };
-use crate::grant::GrantRef;
-use crate::ring::FrontRing;
-use crate::{DomId, PAGE_SIZE};
+use xen_pv::grant::GrantRef;
+use xen_pv::ring::FrontRing;
+use xen_pv::sim::SimXen;
+use xen_pv::{DomId, PAGE_SIZE};
 
 /// A response as the frontend reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,10 +91,6 @@ impl<'s> SimBlkfront<'s> {
             page_order,
             port: sim.remote_alloc_unbound(domid),
         }
-    }
-
-    pub fn domid(&self) -> DomId {
-        self.domid
     }
 
     /// The frontend's unbound port, as published in `event-channel`.
