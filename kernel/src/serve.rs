@@ -25,6 +25,53 @@ use xen_pv::xenstore::{Tx, WatchEvent, Xenstore};
 /// backend's timed work (a detached vbd's grace before its removal).
 const IDLE_HALT_NS: u64 = 250_000_000;
 const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
+/// How often statistics are published and the watchdog looks.
+const HOUSEKEEPING_NS: u64 = 1_000_000_000;
+/// How often the heartbeat is logged while requests are outstanding.
+const HEARTBEAT_NS: u64 = 5_000_000_000;
+
+/// What the serve loop did, for the heartbeat: it shows, without dom0,
+/// whether the loop still turns, sleeps and wakes, and where each busy
+/// ring stands.
+#[derive(Default)]
+struct LoopCounters {
+    turns: u64,
+    sleeps: u64,
+    /// Sleeps that ended at their deadline rather than on an event.
+    timeouts: u64,
+    next_housekeeping_ns: u64,
+    next_heartbeat_ns: u64,
+    /// The last heartbeat had requests outstanding.
+    beating: bool,
+}
+
+impl LoopCounters {
+    /// Logs `hb up=... outstanding=N | <each busy ring>` every
+    /// [`HEARTBEAT_NS`] while requests are outstanding, and once more when
+    /// none are left. It goes to every console, the 0xe9 port included,
+    /// which Xen prints itself (`(dN) ...`), so it is seen even when dom0
+    /// is not.
+    fn heartbeat<O: TargetOpener>(&mut self, now: u64, vbds: &VbdBackends<O>, pending: bool) {
+        if now < self.next_heartbeat_ns {
+            return;
+        }
+        self.next_heartbeat_ns = now + HEARTBEAT_NS;
+        let mut rings = String::new();
+        let outstanding = vbds.heartbeat(&mut rings);
+        if outstanding > 0 || self.beating {
+            log::info!(
+                "hb up={}.{:03} turns={} sleeps={} timeouts={} event_pending={} outstanding={outstanding}{rings}",
+                now / 1_000_000_000,
+                now / 1_000_000 % 1000,
+                self.turns,
+                self.sleeps,
+                self.timeouts,
+                u8::from(pending),
+            );
+        }
+        self.beating = outstanding > 0;
+    }
+}
 
 /// Opens `target=` values (see blkback::target for the syntax)
 /// as views of the boot modules and the disks found on PCI.
@@ -161,7 +208,9 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     log::info!("serve: watching backend/vbd; ready");
     let mut published_grants = None;
     let mut watch_events = Vec::new();
+    let mut counters = LoopCounters::default();
     loop {
+        counters.turns += 1;
         xen::dispatch_events(&mut events);
         watch_events.clear();
         loop {
@@ -185,12 +234,23 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         }
         let polled = vbds.poll_rings(&mut backend);
         vbds.attend(&mut xs, &mut backend, &polled.attention);
+        let now = clock::now_ns();
+        if now >= counters.next_housekeeping_ns {
+            counters.next_housekeeping_ns = now + HOUSEKEEPING_NS;
+            vbds.watchdog(&mut backend, now);
+            vbds.publish_statistics(&mut xs);
+        }
+        counters.heartbeat(now, &vbds, xen::events_pending(&events));
         if polled.progress == Progress::Idle && watch_events.is_empty() {
             publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
             // An event that came while xenstore was busy is looked at
             // before halting (interrupts stay off until the halt).
             if !xen::events_pending(&events) {
+                counters.sleeps += 1;
                 xen::sleep_until_any_event(&events, IDLE_HALT_NS);
+                if clock::now_ns() >= now + IDLE_HALT_NS {
+                    counters.timeouts += 1;
+                }
             }
         }
     }

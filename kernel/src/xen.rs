@@ -116,6 +116,8 @@ static CONSOLE: Mutex<Option<PvConsole<'static, PortChannel>>> = Mutex::new(None
 pub const UPCALL_VECTOR: u8 = 0x30;
 /// How long xenstored may stay silent before a request fails.
 const STORE_TIMEOUT_NS: u64 = 10_000_000_000;
+/// A xenstore reply slower than this is reported (once per wait).
+const WAIT_WATCHDOG_NS: u64 = 5_000_000_000;
 /// How long a full console ring is waited on per wait.
 const CONSOLE_WAIT_NS: u64 = 10_000_000;
 /// Guest frames reserved for grant mappings: 64 MiB, enough for several
@@ -167,6 +169,7 @@ impl PeerChannel for PortChannel {
 
     fn wait(&mut self) -> Result<(), TimedOut> {
         let start = clock::now_ns();
+        let mut reported = false;
         loop {
             if self.fired.swap(false, Ordering::AcqRel) || take_pending(self.shared, 0, self.port) {
                 return Ok(());
@@ -175,10 +178,16 @@ impl PeerChannel for PortChannel {
                 return Err(TimedOut);
             }
             let waited = clock::now_ns() - start;
-            sleep_until_event(
-                &[self.port.0],
-                self.timeout_ns.saturating_sub(waited).max(1),
-            );
+            if waited >= WAIT_WATCHDOG_NS && !reported {
+                reported = true;
+                log::warn!(
+                    "watchdog: no answer on event channel {} (xenstore) for {} ms",
+                    self.port.0,
+                    waited / 1_000_000
+                );
+            }
+            let left = self.timeout_ns.saturating_sub(waited).max(1);
+            sleep_until_event(&[self.port.0], left.min(WAIT_WATCHDOG_NS));
         }
     }
 }

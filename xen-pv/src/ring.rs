@@ -216,6 +216,21 @@ fn publish(prod: &AtomicU32, new: u32, event: &AtomicU32) -> bool {
     needs_notify(old, new, event.load(Ordering::Acquire))
 }
 
+/// A snapshot of a ring's indices (free-running, wrapping counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingIndices {
+    /// Requests the frontend published.
+    pub req_prod: u32,
+    /// Where the frontend asked to be notified of the next request.
+    pub req_event: u32,
+    /// Responses the backend published.
+    pub rsp_prod: u32,
+    /// Where the frontend asked to be notified of the next response.
+    pub rsp_event: u32,
+    /// Requests the backend took (private to the backend).
+    pub req_cons: u32,
+}
+
 /// The backend's private view of a ring: consumes requests, produces
 /// responses.
 pub struct BackRing<'a> {
@@ -263,6 +278,19 @@ impl<'a> BackRing<'a> {
     /// Number of entries.
     pub fn size(&self) -> u32 {
         self.ring.entries
+    }
+
+    /// The ring's indices as they are now, for operators: the shared ones
+    /// as the frontend left them (reported, never trusted) and ours.
+    pub fn indices(&self) -> RingIndices {
+        let header = self.ring.header();
+        RingIndices {
+            req_prod: header.req_prod.load(Ordering::Relaxed),
+            req_event: header.req_event.load(Ordering::Relaxed),
+            rsp_prod: header.rsp_prod.load(Ordering::Relaxed),
+            rsp_event: header.rsp_event.load(Ordering::Relaxed),
+            req_cons: self.req_cons,
+        }
     }
 
     /// Requests ready to consume (`RING_HAS_UNCONSUMED_REQUESTS`), after

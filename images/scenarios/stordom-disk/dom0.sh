@@ -14,6 +14,19 @@ case "$be" in
     /local/domain/$sd/backend/vbd/*) result backend:g1 pass "$be" ;;
     *) result backend:g1 fail "backend path '$be'" ;;
 esac
+# stordom's per-vbd statistics show up in xenstore while the guest works.
+n=0
+until [ "$(xenstore-read $be/statistics/wr_req 2>/dev/null || echo 0)" -gt 0 ] \
+        && [ "$(xenstore-read $be/statistics/rd_req 2>/dev/null || echo 0)" -gt 0 ]; do
+    n=$((n + 1)); [ $n -gt 60 ] && break
+    nap 2
+done
+if [ $n -le 60 ]; then
+    xenstore-ls -f $be/statistics | sed 's/^/[dom0]   /'
+    result statistics pass "rd_req=$(xenstore-read $be/statistics/rd_req) wr_req=$(xenstore-read $be/statistics/wr_req)"
+else
+    result statistics fail "no reads and writes counted under $be/statistics within 120 s"
+fi
 wait_gone g1 240
 
 # The guest is gone: its vbd must be closed and removed, grants released.

@@ -110,6 +110,7 @@ pub mod ring_io;
 pub mod served_disk;
 #[cfg(test)]
 mod sim_blkfront;
+pub mod statistics;
 pub mod target;
 mod vbd;
 

@@ -60,6 +60,10 @@ pub(crate) struct Slot {
     /// Whether its steps may run (a barrier waits for the older requests).
     pub(crate) started: bool,
     pub(crate) on_device: bool,
+    /// When it was taken from the ring, and whether the watchdog reported
+    /// it as overdue.
+    pub(crate) taken_at_ns: u64,
+    pub(crate) overdue_reported: bool,
 }
 
 impl Slot {
@@ -79,12 +83,16 @@ impl Slot {
             status: blkif::RSP_OKAY,
             started: false,
             on_device: false,
+            taken_at_ns: 0,
+            overdue_reported: false,
         })
     }
 
-    /// Takes a new request `id` of `operation`.
-    pub(crate) fn take(&mut self, id: u64, operation: u8) {
+    /// Takes a new request `id` of `operation`, at `now_ns`.
+    pub(crate) fn take(&mut self, id: u64, operation: u8, now_ns: u64) {
         self.state = SlotState::Taken;
+        self.taken_at_ns = now_ns;
+        self.overdue_reported = false;
         self.id = id;
         self.operation = operation;
         self.steps = Steps::default();

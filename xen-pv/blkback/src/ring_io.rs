@@ -29,6 +29,7 @@ use crate::request_slot::{
     read_indirect_page, reserved,
 };
 use crate::served_disk::ServedDisk;
+use crate::statistics::{RequestCounters, RingReport, WATCHDOG_NS};
 
 /// Rounds of complete / start / consume in one [`BlkifRing::serve`], so a device
 /// that completes at once is answered in the same poll without a frontend
@@ -145,6 +146,15 @@ pub struct BlkifRing {
     mapped_grants: usize,
     /// The grants kept mapped, when the frontend asked for it.
     persistent: Option<PersistentGrants>,
+    /// What it answered so far, and when it last did.
+    counters: RequestCounters,
+    last_completion_ns: u64,
+    /// The services' clock when the current `serve` began.
+    now_ns: u64,
+    /// When the ring last had nothing left untaken (or gave a request).
+    last_taken_ns: u64,
+    /// The watchdog reported requests left untaken since then.
+    untaken_reported: bool,
 }
 
 impl BlkifRing {
@@ -251,12 +261,69 @@ impl BlkifRing {
             max_indirect: disk.max_indirect_segments(),
             mapped_grants: 0,
             persistent: persistent.then(PersistentGrants::default),
+            counters: RequestCounters::default(),
+            last_completion_ns: 0,
+            now_ns: svc.now_ns(),
+            last_taken_ns: svc.now_ns(),
+            untaken_reported: false,
         })
     }
 
     /// Requests accepted and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// The ring as it stands, for statistics and the heartbeat.
+    pub fn report(&self) -> RingReport {
+        RingReport {
+            indices: self.ring.indices(),
+            size: self.ring.size(),
+            in_flight: self.in_flight,
+            counters: self.counters,
+            last_completion_ns: self.last_completion_ns,
+        }
+    }
+
+    /// Reports, once each, a request in flight for longer than
+    /// [`WATCHDOG_NS`] and requests left on the ring untaken that long.
+    pub fn watchdog<S: BackendServices>(
+        &mut self,
+        svc: &mut S,
+        label: &dyn fmt::Display,
+        now_ns: u64,
+    ) {
+        for slot in &mut self.slots {
+            let waited = now_ns.saturating_sub(slot.taken_at_ns);
+            if slot.state == SlotState::Free || slot.overdue_reported || waited < WATCHDOG_NS {
+                continue;
+            }
+            slot.overdue_reported = true;
+            let (id, operation) = (slot.id, slot.operation);
+            let place = if slot.on_device {
+                "on the device"
+            } else if slot.started {
+                "between steps"
+            } else {
+                "waiting for a barrier"
+            };
+            svc.log(format_args!(
+                "watchdog: {label}: request {id:#x} (operation {operation}) waited {}.{:03} s, {place}",
+                waited / 1_000_000_000,
+                waited / 1_000_000 % 1000
+            ));
+        }
+        let untaken = self.ring.unconsumed_requests().unwrap_or(0);
+        let waited = now_ns.saturating_sub(self.last_taken_ns);
+        if untaken > 0 && !self.stopped && !self.untaken_reported && waited >= WATCHDOG_NS {
+            self.untaken_reported = true;
+            let in_flight = self.in_flight;
+            svc.log(format_args!(
+                "watchdog: {label}: {untaken} request(s) on the ring, none taken for {}.{:03} s ({in_flight} in flight)",
+                waited / 1_000_000_000,
+                waited / 1_000_000 % 1000
+            ));
+        }
     }
 
     /// Stops taking requests; those on the device finish, those not yet
@@ -304,6 +371,7 @@ impl BlkifRing {
     ) -> Result<bool, RingError> {
         let mut worked = false;
         let mut broken = Ok(());
+        self.now_ns = svc.now_ns();
         for _ in 0..ROUNDS_PER_POLL {
             let mut round = self.reap(svc, log);
             round |= self.start_ready(svc, log);
@@ -361,12 +429,16 @@ impl BlkifRing {
         let largest_request = usize::from(self.max_indirect).max(blkif::MAX_SEGMENTS_PER_REQUEST);
         let mut broken = Ok(());
         self.taken.clear();
-        while self.barrier.is_none()
-            && self.mapped_grants + reserved_grants + largest_request <= MAX_MAPPED_GRANTS_PER_RING
-        {
+        let mut starved = false;
+        while self.barrier.is_none() {
             let Some(index) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
+                starved = true;
                 break;
             };
+            if self.mapped_grants + reserved_grants + largest_request > MAX_MAPPED_GRANTS_PER_RING {
+                starved = true;
+                break;
+            }
             let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
             match self.ring.next_request(&mut entry) {
                 Ok(true) => {}
@@ -395,7 +467,7 @@ impl BlkifRing {
                     segments,
                     ..
                 } => {
-                    slot.take(id, plan::data_operation(direction));
+                    slot.take(id, plan::data_operation(direction), self.now_ns);
                     slot.grants.extend_from_slice(segments.as_slice());
                     plan::plan_data(direction, sector, &slot.grants, disk)
                 }
@@ -405,12 +477,12 @@ impl BlkifRing {
                     segments,
                     ..
                 } => {
-                    slot.take(id, blkif::OP_WRITE_BARRIER);
+                    slot.take(id, blkif::OP_WRITE_BARRIER, self.now_ns);
                     slot.grants.extend_from_slice(segments.as_slice());
                     plan::plan_barrier(sector, &slot.grants, disk)
                 }
                 BlkifRequest::Flush { id } => {
-                    slot.take(id, blkif::OP_FLUSH_DISKCACHE);
+                    slot.take(id, blkif::OP_FLUSH_DISKCACHE, self.now_ns);
                     plan::plan_flush(disk)
                 }
                 BlkifRequest::Discard {
@@ -419,7 +491,7 @@ impl BlkifRing {
                     nr_sectors,
                     secure,
                 } => {
-                    slot.take(id, blkif::OP_DISCARD);
+                    slot.take(id, blkif::OP_DISCARD, self.now_ns);
                     plan::plan_discard(sector, nr_sectors, secure, disk)
                 }
                 BlkifRequest::Indirect {
@@ -432,7 +504,7 @@ impl BlkifRing {
                 } => {
                     // Answered as the operation it carries, as Linux
                     // blkback does; planned once its segments are read.
-                    slot.take(id, plan::data_operation(direction));
+                    slot.take(id, plan::data_operation(direction), self.now_ns);
                     let nr_segments = usize::from(nr_segments);
                     // `parse_request` bounded the count by what we
                     // advertised, which fits the reference array.
@@ -484,6 +556,14 @@ impl BlkifRing {
             }
         }
         self.map_and_start(svc, log);
+        let untaken = self.ring.unconsumed_requests().unwrap_or(0);
+        if starved && untaken > 0 {
+            self.counters.oo_req += 1;
+        }
+        if took || untaken == 0 {
+            self.last_taken_ns = self.now_ns;
+            self.untaken_reported = false;
+        }
         broken.map(|()| took)
     }
 
@@ -497,6 +577,7 @@ impl BlkifRing {
         log: &mut RateLimitedLog,
     ) {
         log.line(svc, format_args!("request {id:#x} refused: {why}"));
+        self.counters.count(operation, 0, status);
         self.respond(id, operation, status);
     }
 
@@ -838,6 +919,9 @@ impl BlkifRing {
         }
         slot.kept.clear();
         let (id, operation, status) = (slot.id, slot.operation, slot.status);
+        let sectors = slot.grants.iter().map(|g| u64::from(g.sectors())).sum();
+        self.counters.count(operation, sectors, status);
+        self.last_completion_ns = self.now_ns;
         self.respond(id, operation, status);
     }
 }

@@ -17,6 +17,7 @@ use super::*;
 use crate::alloc_count::{count, uncounted};
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
+use crate::statistics::WATCHDOG_NS;
 use xen_pv::event::EventChannels;
 use xen_pv::grant::{GfnWindow, GrantMapper};
 use xen_pv::hypercall::HypercallOp;
@@ -1795,4 +1796,130 @@ fn the_hot_path_allocates_nothing_per_request() {
         }
     }
     assert_eq!(measured, [0; 4]);
+}
+
+impl Harness<'_> {
+    fn publish_statistics(&mut self) {
+        self.vbds.publish_statistics(&mut self.xs);
+        uncounted(|| while self.xs.channel_mut().step() {});
+    }
+
+    fn watchdog(&mut self) {
+        let now = self.platform.now_ns.get();
+        let mut svc = XenBackendServices {
+            events: &mut self.events,
+            grants: &mut self.grants,
+            platform: &mut self.platform,
+        };
+        self.vbds.watchdog(&mut svc, now);
+    }
+
+    fn statistic(&mut self, id: VbdId, name: &str) -> Option<u64> {
+        self.backend_node(id, &format!("statistics/{name}"))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+#[test]
+fn statistics_count_what_was_answered_and_show_the_ring() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "cached", "w");
+        h.pump();
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let page = front.grant(true, &pattern(9));
+        let into = front.grant(false, &[0; 4096]);
+        let requests = [
+            front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]),
+            front.data_request(blkif::OP_WRITE, 2, 8, 1, &[seg(page, 2, 3)]),
+            front.data_request(blkif::OP_READ, 3, 0, 1, &[seg(into, 0, 7)]),
+            front.data_request(blkif::OP_FLUSH_DISKCACHE, 4, 0, 0, &[]),
+            front.data_request(blkif::OP_WRITE_BARRIER, 5, 16, 1, &[seg(page, 0, 0)]),
+            // Past the end of the 1 MiB disk: refused, an error.
+            front.data_request(blkif::OP_READ, 6, 1 << 40, 1, &[seg(into, 0, 7)]),
+        ];
+        let answered = h.io(&mut front, &requests);
+        assert_eq!(answered.len(), 6, "{answered:?}");
+        h.platform.now_ns.set(7_000_000_000);
+        let discard = front.discard_request(7, 0, 8, false);
+        assert_eq!(h.io(&mut front, &[discard]).len(), 1);
+        h.publish_statistics();
+        for (name, want) in [
+            ("rd_req", 1),
+            ("wr_req", 3),
+            ("f_req", 2),
+            ("ds_req", 1),
+            ("rd_sect", 8),
+            ("wr_sect", 8 + 2 + 1),
+            ("oo_req", 0),
+            ("errors", 1),
+            ("in_flight", 0),
+            ("last_completion_ms", 7000),
+            ("ring-0/req_prod", 7),
+            ("ring-0/req_cons", 7),
+            ("ring-0/rsp_prod", 7),
+        ] {
+            assert_eq!(h.statistic(id, name), Some(want), "statistics/{name}");
+        }
+        // Published again only when something changed.
+        let stale = format!("{}/statistics/rd_req", backend_path(id));
+        h.xs.channel_mut().dom0_write(&stale, b"stale");
+        h.publish_statistics();
+        assert_eq!(
+            h.backend_node(id, "statistics/rd_req").as_deref(),
+            Some("stale")
+        );
+        let read = front.data_request(blkif::OP_READ, 8, 0, 1, &[seg(into, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]).len(), 1);
+        h.publish_statistics();
+        assert_eq!(h.statistic(id, "rd_req"), Some(2));
+    });
+}
+
+#[test]
+fn the_watchdog_reports_a_stuck_request_once_and_the_heartbeat_shows_it() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "cached", "w");
+        h.pump();
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let disk = h.disk(0);
+        disk.borrow_mut().hold = true;
+        let page = front.grant(true, &pattern(1));
+        let write = front.data_request(blkif::OP_WRITE, 0x77, 0, 1, &[seg(page, 0, 7)]);
+        assert!(h.io(&mut front, &[write]).is_empty());
+        let mut beat = String::new();
+        assert_eq!(h.vbds.heartbeat(&mut beat), 1);
+        assert!(
+            beat.contains(&format!("vbd {id} ring 0 req_prod=1 req_cons=1 rsp_prod=0")),
+            "{beat}"
+        );
+        assert!(beat.contains("in_flight=1"), "{beat}");
+
+        h.platform.now_ns.set(WATCHDOG_NS - 1);
+        h.watchdog();
+        assert!(!h.logged("watchdog"), "not before its time");
+        h.platform.now_ns.set(WATCHDOG_NS);
+        h.watchdog();
+        h.platform.now_ns.set(3 * WATCHDOG_NS);
+        h.watchdog();
+        let reports: Vec<&String> = h
+            .platform
+            .lines
+            .iter()
+            .filter(|l| l.contains("watchdog"))
+            .collect();
+        assert_eq!(reports.len(), 1, "once per request: {reports:?}");
+        assert!(
+            reports[0].contains(&format!("vbd {id} ring 0: request 0x77"))
+                && reports[0].contains("on the device"),
+            "{}",
+            reports[0]
+        );
+
+        disk.borrow_mut().hold = false;
+        h.pump();
+        assert_eq!(front.responses(), [ok(0x77, blkif::OP_WRITE)]);
+        let mut beat = String::new();
+        assert_eq!(h.vbds.heartbeat(&mut beat), 0);
+        assert!(beat.is_empty());
+    });
 }

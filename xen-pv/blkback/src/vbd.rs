@@ -16,6 +16,8 @@ use crate::negotiate::{
 };
 use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
+use crate::statistics::{self, RingReport};
+
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
 use xen_pv::DomId;
@@ -40,6 +42,21 @@ const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
 pub struct VbdId {
     pub frontend: DomId,
     pub devid: u32,
+}
+
+impl core::fmt::Display for VbdId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}/{}", self.frontend, self.devid)
+    }
+}
+
+/// A ring of a vbd, as the watchdog and the heartbeat name it.
+struct RingName(VbdId, usize);
+
+impl core::fmt::Display for RingName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "vbd {} ring {}", self.0, self.1)
+    }
 }
 
 /// Whether the backend has work left or may sleep until the next event.
@@ -105,6 +122,8 @@ struct Vbd {
     closed_at: Option<u64>,
     recheck_at: Option<u64>,
     log: RateLimitedLog,
+    /// Its rings as last published under `statistics/`.
+    published: Vec<RingReport>,
 }
 
 impl Vbd {
@@ -216,6 +235,56 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
+    /// Publishes each connected vbd's statistics whose rings changed since
+    /// the last call (see [`crate::statistics`]); the loop calls this
+    /// about once a second. A failed write is tried again next time.
+    pub fn publish_statistics<C: PeerChannel>(&mut self, xs: &mut Xenstore<'_, C>) {
+        for vbd in self.devices.values_mut() {
+            if vbd.rings.is_empty() || vbd.removed {
+                continue;
+            }
+            let changed = vbd.published.len() != vbd.rings.len()
+                || vbd
+                    .rings
+                    .iter()
+                    .zip(&vbd.published)
+                    .any(|(ring, published)| ring.report() != *published);
+            if !changed {
+                continue;
+            }
+            let reports: Vec<RingReport> = vbd.rings.iter().map(BlkifRing::report).collect();
+            if statistics::publish(xs, &vbd.path, &reports).is_ok() {
+                vbd.published = reports;
+            }
+        }
+    }
+
+    /// Lets every ring's watchdog look at its requests (see
+    /// [`BlkifRing::watchdog`]).
+    pub fn watchdog<S: BackendServices>(&mut self, svc: &mut S, now_ns: u64) {
+        for vbd in self.devices.values_mut() {
+            for (n, ring) in vbd.rings.iter_mut().enumerate() {
+                ring.watchdog(svc, &RingName(vbd.id, n), now_ns);
+            }
+        }
+    }
+
+    /// Writes ` | vbd F/D ring N <indices, in flight, answered>` for each
+    /// ring with requests outstanding; returns how many are outstanding.
+    pub fn heartbeat(&self, out: &mut dyn core::fmt::Write) -> u64 {
+        let mut outstanding = 0;
+        for vbd in self.devices.values() {
+            for (n, ring) in vbd.rings.iter().enumerate() {
+                let report = ring.report();
+                if report.outstanding() > 0 {
+                    outstanding += report.outstanding();
+                    let _ = write!(out, " | {} {report}", RingName(vbd.id, n));
+                }
+            }
+        }
+        outstanding
+    }
+
     /// Does the xenstore work [`Self::poll_rings`] asked for.
     pub fn attend<C: PeerChannel, S: BackendServices>(
         &mut self,
@@ -279,7 +348,7 @@ impl<O: TargetOpener> VbdBackends<O> {
             let path = format!("{BACKEND_DIR}/{}/{}", id.frontend, id.devid);
             let vbd = Vbd {
                 id,
-                log: RateLimitedLog::new(format!("vbd {}/{}", id.frontend, id.devid)),
+                log: RateLimitedLog::new(format!("vbd {id}")),
                 path,
                 frontend_path: None,
                 state: XenbusState::Initialising,
@@ -290,6 +359,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 closed_when_drained: false,
                 closed_at: None,
                 recheck_at: None,
+                published: Vec::new(),
             };
             self.devices.insert(id, vbd);
             self.update(xs, svc, id);

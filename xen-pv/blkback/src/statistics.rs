@@ -1,0 +1,193 @@
+//! What an operator sees of a vbd while it serves: Linux blkback's request
+//! counters (its `statistics/` in sysfs; here nodes under the vbd's backend
+//! directory, see [`publish`]), each ring's indices and requests in flight,
+//! the time of the last completed request, and a watchdog that reports a
+//! request or a ring that waited too long, once.
+
+use alloc::format;
+use alloc::string::ToString;
+use core::fmt;
+
+use xen_pv::ring::{PeerChannel, RingIndices};
+use xen_pv::xenstore::{Xenstore, XsError};
+
+use crate::blkif;
+
+/// A request in flight, or requests left on the ring untaken, for longer
+/// than this are reported by the watchdog (once each).
+pub const WATCHDOG_NS: u64 = 5_000_000_000;
+
+/// Requests answered by one ring, counted as Linux blkback counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounters {
+    /// Reads completed.
+    pub rd_req: u64,
+    /// Writes completed (barriers included).
+    pub wr_req: u64,
+    /// Flushes and barriers completed.
+    pub f_req: u64,
+    /// Discards completed.
+    pub ds_req: u64,
+    /// 512-byte sectors read.
+    pub rd_sect: u64,
+    /// 512-byte sectors written.
+    pub wr_sect: u64,
+    /// Times requests stayed on the ring because every request slot, or
+    /// the ring's grant room, was taken.
+    pub oo_req: u64,
+    /// Requests answered with an error (refused, or failed on the device).
+    pub errors: u64,
+    /// Requests answered, whatever the outcome (not a Linux counter).
+    pub answered: u64,
+}
+
+impl RequestCounters {
+    /// Counts a request answered with `status`.
+    pub(crate) fn count(&mut self, operation: u8, sectors: u64, status: i16) {
+        self.answered += 1;
+        if status != blkif::RSP_OKAY {
+            self.errors += 1;
+            return;
+        }
+        match operation {
+            blkif::OP_READ => {
+                self.rd_req += 1;
+                self.rd_sect += sectors;
+            }
+            blkif::OP_WRITE => {
+                self.wr_req += 1;
+                self.wr_sect += sectors;
+            }
+            blkif::OP_WRITE_BARRIER => {
+                self.wr_req += 1;
+                self.f_req += 1;
+                self.wr_sect += sectors;
+            }
+            blkif::OP_FLUSH_DISKCACHE => self.f_req += 1,
+            blkif::OP_DISCARD => self.ds_req += 1,
+            _ => {}
+        }
+    }
+
+    /// Adds `other`'s counts (a vbd's rings summed).
+    pub fn add(&mut self, other: &RequestCounters) {
+        self.rd_req += other.rd_req;
+        self.wr_req += other.wr_req;
+        self.f_req += other.f_req;
+        self.ds_req += other.ds_req;
+        self.rd_sect += other.rd_sect;
+        self.wr_sect += other.wr_sect;
+        self.oo_req += other.oo_req;
+        self.errors += other.errors;
+        self.answered += other.answered;
+    }
+
+    /// Each counter with the node name Linux blkback gives it.
+    fn named(&self) -> [(&'static str, u64); 8] {
+        [
+            ("rd_req", self.rd_req),
+            ("wr_req", self.wr_req),
+            ("f_req", self.f_req),
+            ("ds_req", self.ds_req),
+            ("rd_sect", self.rd_sect),
+            ("wr_sect", self.wr_sect),
+            ("oo_req", self.oo_req),
+            ("errors", self.errors),
+        ]
+    }
+}
+
+/// One ring as it stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingReport {
+    /// The ring's indices (the shared ones as the frontend left them).
+    pub indices: RingIndices,
+    /// Entries in the ring.
+    pub size: u32,
+    /// Requests taken and not yet answered.
+    pub in_flight: usize,
+    /// What it answered so far.
+    pub counters: RequestCounters,
+    /// When it last answered a request (the services' clock; 0: never).
+    pub last_completion_ns: u64,
+}
+
+impl RingReport {
+    /// Requests the frontend is waiting for: in flight, plus published
+    /// and not yet taken (bounded by the ring size, whatever the frontend
+    /// wrote).
+    pub fn outstanding(&self) -> u64 {
+        let untaken = self
+            .indices
+            .req_prod
+            .wrapping_sub(self.indices.req_cons)
+            .min(self.size);
+        self.in_flight as u64 + u64::from(untaken)
+    }
+}
+
+impl fmt::Display for RingReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.indices;
+        write!(
+            f,
+            "req_prod={} req_cons={} rsp_prod={} req_event={} rsp_event={} in_flight={} done={}",
+            i.req_prod,
+            i.req_cons,
+            i.rsp_prod,
+            i.req_event,
+            i.rsp_event,
+            self.in_flight,
+            self.counters.answered,
+        )
+    }
+}
+
+/// Writes a vbd's statistics under `path` (its backend directory) in one
+/// transaction: `statistics/{rd_req,wr_req,f_req,ds_req,rd_sect,wr_sect,
+/// oo_req,errors}` summed over its rings, `statistics/in_flight`,
+/// `statistics/last_completion_ms` (stordom's clock, 0: none yet) and, per
+/// ring N, `statistics/ring-N/{req_prod,req_cons,rsp_prod,req_event,
+/// rsp_event,in_flight}`.
+pub(crate) fn publish<C: PeerChannel>(
+    xs: &mut Xenstore<'_, C>,
+    path: &str,
+    rings: &[RingReport],
+) -> Result<(), XsError> {
+    let mut total = RequestCounters::default();
+    rings.iter().for_each(|r| total.add(&r.counters));
+    let in_flight: usize = rings.iter().map(|r| r.in_flight).sum();
+    let last = rings
+        .iter()
+        .map(|r| r.last_completion_ns)
+        .max()
+        .unwrap_or(0);
+    xs.transaction(|xs, tx| {
+        let mut write = |name: &str, value: u64| {
+            xs.write(
+                tx,
+                &format!("{path}/statistics/{name}"),
+                value.to_string().as_bytes(),
+            )
+        };
+        for (name, value) in total.named() {
+            write(name, value)?;
+        }
+        write("in_flight", in_flight as u64)?;
+        write("last_completion_ms", last / 1_000_000)?;
+        for (n, ring) in rings.iter().enumerate() {
+            let i = &ring.indices;
+            for (name, value) in [
+                ("req_prod", i.req_prod),
+                ("req_cons", i.req_cons),
+                ("rsp_prod", i.rsp_prod),
+                ("req_event", i.req_event),
+                ("rsp_event", i.rsp_event),
+            ] {
+                write(&format!("ring-{n}/{name}"), u64::from(value))?;
+            }
+            write(&format!("ring-{n}/in_flight"), ring.in_flight as u64)?;
+        }
+        Ok(())
+    })
+}
