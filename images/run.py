@@ -137,10 +137,17 @@ def symbolize(addr: int) -> str:
                                  text=True, timeout=20).stdout
         except (OSError, subprocess.TimeoutExpired):
             out = ""
+        end = 0
         for line in out.splitlines():
             parts = line.split(" ", 2)
             if len(parts) == 3 and parts[1] in "tTwW" and int(parts[0], 16) <= addr:
                 name = f" {parts[2]}+{addr - int(parts[0], 16):#x}"
+            if len(parts) == 3 and parts[2] == "__kernel_end":
+                end = int(parts[0], 16)
+        if end and addr >= end:
+            # Outside the image: most often the hypercall page, a frame of
+            # its own (32 bytes per hypercall: sched_op is 29).
+            name = f" (outside the image; if in the hypercall page: hypercall {(addr & 0xfff) // 32})"
     return f"{addr:#x}{name}"
 
 
