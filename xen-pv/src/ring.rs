@@ -92,6 +92,11 @@ impl<'a> ByteRing<'a> {
         Ok(n)
     }
 
+    /// Bytes that can be written now.
+    pub fn writable(&self) -> Result<usize, RingError> {
+        self.used().map(|(_, _, used)| self.data.len() - used)
+    }
+
     /// Bytes waiting to be read.
     pub fn readable(&self) -> Result<usize, RingError> {
         self.used().map(|(_, _, used)| used)

@@ -31,14 +31,18 @@ while :; do
         n=$((n + 1)); [ $n -gt 100 ] && break
         nap 0.1
     done
+    [ -b /dev/xvdb ] || { churn="fail attach $i: /dev/xvdb did not appear within 10 s"; break; }
     slot=$(( i % 14 + 1 ))
     if [ $i -gt 1 ]; then
         pattern $((i - 1)) /tmp/expected
-        dd if=/dev/xvdb of=/tmp/found bs=1M count=1 skip=$(( (i - 1) % 14 + 1 )) iflag=direct 2>/dev/null
+        rm -f /tmp/found
+        dd if=/dev/xvdb of=/tmp/found bs=1M count=1 skip=$(( (i - 1) % 14 + 1 )) iflag=direct 2>/dev/null \
+            || { churn="fail read $i: reading /dev/xvdb failed"; break; }
         cmp -s /tmp/found /tmp/expected || { churn="fail data $i: cycle $((i - 1))'s data not found"; break; }
     fi
     pattern $i /tmp/expected
-    dd if=/tmp/expected of=/dev/xvdb bs=1M seek=$slot oflag=direct conv=fsync 2>/dev/null
+    dd if=/tmp/expected of=/dev/xvdb bs=1M seek=$slot oflag=direct conv=fsync 2>/dev/null \
+        || { churn="fail write $i: writing /dev/xvdb failed"; break; }
     if ! timeout 30 xl block-detach 0 xvdb; then
         churn="fail detach $i"; break
     fi

@@ -4,8 +4,10 @@
 //! the time of the last completed request, and a watchdog that reports a
 //! request or a ring that waited too long, once.
 
+use alloc::collections::BTreeMap;
 use alloc::format;
-use alloc::string::ToString;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 use core::fmt;
 
 use xen_pv::ring::{PeerChannel, RingIndices};
@@ -143,17 +145,12 @@ impl fmt::Display for RingReport {
     }
 }
 
-/// Writes a vbd's statistics under `path` (its backend directory) in one
-/// transaction: `statistics/{rd_req,wr_req,f_req,ds_req,rd_sect,wr_sect,
-/// oo_req,errors}` summed over its rings, `statistics/in_flight`,
-/// `statistics/last_completion_ms` (stordom's clock, 0: none yet) and, per
-/// ring N, `statistics/ring-N/{req_prod,req_cons,rsp_prod,req_event,
-/// rsp_event,in_flight}`.
-pub(crate) fn publish<C: PeerChannel>(
-    xs: &mut Xenstore<'_, C>,
-    path: &str,
-    rings: &[RingReport],
-) -> Result<(), XsError> {
+/// The nodes of a vbd's statistics (names under its `statistics/`) and
+/// their values: `rd_req`, `wr_req`, `f_req`, `ds_req`, `rd_sect`,
+/// `wr_sect`, `oo_req`, `errors` summed over its rings, `in_flight`,
+/// `last_completion_ms` (stordom's clock, 0: none yet) and, per ring N,
+/// `ring-N/{req_prod,req_cons,rsp_prod,req_event,rsp_event,in_flight}`.
+pub(crate) fn nodes(rings: &[RingReport]) -> Vec<(String, u64)> {
     let mut total = RequestCounters::default();
     rings.iter().for_each(|r| total.add(&r.counters));
     let in_flight: usize = rings.iter().map(|r| r.in_flight).sum();
@@ -162,32 +159,50 @@ pub(crate) fn publish<C: PeerChannel>(
         .map(|r| r.last_completion_ns)
         .max()
         .unwrap_or(0);
-    xs.transaction(|xs, tx| {
-        let mut write = |name: &str, value: u64| {
-            xs.write(
-                tx,
-                &format!("{path}/statistics/{name}"),
-                value.to_string().as_bytes(),
-            )
-        };
-        for (name, value) in total.named() {
-            write(name, value)?;
+    let mut nodes: Vec<(String, u64)> = total
+        .named()
+        .iter()
+        .map(|&(name, value)| (name.to_string(), value))
+        .collect();
+    nodes.push(("in_flight".to_string(), in_flight as u64));
+    nodes.push(("last_completion_ms".to_string(), last / 1_000_000));
+    for (n, ring) in rings.iter().enumerate() {
+        let i = &ring.indices;
+        for (name, value) in [
+            ("req_prod", i.req_prod),
+            ("req_cons", i.req_cons),
+            ("rsp_prod", i.rsp_prod),
+            ("req_event", i.req_event),
+            ("rsp_event", i.rsp_event),
+        ] {
+            nodes.push((format!("ring-{n}/{name}"), u64::from(value)));
         }
-        write("in_flight", in_flight as u64)?;
-        write("last_completion_ms", last / 1_000_000)?;
-        for (n, ring) in rings.iter().enumerate() {
-            let i = &ring.indices;
-            for (name, value) in [
-                ("req_prod", i.req_prod),
-                ("req_cons", i.req_cons),
-                ("rsp_prod", i.rsp_prod),
-                ("req_event", i.req_event),
-                ("rsp_event", i.rsp_event),
-            ] {
-                write(&format!("ring-{n}/{name}"), u64::from(value))?;
-            }
-            write(&format!("ring-{n}/in_flight"), ring.in_flight as u64)?;
+        nodes.push((format!("ring-{n}/in_flight"), ring.in_flight as u64));
+    }
+    nodes
+}
+
+/// Writes the nodes of `rings` under `path/statistics/` whose value
+/// differs from `published` (what was written before, updated here),
+/// without waiting for xenstored: publishing never holds up the rings for
+/// a round trip. Nodes that do not fit in the xenstore ring now wait for
+/// the next call. Each node is written on its own (no transaction): a
+/// reader may see some nodes one publication ahead of others.
+pub(crate) fn publish<C: PeerChannel>(
+    xs: &mut Xenstore<'_, C>,
+    path: &str,
+    rings: &[RingReport],
+    published: &mut BTreeMap<String, u64>,
+) -> Result<(), XsError> {
+    for (name, value) in nodes(rings) {
+        if published.get(&name) == Some(&value) {
+            continue;
         }
-        Ok(())
-    })
+        let node = format!("{path}/statistics/{name}");
+        if !xs.write_unacknowledged(&node, value.to_string().as_bytes())? {
+            return Ok(());
+        }
+        published.insert(name, value);
+    }
+    Ok(())
 }

@@ -122,8 +122,8 @@ struct Vbd {
     closed_at: Option<u64>,
     recheck_at: Option<u64>,
     log: RateLimitedLog,
-    /// Its rings as last published under `statistics/`.
-    published: Vec<RingReport>,
+    /// Its statistics as last published (node name under `statistics/`).
+    published: BTreeMap<String, u64>,
 }
 
 impl Vbd {
@@ -235,26 +235,18 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
-    /// Publishes each connected vbd's statistics whose rings changed since
-    /// the last call (see [`crate::statistics`]); the loop calls this
-    /// about once a second. A failed write is tried again next time.
+    /// Publishes the statistics of each connected vbd that changed since
+    /// the last call (see [`crate::statistics`]), without waiting for
+    /// xenstored; the loop calls this about once a second.
     pub fn publish_statistics<C: PeerChannel>(&mut self, xs: &mut Xenstore<'_, C>) {
         for vbd in self.devices.values_mut() {
             if vbd.rings.is_empty() || vbd.removed {
                 continue;
             }
-            let changed = vbd.published.len() != vbd.rings.len()
-                || vbd
-                    .rings
-                    .iter()
-                    .zip(&vbd.published)
-                    .any(|(ring, published)| ring.report() != *published);
-            if !changed {
-                continue;
-            }
             let reports: Vec<RingReport> = vbd.rings.iter().map(BlkifRing::report).collect();
-            if statistics::publish(xs, &vbd.path, &reports).is_ok() {
-                vbd.published = reports;
+            if statistics::publish(xs, &vbd.path, &reports, &mut vbd.published).is_err() {
+                // The connection is broken; the loop finds out on its own.
+                return;
             }
         }
     }
@@ -359,7 +351,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 closed_when_drained: false,
                 closed_at: None,
                 recheck_at: None,
-                published: Vec::new(),
+                published: BTreeMap::new(),
             };
             self.devices.insert(id, vbd);
             self.update(xs, svc, id);

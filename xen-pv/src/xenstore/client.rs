@@ -83,6 +83,44 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         self.request(MsgType::Write, tx, &[path], value).map(drop)
     }
 
+    /// Writes `path` outside any transaction without waiting for
+    /// xenstored's answer, which is dropped when it comes (an error too):
+    /// for values that are only reported, such as statistics, whose
+    /// publishing must not hold up the caller for a round trip. Returns
+    /// false, sending nothing, when the request does not fit in the ring
+    /// now (try again later).
+    pub fn write_unacknowledged(&mut self, path: &str, value: &[u8]) -> Result<bool, XsError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        if !valid_string_arg(path) || path.len() + 1 + value.len() > PAYLOAD_MAX {
+            return Err(XsError::Invalid);
+        }
+        let len = path.len() + 1 + value.len();
+        let room = self
+            .iface
+            .requests()
+            .writable()
+            .map_err(|_| self.fail(XsError::RingCorrupt))?;
+        if room < HEADER_LEN + len {
+            return Ok(false);
+        }
+        let header = Header {
+            msg_type: MsgType::Write as u32,
+            req_id: self.next_req_id,
+            tx_id: Tx::NONE.0,
+            len: len as u32,
+        };
+        self.next_req_id = self.next_req_id.wrapping_add(1);
+        // Fits whole (checked above), so none of these waits.
+        self.send(&header.encode())?;
+        self.send(path.as_bytes())?;
+        self.send(b"\0")?;
+        self.send(value)?;
+        self.channel.notify();
+        Ok(true)
+    }
+
     pub fn mkdir(&mut self, tx: Tx, path: &str) -> Result<(), XsError> {
         self.request(MsgType::Mkdir, tx, &[path], b"").map(drop)
     }

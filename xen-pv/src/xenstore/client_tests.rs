@@ -361,3 +361,42 @@ fn malformed_replies_break_the_connection_without_panicking() {
         .store(5000, core::sync::atomic::Ordering::Relaxed);
     assert_eq!(xs.poll_watch_event(), Err(XsError::RingCorrupt));
 }
+
+#[test]
+fn unacknowledged_writes_land_and_their_replies_are_dropped() {
+    with_client(0, |xs| {
+        assert!(xs.write_unacknowledged("data/a", b"1").unwrap());
+        assert!(xs.write_unacknowledged("data/b", b"2").unwrap());
+        // Nothing was waited for: xenstored has not even read them yet.
+        assert_eq!(
+            xs.channel_mut().dom0_read(&alloc::format!("{HOME}/data/a")),
+            None
+        );
+        // The next request finds its own reply behind theirs.
+        assert_eq!(xs.read_string(Tx::NONE, "data/a").unwrap(), "1");
+        assert_eq!(xs.read_string(Tx::NONE, "data/b").unwrap(), "2");
+        assert_eq!(xs.poll_watch_event().unwrap(), None);
+    });
+}
+
+#[test]
+fn an_unacknowledged_write_that_does_not_fit_is_not_sent() {
+    with_client(0, |xs| {
+        let value = [b'x'; 400];
+        let mut sent = 0;
+        while xs.write_unacknowledged("data/big", &value).unwrap() {
+            sent += 1;
+        }
+        // 1024-byte ring, 16-byte header + "data/big\0" + 400 bytes each.
+        assert_eq!(sent, 2);
+        // Once xenstored drained the ring, there is room again and the
+        // connection is intact.
+        xs.channel_mut().step();
+        assert!(xs.write_unacknowledged("data/big", &value).unwrap());
+        assert_eq!(xs.read(Tx::NONE, "data/big").unwrap(), value);
+        assert_eq!(
+            xs.write_unacknowledged("data/\0", b"1"),
+            Err(XsError::Invalid)
+        );
+    });
+}
