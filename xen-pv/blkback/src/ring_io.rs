@@ -19,14 +19,13 @@ use xen_pv::grant::{GrantError, GrantSpec, MAX_BATCH, Mapping};
 use xen_pv::ring::{BackRing, RingError};
 
 use crate::BackendServices;
-use crate::blkif::{self, BlkifRequest, Protocol};
+use crate::blkif::{self, BlkifRequest, Protocol, SEGMENTS_PER_INDIRECT_PAGE};
 use crate::negotiate::FrontendRing;
 use crate::persistent::PersistentGrants;
 use crate::plan::{self, Plan, Refusal, Step};
 use crate::rate_limited_log::RateLimitedLog;
 use crate::request_slot::{
-    IndirectPages, SEGMENTS_PER_INDIRECT_PAGE, Slot, SlotState, allocate_slots, device_segment,
-    read_indirect_page, reserved,
+    IndirectPages, Slot, SlotState, allocate_slots, device_segment, read_indirect_page, reserved,
 };
 use crate::served_disk::ServedDisk;
 use crate::statistics::{RequestCounters, RingReport, WATCHDOG_NS};

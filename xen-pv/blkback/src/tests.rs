@@ -18,6 +18,7 @@ use crate::alloc_count::{count, uncounted};
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::statistics::WATCHDOG_NS;
+use host_fuzz::{FuzzRng, FuzzRun};
 use xen_pv::event::EventChannels;
 use xen_pv::grant::{GfnWindow, GrantMapper};
 use xen_pv::hypercall::HypercallOp;
@@ -26,6 +27,8 @@ use xen_pv::sim::{GUEST, SimXen};
 use xen_pv::xenbus::XenbusState;
 use xen_pv::xenstore::{Access, Perm, Xenstore, XenstoreInterface};
 use xen_pv::{Hypercall, PAGE_SIZE};
+
+mod hostile_frontend;
 
 const WINDOW: u64 = 0x10_0000;
 const FRONTEND: DomId = 7;
@@ -1145,45 +1148,96 @@ fn other_watches_are_left_to_the_kernel() {
     });
 }
 
-/// xorshift64*: reproducible, no dependency.
-struct Rng(u64);
+/// Where the request id sits in an entry of each ABI (every layout has it
+/// there).
+fn id_offset(protocol: Protocol) -> usize {
+    match protocol {
+        Protocol::X86_64 => 8,
+        Protocol::X86_32 => 4,
+    }
+}
 
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+/// A valid request of any kind, for the parser fuzz to mutate.
+fn valid_entry(front: &SimBlkfront<'_>, rng: &mut FuzzRng, id: u64) -> Vec<u8> {
+    let segs: Vec<Seg> = (0..blkif::MAX_SEGMENTS_PER_REQUEST)
+        .map(|_| {
+            let first_sect = rng.below(8) as u8;
+            seg(
+                rng.below(64) as u32,
+                first_sect,
+                first_sect + rng.below(8 - u64::from(first_sect)) as u8,
+            )
+        })
+        .collect();
+    let sector = rng.below(4096);
+    match rng.below(5) {
+        0 => {
+            let operation = rng.pick(&[blkif::OP_READ, blkif::OP_WRITE, blkif::OP_WRITE_BARRIER]);
+            front.data_request(operation, id, sector, 1 + rng.below(11) as u8, &segs)
+        }
+        1 => front.data_request(blkif::OP_FLUSH_DISKCACHE, id, 0, 0, &[]),
+        2 => front.discard_request(id, sector, rng.below(4096), rng.one_in(4)),
+        _ => {
+            let operation = rng.pick(&[blkif::OP_READ, blkif::OP_WRITE]);
+            let pages: Vec<u32> = (0..8).map(|_| rng.below(64) as u32).collect();
+            front.indirect_request(operation, id, sector, 1 + rng.below(256) as u16, &pages)
+        }
     }
 }
 
 #[test]
-fn random_blkif_entries_parse_to_valid_requests_or_refusals() {
-    let mut rng = Rng(0x5eed);
-    for _ in 0..20_000 {
+fn fuzz_blkif_parsing_for_every_abi() {
+    let mut run = FuzzRun::new("blkif parsing", 0x5eed, 20_000);
+    let mut rng = run.rng();
+    let sim = SimXen::new();
+    let fronts = [Protocol::X86_32, Protocol::X86_64, Protocol::native()]
+        .map(|protocol| SimBlkfront::new(&sim, FRONTEND, protocol, 0));
+    while run.another() {
+        let front = &fronts[rng.below(3) as usize];
+        let protocol = front.protocol();
+        let id = rng.next_u64();
         let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
-        for byte in entry.iter_mut() {
-            *byte = rng.below(256) as u8;
+        if rng.one_in(4) {
+            rng.fill(&mut entry);
+            entry[0] = rng.below(9) as u8;
+        } else {
+            let valid = valid_entry(front, &mut rng, id);
+            entry[..valid.len()].copy_from_slice(&valid);
         }
-        // Bias the operation towards known codes.
-        entry[0] = (rng.below(9)) as u8;
-        for protocol in [Protocol::X86_32, Protocol::X86_64] {
-            for max_indirect in [0, 256] {
-                match blkif::parse_request(protocol, &entry, max_indirect) {
-                    Ok(
-                        blkif::BlkifRequest::ReadWrite { segments, .. }
-                        | blkif::BlkifRequest::Barrier { segments, .. },
-                    ) => {
-                        let segs = segments.as_slice();
-                        assert!(segs.len() <= blkif::MAX_SEGMENTS_PER_REQUEST);
-                        assert!(segs.iter().all(|s| s.first_sect <= s.last_sect
-                            && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE));
-                    }
-                    Ok(blkif::BlkifRequest::Indirect { nr_segments, .. }) => {
-                        assert!(nr_segments >= 1 && nr_segments <= max_indirect)
-                    }
-                    Ok(_) | Err(_) => {}
-                }
+        let id_at = id_offset(protocol);
+        for _ in 0..rng.below(4) {
+            let at = rng.below(protocol.entry_size() as u64) as usize;
+            entry[at] = rng.next_u64() as u8;
+        }
+        let wire_id = u64::from_le_bytes(entry[id_at..id_at + 8].try_into().unwrap());
+        let max_indirect = rng.pick(&[0, 1, 11, 256, u16::MAX]);
+        match blkif::parse_request(protocol, &entry, max_indirect) {
+            Ok(
+                blkif::BlkifRequest::ReadWrite { id, segments, .. }
+                | blkif::BlkifRequest::Barrier { id, segments, .. },
+            ) => {
+                assert_eq!(id, wire_id);
+                let segs = segments.as_slice();
+                assert!(segs.len() <= blkif::MAX_SEGMENTS_PER_REQUEST);
+                assert!(
+                    segs.iter().all(|s| s.first_sect <= s.last_sect
+                        && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE)
+                );
+            }
+            Ok(blkif::BlkifRequest::Indirect {
+                id, nr_segments, ..
+            }) => {
+                assert_eq!(id, wire_id);
+                assert!(nr_segments >= 1 && nr_segments <= max_indirect);
+                let pages = usize::from(nr_segments).div_ceil(blkif::SEGMENTS_PER_INDIRECT_PAGE);
+                assert!(pages <= blkif::MAX_INDIRECT_PAGES_PER_REQUEST);
+            }
+            Ok(blkif::BlkifRequest::Flush { id } | blkif::BlkifRequest::Discard { id, .. }) => {
+                assert_eq!(id, wire_id)
+            }
+            Err(refused) => {
+                assert_eq!(refused.id, wire_id);
+                assert!([RSP_ERROR, RSP_EOPNOTSUPP].contains(&refused.status));
             }
         }
     }
@@ -1198,7 +1252,7 @@ fn random_requests_are_all_answered_without_harm() {
                 .map(|i| front.grant(i % 2 == 0, &[]))
                 .chain([0, 9999])
                 .collect();
-            let mut rng = Rng(0x5eed_0000 ^ protocol.entry_size() as u64);
+            let mut rng = FuzzRng::new(0x5eed_0000 ^ protocol.entry_size() as u64);
             for round in 0..40u64 {
                 let requests: Vec<Vec<u8>> = (0..32u64)
                     .map(|i| {
@@ -1256,7 +1310,7 @@ fn hostile_frontend_nodes_leave_the_backend_consistent() {
             "\u{0}",
             "3 ",
         ];
-        let mut rng = Rng(77);
+        let mut rng = FuzzRng::new(77);
         let mut fronts = Vec::new();
         for _ in 0..300 {
             let value = values[rng.below(values.len() as u64) as usize];
