@@ -93,6 +93,11 @@ impl<'s> SimBlkfront<'s> {
         }
     }
 
+    /// The grants of its ring's pages.
+    pub fn ring_refs(&self) -> &[GrantRef] {
+        &self.ring_refs
+    }
+
     /// The ABI it speaks.
     pub fn protocol(&self) -> Protocol {
         self.protocol

@@ -206,7 +206,13 @@ fn hostile_request(
             let (sector, fits) = hostile_sector(rng, sectors);
             let (list, list_usable, garbage) = match rng.below(12) {
                 0 => (pool.pick(rng).0, false, false),
-                1 => (front.grant(true, &rng.bytes(PAGE_SIZE)), true, true),
+                1 => {
+                    let mut garbage = rng.bytes(PAGE_SIZE);
+                    while names_the_ring(&garbage, front) {
+                        garbage = rng.bytes(PAGE_SIZE);
+                    }
+                    (front.grant(true, &garbage), true, true)
+                }
                 _ => (
                     front.grant(rng.one_in(2), &segment_page(&segs)),
                     true,
@@ -284,7 +290,29 @@ fn hostile_request(
             )
         }
     };
-    flip_bytes_outside_the_id(rng, front.protocol(), bytes, sent)
+    let (bytes, sent) = flip_bytes_outside_the_id(rng, front.protocol(), bytes, sent);
+    if names_the_ring(&bytes, front) {
+        // Reading into its own ring page only breaks the frontend itself
+        // (its responses are overwritten), which the checks here cannot
+        // tell from a backend bug: send a flush instead.
+        let flush = front.data_request(blkif::OP_FLUSH_DISKCACHE, id, 0, 0, &[]);
+        let sent = Sent {
+            expect: Expect::Okay,
+            operation: Some(blkif::OP_FLUSH_DISKCACHE),
+            what: "flush".into(),
+        };
+        return (flush, sent);
+    }
+    (bytes, sent)
+}
+
+/// Whether some four bytes of `bytes` could name a page of `front`'s ring
+/// as a grant reference.
+fn names_the_ring(bytes: &[u8], front: &SimBlkfront<'_>) -> bool {
+    bytes.windows(4).any(|w| {
+        let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        front.ring_refs().contains(&word)
+    })
 }
 
 /// Now and then flips a few bytes of a request (never its id, so its
