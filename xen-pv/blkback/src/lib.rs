@@ -83,7 +83,10 @@
 //! Per ring: in-flight requests up to the ring size (32 per ring page) and
 //! the device's queue depth; data grants mapped for requests in flight up to
 //! [`ring_io::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
-//! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring pages (up
+//! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`] (a new grant then evicts
+//! the least recently used unused ones, so a frontend that grants a new
+//! page for every request neither fills the window nor starves itself);
+//! plus the ring pages (up
 //! to 16) and, briefly, one indirect page per request being taken (up to
 //! the in-flight bound). Size the GFN window for about 2100 frames per ring
 //! you mean to serve at full depth (2600 with 16-page rings of indirect

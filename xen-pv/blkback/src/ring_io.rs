@@ -224,13 +224,15 @@ impl BlkifRing {
             .max(1);
         let state = (|| {
             let slots = allocate_slots(count, disk.max_request_segments())?;
+            let kept = persistent.then(PersistentGrants::new).transpose()?;
             Ok::<_, TryReserveError>((
                 slots,
                 reserved(count)?,
                 reserved(MAX_MAPPED_GRANTS_PER_RING + MAX_BATCH)?,
+                kept,
             ))
         })();
-        let Ok((slots, taken, to_unmap)) = state else {
+        let Ok((slots, taken, to_unmap, kept)) = state else {
             drop(ring);
             unmap_logged(svc, &mut mappings);
             svc.close_port(port);
@@ -259,7 +261,7 @@ impl BlkifRing {
             responses_queued: false,
             max_indirect: disk.max_indirect_segments(),
             mapped_grants: 0,
-            persistent: persistent.then(PersistentGrants::default),
+            persistent: kept,
             counters: RequestCounters::default(),
             last_completion_ns: 0,
             now_ns: svc.now_ns(),
@@ -742,6 +744,13 @@ impl BlkifRing {
             }
         }
         self.batch.clear();
+        // Kept grants evicted to make room for this batch's, in one batch.
+        if let Some(kept) = &mut self.persistent
+            && !kept.evicted_mut().is_empty()
+        {
+            svc.unmap_grants(kept.evicted_mut(), &mut self.unmap_failures);
+            log_unmap_failures(svc, &mut self.unmap_failures);
+        }
     }
 
     /// Keeps a fresh mapping as a persistent grant if the frontend asked

@@ -1522,6 +1522,48 @@ fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
 }
 
 #[test]
+fn a_fresh_grant_per_request_keeps_the_latest_grants_and_the_mapped_count_bounded() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+        h.pump();
+        h.frontend_write(id, "feature-persistent", "1");
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let mut most_mapped = 0;
+        let mut last_page = 0;
+        for round in 0..200u64 {
+            let requests: Vec<Vec<u8>> = (0..32u64)
+                .map(|i| {
+                    last_page = front.grant(false, &[]);
+                    let operation = [blkif::OP_WRITE, blkif::OP_READ][i as usize % 2];
+                    let sector = (round * 32 + i) % 256 * 8;
+                    front.data_request(
+                        operation,
+                        round * 32 + i,
+                        sector,
+                        1,
+                        &[seg(last_page, 0, 7)],
+                    )
+                })
+                .collect();
+            let responses = h.io(&mut front, &requests);
+            assert_eq!(responses.len(), requests.len());
+            assert!(responses.iter().all(|r| r.status == RSP_OKAY));
+            most_mapped = most_mapped.max(h.grants.stats().mapped);
+        }
+        assert!(most_mapped <= 1 + persistent::MAX_PERSISTENT_GRANTS_PER_RING);
+        assert!(most_mapped > persistent::MAX_PERSISTENT_GRANTS_PER_RING / 2);
+        // The latest grant is kept (the oldest ones made room for it).
+        let maps_before = h.grants.stats().maps;
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(last_page, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+        assert_eq!(h.grants.stats().maps, maps_before, "no new mapping");
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.sim.mapped_grants(), 0);
+    });
+}
+
+#[test]
 fn a_frontend_that_returns_while_requests_drain_is_served_again() {
     for (returning_state, backend_after) in [("1", "2"), ("3", "4")] {
         run(|h| {
