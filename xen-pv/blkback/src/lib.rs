@@ -44,7 +44,10 @@
 //!    which polls every ring.
 //! 4. Each poll-loop iteration: [`VbdBackends::poll_rings`]`(&mut svc)`
 //!    reaps device completions, takes new requests (up to the in-flight
-//!    bound), maps their grants in batches, submits, unmaps finished ones,
+//!    bound, and at most [`ring_io::REQUESTS_TAKEN_PER_RING_PER_PASS`] per
+//!    ring, starting one vbd further each call: no frontend can keep the
+//!    loop from the others or the toolstack), maps their grants in
+//!    batches, submits (discards in pieces of at most 4 MiB), unmaps finished ones,
 //!    pushes responses and notifies when the ring's rule says so. It
 //!    touches no xenstore node: what needs the toolstack (a broken ring, a
 //!    drained disconnect, a timed step) comes back in its

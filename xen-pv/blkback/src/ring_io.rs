@@ -35,6 +35,17 @@ use crate::statistics::{RequestCounters, RingReport, WATCHDOG_NS};
 /// being able to keep the loop busy forever.
 const ROUNDS_PER_POLL: usize = 4;
 
+/// Requests one ring may take in one [`BlkifRing::serve`] (a pass of the
+/// loop): a frontend that publishes as fast as it is answered (or fills
+/// its ring with requests refused at once) waits for the next pass, so the
+/// other rings and the toolstack are served in between.
+pub const REQUESTS_TAKEN_PER_RING_PER_PASS: usize = 32;
+
+/// Largest piece of a discard sent to the device at once (4 MiB): a RAM
+/// disk zeroes a whole discard in its submit, so one guest's huge discard
+/// goes in pieces, a few per pass, between the other rings' work.
+const DISCARD_PIECE_BYTES: u64 = 4 << 20;
+
 /// Device completions fetched per call.
 const COMPLETION_BATCH: usize = 32;
 
@@ -373,11 +384,12 @@ impl BlkifRing {
         let mut worked = false;
         let mut broken = Ok(());
         self.now_ns = svc.now_ns();
+        let mut budget = REQUESTS_TAKEN_PER_RING_PER_PASS;
         for _ in 0..ROUNDS_PER_POLL {
             let mut round = self.reap(svc, log);
             round |= self.start_ready(svc, log);
-            if !self.stopped && broken.is_ok() {
-                match self.take_requests(disk, svc, log) {
+            if !self.stopped && broken.is_ok() && budget > 0 {
+                match self.take_requests(disk, svc, log, &mut budget) {
                     Ok(took) => round |= took,
                     Err(e) => broken = Err(e),
                 }
@@ -416,14 +428,16 @@ impl BlkifRing {
         self.responses_queued = true;
     }
 
-    /// Copies requests out while there is a free slot and grant room;
-    /// refuses the invalid ones at once, fetches the segments of indirect
-    /// ones, and maps the grants of the valid ones in batches.
+    /// Copies requests out while there is a free slot, grant room and
+    /// `budget` left (each request taken spends one); refuses the invalid
+    /// ones at once, fetches the segments of indirect ones, and maps the
+    /// grants of the valid ones in batches.
     fn take_requests<S: BackendServices>(
         &mut self,
         disk: &ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
+        budget: &mut usize,
     ) -> Result<bool, RingError> {
         let mut took = false;
         let mut reserved_grants = 0;
@@ -431,7 +445,7 @@ impl BlkifRing {
         let mut broken = Ok(());
         self.taken.clear();
         let mut starved = false;
-        while self.barrier.is_none() {
+        while self.barrier.is_none() && *budget > 0 {
             let Some(index) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
                 starved = true;
                 break;
@@ -451,6 +465,7 @@ impl BlkifRing {
                 }
             }
             took = true;
+            *budget -= 1;
             let request = match blkif::parse_request(self.protocol, &entry, self.max_indirect) {
                 Ok(request) => request,
                 Err(r) => {
@@ -843,7 +858,9 @@ impl BlkifRing {
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) -> bool {
-        let max_discard = self.queue.geometry().max_discard_blocks.max(1);
+        let geometry = self.queue.geometry();
+        let piece = DISCARD_PIECE_BYTES / u64::from(geometry.logical_block_size.max(1));
+        let max_discard = geometry.max_discard_blocks.min(piece).max(1);
         let Some(slot) = self.slots.get_mut(index) else {
             return false;
         };

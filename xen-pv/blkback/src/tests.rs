@@ -231,6 +231,7 @@ impl TargetOpener for TestOpener {
             Target::Ram { .. } => return Err(OpenError::OutOfMemory),
             Target::Disk { name: "cached" } => self.spy(512, 2048, true),
             Target::Disk { name: "disk4k" } => self.spy(4096, 256, false),
+            Target::Disk { name: "large" } => self.spy(512, 32768, false),
             Target::Disk { name: "multiqueue" } => self.spy_with(512, 2048, 8, false),
             Target::Disk { name: "plain" } => {
                 let disk = RamDisk::allocate(self.hal.clone(), 16384, 1);
@@ -329,26 +330,34 @@ fn frontend_path(id: VbdId) -> String {
 }
 
 impl<'a> Harness<'a> {
+    /// One pass of the kernel's loop: xenstore traffic, watch events, one
+    /// poll of the rings. Returns whether xenstore moved or an event was
+    /// handled, and the rings' progress.
+    fn pass(&mut self) -> (bool, Progress) {
+        let moved = uncounted(|| self.xs.channel_mut().step());
+        let mut svc = XenBackendServices {
+            events: &mut self.events,
+            grants: &mut self.grants,
+            platform: &mut self.platform,
+        };
+        let mut handled = false;
+        while let Ok(Some(event)) = self.xs.poll_watch_event() {
+            handled = true;
+            assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
+        }
+        let polled = self.vbds.poll_rings(&mut svc);
+        self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
+        (moved || handled, polled.progress)
+    }
+
     /// Runs the kernel's loop until nothing moves: xenstore traffic, watch
     /// events, ring polls.
     fn pump(&mut self) -> Progress {
         let mut progress = Progress::Busy;
         for _ in 0..100 {
-            let moved = uncounted(|| self.xs.channel_mut().step());
-            let mut svc = XenBackendServices {
-                events: &mut self.events,
-                grants: &mut self.grants,
-                platform: &mut self.platform,
-            };
-            let mut handled = false;
-            while let Ok(Some(event)) = self.xs.poll_watch_event() {
-                handled = true;
-                assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
-            }
-            let polled = self.vbds.poll_rings(&mut svc);
-            self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
-            progress = polled.progress;
-            if !moved && !handled && progress == Progress::Idle {
+            let moved;
+            (moved, progress) = self.pass();
+            if !moved && progress == Progress::Idle {
                 break;
             }
         }
@@ -778,6 +787,21 @@ fn discard_zeroes_the_range() {
         assert!(disk.bytes(18 * 512, 2048).iter().all(|&b| b == 0));
         assert_eq!(disk.bytes(22 * 512, 1024), pattern(9)[3072..]);
         assert_eq!(disk.ops, [Op::Write(16), Op::Discard(18, 4)]);
+    });
+}
+
+#[test]
+fn a_huge_discard_goes_to_the_device_in_bounded_pieces() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "large", "w");
+        h.pump();
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let discard = front.discard_request(1, 0, 32768, false);
+        assert_eq!(h.io(&mut front, &[discard]), [ok(1, blkif::OP_DISCARD)]);
+        let pieces = (0..4)
+            .map(|i| Op::Discard(i * 8192, 8192))
+            .collect::<Vec<_>>();
+        assert_eq!(h.disk(0).borrow().ops, pieces, "4 MiB at a time");
     });
 }
 
@@ -1560,6 +1584,81 @@ fn a_fresh_grant_per_request_keeps_the_latest_grants_and_the_mapped_count_bounde
         h.frontend_write(id, "state", "6");
         h.pump();
         assert_eq!(h.sim.mapped_grants(), 0);
+    });
+}
+
+#[test]
+fn a_flooding_frontend_takes_a_bounded_share_of_each_pass() {
+    run(|h| {
+        let flood_id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        let calm_id = h.add_vbd(FRONTEND + 1, DEVID, "ram:64K", "w");
+        h.pump();
+        // 512 entries, refilled after every pass with requests refused at
+        // once (which need no slot: only the budget bounds them).
+        let mut flood = SimBlkfront::with_pages(h.sim, FRONTEND, Protocol::X86_64, 0, Some(4));
+        h.publish_ring(flood_id, &flood, "3");
+        let mut calm = h.connect(calm_id, Protocol::X86_64, 0, "3");
+        let page = calm.grant(false, &[]);
+        let mut next_id = 0u64;
+        let late_id = h.add_vbd(FRONTEND + 2, DEVID, "ram:64K", "w");
+        for pass in 0..64u64 {
+            let refill: Vec<Vec<u8>> = (0..flood.ring_size())
+                .map(|_| {
+                    next_id += 1;
+                    flood.data_request(0xff, next_id, 0, 1, &[])
+                })
+                .collect();
+            flood.submit(&refill);
+            let read = calm.data_request(blkif::OP_READ, pass, 0, 1, &[seg(page, 0, 7)]);
+            assert_eq!(calm.submit(&[read]), 1);
+            h.pass();
+            assert_eq!(
+                calm.responses(),
+                [ok(pass, blkif::OP_READ)],
+                "answered in its pass"
+            );
+            let answered = flood.responses();
+            assert_eq!(answered.len(), ring_io::REQUESTS_TAKEN_PER_RING_PER_PASS);
+            assert!(answered.iter().all(|r| r.status != RSP_OKAY));
+        }
+        // The toolstack was heard meanwhile.
+        assert_eq!(h.backend_state(late_id).as_deref(), Some("2"));
+        assert_eq!(
+            h.vbds.status(flood_id).unwrap().state,
+            XenbusState::Connected
+        );
+    });
+}
+
+#[test]
+fn each_pass_starts_serving_one_vbd_further() {
+    run(|h| {
+        let ids =
+            [FRONTEND, FRONTEND + 1, FRONTEND + 2].map(|f| h.add_vbd(f, DEVID, "ram:64K", "w"));
+        h.pump();
+        let mut fronts = ids.map(|id| h.connect(id, Protocol::X86_64, 0, "3"));
+        let mut first_served = Vec::new();
+        for pass in 0..6u64 {
+            let now = h.platform.now_ns.get();
+            h.platform.now_ns.set(now + 1_000_000_000);
+            for front in &mut fronts {
+                let refused = front.data_request(0xff, pass, 0, 1, &[]);
+                assert_eq!(front.submit(&[refused]), 1);
+            }
+            let logged = h.platform.lines.len();
+            h.pass();
+            let first = h.platform.lines[logged..]
+                .iter()
+                .find(|l| l.contains("refused"));
+            first_served.push(String::from(&first.unwrap()[..14]));
+            fronts
+                .iter_mut()
+                .for_each(|f| assert_eq!(f.responses().len(), 1));
+        }
+        let order = ["vbd 7/51712: r", "vbd 8/51712: r", "vbd 9/51712: r"];
+        let start = order.iter().position(|o| *o == first_served[0]).unwrap();
+        let expected: Vec<&str> = (start..start + 6).map(|i| order[i % 3]).collect();
+        assert_eq!(first_served, expected);
     });
 }
 
