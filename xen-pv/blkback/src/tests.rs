@@ -514,6 +514,22 @@ impl<'a> Harness<'a> {
         (id, self.connect(id, protocol, start, "3"))
     }
 
+    /// A vbd of a 1 MiB RAM disk whose frontend asked for persistent
+    /// grants, connected.
+    fn persistent_frontend(&mut self, protocol: Protocol) -> (VbdId, SimBlkfront<'a>) {
+        let id = self.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+        self.pump();
+        self.frontend_write(id, "feature-persistent", "1");
+        (id, self.connect(id, protocol, 0, "3"))
+    }
+
+    /// The frontend of `id` closes: every grant is unmapped.
+    fn close_leaving_nothing_mapped(&mut self, id: VbdId) {
+        self.frontend_write(id, "state", "6");
+        self.pump();
+        assert_eq!(self.sim.mapped_grants(), 0);
+    }
+
     fn io(&mut self, front: &mut SimBlkfront<'_>, requests: &[Vec<u8>]) -> Vec<Response> {
         assert_eq!(front.submit(requests), requests.len());
         self.pump();
@@ -793,9 +809,7 @@ fn discard_zeroes_the_range() {
 #[test]
 fn a_huge_discard_goes_to_the_device_in_bounded_pieces() {
     run(|h| {
-        let id = h.add_vbd(FRONTEND, DEVID, "large", "w");
-        h.pump();
-        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let (_, mut front) = h.serve(FRONTEND, "large", "w", Protocol::X86_64);
         let discard = front.discard_request(1, 0, 32768, false);
         assert_eq!(h.io(&mut front, &[discard]), [ok(1, blkif::OP_DISCARD)]);
         let pieces = (0..4)
@@ -1507,10 +1521,7 @@ fn mapped_grants_per_ring_are_bounded() {
 #[test]
 fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
     run(|h| {
-        let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
-        h.pump();
-        h.frontend_write(id, "feature-persistent", "1");
-        let mut front = h.connect(id, Protocol::X86_32, 0, "3");
+        let (id, mut front) = h.persistent_frontend(Protocol::X86_32);
         let pool: Vec<u32> = (0..3).map(|_| front.grant(false, &[])).collect();
         let maps_before = h.grants.stats().maps;
         for round in 0..5u8 {
@@ -1539,19 +1550,14 @@ fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
             "three kept grants, one extra mapping per round"
         );
         assert_eq!(h.grants.stats().mapped, 1 + 3);
-        h.frontend_write(id, "state", "6");
-        h.pump();
-        assert_eq!(h.sim.mapped_grants(), 0);
+        h.close_leaving_nothing_mapped(id);
     });
 }
 
 #[test]
 fn a_fresh_grant_per_request_keeps_the_latest_grants_and_the_mapped_count_bounded() {
     run(|h| {
-        let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
-        h.pump();
-        h.frontend_write(id, "feature-persistent", "1");
-        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let (id, mut front) = h.persistent_frontend(Protocol::X86_64);
         let mut most_mapped = 0;
         let mut last_page = 0;
         for round in 0..200u64 {
@@ -1581,9 +1587,7 @@ fn a_fresh_grant_per_request_keeps_the_latest_grants_and_the_mapped_count_bounde
         let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(last_page, 0, 7)]);
         assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
         assert_eq!(h.grants.stats().maps, maps_before, "no new mapping");
-        h.frontend_write(id, "state", "6");
-        h.pump();
-        assert_eq!(h.sim.mapped_grants(), 0);
+        h.close_leaving_nothing_mapped(id);
     });
 }
 

@@ -104,6 +104,25 @@ fn hostile_segment(
     (seg(gref, first_sect, last_sect), valid)
 }
 
+/// `listed` segments and a start sector: the segments, whether each is
+/// valid, the sector, and whether the sectors they cover fit the disk.
+fn hostile_transfer(
+    rng: &mut FuzzRng,
+    pool: &GrantPool,
+    listed: usize,
+    usable: impl Fn(GrantKind) -> bool + Copy,
+) -> (Vec<Seg>, Vec<bool>, u64, bool) {
+    let (segs, valid_segs): (Vec<Seg>, Vec<bool>) = (0..listed)
+        .map(|_| hostile_segment(rng, pool, usable))
+        .unzip();
+    let sectors = segs
+        .iter()
+        .map(|s| u64::from(s.last_sect.wrapping_sub(s.first_sect)) + 1)
+        .sum();
+    let (sector, fits) = hostile_sector(rng, sectors);
+    (segs, valid_segs, sector, fits)
+}
+
 /// A start sector for `sectors` sectors: inside, at the end, past it, or
 /// overflowing 64 bits; and whether the range fits the disk.
 fn hostile_sector(rng: &mut FuzzRng, sectors: u64) -> (u64, bool) {
@@ -159,14 +178,8 @@ fn hostile_request(
             let write = operation != blkif::OP_READ;
             let count = hostile_count(rng, blkif::MAX_SEGMENTS_PER_REQUEST as u64).min(255);
             let listed = (count as usize).min(blkif::MAX_SEGMENTS_PER_REQUEST);
-            let (segs, valid_segs): (Vec<Seg>, Vec<bool>) = (0..listed)
-                .map(|_| hostile_segment(rng, pool, writable_for(write)))
-                .unzip();
-            let sectors = segs
-                .iter()
-                .map(|s| u64::from(s.last_sect.wrapping_sub(s.first_sect)) + 1)
-                .sum();
-            let (sector, fits) = hostile_sector(rng, sectors);
+            let (segs, valid_segs, sector, fits) =
+                hostile_transfer(rng, pool, listed, writable_for(write));
             let valid_data = valid_segs.iter().all(|v| *v) && fits;
             let valid = match operation {
                 blkif::OP_READ | blkif::OP_WRITE => {
@@ -196,14 +209,8 @@ fn hostile_request(
             let write = inner == blkif::OP_WRITE;
             let count = hostile_count(rng, 256);
             let listed = (count as usize).min(256);
-            let (segs, valid_segs): (Vec<Seg>, Vec<bool>) = (0..listed)
-                .map(|_| hostile_segment(rng, pool, writable_for(write)))
-                .unzip();
-            let sectors = segs
-                .iter()
-                .map(|s| u64::from(s.last_sect.wrapping_sub(s.first_sect)) + 1)
-                .sum();
-            let (sector, fits) = hostile_sector(rng, sectors);
+            let (segs, valid_segs, sector, fits) =
+                hostile_transfer(rng, pool, listed, writable_for(write));
             let (list, list_usable, garbage) = match rng.below(12) {
                 0 => (pool.pick(rng).0, false, false),
                 1 => {
@@ -446,9 +453,7 @@ fn hostile_close(
 
 /// One hostile session of `steps` steps; returns the requests sent.
 fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64) -> u64 {
-    let bystander = h.add_vbd(BYSTANDER, DEVID, "ram:64K", "w");
-    h.pump();
-    let mut calm = h.connect(bystander, Protocol::X86_64, 0, "3");
+    let (_, mut calm) = h.serve(BYSTANDER, "ram:64K", "w", Protocol::X86_64);
     let calm_page = calm.grant(false, &[]);
     bystander_is_served(h, &mut calm, calm_page, 0);
     let bystander_grants = h.sim.mapped_grants();
