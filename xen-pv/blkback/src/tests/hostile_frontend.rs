@@ -45,6 +45,15 @@ struct Sent {
     what: String,
 }
 
+/// The hostile frontend's requests: those not yet answered, and what was.
+#[derive(Default)]
+struct Ledger {
+    outstanding: BTreeMap<u64, Sent>,
+    sent: u64,
+    okay: u64,
+    refused: u64,
+}
+
 /// The hostile frontend's grants.
 struct GrantPool {
     refs: Vec<(u32, GrantKind)>,
@@ -351,11 +360,7 @@ fn flip_bytes_outside_the_id(
 /// Checks the responses the frontend finds: each answers a request sent
 /// and not yet answered, with a valid status that agrees with what the
 /// request deserved, and carries no byte but its own fields.
-fn check_responses(
-    front: &mut SimBlkfront<'_>,
-    outstanding: &mut BTreeMap<u64, Sent>,
-    closing: bool,
-) {
+fn check_responses(front: &mut SimBlkfront<'_>, ledger: &mut Ledger, closing: bool) {
     let protocol = front.protocol();
     for entry in front.raw_responses() {
         let id = u64::from_le_bytes(entry[..8].try_into().unwrap());
@@ -364,7 +369,7 @@ fn check_responses(
             entry[9],
             i16::from_le_bytes([entry[10], entry[11]]),
         );
-        let Some(sent) = outstanding.remove(&id) else {
+        let Some(sent) = ledger.outstanding.remove(&id) else {
             panic!("response to request {id:#x}, never sent or answered twice");
         };
         assert_eq!(padding, 0, "response padding of {id:#x}");
@@ -372,6 +377,10 @@ fn check_responses(
             assert_eq!(entry[12..16], [0; 4], "response padding of {id:#x}");
         }
         assert!([RSP_OKAY, RSP_ERROR, RSP_EOPNOTSUPP].contains(&status));
+        match status {
+            RSP_OKAY => ledger.okay += 1,
+            _ => ledger.refused += 1,
+        }
         if let Some(expected) = sent.operation {
             assert_eq!(operation, expected, "operation answered for {id:#x}");
         }
@@ -434,13 +443,13 @@ fn hostile_close(
     h: &mut Harness<'_>,
     id: VbdId,
     front: &mut SimBlkfront<'_>,
-    outstanding: &mut BTreeMap<u64, Sent>,
+    ledger: &mut Ledger,
     bystander_grants: usize,
 ) {
     h.frontend_write(id, "state", "6");
     h.pump();
-    check_responses(front, outstanding, true);
-    outstanding.clear();
+    check_responses(front, ledger, true);
+    ledger.outstanding.clear();
     assert_eq!(h.backend_state(id).as_deref(), Some("6"));
     assert_eq!(
         h.sim.mapped_grants(),
@@ -451,8 +460,8 @@ fn hostile_close(
     h.pump();
 }
 
-/// One hostile session of `steps` steps; returns the requests sent.
-fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64) -> u64 {
+/// One hostile session of `steps` steps.
+fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64, ledger: &mut Ledger) {
     let (_, mut calm) = h.serve(BYSTANDER, "ram:64K", "w", Protocol::X86_64);
     let calm_page = calm.grant(false, &[]);
     bystander_is_served(h, &mut calm, calm_page, 0);
@@ -462,7 +471,6 @@ fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64) -> u64 {
     h.pump();
     let (mut front, mut persistent) = hostile_connect(h, rng, id);
     let mut pool = GrantPool::new(&front, h.sim, calm_page);
-    let mut outstanding = BTreeMap::new();
     let mut next_id = 0u64;
     for step in 0..steps {
         // A second a step: the log's rate limit lets each step speak.
@@ -477,7 +485,7 @@ fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64) -> u64 {
                 _ => rng.next_u64() as u32 | 0x8000_0000,
             };
             h.pump();
-            check_responses(&mut front, &mut outstanding, false);
+            check_responses(&mut front, ledger, false);
             front.shift_req_prod(delta);
             h.pump();
             assert_eq!(
@@ -487,7 +495,7 @@ fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64) -> u64 {
             );
             assert!(h.backend_node(id, "error").is_some(), "with a reason");
             bystander_is_served(h, &mut calm, calm_page, step);
-            hostile_close(h, id, &mut front, &mut outstanding, bystander_grants);
+            hostile_close(h, id, &mut front, ledger, bystander_grants);
             (front, persistent) = hostile_connect(h, rng, id);
             pool = GrantPool::new(&front, h.sim, calm_page);
             continue;
@@ -497,20 +505,23 @@ fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64) -> u64 {
                 next_id += 1;
                 let id = next_id | rng.next_u64() << 32;
                 let (bytes, sent) = hostile_request(rng, &front, &pool, persistent, id);
-                outstanding.insert(id, sent);
+                ledger.sent += 1;
+                ledger.outstanding.insert(id, sent);
                 bytes
             })
             .collect();
         let queued = front.submit(&batch);
         for unsent in &batch[queued..] {
             let at = id_offset(front.protocol());
-            outstanding.remove(&u64::from_le_bytes(unsent[at..at + 8].try_into().unwrap()));
+            let unsent_id = u64::from_le_bytes(unsent[at..at + 8].try_into().unwrap());
+            ledger.outstanding.remove(&unsent_id);
+            ledger.sent -= 1;
         }
         h.pump();
         // Now and then the frontend leaves its responses unread.
         if !rng.one_in(8) {
-            check_responses(&mut front, &mut outstanding, false);
-            assert!(outstanding.is_empty(), "requests left unanswered");
+            check_responses(&mut front, ledger, false);
+            assert!(ledger.outstanding.is_empty(), "requests left unanswered");
         }
         if rng.one_in(6) {
             pool.revoke_one(h.sim, rng);
@@ -519,18 +530,79 @@ fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64) -> u64 {
             bystander_is_served(h, &mut calm, calm_page, step);
         }
     }
-    hostile_close(h, id, &mut front, &mut outstanding, bystander_grants);
+    hostile_close(h, id, &mut front, ledger, bystander_grants);
     bystander_is_served(h, &mut calm, calm_page, steps);
-    next_id
 }
 
 #[test]
 fn fuzz_ring_engine_against_a_hostile_frontend() {
     let mut run = FuzzRun::new("ring engine", 0x0405_711e, 40);
     let mut rng = run.rng();
-    let mut requests = 0;
+    let mut ledger = Ledger::default();
     while run.another() {
-        run_with_window(4096, |h| requests += hostile_session(h, &mut rng, 60));
+        run_with_window(4096, |h| hostile_session(h, &mut rng, 60, &mut ledger));
     }
-    std::println!("fuzz ring engine: {requests} hostile requests");
+    let Ledger {
+        sent,
+        okay,
+        refused,
+        ..
+    } = ledger;
+    std::println!(
+        "fuzz ring engine: {sent} hostile requests, {okay} answered OKAY, {refused} refused"
+    );
+}
+
+/// XSA-155: a frontend thread rewrites its ring's request slots while the
+/// backend reads them. Each request is copied out once and judged on that
+/// copy, so whatever the bytes were, nothing panics, the bystander is
+/// served, and closing leaves nothing of the frontend's mapped.
+#[test]
+fn requests_rewritten_while_the_backend_reads_them_harm_nobody() {
+    run(|h| {
+        let (_, mut calm) = h.serve(BYSTANDER, "ram:64K", "w", Protocol::X86_64);
+        let calm_page = calm.grant(false, &[]);
+        bystander_is_served(h, &mut calm, calm_page, 0);
+        let bystander_grants = h.sim.mapped_grants();
+        let (id, mut front) = h.serve(HOSTILE, "cached", "w", Protocol::X86_64);
+        let pool = GrantPool::new(&front, h.sim, calm_page);
+        let ring_page = h.sim.grant_page_ptr(HOSTILE, front.ring_refs()[0]).unwrap();
+        let ring_address = ring_page.as_ptr() as usize;
+        let stop = core::sync::atomic::AtomicBool::new(false);
+        let mut rng = FuzzRng::new(0x155);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut scribbles = FuzzRng::new(0x155_0001);
+                while !stop.load(core::sync::atomic::Ordering::Relaxed) {
+                    // Past the 64-byte header: the slots, not the indices.
+                    let offset = 64 + scribbles.below(PAGE_SIZE as u64 - 64) as usize;
+                    let byte = scribbles.next_u64() as u8;
+                    // SAFETY: the ring page stays granted (never revoked)
+                    // until the scope ends; the backend reads shared ring
+                    // memory with volatile byte copies, as it must for a
+                    // guest writing concurrently, which this thread plays.
+                    unsafe { (ring_address as *mut u8).add(offset).write_volatile(byte) };
+                }
+            });
+            for round in 0..300u64 {
+                let batch: Vec<Vec<u8>> = (0..16)
+                    .map(|i| hostile_request(&mut rng, &front, &pool, false, round * 16 + i).0)
+                    .collect();
+                front.submit(&batch);
+                h.pump();
+                front.raw_responses();
+                if round % 30 == 0 {
+                    bystander_is_served(h, &mut calm, calm_page, round);
+                }
+            }
+            stop.store(true, core::sync::atomic::Ordering::Relaxed);
+        });
+        let state = h.backend_state(id);
+        let broken_with_reason = h.backend_node(id, "error").is_some();
+        assert!(state.as_deref() == Some("4") || broken_with_reason);
+        h.frontend_write(id, "state", "6");
+        h.pump();
+        assert_eq!(h.sim.mapped_grants(), bystander_grants);
+        bystander_is_served(h, &mut calm, calm_page, 1);
+    });
 }
