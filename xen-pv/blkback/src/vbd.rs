@@ -216,11 +216,11 @@ impl<O: TargetOpener> VbdBackends<O> {
         };
         let now = svc.now_ns();
         let start = self.poll_start;
-        for vbd in self.devices.range_mut(start..) {
-            poll_vbd(vbd.1, svc, now, &mut polled);
+        for (_, vbd) in self.devices.range_mut(start..) {
+            poll_vbd(vbd, svc, now, &mut polled);
         }
-        for vbd in self.devices.range_mut(..start) {
-            poll_vbd(vbd.1, svc, now, &mut polled);
+        for (_, vbd) in self.devices.range_mut(..start) {
+            poll_vbd(vbd, svc, now, &mut polled);
         }
         let after = self.devices.range((Excluded(start), Unbounded)).next();
         let next = after.or_else(|| self.devices.iter().next());
