@@ -4,16 +4,18 @@
 #   make run-bare   boot stordom alone under bare QEMU and exit
 #   make bench      disk benchmarks: bare-QEMU drivers; stordom vs dom0 blkback
 #   make soak       3 guests + attach/detach churn on stordom for SOAK_SECS (1800)
+#   make fuzz       the host fuzz tests, each for FUZZ_SECS (200; ~10 min in all)
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
 SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests soak compare
 SOAK_SECS ?= 1800
+FUZZ_SECS ?= 200
 XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE))
 CMDLINE ?= loglevel=info
 MODULE ?= target/demo-module.img
 
-.PHONY: all build run run-bare test test-host test-boot test-xen images lint bench soak clean
+.PHONY: all build run run-bare test test-host test-boot test-xen images lint bench soak fuzz clean
 
 all: build
 
@@ -71,6 +73,13 @@ bench: build images
 soak: build images
 	$(XEN_ENV) python3 images/run.py soak --no-build --retries 2 \
 		--env SOAK_SECS=$(SOAK_SECS) --timeout $$(( $(SOAK_SECS) + 600 ))
+
+# The host fuzz tests (`cargo test` runs each briefly) for FUZZ_SECS each,
+# two at a time: ring engine, blkif parsing, xenstore wire and client,
+# hvm_start_info. Each prints its seed; FUZZ_SEED=<seed> replays one.
+fuzz:
+	STORDOM_FUZZ_SECS=$(FUZZ_SECS) $(if $(FUZZ_SEED),STORDOM_FUZZ_SEED=$(FUZZ_SEED)) \
+		cargo test --workspace fuzz_ -- --nocapture --test-threads 2
 
 clean:
 	cargo clean

@@ -506,6 +506,55 @@ mod tests {
         );
     }
 
+    /// Interesting values for a start_info field a loader writes.
+    fn hostile_word(rng: &mut host_fuzz::FuzzRng) -> u64 {
+        let boundary = [0, 1, 2, 16, 17, 128, 129, 0x1000, 0x1ff8, 0x3ffc, 0x4000];
+        let wide = [u64::MAX, u64::MAX - 8, u64::from(u32::MAX), 1 << 63];
+        match rng.below(4) {
+            0 => rng.pick(&boundary),
+            1 => rng.pick(&wide),
+            2 => rng.below(0x4000),
+            _ => rng.next_u64(),
+        }
+    }
+
+    #[test]
+    fn fuzz_start_info_parsing() {
+        let mut run = host_fuzz::FuzzRun::new("start_info", 0x57a7, 5_000);
+        let mut rng = run.rng();
+        while run.another() {
+            let mut mem = sample();
+            for _ in 0..1 + rng.below(6) {
+                match rng.below(3) {
+                    0 => {
+                        let field = rng.pick(&[0x1004, 0x100c, 0x1030, 0x1210]);
+                        mem.put_u32(field, hostile_word(&mut rng) as u32);
+                    }
+                    1 => {
+                        let field = rng.pick(&[0x1010, 0x1018, 0x1028, 0x1200, 0x1208, 0x1210]);
+                        mem.put_u64(field, hostile_word(&mut rng));
+                    }
+                    _ => {
+                        let at = 0x1000 + rng.below(0x400) as usize;
+                        mem.0[at] = rng.next_u64() as u8;
+                    }
+                }
+            }
+            let paddr = if rng.one_in(20) {
+                hostile_word(&mut rng)
+            } else {
+                0x1000
+            };
+            let mut arena = StringArena::new();
+            if let Ok(si) = StartInfo::parse(&mem, paddr, &mut arena) {
+                assert!(si.memory_map().len() <= MAX_MEMMAP_ENTRIES);
+                assert!(si.modules().len() <= MAX_MODULES);
+                assert!(si.cmdline.len() < MAX_CMDLINE);
+                assert!(si.occupied().all(|(_, len)| len > 0));
+            }
+        }
+    }
+
     #[test]
     fn missing_cmdline_is_empty() {
         let mut mem = sample();

@@ -396,6 +396,11 @@ impl<'a> FrontRing<'a> {
         }
     }
 
+    /// Number of entries.
+    pub fn size(&self) -> u32 {
+        self.ring.entries
+    }
+
     /// Free request slots.
     pub fn free_requests(&self) -> u32 {
         self.ring.entries - self.req_prod_pvt.wrapping_sub(self.rsp_cons)

@@ -16,6 +16,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAX_SEGMENTS_PER_REQUEST: usize = 11;
 /// Grant references of indirect segment pages in an indirect request.
 pub const MAX_INDIRECT_PAGES_PER_REQUEST: usize = 8;
+/// Segment entries in one indirect page.
+pub const SEGMENTS_PER_INDIRECT_PAGE: usize = xen_pv::PAGE_SIZE / size_of::<WireSegment>();
+/// Segments the indirect pages of one request can list, whatever the
+/// backend advertised.
+pub const MAX_INDIRECT_SEGMENTS: usize =
+    MAX_INDIRECT_PAGES_PER_REQUEST * SEGMENTS_PER_INDIRECT_PAGE;
 /// Last 512-byte sector of a 4 KiB page.
 pub const LAST_SECTOR_IN_PAGE: u8 = 7;
 /// Ring entry size of the x86-64 ABI (the request; responses are smaller).
@@ -415,7 +421,9 @@ pub fn parse_request(
             if nr_segments == 0 {
                 return Err(refuse(RequestError::NoSegments));
             }
-            if nr_segments > max_indirect_segments {
+            if nr_segments > max_indirect_segments
+                || usize::from(nr_segments) > MAX_INDIRECT_SEGMENTS
+            {
                 return Err(refuse(RequestError::TooManySegments));
             }
             Ok(BlkifRequest::Indirect {
@@ -769,6 +777,7 @@ mod tests {
             RequestError::TooManySegments
         );
         let off = parse_request(Protocol::X86_32, &e, 0).unwrap_err();
+
         assert_eq!(
             (off.error, off.status),
             (RequestError::UnsupportedOperation, RSP_EOPNOTSUPP)
@@ -792,6 +801,20 @@ mod tests {
                 .error,
             RequestError::NoSegments
         );
+    }
+
+    /// Found by `fuzz_blkif_parsing_for_every_abi`: a limit above what
+    /// eight indirect pages can list let more segments through.
+    #[test]
+    fn indirect_segments_beyond_eight_pages_are_refused_whatever_the_limit() {
+        let mut request = IndirectX86_64::new_zeroed();
+        request.operation = OP_INDIRECT;
+        request.indirect_op = OP_READ;
+        request.nr_segments = U16::new(MAX_INDIRECT_SEGMENTS as u16 + 1);
+        let refused = parse_request(Protocol::X86_64, &entry_of(&request), u16::MAX).unwrap_err();
+        assert_eq!(refused.error, RequestError::TooManySegments);
+        request.nr_segments = U16::new(MAX_INDIRECT_SEGMENTS as u16);
+        assert!(parse_request(Protocol::X86_64, &entry_of(&request), u16::MAX).is_ok());
     }
 
     #[test]

@@ -44,7 +44,10 @@
 //!    which polls every ring.
 //! 4. Each poll-loop iteration: [`VbdBackends::poll_rings`]`(&mut svc)`
 //!    reaps device completions, takes new requests (up to the in-flight
-//!    bound), maps their grants in batches, submits, unmaps finished ones,
+//!    bound, and at most [`ring_io::REQUESTS_TAKEN_PER_RING_PER_PASS`] per
+//!    ring, starting one vbd further each call: no frontend can keep the
+//!    loop from the others or the toolstack), maps their grants in
+//!    batches, submits (discards in pieces of at most 4 MiB), unmaps finished ones,
 //!    pushes responses and notifies when the ring's rule says so. It
 //!    touches no xenstore node: what needs the toolstack (a broken ring, a
 //!    drained disconnect, a timed step) comes back in its
@@ -83,7 +86,10 @@
 //! Per ring: in-flight requests up to the ring size (32 per ring page) and
 //! the device's queue depth; data grants mapped for requests in flight up to
 //! [`ring_io::MAX_MAPPED_GRANTS_PER_RING`]; kept (persistent) grants up to
-//! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`]; plus the ring pages (up
+//! [`persistent::MAX_PERSISTENT_GRANTS_PER_RING`] (a new grant then evicts
+//! the least recently used unused ones, so a frontend that grants a new
+//! page for every request neither fills the window nor starves itself);
+//! plus the ring pages (up
 //! to 16) and, briefly, one indirect page per request being taken (up to
 //! the in-flight bound). Size the GFN window for about 2100 frames per ring
 //! you mean to serve at full depth (2600 with 16-page rings of indirect

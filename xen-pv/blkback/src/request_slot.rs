@@ -9,12 +9,9 @@ use xen_pv::PAGE_SIZE;
 use xen_pv::grant::{GrantRef, Mapping};
 
 use crate::BackendServices;
-use crate::blkif::{self, Direction, GrantedSegment};
+use crate::blkif::{self, Direction, GrantedSegment, SEGMENTS_PER_INDIRECT_PAGE};
 use crate::plan::Steps;
 use crate::served_disk::SECTOR_SIZE;
-
-/// Segment entries in one indirect page.
-pub(crate) const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / size_of::<blkif::WireSegment>();
 
 /// An indirect request whose segments are still in the frontend's pages.
 #[derive(Clone, Copy, Debug)]

@@ -19,14 +19,13 @@ use xen_pv::grant::{GrantError, GrantSpec, MAX_BATCH, Mapping};
 use xen_pv::ring::{BackRing, RingError};
 
 use crate::BackendServices;
-use crate::blkif::{self, BlkifRequest, Protocol};
+use crate::blkif::{self, BlkifRequest, Protocol, SEGMENTS_PER_INDIRECT_PAGE};
 use crate::negotiate::FrontendRing;
 use crate::persistent::PersistentGrants;
 use crate::plan::{self, Plan, Refusal, Step};
 use crate::rate_limited_log::RateLimitedLog;
 use crate::request_slot::{
-    IndirectPages, SEGMENTS_PER_INDIRECT_PAGE, Slot, SlotState, allocate_slots, device_segment,
-    read_indirect_page, reserved,
+    IndirectPages, Slot, SlotState, allocate_slots, device_segment, read_indirect_page, reserved,
 };
 use crate::served_disk::ServedDisk;
 use crate::statistics::{RequestCounters, RingReport, WATCHDOG_NS};
@@ -35,6 +34,17 @@ use crate::statistics::{RequestCounters, RingReport, WATCHDOG_NS};
 /// that completes at once is answered in the same poll without a frontend
 /// being able to keep the loop busy forever.
 const ROUNDS_PER_POLL: usize = 4;
+
+/// Requests one ring may take in one [`BlkifRing::serve`] (a pass of the
+/// loop): a frontend that publishes as fast as it is answered (or fills
+/// its ring with requests refused at once) waits for the next pass, so the
+/// other rings and the toolstack are served in between.
+pub const REQUESTS_TAKEN_PER_RING_PER_PASS: usize = 32;
+
+/// Largest piece of a discard sent to the device at once (4 MiB): a RAM
+/// disk zeroes a whole discard in its submit, so one guest's huge discard
+/// goes in pieces, a few per pass, between the other rings' work.
+const DISCARD_PIECE_BYTES: u64 = 4 << 20;
 
 /// Device completions fetched per call.
 const COMPLETION_BATCH: usize = 32;
@@ -225,13 +235,15 @@ impl BlkifRing {
             .max(1);
         let state = (|| {
             let slots = allocate_slots(count, disk.max_request_segments())?;
+            let kept = persistent.then(PersistentGrants::new).transpose()?;
             Ok::<_, TryReserveError>((
                 slots,
                 reserved(count)?,
                 reserved(MAX_MAPPED_GRANTS_PER_RING + MAX_BATCH)?,
+                kept,
             ))
         })();
-        let Ok((slots, taken, to_unmap)) = state else {
+        let Ok((slots, taken, to_unmap, kept)) = state else {
             drop(ring);
             unmap_logged(svc, &mut mappings);
             svc.close_port(port);
@@ -260,7 +272,7 @@ impl BlkifRing {
             responses_queued: false,
             max_indirect: disk.max_indirect_segments(),
             mapped_grants: 0,
-            persistent: persistent.then(PersistentGrants::default),
+            persistent: kept,
             counters: RequestCounters::default(),
             last_completion_ns: 0,
             now_ns: svc.now_ns(),
@@ -372,11 +384,12 @@ impl BlkifRing {
         let mut worked = false;
         let mut broken = Ok(());
         self.now_ns = svc.now_ns();
+        let mut budget = REQUESTS_TAKEN_PER_RING_PER_PASS;
         for _ in 0..ROUNDS_PER_POLL {
             let mut round = self.reap(svc, log);
             round |= self.start_ready(svc, log);
-            if !self.stopped && broken.is_ok() {
-                match self.take_requests(disk, svc, log) {
+            if !self.stopped && broken.is_ok() && budget > 0 {
+                match self.take_requests(disk, svc, log, &mut budget) {
                     Ok(took) => round |= took,
                     Err(e) => broken = Err(e),
                 }
@@ -415,14 +428,16 @@ impl BlkifRing {
         self.responses_queued = true;
     }
 
-    /// Copies requests out while there is a free slot and grant room;
-    /// refuses the invalid ones at once, fetches the segments of indirect
-    /// ones, and maps the grants of the valid ones in batches.
+    /// Copies requests out while there is a free slot, grant room and
+    /// `budget` left (each request taken spends one); refuses the invalid
+    /// ones at once, fetches the segments of indirect ones, and maps the
+    /// grants of the valid ones in batches.
     fn take_requests<S: BackendServices>(
         &mut self,
         disk: &ServedDisk,
         svc: &mut S,
         log: &mut RateLimitedLog,
+        budget: &mut usize,
     ) -> Result<bool, RingError> {
         let mut took = false;
         let mut reserved_grants = 0;
@@ -430,7 +445,7 @@ impl BlkifRing {
         let mut broken = Ok(());
         self.taken.clear();
         let mut starved = false;
-        while self.barrier.is_none() {
+        while self.barrier.is_none() && *budget > 0 {
             let Some(index) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
                 starved = true;
                 break;
@@ -450,6 +465,7 @@ impl BlkifRing {
                 }
             }
             took = true;
+            *budget -= 1;
             let request = match blkif::parse_request(self.protocol, &entry, self.max_indirect) {
                 Ok(request) => request,
                 Err(r) => {
@@ -743,6 +759,13 @@ impl BlkifRing {
             }
         }
         self.batch.clear();
+        // Kept grants evicted to make room for this batch's, in one batch.
+        if let Some(kept) = &mut self.persistent
+            && !kept.evicted_mut().is_empty()
+        {
+            svc.unmap_grants(kept.evicted_mut(), &mut self.unmap_failures);
+            log_unmap_failures(svc, &mut self.unmap_failures);
+        }
     }
 
     /// Keeps a fresh mapping as a persistent grant if the frontend asked
@@ -835,7 +858,9 @@ impl BlkifRing {
         svc: &mut S,
         log: &mut RateLimitedLog,
     ) -> bool {
-        let max_discard = self.queue.geometry().max_discard_blocks.max(1);
+        let geometry = self.queue.geometry();
+        let piece = DISCARD_PIECE_BYTES / u64::from(geometry.logical_block_size.max(1));
+        let max_discard = geometry.max_discard_blocks.min(piece).max(1);
         let Some(slot) = self.slots.get_mut(index) else {
             return false;
         };

@@ -93,6 +93,16 @@ impl<'s> SimBlkfront<'s> {
         }
     }
 
+    /// The grants of its ring's pages.
+    pub fn ring_refs(&self) -> &[GrantRef] {
+        &self.ring_refs
+    }
+
+    /// The ABI it speaks.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
     /// The frontend's unbound port, as published in `event-channel`.
     pub fn port(&self) -> u32 {
         self.port
@@ -284,38 +294,62 @@ impl<'s> SimBlkfront<'s> {
 
     /// Every response published so far, in ring order.
     pub fn responses(&mut self) -> Vec<Response> {
+        self.raw_responses()
+            .iter()
+            .filter_map(|entry| match self.protocol {
+                Protocol::X86_64 => ResponseX86_64::read_from_prefix(entry)
+                    .ok()
+                    .map(|(r, _)| (r.id.get(), r.operation, r.status.get())),
+                Protocol::X86_32 => ResponseX86_32::read_from_prefix(entry)
+                    .ok()
+                    .map(|(r, _)| (r.id.get(), r.operation, r.status.get())),
+            })
+            .map(|(id, operation, status)| Response {
+                id,
+                operation,
+                status,
+            })
+            .collect()
+    }
+
+    /// Every response published so far, as the bytes of its ring entry
+    /// (the response, then whatever the entry held before).
+    pub fn raw_responses(&mut self) -> Vec<[u8; blkif::ENTRY_SIZE_X86_64]> {
         let mut out = Vec::new();
         let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
         while self.ring.next_response(&mut entry) {
-            let response = match self.protocol {
-                Protocol::X86_64 => ResponseX86_64::read_from_prefix(&entry)
-                    .ok()
-                    .map(|(r, _)| (r.id.get(), r.operation, r.status.get())),
-                Protocol::X86_32 => ResponseX86_32::read_from_prefix(&entry)
-                    .ok()
-                    .map(|(r, _)| (r.id.get(), r.operation, r.status.get())),
-            };
-            if let Some((id, operation, status)) = response {
-                out.push(Response {
-                    id,
-                    operation,
-                    status,
-                });
-            }
+            out.push(entry);
         }
         out
     }
 
-    /// Overwrites the shared request producer, as a broken frontend would.
-    pub fn corrupt_req_prod(&self, value: u32) {
+    /// Entries in the ring.
+    pub fn ring_size(&self) -> u32 {
+        self.ring.size()
+    }
+
+    /// The shared request producer, which a broken frontend may scribble on.
+    fn shared_req_prod(&self) -> &AtomicU32 {
         let base = self
             .sim
             .grant_page_ptr(self.domid, self.ring_refs[0])
             .expect("the ring page stays granted");
         // SAFETY: req_prod is the first (aligned) word of the ring page,
         // which lives as long as the simulation; both ends use it atomically.
-        let req_prod = unsafe { base.cast::<AtomicU32>().as_ref() };
-        req_prod.store(value, Ordering::Release);
+        unsafe { base.cast::<AtomicU32>().as_ref() }
+    }
+
+    /// Overwrites the shared request producer, as a broken frontend would.
+    pub fn corrupt_req_prod(&self, value: u32) {
+        self.shared_req_prod().store(value, Ordering::Release);
+    }
+
+    /// Moves the shared request producer by `delta` (wrapping), as a broken
+    /// frontend would.
+    pub fn shift_req_prod(&self, delta: u32) {
+        let req_prod = self.shared_req_prod();
+        let moved = req_prod.load(Ordering::Acquire).wrapping_add(delta);
+        req_prod.store(moved, Ordering::Release);
     }
 }
 

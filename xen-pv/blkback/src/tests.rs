@@ -18,6 +18,7 @@ use crate::alloc_count::{count, uncounted};
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::statistics::WATCHDOG_NS;
+use host_fuzz::{FuzzRng, FuzzRun};
 use xen_pv::event::EventChannels;
 use xen_pv::grant::{GfnWindow, GrantMapper};
 use xen_pv::hypercall::HypercallOp;
@@ -26,6 +27,8 @@ use xen_pv::sim::{GUEST, SimXen};
 use xen_pv::xenbus::XenbusState;
 use xen_pv::xenstore::{Access, Perm, Xenstore, XenstoreInterface};
 use xen_pv::{Hypercall, PAGE_SIZE};
+
+mod hostile_frontend;
 
 const WINDOW: u64 = 0x10_0000;
 const FRONTEND: DomId = 7;
@@ -228,6 +231,7 @@ impl TargetOpener for TestOpener {
             Target::Ram { .. } => return Err(OpenError::OutOfMemory),
             Target::Disk { name: "cached" } => self.spy(512, 2048, true),
             Target::Disk { name: "disk4k" } => self.spy(4096, 256, false),
+            Target::Disk { name: "large" } => self.spy(512, 32768, false),
             Target::Disk { name: "multiqueue" } => self.spy_with(512, 2048, 8, false),
             Target::Disk { name: "plain" } => {
                 let disk = RamDisk::allocate(self.hal.clone(), 16384, 1);
@@ -326,26 +330,34 @@ fn frontend_path(id: VbdId) -> String {
 }
 
 impl<'a> Harness<'a> {
+    /// One pass of the kernel's loop: xenstore traffic, watch events, one
+    /// poll of the rings. Returns whether xenstore moved or an event was
+    /// handled, and the rings' progress.
+    fn pass(&mut self) -> (bool, Progress) {
+        let moved = uncounted(|| self.xs.channel_mut().step());
+        let mut svc = XenBackendServices {
+            events: &mut self.events,
+            grants: &mut self.grants,
+            platform: &mut self.platform,
+        };
+        let mut handled = false;
+        while let Ok(Some(event)) = self.xs.poll_watch_event() {
+            handled = true;
+            assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
+        }
+        let polled = self.vbds.poll_rings(&mut svc);
+        self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
+        (moved || handled, polled.progress)
+    }
+
     /// Runs the kernel's loop until nothing moves: xenstore traffic, watch
     /// events, ring polls.
     fn pump(&mut self) -> Progress {
         let mut progress = Progress::Busy;
         for _ in 0..100 {
-            let moved = uncounted(|| self.xs.channel_mut().step());
-            let mut svc = XenBackendServices {
-                events: &mut self.events,
-                grants: &mut self.grants,
-                platform: &mut self.platform,
-            };
-            let mut handled = false;
-            while let Ok(Some(event)) = self.xs.poll_watch_event() {
-                handled = true;
-                assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
-            }
-            let polled = self.vbds.poll_rings(&mut svc);
-            self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
-            progress = polled.progress;
-            if !moved && !handled && progress == Progress::Idle {
+            let moved;
+            (moved, progress) = self.pass();
+            if !moved && progress == Progress::Idle {
                 break;
             }
         }
@@ -500,6 +512,22 @@ impl<'a> Harness<'a> {
         let id = self.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
         self.pump();
         (id, self.connect(id, protocol, start, "3"))
+    }
+
+    /// A vbd of a 1 MiB RAM disk whose frontend asked for persistent
+    /// grants, connected.
+    fn persistent_frontend(&mut self, protocol: Protocol) -> (VbdId, SimBlkfront<'a>) {
+        let id = self.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
+        self.pump();
+        self.frontend_write(id, "feature-persistent", "1");
+        (id, self.connect(id, protocol, 0, "3"))
+    }
+
+    /// The frontend of `id` closes: every grant is unmapped.
+    fn close_leaving_nothing_mapped(&mut self, id: VbdId) {
+        self.frontend_write(id, "state", "6");
+        self.pump();
+        assert_eq!(self.sim.mapped_grants(), 0);
     }
 
     fn io(&mut self, front: &mut SimBlkfront<'_>, requests: &[Vec<u8>]) -> Vec<Response> {
@@ -775,6 +803,19 @@ fn discard_zeroes_the_range() {
         assert!(disk.bytes(18 * 512, 2048).iter().all(|&b| b == 0));
         assert_eq!(disk.bytes(22 * 512, 1024), pattern(9)[3072..]);
         assert_eq!(disk.ops, [Op::Write(16), Op::Discard(18, 4)]);
+    });
+}
+
+#[test]
+fn a_huge_discard_goes_to_the_device_in_bounded_pieces() {
+    run(|h| {
+        let (_, mut front) = h.serve(FRONTEND, "large", "w", Protocol::X86_64);
+        let discard = front.discard_request(1, 0, 32768, false);
+        assert_eq!(h.io(&mut front, &[discard]), [ok(1, blkif::OP_DISCARD)]);
+        let pieces = (0..4)
+            .map(|i| Op::Discard(i * 8192, 8192))
+            .collect::<Vec<_>>();
+        assert_eq!(h.disk(0).borrow().ops, pieces, "4 MiB at a time");
     });
 }
 
@@ -1145,45 +1186,96 @@ fn other_watches_are_left_to_the_kernel() {
     });
 }
 
-/// xorshift64*: reproducible, no dependency.
-struct Rng(u64);
+/// Where the request id sits in an entry of each ABI (every layout has it
+/// there).
+fn id_offset(protocol: Protocol) -> usize {
+    match protocol {
+        Protocol::X86_64 => 8,
+        Protocol::X86_32 => 4,
+    }
+}
 
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+/// A valid request of any kind, for the parser fuzz to mutate.
+fn valid_entry(front: &SimBlkfront<'_>, rng: &mut FuzzRng, id: u64) -> Vec<u8> {
+    let segs: Vec<Seg> = (0..blkif::MAX_SEGMENTS_PER_REQUEST)
+        .map(|_| {
+            let first_sect = rng.below(8) as u8;
+            seg(
+                rng.below(64) as u32,
+                first_sect,
+                first_sect + rng.below(8 - u64::from(first_sect)) as u8,
+            )
+        })
+        .collect();
+    let sector = rng.below(4096);
+    match rng.below(5) {
+        0 => {
+            let operation = rng.pick(&[blkif::OP_READ, blkif::OP_WRITE, blkif::OP_WRITE_BARRIER]);
+            front.data_request(operation, id, sector, 1 + rng.below(11) as u8, &segs)
+        }
+        1 => front.data_request(blkif::OP_FLUSH_DISKCACHE, id, 0, 0, &[]),
+        2 => front.discard_request(id, sector, rng.below(4096), rng.one_in(4)),
+        _ => {
+            let operation = rng.pick(&[blkif::OP_READ, blkif::OP_WRITE]);
+            let pages: Vec<u32> = (0..8).map(|_| rng.below(64) as u32).collect();
+            front.indirect_request(operation, id, sector, 1 + rng.below(256) as u16, &pages)
+        }
     }
 }
 
 #[test]
-fn random_blkif_entries_parse_to_valid_requests_or_refusals() {
-    let mut rng = Rng(0x5eed);
-    for _ in 0..20_000 {
+fn fuzz_blkif_parsing_for_every_abi() {
+    let mut run = FuzzRun::new("blkif parsing", 0x5eed, 20_000);
+    let mut rng = run.rng();
+    let sim = SimXen::new();
+    let fronts = [Protocol::X86_32, Protocol::X86_64, Protocol::native()]
+        .map(|protocol| SimBlkfront::new(&sim, FRONTEND, protocol, 0));
+    while run.another() {
+        let front = &fronts[rng.below(3) as usize];
+        let protocol = front.protocol();
+        let id = rng.next_u64();
         let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
-        for byte in entry.iter_mut() {
-            *byte = rng.below(256) as u8;
+        if rng.one_in(4) {
+            rng.fill(&mut entry);
+            entry[0] = rng.below(9) as u8;
+        } else {
+            let valid = valid_entry(front, &mut rng, id);
+            entry[..valid.len()].copy_from_slice(&valid);
         }
-        // Bias the operation towards known codes.
-        entry[0] = (rng.below(9)) as u8;
-        for protocol in [Protocol::X86_32, Protocol::X86_64] {
-            for max_indirect in [0, 256] {
-                match blkif::parse_request(protocol, &entry, max_indirect) {
-                    Ok(
-                        blkif::BlkifRequest::ReadWrite { segments, .. }
-                        | blkif::BlkifRequest::Barrier { segments, .. },
-                    ) => {
-                        let segs = segments.as_slice();
-                        assert!(segs.len() <= blkif::MAX_SEGMENTS_PER_REQUEST);
-                        assert!(segs.iter().all(|s| s.first_sect <= s.last_sect
-                            && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE));
-                    }
-                    Ok(blkif::BlkifRequest::Indirect { nr_segments, .. }) => {
-                        assert!(nr_segments >= 1 && nr_segments <= max_indirect)
-                    }
-                    Ok(_) | Err(_) => {}
-                }
+        let id_at = id_offset(protocol);
+        for _ in 0..rng.below(4) {
+            let at = rng.below(protocol.entry_size() as u64) as usize;
+            entry[at] = rng.next_u64() as u8;
+        }
+        let wire_id = u64::from_le_bytes(entry[id_at..id_at + 8].try_into().unwrap());
+        let max_indirect = rng.pick(&[0, 1, 11, 256, u16::MAX]);
+        match blkif::parse_request(protocol, &entry, max_indirect) {
+            Ok(
+                blkif::BlkifRequest::ReadWrite { id, segments, .. }
+                | blkif::BlkifRequest::Barrier { id, segments, .. },
+            ) => {
+                assert_eq!(id, wire_id);
+                let segs = segments.as_slice();
+                assert!(segs.len() <= blkif::MAX_SEGMENTS_PER_REQUEST);
+                assert!(
+                    segs.iter().all(|s| s.first_sect <= s.last_sect
+                        && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE)
+                );
+            }
+            Ok(blkif::BlkifRequest::Indirect {
+                id, nr_segments, ..
+            }) => {
+                assert_eq!(id, wire_id);
+                assert!(nr_segments >= 1 && nr_segments <= max_indirect);
+                let pages = usize::from(nr_segments).div_ceil(blkif::SEGMENTS_PER_INDIRECT_PAGE);
+                assert!(pages <= blkif::MAX_INDIRECT_PAGES_PER_REQUEST);
+            }
+            Ok(blkif::BlkifRequest::Flush { id } | blkif::BlkifRequest::Discard { id, .. }) => {
+                assert_eq!(id, wire_id)
+            }
+            Err(refused) => {
+                assert_eq!(refused.id, wire_id);
+                assert!([RSP_ERROR, RSP_EOPNOTSUPP].contains(&refused.status));
             }
         }
     }
@@ -1198,7 +1290,7 @@ fn random_requests_are_all_answered_without_harm() {
                 .map(|i| front.grant(i % 2 == 0, &[]))
                 .chain([0, 9999])
                 .collect();
-            let mut rng = Rng(0x5eed_0000 ^ protocol.entry_size() as u64);
+            let mut rng = FuzzRng::new(0x5eed_0000 ^ protocol.entry_size() as u64);
             for round in 0..40u64 {
                 let requests: Vec<Vec<u8>> = (0..32u64)
                     .map(|i| {
@@ -1256,7 +1348,7 @@ fn hostile_frontend_nodes_leave_the_backend_consistent() {
             "\u{0}",
             "3 ",
         ];
-        let mut rng = Rng(77);
+        let mut rng = FuzzRng::new(77);
         let mut fronts = Vec::new();
         for _ in 0..300 {
             let value = values[rng.below(values.len() as u64) as usize];
@@ -1429,10 +1521,7 @@ fn mapped_grants_per_ring_are_bounded() {
 #[test]
 fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
     run(|h| {
-        let id = h.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
-        h.pump();
-        h.frontend_write(id, "feature-persistent", "1");
-        let mut front = h.connect(id, Protocol::X86_32, 0, "3");
+        let (id, mut front) = h.persistent_frontend(Protocol::X86_32);
         let pool: Vec<u32> = (0..3).map(|_| front.grant(false, &[])).collect();
         let maps_before = h.grants.stats().maps;
         for round in 0..5u8 {
@@ -1461,9 +1550,119 @@ fn persistent_grants_are_mapped_once_and_unmapped_on_disconnect() {
             "three kept grants, one extra mapping per round"
         );
         assert_eq!(h.grants.stats().mapped, 1 + 3);
-        h.frontend_write(id, "state", "6");
+        h.close_leaving_nothing_mapped(id);
+    });
+}
+
+#[test]
+fn a_fresh_grant_per_request_keeps_the_latest_grants_and_the_mapped_count_bounded() {
+    run(|h| {
+        let (id, mut front) = h.persistent_frontend(Protocol::X86_64);
+        let mut most_mapped = 0;
+        let mut last_page = 0;
+        for round in 0..200u64 {
+            let requests: Vec<Vec<u8>> = (0..32u64)
+                .map(|i| {
+                    last_page = front.grant(false, &[]);
+                    let operation = [blkif::OP_WRITE, blkif::OP_READ][i as usize % 2];
+                    let sector = (round * 32 + i) % 256 * 8;
+                    front.data_request(
+                        operation,
+                        round * 32 + i,
+                        sector,
+                        1,
+                        &[seg(last_page, 0, 7)],
+                    )
+                })
+                .collect();
+            let responses = h.io(&mut front, &requests);
+            assert_eq!(responses.len(), requests.len());
+            assert!(responses.iter().all(|r| r.status == RSP_OKAY));
+            most_mapped = most_mapped.max(h.grants.stats().mapped);
+        }
+        assert!(most_mapped <= 1 + persistent::MAX_PERSISTENT_GRANTS_PER_RING);
+        assert!(most_mapped > persistent::MAX_PERSISTENT_GRANTS_PER_RING / 2);
+        // The latest grant is kept (the oldest ones made room for it).
+        let maps_before = h.grants.stats().maps;
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(last_page, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+        assert_eq!(h.grants.stats().maps, maps_before, "no new mapping");
+        h.close_leaving_nothing_mapped(id);
+    });
+}
+
+#[test]
+fn a_flooding_frontend_takes_a_bounded_share_of_each_pass() {
+    run(|h| {
+        let flood_id = h.add_vbd(FRONTEND, DEVID, "ram:64K", "w");
+        let calm_id = h.add_vbd(FRONTEND + 1, DEVID, "ram:64K", "w");
         h.pump();
-        assert_eq!(h.sim.mapped_grants(), 0);
+        // 512 entries, refilled after every pass with requests refused at
+        // once (which need no slot: only the budget bounds them).
+        let mut flood = SimBlkfront::with_pages(h.sim, FRONTEND, Protocol::X86_64, 0, Some(4));
+        h.publish_ring(flood_id, &flood, "3");
+        let mut calm = h.connect(calm_id, Protocol::X86_64, 0, "3");
+        let page = calm.grant(false, &[]);
+        let mut next_id = 0u64;
+        let late_id = h.add_vbd(FRONTEND + 2, DEVID, "ram:64K", "w");
+        for pass in 0..64u64 {
+            let refill: Vec<Vec<u8>> = (0..flood.ring_size())
+                .map(|_| {
+                    next_id += 1;
+                    flood.data_request(0xff, next_id, 0, 1, &[])
+                })
+                .collect();
+            flood.submit(&refill);
+            let read = calm.data_request(blkif::OP_READ, pass, 0, 1, &[seg(page, 0, 7)]);
+            assert_eq!(calm.submit(&[read]), 1);
+            h.pass();
+            assert_eq!(
+                calm.responses(),
+                [ok(pass, blkif::OP_READ)],
+                "answered in its pass"
+            );
+            let answered = flood.responses();
+            assert_eq!(answered.len(), ring_io::REQUESTS_TAKEN_PER_RING_PER_PASS);
+            assert!(answered.iter().all(|r| r.status != RSP_OKAY));
+        }
+        // The toolstack was heard meanwhile.
+        assert_eq!(h.backend_state(late_id).as_deref(), Some("2"));
+        assert_eq!(
+            h.vbds.status(flood_id).unwrap().state,
+            XenbusState::Connected
+        );
+    });
+}
+
+#[test]
+fn each_pass_starts_serving_one_vbd_further() {
+    run(|h| {
+        let ids =
+            [FRONTEND, FRONTEND + 1, FRONTEND + 2].map(|f| h.add_vbd(f, DEVID, "ram:64K", "w"));
+        h.pump();
+        let mut fronts = ids.map(|id| h.connect(id, Protocol::X86_64, 0, "3"));
+        let mut first_served = Vec::new();
+        for pass in 0..6u64 {
+            let now = h.platform.now_ns.get();
+            h.platform.now_ns.set(now + 1_000_000_000);
+            for front in &mut fronts {
+                let refused = front.data_request(0xff, pass, 0, 1, &[]);
+                assert_eq!(front.submit(&[refused]), 1);
+            }
+            let logged = h.platform.lines.len();
+            h.pass();
+            let first = h.platform.lines[logged..]
+                .iter()
+                .find(|l| l.contains("refused"));
+            first_served.push(String::from(&first.unwrap()[..14]));
+            fronts
+                .iter_mut()
+                .for_each(|f| assert_eq!(f.responses().len(), 1));
+        }
+        let order = ["vbd 7/51712: r", "vbd 8/51712: r", "vbd 9/51712: r"];
+        let start = order.iter().position(|o| *o == first_served[0]).unwrap();
+        let expected: Vec<&str> = (start..start + 6).map(|i| order[i % 3]).collect();
+        assert_eq!(first_served, expected);
     });
 }
 

@@ -9,6 +9,7 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::ops::Bound::{Excluded, Unbounded};
 
 use crate::BackendServices;
 use crate::negotiate::{
@@ -145,6 +146,8 @@ impl Vbd {
 pub struct VbdBackends<O> {
     opener: O,
     devices: BTreeMap<VbdId, Vbd>,
+    /// The vbd the next [`VbdBackends::poll_rings`] serves first.
+    poll_start: VbdId,
 }
 
 /// Where a watch event points.
@@ -159,6 +162,10 @@ impl<O: TargetOpener> VbdBackends<O> {
         VbdBackends {
             opener,
             devices: BTreeMap::new(),
+            poll_start: VbdId {
+                frontend: 0,
+                devid: 0,
+            },
         }
     }
 
@@ -197,42 +204,28 @@ impl<O: TargetOpener> VbdBackends<O> {
         true
     }
 
-    /// Serves every ring; touches no xenstore node. What needs the
-    /// toolstack (broken rings, drained disconnects, timed steps) is
-    /// returned for [`Self::attend`].
+    /// Serves every ring, each up to its budget of requests per pass
+    /// ([`crate::ring_io::REQUESTS_TAKEN_PER_RING_PER_PASS`]), starting one
+    /// vbd further on each pass so that none is always served first;
+    /// touches no xenstore node. What needs the toolstack (broken rings,
+    /// drained disconnects, timed steps) is returned for [`Self::attend`].
     pub fn poll_rings<S: BackendServices>(&mut self, svc: &mut S) -> RingsPolled {
-        let mut busy = false;
-        let mut attention = Vec::new();
+        let mut polled = RingsPolled {
+            progress: Progress::Idle,
+            attention: Vec::new(),
+        };
         let now = svc.now_ns();
-        for vbd in self.devices.values_mut() {
-            if vbd.recheck_at.is_some_and(|at| now >= at) {
-                attention.push((vbd.id, Attention::Due));
-            }
-            let Some(disk) = &vbd.disk else {
-                continue;
-            };
-            let mut broken = None;
-            for ring in &mut vbd.rings {
-                match ring.serve(disk, svc, &mut vbd.log) {
-                    Ok(worked) => busy |= worked,
-                    Err(e) => broken = Some(e),
-                }
-                busy |= ring.in_flight() > 0;
-            }
-            if let Some(e) = broken {
-                vbd.stop_rings();
-                busy = true;
-                attention.push((vbd.id, Attention::BrokenRing(e)));
-            }
-            if vbd.drained() {
-                attention.push((vbd.id, Attention::Drained));
-                busy = true;
-            }
+        let start = self.poll_start;
+        for (_, vbd) in self.devices.range_mut(start..) {
+            poll_vbd(vbd, svc, now, &mut polled);
         }
-        RingsPolled {
-            progress: if busy { Progress::Busy } else { Progress::Idle },
-            attention,
+        for (_, vbd) in self.devices.range_mut(..start) {
+            poll_vbd(vbd, svc, now, &mut polled);
         }
+        let after = self.devices.range((Excluded(start), Unbounded)).next();
+        let next = after.or_else(|| self.devices.iter().next());
+        self.poll_start = next.map_or(start, |(id, _)| *id);
+        polled
     }
 
     /// Publishes the statistics of each connected vbd that changed since
@@ -383,6 +376,37 @@ impl<O: TargetOpener> VbdBackends<O> {
 }
 
 /// One level-triggered step of a vbd's state machine.
+/// Serves the rings of one vbd for [`VbdBackends::poll_rings`].
+fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &mut RingsPolled) {
+    let mut busy = false;
+    if vbd.recheck_at.is_some_and(|at| now >= at) {
+        polled.attention.push((vbd.id, Attention::Due));
+    }
+    let Some(disk) = &vbd.disk else {
+        return;
+    };
+    let mut broken = None;
+    for ring in &mut vbd.rings {
+        match ring.serve(disk, svc, &mut vbd.log) {
+            Ok(worked) => busy |= worked,
+            Err(e) => broken = Some(e),
+        }
+        busy |= ring.in_flight() > 0;
+    }
+    if let Some(e) = broken {
+        vbd.stop_rings();
+        busy = true;
+        polled.attention.push((vbd.id, Attention::BrokenRing(e)));
+    }
+    if vbd.drained() {
+        polled.attention.push((vbd.id, Attention::Drained));
+        busy = true;
+    }
+    if busy {
+        polled.progress = Progress::Busy;
+    }
+}
+
 fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,

@@ -256,6 +256,18 @@ impl SimXen {
         gref
     }
 
+    /// Domain `dom` ends its grant `gref` (`gnttab_end_foreign_access`);
+    /// refused, as Xen does, while the guest has it mapped.
+    pub fn revoke_grant(&self, dom: DomId, gref: GrantRef) -> bool {
+        let mut w = self.world.borrow_mut();
+        let mapped = w.frames.values().any(|f| match f {
+            Frame::Granted {
+                dom: d, gref: g, ..
+            } => (*d, *g) == (dom, gref),
+        });
+        !mapped && w.grants.remove(&(dom, gref)).is_some()
+    }
+
     /// The current contents of a granted page.
     pub fn granted_page(&self, dom: DomId, gref: GrantRef) -> Option<Vec<u8>> {
         self.world
