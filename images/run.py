@@ -50,6 +50,7 @@ WATCHDOG_RE = re.compile(r"^\(d(\d+)\) .*\bwatchdog: ")
 # dom0's /init heartbeat and its answer to a diagnosis request.
 DOM0_HB_RE = re.compile(r"^\[dom0\] hb up=")
 DIAG_DONE = "STORDOM-DIAG-DONE"
+TRIPLE_FAULT_RE = re.compile(r"d\d+v\d+ Triple fault")
 # How long every console may stay silent before a timed-out machine counts
 # as frozen (dom0 beats every 10 s).
 SILENT_S = 45
@@ -220,6 +221,7 @@ class Attempt:
         self.done = threading.Event()
         self.milestones: dict[str, float] = {}
         self.diagnosis: dict = {}
+        self.triple_fault_at: float | None = None
 
     def console_file(self, con: str):
         if con not in self.files:
@@ -244,6 +246,11 @@ class Attempt:
             if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
                 self.milestone("xen_first_line", t)
                 self.record("xen", t, text)
+                if TRIPLE_FAULT_RE.search(text) and self.triple_fault_at is None:
+                    # The attempt fails whatever follows (evaluate): end
+                    # it now rather than at the timeout.
+                    self.triple_fault_at = t
+                    self.done.set()
             elif m:
                 con = m.group(1)
                 self.record(con, t, m.group(2))
@@ -310,6 +317,8 @@ class Attempt:
                     self.diagnose(p)
                 if self.done_rc is not None:
                     time.sleep(0.5)  # let the last lines arrive
+                elif self.triple_fault_at is not None:
+                    time.sleep(3)  # Xen's dump of the domain's state
                 if p.poll() is None:
                     p.terminate()
                     try:
@@ -448,6 +457,9 @@ class Attempt:
         if self.timed_out:
             add("scenario finished before the timeout", False, logpath("dom0"),
                 f"no STORDOM-SCENARIO-DONE within {self.timeout} s")
+        elif self.done_rc is None and self.triple_fault_at is not None:
+            add("scenario finished", False, logpath("xen"),
+                f"stopped at {self.triple_fault_at:.1f} s: a domain triple-faulted")
         else:
             add("scenario script exit status 0", self.done_rc == 0, logpath("dom0"),
                 f"rc={self.done_rc}" if self.done_rc is not None else "QEMU exited early "

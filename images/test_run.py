@@ -166,6 +166,14 @@ class RunTests(unittest.TestCase):
         r = attempt(GOOD[:-1] + [hb.format(0)], done=False, silent_s=60)
         self.assertEqual(r["verdict"], "fail")
 
+    def test_a_triple_fault_ends_the_attempt_at_once(self):
+        crash = "(XEN) [   62.5] d1v0 Triple fault - invoking HVM shutdown action 1"
+        # The reader stops waiting at the fault: the done marker never came.
+        r = attempt(GOOD[:-1] + [crash], done=True)
+        self.assertEqual(r["verdict"], "emulator-suspect")
+        self.assertIn("a domain triple-faulted",
+                      " ".join(c["detail"] for c in r["checks"] if c["status"] != "pass"))
+
     def test_overlay_is_valid_cpio(self):
         with tempfile.TemporaryDirectory() as td:
             sdir = Path(td) / "sc"

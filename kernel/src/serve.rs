@@ -4,7 +4,7 @@
 //! until idle, then halts until the next event. `xl shutdown` powers it
 //! off cleanly.
 
-use crate::arch::clock;
+use crate::arch::{self, clock};
 use crate::platform::KernelHal;
 use crate::storage::NamedDisk;
 use crate::xen::{self, PortChannel, XenConnection};
@@ -209,6 +209,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let mut published_grants = None;
     let mut watch_events = Vec::new();
     let mut counters = LoopCounters::default();
+    let tables_digest = arch::descriptor_tables_digest();
     loop {
         counters.turns += 1;
         xen::dispatch_events(&mut events);
@@ -237,6 +238,9 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         let now = clock::now_ns();
         if now >= counters.next_housekeeping_ns {
             counters.next_housekeeping_ns = now + HOUSEKEEPING_NS;
+            if arch::descriptor_tables_digest() != tables_digest {
+                panic!("the IDT, GDT or TSS changed since boot: memory was overwritten");
+            }
             vbds.watchdog(&mut backend, now);
             vbds.publish_statistics(&mut xs);
         }

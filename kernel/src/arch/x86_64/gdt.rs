@@ -99,3 +99,33 @@ pub fn init() {
         load_tss(*tss_sel);
     }
 }
+
+/// The GDT's bytes, for [`super::descriptor_tables_digest`] (empty before
+/// `init`).
+pub(super) fn gdt_bytes() -> &'static [u8] {
+    GDT.get().map_or(&[], |(gdt, ..)| {
+        let entries = gdt.entries();
+        // SAFETY: the 'static GDT built by `init` is plain data, never
+        // written again; its entries are viewed as the bytes they are.
+        unsafe {
+            core::slice::from_raw_parts(
+                entries.as_ptr().cast::<u8>(),
+                core::mem::size_of_val(entries),
+            )
+        }
+    })
+}
+
+/// The TSS's bytes (IST pointers included), for
+/// [`super::descriptor_tables_digest`] (empty before `init`).
+pub(super) fn tss_bytes() -> &'static [u8] {
+    TSS.get().map_or(&[], |tss| {
+        // SAFETY: the 'static TSS is plain data, never written after `init`.
+        unsafe {
+            core::slice::from_raw_parts(
+                core::ptr::from_ref(tss).cast::<u8>(),
+                size_of::<TaskStateSegment>(),
+            )
+        }
+    })
+}

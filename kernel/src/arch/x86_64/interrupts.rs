@@ -196,6 +196,14 @@ pub fn init() {
     unsafe { x86_64::instructions::tables::lidt(&pointer) };
 }
 
+/// The IDT's bytes, for [`super::descriptor_tables_digest`].
+pub(super) fn idt_bytes() -> &'static [u8] {
+    // SAFETY: the IDT is written only by `init`, before this is called
+    // (the loop that digests it runs long after); reading its bytes is
+    // reading plain data.
+    unsafe { core::slice::from_raw_parts(IDT.0.get().cast::<u8>(), size_of::<[Gate; 256]>()) }
+}
+
 /// Handlers for vectors >= 32, stored as fn pointers (0 = none).
 static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
 
