@@ -186,8 +186,15 @@ impl PeerChannel for PortChannel {
                     waited / 1_000_000
                 );
             }
+            // Until the watchdog spoke, wake at its mark: a reply still
+            // missing there is reported, however soon after it comes.
+            let mark = if reported {
+                WAIT_WATCHDOG_NS
+            } else {
+                WAIT_WATCHDOG_NS - waited
+            };
             let left = self.timeout_ns.saturating_sub(waited).max(1);
-            sleep_until_event(&[self.port.0], left.min(WAIT_WATCHDOG_NS));
+            sleep_until_event(&[self.port.0], left.min(mark).max(1));
         }
     }
 }
