@@ -8,7 +8,7 @@
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
-SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests soak compare
+SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests compare
 SOAK_SECS ?= 1800
 FUZZ_SECS ?= 200
 XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE))
