@@ -16,6 +16,10 @@ use crate::ring::PeerChannel;
 pub const PATH_MAX: usize = 3072;
 /// Watch events kept while nobody polls; older ones are dropped (counted).
 pub const MAX_QUEUED_WATCH_EVENTS: usize = 1024;
+/// Bytes of paths and tokens kept queued, likewise: a guest names the
+/// paths below a watched node of its own (up to [`PATH_MAX`] each), so
+/// the count alone would let it make stordom hold megabytes.
+pub const MAX_QUEUED_WATCH_EVENT_BYTES: usize = 64 * 1024;
 /// Attempts of a transaction that keeps hitting EAGAIN.
 pub const MAX_TX_ATTEMPTS: usize = 16;
 
@@ -42,6 +46,8 @@ pub struct Xenstore<'a, C> {
     /// A reply or event being assembled across partial ring reads.
     partial: Vec<u8>,
     watch_events: VecDeque<WatchEvent>,
+    /// Bytes of the paths and tokens in `watch_events`.
+    queued_watch_bytes: usize,
     dropped_watch_events: u64,
     /// Set once the stream is unusable; every later call fails with it.
     broken: Option<XsError>,
@@ -55,6 +61,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             next_req_id: 1,
             partial: Vec::new(),
             watch_events: VecDeque::new(),
+            queued_watch_bytes: 0,
             dropped_watch_events: 0,
             broken: None,
         }
@@ -168,6 +175,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
     pub fn poll_watch_event(&mut self) -> Result<Option<WatchEvent>, XsError> {
         loop {
             if let Some(event) = self.watch_events.pop_front() {
+                self.queued_watch_bytes -= watch_event_bytes(&event);
                 return Ok(Some(event));
             }
             let Some((header, payload)) = self.try_receive()? else {
@@ -343,17 +351,30 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         }
         let token = fields.swap_remove(1);
         let path = fields.swap_remove(0);
-        if self.watch_events.len() == MAX_QUEUED_WATCH_EVENTS {
-            self.watch_events.pop_front();
+        let event = WatchEvent { path, token };
+        let bytes = watch_event_bytes(&event);
+        while self.watch_events.len() == MAX_QUEUED_WATCH_EVENTS
+            || self.queued_watch_bytes + bytes > MAX_QUEUED_WATCH_EVENT_BYTES
+        {
+            let Some(oldest) = self.watch_events.pop_front() else {
+                break;
+            };
+            self.queued_watch_bytes -= watch_event_bytes(&oldest);
             self.dropped_watch_events += 1;
         }
-        self.watch_events.push_back(WatchEvent { path, token });
+        self.queued_watch_bytes += bytes;
+        self.watch_events.push_back(event);
     }
 
     fn fail(&mut self, e: XsError) -> XsError {
         self.broken = Some(e);
         e
     }
+}
+
+/// What a queued event counts against [`MAX_QUEUED_WATCH_EVENT_BYTES`].
+fn watch_event_bytes(event: &WatchEvent) -> usize {
+    event.path.len() + event.token.len()
 }
 
 /// Whether a path or token can be sent: non-empty, bounded, and free of

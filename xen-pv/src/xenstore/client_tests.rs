@@ -151,7 +151,34 @@ fn watch_event_queue_is_bounded() {
 }
 
 fn client_limit() -> usize {
-    super::client::MAX_QUEUED_WATCH_EVENTS
+    super::MAX_QUEUED_WATCH_EVENTS
+}
+
+#[test]
+fn watch_event_queue_bytes_are_bounded_too() {
+    with_client(0, |xs| {
+        // Long paths, as a guest may create below a watched node of its own.
+        let long = |i: usize| alloc::format!("/d/{i:04}/{}", "x".repeat(3000));
+        let fitting = super::MAX_QUEUED_WATCH_EVENT_BYTES / (long(0).len() + 1);
+        for i in 0..fitting + 3 {
+            xs.channel_mut().inject_watch_event(&long(i), "t");
+        }
+        xs.channel_mut().set_chunks(64, 1 << 20);
+        xs.mkdir(Tx::NONE, "x").unwrap();
+        assert_eq!(xs.dropped_watch_events(), 3);
+        let mut kept = 0;
+        while let Some(event) = xs.poll_watch_event().unwrap() {
+            assert_eq!(event.path, long(kept + 3), "the newest are kept");
+            kept += 1;
+        }
+        assert_eq!(kept, fitting);
+        // Emptied, the queue takes as many again.
+        for i in 0..fitting {
+            xs.channel_mut().inject_watch_event(&long(i), "t");
+        }
+        xs.mkdir(Tx::NONE, "y").unwrap();
+        assert_eq!(xs.dropped_watch_events(), 3);
+    });
 }
 
 #[test]
