@@ -19,7 +19,7 @@ use core::fmt;
 use core::ptr::NonNull;
 use drivers::RamDisk;
 use xen_pv::PAGE_SIZE;
-use xen_pv::xenstore::{Tx, WatchEvent, Xenstore};
+use xen_pv::xenstore::{Tx, Xenstore};
 
 /// Longest halt when idle; events end it sooner. Short enough for the
 /// backend's timed work (a detached vbd's grace before its removal).
@@ -154,11 +154,8 @@ impl Platform for KernelPlatform {
     }
 }
 
-/// Whether `event` asks for a clean shutdown (`xl shutdown`).
-fn shutdown_requested(xs: &mut Xenstore<'static, PortChannel>, event: &WatchEvent) -> bool {
-    if event.token != SHUTDOWN_TOKEN {
-        return false;
-    }
+/// Whether `control/shutdown` asks for a clean shutdown (`xl shutdown`).
+fn shutdown_requested(xs: &mut Xenstore<'static, PortChannel>) -> bool {
     match xs.read_string(Tx::NONE, "control/shutdown") {
         Ok(what) if what == "poweroff" || what == "halt" => {
             // Acknowledge, as the toolstack expects of a PV-aware guest.
@@ -207,34 +204,30 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
     log::info!("serve: watching backend/vbd; ready");
     let mut published_grants = None;
-    let mut watch_events = Vec::new();
     let mut counters = LoopCounters::default();
     let tables_digest = arch::descriptor_tables_digest();
     loop {
         counters.turns += 1;
         xen::dispatch_events(&mut events);
-        watch_events.clear();
-        loop {
-            match xs.poll_watch_event() {
-                Ok(Some(event)) => watch_events.push(event),
-                Ok(None) => break,
-                Err(e) => return Err(alloc::format!("xenstore: {e:?}")),
-            }
+        // A bounded number of events per pass, each only noted: their work
+        // is done by `attend`, a bounded share per pass.
+        let mut shutdown_event = false;
+        let intake = vbds
+            .take_watch_events(&mut xs, |event| {
+                shutdown_event |= event.token == SHUTDOWN_TOKEN;
+            })
+            .map_err(|e| alloc::format!("xenstore: {e:?}"))?;
+        if (shutdown_event || intake.lost) && shutdown_requested(&mut xs) {
+            log::info!("serve: shutdown requested");
+            return Ok(());
         }
         let mut backend = XenBackendServices {
             events: &mut events,
             grants: &mut grants,
             platform: KernelPlatform,
         };
-        for event in &watch_events {
-            if shutdown_requested(&mut xs, event) {
-                log::info!("serve: shutdown requested");
-                return Ok(());
-            }
-            vbds.on_watch_event(&mut xs, &mut backend, event);
-        }
         let polled = vbds.poll_rings(&mut backend);
-        vbds.attend(&mut xs, &mut backend, &polled.attention);
+        let attended = vbds.attend(&mut xs, &mut backend, &polled.attention);
         let now = clock::now_ns();
         if now >= counters.next_housekeeping_ns {
             counters.next_housekeeping_ns = now + HOUSEKEEPING_NS;
@@ -245,7 +238,8 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             vbds.publish_statistics(&mut xs);
         }
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
-        if polled.progress == Progress::Idle && watch_events.is_empty() {
+        let idle = polled.progress == Progress::Idle && attended == Progress::Idle;
+        if idle && intake.taken == 0 {
             publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
             // An event that came while xenstore was busy is looked at
             // before halting (interrupts stay off until the halt).

@@ -34,11 +34,15 @@
 //! 1. Setup: `let mut vbds = VbdBackends::new(opener);` then
 //!    [`VbdBackends::start`]`(&mut xs)`, which watches `backend/vbd`
 //!    (relative to the domain's home). xenstored fires that watch at once,
-//!    so the existing devices are found by step 2.
-//! 2. Watch events: for every event from `xs.poll_watch_event()`, call
-//!    [`VbdBackends::on_watch_event`]`(&mut xs, &mut svc, &event)`; it
-//!    returns false for events of other watches (other tokens), which the
-//!    kernel handles itself.
+//!    so the existing devices are found in the first passes.
+//! 2. Watch events: each pass, [`VbdBackends::take_watch_events`]`(&mut
+//!    xs, other)` takes up to [`WATCH_EVENTS_TAKEN_PER_PASS`] events and
+//!    only notes them (a mark on the vbd, or a rescan; any number of events
+//!    for one vbd coalesce into one mark); events of other watches (other
+//!    tokens) go to `other`, for the kernel. Its [`WatchIntake`] says how
+//!    many were taken (poll again when any were) and whether the client
+//!    dropped some (then every vbd is marked, and the kernel should look at
+//!    its own watched nodes).
 //! 3. Event-channel upcalls: nothing to call. [`XenBackendServices`] gives each
 //!    ring port a no-op handler; the upcall only has to wake the poll loop,
 //!    which polls every ring.
@@ -52,30 +56,32 @@
 //!    touches no xenstore node: what needs the toolstack (a broken ring, a
 //!    drained disconnect, a timed step) comes back in its
 //!    [`RingsPolled::attention`], which
-//!    [`VbdBackends::attend`]`(&mut xs, &mut svc, &attention)` handles.
-//! 5. Idle: when the progress is [`Progress::Idle`], every ring has re-armed
-//!    its request event and nothing is in flight; the kernel may halt
-//!    (interrupts off, check `EventChannels::has_pending` and the xenstore
-//!    ring, then `sti; hlt`). On [`Progress::Busy`] it polls again.
+//!    [`VbdBackends::attend`]`(&mut xs, &mut svc, &attention)` handles,
+//!    before the work watch events asked for: a rescan, and the state
+//!    machines of up to [`VBD_UPDATES_PER_PASS`] marked vbds in rotating
+//!    order (a frontend rewriting its nodes in a loop gets one update per
+//!    pass, and cannot hold up the others or the toolstack). It returns
+//!    [`Progress::Busy`] while marked vbds remain.
+//! 5. Idle: when both progresses are [`Progress::Idle`] and no watch
+//!    event was taken, every ring has re-armed its request event and
+//!    nothing is in flight; the kernel may halt (interrupts off, check
+//!    `EventChannels::has_pending` and the xenstore ring, then `sti; hlt`).
+//!    Otherwise it polls again.
 //!
 //! In code (the kernel's types are placeholders):
 //! ```ignore
 //! let mut vbds = VbdBackends::new(KernelTargets::new(/* disks, modules */));
 //! vbds.start(&mut xs)?;
 //! loop {
+//!     let intake = vbds.take_watch_events(&mut xs, |event| kernel_watch(event))?;
 //!     let mut svc = XenBackendServices {
 //!         events: &mut events,
 //!         grants: &mut grants,
 //!         platform: KernelPlatform, // frame_address(gfn) = gfn * 4096
 //!     };
-//!     while let Some(event) = xs.poll_watch_event()? {
-//!         if !vbds.on_watch_event(&mut xs, &mut svc, &event) {
-//!             kernel_watch(&event); // control/shutdown and friends
-//!         }
-//!     }
 //!     let polled = vbds.poll_rings(&mut svc);
-//!     vbds.attend(&mut xs, &mut svc, &polled.attention);
-//!     if polled.progress == Progress::Idle {
+//!     let attended = vbds.attend(&mut xs, &mut svc, &polled.attention);
+//!     if polled.progress == Progress::Idle && attended == Progress::Idle && intake.taken == 0 {
 //!         halt_until_event(); // cli; if !events.has_pending(0) { sti; hlt }
 //!     }
 //! }
@@ -130,7 +136,10 @@ use core::ptr::NonNull;
 pub use negotiate::FrontendRing;
 pub use served_disk::{SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_sectors};
-pub use vbd::{Attention, Progress, RingsPolled, VbdBackends, VbdId, VbdStatus, WATCH_TOKEN};
+pub use vbd::{
+    Attention, Progress, RingsPolled, VBD_UPDATES_PER_PASS, VbdBackends, VbdId, VbdStatus,
+    WATCH_EVENTS_TAKEN_PER_PASS, WATCH_TOKEN, WatchIntake,
+};
 
 use xen_pv::event::{EventChannels, Port};
 use xen_pv::grant::{GrantError, GrantMapper, GrantSpec, Mapping};

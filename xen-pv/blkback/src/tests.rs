@@ -29,6 +29,7 @@ use xen_pv::xenstore::{Access, Perm, Xenstore, XenstoreInterface};
 use xen_pv::{Hypercall, PAGE_SIZE};
 
 mod hostile_frontend;
+mod xenstore_churn;
 
 const WINDOW: u64 = 0x10_0000;
 const FRONTEND: DomId = 7;
@@ -340,14 +341,16 @@ impl<'a> Harness<'a> {
             grants: &mut self.grants,
             platform: &mut self.platform,
         };
-        let mut handled = false;
-        while let Ok(Some(event)) = self.xs.poll_watch_event() {
-            handled = true;
-            assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
-        }
+        let intake = self.vbds.take_watch_events(&mut self.xs, |event| {
+            panic!("an event of no blkback watch: {event:?}")
+        });
         let polled = self.vbds.poll_rings(&mut svc);
-        self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
-        (moved || handled, polled.progress)
+        let attended = self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
+        let progress = match (polled.progress, attended) {
+            (Progress::Idle, Progress::Idle) => Progress::Idle,
+            _ => Progress::Busy,
+        };
+        (moved || intake.unwrap().taken > 0, progress)
     }
 
     /// Runs the kernel's loop until nothing moves: xenstore traffic, watch
@@ -1173,16 +1176,21 @@ fn unusable_frontend_details_are_reported() {
 #[test]
 fn other_watches_are_left_to_the_kernel() {
     run(|h| {
-        let mut svc = XenBackendServices {
-            events: &mut h.events,
-            grants: &mut h.grants,
-            platform: &mut h.platform,
-        };
         let event = xen_pv::xenstore::WatchEvent {
             path: "control/shutdown".into(),
             token: "kernel".into(),
         };
-        assert!(!h.vbds.on_watch_event(&mut h.xs, &mut svc, &event));
+        assert!(!h.vbds.on_watch_event(&event));
+        h.xs.channel_mut()
+            .inject_watch_event("control/shutdown", "kernel");
+        h.xs.channel_mut().step();
+        let mut others = Vec::new();
+        let intake = h
+            .vbds
+            .take_watch_events(&mut h.xs, |e| others.push(e.clone()))
+            .unwrap();
+        assert_eq!(intake.taken, 1);
+        assert_eq!(others, [event]);
     });
 }
 

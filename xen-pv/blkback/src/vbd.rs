@@ -24,7 +24,7 @@ use crate::target::{Target, TargetOpener};
 use xen_pv::DomId;
 use xen_pv::ring::{PeerChannel, RingError};
 use xen_pv::xenbus::XenbusState;
-use xen_pv::xenstore::{Tx, WatchEvent, Xenstore, XsError};
+use xen_pv::xenstore::{MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, Xenstore, XsError};
 
 /// Where the toolstack creates this domain's vbds (relative to its home).
 const BACKEND_DIR: &str = "backend/vbd";
@@ -36,7 +36,17 @@ const DETACH_GRACE_NS: u64 = 1_000_000_000;
 /// went without a watch event reaching us).
 const DETACH_RECHECK_NS: u64 = 250_000_000;
 /// Token prefix of the watches on frontends' `state` nodes.
-const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
+pub(crate) const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
+/// Watch events taken from the xenstore connection per pass of the loop:
+/// as many as the client can hold queued, so every event queued when a
+/// pass starts is taken in it. Taking one only marks its vbd (no xenstore
+/// request), so a flood of them costs little.
+pub const WATCH_EVENTS_TAKEN_PER_PASS: usize = MAX_QUEUED_WATCH_EVENTS;
+/// Marked vbds whose state machine [`VbdBackends::attend`] runs per pass,
+/// in rotating order: a vbd marked again and again (its frontend rewrites
+/// its `state` in a loop) costs one update per pass at most, and any
+/// marked vbd is updated within `vbds / VBD_UPDATES_PER_PASS + 1` passes.
+pub const VBD_UPDATES_PER_PASS: usize = 8;
 
 /// A vbd: the frontend domain and its device id (the directory names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -90,6 +100,17 @@ pub struct RingsPolled {
     pub attention: Vec<(VbdId, Attention)>,
 }
 
+/// What [`VbdBackends::take_watch_events`] took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchIntake {
+    /// Events taken (of every watch); when non-zero, poll again.
+    pub taken: usize,
+    /// The client dropped events since the last call (its queue was
+    /// full): every vbd is looked at again, and the kernel should look at
+    /// its own watches' nodes too.
+    pub lost: bool,
+}
+
 /// A vbd as seen from outside (console, tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VbdStatus {
@@ -125,6 +146,8 @@ struct Vbd {
     log: RateLimitedLog,
     /// Its statistics as last published (node name under `statistics/`).
     published: BTreeMap<String, u64>,
+    /// A watch event concerned it since its last update.
+    watch_pending: bool,
 }
 
 impl Vbd {
@@ -148,6 +171,12 @@ pub struct VbdBackends<O> {
     devices: BTreeMap<VbdId, Vbd>,
     /// The vbd the next [`VbdBackends::poll_rings`] serves first.
     poll_start: VbdId,
+    /// A watch event asked for a rescan of `backend/vbd`.
+    rescan_pending: bool,
+    /// The marked vbd the next [`VbdBackends::attend`] updates first.
+    update_start: VbdId,
+    /// The client's count of dropped watch events, as last seen.
+    dropped_watch_events: u64,
 }
 
 /// Where a watch event points.
@@ -159,13 +188,17 @@ enum EventTarget {
 
 impl<O: TargetOpener> VbdBackends<O> {
     pub fn new(opener: O) -> Self {
+        let first = VbdId {
+            frontend: 0,
+            devid: 0,
+        };
         VbdBackends {
             opener,
             devices: BTreeMap::new(),
-            poll_start: VbdId {
-                frontend: 0,
-                devid: 0,
-            },
+            poll_start: first,
+            rescan_pending: false,
+            update_start: first,
+            dropped_watch_events: 0,
         }
     }
 
@@ -175,31 +208,62 @@ impl<O: TargetOpener> VbdBackends<O> {
         xs.watch(BACKEND_DIR, WATCH_TOKEN)
     }
 
-    /// Handles one watch event; false if it belongs to another watch.
-    pub fn on_watch_event<C: PeerChannel, S: BackendServices>(
+    /// Takes up to [`WATCH_EVENTS_TAKEN_PER_PASS`] watch events from
+    /// `xs` without waiting, notes those of blkback's watches (see
+    /// [`Self::on_watch_event`]) and hands the others to `other`. The
+    /// work they call for is done by [`Self::attend`], a bounded share
+    /// per pass. Events the client dropped (its queue bounds what a
+    /// flooding guest can make stordom hold) mark every vbd and a rescan.
+    pub fn take_watch_events<C: PeerChannel>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
-        svc: &mut S,
-        event: &WatchEvent,
-    ) -> bool {
-        let target = if event.token == WATCH_TOKEN {
+        mut other: impl FnMut(&WatchEvent),
+    ) -> Result<WatchIntake, XsError> {
+        let mut intake = WatchIntake::default();
+        while intake.taken < WATCH_EVENTS_TAKEN_PER_PASS {
+            let Some(event) = xs.poll_watch_event()? else {
+                break;
+            };
+            intake.taken += 1;
+            if !self.on_watch_event(&event) {
+                other(&event);
+            }
+        }
+        let dropped = xs.dropped_watch_events();
+        if dropped != self.dropped_watch_events {
+            self.dropped_watch_events = dropped;
+            intake.lost = true;
+            self.rescan_pending = true;
+            self.devices
+                .values_mut()
+                .for_each(|v| v.watch_pending = true);
+        }
+        Ok(intake)
+    }
+
+    /// Notes one watch event for [`Self::attend`]: its vbd is marked (or
+    /// a rescan, for a vbd not known yet). Marks coalesce: any number of
+    /// events for one vbd cost one update, which reads the current nodes
+    /// (the state machine is level-triggered). False if the event belongs
+    /// to another watch.
+    pub fn on_watch_event(&mut self, event: &WatchEvent) -> bool {
+        if event.token == WATCH_TOKEN {
             match parse_backend_path(&event.path) {
-                Some(target) => target,
-                None => return true,
+                Some(EventTarget::Device(id)) => match self.devices.get_mut(&id) {
+                    Some(vbd) => vbd.watch_pending = true,
+                    None => self.rescan_pending = true,
+                },
+                Some(EventTarget::Rescan) => self.rescan_pending = true,
+                None => {}
             }
         } else if let Some(id) = event.token.strip_prefix(FRONTEND_TOKEN) {
             // Frontends write their nodes at will: their events only ever
-            // step a known vbd, never trigger a rescan.
-            if let Some(id) = parse_id(id).filter(|id| self.devices.contains_key(id)) {
-                self.update(xs, svc, id);
+            // mark a known vbd, never trigger a rescan.
+            if let Some(vbd) = parse_id(id).and_then(|id| self.devices.get_mut(&id)) {
+                vbd.watch_pending = true;
             }
-            return true;
         } else {
             return false;
-        };
-        match target {
-            EventTarget::Device(id) if self.devices.contains_key(&id) => self.update(xs, svc, id),
-            _ => self.rescan(xs, svc),
         }
         true
     }
@@ -222,10 +286,15 @@ impl<O: TargetOpener> VbdBackends<O> {
         for (_, vbd) in self.devices.range_mut(..start) {
             poll_vbd(vbd, svc, now, &mut polled);
         }
-        let after = self.devices.range((Excluded(start), Unbounded)).next();
-        let next = after.or_else(|| self.devices.iter().next());
-        self.poll_start = next.map_or(start, |(id, _)| *id);
+        self.poll_start = self.after(start);
         polled
+    }
+
+    /// The vbd after `id` in rotating order (the first after the last).
+    fn after(&self, id: VbdId) -> VbdId {
+        let after = self.devices.range((Excluded(id), Unbounded)).next();
+        let next = after.or_else(|| self.devices.iter().next());
+        next.map_or(id, |(next, _)| *next)
     }
 
     /// Publishes the statistics of each connected vbd that changed since
@@ -270,13 +339,16 @@ impl<O: TargetOpener> VbdBackends<O> {
         outstanding
     }
 
-    /// Does the xenstore work [`Self::poll_rings`] asked for.
+    /// Does the xenstore work [`Self::poll_rings`] asked for, then what
+    /// watch events asked for: a rescan, and the state machines of up to
+    /// [`VBD_UPDATES_PER_PASS`] marked vbds, starting one further than
+    /// the last pass ended. Busy while marked vbds remain.
     pub fn attend<C: PeerChannel, S: BackendServices>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
         svc: &mut S,
         attention: &[(VbdId, Attention)],
-    ) {
+    ) -> Progress {
         for &(id, need) in attention {
             match need {
                 Attention::BrokenRing(e) => {
@@ -288,6 +360,28 @@ impl<O: TargetOpener> VbdBackends<O> {
                 }
                 Attention::Drained | Attention::Due => self.update(xs, svc, id),
             }
+        }
+        if core::mem::take(&mut self.rescan_pending) {
+            self.rescan(xs, svc);
+        }
+        let start = self.update_start;
+        let marked = self
+            .devices
+            .range(start..)
+            .chain(self.devices.range(..start));
+        let mut due = [None; VBD_UPDATES_PER_PASS];
+        for (slot, (id, _)) in due.iter_mut().zip(marked.filter(|(_, v)| v.watch_pending)) {
+            *slot = Some(*id);
+        }
+        for id in due.iter().flatten() {
+            self.update(xs, svc, *id);
+        }
+        if let Some(&last) = due.iter().flatten().last() {
+            self.update_start = self.after(last);
+        }
+        match self.devices.values().any(|v| v.watch_pending) {
+            true => Progress::Busy,
+            false => Progress::Idle,
         }
     }
 
@@ -345,6 +439,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 closed_at: None,
                 recheck_at: None,
                 published: BTreeMap::new(),
+                watch_pending: false,
             };
             self.devices.insert(id, vbd);
             self.update(xs, svc, id);
@@ -361,6 +456,7 @@ impl<O: TargetOpener> VbdBackends<O> {
         let Some(vbd) = self.devices.get_mut(&id) else {
             return;
         };
+        vbd.watch_pending = false;
         if let Err(e) = step(vbd, xs, svc, &mut self.opener) {
             vbd.log.line(svc, format_args!("xenstore: {e:?}"));
         }

@@ -53,6 +53,7 @@ pub struct SimXenstored<'a> {
     reply_chunk: usize,
     fail_next: Option<XsError>,
     notifications: u64,
+    requests: u64,
 }
 
 fn dom0_owned() -> Vec<Perm> {
@@ -81,6 +82,7 @@ impl<'a> SimXenstored<'a> {
             reply_chunk: usize::MAX,
             fail_next: None,
             notifications: 0,
+            requests: 0,
         };
         for path in ["/", "/local", "/local/domain"] {
             d.tree.insert(
@@ -132,6 +134,11 @@ impl<'a> SimXenstored<'a> {
     /// Times the guest notified the store channel.
     pub fn notifications(&self) -> u64 {
         self.notifications
+    }
+
+    /// Requests the guest sent, answered or not.
+    pub fn requests(&self) -> u64 {
+        self.requests
     }
 
     /// Watches the guest has registered.
@@ -216,6 +223,7 @@ impl<'a> SimXenstored<'a> {
                 return;
             }
             let payload: Vec<u8> = self.incoming.drain(..end).skip(HEADER_LEN).collect();
+            self.requests += 1;
             let result = match self.fail_next.take() {
                 Some(e) => Err(e),
                 None => self.dispatch(&header, &payload),
