@@ -1,10 +1,12 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
-//! command line, and the x86-64 page-table format. The bare-metal binary
+//! heap's use counters, the command line, and the x86-64 page-table
+//! format. The bare-metal binary
 //! is `src/main.rs`.
 #![no_std]
 
 pub mod cmdline;
 pub mod frames;
+pub mod heap_usage;
 // The x86-64 page-table format: architecture code, so it lives under
 // `arch/x86_64/`; built here to be host-tested, and reached by the kernel
 // through its `arch` facade (`arch::paging`).

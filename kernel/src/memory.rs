@@ -5,8 +5,10 @@
 use crate::arch::mmu;
 use crate::arch::paging::{MapError, PAGE, PageAccess, PageTables, TableMemory};
 use boot::start_info::{MemoryType, StartInfo};
+use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::frames::{FRAME_SIZE, FrameAllocator};
+use kernel::heap_usage::HeapUsage;
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 
@@ -30,7 +32,41 @@ static TABLES: Mutex<Option<PageTables<KernelTables>>> = Mutex::new(None);
 static TABLES_LIVE: AtomicBool = AtomicBool::new(false);
 
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: CountingHeap = CountingHeap {
+    heap: LockedHeap::empty(),
+    usage: HeapUsage::new(),
+};
+
+/// The kernel's heap, counting what it hands out (see [`heap_usage`]).
+struct CountingHeap {
+    heap: LockedHeap,
+    usage: HeapUsage,
+}
+
+// SAFETY: every call goes to the locked heap unchanged; the counters only
+// watch. (`realloc` and `alloc_zeroed` keep their default bodies, which
+// call `alloc` and `dealloc` here, so they are counted too.)
+unsafe impl GlobalAlloc for CountingHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as the caller promised.
+        let block = unsafe { self.heap.alloc(layout) };
+        if !block.is_null() {
+            self.usage.allocated(layout.size());
+        }
+        block
+    }
+
+    unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
+        // SAFETY: as the caller promised.
+        unsafe { self.heap.dealloc(block, layout) };
+        self.usage.freed(layout.size());
+    }
+}
+
+/// The heap's use, for publishing.
+pub fn heap_usage() -> &'static HeapUsage {
+    &HEAP.usage
+}
 
 /// Page-table frames come from the frame allocator and are reached
 /// through the identity map.
@@ -214,7 +250,8 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
             .map_err(|_| MemoryError::OutOfMemory)?;
         // SAFETY: the frames are freshly allocated, mapped writable, and
         // handed to the heap for good.
-        unsafe { HEAP.lock().init(heap as *mut u8, heap_bytes as usize) };
+        unsafe { HEAP.heap.lock().init(heap as *mut u8, heap_bytes as usize) };
+        HEAP.usage.set_size(heap_bytes as usize);
         (frames.free_bytes(), heap_bytes)
     };
     Ok(MemorySummary {

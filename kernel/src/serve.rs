@@ -5,14 +5,16 @@
 //! off cleanly.
 
 use crate::arch::{self, clock};
+use crate::memory;
 use crate::platform::KernelHal;
 use crate::storage::NamedDisk;
 use crate::xen::{self, PortChannel, XenConnection};
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blkback::{
     OpenError, Platform, Progress, Target, TargetOpener, VbdBackends, XenBackendServices,
-    claim_sectors,
+    claim_sectors, statistics,
 };
 use blockdev::{Disk, DiskView};
 use core::fmt;
@@ -204,6 +206,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
     log::info!("serve: watching backend/vbd; ready");
     let mut published_grants = None;
+    let mut published_heap = BTreeMap::new();
     let mut counters = LoopCounters::default();
     let tables_digest = arch::descriptor_tables_digest();
     loop {
@@ -236,6 +239,9 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             }
             vbds.watchdog(&mut backend, now);
             vbds.publish_statistics(&mut xs);
+            // The connection's failure shows on its own in the next pass.
+            let heap = memory::heap_usage().nodes();
+            let _ = statistics::publish_changed(&mut xs, "data", heap, &mut published_heap);
         }
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
         let idle = polled.progress == Progress::Idle && attended == Progress::Idle;

@@ -182,27 +182,39 @@ pub(crate) fn nodes(rings: &[RingReport]) -> Vec<(String, u64)> {
     nodes
 }
 
-/// Writes the nodes of `rings` under `path/statistics/` whose value
-/// differs from `published` (what was written before, updated here),
-/// without waiting for xenstored: publishing never holds up the rings for
-/// a round trip. Nodes that do not fit in the xenstore ring now wait for
-/// the next call. Each node is written on its own (no transaction): a
-/// reader may see some nodes one publication ahead of others.
+/// Writes the nodes of `rings` under `path/statistics/` (see
+/// [`publish_changed`]).
 pub(crate) fn publish<C: PeerChannel>(
     xs: &mut Xenstore<'_, C>,
     path: &str,
     rings: &[RingReport],
     published: &mut BTreeMap<String, u64>,
 ) -> Result<(), XsError> {
-    for (name, value) in nodes(rings) {
-        if published.get(&name) == Some(&value) {
+    publish_changed(xs, &format!("{path}/statistics"), nodes(rings), published)
+}
+
+/// Writes each of `nodes` (a name under `dir`, a value) whose value
+/// differs from `published` (what was written before, updated here),
+/// without waiting for xenstored: publishing never holds up the rings for
+/// a round trip. Nodes that do not fit in the xenstore ring now wait for
+/// the next call. Each node is written on its own (no transaction): a
+/// reader may see some nodes one publication ahead of others.
+pub fn publish_changed<C: PeerChannel, N: AsRef<str>>(
+    xs: &mut Xenstore<'_, C>,
+    dir: &str,
+    nodes: impl IntoIterator<Item = (N, u64)>,
+    published: &mut BTreeMap<String, u64>,
+) -> Result<(), XsError> {
+    for (name, value) in nodes {
+        let name = name.as_ref();
+        if published.get(name) == Some(&value) {
             continue;
         }
-        let node = format!("{path}/statistics/{name}");
+        let node = format!("{dir}/{name}");
         if !xs.write_unacknowledged(&node, value.to_string().as_bytes())? {
             return Ok(());
         }
-        published.insert(name, value);
+        published.insert(name.to_string(), value);
     }
     Ok(())
 }
