@@ -76,7 +76,8 @@ soak: build images
 
 # The host fuzz tests (`cargo test` runs each briefly) for FUZZ_SECS each,
 # two at a time: ring engine, blkif parsing, xenstore wire and client,
-# hvm_start_info. Each prints its seed; FUZZ_SEED=<seed> replays one.
+# xenstore churn after connect, hvm_start_info. Each prints its seed;
+# FUZZ_SEED=<seed> replays one.
 fuzz:
 	STORDOM_FUZZ_SECS=$(FUZZ_SECS) $(if $(FUZZ_SEED),STORDOM_FUZZ_SEED=$(FUZZ_SEED)) \
 		cargo test --workspace fuzz_ -- --nocapture --test-threads 2

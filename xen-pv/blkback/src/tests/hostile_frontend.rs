@@ -403,7 +403,12 @@ fn check_responses(front: &mut SimBlkfront<'_>, ledger: &mut Ledger, closing: bo
 }
 
 /// The bystander writes a page and reads it back through its own vbd.
-fn bystander_is_served(h: &mut Harness<'_>, front: &mut SimBlkfront<'_>, page: u32, round: u64) {
+pub(super) fn bystander_is_served(
+    h: &mut Harness<'_>,
+    front: &mut SimBlkfront<'_>,
+    page: u32,
+    round: u64,
+) {
     let data = pattern(round as u8);
     front.fill(page, &data);
     let sector = (round % 16) * 8;
