@@ -6,6 +6,7 @@ use alloc::collections::BTreeMap;
 use super::hostile_frontend::bystander_is_served;
 use super::*;
 use crate::vbd::FRONTEND_TOKEN;
+use xen_pv::xenstore::{MAX_QUEUED_WATCH_EVENTS, Tx};
 
 const FLOODER: DomId = FRONTEND;
 const CALM: DomId = 8;
@@ -117,6 +118,33 @@ fn a_frontend_flooding_watch_events_delays_no_other_vbd() {
             );
         });
     }
+}
+
+/// The toolstack's events for a new vbd are pushed out of the client's
+/// full queue by a flood: the dropped events make stordom look at every
+/// vbd and rescan, so the vbd is found all the same.
+#[test]
+fn a_vbd_whose_events_the_client_dropped_is_found_all_the_same() {
+    run(|h| {
+        let (flooder, _) = h.serve(FLOODER, "ram:64K", "w", Protocol::X86_64);
+        let calm = h.add_vbd(CALM, DEVID, "ram:64K", "w");
+        let token = format!("{FRONTEND_TOKEN}{}/{}", flooder.frontend, flooder.devid);
+        for i in 0..MAX_QUEUED_WATCH_EVENTS + 8 {
+            let path = format!("{}/state/s{i}", frontend_path(flooder));
+            h.xs.channel_mut().inject_watch_event(&path, &token);
+        }
+        // A request of stordom's queues every event that came before its
+        // reply: the toolstack's, first, are dropped.
+        let dropped = h.xs.dropped_watch_events();
+        h.xs.read(Tx::NONE, "backend").unwrap_or_default();
+        assert!(
+            h.xs.dropped_watch_events() > dropped + 8,
+            "the toolstack's events dropped"
+        );
+        h.pass();
+        h.pass();
+        assert_eq!(h.backend_state(calm).as_deref(), Some("2"));
+    });
 }
 
 /// The churned frontend's disk (2048 sectors, several queues).
