@@ -248,8 +248,10 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         if idle && intake.taken == 0 {
             publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
             // An event that came while xenstore was busy is looked at
-            // before halting (interrupts stay off until the halt).
-            if !xen::events_pending(&events) {
+            // before halting (interrupts stay off until the halt), and so
+            // is a watch event the client queued while waiting for a
+            // reply (its port's pending bit was consumed by that wait).
+            if !xen::events_pending(&events) && xs.queued_watch_events() == 0 {
                 counters.sleeps += 1;
                 xen::sleep_until_any_event(&events, IDLE_HALT_NS);
                 if clock::now_ns() >= now + IDLE_HALT_NS {

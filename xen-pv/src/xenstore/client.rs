@@ -72,6 +72,13 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         &mut self.channel
     }
 
+    /// Watch events queued (they arrived while waiting for replies): the
+    /// store port's event that announced them was consumed by that wait,
+    /// so a caller about to sleep must take them first.
+    pub fn queued_watch_events(&self) -> usize {
+        self.watch_events.len()
+    }
+
     /// Watch events dropped because the queue was full.
     pub fn dropped_watch_events(&self) -> u64 {
         self.dropped_watch_events

@@ -146,6 +146,7 @@ fn watch_event_queue_is_bounded() {
         xs.channel_mut().set_chunks(64, 1 << 20);
         xs.mkdir(Tx::NONE, "x").unwrap();
         assert_eq!(xs.dropped_watch_events(), 6);
+        assert_eq!(xs.queued_watch_events(), client_limit());
         assert_eq!(xs.poll_watch_event().unwrap().unwrap().path, "/p6");
     });
 }
