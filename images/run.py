@@ -51,6 +51,12 @@ WATCHDOG_RE = re.compile(r"^\(d(\d+)\) .*\bwatchdog: ")
 DOM0_HB_RE = re.compile(r"^\[dom0\] hb up=")
 DIAG_DONE = "STORDOM-DIAG-DONE"
 TRIPLE_FAULT_RE = re.compile(r"d\d+v\d+ Triple fault")
+# The first line of Xen's dump of the faulted vCPU ("RIP:    0008:[<...>]").
+DUMP_RIP_RE = re.compile(r"RIP:\s+([0-9a-f]{4}):\[<([0-9a-f]+)>\]")
+# Xen's own code selector. A guest's saved state holding it (with Xen's
+# RIP, stack and CR3) was written by the emulator's SVM world switch, not
+# by anything the guest ran: ../shared/notes/xen-in-qemu.md.
+XEN_CODE_SELECTOR = "e008"
 # How long every console may stay silent before a timed-out machine counts
 # as frozen (dom0 beats every 10 s).
 SILENT_S = 45
@@ -384,13 +390,37 @@ class Attempt:
         self.diagnosis = d
 
     # ---- verdict ------------------------------------------------------------------
+    def triple_fault_state(self, line: int) -> tuple[str, list[str]]:
+        """What Xen's dump after the triple fault at xen.log line `line`
+        shows: ("emulator", evidence) if the guest's saved state is Xen's
+        own, else ("domain", evidence) with the RIP symbolized."""
+        xen = self.lines.get("xen", [])
+        head = xen[line - 1][1] if 0 < line <= len(xen) else ""
+        for _, text in xen[line:line + 12]:
+            if m := DUMP_RIP_RE.search(text):
+                cs, rip = m.group(1), int(m.group(2), 16)
+                if cs == XEN_CODE_SELECTOR:
+                    return "emulator", [
+                        f"xen.log:{line}: {head[:100]}",
+                        f"the dump is Xen's own state (cs {cs}, RIP {rip:#x}), which no guest "
+                        f"can load: the emulator's SVM world switch"]
+                return "domain", [f"xen.log:{line}: {head[:100]}",
+                                  f"the domain's own state: cs {cs}, RIP {symbolize(rip)}"]
+        return "domain", [f"xen.log:{line}: {head[:100]}", "Xen's dump of its state was not captured"]
+
     def classify(self, failed: list, suspects: list) -> tuple[str, list[str]]:
         """pass; emulator-suspect (a fault signature on some console) or
         machine-frozen (timed out, nobody heard from and Xen deaf to its
-        debug keys): both rerun; stordom-stalled (its watchdog fired, or its
-        heartbeat stopped while Xen still answered) or fail: not rerun."""
+        debug keys): both rerun; domain-fault (a triple fault in the
+        domain's own state: no emulator signature, so ours until shown
+        otherwise), stordom-stalled (its watchdog fired, or its heartbeat
+        stopped while Xen still answered) or fail: not rerun."""
         if not failed:
             return "pass", []
+        for s in suspects:
+            if s["console"] == "xen" and TRIPLE_FAULT_RE.search(s["text"]):
+                kind, evidence = self.triple_fault_state(s["line"])
+                return ("emulator-suspect" if kind == "emulator" else "domain-fault"), evidence
         xen = self.lines.get("xen", [])
         watchdog = [(t, x) for t, x in xen if WATCHDOG_RE.match(x)]
         beats = [(t, int(m.group(2))) for t, x in xen if (m := HEARTBEAT_RE.match(x))]
@@ -562,7 +592,7 @@ def summary(res: dict, run_dir: Path) -> str:
             out.append(row)
     if res["suspects"]:
         out.append("")
-        out.append(f"  {len(res['suspects'])} console line(s) that point at the emulator, not the code under test:")
+        out.append(f"  {len(res['suspects'])} console line(s) with a fault signature (the verdict says whose):")
         for s in res["suspects"][:10]:
             out.append(f"    {run_dir / (s['console'] + '.log')}:{s['line']}: {s['text'][:100]}")
     verdict_text = {
@@ -571,6 +601,8 @@ def summary(res: dict, run_dir: Path) -> str:
         "machine-frozen": "MACHINE FROZEN: the emulated machine stopped (no console line, Xen "
                           "deaf to its debug keys): the emulator, not the code under test",
         "stordom-stalled": "STORDOM STALLED: stordom's own heartbeat or watchdog shows it stuck",
+        "domain-fault": "DOMAIN FAULT: a domain triple-faulted in its own state (no emulator "
+                        "signature: ours until shown otherwise)",
     }
     if res["verdict"] != "pass":
         out.append("")
@@ -578,7 +610,7 @@ def summary(res: dict, run_dir: Path) -> str:
             out.append(f"  {verdict_text[res['verdict']]}")
         for e in res.get("evidence", []):
             out.append(f"    evidence: {e}")
-    if res["verdict"] in ("fail", "stordom-stalled"):
+    if res["verdict"] in ("fail", "stordom-stalled", "domain-fault"):
         failed = [c for c in res["checks"] if c["status"] != "pass"]
         # Prefer a failure that names a line.
         first = next((c for c in failed if re.search(r"\.log:\d+$", c["where"])), failed[0])

@@ -34,6 +34,12 @@ absent = "blkback: .*error"
 """
 
 
+# The first line of Xen's dump of a triple-faulted vCPU: Xen's own state
+# (seen under QEMU's emulated SVM), and a guest's own.
+XEN_STATE_DUMP = "(XEN) [   62.5] RIP:    e008:[<ffff82d0402044a5>]"
+OWN_STATE_DUMP = "(XEN) [   62.5] RIP:    0008:[<000000000219f288>]"
+
+
 def attempt(serial: list[str], done: bool = True, silent_s: float | None = None,
             xen_answered: bool = True, dom0_answered: bool = True) -> dict:
     """Feeds `serial` through a run's reader; with `silent_s`, the run timed
@@ -130,9 +136,20 @@ class RunTests(unittest.TestCase):
 
     def test_triple_fault_fails_a_passing_run(self):
         crash = "[   62.7] (XEN) [   62.5] d1v0 Triple fault - invoking HVM shutdown action 1"
-        r = attempt(GOOD[:-1] + [crash, GOOD[-1]])
+        r = attempt(GOOD[:-1] + [crash, XEN_STATE_DUMP, GOOD[-1]])
         self.assertEqual(r["verdict"], "emulator-suspect")
         self.assertIn("no domain triple-faulted", [c["name"] for c in r["checks"] if c["status"] != "pass"])
+
+    def test_a_triple_fault_in_the_domains_own_state_is_not_blamed_on_the_emulator(self):
+        crash = "(XEN) [   62.5] d1v0 Triple fault - invoking HVM shutdown action 1"
+        r = attempt(GOOD[:-1] + [crash, OWN_STATE_DUMP], done=True)
+        self.assertEqual(r["verdict"], "domain-fault")
+        self.assertNotIn("domain-fault", run.RERUN_VERDICTS)
+        self.assertIn("cs 0008, RIP 0x219f288", r["evidence"][1])
+        # Without Xen's dump there is no evidence either way: ours.
+        r = attempt(GOOD[:-1] + [crash], done=True)
+        self.assertEqual(r["verdict"], "domain-fault")
+        self.assertIn("not captured", r["evidence"][1])
 
     def test_guest_debug_port_lines_go_to_xen(self):
         r = attempt(GOOD[:-1] + ["(d1) [   3.0] INFO  serve: watching backend/vbd; ready", GOOD[-1]])
@@ -169,7 +186,7 @@ class RunTests(unittest.TestCase):
     def test_a_triple_fault_ends_the_attempt_at_once(self):
         crash = "(XEN) [   62.5] d1v0 Triple fault - invoking HVM shutdown action 1"
         # The reader stops waiting at the fault: the done marker never came.
-        r = attempt(GOOD[:-1] + [crash], done=True)
+        r = attempt(GOOD[:-1] + [crash, "(XEN) [   62.5] CPU:    0", XEN_STATE_DUMP], done=True)
         self.assertEqual(r["verdict"], "emulator-suspect")
         self.assertIn("a domain triple-faulted",
                       " ".join(c["detail"] for c in r["checks"] if c["status"] != "pass"))

@@ -3,8 +3,9 @@
 //! metal, and the Xen PV console ring (what `xl console` shows) once it is
 //! connected. Lines carry a timestamp and a level.
 //!
-//! Port output is lock-free, a byte at a time, so an exception or panic
-//! can always print, even if it interrupted a half-written line.
+//! Port output is lock-free (a byte at a time to the UART, one `rep outsb`
+//! per piece to 0xe9), so an exception or panic can always print, even if
+//! it interrupted a half-written line.
 
 use crate::arch::{clock, cpu};
 use core::fmt::{self, Write};
@@ -37,22 +38,24 @@ pub fn disable_serial() {
     COM1_ENABLED.store(false, Ordering::Relaxed);
 }
 
-fn put_byte(b: u8) {
-    if COM1_ENABLED.load(Ordering::Relaxed) {
-        // Wait for the transmitter, bounded: an absent UART reads 0xff
-        // (ready), and a stuck one must not hang the kernel.
-        for _ in 0..100_000 {
-            if cpu::inb(COM1 + 5) & 0x20 != 0 {
-                break;
-            }
+fn put_serial_byte(b: u8) {
+    // Wait for the transmitter, bounded: an absent UART reads 0xff
+    // (ready), and a stuck one must not hang the kernel.
+    for _ in 0..100_000 {
+        if cpu::inb(COM1 + 5) & 0x20 != 0 {
+            break;
         }
-        cpu::outb(COM1, b);
     }
-    cpu::outb(DEBUGCON, b);
+    cpu::outb(COM1, b);
 }
 
 fn write_all_sinks(bytes: &[u8]) {
-    bytes.iter().copied().for_each(put_byte);
+    if COM1_ENABLED.load(Ordering::Relaxed) {
+        bytes.iter().copied().for_each(put_serial_byte);
+    }
+    // Under Xen every port access is a VM exit: a line costs one exit
+    // (Xen emulates the string instruction) instead of one per byte.
+    cpu::outsb(DEBUGCON, bytes);
     crate::xen::console_write(bytes);
 }
 

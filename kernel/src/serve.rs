@@ -21,6 +21,7 @@ use core::fmt;
 use core::ptr::NonNull;
 use drivers::RamDisk;
 use xen_pv::PAGE_SIZE;
+use xen_pv::vcpu::CpuTimes;
 use xen_pv::xenstore::{Tx, Xenstore};
 
 /// Longest halt when idle; events end it sooner. Short enough for the
@@ -31,6 +32,9 @@ const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
 const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 /// How often the heartbeat is logged while requests are outstanding.
 const HEARTBEAT_NS: u64 = 5_000_000_000;
+/// A loop turn (its sleep aside) longer than this is reported with where
+/// its time went: every ring waits for the turn to end.
+const SLOW_TURN_NS: u64 = 1_000_000_000;
 
 /// What the serve loop did, for the heartbeat: it shows, without dom0,
 /// whether the loop still turns, sleeps and wakes, and where each busy
@@ -45,6 +49,38 @@ struct LoopCounters {
     next_heartbeat_ns: u64,
     /// The last heartbeat had requests outstanding.
     beating: bool,
+    /// vCPU times at the last heartbeat (`None`: no runstate area).
+    cpu_at_beat: Option<CpuTimes>,
+    /// No slow-turn report before this time (one per heartbeat period).
+    next_slow_report_ns: u64,
+}
+
+/// Clock readings at the phase boundaries of one loop turn.
+struct TurnMarks {
+    start: u64,
+    cpu_at_start: Option<CpuTimes>,
+    /// Ends of: event and watch intake, ring polling, toolstack work,
+    /// housekeeping.
+    ends: [u64; 4],
+}
+
+/// ` cpu run=.. wait=.. blocked=..` in ms: how Xen spent the interval.
+/// `wait` is time stordom was ready but given no physical CPU.
+struct CpuSpent(Option<CpuTimes>);
+
+impl fmt::Display for CpuSpent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(t) => write!(
+                f,
+                " cpu run={}ms wait={}ms blocked={}ms",
+                t.running / 1_000_000,
+                t.runnable / 1_000_000,
+                t.blocked / 1_000_000
+            ),
+            None => Ok(()),
+        }
+    }
 }
 
 impl LoopCounters {
@@ -58,20 +94,50 @@ impl LoopCounters {
             return;
         }
         self.next_heartbeat_ns = now + HEARTBEAT_NS;
+        let cpu = xen::cpu_times();
+        let spent = cpu.zip(self.cpu_at_beat).map(|(c, b)| c.since(&b));
+        self.cpu_at_beat = cpu;
         let mut rings = String::new();
         let outstanding = vbds.heartbeat(&mut rings);
         if outstanding > 0 || self.beating {
             log::info!(
-                "hb up={}.{:03} turns={} sleeps={} timeouts={} event_pending={} outstanding={outstanding}{rings}",
+                "hb up={}.{:03} turns={} sleeps={} timeouts={} event_pending={}{} outstanding={outstanding}{rings}",
                 now / 1_000_000_000,
                 now / 1_000_000 % 1000,
                 self.turns,
                 self.sleeps,
                 self.timeouts,
                 u8::from(pending),
+                CpuSpent(spent),
             );
         }
         self.beating = outstanding > 0;
+    }
+
+    /// Reports a turn longer than [`SLOW_TURN_NS`], at most once per
+    /// heartbeat period: how long each phase took and how much of the
+    /// turn Xen ran stordom, kept it waiting for a CPU, or had it blocked
+    /// (a xenstore or console wait).
+    fn check_turn(&mut self, marks: &TurnMarks) {
+        let [intake, rings, attend, housekeeping] = marks.ends;
+        let total = housekeeping.saturating_sub(marks.start);
+        if total < SLOW_TURN_NS || housekeeping < self.next_slow_report_ns {
+            return;
+        }
+        self.next_slow_report_ns = housekeeping + HEARTBEAT_NS;
+        let ms = |from: u64, to: u64| to.saturating_sub(from) / 1_000_000;
+        let spent = xen::cpu_times()
+            .zip(marks.cpu_at_start)
+            .map(|(c, s)| c.since(&s));
+        log::warn!(
+            "slow turn: {} ms (intake {} ms, rings {} ms, toolstack {} ms, housekeeping {} ms);{}",
+            total / 1_000_000,
+            ms(marks.start, intake),
+            ms(intake, rings),
+            ms(rings, attend),
+            ms(attend, housekeeping),
+            CpuSpent(spent),
+        );
     }
 }
 
@@ -211,6 +277,11 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let tables_digest = arch::descriptor_tables_digest();
     loop {
         counters.turns += 1;
+        let mut marks = TurnMarks {
+            start: clock::now_ns(),
+            cpu_at_start: xen::cpu_times(),
+            ends: [0; 4],
+        };
         xen::dispatch_events(&mut events);
         // A bounded number of events per pass, each only noted: their work
         // is done by `attend`, a bounded share per pass.
@@ -224,14 +295,17 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             log::info!("serve: shutdown requested");
             return Ok(());
         }
+        marks.ends[0] = clock::now_ns();
         let mut backend = XenBackendServices {
             events: &mut events,
             grants: &mut grants,
             platform: KernelPlatform,
         };
         let polled = vbds.poll_rings(&mut backend);
+        marks.ends[1] = clock::now_ns();
         let attended = vbds.attend(&mut xs, &mut backend, &polled.attention);
         let now = clock::now_ns();
+        marks.ends[2] = now;
         if now >= counters.next_housekeeping_ns {
             counters.next_housekeeping_ns = now + HOUSEKEEPING_NS;
             if arch::descriptor_tables_digest() != tables_digest {
@@ -243,6 +317,8 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             let heap = memory::heap_usage().nodes();
             let _ = statistics::publish_changed(&mut xs, "data", heap, &mut published_heap);
         }
+        marks.ends[3] = clock::now_ns();
+        counters.check_turn(&marks);
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
         let idle = polled.progress == Progress::Idle && attended == Progress::Idle;
         if idle && intake.taken == 0 {

@@ -24,6 +24,7 @@ use xen_pv::hypercall::command;
 use xen_pv::memory::{SharedInfo, map_shared_info};
 use xen_pv::ring::{PeerChannel, TimedOut};
 use xen_pv::sched;
+use xen_pv::vcpu::{self, CpuTimes, RunstateArea};
 use xen_pv::xenstore::{Xenstore, XenstoreInterface};
 use xen_pv::{Errno, PAGE_SIZE};
 
@@ -252,6 +253,16 @@ pub fn events_pending(events: &EventChannels<'static, Hypercalls>) -> bool {
     UPCALL_TAKEN.load(Ordering::Acquire) || events.has_pending(0)
 }
 
+/// Where Xen keeps vCPU 0's runstate times (registered at start).
+static RUNSTATE: RunstateArea = RunstateArea::new();
+
+/// vCPU 0's times in each runstate so far, by Xen's clock: `None` until
+/// Xen has written the area (or if it refused it).
+pub fn cpu_times() -> Option<CpuTimes> {
+    let clock = SHARED_INFO.get()?.vcpu_info[0].time.read()?;
+    RUNSTATE.times_at(clock.nanos_at(cpu::rdtsc()))
+}
+
 /// shared_info, for the upcall handler.
 static SHARED_INFO: Once<&'static SharedInfo> = Once::new();
 /// Set by the upcall handler: the selector may hold events to scan.
@@ -289,6 +300,11 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
     interrupts::set_handler(UPCALL_VECTOR, on_upcall);
     let upcall = hvm::setup_upcall(&hc, 0, UPCALL_VECTOR)
         .map_err(|e| XenError::Hypercall("upcall vector setup", e))?;
+
+    // Diagnostics only: a refusal costs the heartbeat its CPU times.
+    if let Err(e) = vcpu::register_runstate_area(&hc, 0, &RUNSTATE) {
+        log::warn!("xen: no runstate area ({e:?}): heartbeats will lack CPU times");
+    }
 
     let store_ring =
         hvm::store_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_STORE_*", e))?;

@@ -18,6 +18,8 @@ pub enum HypercallOp {
     ConsoleIo = 18,
     /// `grant_table_op`: map, unmap and copy grants.
     GrantTable = 20,
+    /// `vcpu_op`: per-vCPU registrations (the runstate area).
+    Vcpu = 24,
     /// `sched_op`: yield, block, shutdown.
     Sched = 29,
     /// `event_channel_op`: event channel management.

@@ -60,6 +60,7 @@ pub mod ring;
 pub mod sched;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod vcpu;
 pub mod xenbus;
 pub mod xenstore;
 

@@ -10,6 +10,18 @@ pub fn outb(port: u16, value: u8) {
     unsafe { Port::new(port).write(value) }
 }
 
+/// Writes `bytes` to an I/O port with one `rep outsb`: under a hypervisor
+/// that is one trap for the whole buffer instead of one per byte.
+pub fn outsb(port: u16, bytes: &[u8]) {
+    // SAFETY: as for `outb`; `rep outsb` only reads the `bytes.len()` bytes
+    // at `bytes`, which the slice guarantees are readable, and the
+    // direction flag is clear (the ABI keeps it clear between functions).
+    unsafe {
+        core::arch::asm!("rep outsb", in("dx") port, inout("rsi") bytes.as_ptr() => _,
+            inout("rcx") bytes.len() => _, options(nostack, preserves_flags, readonly))
+    }
+}
+
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     // SAFETY: as for `outb`: port reads here only have device side effects.
