@@ -1,0 +1,321 @@
+//! The random campaign: requests generated from a seed, each a valid
+//! request or a mutation of one (operation, segment count, sector range,
+//! segment sectors, grant refs, indirect pages), sent in batches; every
+//! answer checked against what the generator knows the request to be.
+//! The same seed sends the same requests.
+
+use blkback::blkif::{self, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
+use host_fuzz::FuzzRng;
+
+use crate::cases::after_case;
+use crate::dom0::Dom0;
+use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment};
+
+/// Requests in flight at once.
+const BATCH: usize = 16;
+
+/// What a generated request must get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Okay,
+    Refused,
+    /// Valid or not depending on what the backend offers (flush,
+    /// discard): any blkif status.
+    Either,
+}
+
+/// A generated request.
+#[derive(Debug)]
+struct Generated {
+    id: u64,
+    entry: Vec<u8>,
+    expect: Expect,
+    /// A read whose pages are checked afterwards: its sector and segments.
+    read: Option<(u64, Vec<Segment>)>,
+    /// What was done to it, for a failure's message.
+    what: String,
+}
+
+/// Counts of a campaign.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CampaignTally {
+    pub sent: u64,
+    pub okay: u64,
+    pub refused: u64,
+}
+
+/// Grants outside the frontend's pool the generator may name.
+struct ForeignRefs {
+    revoked: u32,
+    readonly: u32,
+}
+
+/// Runs `count` generated requests from `seed` on vbd `devid`, then the
+/// checks every case ends with (`devid + 1` for the fresh vbd).
+pub fn run_campaign(
+    d: &mut dyn Dom0,
+    devid: u32,
+    seed: u64,
+    count: u64,
+    grant_slack: u64,
+) -> Result<CampaignTally, String> {
+    let baseline = d.grants_mapped();
+    let mut rng = FuzzRng::new(seed);
+    let options = AttachOptions {
+        persistent: rng.one_in(2),
+        ..AttachOptions::default()
+    };
+    let mut front = HostileFront::attach(d, devid, options)?;
+    let revoked = {
+        let grant = d.grant(false)?;
+        let gref = grant.gref;
+        d.revoke(grant);
+        gref
+    };
+    let refs = ForeignRefs {
+        revoked,
+        readonly: front.readonly.gref,
+    };
+    let mut tally = CampaignTally::default();
+    while tally.sent < count {
+        let mut free: Vec<usize> = (0..DATA_PAGES).rev().collect();
+        let mut readonly_free = true;
+        let mut batch = Vec::new();
+        while batch.len() < BATCH && tally.sent + (batch.len() as u64) < count {
+            match generate(&mut front, &mut rng, &mut free, &mut readonly_free, &refs) {
+                Some(g) => batch.push(g),
+                None => break,
+            }
+        }
+        if rng.one_in(64) {
+            for _ in 0..32 {
+                d.notify(front.port);
+            }
+        }
+        let entries: Vec<Vec<u8>> = batch.iter().map(|g| g.entry.clone()).collect();
+        let responses = front
+            .exchange(d, &entries)
+            .map_err(|e| format!("seed {seed}: {e}"))?;
+        for r in responses {
+            let at = batch
+                .iter()
+                .position(|g| g.id == r.id)
+                .ok_or_else(|| format!("seed {seed}: response {r:?} names no request"))?;
+            let g = batch.swap_remove(at);
+            let fine = match g.expect {
+                Expect::Okay => r.status == RSP_OKAY,
+                Expect::Refused => r.status == RSP_ERROR || r.status == RSP_EOPNOTSUPP,
+                Expect::Either => [RSP_OKAY, RSP_ERROR, RSP_EOPNOTSUPP].contains(&r.status),
+            };
+            if !fine {
+                return Err(format!(
+                    "seed {seed}, request {} ({}): status {}, expected {:?}",
+                    tally.sent, g.what, r.status, g.expect
+                ));
+            }
+            if let Some((sector, segs)) = &g.read {
+                front
+                    .check_read(*sector, segs, Some(r.status == RSP_OKAY))
+                    .map_err(|e| {
+                        format!("seed {seed}, request {} ({}): {e}", tally.sent, g.what)
+                    })?;
+            }
+            tally.sent += 1;
+            if r.status == RSP_OKAY {
+                tally.okay += 1;
+            } else {
+                tally.refused += 1;
+            }
+        }
+    }
+    front.detach(d)?;
+    after_case(d, devid + 1, baseline, grant_slack)?;
+    Ok(tally)
+}
+
+/// A request from the pages in `free` (taking those it uses), or `None`
+/// when too few are left for it.
+fn generate(
+    front: &mut HostileFront,
+    rng: &mut FuzzRng,
+    free: &mut Vec<usize>,
+    readonly_free: &mut bool,
+    refs: &ForeignRefs,
+) -> Option<Generated> {
+    let indirect = front.max_indirect > 0 && rng.one_in(8);
+    let op = if rng.one_in(2) {
+        blkif::OP_READ
+    } else {
+        blkif::OP_WRITE
+    };
+    let listed = if indirect {
+        1 + rng.below(24) as usize
+    } else {
+        match rng.below(20) {
+            0..=9 => 1,
+            10..=16 => 2 + rng.below(3) as usize,
+            _ => 5 + rng.below(7) as usize,
+        }
+    };
+    if free.len() < listed + usize::from(indirect) {
+        return None;
+    }
+    let mut segs: Vec<Segment> = (0..listed)
+        .map(|_| {
+            let page = free.pop().expect("counted");
+            let first_sect = rng.below(8) as u8;
+            let last_sect = first_sect + rng.below(u64::from(8 - first_sect)) as u8;
+            Segment {
+                gref: front.data[page].gref,
+                first_sect,
+                last_sect,
+            }
+        })
+        .collect();
+    let list = indirect.then(|| front.data[free.pop().expect("counted")].gref);
+    let total = |segs: &[Segment]| -> u64 {
+        segs.iter()
+            .map(|s| u64::from(s.last_sect.wrapping_sub(s.first_sect)) + 1)
+            .sum()
+    };
+    let mut sector = rng.below(front.sectors - total(&segs) + 1);
+    let mut operation = op;
+    let mut nr_segments = listed as u64;
+    let mut what = format!(
+        "{} {} of {listed} segments at {sector}",
+        if indirect { "indirect" } else { "direct" },
+        if op == blkif::OP_READ {
+            "read"
+        } else {
+            "write"
+        }
+    );
+    let mutations = match rng.below(8) {
+        0..=3 => 0,
+        4..=6 => 1,
+        _ => 2,
+    };
+    let mut garbage_list = false;
+    for _ in 0..mutations {
+        match rng.below(9) {
+            0 => {
+                operation = rng.pick(&[4, 7, 8, 9, 0x80, 0xff]);
+                what += &format!(", operation {operation}");
+            }
+            1 => {
+                nr_segments = if indirect {
+                    let max = u64::from(front.max_indirect);
+                    let far = max + 1 + rng.below(4096);
+                    rng.pick(&[0, max + 1, far, u64::from(u16::MAX)])
+                } else {
+                    rng.pick(&[0, 12, 13, 200, 255])
+                };
+                what += &format!(", nr_segments {nr_segments}");
+            }
+            2 if nr_segments > 1 && nr_segments <= segs.len() as u64 => {
+                // Fewer segments than listed: still a valid request.
+                nr_segments = 1 + rng.below(nr_segments - 1);
+                segs.truncate(nr_segments as usize);
+                what += &format!(", only {nr_segments} segments");
+            }
+            3 => {
+                let s = rng.below(segs.len() as u64) as usize;
+                segs[s].first_sect = 1 + rng.below(7) as u8;
+                segs[s].last_sect = rng.below(u64::from(segs[s].first_sect)) as u8;
+                what += &format!(", segment {s} backwards");
+            }
+            4 => {
+                let s = rng.below(segs.len() as u64) as usize;
+                segs[s].last_sect = 8 + rng.below(248) as u8;
+                what += &format!(", segment {s} past its page");
+            }
+            5 => {
+                let end = front.sectors;
+                sector = match rng.below(4) {
+                    0 => end.saturating_sub(total(&segs)) + 1 + rng.below(8),
+                    1 => end,
+                    2 => u64::MAX - rng.below(16),
+                    _ => rng.next_u64() | 1 << 63,
+                };
+                what += &format!(", sector {sector}");
+            }
+            6 => {
+                let s = rng.below(segs.len() as u64) as usize;
+                segs[s].gref = if *readonly_free && rng.one_in(2) {
+                    *readonly_free = false;
+                    refs.readonly
+                } else {
+                    rng.pick(&[0, u32::MAX, 0x7fff_ffff, refs.revoked])
+                };
+                what += &format!(", segment {s} on ref {}", segs[s].gref);
+            }
+            7 if indirect => {
+                garbage_list = true;
+                what += ", garbage indirect page";
+            }
+            8 => {
+                operation = blkif::OP_FLUSH_DISKCACHE;
+                what += ", a flush";
+            }
+            _ => {}
+        }
+    }
+    let flush = operation == blkif::OP_FLUSH_DISKCACHE;
+    let expect = if flush {
+        // A flush ignores its segments, and the backend may not offer it.
+        Expect::Either
+    } else {
+        let max_segments = if indirect {
+            u64::from(front.max_indirect)
+        } else {
+            blkif::MAX_SEGMENTS_PER_REQUEST as u64
+        };
+        let counted = (1..=max_segments).contains(&nr_segments);
+        let usable = |s: &Segment| {
+            let pooled = front.data.iter().any(|g| g.gref == s.gref);
+            // Persistent grants are mapped writable (as Linux blkback
+            // maps them), so a read-only one then serves nothing.
+            let readable =
+                s.gref == refs.readonly && operation == blkif::OP_WRITE && !front.persistent;
+            (pooled || readable)
+                && s.first_sect <= s.last_sect
+                && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE
+        };
+        let named = &segs[..(nr_segments as usize).min(segs.len())];
+        let fits = sector
+            .checked_add(total(named))
+            .is_some_and(|end| end <= front.sectors);
+        let valid = [blkif::OP_READ, blkif::OP_WRITE].contains(&operation)
+            && counted
+            && named.iter().all(usable)
+            && fits
+            && !garbage_list;
+        if valid { Expect::Okay } else { Expect::Refused }
+    };
+    let writing = op == blkif::OP_WRITE && !flush;
+    if writing {
+        front.prepare_write(sector, &segs);
+    } else {
+        front.prepare_read(&segs);
+    }
+    let (id, entry) = match list {
+        Some(list) => {
+            if garbage_list {
+                front.with_page(list, |page| rng.fill(page));
+            } else {
+                front.write_indirect_page(list, &segs);
+            }
+            front.indirect_request(operation, sector, nr_segments as u16, &[list])
+        }
+        None => front.rw_request(operation, sector, nr_segments as u8, &segs),
+    };
+    let read = (op == blkif::OP_READ && !flush && expect != Expect::Either && !garbage_list)
+        .then_some((sector, segs));
+    Some(Generated {
+        id,
+        entry,
+        expect,
+        read,
+        what,
+    })
+}

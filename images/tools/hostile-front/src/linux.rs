@@ -1,0 +1,275 @@
+//! [`Dom0`] under Xen, from Linux's Xen devices: grants from
+//! /dev/xen/gntalloc, an event channel from /dev/xen/evtchn, xenstore
+//! through /dev/xen/xenbus (the daemon's wire protocol), and `xl list` to
+//! see whether the backend domain still runs.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+use hostile_front::dom0::{Dom0, Grant};
+use xen_pv::xenstore::wire::{HEADER_LEN, Header, MsgType};
+use xen_pv::xenstore::{Access, Perm};
+
+const PAGE: usize = 4096;
+
+/// `_IOC(_IOC_NONE, type, nr, size)`.
+const fn ioc_none(kind: u8, nr: u8, size: usize) -> libc::c_ulong {
+    ((size as libc::c_ulong) << 16) | ((kind as libc::c_ulong) << 8) | nr as libc::c_ulong
+}
+
+/// `struct ioctl_gntalloc_alloc_gref` for one page.
+#[repr(C)]
+struct GntallocAlloc {
+    domid: u16,
+    flags: u16,
+    count: u32,
+    index: u64,
+    gref_ids: [u32; 1],
+}
+
+/// `struct ioctl_gntalloc_dealloc_gref`.
+#[repr(C)]
+struct GntallocDealloc {
+    index: u64,
+    count: u32,
+}
+
+const GNTALLOC_FLAG_WRITABLE: u16 = 1;
+const IOCTL_GNTALLOC_ALLOC_GREF: libc::c_ulong = ioc_none(b'G', 5, size_of::<GntallocAlloc>());
+const IOCTL_GNTALLOC_DEALLOC_GREF: libc::c_ulong = ioc_none(b'G', 6, size_of::<GntallocDealloc>());
+/// `struct ioctl_evtchn_bind_unbound_port`, `_unbind` and `_notify` each
+/// hold one `unsigned int`.
+const IOCTL_EVTCHN_BIND_UNBOUND_PORT: libc::c_ulong = ioc_none(b'E', 2, 4);
+const IOCTL_EVTCHN_UNBIND: libc::c_ulong = ioc_none(b'E', 3, 4);
+const IOCTL_EVTCHN_NOTIFY: libc::c_ulong = ioc_none(b'E', 4, 4);
+/// The longest one [`Dom0::settle`] waits for a notification.
+const SETTLE_MS: i32 = 20;
+
+/// dom0's devices.
+pub struct XenDom0 {
+    backend: u16,
+    gntalloc: File,
+    evtchn: File,
+    xenbus: File,
+    req_id: u32,
+}
+
+fn os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+impl XenDom0 {
+    pub fn open(backend: u16) -> Result<Self, String> {
+        let open = |path: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("{path}: {e}"))
+        };
+        Ok(XenDom0 {
+            backend,
+            gntalloc: open("/dev/xen/gntalloc")?,
+            evtchn: open("/dev/xen/evtchn")?,
+            xenbus: open("/dev/xen/xenbus")?,
+            req_id: 0,
+        })
+    }
+
+    /// One xenstore request and its reply's payload.
+    fn xenstore(&mut self, kind: MsgType, payload: &[u8]) -> Result<Vec<u8>, String> {
+        self.req_id = self.req_id.wrapping_add(1);
+        let header = Header {
+            msg_type: kind as u32,
+            req_id: self.req_id,
+            tx_id: 0,
+            len: payload.len() as u32,
+        };
+        let mut message = header.encode().to_vec();
+        message.extend_from_slice(payload);
+        self.xenbus
+            .write_all(&message)
+            .map_err(|e| format!("xenbus write: {e}"))?;
+        let mut head = [0u8; HEADER_LEN];
+        self.xenbus
+            .read_exact(&mut head)
+            .map_err(|e| format!("xenbus read: {e}"))?;
+        let reply = Header::decode(&head).map_err(|e| format!("xenbus reply: {e:?}"))?;
+        let mut body = vec![0u8; reply.len as usize];
+        self.xenbus
+            .read_exact(&mut body)
+            .map_err(|e| format!("xenbus read: {e}"))?;
+        if reply.msg_type == MsgType::Error as u32 {
+            let text = String::from_utf8_lossy(&body);
+            return Err(text.trim_end_matches('\0').to_string());
+        }
+        Ok(body)
+    }
+
+    fn evtchn_ioctl(&self, request: libc::c_ulong, arg: u32) -> i32 {
+        let mut arg = arg;
+        // SAFETY: each evtchn ioctl used here takes a pointer to one
+        // unsigned int, which `arg` is and outlives the call.
+        unsafe { libc::ioctl(self.evtchn.as_raw_fd(), request, &mut arg) }
+    }
+}
+
+fn path_payload(path: &str) -> Vec<u8> {
+    let mut payload = path.as_bytes().to_vec();
+    payload.push(0);
+    payload
+}
+
+impl Dom0 for XenDom0 {
+    fn domid(&self) -> u16 {
+        0
+    }
+
+    fn backend_domid(&self) -> u16 {
+        self.backend
+    }
+
+    fn grant(&mut self, readonly: bool) -> Result<Grant, String> {
+        let mut request = GntallocAlloc {
+            domid: self.backend,
+            flags: if readonly { 0 } else { GNTALLOC_FLAG_WRITABLE },
+            count: 1,
+            index: 0,
+            gref_ids: [0],
+        };
+        let fd = self.gntalloc.as_raw_fd();
+        // SAFETY: the struct matches the kernel's layout for one page.
+        if unsafe { libc::ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, &mut request) } != 0 {
+            return Err(os_error("IOCTL_GNTALLOC_ALLOC_GREF"));
+        }
+        // SAFETY: maps the page just allocated, at the offset the ioctl
+        // returned; the result is checked before use.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                request.index as libc::off_t,
+            )
+        };
+        if page == libc::MAP_FAILED {
+            return Err(os_error("mmap of a gntalloc page"));
+        }
+        Ok(Grant {
+            gref: request.gref_ids[0],
+            page: NonNull::new(page.cast()).ok_or("mmap returned null")?,
+            token: request.index,
+        })
+    }
+
+    fn revoke(&mut self, grant: Grant) {
+        // SAFETY: the page was mapped by `grant` and nothing refers to it
+        // once the grant is given up here.
+        unsafe { libc::munmap(grant.page.as_ptr().cast(), PAGE) };
+        let mut request = GntallocDealloc {
+            index: grant.token,
+            count: 1,
+        };
+        // SAFETY: the struct matches the kernel's layout. gntalloc ends
+        // the grant now, or once the backend unmaps it.
+        unsafe {
+            libc::ioctl(
+                self.gntalloc.as_raw_fd(),
+                IOCTL_GNTALLOC_DEALLOC_GREF,
+                &mut request,
+            )
+        };
+    }
+
+    fn alloc_port(&mut self) -> Result<u32, String> {
+        let port = self.evtchn_ioctl(IOCTL_EVTCHN_BIND_UNBOUND_PORT, u32::from(self.backend));
+        u32::try_from(port).map_err(|_| os_error("IOCTL_EVTCHN_BIND_UNBOUND_PORT"))
+    }
+
+    fn close_port(&mut self, port: u32) {
+        self.evtchn_ioctl(IOCTL_EVTCHN_UNBIND, port);
+    }
+
+    fn notify(&mut self, port: u32) {
+        self.evtchn_ioctl(IOCTL_EVTCHN_NOTIFY, port);
+    }
+
+    fn xs_write(&mut self, path: &str, value: &str) -> Result<(), String> {
+        let mut payload = path_payload(path);
+        payload.extend_from_slice(value.as_bytes());
+        self.xenstore(MsgType::Write, &payload)
+            .map(drop)
+            .map_err(|e| format!("writing {path}: {e}"))
+    }
+
+    fn xs_read(&mut self, path: &str) -> Option<String> {
+        let value = self.xenstore(MsgType::Read, &path_payload(path)).ok()?;
+        String::from_utf8(value).ok()
+    }
+
+    fn xs_rm(&mut self, path: &str) {
+        // Missing already is as good as removed.
+        let _ = self.xenstore(MsgType::Rm, &path_payload(path));
+    }
+
+    fn xs_set_perms(&mut self, path: &str, owner: u16, reader: u16) -> Result<(), String> {
+        let mut payload = path_payload(path);
+        let perms = [
+            Perm {
+                domid: owner,
+                access: Access::None,
+            },
+            Perm {
+                domid: reader,
+                access: Access::Read,
+            },
+        ];
+        perms.iter().for_each(|p| p.encode_into(&mut payload));
+        self.xenstore(MsgType::SetPerms, &payload)
+            .map(drop)
+            .map_err(|e| format!("permissions of {path}: {e}"))
+    }
+
+    fn settle(&mut self) {
+        let mut poll = libc::pollfd {
+            fd: self.evtchn.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, SETTLE_MS) };
+        if ready > 0 {
+            // Pending ports come as u32s; writing them back unmasks them.
+            let mut ports = [0u8; 64];
+            if let Ok(n) = self.evtchn.read(&mut ports) {
+                let _ = self.evtchn.write_all(&ports[..n - n % 4]);
+            }
+        }
+    }
+
+    fn backend_alive(&mut self) -> bool {
+        // A crashed domain (kept by on_crash=preserve) still has its
+        // xenstore home: ask xl for its state flags instead.
+        let Ok(out) = std::process::Command::new("xl")
+            .args(["list", &self.backend.to_string()])
+            .output()
+        else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let state = text
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(4));
+        out.status.success() && state.is_some_and(|s| !s.contains(['s', 'c', 'd']))
+    }
+
+    fn grants_mapped(&mut self) -> Option<u64> {
+        let node = format!("/local/domain/{}/data/grants-mapped", self.backend);
+        self.xs_read(&node)?.parse().ok()
+    }
+}
