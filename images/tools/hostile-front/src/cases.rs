@@ -9,7 +9,7 @@ use blkback::blkif::{self, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use blkback::persistent::MAX_PERSISTENT_GRANTS_PER_RING;
 use host_fuzz::FuzzRng;
 
-use crate::dom0::{Dom0, settles_in};
+use crate::dom0::{Dom0, wait_up_to};
 use crate::front::{AttachOptions, HostileFront, Response, Segment, frontend_write, wait_node};
 
 /// How hard some cases push (smaller in the host tests).
@@ -169,16 +169,15 @@ pub fn grants_back(d: &mut dyn Dom0, baseline: Option<u64>, slack: u64) -> Resul
         return Err("stordom publishes no data/grants-mapped".into());
     };
     let mut now = None;
-    for _ in 0..settles_in(10) {
+    let back = wait_up_to(d, 10, |d| {
         now = d.grants_mapped();
-        if now.is_some_and(|n| n <= baseline + slack) {
-            return Ok(());
-        }
-        d.settle();
-    }
-    Err(format!(
-        "stordom maps {now:?} grants 10 s after the case, {baseline} before (slack {slack})"
-    ))
+        Ok(now.filter(|&n| n <= baseline + slack))
+    })?;
+    back.map(drop).ok_or_else(|| {
+        format!(
+            "stordom maps {now:?} grants 10 s after the case, {baseline} before (slack {slack})"
+        )
+    })
 }
 
 fn attach(d: &mut dyn Dom0, devid: u32) -> Result<HostileFront, String> {
@@ -616,21 +615,16 @@ fn responses_never_consumed(
         // Wait until all are answered, reading only rsp_prod: the
         // responses stay unread and the next round writes over them.
         let want = front.req_prod_pvt;
-        let mut answered = false;
-        for _ in 0..settles_in(10) {
+        let answered = wait_up_to(d, 10, |_| {
             let rsp_prod = front.header().rsp_prod.load(Ordering::Acquire);
             if rsp_prod.wrapping_sub(front.rsp_cons) > front.size * (round + 1) {
                 return Err(format!(
                     "rsp_prod {rsp_prod} ran past the requests ({want})"
                 ));
             }
-            if rsp_prod == want {
-                answered = true;
-                break;
-            }
-            d.settle();
-        }
-        if !answered {
+            Ok((rsp_prod == want).then_some(()))
+        })?;
+        if answered.is_none() {
             return Err(format!("round {round}: not every request answered in 10 s"));
         }
     }

@@ -41,17 +41,32 @@ pub trait Dom0 {
     /// Sets a node's permissions: `owner` (every other domain gets no
     /// access) and `reader`, which may read it.
     fn xs_set_perms(&mut self, path: &str, owner: u16, reader: u16) -> Result<(), String>;
-    /// Lets the backend work for a moment: a notification from it, or a
-    /// short timeout (under Xen), one pass of its loop (simulated).
+    /// Lets the backend work for a moment: until a notification from it,
+    /// at most 20 ms (under Xen); one pass of its loop (simulated).
     fn settle(&mut self);
+    /// Milliseconds on this domain's clock (simulated: moved by settles).
+    fn now_ms(&self) -> u64;
     /// The backend domain still exists.
     fn backend_alive(&mut self) -> bool;
     /// The number of grants the backend holds mapped, as it publishes it.
     fn grants_mapped(&mut self) -> Option<u64>;
 }
 
-/// How many [`Dom0::settle`] calls make about `secs` seconds (one settles
-/// for at most 20 ms under Xen).
-pub fn settles_in(secs: u32) -> u32 {
-    secs * 50
+/// Calls `attempt` until it gives a value or `secs` seconds passed,
+/// letting the backend work between attempts; `None` when time ran out.
+pub fn wait_up_to<T>(
+    d: &mut dyn Dom0,
+    secs: u32,
+    mut attempt: impl FnMut(&mut dyn Dom0) -> Result<Option<T>, String>,
+) -> Result<Option<T>, String> {
+    let deadline = d.now_ms() + u64::from(secs) * 1000;
+    loop {
+        if let Some(value) = attempt(d)? {
+            return Ok(Some(value));
+        }
+        if d.now_ms() >= deadline {
+            return Ok(None);
+        }
+        d.settle();
+    }
 }

@@ -16,7 +16,7 @@ use xen_pv::PAGE_SIZE;
 use xen_pv::ring::{SRING_HEADER_LEN, SringHeader, ring_entries};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::dom0::{Dom0, Grant, settles_in};
+use crate::dom0::{Dom0, Grant, wait_up_to};
 
 /// What stordom serves the hostile frontend: a fresh RAM disk per vbd.
 pub const HOSTILE_TARGET: &str = "ram:1M";
@@ -150,18 +150,11 @@ pub struct HostileFront {
 /// Waits up to `secs` for `node` to read `want` (one of them).
 pub fn wait_node(d: &mut dyn Dom0, node: &str, want: &[&str], secs: u32) -> Result<String, String> {
     let mut last = None;
-    for _ in 0..settles_in(secs) {
+    let found = wait_up_to(d, secs, |d| {
         last = d.xs_read(node);
-        if let Some(v) = &last
-            && want.contains(&v.as_str())
-        {
-            return Ok(v.clone());
-        }
-        d.settle();
-    }
-    Err(format!(
-        "{node} is {last:?} after {secs} s, not one of {want:?}"
-    ))
+        Ok(last.clone().filter(|v| want.contains(&v.as_str())))
+    })?;
+    found.ok_or_else(|| format!("{node} is {last:?} after {secs} s, not one of {want:?}"))
 }
 
 impl HostileFront {
@@ -347,14 +340,11 @@ impl HostileFront {
         count: usize,
         secs: u32,
     ) -> Result<Vec<Response>, String> {
-        let mut got = self.take_responses()?;
-        for _ in 0..settles_in(secs) {
-            if got.len() >= count {
-                break;
-            }
-            d.settle();
+        let mut got = Vec::new();
+        wait_up_to(d, secs, |_| {
             got.extend(self.take_responses()?);
-        }
+            Ok((got.len() >= count).then_some(()))
+        })?;
         Ok(got)
     }
 
@@ -614,13 +604,10 @@ impl HostileFront {
 pub fn remove_vbd(d: &mut dyn Dom0, backend_path: &str, frontend_path: &str) -> Result<(), String> {
     d.xs_write(&format!("{backend_path}/online"), "0")?;
     d.xs_rm(frontend_path);
-    for _ in 0..settles_in(20) {
-        if d.xs_read(backend_path).is_none() {
-            return Ok(());
-        }
-        d.settle();
-    }
-    Err(format!("{backend_path} still there 20 s after the detach"))
+    let gone = wait_up_to(d, 20, |d| {
+        Ok(d.xs_read(backend_path).is_none().then_some(()))
+    })?;
+    gone.ok_or_else(|| format!("{backend_path} still there 20 s after the detach"))
 }
 
 /// The disk sector that piece `k` of a segment's page stands for, when

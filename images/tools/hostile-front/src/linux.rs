@@ -1,12 +1,15 @@
 //! [`Dom0`] under Xen, from Linux's Xen devices: grants from
-//! /dev/xen/gntalloc, an event channel from /dev/xen/evtchn, xenstore
-//! through /dev/xen/xenbus (the daemon's wire protocol), and `xl list` to
-//! see whether the backend domain still runs.
+//! /dev/xen/gntalloc, an event channel from /dev/xen/evtchn, xenstore in
+//! its wire protocol over xenstored's socket (as the xenstore-* tools
+//! talk to it) or else /dev/xen/xenbus, and `xl list` to see whether the
+//! backend domain still runs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::ptr::NonNull;
+use std::time::Instant;
 
 use hostile_front::dom0::{Dom0, Grant};
 use xen_pv::xenstore::wire::{HEADER_LEN, Header, MsgType};
@@ -44,6 +47,8 @@ const IOCTL_GNTALLOC_DEALLOC_GREF: libc::c_ulong = ioc_none(b'G', 6, size_of::<G
 const IOCTL_EVTCHN_BIND_UNBOUND_PORT: libc::c_ulong = ioc_none(b'E', 2, 4);
 const IOCTL_EVTCHN_UNBIND: libc::c_ulong = ioc_none(b'E', 3, 4);
 const IOCTL_EVTCHN_NOTIFY: libc::c_ulong = ioc_none(b'E', 4, 4);
+/// Where xenstored listens in dom0 (`/var/run` links here).
+const XENSTORED_SOCKET: &str = "/run/xenstored/socket";
 /// The longest one [`Dom0::settle`] waits for a notification.
 const SETTLE_MS: i32 = 20;
 
@@ -52,9 +57,14 @@ pub struct XenDom0 {
     backend: u16,
     gntalloc: File,
     evtchn: File,
-    xenbus: File,
+    xenstore: Box<dyn XenstoreStream>,
     req_id: u32,
+    started: Instant,
 }
+
+/// A connection that carries xenstore's wire protocol.
+trait XenstoreStream: Read + Write {}
+impl<T: Read + Write> XenstoreStream for T {}
 
 fn os_error(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
@@ -69,12 +79,17 @@ impl XenDom0 {
                 .open(path)
                 .map_err(|e| format!("{path}: {e}"))
         };
+        let xenstore: Box<dyn XenstoreStream> = match UnixStream::connect(XENSTORED_SOCKET) {
+            Ok(socket) => Box::new(socket),
+            Err(_) => Box::new(open("/dev/xen/xenbus")?),
+        };
         Ok(XenDom0 {
             backend,
             gntalloc: open("/dev/xen/gntalloc")?,
             evtchn: open("/dev/xen/evtchn")?,
-            xenbus: open("/dev/xen/xenbus")?,
+            xenstore,
             req_id: 0,
+            started: Instant::now(),
         })
     }
 
@@ -89,18 +104,18 @@ impl XenDom0 {
         };
         let mut message = header.encode().to_vec();
         message.extend_from_slice(payload);
-        self.xenbus
+        self.xenstore
             .write_all(&message)
-            .map_err(|e| format!("xenbus write: {e}"))?;
+            .map_err(|e| format!("xenstore write: {e}"))?;
         let mut head = [0u8; HEADER_LEN];
-        self.xenbus
+        self.xenstore
             .read_exact(&mut head)
-            .map_err(|e| format!("xenbus read: {e}"))?;
-        let reply = Header::decode(&head).map_err(|e| format!("xenbus reply: {e:?}"))?;
+            .map_err(|e| format!("xenstore read: {e}"))?;
+        let reply = Header::decode(&head).map_err(|e| format!("xenstore reply: {e:?}"))?;
         let mut body = vec![0u8; reply.len as usize];
-        self.xenbus
+        self.xenstore
             .read_exact(&mut body)
-            .map_err(|e| format!("xenbus read: {e}"))?;
+            .map_err(|e| format!("xenstore read: {e}"))?;
         if reply.msg_type == MsgType::Error as u32 {
             let text = String::from_utf8_lossy(&body);
             return Err(text.trim_end_matches('\0').to_string());
@@ -251,6 +266,10 @@ impl Dom0 for XenDom0 {
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     fn backend_alive(&mut self) -> bool {
         // A crashed domain (kept by on_crash=preserve) still has its
         // xenstore home: ask xl for its state flags instead.
@@ -271,5 +290,21 @@ impl Dom0 for XenDom0 {
     fn grants_mapped(&mut self) -> Option<u64> {
         let node = format!("/local/domain/{}/data/grants-mapped", self.backend);
         self.xs_read(&node)?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_linux_uapi() {
+        // sizeof(struct ioctl_gntalloc_alloc_gref) = 24 (one gref_id, padded),
+        // sizeof(struct ioctl_gntalloc_dealloc_gref) = 16.
+        assert_eq!(IOCTL_GNTALLOC_ALLOC_GREF, 0x0018_4705);
+        assert_eq!(IOCTL_GNTALLOC_DEALLOC_GREF, 0x0010_4706);
+        assert_eq!(IOCTL_EVTCHN_BIND_UNBOUND_PORT, 0x0004_4502);
+        assert_eq!(IOCTL_EVTCHN_UNBIND, 0x0004_4503);
+        assert_eq!(IOCTL_EVTCHN_NOTIFY, 0x0004_4504);
     }
 }

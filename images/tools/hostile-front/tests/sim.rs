@@ -173,6 +173,10 @@ impl Dom0 for SimDom0<'_> {
         self.deferred.retain(|&gref| !sim.revoke_grant(0, gref));
     }
 
+    fn now_ms(&self) -> u64 {
+        self.platform.now_ns.get() / 1_000_000
+    }
+
     fn backend_alive(&mut self) -> bool {
         true
     }
