@@ -2,17 +2,21 @@
 //! request or a mutation of one (operation, segment count, sector range,
 //! segment sectors, grant refs, indirect pages), sent in batches; every
 //! answer checked against what the generator knows the request to be.
-//! The same seed sends the same requests.
+//! Now and then the ring indices are broken instead (the vbd must close,
+//! then it is attached again), and rings may start just short of the
+//! indices' wrap. The same seed sends the same requests.
 
 use blkback::blkif::{self, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use host_fuzz::FuzzRng;
 
 use crate::cases::after_case;
 use crate::dom0::Dom0;
-use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment};
+use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment, wait_node};
 
 /// Requests in flight at once.
 const BATCH: usize = 16;
+/// One batch in this many breaks the ring instead.
+const RING_BREAK_ODDS: u64 = 128;
 
 /// What a generated request must get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +46,8 @@ pub struct CampaignTally {
     pub sent: u64,
     pub okay: u64,
     pub refused: u64,
-}
-
-/// Grants outside the frontend's pool the generator may name.
-struct ForeignRefs {
-    revoked: u32,
-    readonly: u32,
+    /// Rings broken (each closed by stordom, then attached again).
+    pub ring_breaks: u64,
 }
 
 /// Runs `count` generated requests from `seed` on vbd `devid`, then the
@@ -61,28 +61,22 @@ pub fn run_campaign(
 ) -> Result<CampaignTally, String> {
     let baseline = d.grants_mapped();
     let mut rng = FuzzRng::new(seed);
-    let options = AttachOptions {
-        persistent: rng.one_in(2),
-        ..AttachOptions::default()
-    };
-    let mut front = HostileFront::attach(d, devid, options)?;
-    let revoked = {
-        let grant = d.grant(false)?;
-        let gref = grant.gref;
-        d.revoke(grant);
-        gref
-    };
-    let refs = ForeignRefs {
-        revoked,
-        readonly: front.readonly.gref,
-    };
+    let persistent = rng.one_in(2);
+    let mut front = HostileFront::attach(d, devid, attach_options(&mut rng, persistent))?;
+    let mut revoked = revoked_ref(d)?;
     let mut tally = CampaignTally::default();
     while tally.sent < count {
+        if rng.one_in(RING_BREAK_ODDS) {
+            front = break_ring(d, front, &mut rng).map_err(|e| format!("seed {seed}: {e}"))?;
+            revoked = revoked_ref(d)?;
+            tally.ring_breaks += 1;
+            continue;
+        }
         let mut free: Vec<usize> = (0..DATA_PAGES).rev().collect();
         let mut readonly_free = true;
         let mut batch = Vec::new();
         while batch.len() < BATCH && tally.sent + (batch.len() as u64) < count {
-            match generate(&mut front, &mut rng, &mut free, &mut readonly_free, &refs) {
+            match generate(&mut front, &mut rng, &mut free, &mut readonly_free, revoked) {
                 Some(g) => batch.push(g),
                 None => break,
             }
@@ -133,6 +127,49 @@ pub fn run_campaign(
     Ok(tally)
 }
 
+/// Persistent grants or not, and a ring starting at 0 or just short of
+/// the indices' wrap.
+fn attach_options(rng: &mut FuzzRng, persistent: bool) -> AttachOptions {
+    let start = if rng.one_in(4) {
+        u32::MAX - rng.below(64) as u32
+    } else {
+        0
+    };
+    AttachOptions { persistent, start }
+}
+
+/// A grant ref just ended: nothing allocated afterwards may reuse it
+/// before the next call.
+fn revoked_ref(d: &mut dyn Dom0) -> Result<u32, String> {
+    let grant = d.grant(false)?;
+    let gref = grant.gref;
+    d.revoke(grant);
+    Ok(gref)
+}
+
+/// Moves `req_prod` more than a ring ahead or back behind what stordom
+/// took, waits for it to close the vbd, and attaches it again.
+fn break_ring(
+    d: &mut dyn Dom0,
+    mut front: HostileFront,
+    rng: &mut FuzzRng,
+) -> Result<HostileFront, String> {
+    let value = if rng.one_in(2) {
+        let ahead = front.size + 1 + rng.below(1 << 20) as u32;
+        front.req_prod_pvt.wrapping_add(ahead)
+    } else {
+        front
+            .req_prod_pvt
+            .wrapping_sub(1 + rng.below(u64::from(front.size)) as u32)
+    };
+    front.force_req_prod(d, value);
+    let state = format!("{}/state", front.backend_path);
+    wait_node(d, &state, &["5", "6"], 10).map_err(|e| format!("req_prod {value}: {e}"))?;
+    let (devid, persistent) = (front.devid, front.persistent);
+    front.detach(d)?;
+    HostileFront::attach(d, devid, attach_options(rng, persistent))
+}
+
 /// A request from the pages in `free` (taking those it uses), or `None`
 /// when too few are left for it.
 fn generate(
@@ -140,7 +177,7 @@ fn generate(
     rng: &mut FuzzRng,
     free: &mut Vec<usize>,
     readonly_free: &mut bool,
-    refs: &ForeignRefs,
+    revoked: u32,
 ) -> Option<Generated> {
     let indirect = front.max_indirect > 0 && rng.one_in(8);
     let op = if rng.one_in(2) {
@@ -243,9 +280,9 @@ fn generate(
                 let s = rng.below(segs.len() as u64) as usize;
                 segs[s].gref = if *readonly_free && rng.one_in(2) {
                     *readonly_free = false;
-                    refs.readonly
+                    front.readonly.gref
                 } else {
-                    rng.pick(&[0, u32::MAX, 0x7fff_ffff, refs.revoked])
+                    rng.pick(&[0, u32::MAX, 0x7fff_ffff, revoked])
                 };
                 what += &format!(", segment {s} on ref {}", segs[s].gref);
             }
@@ -276,7 +313,7 @@ fn generate(
             // Persistent grants are mapped writable (as Linux blkback
             // maps them), so a read-only one then serves nothing.
             let readable =
-                s.gref == refs.readonly && operation == blkif::OP_WRITE && !front.persistent;
+                s.gref == front.readonly.gref && operation == blkif::OP_WRITE && !front.persistent;
             (pooled || readable)
                 && s.first_sect <= s.last_sect
                 && s.last_sect <= blkif::LAST_SECTOR_IN_PAGE

@@ -58,8 +58,9 @@ fn main() {
             let result = run_campaign(&mut dom0, CAMPAIGN_DEVID, seed, count, config.grant_slack)
                 .map(|t| {
                     format!(
-                        "seed {seed}: {} requests answered as expected ({} okay, {} refused)",
-                        t.sent, t.okay, t.refused
+                        "seed {seed}: {} requests answered as expected ({} okay, {} refused), \
+                         {} rings broken and closed",
+                        t.sent, t.okay, t.refused, t.ring_breaks
                     )
                 });
             report("random", result);

@@ -215,6 +215,7 @@ fn the_random_campaign_passes_and_is_reproducible() {
     let first = tally(20261129).unwrap();
     assert_eq!(first.sent, 3000);
     assert!(first.okay > 1000 && first.refused > 500, "{first:?}");
+    assert!(first.ring_breaks > 0, "{first:?}");
     assert_eq!(tally(20261129).unwrap(), first);
     assert_ne!(tally(7).unwrap(), first);
 }
