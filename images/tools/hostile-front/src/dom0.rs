@@ -11,8 +11,6 @@ pub struct Grant {
     pub gref: u32,
     /// The page as this domain maps it (writable, whatever the grant).
     pub page: NonNull<u8>,
-    /// Whatever the provider needs to end the grant.
-    pub token: u64,
 }
 
 /// The frontend's domain.

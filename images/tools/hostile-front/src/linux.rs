@@ -1,61 +1,42 @@
 //! [`Dom0`] under Xen, from Linux's Xen devices: grants from
-//! /dev/xen/gntalloc, an event channel from /dev/xen/evtchn, xenstore in
-//! its wire protocol over xenstored's socket (as the xenstore-* tools
-//! talk to it) or else /dev/xen/xenbus, and `xl list` to see whether the
-//! backend domain still runs.
+//! /dev/xen/gntalloc (one page each), an event channel from
+//! /dev/xen/evtchn, xenstore in its wire protocol over xenstored's socket
+//! (as the xenstore-* tools talk to it) or else /dev/xen/xenbus, and `xl
+//! list` to see whether the backend domain still runs.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::ptr::NonNull;
 use std::time::Instant;
 
+use gntalloc::{Gntalloc, SharedPages};
 use hostile_front::dom0::{Dom0, Grant};
 use xen_pv::xenstore::wire::{HEADER_LEN, Header, MsgType};
 use xen_pv::xenstore::{Access, Perm};
 
-const PAGE: usize = 4096;
-
-/// `_IOC(_IOC_NONE, type, nr, size)`.
-const fn ioc_none(kind: u8, nr: u8, size: usize) -> libc::c_ulong {
-    ((size as libc::c_ulong) << 16) | ((kind as libc::c_ulong) << 8) | nr as libc::c_ulong
+/// `_IOC(_IOC_NONE, 'E', nr, size)`.
+const fn ioc_none_e(nr: u8, size: usize) -> libc::c_ulong {
+    ((size as libc::c_ulong) << 16) | ((b'E' as libc::c_ulong) << 8) | nr as libc::c_ulong
 }
 
-/// `struct ioctl_gntalloc_alloc_gref` for one page.
-#[repr(C)]
-struct GntallocAlloc {
-    domid: u16,
-    flags: u16,
-    count: u32,
-    index: u64,
-    gref_ids: [u32; 1],
-}
-
-/// `struct ioctl_gntalloc_dealloc_gref`.
-#[repr(C)]
-struct GntallocDealloc {
-    index: u64,
-    count: u32,
-}
-
-const GNTALLOC_FLAG_WRITABLE: u16 = 1;
-const IOCTL_GNTALLOC_ALLOC_GREF: libc::c_ulong = ioc_none(b'G', 5, size_of::<GntallocAlloc>());
-const IOCTL_GNTALLOC_DEALLOC_GREF: libc::c_ulong = ioc_none(b'G', 6, size_of::<GntallocDealloc>());
 /// `struct ioctl_evtchn_bind_unbound_port`, `_unbind` and `_notify` each
 /// hold one `unsigned int`.
-const IOCTL_EVTCHN_BIND_UNBOUND_PORT: libc::c_ulong = ioc_none(b'E', 2, 4);
-const IOCTL_EVTCHN_UNBIND: libc::c_ulong = ioc_none(b'E', 3, 4);
-const IOCTL_EVTCHN_NOTIFY: libc::c_ulong = ioc_none(b'E', 4, 4);
-/// Where xenstored listens in dom0 (`/var/run` links here).
-const XENSTORED_SOCKET: &str = "/run/xenstored/socket";
+const IOCTL_EVTCHN_BIND_UNBOUND_PORT: libc::c_ulong = ioc_none_e(2, 4);
+const IOCTL_EVTCHN_UNBIND: libc::c_ulong = ioc_none_e(3, 4);
+const IOCTL_EVTCHN_NOTIFY: libc::c_ulong = ioc_none_e(4, 4);
+/// Where xenstored listens in dom0 (libxenstore's default).
+const XENSTORED_SOCKET: &str = "/var/run/xenstored/socket";
 /// The longest one [`Dom0::settle`] waits for a notification.
 const SETTLE_MS: i32 = 20;
 
 /// dom0's devices.
 pub struct XenDom0 {
     backend: u16,
-    gntalloc: File,
+    gntalloc: Gntalloc,
+    /// The pages of the grants not yet ended, by grant reference.
+    granted: HashMap<u32, SharedPages>,
     evtchn: File,
     xenstore: Box<dyn XenstoreStream>,
     req_id: u32,
@@ -85,7 +66,8 @@ impl XenDom0 {
         };
         Ok(XenDom0 {
             backend,
-            gntalloc: open("/dev/xen/gntalloc")?,
+            gntalloc: Gntalloc::open().map_err(|e| format!("/dev/xen/gntalloc: {e}"))?,
+            granted: HashMap::new(),
             evtchn: open("/dev/xen/evtchn")?,
             xenstore,
             req_id: 0,
@@ -147,57 +129,22 @@ impl Dom0 for XenDom0 {
     }
 
     fn grant(&mut self, readonly: bool) -> Result<Grant, String> {
-        let mut request = GntallocAlloc {
-            domid: self.backend,
-            flags: if readonly { 0 } else { GNTALLOC_FLAG_WRITABLE },
-            count: 1,
-            index: 0,
-            gref_ids: [0],
+        let shared = self
+            .gntalloc
+            .share(self.backend, 1, !readonly)
+            .map_err(|e| format!("granting a page: {e}"))?;
+        let grant = Grant {
+            gref: shared.grefs[0],
+            page: shared.mem,
         };
-        let fd = self.gntalloc.as_raw_fd();
-        // SAFETY: the struct matches the kernel's layout for one page.
-        if unsafe { libc::ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, &mut request) } != 0 {
-            return Err(os_error("IOCTL_GNTALLOC_ALLOC_GREF"));
-        }
-        // SAFETY: maps the page just allocated, at the offset the ioctl
-        // returned; the result is checked before use.
-        let page = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                request.index as libc::off_t,
-            )
-        };
-        if page == libc::MAP_FAILED {
-            return Err(os_error("mmap of a gntalloc page"));
-        }
-        Ok(Grant {
-            gref: request.gref_ids[0],
-            page: NonNull::new(page.cast()).ok_or("mmap returned null")?,
-            token: request.index,
-        })
+        self.granted.insert(grant.gref, shared);
+        Ok(grant)
     }
 
     fn revoke(&mut self, grant: Grant) {
-        // SAFETY: the page was mapped by `grant` and nothing refers to it
-        // once the grant is given up here.
-        unsafe { libc::munmap(grant.page.as_ptr().cast(), PAGE) };
-        let mut request = GntallocDealloc {
-            index: grant.token,
-            count: 1,
-        };
-        // SAFETY: the struct matches the kernel's layout. gntalloc ends
-        // the grant now, or once the backend unmaps it.
-        unsafe {
-            libc::ioctl(
-                self.gntalloc.as_raw_fd(),
-                IOCTL_GNTALLOC_DEALLOC_GREF,
-                &mut request,
-            )
-        };
+        if let Some(shared) = self.granted.remove(&grant.gref) {
+            self.gntalloc.end(shared);
+        }
     }
 
     fn alloc_port(&mut self) -> Result<u32, String> {
@@ -299,10 +246,6 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_linux_uapi() {
-        // sizeof(struct ioctl_gntalloc_alloc_gref) = 24 (one gref_id, padded),
-        // sizeof(struct ioctl_gntalloc_dealloc_gref) = 16.
-        assert_eq!(IOCTL_GNTALLOC_ALLOC_GREF, 0x0018_4705);
-        assert_eq!(IOCTL_GNTALLOC_DEALLOC_GREF, 0x0010_4706);
         assert_eq!(IOCTL_EVTCHN_BIND_UNBOUND_PORT, 0x0004_4502);
         assert_eq!(IOCTL_EVTCHN_UNBIND, 0x0004_4503);
         assert_eq!(IOCTL_EVTCHN_NOTIFY, 0x0004_4504);

@@ -100,11 +100,7 @@ impl Dom0 for SimDom0<'_> {
     fn grant(&mut self, readonly: bool) -> Result<Grant, String> {
         let gref = self.sim.offer_grant(0, readonly, &[0; PAGE_SIZE]);
         let page = self.sim.grant_page_ptr(0, gref).ok_or("no page")?;
-        Ok(Grant {
-            gref,
-            page,
-            token: 0,
-        })
+        Ok(Grant { gref, page })
     }
 
     fn revoke(&mut self, grant: Grant) {
