@@ -30,7 +30,7 @@ say "random campaign of $HOSTILE_COUNT requests took $(( ${t2%.*} - ${t1%.*} )) 
 seed=$HOSTILE_SEED
 until grep -q "BYSTANDER-ATTACKED-DONE" "$con" 2>/dev/null || ! xl domid bystander >/dev/null 2>&1; do
     seed=$((seed + 1))
-    $hostile random "$seed" 2000
+    $hostile random "$seed" 2000 || break
 done
 wait_gone bystander 120
 if [ "$(xl domid stordom 2>/dev/null)" = "$sd" ]; then
