@@ -9,9 +9,9 @@
 use blkback::blkif::{self, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use host_fuzz::FuzzRng;
 
-use crate::cases::after_case;
+use crate::cases::{after_case, expect_disconnected};
 use crate::dom0::Dom0;
-use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment, wait_node};
+use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment};
 
 /// Requests in flight at once.
 const BATCH: usize = 16;
@@ -148,7 +148,8 @@ fn revoked_ref(d: &mut dyn Dom0) -> Result<u32, String> {
 }
 
 /// Moves `req_prod` more than a ring ahead or back behind what stordom
-/// took, waits for it to close the vbd, and attaches it again.
+/// took, waits for it to close the vbd with a reason, and attaches it
+/// again.
 fn break_ring(
     d: &mut dyn Dom0,
     mut front: HostileFront,
@@ -163,8 +164,7 @@ fn break_ring(
             .wrapping_sub(1 + rng.below(u64::from(front.size)) as u32)
     };
     front.force_req_prod(d, value);
-    let state = format!("{}/state", front.backend_path);
-    wait_node(d, &state, &["5", "6"], 10).map_err(|e| format!("req_prod {value}: {e}"))?;
+    expect_disconnected(&front, d).map_err(|e| format!("req_prod {value}: {e}"))?;
     let (devid, persistent) = (front.devid, front.persistent);
     front.detach(d)?;
     HostileFront::attach(d, devid, attach_options(rng, persistent))

@@ -216,11 +216,16 @@ fn expect_refused(
 }
 
 /// Waits for the backend to give up on the frontend (Closing or Closed)
-/// and returns its `error` node.
-fn expect_disconnected(front: &HostileFront, d: &mut dyn Dom0) -> Result<String, String> {
+/// with a reason in its `error` node, and returns the reason.
+pub(crate) fn expect_disconnected(
+    front: &HostileFront,
+    d: &mut dyn Dom0,
+) -> Result<String, String> {
     wait_node(d, &format!("{}/state", front.backend_path), &["5", "6"], 10)?;
-    let error = d.xs_read(&format!("{}/error", front.backend_path));
-    Ok(format!("disconnected, error node {error:?}"))
+    match d.xs_read(&format!("{}/error", front.backend_path)) {
+        Some(why) if !why.is_empty() => Ok(format!("disconnected: {why}")),
+        _ => Err("disconnected with no reason in the error node".into()),
+    }
 }
 
 /// Ends a case that broke its ring: close and detach.
