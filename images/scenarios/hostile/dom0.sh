@@ -34,6 +34,8 @@ until seen "$con" BYSTANDER-ALONE-DONE; do
 done
 say "bystander's unloaded phase over: attacking stordom (domid $sd)"
 hostile="/usr/local/bin/hostile-front --grant-slack $GRANT_SLACK $sd"
+sd_con=$(domain_console stordom)
+lines0=$(wc -l <"$sd_con")
 now_s; t1=$now
 $hostile all
 now_s; t2=$now
@@ -49,6 +51,15 @@ until seen "$con" BYSTANDER-ATTACKED-DONE || [ $((now - t1)) -gt $((ATTACKED_SEC
     $hostile random "$seed" 2000 || break
     now_s
 done
+# stordom logs at most 10 lines a second per vbd (rate limited); one
+# hostile vbd at a time, plus a few unlimited lines per attach.
+now_s
+lines=$(( $(wc -l <"$sd_con") - lines0 )) secs=$((now - t1 + 1))
+if [ $lines -le $((secs * 20)) ]; then
+    result stordom-log-rate pass "$lines lines on stordom's console in $secs s of attack"
+else
+    result stordom-log-rate fail "$lines lines on stordom's console in $secs s of attack (over 20 a second)"
+fi
 wait_gone bystander 120
 if [ "$(xl domid stordom 2>/dev/null)" = "$sd" ]; then
     result stordom-same-domain pass "domid $sd throughout"
