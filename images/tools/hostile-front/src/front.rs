@@ -115,7 +115,9 @@ pub struct AttachOptions {
     pub start: u32,
 }
 
-/// A connected (or once connected) hostile frontend.
+/// A connected (or once connected) hostile frontend. One dropped without
+/// [`HostileFront::detach`] (a failed case) leaves its vbd and grants in
+/// place, for the diagnosis.
 pub struct HostileFront {
     pub devid: u32,
     pub backend_path: String,
@@ -243,8 +245,8 @@ impl HostileFront {
     /// The shared ring's header.
     pub fn header(&self) -> &SringHeader {
         // SAFETY: the ring page is a granted, page-aligned page this
-        // frontend keeps until it is dropped; the header's fields are
-        // atomics, so sharing them with the backend is sound.
+        // frontend holds until `release`; the header's fields are atomics,
+        // so sharing them with the backend is sound.
         unsafe { self.ring.page.cast::<SringHeader>().as_ref() }
     }
 
@@ -308,7 +310,11 @@ impl HostileFront {
             let mut bytes = [0u8; ENTRY_SIZE_X86_64];
             // SAFETY: the slot is ENTRY_SIZE_X86_64 bytes of the ring page.
             unsafe {
-                core::ptr::copy_nonoverlapping(self.slot(self.rsp_cons), bytes.as_mut_ptr(), 112)
+                core::ptr::copy_nonoverlapping(
+                    self.slot(self.rsp_cons),
+                    bytes.as_mut_ptr(),
+                    bytes.len(),
+                )
             };
             let (rsp, rest) = ResponseX86_64::read_from_prefix(&bytes).expect("slot is larger");
             let slot = (self.rsp_cons & (self.size - 1)) as usize;
