@@ -1,6 +1,7 @@
 //! The random campaign: requests generated from a seed, each a valid
 //! request or a mutation of one (operation, segment count, sector range,
-//! segment sectors, grant refs, indirect pages), sent in batches; every
+//! segment sectors, grant refs, indirect pages) or a discard past the
+//! disk's end, sent in batches; every
 //! answer checked against what the generator knows the request to be.
 //! Now and then the ring indices are broken instead (the vbd must close,
 //! then it is attached again), and rings may start just short of the
@@ -23,8 +24,8 @@ const RING_BREAK_ODDS: u64 = 128;
 enum Expect {
     Okay,
     Refused,
-    /// Valid or not depending on what the backend offers (flush,
-    /// discard): any blkif status.
+    /// Valid or not depending on what the backend offers (a flush): any
+    /// blkif status.
     Either,
 }
 
@@ -179,6 +180,9 @@ fn generate(
     readonly_free: &mut bool,
     revoked: u32,
 ) -> Option<Generated> {
+    if rng.one_in(24) {
+        return Some(discard_past_end(front, rng));
+    }
     let indirect = front.max_indirect > 0 && rng.one_in(8);
     let op = if rng.one_in(2) {
         blkif::OP_READ
@@ -355,4 +359,23 @@ fn generate(
         read,
         what,
     })
+}
+
+/// A discard that does not fit the disk (one that fits would zero what
+/// the pattern says is there): refused, or not offered at all.
+fn discard_past_end(front: &mut HostileFront, rng: &mut FuzzRng) -> Generated {
+    let end = front.sectors;
+    let (sector, sectors) = match rng.below(3) {
+        0 => (end - rng.below(8), 9 + rng.below(64)),
+        1 => (end + rng.below(1 << 20), 1 + rng.below(64)),
+        _ => (u64::MAX - rng.below(64), 65 + rng.below(64)),
+    };
+    let (id, entry) = front.discard_request(sector, sectors);
+    Generated {
+        id,
+        entry,
+        expect: Expect::Refused,
+        read: None,
+        what: format!("discard of {sectors} sectors at {sector}"),
+    }
 }
