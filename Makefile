@@ -7,11 +7,13 @@
 #   make fuzz       the host fuzz tests, each for FUZZ_SECS (200; ~10 min in all)
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare
+HOSTILE_FRONT := target/x86_64-unknown-linux-gnu/release/hostile-front
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
-SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests compare
+SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests hostile compare
 SOAK_SECS ?= 1800
 FUZZ_SECS ?= 200
-XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE))
+XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE)) \
+	HOSTILE_FRONT=$(abspath $(HOSTILE_FRONT))
 CMDLINE ?= loglevel=info
 MODULE ?= target/demo-module.img
 
@@ -22,6 +24,7 @@ all: build
 build:
 	cargo build --release -p kernel --bin stordom
 	cargo build --release -p gntshare
+	cargo build --release -p hostile-front
 	@echo "stordom ELF: $(KERNEL) ($$(stat -c %s $(KERNEL)) bytes)"
 
 $(MODULE):

@@ -181,3 +181,42 @@ soak_watch() {   # soak_watch DISK: the stall watcher of job_soak (builtins only
         t=$((t + 1))
     done
 }
+
+# Innocent bystander (issue 11): random 4k writes at QD16 with crc32c
+# verify (each block read back and checked as it goes), first for
+# ALONE_SECS with nothing else running, then for ATTACKED_SECS while
+# dom0's hostile frontend attacks stordom through another vbd (dom0 starts
+# it on the BYSTANDER-ALONE-DONE line). Fails on any verify error, or when
+# the attacked phase keeps less than half the unloaded IOPS; the ratio is
+# in the bystander-throughput RESULT line.
+job_bystander() {
+    local dev=/dev/$1 alone attacked
+    alone=$(bystander_phase alone "$ALONE_SECS" $dev) || { echo "$alone"; return 1; }
+    echo "BYSTANDER-ALONE-DONE iops=$alone"
+    attacked=$(bystander_phase attacked "$ATTACKED_SECS" $dev) || { echo "$attacked"; return 1; }
+    echo "BYSTANDER-ATTACKED-DONE iops=$attacked"
+    echo "METRIC name=bystander_alone_iops disk=$1 value=$alone unit=IOPS"
+    echo "METRIC name=bystander_attacked_iops disk=$1 value=$attacked unit=IOPS"
+    local ratio st
+    ratio=$(awk -v a=$attacked -v b=$alone 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')
+    st=$(awk -v r=$ratio 'BEGIN { print (r >= 0.5) ? "pass" : "fail" }')
+    echo "RESULT name=bystander-throughput disk=$1 status=$st detail=\"under attack $attacked IOPS, alone $alone IOPS: ratio $ratio (at least 0.50)\""
+    [ $st = pass ]
+}
+
+# bystander_phase NAME SECONDS DEV: one verified fio run; prints its IOPS
+# (writes and verify reads), or fio's output when it failed.
+bystander_phase() {
+    local out=/tmp/bystander_$1.txt mib=$(disk_mib ${3#/dev/})
+    $FIO --name=bystander_$1 --filename=$3 --size=${mib}M --runtime=$2 --time_based \
+        --rw=randwrite --bs=4k --iodepth=16 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+        --verify_backlog=16 --randseed=$$ --output-format=terse --terse-version=3 >$out 2>&1
+    local rc=$?
+    # terse v3: field 5 the error, 8 read IOPS, 49 write IOPS.
+    if [ $rc -ne 0 ] || grep -q 'verify: bad\|bad magic\|crc32c: verify failed' $out \
+        || [ "$(tail -n 1 $out | cut -d';' -f5)" != 0 ]; then
+        echo "bystander: fio $1 failed (status $rc)"; cat $out
+        return 1
+    fi
+    tail -n 1 $out | awk -F';' '{ printf "%d", $8 + $49 }'
+}

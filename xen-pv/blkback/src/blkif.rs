@@ -7,10 +7,11 @@
 //! All structures below are alignment-1 with explicit padding, so their
 //! layout is the header's on every host.
 
+use alloc::vec::Vec;
 use core::mem::size_of;
 use zerocopy::little_endian::{I16, U16, U32, U64};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Segments carried directly in a request.
 pub const MAX_SEGMENTS_PER_REQUEST: usize = 11;
@@ -53,6 +54,17 @@ pub struct WireSegment {
     pub first_sect: u8,
     pub last_sect: u8,
     pub _pad: [u8; 2],
+}
+
+impl WireSegment {
+    pub fn new(gref: u32, first_sect: u8, last_sect: u8) -> Self {
+        WireSegment {
+            gref: U32::new(gref),
+            first_sect,
+            last_sect,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// Read/write request, x86-64 ABI (also native).
@@ -494,6 +506,139 @@ fn validate_segments(rw: &RawReadWrite) -> Result<SegmentList, RequestError> {
     }
     list.len = rw.nr_segments;
     Ok(list)
+}
+
+/// The fixed fields of a read, write or barrier request.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadWriteFields {
+    pub operation: u8,
+    /// Written as given, whatever the segments passed with it hold.
+    pub nr_segments: u8,
+    pub handle: u16,
+    pub id: u64,
+    pub sector: u64,
+}
+
+/// Encodes a read, write or barrier request in `protocol`'s ABI (a
+/// frontend's side; tests and hostile frontends may lie in any field).
+/// Segments beyond [`MAX_SEGMENTS_PER_REQUEST`] are left out.
+pub fn encode_read_write(protocol: Protocol, f: &ReadWriteFields, segs: &[WireSegment]) -> Vec<u8> {
+    let mut seg = [WireSegment::new_zeroed(); MAX_SEGMENTS_PER_REQUEST];
+    for (slot, s) in seg.iter_mut().zip(segs) {
+        *slot = *s;
+    }
+    let (handle, id, sector_number) = (U16::new(f.handle), U64::new(f.id), U64::new(f.sector));
+    let (operation, nr_segments) = (f.operation, f.nr_segments);
+    match protocol {
+        Protocol::X86_64 => RequestX86_64 {
+            operation,
+            nr_segments,
+            handle,
+            _pad1: [0; 4],
+            id,
+            sector_number,
+            seg,
+        }
+        .as_bytes()
+        .to_vec(),
+        Protocol::X86_32 => RequestX86_32 {
+            operation,
+            nr_segments,
+            handle,
+            id,
+            sector_number,
+            seg,
+        }
+        .as_bytes()
+        .to_vec(),
+    }
+}
+
+/// The fixed fields of an indirect request.
+#[derive(Clone, Copy, Debug)]
+pub struct IndirectFields {
+    /// The operation the segments are for (read or write).
+    pub indirect_op: u8,
+    pub nr_segments: u16,
+    pub handle: u16,
+    pub id: u64,
+    pub sector: u64,
+}
+
+/// Encodes an indirect request listing its segments in the pages
+/// `indirect_grefs` (at most [`MAX_INDIRECT_PAGES_PER_REQUEST`] are kept).
+pub fn encode_indirect(protocol: Protocol, f: &IndirectFields, indirect_grefs: &[u32]) -> Vec<u8> {
+    let mut grefs = [U32::new(0); MAX_INDIRECT_PAGES_PER_REQUEST];
+    for (slot, gref) in grefs.iter_mut().zip(indirect_grefs) {
+        *slot = U32::new(*gref);
+    }
+    let (id, sector_number, handle) = (U64::new(f.id), U64::new(f.sector), U16::new(f.handle));
+    let (indirect_op, nr_segments) = (f.indirect_op, U16::new(f.nr_segments));
+    match protocol {
+        Protocol::X86_64 => IndirectX86_64 {
+            operation: OP_INDIRECT,
+            indirect_op,
+            nr_segments,
+            _pad1: [0; 4],
+            id,
+            sector_number,
+            handle,
+            _pad2: [0; 2],
+            indirect_grefs: grefs,
+            _pad3: [0; 4],
+        }
+        .as_bytes()
+        .to_vec(),
+        Protocol::X86_32 => IndirectX86_32 {
+            operation: OP_INDIRECT,
+            indirect_op,
+            nr_segments,
+            id,
+            sector_number,
+            handle,
+            _pad2: [0; 2],
+            indirect_grefs: grefs,
+            _pad3: [0; 8],
+        }
+        .as_bytes()
+        .to_vec(),
+    }
+}
+
+/// Encodes a discard request.
+pub fn encode_discard(
+    protocol: Protocol,
+    id: u64,
+    sector: u64,
+    nr_sectors: u64,
+    secure: bool,
+) -> Vec<u8> {
+    let flag = if secure { DISCARD_SECURE } else { 0 };
+    let (id, sector_number, nr_sectors) = (U64::new(id), U64::new(sector), U64::new(nr_sectors));
+    let (operation, handle) = (OP_DISCARD, U16::new(0));
+    match protocol {
+        Protocol::X86_64 => DiscardX86_64 {
+            operation,
+            flag,
+            handle,
+            _pad1: [0; 4],
+            id,
+            sector_number,
+            nr_sectors,
+        }
+        .as_bytes()
+        .to_vec(),
+        Protocol::X86_32 => DiscardX86_32 {
+            operation,
+            flag,
+            handle,
+            id,
+            sector_number,
+            nr_sectors,
+        }
+        .as_bytes()
+        .to_vec(),
+    }
 }
 
 /// Encodes a response into `out`; returns the bytes to put in the ring

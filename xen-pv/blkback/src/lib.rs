@@ -120,8 +120,8 @@ pub mod rate_limited_log;
 mod request_slot;
 pub mod ring_io;
 pub mod served_disk;
-#[cfg(test)]
-mod sim_blkfront;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim_blkfront;
 pub mod statistics;
 pub mod target;
 mod vbd;

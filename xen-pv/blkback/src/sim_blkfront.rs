@@ -13,14 +13,10 @@ use core::cell::Cell;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, FromZeros, IntoBytes};
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::Platform;
-use crate::blkif::{
-    self, DiscardX86_32, DiscardX86_64, IndirectX86_32, IndirectX86_64, Protocol, RequestX86_32,
-    RequestX86_64, ResponseX86_32, ResponseX86_64, WireSegment,
-};
+use crate::blkif::{self, Protocol, ResponseX86_32, ResponseX86_64, WireSegment};
 use xen_pv::grant::GrantRef;
 use xen_pv::ring::FrontRing;
 use xen_pv::sim::SimXen;
@@ -40,6 +36,12 @@ pub struct Seg {
     pub gref: GrantRef,
     pub first_sect: u8,
     pub last_sect: u8,
+}
+
+impl Seg {
+    fn wire(&self) -> WireSegment {
+        WireSegment::new(self.gref, self.first_sect, self.last_sect)
+    }
 }
 
 /// A frontend domain with one blkif ring.
@@ -169,36 +171,18 @@ impl<'s> SimBlkfront<'s> {
         nr_segments: u8,
         segs: &[Seg],
     ) -> Vec<u8> {
-        let mut wire = [WireSegment::new_zeroed(); blkif::MAX_SEGMENTS_PER_REQUEST];
-        for (slot, s) in wire.iter_mut().zip(segs) {
-            slot.gref = U32::new(s.gref);
-            slot.first_sect = s.first_sect;
-            slot.last_sect = s.last_sect;
-        }
-        let (id, sector, handle) = (U64::new(id), U64::new(sector), U16::new(0));
-        match self.protocol {
-            Protocol::X86_64 => RequestX86_64 {
+        let wire: Vec<WireSegment> = segs.iter().map(Seg::wire).collect();
+        blkif::encode_read_write(
+            self.protocol,
+            &blkif::ReadWriteFields {
                 operation,
                 nr_segments,
-                handle,
-                _pad1: [0; 4],
+                handle: 0,
                 id,
-                sector_number: sector,
-                seg: wire,
-            }
-            .as_bytes()
-            .to_vec(),
-            Protocol::X86_32 => RequestX86_32 {
-                operation,
-                nr_segments,
-                handle,
-                id,
-                sector_number: sector,
-                seg: wire,
-            }
-            .as_bytes()
-            .to_vec(),
-        }
+                sector,
+            },
+            &wire,
+        )
     }
 
     /// An indirect read or write of `nr_segments` segments listed in the
@@ -211,71 +195,22 @@ impl<'s> SimBlkfront<'s> {
         nr_segments: u16,
         indirect_grefs: &[GrantRef],
     ) -> Vec<u8> {
-        let mut grefs = [U32::new(0); blkif::MAX_INDIRECT_PAGES_PER_REQUEST];
-        for (slot, gref) in grefs.iter_mut().zip(indirect_grefs) {
-            *slot = U32::new(*gref);
-        }
-        let (id, sector) = (U64::new(id), U64::new(sector));
-        let (indirect_op, nr_segments) = (operation, U16::new(nr_segments));
-        match self.protocol {
-            Protocol::X86_64 => IndirectX86_64 {
-                operation: blkif::OP_INDIRECT,
-                indirect_op,
+        blkif::encode_indirect(
+            self.protocol,
+            &blkif::IndirectFields {
+                indirect_op: operation,
                 nr_segments,
-                _pad1: [0; 4],
+                handle: 0,
                 id,
-                sector_number: sector,
-                handle: U16::new(0),
-                _pad2: [0; 2],
-                indirect_grefs: grefs,
-                _pad3: [0; 4],
-            }
-            .as_bytes()
-            .to_vec(),
-            Protocol::X86_32 => IndirectX86_32 {
-                operation: blkif::OP_INDIRECT,
-                indirect_op,
-                nr_segments,
-                id,
-                sector_number: sector,
-                handle: U16::new(0),
-                _pad2: [0; 2],
-                indirect_grefs: grefs,
-                _pad3: [0; 8],
-            }
-            .as_bytes()
-            .to_vec(),
-        }
+                sector,
+            },
+            indirect_grefs,
+        )
     }
 
     /// A discard request in this frontend's ABI.
     pub fn discard_request(&self, id: u64, sector: u64, nr_sectors: u64, secure: bool) -> Vec<u8> {
-        let flag = if secure { blkif::DISCARD_SECURE } else { 0 };
-        let (id, sector, nr) = (U64::new(id), U64::new(sector), U64::new(nr_sectors));
-        let operation = blkif::OP_DISCARD;
-        match self.protocol {
-            Protocol::X86_64 => DiscardX86_64 {
-                operation,
-                flag,
-                handle: U16::new(0),
-                _pad1: [0; 4],
-                id,
-                sector_number: sector,
-                nr_sectors: nr,
-            }
-            .as_bytes()
-            .to_vec(),
-            Protocol::X86_32 => DiscardX86_32 {
-                operation,
-                flag,
-                handle: U16::new(0),
-                id,
-                sector_number: sector,
-                nr_sectors: nr,
-            }
-            .as_bytes()
-            .to_vec(),
-        }
+        blkif::encode_discard(self.protocol, id, sector, nr_sectors, secure)
     }
 
     /// Queues requests and publishes them, notifying the backend when the
@@ -356,16 +291,7 @@ impl<'s> SimBlkfront<'s> {
 /// The contents of an indirect page listing `segs`.
 pub fn segment_page(segs: &[Seg]) -> Vec<u8> {
     segs.iter()
-        .flat_map(|s| {
-            WireSegment {
-                gref: U32::new(s.gref),
-                first_sect: s.first_sect,
-                last_sect: s.last_sect,
-                _pad: [0; 2],
-            }
-            .as_bytes()
-            .to_vec()
-        })
+        .flat_map(|s| s.wire().as_bytes().to_vec())
         .collect()
 }
 
