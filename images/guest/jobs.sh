@@ -218,5 +218,7 @@ bystander_phase() {
         echo "bystander: fio $1 failed (status $rc)"; cat $out
         return 1
     fi
+    # The fields read, on the console (stderr), so a figure can be checked.
+    echo "bystander: $1 terse fields 1-9,47-50: $(tail -n 1 $out | cut -d';' -f1-9,47-50)" >&2
     tail -n 1 $out | awk -F';' '{ printf "%d", $8 + $49 }'
 }
