@@ -10,7 +10,7 @@ use super::wire::{
     split_strings,
 };
 use crate::DomId;
-use crate::ring::PeerChannel;
+use crate::ring::{PeerChannel, TimedOut};
 
 /// Longest absolute path xenstored accepts (`XENSTORE_ABS_PATH_MAX`).
 pub const PATH_MAX: usize = 3072;
@@ -65,6 +65,48 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             dropped_watch_events: 0,
             broken: None,
         }
+    }
+
+    /// Runs `body` on this connection with a channel that does `work`
+    /// while a request waits for xenstored's reply (see
+    /// [`PeerChannel::wait_working`]): a caller whose requests are not
+    /// its only duty keeps doing the others meanwhile. `work` must not
+    /// use this connection (it cannot: `body` has it).
+    pub fn with_wait_work<T>(
+        &mut self,
+        work: &mut dyn FnMut() -> bool,
+        body: impl FnOnce(&mut Xenstore<'a, WorkingChannel<'_, C>>) -> T,
+    ) -> T {
+        let mut working = Xenstore {
+            iface: self.iface,
+            channel: WorkingChannel {
+                inner: &mut self.channel,
+                work,
+            },
+            next_req_id: self.next_req_id,
+            partial: core::mem::take(&mut self.partial),
+            watch_events: core::mem::take(&mut self.watch_events),
+            queued_watch_bytes: self.queued_watch_bytes,
+            dropped_watch_events: self.dropped_watch_events,
+            broken: self.broken,
+        };
+        let result = body(&mut working);
+        let Xenstore {
+            next_req_id,
+            partial,
+            watch_events,
+            queued_watch_bytes,
+            dropped_watch_events,
+            broken,
+            ..
+        } = working;
+        self.next_req_id = next_req_id;
+        self.partial = partial;
+        self.watch_events = watch_events;
+        self.queued_watch_bytes = queued_watch_bytes;
+        self.dropped_watch_events = dropped_watch_events;
+        self.broken = broken;
+        result
     }
 
     /// The channel (tests reach the simulated daemon through it).
@@ -376,6 +418,23 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
     fn fail(&mut self, e: XsError) -> XsError {
         self.broken = Some(e);
         e
+    }
+}
+
+/// A connection's channel lent to [`Xenstore::with_wait_work`]: its
+/// waits do the lender's work.
+pub struct WorkingChannel<'w, C> {
+    inner: &'w mut C,
+    work: &'w mut dyn FnMut() -> bool,
+}
+
+impl<C: PeerChannel> PeerChannel for WorkingChannel<'_, C> {
+    fn notify(&mut self) {
+        self.inner.notify();
+    }
+
+    fn wait(&mut self) -> Result<(), TimedOut> {
+        self.inner.wait_working(self.work)
     }
 }
 

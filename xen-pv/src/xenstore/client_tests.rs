@@ -122,6 +122,37 @@ fn watch_events_between_request_and_reply_are_queued_in_order() {
 }
 
 #[test]
+fn waits_lent_to_other_work_do_it_and_keep_the_connection_whole() {
+    with_client(0, |xs| {
+        xs.watch("backend", "be").unwrap();
+        // Replies and events come a few bytes per wait.
+        xs.channel_mut().set_chunks(5, 2);
+        let mut works = 0;
+        let mut work = || {
+            works += 1;
+            true
+        };
+        xs.with_wait_work(&mut work, |xs| {
+            xs.write(Tx::NONE, "backend/vbd/1/51712/state", b"2")
+                .unwrap();
+        });
+        assert!(works > 0, "the waits did the work");
+        xs.write(Tx::NONE, "backend/vbd/1/51712/state", b"4")
+            .unwrap();
+        assert_eq!(
+            xs.read(Tx::NONE, "backend/vbd/1/51712/state").unwrap(),
+            b"4"
+        );
+        let mut events = Vec::new();
+        while let Some(e) = xs.poll_watch_event().unwrap() {
+            events.push(e);
+        }
+        let state = event("backend/vbd/1/51712/state", "be");
+        assert_eq!(events, [event("backend", "be"), state.clone(), state]);
+    });
+}
+
+#[test]
 fn watch_events_in_the_ring_are_seen_without_a_request() {
     with_client(0, |xs| {
         xs.watch("/local/domain/0/backend", "dom0").unwrap();
