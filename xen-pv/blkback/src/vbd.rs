@@ -9,7 +9,10 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::fmt;
 use core::ops::Bound::{Excluded, Unbounded};
+use core::ptr::NonNull;
 
 use crate::BackendServices;
 use crate::negotiate::{
@@ -18,13 +21,15 @@ use crate::negotiate::{
 use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
 use crate::statistics::{self, RingReport};
+use xen_pv::event::Port;
+use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
-use xen_pv::DomId;
 use xen_pv::ring::{PeerChannel, RingError};
 use xen_pv::xenbus::XenbusState;
 use xen_pv::xenstore::{MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, Xenstore, XsError};
+use xen_pv::{DomId, Errno};
 
 /// Where the toolstack creates this domain's vbds (relative to its home).
 const BACKEND_DIR: &str = "backend/vbd";
@@ -98,6 +103,17 @@ pub struct RingsPolled {
     /// Vbds that need xenstore work, for [`VbdBackends::attend`] (empty,
     /// and unallocated, in the steady state).
     pub attention: Vec<(VbdId, Attention)>,
+}
+
+impl RingsPolled {
+    /// Asks for `need` once: a vbd polled again before [`VbdBackends::attend`]
+    /// ran (its rings are also served while xenstore requests wait) is not
+    /// attended twice for one cause.
+    fn note(&mut self, id: VbdId, need: Attention) {
+        if !self.attention.contains(&(id, need)) {
+            self.attention.push((id, need));
+        }
+    }
 }
 
 /// What [`VbdBackends::take_watch_events`] took.
@@ -177,6 +193,9 @@ pub struct VbdBackends<O> {
     update_start: VbdId,
     /// The client's count of dropped watch events, as last seen.
     dropped_watch_events: u64,
+    /// What the rings served while a vbd's xenstore requests waited asked
+    /// of the toolstack, for the next [`VbdBackends::poll_rings`].
+    attention_while_waiting: Vec<(VbdId, Attention)>,
 }
 
 /// Where a watch event points.
@@ -199,6 +218,7 @@ impl<O: TargetOpener> VbdBackends<O> {
             rescan_pending: false,
             update_start: first,
             dropped_watch_events: 0,
+            attention_while_waiting: Vec::new(),
         }
     }
 
@@ -272,11 +292,12 @@ impl<O: TargetOpener> VbdBackends<O> {
     /// ([`crate::ring_io::REQUESTS_TAKEN_PER_RING_PER_PASS`]), starting one
     /// vbd further on each pass so that none is always served first;
     /// touches no xenstore node. What needs the toolstack (broken rings,
-    /// drained disconnects, timed steps) is returned for [`Self::attend`].
+    /// drained disconnects, timed steps) is returned for [`Self::attend`],
+    /// with what rings served during the last `attend` found.
     pub fn poll_rings<S: BackendServices>(&mut self, svc: &mut S) -> RingsPolled {
         let mut polled = RingsPolled {
             progress: Progress::Idle,
-            attention: Vec::new(),
+            attention: core::mem::take(&mut self.attention_while_waiting),
         };
         let now = svc.now_ns();
         let start = self.poll_start;
@@ -446,37 +467,126 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
-    /// Runs the state machine of one vbd; drops it once it is gone.
+    /// Runs the state machine of one vbd; drops it once it is gone. Its
+    /// xenstore round trips (a connect makes tens of them, each hundreds
+    /// of milliseconds when dom0 is busy) do not stop the other vbds: while
+    /// one waits for its reply, their rings are served (the vbd stepped is
+    /// out of the map meanwhile, so the two never touch the same vbd).
     fn update<C: PeerChannel, S: BackendServices>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
         svc: &mut S,
         id: VbdId,
     ) {
-        let Some(vbd) = self.devices.get_mut(&id) else {
+        let Some(mut vbd) = self.devices.remove(&id) else {
             return;
         };
         vbd.watch_pending = false;
-        if let Err(e) = step(vbd, xs, svc, &mut self.opener) {
-            vbd.log.line(svc, format_args!("xenstore: {e:?}"));
-        }
-        let gone = vbd.removed && !vbd.connected();
-        if gone && let Some(vbd) = self.devices.remove(&id) {
-            if let Some(frontend) = &vbd.frontend_path {
+        let shared = RefCell::new(svc);
+        let Self {
+            devices,
+            opener,
+            attention_while_waiting,
+            ..
+        } = self;
+        let mut serve_others =
+            || serve_rings_while_waiting(devices, &shared, attention_while_waiting);
+        let gone = xs.with_wait_work(&mut serve_others, |xs| {
+            let mut svc = SharedServices(&shared);
+            if let Err(e) = step(&mut vbd, xs, &mut svc, opener) {
+                vbd.log.line(&mut svc, format_args!("xenstore: {e:?}"));
+            }
+            let gone = vbd.removed && !vbd.connected();
+            if gone && let Some(frontend) = &vbd.frontend_path {
                 // The frontend may be gone with its watch already.
                 let _ = xs.unwatch(&format!("{frontend}/state"), &frontend_token(id));
             }
+            gone
+        });
+        let svc = shared.into_inner();
+        if gone {
             svc.log(format_args!("vbd {}/{}: removed", id.frontend, id.devid));
+        } else {
+            self.devices.insert(id, vbd);
         }
     }
 }
 
-/// One level-triggered step of a vbd's state machine.
+/// Serves every ring of `devices` once, for [`VbdBackends::update`] while
+/// a xenstore request waits for its reply; what needs the toolstack is
+/// kept in `found` for the next [`VbdBackends::poll_rings`]. True if
+/// anything happened or requests are in flight (look again soon).
+fn serve_rings_while_waiting<S: BackendServices>(
+    devices: &mut BTreeMap<VbdId, Vbd>,
+    svc: &RefCell<&mut S>,
+    found: &mut Vec<(VbdId, Attention)>,
+) -> bool {
+    // Never borrowed here: the state machine's uses end before it calls
+    // xenstore (see SharedServices). Skipping a turn beats a panic.
+    let Ok(mut svc) = svc.try_borrow_mut() else {
+        return false;
+    };
+    let mut polled = RingsPolled {
+        progress: Progress::Idle,
+        attention: core::mem::take(found),
+    };
+    let now = svc.now_ns();
+    for vbd in devices.values_mut() {
+        poll_vbd(vbd, &mut **svc, now, &mut polled);
+    }
+    *found = polled.attention;
+    polled.progress == Progress::Busy
+}
+
+/// The services as a stepped vbd's state machine uses them while
+/// [`serve_rings_while_waiting`] may run in its xenstore waits. Each call
+/// borrows them for its own length only, and none waits for xenstore, so
+/// the borrows of the two never overlap.
+struct SharedServices<'c, 's, S>(&'c RefCell<&'s mut S>);
+
+impl<S: BackendServices> BackendServices for SharedServices<'_, '_, S> {
+    fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
+        self.0.borrow_mut().bind_interdomain(remote, remote_port)
+    }
+
+    fn notify(&mut self, port: Port) -> Result<(), Errno> {
+        self.0.borrow_mut().notify(port)
+    }
+
+    fn close_port(&mut self, port: Port) {
+        self.0.borrow_mut().close_port(port);
+    }
+
+    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>) {
+        self.0.borrow_mut().map_grants(specs, results);
+    }
+
+    fn unmap_grants(
+        &mut self,
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    ) {
+        self.0.borrow_mut().unmap_grants(mappings, failed);
+    }
+
+    fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
+        self.0.borrow().frame_address(gfn)
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.0.borrow().now_ns()
+    }
+
+    fn log(&mut self, line: fmt::Arguments<'_>) {
+        self.0.borrow_mut().log(line);
+    }
+}
+
 /// Serves the rings of one vbd for [`VbdBackends::poll_rings`].
 fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &mut RingsPolled) {
     let mut busy = false;
     if vbd.recheck_at.is_some_and(|at| now >= at) {
-        polled.attention.push((vbd.id, Attention::Due));
+        polled.note(vbd.id, Attention::Due);
     }
     let Some(disk) = &vbd.disk else {
         return;
@@ -492,10 +602,10 @@ fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &m
     if let Some(e) = broken {
         vbd.stop_rings();
         busy = true;
-        polled.attention.push((vbd.id, Attention::BrokenRing(e)));
+        polled.note(vbd.id, Attention::BrokenRing(e));
     }
     if vbd.drained() {
-        polled.attention.push((vbd.id, Attention::Drained));
+        polled.note(vbd.id, Attention::Drained);
         busy = true;
     }
     if busy {
@@ -503,6 +613,7 @@ fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &m
     }
 }
 
+/// One level-triggered step of a vbd's state machine.
 fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
