@@ -1731,6 +1731,7 @@ fn rings_are_served_while_another_vbd_waits_for_xenstore() {
         };
         h.vbds.attend(&mut h.xs, &mut svc, &[]);
         assert_eq!(h.backend_state(late_id).as_deref(), Some("4"));
+        assert!(h.vbds.ring_passes_while_waiting() >= 4);
         let answered = busy.responses();
         assert_eq!(answered.len(), reads.len(), "answered during the connect");
         assert!(answered.iter().all(|r| r.status == RSP_OKAY));

@@ -193,9 +193,18 @@ pub struct VbdBackends<O> {
     update_start: VbdId,
     /// The client's count of dropped watch events, as last seen.
     dropped_watch_events: u64,
-    /// What the rings served while a vbd's xenstore requests waited asked
-    /// of the toolstack, for the next [`VbdBackends::poll_rings`].
-    attention_while_waiting: Vec<(VbdId, Attention)>,
+    /// The rings' serving while a stepped vbd's xenstore requests wait.
+    while_waiting: ServedWhileWaiting,
+}
+
+/// What [`serve_rings_while_waiting`] did.
+#[derive(Default)]
+struct ServedWhileWaiting {
+    /// What the rings ask of the toolstack, for the next
+    /// [`VbdBackends::poll_rings`].
+    attention: Vec<(VbdId, Attention)>,
+    /// Times every ring was served so.
+    passes: u64,
 }
 
 /// Where a watch event points.
@@ -218,7 +227,7 @@ impl<O: TargetOpener> VbdBackends<O> {
             rescan_pending: false,
             update_start: first,
             dropped_watch_events: 0,
-            attention_while_waiting: Vec::new(),
+            while_waiting: ServedWhileWaiting::default(),
         }
     }
 
@@ -297,7 +306,7 @@ impl<O: TargetOpener> VbdBackends<O> {
     pub fn poll_rings<S: BackendServices>(&mut self, svc: &mut S) -> RingsPolled {
         let mut polled = RingsPolled {
             progress: Progress::Idle,
-            attention: core::mem::take(&mut self.attention_while_waiting),
+            attention: core::mem::take(&mut self.while_waiting.attention),
         };
         let now = svc.now_ns();
         let start = self.poll_start;
@@ -406,6 +415,13 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
+    /// Times the rings were served while a vbd's state machine waited for
+    /// xenstore (a count that only grows): the toolstack's work does not
+    /// hold them up.
+    pub fn ring_passes_while_waiting(&self) -> u64 {
+        self.while_waiting.passes
+    }
+
     /// The vbd's current position, if it is known.
     pub fn status(&self, id: VbdId) -> Option<VbdStatus> {
         self.devices.get(&id).map(|vbd| VbdStatus {
@@ -486,11 +502,10 @@ impl<O: TargetOpener> VbdBackends<O> {
         let Self {
             devices,
             opener,
-            attention_while_waiting,
+            while_waiting,
             ..
         } = self;
-        let mut serve_others =
-            || serve_rings_while_waiting(devices, &shared, attention_while_waiting);
+        let mut serve_others = || serve_rings_while_waiting(devices, &shared, while_waiting);
         let gone = xs.with_wait_work(&mut serve_others, |xs| {
             let mut svc = SharedServices(&shared);
             if let Err(e) = step(&mut vbd, xs, &mut svc, opener) {
@@ -513,13 +528,12 @@ impl<O: TargetOpener> VbdBackends<O> {
 }
 
 /// Serves every ring of `devices` once, for [`VbdBackends::update`] while
-/// a xenstore request waits for its reply; what needs the toolstack is
-/// kept in `found` for the next [`VbdBackends::poll_rings`]. True if
-/// anything happened or requests are in flight (look again soon).
+/// a xenstore request waits for its reply. True if anything happened or
+/// requests are in flight (look again soon).
 fn serve_rings_while_waiting<S: BackendServices>(
     devices: &mut BTreeMap<VbdId, Vbd>,
     svc: &RefCell<&mut S>,
-    found: &mut Vec<(VbdId, Attention)>,
+    served: &mut ServedWhileWaiting,
 ) -> bool {
     // Never borrowed here: the state machine's uses end before it calls
     // xenstore (see SharedServices). Skipping a turn beats a panic.
@@ -528,13 +542,14 @@ fn serve_rings_while_waiting<S: BackendServices>(
     };
     let mut polled = RingsPolled {
         progress: Progress::Idle,
-        attention: core::mem::take(found),
+        attention: core::mem::take(&mut served.attention),
     };
     let now = svc.now_ns();
     for vbd in devices.values_mut() {
         poll_vbd(vbd, &mut **svc, now, &mut polled);
     }
-    *found = polled.attention;
+    served.attention = polled.attention;
+    served.passes += 1;
     polled.progress == Progress::Busy
 }
 
