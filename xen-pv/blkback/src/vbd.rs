@@ -28,7 +28,9 @@ use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
 use xen_pv::ring::{PeerChannel, RingError};
 use xen_pv::xenbus::XenbusState;
-use xen_pv::xenstore::{MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, Xenstore, XsError};
+use xen_pv::xenstore::{
+    MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, WorkingChannel, Xenstore, XsError,
+};
 use xen_pv::{DomId, Errno};
 
 /// Where the toolstack creates this domain's vbds (relative to its home).
@@ -382,11 +384,10 @@ impl<O: TargetOpener> VbdBackends<O> {
         for &(id, need) in attention {
             match need {
                 Attention::BrokenRing(e) => {
-                    if let Some(vbd) = self.devices.get_mut(&id) {
-                        let why =
-                            format!("frontend broke a ring ({e:?}: requests beyond its size)");
+                    let why = format!("frontend broke a ring ({e:?}: requests beyond its size)");
+                    self.with_vbd_out(xs, svc, id, |vbd, xs, svc, _| {
                         report(xs, svc, vbd, &why, XenbusState::Closing);
-                    }
+                    });
                 }
                 Attention::Drained | Attention::Due => self.update(xs, svc, id),
             }
@@ -438,21 +439,29 @@ impl<O: TargetOpener> VbdBackends<O> {
         svc: &mut S,
     ) {
         let mut present = Vec::new();
-        let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
-        for frontend in &frontends {
-            let Some(frontend_id) = parse_number::<DomId>(frontend) else {
-                continue;
-            };
-            let devices = xs
-                .directory(Tx::NONE, &format!("{BACKEND_DIR}/{frontend}"))
-                .unwrap_or_default();
-            for devid in devices.iter().filter_map(|d| parse_number::<u32>(d)) {
-                present.push(VbdId {
-                    frontend: frontend_id,
-                    devid,
-                });
-            }
-        }
+        with_rings_served(
+            &mut self.devices,
+            &mut self.while_waiting,
+            xs,
+            svc,
+            |xs, _| {
+                let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
+                for frontend in &frontends {
+                    let Some(frontend_id) = parse_number::<DomId>(frontend) else {
+                        continue;
+                    };
+                    let devices = xs
+                        .directory(Tx::NONE, &format!("{BACKEND_DIR}/{frontend}"))
+                        .unwrap_or_default();
+                    for devid in devices.iter().filter_map(|d| parse_number::<u32>(d)) {
+                        present.push(VbdId {
+                            frontend: frontend_id,
+                            devid,
+                        });
+                    }
+                }
+            },
+        );
         let known: Vec<VbdId> = self.devices.keys().copied().collect();
         for id in known.iter().filter(|id| !present.contains(id)) {
             self.update(xs, svc, *id);
@@ -483,33 +492,17 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
-    /// Runs the state machine of one vbd; drops it once it is gone. Its
-    /// xenstore round trips (a connect makes tens of them, each hundreds
-    /// of milliseconds when dom0 is busy) do not stop the other vbds: while
-    /// one waits for its reply, their rings are served (the vbd stepped is
-    /// out of the map meanwhile, so the two never touch the same vbd).
+    /// Runs the state machine of one vbd; drops it once it is gone.
     fn update<C: PeerChannel, S: BackendServices>(
         &mut self,
         xs: &mut Xenstore<'_, C>,
         svc: &mut S,
         id: VbdId,
     ) {
-        let Some(mut vbd) = self.devices.remove(&id) else {
-            return;
-        };
-        vbd.watch_pending = false;
-        let shared = RefCell::new(svc);
-        let Self {
-            devices,
-            opener,
-            while_waiting,
-            ..
-        } = self;
-        let mut serve_others = || serve_rings_while_waiting(devices, &shared, while_waiting);
-        let gone = xs.with_wait_work(&mut serve_others, |xs| {
-            let mut svc = SharedServices(&shared);
-            if let Err(e) = step(&mut vbd, xs, &mut svc, opener) {
-                vbd.log.line(&mut svc, format_args!("xenstore: {e:?}"));
+        let gone = self.with_vbd_out(xs, svc, id, |vbd, xs, svc, opener| {
+            vbd.watch_pending = false;
+            if let Err(e) = step(vbd, xs, svc, opener) {
+                vbd.log.line(svc, format_args!("xenstore: {e:?}"));
             }
             let gone = vbd.removed && !vbd.connected();
             if gone && let Some(frontend) = &vbd.frontend_path {
@@ -518,17 +511,60 @@ impl<O: TargetOpener> VbdBackends<O> {
             }
             gone
         });
-        let svc = shared.into_inner();
-        if gone {
+        if gone == Some(true) {
+            self.devices.remove(&id);
             svc.log(format_args!("vbd {}/{}: removed", id.frontend, id.devid));
-        } else {
-            self.devices.insert(id, vbd);
         }
+    }
+
+    /// Does the xenstore work `body` of vbd `id` (none if it is not
+    /// known) with the other vbds' rings served while it waits (see
+    /// [`with_rings_served`]); the vbd is out of the map meanwhile, so the
+    /// two never touch the same vbd.
+    fn with_vbd_out<'a, C: PeerChannel, S: BackendServices, T>(
+        &mut self,
+        xs: &mut Xenstore<'a, C>,
+        svc: &mut S,
+        id: VbdId,
+        body: impl FnOnce(
+            &mut Vbd,
+            &mut Xenstore<'a, WorkingChannel<'_, C>>,
+            &mut SharedServices<'_, '_, S>,
+            &mut O,
+        ) -> T,
+    ) -> Option<T> {
+        let mut vbd = self.devices.remove(&id)?;
+        let opener = &mut self.opener;
+        let done = with_rings_served(
+            &mut self.devices,
+            &mut self.while_waiting,
+            xs,
+            svc,
+            |xs, svc| body(&mut vbd, xs, svc, opener),
+        );
+        self.devices.insert(id, vbd);
+        Some(done)
     }
 }
 
-/// Serves every ring of `devices` once, for [`VbdBackends::update`] while
-/// a xenstore request waits for its reply. True if anything happened or
+/// Does the xenstore work `body` on a connection whose waits for
+/// xenstored's replies serve the rings of `devices` (a connect makes tens
+/// of round trips, each hundreds of milliseconds when dom0 is busy: the
+/// rings must not wait for them).
+fn with_rings_served<'a, C: PeerChannel, S: BackendServices, T>(
+    devices: &mut BTreeMap<VbdId, Vbd>,
+    served: &mut ServedWhileWaiting,
+    xs: &mut Xenstore<'a, C>,
+    svc: &mut S,
+    body: impl FnOnce(&mut Xenstore<'a, WorkingChannel<'_, C>>, &mut SharedServices<'_, '_, S>) -> T,
+) -> T {
+    let shared = RefCell::new(svc);
+    let mut serve = || serve_rings_while_waiting(devices, &shared, served);
+    xs.with_wait_work(&mut serve, |xs| body(xs, &mut SharedServices(&shared)))
+}
+
+/// Serves every ring of `devices` once, for [`with_rings_served`] while a
+/// xenstore request waits for its reply. True if anything happened or
 /// requests are in flight (look again soon).
 fn serve_rings_while_waiting<S: BackendServices>(
     devices: &mut BTreeMap<VbdId, Vbd>,
