@@ -51,6 +51,16 @@ pub struct Xenstore<'a, C> {
     dropped_watch_events: u64,
     /// Set once the stream is unusable; every later call fails with it.
     broken: Option<XsError>,
+    /// The writes of the [`Xenstore::write_batch`] under way.
+    batch: Option<BatchReplies>,
+}
+
+/// The writes of a [`Xenstore::write_batch`]: its first request id, and
+/// the first error answered to one of them.
+#[derive(Clone, Copy)]
+struct BatchReplies {
+    first: u32,
+    error: Option<XsError>,
 }
 
 impl<'a, C: PeerChannel> Xenstore<'a, C> {
@@ -64,6 +74,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             queued_watch_bytes: 0,
             dropped_watch_events: 0,
             broken: None,
+            batch: None,
         }
     }
 
@@ -89,6 +100,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             queued_watch_bytes: self.queued_watch_bytes,
             dropped_watch_events: self.dropped_watch_events,
             broken: self.broken,
+            batch: self.batch,
         };
         let result = body(&mut working);
         let Xenstore {
@@ -98,6 +110,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             queued_watch_bytes,
             dropped_watch_events,
             broken,
+            batch,
             ..
         } = working;
         self.next_req_id = next_req_id;
@@ -106,6 +119,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         self.queued_watch_bytes = queued_watch_bytes;
         self.dropped_watch_events = dropped_watch_events;
         self.broken = broken;
+        self.batch = batch;
         result
     }
 
@@ -175,6 +189,45 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         self.send(value)?;
         self.channel.notify();
         Ok(true)
+    }
+
+    /// Writes `nodes` (path, value), in order, outside any transaction,
+    /// waiting for one reply: all but the last go unacknowledged (or
+    /// acknowledged, when the ring has no room), the last acknowledged.
+    /// xenstored answers a connection's requests in order, so when the
+    /// last is answered the others were done; an error answered to any
+    /// of them fails the call. Not atomic: readers may see some nodes
+    /// before others (publish what they read only after, e.g. with a
+    /// state change).
+    pub fn write_batch(&mut self, nodes: &[(&str, &[u8])]) -> Result<(), XsError> {
+        let Some(((last_path, last_value), rest)) = nodes.split_last() else {
+            return Ok(());
+        };
+        self.batch = Some(BatchReplies {
+            first: self.next_req_id,
+            error: None,
+        });
+        let written = self.write_batch_in_order(rest, last_path, last_value);
+        let batch = self.batch.take();
+        written?;
+        match batch.and_then(|b| b.error) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn write_batch_in_order(
+        &mut self,
+        rest: &[(&str, &[u8])],
+        last_path: &str,
+        last_value: &[u8],
+    ) -> Result<(), XsError> {
+        for (path, value) in rest {
+            if !self.write_unacknowledged(path, value)? {
+                self.write(Tx::NONE, path, value)?;
+            }
+        }
+        self.write(Tx::NONE, last_path, last_value)
     }
 
     pub fn mkdir(&mut self, tx: Tx, path: &str) -> Result<(), XsError> {
@@ -320,7 +373,9 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             if reply.msg_type == MsgType::WatchEvent as u32 {
                 self.queue_watch_event(&payload);
             } else if reply.req_id != req_id {
-                // A reply to an abandoned request (e.g. after a timeout).
+                // A reply to an unacknowledged write or to an abandoned
+                // request (e.g. after a timeout).
+                self.note_batch_reply(&reply, &payload, req_id);
                 continue;
             } else if reply.msg_type == MsgType::Error as u32 {
                 return Err(XsError::from_payload(&payload));
@@ -387,6 +442,17 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             }
             // Space was freed: xenstored may be waiting to write more.
             self.channel.notify();
+        }
+    }
+
+    /// Keeps the first error answered to a [`Self::write_batch`] write
+    /// sent before the one `awaited` (that one's reply is its caller's).
+    fn note_batch_reply(&mut self, reply: &Header, payload: &[u8], awaited: u32) {
+        if let Some(batch) = &mut self.batch
+            && reply.msg_type == MsgType::Error as u32
+            && reply.req_id.wrapping_sub(batch.first) < awaited.wrapping_sub(batch.first)
+        {
+            batch.error.get_or_insert(XsError::from_payload(payload));
         }
     }
 
