@@ -21,11 +21,11 @@ use crate::negotiate::{
 use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
 use crate::statistics::{self, RingReport};
-use xen_pv::event::Port;
-use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
+use xen_pv::event::Port;
+use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 use xen_pv::ring::{PeerChannel, RingError};
 use xen_pv::xenbus::XenbusState;
 use xen_pv::xenstore::{
@@ -195,7 +195,7 @@ pub struct VbdBackends<O> {
     update_start: VbdId,
     /// The client's count of dropped watch events, as last seen.
     dropped_watch_events: u64,
-    /// The rings' serving while a stepped vbd's xenstore requests wait.
+    /// The rings' serving while the toolstack's xenstore requests wait.
     while_waiting: ServedWhileWaiting,
 }
 
@@ -416,9 +416,9 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
-    /// Times the rings were served while a vbd's state machine waited for
-    /// xenstore (a count that only grows): the toolstack's work does not
-    /// hold them up.
+    /// Times the rings were served while the toolstack's work (a vbd's
+    /// state machine, a rescan) waited for xenstore, a count that only
+    /// grows: that work does not hold them up.
     pub fn ring_passes_while_waiting(&self) -> u64 {
         self.while_waiting.passes
     }
