@@ -119,6 +119,9 @@ pub const UPCALL_VECTOR: u8 = 0x30;
 const STORE_TIMEOUT_NS: u64 = 10_000_000_000;
 /// A xenstore reply slower than this is reported (once per wait).
 const WAIT_WATCHDOG_NS: u64 = 5_000_000_000;
+/// Longest sleep of a xenstore wait that has other work (serving rings)
+/// and found none: how long a ring's new request may wait for it.
+const IDLE_WORK_SLICE_NS: u64 = 1_000_000;
 /// How long a full console ring is waited on per wait.
 const CONSOLE_WAIT_NS: u64 = 10_000_000;
 /// Guest frames reserved for grant mappings: 64 MiB, enough for several
@@ -169,16 +172,34 @@ impl PeerChannel for PortChannel {
     }
 
     fn wait(&mut self) -> Result<(), TimedOut> {
+        self.wait_for_port(None)
+    }
+
+    fn wait_working(&mut self, work: &mut dyn FnMut() -> bool) -> Result<(), TimedOut> {
+        self.wait_for_port(Some(work))
+    }
+}
+
+impl PortChannel {
+    /// Waits for the port. While `work` finds something to do (requests
+    /// in flight on other rings) it runs between looks at the port; when
+    /// it finds nothing the wait sleeps on the port, at most
+    /// [`IDLE_WORK_SLICE_NS`] at a time (a ring's event does not end that
+    /// sleep, and its request should not wait for xenstored).
+    fn wait_for_port(
+        &mut self,
+        mut work: Option<&mut dyn FnMut() -> bool>,
+    ) -> Result<(), TimedOut> {
         let start = clock::now_ns();
         let mut reported = false;
         loop {
             if self.fired.swap(false, Ordering::AcqRel) || take_pending(self.shared, 0, self.port) {
                 return Ok(());
             }
-            if clock::now_ns() - start > self.timeout_ns {
+            let waited = clock::now_ns() - start;
+            if waited > self.timeout_ns {
                 return Err(TimedOut);
             }
-            let waited = clock::now_ns() - start;
             if waited >= WAIT_WATCHDOG_NS && !reported {
                 reported = true;
                 log::warn!(
@@ -186,6 +207,9 @@ impl PeerChannel for PortChannel {
                     self.port.0,
                     waited / 1_000_000
                 );
+            }
+            if work.as_mut().is_some_and(|work| work()) {
+                continue;
             }
             // Until the watchdog spoke, wake at its mark: a reply still
             // missing there is reported, however soon after it comes.
@@ -195,7 +219,8 @@ impl PeerChannel for PortChannel {
                 WAIT_WATCHDOG_NS - waited
             };
             let left = self.timeout_ns.saturating_sub(waited).max(1);
-            sleep_until_event(&[self.port.0], left.min(mark).max(1));
+            let slice = work.as_ref().map_or(u64::MAX, |_| IDLE_WORK_SLICE_NS);
+            sleep_until_event(&[self.port.0], left.min(mark).min(slice).max(1));
         }
     }
 }

@@ -30,6 +30,15 @@ pub trait PeerChannel {
     fn notify(&mut self);
     /// Waits until the peer may have made progress.
     fn wait(&mut self) -> Result<(), TimedOut>;
+    /// Waits as [`Self::wait`] does, calling `work` (the caller's other
+    /// duties, a bounded share per call; true if it did something) while
+    /// the peer is silent rather than only sleeping. By default `work`
+    /// runs once before the wait: a channel whose wait is where time
+    /// passes (the simulations) needs no more.
+    fn wait_working(&mut self, work: &mut dyn FnMut() -> bool) -> Result<(), TimedOut> {
+        work();
+        self.wait()
+    }
 }
 
 /// One direction of a byte ring (`xenstore_domain_interface`,

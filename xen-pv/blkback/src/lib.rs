@@ -3,7 +3,8 @@
 //! from a [`blockdev::DiskView`], one [`blockdev::QueueHandle`] per ring.
 //!
 //! # What is served
-//! Published at InitWait, in one transaction, then `state` = 2:
+//! Published at InitWait, in one round trip (see
+//! [`xen_pv::xenstore::Xenstore::write_batch`]), then `state` = 2:
 //! `feature-flush-cache` (1 when the device has a volatile write cache),
 //! `feature-barrier` = 1, `feature-persistent` = 1,
 //! `feature-max-indirect-segments` (256 unless the device takes less),
@@ -12,7 +13,7 @@
 //! `feature-discard` + `discard-granularity` / `discard-alignment` /
 //! `discard-secure` = 0 (when the device discards and the toolstack's
 //! `discard-enable` is not 0), `info` (`VDISK_READONLY`, `VDISK_CDROM`).
-//! At connect, in one transaction: `sectors` (512-byte units, always),
+//! At connect, in one round trip: `sectors` (512-byte units, always),
 //! `sector-size`, `physical-sector-size`; then `state` = 4.
 //!
 //! # What the kernel provides

@@ -4,6 +4,7 @@
 
 use alloc::format;
 use alloc::string::{String, ToString};
+use alloc::vec;
 use alloc::vec::Vec;
 
 use blockdev::Geometry;
@@ -30,8 +31,8 @@ pub(crate) struct Offer {
     pub discard_enabled: bool,
 }
 
-/// Publishes the features of `disk` under the backend directory `path`,
-/// in one transaction (see the crate documentation for the list).
+/// Publishes the features of `disk` under the backend directory `path`
+/// (see the crate documentation for the list), in one round trip.
 pub(crate) fn publish_features<C: PeerChannel>(
     xs: &mut Xenstore<'_, C>,
     path: &str,
@@ -49,41 +50,34 @@ pub(crate) fn publish_features<C: PeerChannel>(
     let discard = disk
         .discard_granularity_bytes()
         .filter(|_| offer.discard_enabled);
-    let flush = disk.flushes();
     let max_indirect = disk.max_indirect_segments();
     let max_queues = disk.max_queues();
-    xs.transaction(|xs, tx| {
-        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: &str| {
-            xs.write(tx, &format!("{path}/{name}"), value.as_bytes())
-        };
-        write(xs, "feature-flush-cache", if flush { "1" } else { "0" })?;
-        write(xs, "feature-barrier", "1")?;
-        write(xs, "feature-persistent", "1")?;
-        write(xs, "max-ring-page-order", &MAX_RING_PAGE_ORDER.to_string())?;
-        if max_queues > 1 {
-            write(xs, "multi-queue-max-queues", &max_queues.to_string())?;
-        }
-        if max_indirect > 0 {
-            write(
-                xs,
-                "feature-max-indirect-segments",
-                &max_indirect.to_string(),
-            )?;
-        }
-        match discard {
-            Some(granularity) => {
-                write(xs, "feature-discard", "1")?;
-                write(xs, "discard-granularity", &granularity.to_string())?;
-                write(xs, "discard-alignment", "0")?;
-                write(xs, "discard-secure", "0")?;
-            }
-            None => write(xs, "feature-discard", "0")?,
-        }
-        write(xs, "info", &info.to_string())
-    })
+    let mut nodes = vec![
+        ("feature-flush-cache", u8::from(disk.flushes()).to_string()),
+        ("feature-barrier", "1".to_string()),
+        ("feature-persistent", "1".to_string()),
+        ("max-ring-page-order", MAX_RING_PAGE_ORDER.to_string()),
+    ];
+    if max_queues > 1 {
+        nodes.push(("multi-queue-max-queues", max_queues.to_string()));
+    }
+    if max_indirect > 0 {
+        nodes.push(("feature-max-indirect-segments", max_indirect.to_string()));
+    }
+    match discard {
+        Some(granularity) => nodes.extend([
+            ("feature-discard", "1".to_string()),
+            ("discard-granularity", granularity.to_string()),
+            ("discard-alignment", "0".to_string()),
+            ("discard-secure", "0".to_string()),
+        ]),
+        None => nodes.push(("feature-discard", "0".to_string())),
+    }
+    nodes.push(("info", info.to_string()));
+    write_nodes(xs, path, &nodes)
 }
 
-/// Publishes the disk's size under `path`, in one transaction: `sectors`
+/// Publishes the disk's size under `path`, in one round trip: `sectors`
 /// (512-byte units), `sector-size`, `physical-sector-size`.
 pub(crate) fn publish_size<C: PeerChannel>(
     xs: &mut Xenstore<'_, C>,
@@ -91,15 +85,36 @@ pub(crate) fn publish_size<C: PeerChannel>(
     sectors: u64,
     geometry: &Geometry,
 ) -> Result<(), XsError> {
-    xs.transaction(|xs, tx| {
-        let write = |xs: &mut Xenstore<'_, C>, name: &str, value: u64| {
-            xs.write(tx, &format!("{path}/{name}"), value.to_string().as_bytes())
-        };
-        write(xs, "sectors", sectors)?;
-        write(xs, "sector-size", u64::from(geometry.logical_block_size))?;
-        let physical = u64::from(geometry.physical_block_size);
-        write(xs, "physical-sector-size", physical)
-    })
+    let nodes = [
+        ("sectors", sectors.to_string()),
+        ("sector-size", geometry.logical_block_size.to_string()),
+        (
+            "physical-sector-size",
+            geometry.physical_block_size.to_string(),
+        ),
+    ];
+    write_nodes(xs, path, &nodes)
+}
+
+/// Writes `nodes` (name, value) under `path`, waiting for one reply (see
+/// [`Xenstore::write_batch`]): not atomically, which the frontend does not
+/// notice, since it reads them only once the state written after them
+/// tells it to.
+fn write_nodes<C: PeerChannel>(
+    xs: &mut Xenstore<'_, C>,
+    path: &str,
+    nodes: &[(&str, String)],
+) -> Result<(), XsError> {
+    let paths: Vec<String> = nodes
+        .iter()
+        .map(|(name, _)| format!("{path}/{name}"))
+        .collect();
+    let batch: Vec<(&str, &[u8])> = paths
+        .iter()
+        .zip(nodes)
+        .map(|(path, (_, value))| (path.as_str(), value.as_bytes()))
+        .collect();
+    xs.write_batch(&batch)
 }
 
 /// What a frontend published for its ring (its xenstore directory).

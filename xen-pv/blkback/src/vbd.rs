@@ -9,7 +9,10 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::fmt;
 use core::ops::Bound::{Excluded, Unbounded};
+use core::ptr::NonNull;
 
 use crate::BackendServices;
 use crate::negotiate::{
@@ -21,10 +24,14 @@ use crate::statistics::{self, RingReport};
 
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
-use xen_pv::DomId;
+use xen_pv::event::Port;
+use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 use xen_pv::ring::{PeerChannel, RingError};
 use xen_pv::xenbus::XenbusState;
-use xen_pv::xenstore::{MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, Xenstore, XsError};
+use xen_pv::xenstore::{
+    MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, WorkingChannel, Xenstore, XsError,
+};
+use xen_pv::{DomId, Errno};
 
 /// Where the toolstack creates this domain's vbds (relative to its home).
 const BACKEND_DIR: &str = "backend/vbd";
@@ -98,6 +105,17 @@ pub struct RingsPolled {
     /// Vbds that need xenstore work, for [`VbdBackends::attend`] (empty,
     /// and unallocated, in the steady state).
     pub attention: Vec<(VbdId, Attention)>,
+}
+
+impl RingsPolled {
+    /// Asks for `need` once: a vbd polled again before [`VbdBackends::attend`]
+    /// ran (its rings are also served while xenstore requests wait) is not
+    /// attended twice for one cause.
+    fn note(&mut self, id: VbdId, need: Attention) {
+        if !self.attention.contains(&(id, need)) {
+            self.attention.push((id, need));
+        }
+    }
 }
 
 /// What [`VbdBackends::take_watch_events`] took.
@@ -177,6 +195,18 @@ pub struct VbdBackends<O> {
     update_start: VbdId,
     /// The client's count of dropped watch events, as last seen.
     dropped_watch_events: u64,
+    /// The rings' serving while the toolstack's xenstore requests wait.
+    while_waiting: ServedWhileWaiting,
+}
+
+/// What [`serve_rings_while_waiting`] did.
+#[derive(Default)]
+struct ServedWhileWaiting {
+    /// What the rings ask of the toolstack, for the next
+    /// [`VbdBackends::poll_rings`].
+    attention: Vec<(VbdId, Attention)>,
+    /// Times every ring was served so.
+    passes: u64,
 }
 
 /// Where a watch event points.
@@ -199,6 +229,7 @@ impl<O: TargetOpener> VbdBackends<O> {
             rescan_pending: false,
             update_start: first,
             dropped_watch_events: 0,
+            while_waiting: ServedWhileWaiting::default(),
         }
     }
 
@@ -272,11 +303,12 @@ impl<O: TargetOpener> VbdBackends<O> {
     /// ([`crate::ring_io::REQUESTS_TAKEN_PER_RING_PER_PASS`]), starting one
     /// vbd further on each pass so that none is always served first;
     /// touches no xenstore node. What needs the toolstack (broken rings,
-    /// drained disconnects, timed steps) is returned for [`Self::attend`].
+    /// drained disconnects, timed steps) is returned for [`Self::attend`],
+    /// with what rings served during the last `attend` found.
     pub fn poll_rings<S: BackendServices>(&mut self, svc: &mut S) -> RingsPolled {
         let mut polled = RingsPolled {
             progress: Progress::Idle,
-            attention: Vec::new(),
+            attention: core::mem::take(&mut self.while_waiting.attention),
         };
         let now = svc.now_ns();
         let start = self.poll_start;
@@ -352,11 +384,10 @@ impl<O: TargetOpener> VbdBackends<O> {
         for &(id, need) in attention {
             match need {
                 Attention::BrokenRing(e) => {
-                    if let Some(vbd) = self.devices.get_mut(&id) {
-                        let why =
-                            format!("frontend broke a ring ({e:?}: requests beyond its size)");
+                    let why = format!("frontend broke a ring ({e:?}: requests beyond its size)");
+                    self.with_vbd_out(xs, svc, id, |vbd, xs, svc, _| {
                         report(xs, svc, vbd, &why, XenbusState::Closing);
-                    }
+                    });
                 }
                 Attention::Drained | Attention::Due => self.update(xs, svc, id),
             }
@@ -385,6 +416,13 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
+    /// Times the rings were served while the toolstack's work (a vbd's
+    /// state machine, a rescan) waited for xenstore, a count that only
+    /// grows: that work does not hold them up.
+    pub fn ring_passes_while_waiting(&self) -> u64 {
+        self.while_waiting.passes
+    }
+
     /// The vbd's current position, if it is known.
     pub fn status(&self, id: VbdId) -> Option<VbdStatus> {
         self.devices.get(&id).map(|vbd| VbdStatus {
@@ -401,21 +439,29 @@ impl<O: TargetOpener> VbdBackends<O> {
         svc: &mut S,
     ) {
         let mut present = Vec::new();
-        let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
-        for frontend in &frontends {
-            let Some(frontend_id) = parse_number::<DomId>(frontend) else {
-                continue;
-            };
-            let devices = xs
-                .directory(Tx::NONE, &format!("{BACKEND_DIR}/{frontend}"))
-                .unwrap_or_default();
-            for devid in devices.iter().filter_map(|d| parse_number::<u32>(d)) {
-                present.push(VbdId {
-                    frontend: frontend_id,
-                    devid,
-                });
-            }
-        }
+        with_rings_served(
+            &mut self.devices,
+            &mut self.while_waiting,
+            xs,
+            svc,
+            |xs, _| {
+                let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
+                for frontend in &frontends {
+                    let Some(frontend_id) = parse_number::<DomId>(frontend) else {
+                        continue;
+                    };
+                    let devices = xs
+                        .directory(Tx::NONE, &format!("{BACKEND_DIR}/{frontend}"))
+                        .unwrap_or_default();
+                    for devid in devices.iter().filter_map(|d| parse_number::<u32>(d)) {
+                        present.push(VbdId {
+                            frontend: frontend_id,
+                            devid,
+                        });
+                    }
+                }
+            },
+        );
         let known: Vec<VbdId> = self.devices.keys().copied().collect();
         for id in known.iter().filter(|id| !present.contains(id)) {
             self.update(xs, svc, *id);
@@ -453,30 +499,145 @@ impl<O: TargetOpener> VbdBackends<O> {
         svc: &mut S,
         id: VbdId,
     ) {
-        let Some(vbd) = self.devices.get_mut(&id) else {
-            return;
-        };
-        vbd.watch_pending = false;
-        if let Err(e) = step(vbd, xs, svc, &mut self.opener) {
-            vbd.log.line(svc, format_args!("xenstore: {e:?}"));
-        }
-        let gone = vbd.removed && !vbd.connected();
-        if gone && let Some(vbd) = self.devices.remove(&id) {
-            if let Some(frontend) = &vbd.frontend_path {
+        let gone = self.with_vbd_out(xs, svc, id, |vbd, xs, svc, opener| {
+            vbd.watch_pending = false;
+            if let Err(e) = step(vbd, xs, svc, opener) {
+                vbd.log.line(svc, format_args!("xenstore: {e:?}"));
+            }
+            let gone = vbd.removed && !vbd.connected();
+            if gone && let Some(frontend) = &vbd.frontend_path {
                 // The frontend may be gone with its watch already.
                 let _ = xs.unwatch(&format!("{frontend}/state"), &frontend_token(id));
             }
+            gone
+        });
+        if gone == Some(true) {
+            self.devices.remove(&id);
             svc.log(format_args!("vbd {}/{}: removed", id.frontend, id.devid));
         }
     }
+
+    /// Does the xenstore work `body` of vbd `id` (none if it is not
+    /// known) with the other vbds' rings served while it waits (see
+    /// [`with_rings_served`]); the vbd is out of the map meanwhile, so the
+    /// two never touch the same vbd.
+    fn with_vbd_out<'a, C: PeerChannel, S: BackendServices, T>(
+        &mut self,
+        xs: &mut Xenstore<'a, C>,
+        svc: &mut S,
+        id: VbdId,
+        body: impl FnOnce(
+            &mut Vbd,
+            &mut Xenstore<'a, WorkingChannel<'_, C>>,
+            &mut SharedServices<'_, '_, S>,
+            &mut O,
+        ) -> T,
+    ) -> Option<T> {
+        let mut vbd = self.devices.remove(&id)?;
+        let opener = &mut self.opener;
+        let done = with_rings_served(
+            &mut self.devices,
+            &mut self.while_waiting,
+            xs,
+            svc,
+            |xs, svc| body(&mut vbd, xs, svc, opener),
+        );
+        self.devices.insert(id, vbd);
+        Some(done)
+    }
 }
 
-/// One level-triggered step of a vbd's state machine.
+/// Does the xenstore work `body` on a connection whose waits for
+/// xenstored's replies serve the rings of `devices` (a connect makes tens
+/// of round trips, each hundreds of milliseconds when dom0 is busy: the
+/// rings must not wait for them).
+fn with_rings_served<'a, C: PeerChannel, S: BackendServices, T>(
+    devices: &mut BTreeMap<VbdId, Vbd>,
+    served: &mut ServedWhileWaiting,
+    xs: &mut Xenstore<'a, C>,
+    svc: &mut S,
+    body: impl FnOnce(&mut Xenstore<'a, WorkingChannel<'_, C>>, &mut SharedServices<'_, '_, S>) -> T,
+) -> T {
+    let shared = RefCell::new(svc);
+    let mut serve = || serve_rings_while_waiting(devices, &shared, served);
+    xs.with_wait_work(&mut serve, |xs| body(xs, &mut SharedServices(&shared)))
+}
+
+/// Serves every ring of `devices` once, for [`with_rings_served`] while a
+/// xenstore request waits for its reply. True if anything happened or
+/// requests are in flight (look again soon).
+fn serve_rings_while_waiting<S: BackendServices>(
+    devices: &mut BTreeMap<VbdId, Vbd>,
+    svc: &RefCell<&mut S>,
+    served: &mut ServedWhileWaiting,
+) -> bool {
+    // Never borrowed here: the state machine's uses end before it calls
+    // xenstore (see SharedServices). Skipping a turn beats a panic.
+    let Ok(mut svc) = svc.try_borrow_mut() else {
+        return false;
+    };
+    let mut polled = RingsPolled {
+        progress: Progress::Idle,
+        attention: core::mem::take(&mut served.attention),
+    };
+    let now = svc.now_ns();
+    for vbd in devices.values_mut() {
+        poll_vbd(vbd, &mut **svc, now, &mut polled);
+    }
+    served.attention = polled.attention;
+    served.passes += 1;
+    polled.progress == Progress::Busy
+}
+
+/// The services as a stepped vbd's state machine uses them while
+/// [`serve_rings_while_waiting`] may run in its xenstore waits. Each call
+/// borrows them for its own length only, and none waits for xenstore, so
+/// the borrows of the two never overlap.
+struct SharedServices<'c, 's, S>(&'c RefCell<&'s mut S>);
+
+impl<S: BackendServices> BackendServices for SharedServices<'_, '_, S> {
+    fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
+        self.0.borrow_mut().bind_interdomain(remote, remote_port)
+    }
+
+    fn notify(&mut self, port: Port) -> Result<(), Errno> {
+        self.0.borrow_mut().notify(port)
+    }
+
+    fn close_port(&mut self, port: Port) {
+        self.0.borrow_mut().close_port(port);
+    }
+
+    fn map_grants(&mut self, specs: &[GrantSpec], results: &mut Vec<Result<Mapping, GrantError>>) {
+        self.0.borrow_mut().map_grants(specs, results);
+    }
+
+    fn unmap_grants(
+        &mut self,
+        mappings: &mut Vec<Mapping>,
+        failed: &mut Vec<(Mapping, GrantError)>,
+    ) {
+        self.0.borrow_mut().unmap_grants(mappings, failed);
+    }
+
+    fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
+        self.0.borrow().frame_address(gfn)
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.0.borrow().now_ns()
+    }
+
+    fn log(&mut self, line: fmt::Arguments<'_>) {
+        self.0.borrow_mut().log(line);
+    }
+}
+
 /// Serves the rings of one vbd for [`VbdBackends::poll_rings`].
 fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &mut RingsPolled) {
     let mut busy = false;
     if vbd.recheck_at.is_some_and(|at| now >= at) {
-        polled.attention.push((vbd.id, Attention::Due));
+        polled.note(vbd.id, Attention::Due);
     }
     let Some(disk) = &vbd.disk else {
         return;
@@ -492,10 +653,10 @@ fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &m
     if let Some(e) = broken {
         vbd.stop_rings();
         busy = true;
-        polled.attention.push((vbd.id, Attention::BrokenRing(e)));
+        polled.note(vbd.id, Attention::BrokenRing(e));
     }
     if vbd.drained() {
-        polled.attention.push((vbd.id, Attention::Drained));
+        polled.note(vbd.id, Attention::Drained);
         busy = true;
     }
     if busy {
@@ -503,6 +664,7 @@ fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &m
     }
 }
 
+/// One level-triggered step of a vbd's state machine.
 fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,

@@ -10,7 +10,7 @@ use super::wire::{
     split_strings,
 };
 use crate::DomId;
-use crate::ring::PeerChannel;
+use crate::ring::{PeerChannel, TimedOut};
 
 /// Longest absolute path xenstored accepts (`XENSTORE_ABS_PATH_MAX`).
 pub const PATH_MAX: usize = 3072;
@@ -51,6 +51,16 @@ pub struct Xenstore<'a, C> {
     dropped_watch_events: u64,
     /// Set once the stream is unusable; every later call fails with it.
     broken: Option<XsError>,
+    /// The writes of the [`Xenstore::write_batch`] under way.
+    batch: Option<BatchReplies>,
+}
+
+/// The writes of a [`Xenstore::write_batch`]: its first request id, and
+/// the first error answered to one of them.
+#[derive(Clone, Copy)]
+struct BatchReplies {
+    first: u32,
+    error: Option<XsError>,
 }
 
 impl<'a, C: PeerChannel> Xenstore<'a, C> {
@@ -64,7 +74,53 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             queued_watch_bytes: 0,
             dropped_watch_events: 0,
             broken: None,
+            batch: None,
         }
+    }
+
+    /// Runs `body` on this connection with a channel that does `work`
+    /// while a request waits for xenstored's reply (see
+    /// [`PeerChannel::wait_working`]): a caller whose requests are not
+    /// its only duty keeps doing the others meanwhile. `work` must not
+    /// use this connection (it cannot: `body` has it).
+    pub fn with_wait_work<T>(
+        &mut self,
+        work: &mut dyn FnMut() -> bool,
+        body: impl FnOnce(&mut Xenstore<'a, WorkingChannel<'_, C>>) -> T,
+    ) -> T {
+        let mut working = Xenstore {
+            iface: self.iface,
+            channel: WorkingChannel {
+                inner: &mut self.channel,
+                work,
+            },
+            next_req_id: self.next_req_id,
+            partial: core::mem::take(&mut self.partial),
+            watch_events: core::mem::take(&mut self.watch_events),
+            queued_watch_bytes: self.queued_watch_bytes,
+            dropped_watch_events: self.dropped_watch_events,
+            broken: self.broken,
+            batch: self.batch,
+        };
+        let result = body(&mut working);
+        let Xenstore {
+            next_req_id,
+            partial,
+            watch_events,
+            queued_watch_bytes,
+            dropped_watch_events,
+            broken,
+            batch,
+            ..
+        } = working;
+        self.next_req_id = next_req_id;
+        self.partial = partial;
+        self.watch_events = watch_events;
+        self.queued_watch_bytes = queued_watch_bytes;
+        self.dropped_watch_events = dropped_watch_events;
+        self.broken = broken;
+        self.batch = batch;
+        result
     }
 
     /// The channel (tests reach the simulated daemon through it).
@@ -133,6 +189,45 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         self.send(value)?;
         self.channel.notify();
         Ok(true)
+    }
+
+    /// Writes `nodes` (path, value), in order, outside any transaction,
+    /// waiting for one reply: all but the last go unacknowledged (or
+    /// acknowledged, when the ring has no room), the last acknowledged.
+    /// xenstored answers a connection's requests in order, so when the
+    /// last is answered the others were done; an error answered to any
+    /// of them fails the call. Not atomic: readers may see some nodes
+    /// before others (publish what they read only after, e.g. with a
+    /// state change).
+    pub fn write_batch(&mut self, nodes: &[(&str, &[u8])]) -> Result<(), XsError> {
+        let Some(((last_path, last_value), rest)) = nodes.split_last() else {
+            return Ok(());
+        };
+        self.batch = Some(BatchReplies {
+            first: self.next_req_id,
+            error: None,
+        });
+        let written = self.write_batch_in_order(rest, last_path, last_value);
+        let batch = self.batch.take();
+        written?;
+        match batch.and_then(|b| b.error) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn write_batch_in_order(
+        &mut self,
+        rest: &[(&str, &[u8])],
+        last_path: &str,
+        last_value: &[u8],
+    ) -> Result<(), XsError> {
+        for (path, value) in rest {
+            if !self.write_unacknowledged(path, value)? {
+                self.write(Tx::NONE, path, value)?;
+            }
+        }
+        self.write(Tx::NONE, last_path, last_value)
     }
 
     pub fn mkdir(&mut self, tx: Tx, path: &str) -> Result<(), XsError> {
@@ -278,7 +373,9 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             if reply.msg_type == MsgType::WatchEvent as u32 {
                 self.queue_watch_event(&payload);
             } else if reply.req_id != req_id {
-                // A reply to an abandoned request (e.g. after a timeout).
+                // A reply to an unacknowledged write or to an abandoned
+                // request (e.g. after a timeout).
+                self.note_batch_reply(&reply, &payload, req_id);
                 continue;
             } else if reply.msg_type == MsgType::Error as u32 {
                 return Err(XsError::from_payload(&payload));
@@ -348,6 +445,17 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         }
     }
 
+    /// Keeps the first error answered to a [`Self::write_batch`] write
+    /// sent before the one `awaited` (that one's reply is its caller's).
+    fn note_batch_reply(&mut self, reply: &Header, payload: &[u8], awaited: u32) {
+        if let Some(batch) = &mut self.batch
+            && reply.msg_type == MsgType::Error as u32
+            && reply.req_id.wrapping_sub(batch.first) < awaited.wrapping_sub(batch.first)
+        {
+            batch.error.get_or_insert(XsError::from_payload(payload));
+        }
+    }
+
     fn queue_watch_event(&mut self, payload: &[u8]) {
         // A malformed event carries nothing usable; drop it.
         let Ok(mut fields) = split_strings(payload) else {
@@ -376,6 +484,23 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
     fn fail(&mut self, e: XsError) -> XsError {
         self.broken = Some(e);
         e
+    }
+}
+
+/// A connection's channel lent to [`Xenstore::with_wait_work`]: its
+/// waits do the lender's work.
+pub struct WorkingChannel<'w, C> {
+    inner: &'w mut C,
+    work: &'w mut dyn FnMut() -> bool,
+}
+
+impl<C: PeerChannel> PeerChannel for WorkingChannel<'_, C> {
+    fn notify(&mut self) {
+        self.inner.notify();
+    }
+
+    fn wait(&mut self) -> Result<(), TimedOut> {
+        self.inner.wait_working(self.work)
     }
 }
 

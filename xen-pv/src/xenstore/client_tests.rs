@@ -122,6 +122,37 @@ fn watch_events_between_request_and_reply_are_queued_in_order() {
 }
 
 #[test]
+fn waits_lent_to_other_work_do_it_and_keep_the_connection_whole() {
+    with_client(0, |xs| {
+        xs.watch("backend", "be").unwrap();
+        // Replies and events come a few bytes per wait.
+        xs.channel_mut().set_chunks(5, 2);
+        let mut works = 0;
+        let mut work = || {
+            works += 1;
+            true
+        };
+        xs.with_wait_work(&mut work, |xs| {
+            xs.write(Tx::NONE, "backend/vbd/1/51712/state", b"2")
+                .unwrap();
+        });
+        assert!(works > 0, "the waits did the work");
+        xs.write(Tx::NONE, "backend/vbd/1/51712/state", b"4")
+            .unwrap();
+        assert_eq!(
+            xs.read(Tx::NONE, "backend/vbd/1/51712/state").unwrap(),
+            b"4"
+        );
+        let mut events = Vec::new();
+        while let Some(e) = xs.poll_watch_event().unwrap() {
+            events.push(e);
+        }
+        let state = event("backend/vbd/1/51712/state", "be");
+        assert_eq!(events, [event("backend", "be"), state.clone(), state]);
+    });
+}
+
+#[test]
 fn watch_events_in_the_ring_are_seen_without_a_request() {
     with_client(0, |xs| {
         xs.watch("/local/domain/0/backend", "dom0").unwrap();
@@ -388,6 +419,65 @@ fn malformed_replies_break_the_connection_without_panicking() {
         .rsp_prod
         .store(5000, core::sync::atomic::Ordering::Relaxed);
     assert_eq!(xs.poll_watch_event(), Err(XsError::RingCorrupt));
+}
+
+/// Waits a body's requests made on `xs`.
+fn waits_of(
+    xs: &mut Xenstore<'_, SimXenstored<'_>>,
+    body: impl FnOnce(&mut Xenstore<'_, WorkingChannel<'_, SimXenstored<'_>>>),
+) -> usize {
+    let mut waits = 0;
+    let mut count = || {
+        waits += 1;
+        false
+    };
+    xs.with_wait_work(&mut count, body);
+    waits
+}
+
+#[test]
+fn a_batch_of_writes_waits_for_one_reply() {
+    with_client(0, |xs| {
+        let one = waits_of(xs, |xs| xs.write(Tx::NONE, "data/x", b"0").unwrap());
+        let nodes: [(&str, &[u8]); 4] = [
+            ("data/a", b"1"),
+            ("data/b", b"2"),
+            ("data/c", b"3"),
+            ("data/d", b"4"),
+        ];
+        let batch = waits_of(xs, |xs| xs.write_batch(&nodes).unwrap());
+        assert_eq!(batch, one);
+        for (path, value) in nodes {
+            assert_eq!(xs.read(Tx::NONE, path).unwrap(), value);
+        }
+        assert_eq!(xs.write_batch(&[]), Ok(()));
+    });
+}
+
+#[test]
+fn an_error_answered_to_any_write_of_a_batch_fails_it() {
+    with_client(0, |xs| {
+        xs.channel_mut().fail_next(XsError::NoSpace);
+        let nodes: [(&str, &[u8]); 3] = [("data/a", b"1"), ("data/b", b"2"), ("data/c", b"3")];
+        assert_eq!(xs.write_batch(&nodes), Err(XsError::NoSpace));
+        assert_eq!(xs.read(Tx::NONE, "data/a"), Err(XsError::NoEntry));
+        assert_eq!(xs.read(Tx::NONE, "data/c").unwrap(), b"3");
+        // The error was the batch's: the next batch and requests are fine.
+        assert_eq!(xs.write_batch(&nodes), Ok(()));
+        // An error answered to a write sent before the batch is not its.
+        assert!(xs.write_unacknowledged("data/s", b"0").unwrap());
+        xs.channel_mut().fail_next(XsError::Access);
+        assert_eq!(xs.write_batch(&nodes), Ok(()));
+        // A write that does not fit the ring behind the first is
+        // acknowledged: the first's error, answered while it waits, still
+        // fails the batch.
+        let big = vec![b'v'; 900];
+        let big_nodes: [(&str, &[u8]); 3] = [("data/p", &big), ("data/q", &big), ("data/r", &big)];
+        xs.channel_mut().fail_next(XsError::Access);
+        assert_eq!(xs.write_batch(&big_nodes), Err(XsError::Access));
+        assert_eq!(xs.write_batch(&big_nodes), Ok(()));
+        assert_eq!(xs.read(Tx::NONE, "data/r").unwrap(), big);
+    });
 }
 
 #[test]

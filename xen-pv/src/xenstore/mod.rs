@@ -9,7 +9,9 @@ pub mod wire;
 
 use core::sync::atomic::{AtomicU8, AtomicU32};
 
-pub use client::{MAX_QUEUED_WATCH_EVENT_BYTES, MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, Xenstore};
+pub use client::{
+    MAX_QUEUED_WATCH_EVENT_BYTES, MAX_QUEUED_WATCH_EVENTS, Tx, WatchEvent, WorkingChannel, Xenstore,
+};
 pub use wire::{Access, Perm, XsError};
 
 use crate::ring::ByteRing;
