@@ -319,12 +319,13 @@ class Attempt:
                 self.done.wait(self.timeout)
                 self.timed_out = not self.done.is_set()
                 self.elapsed = time.monotonic() - self.t0
-                if self.timed_out and p.poll() is None:
+                if (self.timed_out or self.triple_fault_at is not None) and p.poll() is None:
+                    # After a triple fault too: dom0's view of the dead
+                    # domain (kept where its config says on_reboot =
+                    # "preserve") is the fault's evidence.
                     self.diagnose(p)
                 if self.done_rc is not None:
                     time.sleep(0.5)  # let the last lines arrive
-                elif self.triple_fault_at is not None:
-                    time.sleep(3)  # Xen's dump of the domain's state
                 if p.poll() is None:
                     p.terminate()
                     try:

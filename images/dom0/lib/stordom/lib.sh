@@ -197,7 +197,7 @@ dom0_heartbeat() {
 }
 
 # Reads dom0's console; on a line "stordom-diag" (the runner types it when a
-# run times out) prints dom0's view: domains, every vbd's backend and
+# run times out or a domain triple-faulted) prints dom0's view: domains, every vbd's backend and
 # frontend nodes, each stordom vCPU's registers, then STORDOM-DIAG-DONE.
 diag_listener() {
     local line
@@ -221,6 +221,10 @@ diag_dump() {
                     echo "vcpu $v:"
                     timeout 10 xenctx -a $id $v
                 done
+                # The saved HVM state: descriptor tables, TR and the event
+                # being injected, which xenctx does not show (a triple
+                # fault's forensics: the domain is kept by on_reboot="preserve").
+                timeout 10 xen-hvmctx $id 2>&1 | head -n 60
                 ;;
         esac
     done

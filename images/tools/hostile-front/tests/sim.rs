@@ -159,9 +159,10 @@ impl Dom0 for SimDom0<'_> {
             grants: &mut self.grants,
             platform: &mut self.platform,
         };
-        while let Ok(Some(event)) = self.xs.poll_watch_event() {
-            assert!(self.vbds.on_watch_event(&mut self.xs, &mut svc, &event));
-        }
+        let intake = self.vbds.take_watch_events(&mut self.xs, |event| {
+            panic!("an event of no blkback watch: {event:?}")
+        });
+        assert!(intake.is_ok());
         let polled = self.vbds.poll_rings(&mut svc);
         self.vbds.attend(&mut self.xs, &mut svc, &polled.attention);
         self.xs.channel_mut().step();
