@@ -57,6 +57,21 @@ DUMP_RIP_RE = re.compile(r"RIP:\s+([0-9a-f]{4}):\[<([0-9a-f]+)>\]")
 # RIP, stack and CR3) was written by the emulator's SVM world switch, not
 # by anything the guest ran: ../shared/notes/xen-in-qemu.md.
 XEN_CODE_SELECTOR = "e008"
+# Descriptor-table registers in dom0's `xen-hvmctx` of the faulted domain
+# (the diagnosis after a triple fault): "idtr (0xffff82d040577000 + 0x0fff)".
+HVMCTX_TABLE_RE = re.compile(r"diag:\s+(idtr|gdtr)\s+\((0x[0-9a-f]+)")
+# The event being injected in that saved state ("event 0x80000b0e error
+# 0x00000010": valid, hardware exception, vector 14, error code), and
+# xenctx's look at the code at the saved RIP, through the domain's own page
+# tables ("Code (instr addr 011a2288)", then the bytes, RIP's in <..>).
+HVMCTX_EVENT_RE = re.compile(r"diag:\s+event (0x[0-9a-f]+) error (0x[0-9a-f]+)")
+XENCTX_CODE_RE = re.compile(r"diag: Code \(instr addr ([0-9a-f]+)\)")
+XENCTX_BYTES_RE = re.compile(r"diag: (?:[0-9a-f]{2} )*<[0-9a-f]{2}>")
+PF_VECTOR, PF_PRESENT, PF_FETCH = 14, 0x1, 0x10
+# Xen's own image (text, data, its IDT and GDT) lives at 0xffff82d0........:
+# stordom never loads a table there, so a saved IDTR or GDTR pointing there
+# came from the emulator's world switch too.
+XEN_IMAGE_PREFIX = 0xffff82d0
 # How long every console may stay silent before a timed-out machine counts
 # as frozen (dom0 beats every 10 s).
 SILENT_S = 45
@@ -405,9 +420,46 @@ class Attempt:
                         f"xen.log:{line}: {head[:100]}",
                         f"the dump is Xen's own state (cs {cs}, RIP {rip:#x}), which no guest "
                         f"can load: the emulator's SVM world switch"]
+                xen_tables = [f"{name} {base:#x}" for name, base in self.saved_tables()
+                              if base >> 32 == XEN_IMAGE_PREFIX]
+                if xen_tables:
+                    return "emulator", [
+                        f"xen.log:{line}: {head[:100]}",
+                        f"RIP {symbolize(rip)} (cs {cs}), but the saved {', '.join(xen_tables)} "
+                        f"(dom0's xen-hvmctx) are Xen's own tables: the emulator's SVM world switch"]
+                if self.fetch_fault_on_mapped_code(rip):
+                    return "emulator", [
+                        f"xen.log:{line}: {head[:100]}",
+                        f"RIP {symbolize(rip)} (cs {cs}): the saved state injects a not-present "
+                        f"instruction-fetch page fault there, yet after the fault dom0's xenctx read "
+                        f"the code at that RIP through the domain's own page tables (present, "
+                        f"unchanged: no code of the domain ran in between): the emulator's page walk"]
                 return "domain", [f"xen.log:{line}: {head[:100]}",
                                   f"the domain's own state: cs {cs}, RIP {symbolize(rip)}"]
         return "domain", [f"xen.log:{line}: {head[:100]}", "Xen's dump of its state was not captured"]
+
+    def fetch_fault_on_mapped_code(self, rip: int) -> bool:
+        """Whether the diagnosis shows a pending not-present instruction
+        fetch #PF (xen-hvmctx) at `rip` while xenctx could read the code
+        there through the domain's page tables."""
+        dom0 = [text for _, text in self.lines.get("dom0", [])]
+        fetch_fault = False
+        for text in dom0:
+            if m := HVMCTX_EVENT_RE.search(text):
+                event, error = int(m.group(1), 16), int(m.group(2), 16)
+                fetch_fault |= (event >> 31 == 1 and (event >> 8) & 7 == 3
+                                and event & 0xff == PF_VECTOR
+                                and error & PF_FETCH != 0 and error & PF_PRESENT == 0)
+        code_read = any(
+            (m := XENCTX_CODE_RE.search(text)) and int(m.group(1), 16) == rip
+            and i + 1 < len(dom0) and XENCTX_BYTES_RE.search(dom0[i + 1])
+            for i, text in enumerate(dom0))
+        return fetch_fault and code_read
+
+    def saved_tables(self) -> list[tuple[str, int]]:
+        """IDTR and GDTR bases from the diagnosis's xen-hvmctx lines."""
+        return [(m.group(1), int(m.group(2), 16)) for _, text in self.lines.get("dom0", [])
+                if (m := HVMCTX_TABLE_RE.search(text))]
 
     def classify(self, failed: list, suspects: list) -> tuple[str, list[str]]:
         """pass; emulator-suspect (a fault signature on some console) or

@@ -146,6 +146,32 @@ class RunTests(unittest.TestCase):
         self.assertEqual(r["verdict"], "domain-fault")
         self.assertNotIn("domain-fault", run.RERUN_VERDICTS)
         self.assertIn("cs 0008, RIP 0x219f288", r["evidence"][1])
+        # The same dump, but dom0's xen-hvmctx shows Xen's IDT and GDT in
+        # the saved state: the emulator's.
+        tables = ["[dom0] diag:            idtr        (0xffff82d040577000 +     0x0fff)",
+                  "[dom0] diag:            gdtr        (0xffff82d040461000 +     0xefff)"]
+        r = attempt(GOOD[:-1] + [crash, OWN_STATE_DUMP] + tables, done=True)
+        self.assertEqual(r["verdict"], "emulator-suspect")
+        self.assertIn("idtr 0xffff82d040577000, gdtr 0xffff82d040461000", r["evidence"][1])
+        # stordom's own tables there: still ours.
+        own = [t.replace("0xffff82d0405", "0x000000000019").replace("0xffff82d0404", "0x000000000018")
+               for t in tables]
+        r = attempt(GOOD[:-1] + [crash, OWN_STATE_DUMP] + own, done=True)
+        self.assertEqual(r["verdict"], "domain-fault")
+        # A pending not-present fetch fault at RIP, while dom0 read the
+        # code at RIP through the domain's page tables: the emulator's.
+        fetch = ["[dom0] diag: Code (instr addr 0219f288)",
+                 "[dom0] diag: cc cc b8 14 00 00 00 0f 01 d9 <c3> cc cc ",
+                 "[dom0] diag:           event 0x80000b0e error 0x00000010"]
+        r = attempt(GOOD[:-1] + [crash, OWN_STATE_DUMP] + fetch, done=True)
+        self.assertEqual(r["verdict"], "emulator-suspect")
+        self.assertIn("not-present instruction-fetch page fault", r["evidence"][1])
+        # A present-page fault (protection), or no code read at RIP: ours.
+        r = attempt(GOOD[:-1] + [crash, OWN_STATE_DUMP, fetch[0], fetch[1],
+                                 fetch[2].replace("0x00000010", "0x00000011")], done=True)
+        self.assertEqual(r["verdict"], "domain-fault")
+        r = attempt(GOOD[:-1] + [crash, OWN_STATE_DUMP, fetch[2]], done=True)
+        self.assertEqual(r["verdict"], "domain-fault")
         # Without Xen's dump there is no evidence either way: ours.
         r = attempt(GOOD[:-1] + [crash], done=True)
         self.assertEqual(r["verdict"], "domain-fault")
