@@ -95,6 +95,10 @@ DEFAULTS = {
     "qemu_mem": 3072,
     "qemu_smp": 2,
     "qemu_cpu": "max,-smap,-fsgsbase",
+    # One host thread runs both vCPUs in turn: with multi-threaded TCG
+    # stordom (under the emulated SVM) triple-faulted in most soak and
+    # hostile attempts (images/README.md).
+    "qemu_accel": "tcg,thread=single",
     "qemu_args": [],
     "xen_args": "xsave=0",
     "dom0_mem": "1024M",
@@ -303,7 +307,7 @@ class Attempt:
         qemu = os.environ.get("STORDOM_QEMU", "qemu-system-x86_64")
         datadirs = [a for d in os.environ.get("STORDOM_QEMU_DATADIRS", "").split(":") if d
                     for a in ("-L", d)]
-        return [qemu, *datadirs, "-machine", "q35,accel=tcg", "-cpu", c["qemu_cpu"],
+        return [qemu, *datadirs, "-machine", "q35", "-accel", c["qemu_accel"], "-cpu", c["qemu_cpu"],
                 "-smp", str(c["qemu_smp"]), "-m", str(c["qemu_mem"]),
                 "-display", "none", "-serial", "stdio", "-monitor", "none",
                 "-no-reboot", "-net", "none", *c["qemu_args"],
