@@ -405,6 +405,9 @@ class Attempt:
             self.wait_quiet("xen", 2, 20)
         d["xen_answered"] = self.count("xen") > x0
         d["t"] = round(time.monotonic() - self.t0, 1)  # the end of the diagnosis
+        # Lines that came during the diagnosis count too: a dom0 still
+        # beating while it is slow to answer is no frozen machine.
+        d["last_line"] = {c: round(ls[-1][0], 1) for c, ls in self.lines.items() if ls}
         d["stordom_rip"] = [symbolize(int(m.group(1), 16)) for _, text in self.lines.get("dom0", [])[n0:]
                             if (m := RIP_RE.search(text))]
         self.diagnosis = d
