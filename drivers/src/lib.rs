@@ -1,5 +1,5 @@
-//! stordom's storage drivers: PCI, NVMe, AHCI, virtio-blk and a RAM disk,
-//! all behind the block layer's tagged submit / polled completion
+//! stordom's storage drivers: PCI, NVMe, AHCI, virtio-blk, a RAM disk and a
+//! null disk, all behind the block layer's tagged submit / polled completion
 //! [`blockdev::QueuedDevice`] trait.
 //!
 //! The crate is portable `no_std` code: everything it needs from the kernel
@@ -33,6 +33,7 @@ extern crate std;
 
 pub mod ahci;
 pub mod hal;
+pub mod nulldisk;
 pub mod nvme;
 pub mod pci;
 pub mod ramdisk;
@@ -42,4 +43,5 @@ mod testing;
 pub mod virtio;
 
 pub use hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
+pub use nulldisk::NullDisk;
 pub use ramdisk::RamDisk;

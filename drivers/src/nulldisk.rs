@@ -1,0 +1,140 @@
+//! A null disk: reads give zeroes, writes are dropped, every request
+//! completes at once. A device that costs next to nothing, so a benchmark
+//! of a backend over it measures the backend.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use crate::hal::Hal;
+use blockdev::{self, Completion, Geometry, QueuedDevice, Request, SubmitError};
+
+/// Requests one null-disk queue holds before it must be polled.
+const QUEUE_DEPTH: u16 = 256;
+
+/// A block device of 512-byte blocks that stores nothing.
+pub struct NullDisk<H: Hal> {
+    hal: H,
+    geometry: Geometry,
+    finished: Vec<VecDeque<Completion>>,
+}
+
+impl<H: Hal> NullDisk<H> {
+    /// A null disk of `blocks` 512-byte blocks on `queues` queues; `hal`
+    /// reaches the segments reads fill with zeroes.
+    pub fn new(hal: H, blocks: u64, queues: u16) -> Self {
+        let geometry = Geometry {
+            logical_block_size: 512,
+            physical_block_size: 512,
+            blocks,
+            volatile_write_cache: false,
+            discard_granularity: Some(1),
+            max_discard_blocks: blocks,
+            max_write_zeroes_blocks: blocks,
+            max_transfer_bytes: 4 << 20,
+            max_segments: 1024,
+            queues,
+            queue_depth: QUEUE_DEPTH,
+        };
+        let finished = (0..queues).map(|_| VecDeque::new()).collect();
+        Self {
+            hal,
+            geometry,
+            finished,
+        }
+    }
+}
+
+impl<H: Hal> QueuedDevice for NullDisk<H> {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
+        blockdev::validate(&self.geometry, queue, &request)?;
+        if self.finished[usize::from(queue)].len() >= usize::from(QUEUE_DEPTH) {
+            return Err(SubmitError::QueueFull);
+        }
+        if let Request::Read { segments, .. } | Request::Write { segments, .. } = request {
+            // As a real device's DMA would, refuse a segment that is not
+            // mapped memory, before touching any.
+            for segment in segments {
+                self.hal
+                    .phys_to_virt(segment.phys, segment.len as usize)
+                    .ok_or(SubmitError::BadAddress)?;
+            }
+            if let Request::Read { .. } = request {
+                for segment in segments {
+                    let len = segment.len as usize;
+                    if let Some(virt) = self.hal.phys_to_virt(segment.phys, len) {
+                        // SAFETY: `phys_to_virt` vouched for `len` bytes at
+                        // `virt`, which the request hands the device.
+                        unsafe { virt.as_ptr().write_bytes(0, len) };
+                    }
+                }
+            }
+        }
+        self.finished[usize::from(queue)].push_back(Completion {
+            tag,
+            result: Ok(()),
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
+        let Some(finished) = self.finished.get_mut(usize::from(queue)) else {
+            return 0;
+        };
+        blockdev::hand_over(finished, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{TestHal, poll_one, read_request, segment, write_request};
+
+    #[test]
+    fn reads_give_zeroes_and_writes_are_dropped() {
+        let hal = TestHal::new();
+        let mut disk = NullDisk::new(hal.clone(), 1 << 30, 2);
+        let source = hal.buffer_with_pattern(1, 5);
+        disk.submit(1, 10, write_request(7, &[segment(source.phys, 4096)]))
+            .unwrap();
+        assert_eq!(poll_one(&hal, &mut disk, 1).tag, 10);
+
+        let target = hal.buffer_with_pattern(1, 9);
+        let read = [segment(target.phys, 1024)];
+        disk.submit(1, 11, read_request(7, &read)).unwrap();
+        assert_eq!(
+            poll_one(&hal, &mut disk, 1),
+            Completion {
+                tag: 11,
+                result: Ok(())
+            }
+        );
+        assert!(hal.bytes(target.phys, 1024).iter().all(|&b| b == 0));
+        // Only the segment's bytes are written.
+        assert_ne!(hal.bytes(target.phys + 1024, 3072), [0; 3072]);
+    }
+
+    #[test]
+    fn null_disk_refuses_what_a_disk_would() {
+        let hal = TestHal::new();
+        let mut disk = NullDisk::new(hal.clone(), 8, 1);
+        let buffer = hal.dma_buffer(1);
+        assert_eq!(
+            disk.submit(0, 1, read_request(8, &[segment(buffer.phys, 512)])),
+            Err(SubmitError::OutOfRange)
+        );
+        assert_eq!(
+            disk.submit(0, 1, write_request(0, &[segment(0x10, 512)])),
+            Err(SubmitError::BadAddress)
+        );
+        assert_eq!(
+            disk.submit(1, 1, Request::Flush),
+            Err(SubmitError::NoSuchQueue)
+        );
+        let mut out = [Completion::default(); 4];
+        assert_eq!(disk.poll(0, &mut out), 0);
+    }
+}
