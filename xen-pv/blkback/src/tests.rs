@@ -413,6 +413,13 @@ impl<'a> Harness<'a> {
         progress
     }
 
+    /// Moves the clock `ns` on, then pumps (a detached vbd's directory
+    /// goes a grace after Closed).
+    fn pump_after(&mut self, ns: u64) -> Progress {
+        self.platform.now_ns.set(self.platform.now_ns.get() + ns);
+        self.pump()
+    }
+
     /// The toolstack creates a vbd as libxl does.
     fn add_vbd(&mut self, frontend: DomId, devid: u32, params: &str, mode: &str) -> VbdId {
         let id = VbdId { frontend, devid };
@@ -1043,14 +1050,41 @@ fn online_0_detaches_and_removes_the_nodes() {
         // libxl must see Closed before anything vanishes: it fails the
         // detach if the state node is removed while it waits.
         assert_eq!(h.backend_state(id).as_deref(), Some("6"));
-        // Then the toolstack removes the frontend, and the backend its own.
-        h.xs.channel_mut().dom0_rm(&frontend_path(id));
-        h.pump();
+        // Then the backend removes its own directory, a grace later.
+        h.pump_after(1_000_000_000);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
         assert!(h.vbds.status(id).is_none());
         assert_eq!(h.sim.mapped_grants(), 0);
         assert!(h.logged("removed"));
         assert_eq!(h.pump(), Progress::Idle);
+    });
+}
+
+#[test]
+fn xl_destroy_with_requests_in_flight_leaves_closed_for_libxl_to_read() {
+    run(|h| {
+        let (id, mut front) = h.connected(Protocol::X86_64, 0);
+        let page = front.grant(false, &[]);
+        let reads: Vec<_> = (0..8)
+            .map(|n| front.data_request(blkif::OP_READ, n, n * 8, 1, &[seg(page, 0, 7)]))
+            .collect();
+        assert_eq!(front.submit(&reads), reads.len());
+        // libxl's forced removal: online=0, state=5 and the frontend's
+        // directory removed in one transaction, then it waits for 6.
+        let be = backend_path(id);
+        h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.xs.channel_mut().dom0_write(&format!("{be}/state"), b"5");
+        h.xs.channel_mut().dom0_rm(&frontend_path(id));
+        h.pump();
+        assert_eq!(
+            h.backend_state(id).as_deref(),
+            Some("6"),
+            "Closed, and still there for libxl to read"
+        );
+        assert_eq!(h.sim.mapped_grants(), 0, "every grant unmapped at close");
+        h.pump_after(1_000_000_000);
+        assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
+        assert!(h.vbds.status(id).is_none());
     });
 }
 
@@ -1065,15 +1099,13 @@ fn detach_removes_the_nodes_a_grace_after_closed_while_the_frontend_stays() {
         // libxl reads Closed, then waits for the backend directory to go
         // before it removes the frontend.
         assert_eq!(h.backend_state(id).as_deref(), Some("6"));
-        h.platform.now_ns.set(h.platform.now_ns.get() + 500_000_000);
-        h.pump();
+        h.pump_after(500_000_000);
         assert_eq!(
             h.backend_state(id).as_deref(),
             Some("6"),
             "still in its grace"
         );
-        h.platform.now_ns.set(h.platform.now_ns.get() + 600_000_000);
-        h.pump();
+        h.pump_after(600_000_000);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
         assert!(h.vbds.status(id).is_none());
         assert_eq!(h.sim.mapped_grants(), 0);
@@ -1095,10 +1127,7 @@ fn detach_finishes_when_the_frontend_vanishes_without_a_watch_event() {
             h.xs.channel_mut().dom0_read(&be).is_some(),
             "not rechecked before its time"
         );
-        h.platform
-            .now_ns
-            .set(h.platform.now_ns.get() + 1_000_000_000);
-        h.pump();
+        h.pump_after(1_000_000_000);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
         assert!(h.vbds.status(id).is_none());
     });
@@ -1114,7 +1143,7 @@ fn online_0_before_the_frontend_connected_closes_at_once() {
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("6"));
         h.xs.channel_mut().dom0_rm(&frontend_path(id));
-        h.pump();
+        h.pump_after(1_000_000_000);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None);
         assert!(h.vbds.status(id).is_none());
     });
@@ -1145,6 +1174,8 @@ fn a_bad_target_is_reported_and_the_others_keep_working() {
         let be = backend_path(missing);
         h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
         h.pump();
+        assert_eq!(h.backend_state(missing).as_deref(), Some("6"));
+        h.pump_after(1_000_000_000);
         assert!(h.vbds.status(missing).is_none());
     });
 }
@@ -1988,7 +2019,7 @@ fn slices_of_one_disk_serve_several_guests_apart() {
         h.frontend_write(a, "state", "6");
         h.pump();
         h.xs.channel_mut().dom0_rm(&frontend_path(a));
-        h.pump();
+        h.pump_after(1_000_000_000);
         assert!(h.vbds.status(a).is_none());
         let again = h.add_vbd(11, DEVID, "shared0@0+512", "w");
         h.pump();

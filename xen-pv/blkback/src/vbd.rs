@@ -707,7 +707,7 @@ fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         .map_or(XenbusState::Unknown, |v| XenbusState::parse(v.as_bytes()));
     if !online {
         let now = svc.now_ns();
-        detach(vbd, xs, frontend_state, frontend_node.is_none(), now)?;
+        detach(vbd, xs, frontend_state, now)?;
         let waiting = !vbd.removed && vbd.state == XenbusState::Closed;
         vbd.recheck_at = waiting.then(|| now + DETACH_RECHECK_NS);
         return Ok(());
@@ -773,14 +773,14 @@ fn close_towards<C: PeerChannel>(
 /// the ring, remove the backend directory, as `xl devd` does in a driver
 /// domain. Not at once: libxl in the toolstack domain waits to read
 /// Closed, fails the detach if the state node vanished first, then waits
-/// for the directory to go (10 s) before removing the frontend. So the
-/// directory goes [`DETACH_GRACE_NS`] after Closed, or as soon as the
-/// frontend is gone (`frontend_gone`: a destroyed guest, nobody waits).
+/// for the directory to go (10 s). So the directory goes
+/// [`DETACH_GRACE_NS`] after Closed, even with the frontend gone: `xl
+/// destroy` removes a running guest's frontend in the step that writes
+/// `online=0`, and then waits for Closed all the same.
 fn detach<C: PeerChannel>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     frontend: XenbusState,
-    frontend_gone: bool,
     now: u64,
 ) -> Result<(), XsError> {
     // A frontend that has (or had) our ring must close first, or it
@@ -798,7 +798,7 @@ fn detach<C: PeerChannel>(
             set_state(xs, vbd, XenbusState::Closed)?;
         }
         let closed_at = *vbd.closed_at.get_or_insert(now);
-        if frontend_gone || now >= closed_at + DETACH_GRACE_NS {
+        if now >= closed_at + DETACH_GRACE_NS {
             xs.rm(Tx::NONE, &vbd.path)?;
             vbd.removed = true;
         }
