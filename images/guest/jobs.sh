@@ -205,6 +205,28 @@ job_bystander() {
     [ $st = pass ]
 }
 
+# Doomed: waits (up to 10 minutes) for dom0 to attach /dev/xvdb, then
+# runs I/O on it that does not end (fio at QD64, reads and writes of
+# 4k-128k) for dom0 to `xl destroy` this guest while its requests are in
+# flight (the hostile scenario runs it after the bystander job; dom0
+# attaches xvdb when its attacks are over). Prints DOOMED-IO-STARTED once
+# fio runs; returns (failing) only if the disk never came or fio stopped.
+job_doomed() {
+    local n=0
+    until [ -b /dev/xvdb ]; do
+        n=$((n + 1)); [ $n -gt 1200 ] && { echo "doomed: /dev/xvdb never came"; return 1; }
+        sleep 0.5
+    done
+    $FIO --name=doomed --filename=/dev/xvdb --size=$(disk_mib xvdb)M --runtime=3600 --time_based \
+        --rw=randrw --bssplit=4k/50:64k/30:128k/20 --blockalign=4k --iodepth=64 >/tmp/doomed.txt 2>&1 &
+    local pid=$!
+    sleep 1
+    echo "DOOMED-IO-STARTED"
+    wait $pid
+    echo "doomed: fio stopped (status $?)"; cat /tmp/doomed.txt
+    return 1
+}
+
 # bystander_phase NAME SECONDS DEV: one verified fio run; prints its write
 # IOPS, or fio's output when it failed.
 bystander_phase() {

@@ -57,11 +57,7 @@ fi
 for g in g1 g2 g3; do
     wait_gone $g $((SOAK_SECS + 240))
 done
-if [ "$(xl domid stordom 2>/dev/null)" = "$sd" ]; then
-    result stordom-same-domain pass "domid $sd throughout"
-else
-    result stordom-same-domain fail "stordom was domid $sd, now '$(xl domid stordom 2>/dev/null)'"
-fi
+same_domain stordom "$sd"
 grants_released stordom
 xl shutdown stordom
 wait_gone stordom 30

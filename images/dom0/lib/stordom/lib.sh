@@ -11,6 +11,8 @@
 #   stordom_ready NAME           wait until stordom NAME serves (console line)
 #   grants_released NAME [RESULT] stordom NAME holds no grant (result RESULT,
 #                                default "grants-released")
+#   same_domain NAME DOMID       NAME is still domain DOMID (result
+#                                "NAME-same-domain": it never restarted)
 #   dom0_heartbeat, diag_listener  started by /init (see there)
 
 # busybox sh here prefers its own applets to programs in PATH: call
@@ -140,6 +142,14 @@ grants_released() {
     else
         result "$what" fail "$1 still maps '$mapped' grants"
         return 1
+    fi
+}
+
+same_domain() {
+    if [ "$(xl domid "$1" 2>/dev/null)" = "$2" ]; then
+        result "$1-same-domain" pass "domid $2 throughout"
+    else
+        result "$1-same-domain" fail "$1 was domid $2, now '$(xl domid "$1" 2>/dev/null)'"
     fi
 }
 

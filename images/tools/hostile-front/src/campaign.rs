@@ -10,7 +10,7 @@
 use blkback::blkif::{self, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use host_fuzz::FuzzRng;
 
-use crate::cases::{after_case, expect_disconnected};
+use crate::cases::{Baseline, CaseConfig, after_case, expect_disconnected};
 use crate::dom0::Dom0;
 use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment};
 
@@ -49,6 +49,8 @@ pub struct CampaignTally {
     pub refused: u64,
     /// Rings broken (each closed by stordom, then attached again).
     pub ring_breaks: u64,
+    /// What stordom's heap did (see [`after_case`]).
+    pub heap: String,
 }
 
 /// Runs `count` generated requests from `seed` on vbd `devid`, then the
@@ -58,9 +60,9 @@ pub fn run_campaign(
     devid: u32,
     seed: u64,
     count: u64,
-    grant_slack: u64,
+    config: &CaseConfig,
 ) -> Result<CampaignTally, String> {
-    let baseline = d.grants_mapped();
+    let baseline = Baseline::take(d);
     let mut rng = FuzzRng::new(seed);
     let persistent = rng.one_in(2);
     let mut front = HostileFront::attach(d, devid, attach_options(&mut rng, persistent))?;
@@ -124,7 +126,7 @@ pub fn run_campaign(
         }
     }
     front.detach(d)?;
-    after_case(d, devid + 1, baseline, grant_slack)?;
+    tally.heap = after_case(d, devid + 1, &baseline, config)?;
     Ok(tally)
 }
 

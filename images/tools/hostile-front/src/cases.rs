@@ -25,6 +25,10 @@ pub struct CaseConfig {
     /// Grants the backend may hold above the baseline after a case: other
     /// frontends' requests in flight (0 when this frontend is alone).
     pub grant_slack: u64,
+    /// Heap bytes the backend may hold above the baseline after a case;
+    /// `None`: not checked (the host tests, where the engine shares the
+    /// test's heap).
+    pub heap_slack: Option<u64>,
 }
 
 impl CaseConfig {
@@ -34,8 +38,14 @@ impl CaseConfig {
         storm_events: 20_000,
         rewritten_requests: 2_000,
         grant_slack: 0,
+        heap_slack: Some(HEAP_SLACK),
     };
 }
+
+/// Heap bytes stordom may hold above a case's baseline under Xen: the
+/// published figure is sampled while the statistics of the other vbds
+/// are being written.
+pub const HEAP_SLACK: u64 = 4096;
 
 type CaseFn = fn(&mut dyn Dom0, u32, &CaseConfig) -> Result<String, String>;
 
@@ -130,27 +140,45 @@ pub const FIRST_DEVID: u32 = 0x7000;
 
 /// Runs `case` on vbd `devid`, then checks what every case must leave:
 /// stordom's domain still there, a fresh vbd (`devid + 1`) answering a
-/// good read, and stordom's mapped grants back to the baseline taken
-/// before the case (plus `grant_slack`).
+/// good read, and stordom's mapped grants and heap back to the baseline
+/// taken before the case (see [`after_case`]).
 pub fn run_case(
     d: &mut dyn Dom0,
     case: &Case,
     devid: u32,
     config: &CaseConfig,
 ) -> Result<String, String> {
-    let baseline = d.grants_mapped();
+    let baseline = Baseline::take(d);
     let detail = (case.run)(d, devid, config)?;
-    after_case(d, devid + 1, baseline, config.grant_slack)?;
-    Ok(detail)
+    let heap = after_case(d, devid + 1, &baseline, config)?;
+    Ok(format!("{detail}; {heap}"))
 }
 
-/// The checks after a case (and after a campaign).
+/// What stordom holds before a case, as it publishes it.
+pub struct Baseline {
+    grants: Option<u64>,
+    heap: Option<u64>,
+}
+
+impl Baseline {
+    pub fn take(d: &mut dyn Dom0) -> Self {
+        Baseline {
+            grants: d.grants_mapped(),
+            heap: d.heap_in_use(),
+        }
+    }
+}
+
+/// The checks after a case (and after a campaign): stordom alive, a
+/// fresh vbd served, within 10 s its mapped grants back to the baseline
+/// plus `grant_slack` and (when `heap_slack` is set) its heap in use back
+/// to the baseline plus `heap_slack`. Says what the heap did.
 pub fn after_case(
     d: &mut dyn Dom0,
     devid: u32,
-    baseline: Option<u64>,
-    slack: u64,
-) -> Result<(), String> {
+    baseline: &Baseline,
+    config: &CaseConfig,
+) -> Result<String, String> {
     if !d.backend_alive() {
         return Err("stordom's domain is gone".into());
     }
@@ -159,24 +187,44 @@ pub fn after_case(
     let read = front.good_read(d, 8, 4);
     front.detach(d)?;
     read.map_err(|e| format!("a fresh vbd afterwards: {e}"))?;
-    grants_back(d, baseline, slack)
+    back_to(
+        "mapped grants",
+        d,
+        baseline.grants,
+        config.grant_slack,
+        |d| d.grants_mapped(),
+    )?;
+    let Some(slack) = config.heap_slack else {
+        return Ok("heap not checked".into());
+    };
+    let heap = back_to("heap bytes in use", d, baseline.heap, slack, |d| {
+        d.heap_in_use()
+    })?;
+    Ok(format!(
+        "heap in use {heap} bytes, {} before",
+        baseline.heap.unwrap_or_default()
+    ))
 }
 
-/// Waits up to 10 s for stordom's mapped grants to fall back to
-/// `baseline` + `slack`.
-pub fn grants_back(d: &mut dyn Dom0, baseline: Option<u64>, slack: u64) -> Result<(), String> {
+/// Waits up to 10 s for `what` (read by `now`) to fall back to
+/// `baseline` + `slack`; gives the value it fell to.
+fn back_to(
+    what: &str,
+    d: &mut dyn Dom0,
+    baseline: Option<u64>,
+    slack: u64,
+    mut read: impl FnMut(&mut dyn Dom0) -> Option<u64>,
+) -> Result<u64, String> {
     let Some(baseline) = baseline else {
-        return Err("stordom publishes no data/grants-mapped".into());
+        return Err(format!("stordom publishes no figure of its {what}"));
     };
     let mut now = None;
     let back = wait_up_to(d, 10, |d| {
-        now = d.grants_mapped();
+        now = read(d);
         Ok(now.filter(|&n| n <= baseline + slack))
     })?;
-    back.map(drop).ok_or_else(|| {
-        format!(
-            "stordom maps {now:?} grants 10 s after the case, {baseline} before (slack {slack})"
-        )
+    back.ok_or_else(|| {
+        format!("stordom's {what}: {now:?} 10 s after the case, {baseline} before (slack {slack})")
     })
 }
 

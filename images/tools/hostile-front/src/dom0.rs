@@ -48,6 +48,8 @@ pub trait Dom0 {
     fn backend_alive(&mut self) -> bool;
     /// The number of grants the backend holds mapped, as it publishes it.
     fn grants_mapped(&mut self) -> Option<u64>;
+    /// The backend's heap bytes in use, as it publishes it.
+    fn heap_in_use(&mut self) -> Option<u64>;
 }
 
 /// Calls `attempt` until it gives a value or `secs` seconds passed,

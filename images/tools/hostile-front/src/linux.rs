@@ -238,6 +238,11 @@ impl Dom0 for XenDom0 {
         let node = format!("/local/domain/{}/data/grants-mapped", self.backend);
         self.xs_read(&node)?.parse().ok()
     }
+
+    fn heap_in_use(&mut self) -> Option<u64> {
+        let node = format!("/local/domain/{}/data/heap-in-use", self.backend);
+        self.xs_read(&node)?.parse().ok()
+    }
 }
 
 #[cfg(test)]

@@ -55,14 +55,13 @@ fn main() {
         Some("random") => {
             let (seed, count): (u64, u64) = (number(args.get(2)), number(args.get(3)));
             println!("hostile-front: random campaign, seed {seed}, {count} requests");
-            let result = run_campaign(&mut dom0, CAMPAIGN_DEVID, seed, count, config.grant_slack)
-                .map(|t| {
-                    format!(
-                        "seed {seed}: {} requests answered as expected ({} okay, {} refused), \
-                         {} rings broken and closed",
-                        t.sent, t.okay, t.refused, t.ring_breaks
-                    )
-                });
+            let result = run_campaign(&mut dom0, CAMPAIGN_DEVID, seed, count, &config).map(|t| {
+                format!(
+                    "seed {seed}: {} requests answered as expected ({} okay, {} refused), \
+                     {} rings broken and closed; {}",
+                    t.sent, t.okay, t.refused, t.ring_breaks, t.heap
+                )
+            });
             report("random", result);
         }
         Some(_) => {

@@ -181,6 +181,10 @@ impl Dom0 for SimDom0<'_> {
     fn grants_mapped(&mut self) -> Option<u64> {
         Some(self.sim.mapped_grants() as u64)
     }
+
+    fn heap_in_use(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// The cases at host-test scale.
@@ -189,6 +193,7 @@ const HOST: CaseConfig = CaseConfig {
     storm_events: 5_000,
     rewritten_requests: 400,
     grant_slack: 0,
+    heap_slack: None,
 };
 
 #[test]
@@ -206,7 +211,7 @@ fn every_named_case_passes_against_the_engine() {
 fn the_random_campaign_passes_and_is_reproducible() {
     let tally = |seed| {
         let mut tally = None;
-        with_sim_dom0(|d| tally = Some(run_campaign(d, FIRST_DEVID, seed, 3000, 0)));
+        with_sim_dom0(|d| tally = Some(run_campaign(d, FIRST_DEVID, seed, 3000, &HOST)));
         tally.unwrap()
     };
     let first = tally(20261129).unwrap();
@@ -226,7 +231,7 @@ fn fuzz_hostile_front_campaigns() {
     while run.another() {
         let seed = seeds.next_u64();
         with_sim_dom0(|d| {
-            let tally = run_campaign(d, FIRST_DEVID, seed, 500, 0);
+            let tally = run_campaign(d, FIRST_DEVID, seed, 500, &HOST);
             assert!(tally.is_ok(), "campaign seed {seed}: {tally:?}");
         });
     }
