@@ -8,7 +8,8 @@
 #   domain_create CFG            render + `xl create`; result "create:NAME"
 #   wait_gone NAME SECONDS       wait for a domain to shut down; destroy on timeout
 #   domain_console NAME          path of a domain's console log in dom0
-#   stordom_ready NAME           wait until stordom NAME serves (console line)
+#   stordom_ready NAME           wait until stordom NAME serves (console line);
+#                                on failure dom0 prints its diagnosis of it twice
 #   grants_released NAME [RESULT] stordom NAME holds no grant (result RESULT,
 #                                default "grants-released")
 #   same_domain NAME DOMID       NAME is still domain DOMID (result
@@ -122,10 +123,20 @@ wait_gone() {
 domain_console() { echo "/var/log/xen/console/guest-$1.log"; }
 
 stordom_ready() {
-    local n=0
+    local t0 now
+    read -r t0 _ </proc/uptime
     until grep -q "serve: watching backend/vbd; ready" "$(domain_console $1)" 2>/dev/null; do
-        n=$((n + 1)); [ $n -gt 300 ] && { result "ready:$1" fail "no ready line in 30 s"; return 1; }
-        sleep 0.1
+        read -r now _ </proc/uptime
+        if [ $(( ${now%.*} - ${t0%.*} )) -gt 30 ]; then
+            result "ready:$1" fail "no ready line in 30 s"
+            # Where it is stuck: its state now and 2 s later (a diagnosis
+            # the runner makes only when a run times out).
+            diag_dump 2>&1 | sed 's/^/[dom0] diag: /'
+            nap 2
+            diag_dump 2>&1 | sed 's/^/[dom0] diag: /'
+            return 1
+        fi
+        nap 0.2
     done
 }
 

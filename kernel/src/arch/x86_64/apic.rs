@@ -173,20 +173,6 @@ pub fn halt_until_interrupt(max_ns: u64) {
     x86_64::instructions::interrupts::disable();
 }
 
-/// Arms a one-shot of `ns` and waits for its interrupt with interrupts on,
-/// spinning rather than halting, for at most `max_ns`: the time it took,
-/// or `None` if none came.
-pub fn wait_for_oneshot(ns: u64, max_ns: u64) -> Option<u64> {
-    let (start, count) = (clock::now_ns(), timer_interrupts());
-    arm_oneshot(ns);
-    x86_64::instructions::interrupts::enable();
-    while timer_interrupts() == count && clock::now_ns() - start < max_ns {
-        core::hint::spin_loop();
-    }
-    x86_64::instructions::interrupts::disable();
-    (timer_interrupts() != count).then(|| clock::now_ns() - start)
-}
-
 /// Signals end of interrupt.
 pub fn end_of_interrupt() {
     if MODE.load(Ordering::Relaxed) != 0 {
