@@ -6,7 +6,8 @@
 #   make bench-engine  the blkback engine on the host: requests/s and allocations per request
 #   make soak       3 guests + attach/detach churn on stordom for SOAK_SECS (1800)
 #   make hostile    the hostile blkfront vs stordom under Xen, with a bystander guest
-#   make fuzz       the host fuzz tests, each for FUZZ_SECS (200; ~10 min in all)
+#   make fuzz       the host fuzz tests, each for FUZZ_SECS (200; ~10 min in all), then
+#                   the hostile campaign under Xen at FUZZ_HOSTILE_COUNT requests (10^6; ~50 min)
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare
 HOSTILE_FRONT := target/x86_64-unknown-linux-gnu/release/hostile-front
@@ -15,6 +16,7 @@ SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-
 SOAK_SECS ?= 1800
 FUZZ_SECS ?= 200
 HOSTILE_COUNT ?= 20000
+FUZZ_HOSTILE_COUNT ?= 1000000
 ENGINE_BENCH_JSON ?= runs/engine-bench.json
 XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE)) \
 	HOSTILE_FRONT=$(abspath $(HOSTILE_FRONT))
@@ -102,10 +104,17 @@ hostile: build images
 # The host fuzz tests (`cargo test` runs each briefly) for FUZZ_SECS each,
 # two at a time: ring engine, blkif parsing, xenstore wire and client,
 # xenstore churn after connect, hvm_start_info. Each prints its seed;
-# FUZZ_SEED=<seed> replays one.
-fuzz:
+# FUZZ_SEED=<seed> replays one. Then the hostile scenario with its random
+# campaign at FUZZ_HOSTILE_COUNT requests (about 400 a second under
+# nested TCG), the bystander guest under attack throughout (ATTACKED_SECS
+# sized to the campaign), no rerun.
+fuzz: build images
 	STORDOM_FUZZ_SECS=$(FUZZ_SECS) $(if $(FUZZ_SEED),STORDOM_FUZZ_SEED=$(FUZZ_SEED)) \
 		cargo test --workspace fuzz_ -- --nocapture --test-threads 2
+	$(XEN_ENV) python3 images/run.py hostile --no-build --retries 0 \
+		--env HOSTILE_COUNT=$(FUZZ_HOSTILE_COUNT) \
+		--env ATTACKED_SECS=$$(( $(FUZZ_HOSTILE_COUNT) / 400 + 60 )) \
+		--timeout $$(( $(FUZZ_HOSTILE_COUNT) / 250 + 900 ))
 
 clean:
 	cargo clean

@@ -3,21 +3,67 @@
 //! segment sectors, grant refs, indirect pages) or a discard past the
 //! disk's end, sent in batches; every
 //! answer checked against what the generator knows the request to be.
-//! Now and then the ring indices are broken instead (the vbd must close,
-//! then it is attached again), and rings may start just short of the
-//! indices' wrap. The same seed sends the same requests.
+//! Between batches the ring and xenstore state are mutated too: the
+//! header's fields the backend must not trust are scribbled on; the
+//! frontend's nodes are changed to garbage or removed after connect (the
+//! ring must go on serving); its state is flapped through valid and
+//! invalid values (the backend must stay in a valid state and close when
+//! told); the ring indices are broken (the vbd must close with a reason).
+//! After a flap or a break the vbd is attached again, and rings may start
+//! just short of the indices' wrap. The same seed sends the same requests
+//! and mutations.
 
 use blkback::blkif::{self, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use host_fuzz::FuzzRng;
 
 use crate::cases::{Baseline, CaseConfig, after_case, expect_disconnected};
 use crate::dom0::Dom0;
-use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment};
+use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment, frontend_write};
 
 /// Requests in flight at once.
 const BATCH: usize = 16;
 /// One batch in this many breaks the ring instead.
 const RING_BREAK_ODDS: u64 = 128;
+/// One batch in this many changes the frontend's xenstore nodes instead;
+/// one such change in `STATE_FLAP_ODDS` flaps its state.
+const XENSTORE_ODDS: u64 = 64;
+const STATE_FLAP_ODDS: u64 = 4;
+/// One batch in this many scribbles on the ring's header first.
+const HEADER_SCRIBBLE_ODDS: u64 = 32;
+/// A progress line every this many requests (a long campaign's log).
+const PROGRESS_EVERY: u64 = 100_000;
+
+/// Frontend nodes a connected backend must no longer act on: changing or
+/// removing them after connect must leave the ring serving.
+const CONNECTED_NODES: [&str; 11] = [
+    "ring-ref",
+    "ring-ref0",
+    "queue-0/ring-ref",
+    "event-channel",
+    "queue-0/event-channel",
+    "ring-page-order",
+    "multi-queue-num-queues",
+    "protocol",
+    "feature-persistent",
+    "virtual-device",
+    "backend-id",
+];
+/// States a flapping frontend writes: every XenbusState, and garbage.
+const FLAP_STATES: [&str; 13] = [
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "",
+    "abc",
+    "-3",
+    "4294967300",
+    "4 ",
+];
 
 /// What a generated request must get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +95,12 @@ pub struct CampaignTally {
     pub refused: u64,
     /// Rings broken (each closed by stordom, then attached again).
     pub ring_breaks: u64,
+    /// Times the frontend's nodes were changed or removed after connect.
+    pub node_churns: u64,
+    /// State flaps (each followed by a close and a fresh attach).
+    pub state_flaps: u64,
+    /// Times the ring's header was scribbled on.
+    pub header_scribbles: u64,
     /// What stordom's heap did (see [`after_case`]).
     pub heap: String,
 }
@@ -68,12 +120,33 @@ pub fn run_campaign(
     let mut front = HostileFront::attach(d, devid, attach_options(&mut rng, persistent))?;
     let mut revoked = revoked_ref(d)?;
     let mut tally = CampaignTally::default();
+    let mut next_progress = PROGRESS_EVERY;
     while tally.sent < count {
+        if tally.sent >= next_progress {
+            println!("hostile-front: seed {seed}: {tally:?}");
+            next_progress += PROGRESS_EVERY;
+        }
         if rng.one_in(RING_BREAK_ODDS) {
             front = break_ring(d, front, &mut rng).map_err(|e| format!("seed {seed}: {e}"))?;
             revoked = revoked_ref(d)?;
             tally.ring_breaks += 1;
             continue;
+        }
+        if rng.one_in(XENSTORE_ODDS) {
+            if rng.one_in(STATE_FLAP_ODDS) {
+                front = flap_state(d, front, &mut rng).map_err(|e| format!("seed {seed}: {e}"))?;
+                revoked = revoked_ref(d)?;
+                tally.state_flaps += 1;
+            } else {
+                churn_nodes(d, &front, &mut rng).map_err(|e| format!("seed {seed}: {e}"))?;
+                tally.node_churns += 1;
+            }
+            continue;
+        }
+        if rng.one_in(HEADER_SCRIBBLE_ODDS) {
+            let (req_event, rsp_event) = (rng.next_u64() as u32, rng.next_u64() as u32);
+            front.scribble_header(req_event, rsp_event, &rng.bytes(48));
+            tally.header_scribbles += 1;
         }
         let mut free: Vec<usize> = (0..DATA_PAGES).rev().collect();
         let mut readonly_free = true;
@@ -170,6 +243,74 @@ fn break_ring(
     expect_disconnected(&front, d).map_err(|e| format!("req_prod {value}: {e}"))?;
     let (devid, persistent) = (front.devid, front.persistent);
     front.detach(d)?;
+    HostileFront::attach(d, devid, attach_options(rng, persistent))
+}
+
+/// Changes or removes one to four of the frontend's nodes that mean
+/// nothing after connect; the batches after it check that the ring still
+/// serves.
+fn churn_nodes(d: &mut dyn Dom0, front: &HostileFront, rng: &mut FuzzRng) -> Result<(), String> {
+    for _ in 0..1 + rng.below(4) {
+        let node = rng.pick(&CONNECTED_NODES);
+        if rng.one_in(5) {
+            d.xs_rm(&format!("{}/{node}", front.frontend_path));
+        } else {
+            let value = garbage_value(rng);
+            frontend_write(d, &front.frontend_path, node, &value)
+                .map_err(|e| format!("churning {node}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A node value a hostile frontend might write: huge, negative, hex,
+/// empty, long, non-numeric, with trailing junk, or plausible.
+fn garbage_value(rng: &mut FuzzRng) -> String {
+    match rng.below(8) {
+        0 => rng.next_u64().to_string(),
+        1 => format!("-{}", rng.below(1 << 40)),
+        2 => String::new(),
+        3 => format!("0x{:x}", rng.next_u64()),
+        4 => "9".repeat(1 + rng.below(2000) as usize),
+        5 => (0..1 + rng.below(64))
+            .map(|_| char::from(b'!' + rng.below(94) as u8))
+            .collect(),
+        6 => format!("{} x", rng.below(64)),
+        _ => rng.below(64).to_string(),
+    }
+}
+
+/// Writes one to eight states, valid or not, to the frontend's `state`;
+/// the backend must be in a valid state afterwards, close when the
+/// frontend closes, and serve a fresh attach of the same vbd.
+fn flap_state(
+    d: &mut dyn Dom0,
+    front: HostileFront,
+    rng: &mut FuzzRng,
+) -> Result<HostileFront, String> {
+    let states: Vec<&str> = (0..1 + rng.below(8))
+        .map(|_| rng.pick(&FLAP_STATES))
+        .collect();
+    for state in &states {
+        frontend_write(d, &front.frontend_path, "state", state)?;
+        if rng.one_in(2) {
+            d.settle();
+        }
+    }
+    d.settle();
+    let backend_state = d.xs_read(&format!("{}/state", front.backend_path));
+    if !matches!(
+        backend_state.as_deref(),
+        Some("1" | "2" | "3" | "4" | "5" | "6")
+    ) {
+        return Err(format!(
+            "backend state {backend_state:?} after the frontend's states {states:?}"
+        ));
+    }
+    let (devid, persistent) = (front.devid, front.persistent);
+    front
+        .detach(d)
+        .map_err(|e| format!("closing after the frontend's states {states:?}: {e}"))?;
     HostileFront::attach(d, devid, attach_options(rng, persistent))
 }
 

@@ -287,6 +287,23 @@ impl HostileFront {
         d.notify(self.port);
     }
 
+    /// Overwrites what a frontend may scribble on in the ring's header
+    /// without losing its own requests: `req_event` (the backend's to
+    /// write), `rsp_event` and the padding. The backend must go on from
+    /// its own indices, and this frontend polls rather than waits for a
+    /// notification.
+    pub fn scribble_header(&mut self, req_event: u32, rsp_event: u32, pad: &[u8]) {
+        let h = self.header();
+        h.req_event.store(req_event, Ordering::Relaxed);
+        h.rsp_event.store(rsp_event, Ordering::Release);
+        let n = pad.len().min(SRING_HEADER_LEN - 16);
+        // SAFETY: bytes 16..64 of the ring page are the header's padding,
+        // inside the granted page this frontend holds until `release`.
+        unsafe {
+            core::ptr::copy_nonoverlapping(pad.as_ptr(), self.ring.page.as_ptr().add(16), n);
+        }
+    }
+
     /// Writes `req_prod` as a broken frontend would, and notifies.
     pub fn force_req_prod(&mut self, d: &mut dyn Dom0, value: u32) {
         self.header().req_prod.store(value, Ordering::Release);

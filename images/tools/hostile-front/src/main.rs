@@ -58,8 +58,16 @@ fn main() {
             let result = run_campaign(&mut dom0, CAMPAIGN_DEVID, seed, count, &config).map(|t| {
                 format!(
                     "seed {seed}: {} requests answered as expected ({} okay, {} refused), \
-                     {} rings broken and closed; {}",
-                    t.sent, t.okay, t.refused, t.ring_breaks, t.heap
+                     {} rings broken and closed, {} state flaps closed, nodes churned {} times \
+                     and the ring header scribbled on {} times with the ring serving on; {}",
+                    t.sent,
+                    t.okay,
+                    t.refused,
+                    t.ring_breaks,
+                    t.state_flaps,
+                    t.node_churns,
+                    t.header_scribbles,
+                    t.heap
                 )
             });
             report("random", result);

@@ -218,6 +218,10 @@ fn the_random_campaign_passes_and_is_reproducible() {
     assert_eq!(first.sent, 3000);
     assert!(first.okay > 1000 && first.refused > 500, "{first:?}");
     assert!(first.ring_breaks > 0, "{first:?}");
+    assert!(
+        first.node_churns > 0 && first.state_flaps > 0 && first.header_scribbles > 0,
+        "{first:?}"
+    );
     assert_eq!(tally(20261129).unwrap(), first);
     assert_ne!(tally(7).unwrap(), first);
 }
