@@ -4,6 +4,7 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use core::ptr::NonNull;
 
 use crate::hal::Hal;
 use blockdev::{self, Completion, Geometry, QueuedDevice, Request, SubmitError};
@@ -11,11 +12,17 @@ use blockdev::{self, Completion, Geometry, QueuedDevice, Request, SubmitError};
 /// Requests one null-disk queue holds before it must be polled.
 const QUEUE_DEPTH: u16 = 256;
 
+/// Most segments one read or write may carry.
+const MAX_SEGMENTS: u16 = 1024;
+
 /// A block device of 512-byte blocks that stores nothing.
 pub struct NullDisk<H: Hal> {
     hal: H,
     geometry: Geometry,
     finished: Vec<VecDeque<Completion>>,
+    /// Where a read's segments are mapped, found before any is zeroed;
+    /// holds `MAX_SEGMENTS` from the start so no request allocates.
+    mapped: Vec<NonNull<u8>>,
 }
 
 impl<H: Hal> NullDisk<H> {
@@ -31,7 +38,7 @@ impl<H: Hal> NullDisk<H> {
             max_discard_blocks: blocks,
             max_write_zeroes_blocks: blocks,
             max_transfer_bytes: 4 << 20,
-            max_segments: 1024,
+            max_segments: MAX_SEGMENTS,
             queues,
             queue_depth: QUEUE_DEPTH,
         };
@@ -40,6 +47,7 @@ impl<H: Hal> NullDisk<H> {
             hal,
             geometry,
             finished,
+            mapped: Vec::with_capacity(usize::from(MAX_SEGMENTS)),
         }
     }
 }
@@ -56,20 +64,18 @@ impl<H: Hal> QueuedDevice for NullDisk<H> {
         }
         if let Request::Read { segments, .. } | Request::Write { segments, .. } = request {
             // As a real device's DMA would, refuse a segment that is not
-            // mapped memory, before touching any.
+            // mapped memory, before touching any. `validate` bounded the
+            // segments by `MAX_SEGMENTS`, so the pushes stay in capacity.
+            self.mapped.clear();
             for segment in segments {
-                self.hal
-                    .phys_to_virt(segment.phys, segment.len as usize)
-                    .ok_or(SubmitError::BadAddress)?;
+                let virt = self.hal.phys_to_virt(segment.phys, segment.len as usize);
+                self.mapped.push(virt.ok_or(SubmitError::BadAddress)?);
             }
             if let Request::Read { .. } = request {
-                for segment in segments {
-                    let len = segment.len as usize;
-                    if let Some(virt) = self.hal.phys_to_virt(segment.phys, len) {
-                        // SAFETY: `phys_to_virt` vouched for `len` bytes at
-                        // `virt`, which the request hands the device.
-                        unsafe { virt.as_ptr().write_bytes(0, len) };
-                    }
+                for (virt, segment) in self.mapped.iter().zip(segments) {
+                    // SAFETY: `phys_to_virt` vouched for the segment's
+                    // bytes at `virt`, which the request hands the device.
+                    unsafe { virt.as_ptr().write_bytes(0, segment.len as usize) };
                 }
             }
         }
