@@ -2,24 +2,18 @@
 //! completes at once. A device that costs next to nothing, so a benchmark
 //! of a backend over it measures the backend.
 
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use crate::hal::Hal;
+use crate::instant::{InstantCompletions, MAX_SEGMENTS, instant_geometry};
 use blockdev::{self, Completion, Geometry, QueuedDevice, Request, SubmitError};
-
-/// Requests one null-disk queue holds before it must be polled.
-const QUEUE_DEPTH: u16 = 256;
-
-/// Most segments one read or write may carry.
-const MAX_SEGMENTS: u16 = 1024;
 
 /// A block device of 512-byte blocks that stores nothing.
 pub struct NullDisk<H: Hal> {
     hal: H,
     geometry: Geometry,
-    finished: Vec<VecDeque<Completion>>,
+    finished: InstantCompletions,
     /// Where a read's segments are mapped, found before any is zeroed;
     /// holds `MAX_SEGMENTS` from the start so no request allocates.
     mapped: Vec<NonNull<u8>>,
@@ -29,24 +23,10 @@ impl<H: Hal> NullDisk<H> {
     /// A null disk of `blocks` 512-byte blocks on `queues` queues; `hal`
     /// reaches the segments reads fill with zeroes.
     pub fn new(hal: H, blocks: u64, queues: u16) -> Self {
-        let geometry = Geometry {
-            logical_block_size: 512,
-            physical_block_size: 512,
-            blocks,
-            volatile_write_cache: false,
-            discard_granularity: Some(1),
-            max_discard_blocks: blocks,
-            max_write_zeroes_blocks: blocks,
-            max_transfer_bytes: 4 << 20,
-            max_segments: MAX_SEGMENTS,
-            queues,
-            queue_depth: QUEUE_DEPTH,
-        };
-        let finished = (0..queues).map(|_| VecDeque::new()).collect();
         Self {
             hal,
-            geometry,
-            finished,
+            geometry: instant_geometry(512, blocks, queues),
+            finished: InstantCompletions::new(queues),
             mapped: Vec::with_capacity(usize::from(MAX_SEGMENTS)),
         }
     }
@@ -59,9 +39,7 @@ impl<H: Hal> QueuedDevice for NullDisk<H> {
 
     fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
         blockdev::validate(&self.geometry, queue, &request)?;
-        if self.finished[usize::from(queue)].len() >= usize::from(QUEUE_DEPTH) {
-            return Err(SubmitError::QueueFull);
-        }
+        self.finished.check_room(queue)?;
         if let Request::Read { segments, .. } | Request::Write { segments, .. } = request {
             // As a real device's DMA would, refuse a segment that is not
             // mapped memory, before touching any. `validate` bounded the
@@ -79,18 +57,12 @@ impl<H: Hal> QueuedDevice for NullDisk<H> {
                 }
             }
         }
-        self.finished[usize::from(queue)].push_back(Completion {
-            tag,
-            result: Ok(()),
-        });
+        self.finished.push_ok(queue, tag);
         Ok(())
     }
 
     fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
-        let Some(finished) = self.finished.get_mut(usize::from(queue)) else {
-            return 0;
-        };
-        blockdev::hand_over(finished, out)
+        self.finished.poll(queue, out)
     }
 }
 
