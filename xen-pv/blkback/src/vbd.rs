@@ -38,7 +38,7 @@ const BACKEND_DIR: &str = "backend/vbd";
 /// Token of the watch on `backend/vbd`.
 pub const WATCH_TOKEN: &str = "stordom-blkback";
 /// How long a detached vbd stays Closed before its directory goes.
-const DETACH_GRACE_NS: u64 = 1_000_000_000;
+pub(crate) const DETACH_GRACE_NS: u64 = 1_000_000_000;
 /// How often a detached vbd looks again (the grace ended, or the frontend
 /// went without a watch event reaching us).
 const DETACH_RECHECK_NS: u64 = 250_000_000;
