@@ -1775,6 +1775,52 @@ fn rings_are_served_while_another_vbd_waits_for_xenstore() {
     });
 }
 
+/// The unserved-rings report's gap runs from the start of one serving
+/// pass to the next, the loop's or one in a xenstore wait, and not across
+/// an idle halt.
+#[test]
+fn unserved_gaps_run_from_one_serving_pass_to_the_next() {
+    run(|h| {
+        let (_, _front) = h.connected(Protocol::X86_64, 0);
+        let gap = |len_ns, ended_ns| UnservedGap { len_ns, ended_ns };
+        let start = h.platform.now_ns.get();
+        h.vbds.take_longest_unserved(start);
+        h.pump_after(300_000_000);
+        let loop_passes = start + 300_000_000;
+        assert_eq!(
+            h.vbds.take_longest_unserved(loop_passes),
+            gap(300_000_000, loop_passes)
+        );
+        h.vbds.idle_until(loop_passes + 5_000_000_000);
+        h.pump_after(5_001_000_000);
+        let woken = loop_passes + 5_001_000_000;
+        assert_eq!(h.vbds.take_longest_unserved(woken), gap(1_000_000, woken));
+
+        // A new vbd: the toolstack's part of a pass alone, 2 s on.
+        h.add_vbd(FRONTEND + 1, DEVID, "ram:64K", "w");
+        let waits = woken + 2_000_000_000;
+        h.platform.now_ns.set(waits);
+        h.xs.channel_mut().step();
+        let intake = h.vbds.take_watch_events(&mut h.xs, |event| {
+            panic!("an event of no blkback watch: {event:?}")
+        });
+        assert!(intake.unwrap().taken > 0);
+        let passes_before = h.vbds.ring_passes_while_waiting();
+        let mut svc = XenBackendServices {
+            events: &mut h.events,
+            grants: &mut h.grants,
+            platform: &mut h.platform,
+        };
+        h.vbds.attend(&mut h.xs, &mut svc, &[]);
+        assert!(h.vbds.ring_passes_while_waiting() > passes_before);
+        // Its waits' passes closed the 2 s gap; none since is as long.
+        assert_eq!(
+            h.vbds.take_longest_unserved(waits + 500_000_000),
+            gap(2_000_000_000, waits)
+        );
+    });
+}
+
 #[test]
 fn each_pass_starts_serving_one_vbd_further() {
     run(|h| {
