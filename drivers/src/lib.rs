@@ -33,6 +33,7 @@ extern crate std;
 
 pub mod ahci;
 pub mod hal;
+mod instant;
 pub mod nulldisk;
 pub mod nvme;
 pub mod pci;

@@ -2,44 +2,32 @@
 //! completes at once. A device that costs next to nothing, so a benchmark
 //! of a backend over it measures the backend.
 
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use core::ptr::NonNull;
 
 use crate::hal::Hal;
+use crate::instant::{InstantCompletions, MAX_SEGMENTS, instant_geometry};
 use blockdev::{self, Completion, Geometry, QueuedDevice, Request, SubmitError};
-
-/// Requests one null-disk queue holds before it must be polled.
-const QUEUE_DEPTH: u16 = 256;
 
 /// A block device of 512-byte blocks that stores nothing.
 pub struct NullDisk<H: Hal> {
     hal: H,
     geometry: Geometry,
-    finished: Vec<VecDeque<Completion>>,
+    finished: InstantCompletions,
+    /// Where a read's segments are mapped, found before any is zeroed;
+    /// holds `MAX_SEGMENTS` from the start so no request allocates.
+    mapped: Vec<NonNull<u8>>,
 }
 
 impl<H: Hal> NullDisk<H> {
     /// A null disk of `blocks` 512-byte blocks on `queues` queues; `hal`
     /// reaches the segments reads fill with zeroes.
     pub fn new(hal: H, blocks: u64, queues: u16) -> Self {
-        let geometry = Geometry {
-            logical_block_size: 512,
-            physical_block_size: 512,
-            blocks,
-            volatile_write_cache: false,
-            discard_granularity: Some(1),
-            max_discard_blocks: blocks,
-            max_write_zeroes_blocks: blocks,
-            max_transfer_bytes: 4 << 20,
-            max_segments: 1024,
-            queues,
-            queue_depth: QUEUE_DEPTH,
-        };
-        let finished = (0..queues).map(|_| VecDeque::new()).collect();
         Self {
             hal,
-            geometry,
-            finished,
+            geometry: instant_geometry(512, blocks, queues),
+            finished: InstantCompletions::new(queues),
+            mapped: Vec::with_capacity(usize::from(MAX_SEGMENTS)),
         }
     }
 }
@@ -51,40 +39,30 @@ impl<H: Hal> QueuedDevice for NullDisk<H> {
 
     fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
         blockdev::validate(&self.geometry, queue, &request)?;
-        if self.finished[usize::from(queue)].len() >= usize::from(QUEUE_DEPTH) {
-            return Err(SubmitError::QueueFull);
-        }
+        self.finished.check_room(queue)?;
         if let Request::Read { segments, .. } | Request::Write { segments, .. } = request {
             // As a real device's DMA would, refuse a segment that is not
-            // mapped memory, before touching any.
+            // mapped memory, before touching any. `validate` bounded the
+            // segments by `MAX_SEGMENTS`, so the pushes stay in capacity.
+            self.mapped.clear();
             for segment in segments {
-                self.hal
-                    .phys_to_virt(segment.phys, segment.len as usize)
-                    .ok_or(SubmitError::BadAddress)?;
+                let virt = self.hal.phys_to_virt(segment.phys, segment.len as usize);
+                self.mapped.push(virt.ok_or(SubmitError::BadAddress)?);
             }
             if let Request::Read { .. } = request {
-                for segment in segments {
-                    let len = segment.len as usize;
-                    if let Some(virt) = self.hal.phys_to_virt(segment.phys, len) {
-                        // SAFETY: `phys_to_virt` vouched for `len` bytes at
-                        // `virt`, which the request hands the device.
-                        unsafe { virt.as_ptr().write_bytes(0, len) };
-                    }
+                for (virt, segment) in self.mapped.iter().zip(segments) {
+                    // SAFETY: `phys_to_virt` vouched for the segment's
+                    // bytes at `virt`, which the request hands the device.
+                    unsafe { virt.as_ptr().write_bytes(0, segment.len as usize) };
                 }
             }
         }
-        self.finished[usize::from(queue)].push_back(Completion {
-            tag,
-            result: Ok(()),
-        });
+        self.finished.push_ok(queue, tag);
         Ok(())
     }
 
     fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
-        let Some(finished) = self.finished.get_mut(usize::from(queue)) else {
-            return 0;
-        };
-        blockdev::hand_over(finished, out)
+        self.finished.poll(queue, out)
     }
 }
 

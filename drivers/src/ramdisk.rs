@@ -2,28 +2,18 @@
 //! the `Hal`) served through [`QueuedDevice`]. Requests complete at once and
 //! wait in a per-queue list until polled.
 
-use alloc::collections::VecDeque;
-use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::instant::{InstantCompletions, instant_geometry};
 use blockdev::{self, Completion, Geometry, QueuedDevice, Request, Segment, SubmitError};
-
-/// Requests one RAM-disk queue holds before it must be polled.
-const QUEUE_DEPTH: u16 = 256;
-
-/// Largest read or write accepted, to bound the time one request takes.
-const MAX_TRANSFER_BYTES: u32 = 4 << 20;
-
-/// Most segments one read or write may carry.
-const MAX_SEGMENTS: u16 = 1024;
 
 /// A block device over a range of memory.
 pub struct RamDisk<H: Hal> {
     hal: H,
     storage: NonNull<u8>,
     geometry: Geometry,
-    finished: Vec<VecDeque<Completion>>,
+    finished: InstantCompletions,
     /// Memory the disk allocated itself, freed on drop.
     owned: Option<DmaRegion>,
 }
@@ -42,25 +32,11 @@ impl<H: Hal> RamDisk<H> {
         blocks: u64,
         queues: u16,
     ) -> Self {
-        let geometry = Geometry {
-            logical_block_size: block_size,
-            physical_block_size: block_size,
-            blocks,
-            volatile_write_cache: false,
-            discard_granularity: Some(1),
-            max_discard_blocks: blocks,
-            max_write_zeroes_blocks: blocks,
-            max_transfer_bytes: MAX_TRANSFER_BYTES,
-            max_segments: MAX_SEGMENTS,
-            queues,
-            queue_depth: QUEUE_DEPTH,
-        };
-        let finished = (0..queues).map(|_| VecDeque::new()).collect();
         Self {
             hal,
             storage,
-            geometry,
-            finished,
+            geometry: instant_geometry(block_size, blocks, queues),
+            finished: InstantCompletions::new(queues),
             owned: None,
         }
     }
@@ -129,9 +105,7 @@ impl<H: Hal> QueuedDevice for RamDisk<H> {
 
     fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
         let blocks = blockdev::validate(&self.geometry, queue, &request)?;
-        if self.finished[usize::from(queue)].len() >= usize::from(QUEUE_DEPTH) {
-            return Err(SubmitError::QueueFull);
-        }
+        self.finished.check_room(queue)?;
         match request {
             Request::Read { lba, segments } | Request::Write { lba, segments } => {
                 let (offset, _) = self.byte_range(lba, blocks);
@@ -146,18 +120,12 @@ impl<H: Hal> QueuedDevice for RamDisk<H> {
                 unsafe { self.storage.as_ptr().add(offset).write_bytes(0, len) };
             }
         }
-        self.finished[usize::from(queue)].push_back(Completion {
-            tag,
-            result: Ok(()),
-        });
+        self.finished.push_ok(queue, tag);
         Ok(())
     }
 
     fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
-        let Some(finished) = self.finished.get_mut(usize::from(queue)) else {
-            return 0;
-        };
-        blockdev::hand_over(finished, out)
+        self.finished.poll(queue, out)
     }
 }
 
@@ -242,7 +210,7 @@ mod tests {
     fn queue_fills_until_polled() {
         let hal = TestHal::new();
         let mut disk = RamDisk::allocate(hal.clone(), 8, 1).unwrap();
-        for tag in 0..u64::from(QUEUE_DEPTH) {
+        for tag in 0..u64::from(disk.geometry().queue_depth) {
             disk.submit(0, tag, Request::Flush).unwrap();
         }
         assert_eq!(

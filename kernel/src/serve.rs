@@ -13,8 +13,8 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blkback::{
-    OpenError, Platform, Progress, Target, TargetOpener, VbdBackends, XenBackendServices,
-    claim_sectors, statistics,
+    OpenError, Platform, Progress, Target, TargetOpener, UnservedGap, VbdBackends,
+    XenBackendServices, claim_sectors, statistics,
 };
 use blockdev::{Disk, DiskView};
 use core::fmt;
@@ -32,10 +32,10 @@ const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
 const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 /// How often the heartbeat is logged while requests are outstanding.
 const HEARTBEAT_NS: u64 = 5_000_000_000;
-/// A loop turn (its sleep aside) longer than this is reported with where
-/// its time went: rings wait for the turn to end, except while the
-/// toolstack's work waits for xenstore (they are served then).
-const SLOW_TURN_NS: u64 = 1_000_000_000;
+/// Rings unserved longer than this (from one serving pass to the next: the
+/// loop's, once a turn, or one in the toolstack's xenstore waits; an idle
+/// halt aside) are reported, with where the turn's time went.
+const UNSERVED_REPORT_NS: u64 = 1_000_000_000;
 
 /// What the serve loop did, for the heartbeat: it shows, without dom0,
 /// whether the loop still turns, sleeps and wakes, and where each busy
@@ -52,8 +52,9 @@ struct LoopCounters {
     beating: bool,
     /// vCPU times at the last heartbeat (`None`: no runstate area).
     cpu_at_beat: Option<CpuTimes>,
-    /// No slow-turn report before this time (one per heartbeat period).
-    next_slow_report_ns: u64,
+    /// No unserved-rings report before this time (one per heartbeat
+    /// period).
+    next_unserved_report_ns: u64,
 }
 
 /// Clock readings at the phase boundaries of one loop turn.
@@ -118,24 +119,26 @@ impl LoopCounters {
         self.beating = outstanding > 0;
     }
 
-    /// Reports a turn longer than [`SLOW_TURN_NS`], at most once per
-    /// heartbeat period: how long each phase took and how much of the
-    /// turn Xen ran stordom, kept it waiting for a CPU, or had it blocked
-    /// (a xenstore or console wait).
-    fn check_turn(&mut self, marks: &TurnMarks) {
+    /// Reports rings unserved for [`UNSERVED_REPORT_NS`] or more, at most
+    /// once per heartbeat period: how long, when in the turn that ended,
+    /// how long each phase of the turn took, and how much of the turn Xen
+    /// ran stordom, kept it waiting for a CPU, or had it blocked (a
+    /// xenstore or console wait).
+    fn check_unserved(&mut self, marks: &TurnMarks, gap: UnservedGap) {
         let [intake, rings, attend, housekeeping] = marks.ends;
-        let total = housekeeping.saturating_sub(marks.start);
-        if total < SLOW_TURN_NS || housekeeping < self.next_slow_report_ns {
+        if gap.len_ns < UNSERVED_REPORT_NS || housekeeping < self.next_unserved_report_ns {
             return;
         }
-        self.next_slow_report_ns = housekeeping + HEARTBEAT_NS;
+        self.next_unserved_report_ns = housekeeping + HEARTBEAT_NS;
         let ms = |from: u64, to: u64| to.saturating_sub(from) / 1_000_000;
         let spent = xen::cpu_times()
             .zip(marks.cpu_at_start)
             .map(|(c, s)| c.since(&s));
         log::warn!(
-            "slow turn: {} ms (intake {} ms, rings {} ms, toolstack {} ms with the rings served {} times, housekeeping {} ms);{}",
-            total / 1_000_000,
+            "rings unserved {} ms, until {} ms into a {} ms turn (intake {} ms, rings {} ms, toolstack {} ms with the rings served {} times, housekeeping {} ms);{}",
+            gap.len_ns / 1_000_000,
+            ms(marks.start, gap.ended_ns),
+            ms(marks.start, housekeeping),
             ms(marks.start, intake),
             ms(intake, rings),
             ms(rings, attend),
@@ -326,7 +329,8 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             let _ = statistics::publish_changed(&mut xs, "data", heap, &mut published_heap);
         }
         marks.ends[3] = clock::now_ns();
-        counters.check_turn(&marks);
+        let gap = vbds.take_longest_unserved(marks.ends[3]);
+        counters.check_unserved(&marks, gap);
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
         let idle = polled.progress == Progress::Idle && attended == Progress::Idle;
         if idle && intake.taken == 0 {
@@ -338,9 +342,11 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             if !xen::events_pending(&events) && xs.queued_watch_events() == 0 {
                 counters.sleeps += 1;
                 xen::sleep_until_any_event(&events, IDLE_HALT_NS);
-                if clock::now_ns() >= now + IDLE_HALT_NS {
+                let woken = clock::now_ns();
+                if woken >= now + IDLE_HALT_NS {
                     counters.timeouts += 1;
                 }
+                vbds.idle_until(woken);
             }
         }
     }

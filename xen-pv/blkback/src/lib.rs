@@ -125,6 +125,7 @@ pub mod served_disk;
 pub mod sim_blkfront;
 pub mod statistics;
 pub mod target;
+mod unserved;
 mod vbd;
 
 #[cfg(test)]
@@ -137,6 +138,7 @@ use core::ptr::NonNull;
 pub use negotiate::FrontendRing;
 pub use served_disk::{SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_sectors};
+pub use unserved::UnservedGap;
 pub use vbd::{
     Attention, Progress, RingsPolled, VBD_UPDATES_PER_PASS, VbdBackends, VbdId, VbdStatus,
     WATCH_EVENTS_TAKEN_PER_PASS, WATCH_TOKEN, WatchIntake,

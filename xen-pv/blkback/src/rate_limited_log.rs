@@ -8,6 +8,9 @@ use crate::BackendServices;
 /// Log lines one vbd may print per second; the rest are counted.
 pub const MAX_LOG_LINES_PER_SECOND: u32 = 10;
 
+/// The second those lines are counted in.
+pub(crate) const LOG_WINDOW_NS: u64 = 1_000_000_000;
+
 /// Prints at most [`MAX_LOG_LINES_PER_SECOND`] lines a second for one vbd.
 pub struct RateLimitedLog {
     label: String,
@@ -28,7 +31,7 @@ impl RateLimitedLog {
 
     pub fn line<S: BackendServices>(&mut self, svc: &mut S, args: fmt::Arguments<'_>) {
         let now = svc.now_ns();
-        if now.saturating_sub(self.window_start_ns) >= 1_000_000_000 {
+        if now.saturating_sub(self.window_start_ns) >= LOG_WINDOW_NS {
             if self.suppressed > 0 {
                 let (label, n) = (&self.label, self.suppressed);
                 svc.log(format_args!("{label}: {n} more messages suppressed"));

@@ -16,8 +16,10 @@ use zerocopy::IntoBytes;
 use super::*;
 use crate::alloc_count::{count, uncounted};
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
+use crate::rate_limited_log::LOG_WINDOW_NS;
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::statistics::WATCHDOG_NS;
+use crate::vbd::DETACH_GRACE_NS;
 use host_fuzz::{FuzzRng, FuzzRun};
 use xen_pv::event::EventChannels;
 use xen_pv::grant::{GfnWindow, GrantMapper};
@@ -765,7 +767,7 @@ fn every_invalid_field_gets_its_status() {
             (rw(blkif::OP_READ, 18, 2040, 1, &good), RSP_OKAY),
         ];
         let requests: Vec<Vec<u8>> = cases.iter().map(|(r, _)| r.clone()).collect();
-        h.platform.now_ns.set(1_000_000_000);
+        h.platform.now_ns.set(LOG_WINDOW_NS);
         let responses = h.io(&mut front, &requests);
         assert_eq!(responses.len(), cases.len());
         for (i, (_, status)) in cases.iter().enumerate() {
@@ -1051,7 +1053,7 @@ fn online_0_detaches_and_removes_the_nodes() {
         // detach if the state node is removed while it waits.
         assert_eq!(h.backend_state(id).as_deref(), Some("6"));
         // Then the backend removes its own directory, a grace later.
-        h.pump_after(1_000_000_000);
+        h.pump_after(DETACH_GRACE_NS);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
         assert!(h.vbds.status(id).is_none());
         assert_eq!(h.sim.mapped_grants(), 0);
@@ -1082,7 +1084,7 @@ fn xl_destroy_with_requests_in_flight_leaves_closed_for_libxl_to_read() {
             "Closed, and still there for libxl to read"
         );
         assert_eq!(h.sim.mapped_grants(), 0, "every grant unmapped at close");
-        h.pump_after(1_000_000_000);
+        h.pump_after(DETACH_GRACE_NS);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
         assert!(h.vbds.status(id).is_none());
     });
@@ -1127,7 +1129,7 @@ fn detach_finishes_when_the_frontend_vanishes_without_a_watch_event() {
             h.xs.channel_mut().dom0_read(&be).is_some(),
             "not rechecked before its time"
         );
-        h.pump_after(1_000_000_000);
+        h.pump_after(DETACH_GRACE_NS);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None, "directory removed");
         assert!(h.vbds.status(id).is_none());
     });
@@ -1143,7 +1145,7 @@ fn online_0_before_the_frontend_connected_closes_at_once() {
         h.pump();
         assert_eq!(h.backend_state(id).as_deref(), Some("6"));
         h.xs.channel_mut().dom0_rm(&frontend_path(id));
-        h.pump_after(1_000_000_000);
+        h.pump_after(DETACH_GRACE_NS);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None);
         assert!(h.vbds.status(id).is_none());
     });
@@ -1175,7 +1177,7 @@ fn a_bad_target_is_reported_and_the_others_keep_working() {
         h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
         h.pump();
         assert_eq!(h.backend_state(missing).as_deref(), Some("6"));
-        h.pump_after(1_000_000_000);
+        h.pump_after(DETACH_GRACE_NS);
         assert!(h.vbds.status(missing).is_none());
     });
 }
@@ -1773,6 +1775,52 @@ fn rings_are_served_while_another_vbd_waits_for_xenstore() {
     });
 }
 
+/// The unserved-rings report's gap runs from the start of one serving
+/// pass to the next, the loop's or one in a xenstore wait, and not across
+/// an idle halt.
+#[test]
+fn unserved_gaps_run_from_one_serving_pass_to_the_next() {
+    run(|h| {
+        let (_, _front) = h.connected(Protocol::X86_64, 0);
+        let gap = |len_ns, ended_ns| UnservedGap { len_ns, ended_ns };
+        let start = h.platform.now_ns.get();
+        h.vbds.take_longest_unserved(start);
+        h.pump_after(300_000_000);
+        let loop_passes = start + 300_000_000;
+        assert_eq!(
+            h.vbds.take_longest_unserved(loop_passes),
+            gap(300_000_000, loop_passes)
+        );
+        h.vbds.idle_until(loop_passes + 5_000_000_000);
+        h.pump_after(5_001_000_000);
+        let woken = loop_passes + 5_001_000_000;
+        assert_eq!(h.vbds.take_longest_unserved(woken), gap(1_000_000, woken));
+
+        // A new vbd: the toolstack's part of a pass alone, 2 s on.
+        h.add_vbd(FRONTEND + 1, DEVID, "ram:64K", "w");
+        let waits = woken + 2_000_000_000;
+        h.platform.now_ns.set(waits);
+        h.xs.channel_mut().step();
+        let intake = h.vbds.take_watch_events(&mut h.xs, |event| {
+            panic!("an event of no blkback watch: {event:?}")
+        });
+        assert!(intake.unwrap().taken > 0);
+        let passes_before = h.vbds.ring_passes_while_waiting();
+        let mut svc = XenBackendServices {
+            events: &mut h.events,
+            grants: &mut h.grants,
+            platform: &mut h.platform,
+        };
+        h.vbds.attend(&mut h.xs, &mut svc, &[]);
+        assert!(h.vbds.ring_passes_while_waiting() > passes_before);
+        // Its waits' passes closed the 2 s gap; none since is as long.
+        assert_eq!(
+            h.vbds.take_longest_unserved(waits + 500_000_000),
+            gap(2_000_000_000, waits)
+        );
+    });
+}
+
 #[test]
 fn each_pass_starts_serving_one_vbd_further() {
     run(|h| {
@@ -1782,8 +1830,9 @@ fn each_pass_starts_serving_one_vbd_further() {
         let mut fronts = ids.map(|id| h.connect(id, Protocol::X86_64, 0, "3"));
         let mut first_served = Vec::new();
         for pass in 0..6u64 {
+            // A second a pass: the log's rate limit lets each refusal show.
             let now = h.platform.now_ns.get();
-            h.platform.now_ns.set(now + 1_000_000_000);
+            h.platform.now_ns.set(now + LOG_WINDOW_NS);
             for front in &mut fronts {
                 let refused = front.data_request(0xff, pass, 0, 1, &[]);
                 assert_eq!(front.submit(&[refused]), 1);
@@ -2019,7 +2068,7 @@ fn slices_of_one_disk_serve_several_guests_apart() {
         h.frontend_write(a, "state", "6");
         h.pump();
         h.xs.channel_mut().dom0_rm(&frontend_path(a));
-        h.pump_after(1_000_000_000);
+        h.pump_after(DETACH_GRACE_NS);
         assert!(h.vbds.status(a).is_none());
         let again = h.add_vbd(11, DEVID, "shared0@0+512", "w");
         h.pump();

@@ -24,6 +24,7 @@ use crate::statistics::{self, RingReport};
 
 use crate::served_disk::ServedDisk;
 use crate::target::{Target, TargetOpener};
+use crate::unserved::{UnservedGap, UnservedGaps};
 use xen_pv::event::Port;
 use xen_pv::grant::{GrantError, GrantSpec, Mapping};
 use xen_pv::ring::{PeerChannel, RingError};
@@ -38,7 +39,7 @@ const BACKEND_DIR: &str = "backend/vbd";
 /// Token of the watch on `backend/vbd`.
 pub const WATCH_TOKEN: &str = "stordom-blkback";
 /// How long a detached vbd stays Closed before its directory goes.
-const DETACH_GRACE_NS: u64 = 1_000_000_000;
+pub(crate) const DETACH_GRACE_NS: u64 = 1_000_000_000;
 /// How often a detached vbd looks again (the grace ended, or the frontend
 /// went without a watch event reaching us).
 const DETACH_RECHECK_NS: u64 = 250_000_000;
@@ -195,18 +196,21 @@ pub struct VbdBackends<O> {
     update_start: VbdId,
     /// The client's count of dropped watch events, as last seen.
     dropped_watch_events: u64,
-    /// The rings' serving while the toolstack's xenstore requests wait.
-    while_waiting: ServedWhileWaiting,
+    /// The rings' serving, in the loop's passes and while the toolstack's
+    /// xenstore requests wait.
+    serving: RingServing,
 }
 
-/// What [`serve_rings_while_waiting`] did.
+/// What the serving passes did.
 #[derive(Default)]
-struct ServedWhileWaiting {
-    /// What the rings ask of the toolstack, for the next
-    /// [`VbdBackends::poll_rings`].
+struct RingServing {
+    /// What the rings served in xenstore waits ask of the toolstack, for
+    /// the next [`VbdBackends::poll_rings`].
     attention: Vec<(VbdId, Attention)>,
-    /// Times every ring was served so.
-    passes: u64,
+    /// Times every ring was served in a xenstore wait.
+    passes_while_waiting: u64,
+    /// The gaps between passes of either kind.
+    gaps: UnservedGaps,
 }
 
 /// Where a watch event points.
@@ -229,7 +233,7 @@ impl<O: TargetOpener> VbdBackends<O> {
             rescan_pending: false,
             update_start: first,
             dropped_watch_events: 0,
-            while_waiting: ServedWhileWaiting::default(),
+            serving: RingServing::default(),
         }
     }
 
@@ -308,9 +312,10 @@ impl<O: TargetOpener> VbdBackends<O> {
     pub fn poll_rings<S: BackendServices>(&mut self, svc: &mut S) -> RingsPolled {
         let mut polled = RingsPolled {
             progress: Progress::Idle,
-            attention: core::mem::take(&mut self.while_waiting.attention),
+            attention: core::mem::take(&mut self.serving.attention),
         };
         let now = svc.now_ns();
+        self.serving.gaps.served(now);
         let start = self.poll_start;
         for (_, vbd) in self.devices.range_mut(start..) {
             poll_vbd(vbd, svc, now, &mut polled);
@@ -420,7 +425,21 @@ impl<O: TargetOpener> VbdBackends<O> {
     /// state machine, a rescan) waited for xenstore, a count that only
     /// grows: that work does not hold them up.
     pub fn ring_passes_while_waiting(&self) -> u64 {
-        self.while_waiting.passes
+        self.serving.passes_while_waiting
+    }
+
+    /// The longest the rings went unserved since the last call, the gap
+    /// still open at `now` included: the time between the starts of two
+    /// consecutive serving passes, [`Self::poll_rings`]' or those in
+    /// [`Self::attend`]'s xenstore waits.
+    pub fn take_longest_unserved(&mut self, now: u64) -> UnservedGap {
+        self.serving.gaps.take_longest(now)
+    }
+
+    /// The loop halted idle (nothing outstanding; any event ends the halt)
+    /// until `now`: the rings' next gap counts from there.
+    pub fn idle_until(&mut self, now: u64) {
+        self.serving.gaps.idle_until(now);
     }
 
     /// The vbd's current position, if it is known.
@@ -439,29 +458,23 @@ impl<O: TargetOpener> VbdBackends<O> {
         svc: &mut S,
     ) {
         let mut present = Vec::new();
-        with_rings_served(
-            &mut self.devices,
-            &mut self.while_waiting,
-            xs,
-            svc,
-            |xs, _| {
-                let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
-                for frontend in &frontends {
-                    let Some(frontend_id) = parse_number::<DomId>(frontend) else {
-                        continue;
-                    };
-                    let devices = xs
-                        .directory(Tx::NONE, &format!("{BACKEND_DIR}/{frontend}"))
-                        .unwrap_or_default();
-                    for devid in devices.iter().filter_map(|d| parse_number::<u32>(d)) {
-                        present.push(VbdId {
-                            frontend: frontend_id,
-                            devid,
-                        });
-                    }
+        with_rings_served(&mut self.devices, &mut self.serving, xs, svc, |xs, _| {
+            let frontends = xs.directory(Tx::NONE, BACKEND_DIR).unwrap_or_default();
+            for frontend in &frontends {
+                let Some(frontend_id) = parse_number::<DomId>(frontend) else {
+                    continue;
+                };
+                let devices = xs
+                    .directory(Tx::NONE, &format!("{BACKEND_DIR}/{frontend}"))
+                    .unwrap_or_default();
+                for devid in devices.iter().filter_map(|d| parse_number::<u32>(d)) {
+                    present.push(VbdId {
+                        frontend: frontend_id,
+                        devid,
+                    });
                 }
-            },
-        );
+            }
+        });
         let known: Vec<VbdId> = self.devices.keys().copied().collect();
         for id in known.iter().filter(|id| !present.contains(id)) {
             self.update(xs, svc, *id);
@@ -535,13 +548,9 @@ impl<O: TargetOpener> VbdBackends<O> {
     ) -> Option<T> {
         let mut vbd = self.devices.remove(&id)?;
         let opener = &mut self.opener;
-        let done = with_rings_served(
-            &mut self.devices,
-            &mut self.while_waiting,
-            xs,
-            svc,
-            |xs, svc| body(&mut vbd, xs, svc, opener),
-        );
+        let done = with_rings_served(&mut self.devices, &mut self.serving, xs, svc, |xs, svc| {
+            body(&mut vbd, xs, svc, opener)
+        });
         self.devices.insert(id, vbd);
         Some(done)
     }
@@ -553,13 +562,13 @@ impl<O: TargetOpener> VbdBackends<O> {
 /// rings must not wait for them).
 fn with_rings_served<'a, C: PeerChannel, S: BackendServices, T>(
     devices: &mut BTreeMap<VbdId, Vbd>,
-    served: &mut ServedWhileWaiting,
+    serving: &mut RingServing,
     xs: &mut Xenstore<'a, C>,
     svc: &mut S,
     body: impl FnOnce(&mut Xenstore<'a, WorkingChannel<'_, C>>, &mut SharedServices<'_, '_, S>) -> T,
 ) -> T {
     let shared = RefCell::new(svc);
-    let mut serve = || serve_rings_while_waiting(devices, &shared, served);
+    let mut serve = || serve_rings_while_waiting(devices, &shared, serving);
     xs.with_wait_work(&mut serve, |xs| body(xs, &mut SharedServices(&shared)))
 }
 
@@ -569,7 +578,7 @@ fn with_rings_served<'a, C: PeerChannel, S: BackendServices, T>(
 fn serve_rings_while_waiting<S: BackendServices>(
     devices: &mut BTreeMap<VbdId, Vbd>,
     svc: &RefCell<&mut S>,
-    served: &mut ServedWhileWaiting,
+    serving: &mut RingServing,
 ) -> bool {
     // Never borrowed here: the state machine's uses end before it calls
     // xenstore (see SharedServices). Skipping a turn beats a panic.
@@ -578,14 +587,15 @@ fn serve_rings_while_waiting<S: BackendServices>(
     };
     let mut polled = RingsPolled {
         progress: Progress::Idle,
-        attention: core::mem::take(&mut served.attention),
+        attention: core::mem::take(&mut serving.attention),
     };
     let now = svc.now_ns();
+    serving.gaps.served(now);
     for vbd in devices.values_mut() {
         poll_vbd(vbd, &mut **svc, now, &mut polled);
     }
-    served.attention = polled.attention;
-    served.passes += 1;
+    serving.attention = polled.attention;
+    serving.passes_while_waiting += 1;
     polled.progress == Progress::Busy
 }
 

@@ -480,7 +480,7 @@ fn hostile_session(h: &mut Harness<'_>, rng: &mut FuzzRng, steps: u64, ledger: &
     for step in 0..steps {
         // A second a step: the log's rate limit lets each step speak.
         let now = h.platform.now_ns.get();
-        h.platform.now_ns.set(now + 1_000_000_000);
+        h.platform.now_ns.set(now + LOG_WINDOW_NS);
         if rng.one_in(25) {
             // req_prod beyond the ring or behind what was taken.
             let size = front.ring_size();

@@ -539,7 +539,7 @@ fn fuzz_xenstore_churn_after_connect() {
             tally.steps += 1;
             // A second a step: the log's rate limit lets each step speak.
             let now = h.platform.now_ns.get();
-            h.platform.now_ns.set(now + 1_000_000_000);
+            h.platform.now_ns.set(now + LOG_WINDOW_NS);
             let logged = h.platform.lines.len();
             connection.submit(&mut rng, &disk);
             if rng.one_in(12) {
