@@ -1,7 +1,8 @@
 # stordom: build, run, test.
 #   make run        stordom serving a RAM disk to a Linux guest under Xen (in QEMU)
 #   make test       lints, host unit tests, bare-QEMU boot tests, Xen scenarios
-#   make run-bare   boot stordom alone under bare QEMU and exit
+#   make run-bare   boot stordom alone under bare QEMU and exit (BOOT=efi: by GRUB's
+#                   multiboot2 loader under OVMF instead of the PVH entry)
 #   make bench      disk benchmarks: the host engine; bare-QEMU drivers; stordom vs dom0 blkback
 #   make bench-engine  the blkback engine on the host: requests/s and allocations per request
 #   make soak       3 guests + attach/detach churn on stordom for SOAK_SECS (1800)
@@ -21,6 +22,7 @@ ENGINE_BENCH_JSON ?= runs/engine-bench.json
 XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE)) \
 	HOSTILE_FRONT=$(abspath $(HOSTILE_FRONT))
 CMDLINE ?= loglevel=info
+BOOT ?= pvh
 MODULE ?= target/demo-module.img
 
 .PHONY: all build run run-bare test test-host test-boot test-xen images lint bench bench-engine soak hostile fuzz clean
@@ -46,8 +48,9 @@ run: build images
 	echo "--- stordom's console ($$run/guest-stordom.log) ---"; cat $$run/guest-stordom.log; exit $$status
 
 # 33 is the debug-exit device's "success" (see images/bare/qemu.sh).
-run-bare: build $(MODULE)
-	@CMDLINE="$(CMDLINE)" images/bare/qemu.sh $(KERNEL) -initrd $(MODULE); \
+run-bare: build $(MODULE) $(if $(filter efi,$(BOOT)),images)
+	@CMDLINE="$(CMDLINE)" BOOT=$(BOOT) MODULES=$(MODULE) images/bare/qemu.sh $(KERNEL) \
+		$(if $(filter pvh,$(BOOT)),-initrd $(MODULE)); \
 	status=$$?; if [ $$status -eq 33 ]; then echo "stordom exited cleanly"; else echo "stordom failed (QEMU status $$status)"; exit 1; fi
 
 test: lint test-host test-boot test-xen
@@ -59,7 +62,8 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test-boot: build
+# The EFI cases need GRUB and OVMF from the pinned packages (make images).
+test-boot: build images
 	python3 tests/boot.py $(KERNEL)
 
 # Install host tools, fetch the Debian packages, build Xen/dom0/guest images

@@ -14,6 +14,9 @@ $STORDOM_IMAGES_CACHE):
                                      ~66 MB in dom0 under TCG on every create)
                guest-initrd.cpio.gz  test guest: busybox, fio, e2fsprogs, jobs
                dom0.cpio.gz          dom0: xl toolstack, blkback, guest image
+               efi/                  OVMF.fd, grub-mkimage and GRUB's x86_64-efi
+                                     modules: images/bare/efi.sh makes a GRUB EFI
+                                     image that boots stordom by multiboot2
                manifest.json         resolved package versions, sizes, build times
 
 Package versions are pinned in images/packages.lock ([images] section): the
@@ -82,6 +85,8 @@ DOM0_MODULES = [
 ]
 # test guest: fio (its real runtime needs only libc, libaio, libz, libnuma;
 # the ceph/gluster/rdma/pmem/nbd engines are replaced by stubs), e2fsprogs.
+# GRUB's EFI loader and OVMF: stordom's multiboot2 entry under EFI.
+EFI_PKGS = ["grub-common", "grub-efi-amd64-bin", "ovmf"]
 GUEST_PKGS = BASE_PKGS + [
     "fio", "libaio1", "zlib1g", "libnuma1",
     "e2fsprogs", "libext2fs2", "libcom-err2", "libblkid1", "libuuid1",
@@ -178,7 +183,7 @@ def repin() -> None:
         die("apt knows no linux-image-6.1.0-*-amd64: run 'apt-get update'")
     old = read_lock()
     host = apt_candidates(sorted(old["host"]))
-    images = apt_candidates(sorted(set(DOM0_PKGS + GUEST_PKGS + [
+    images = apt_candidates(sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + [
         f"xen-hypervisor-{XEN_VER}-{ARCH}", kernels[-1][1]])))
     head = [l for l in LOCK.read_text().splitlines() if l.startswith("#")]
     body = ["", "[host]", *(f"{k} {v}" for k, v in sorted(host.items())),
@@ -559,7 +564,7 @@ class Builder:
         self.kver = kver
         self.kpkg = kpkg
         xen_pkg = f"xen-hypervisor-{XEN_VER}-{ARCH}"
-        allp = sorted(set(DOM0_PKGS + GUEST_PKGS + [xen_pkg, kpkg]))
+        allp = sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + [xen_pkg, kpkg]))
         self.pk.fetch(allp)
         self.manifest["seconds"]["fetch"] = round(time.monotonic() - t0, 1)
         self.manifest["packages"] = {p: self.pk.versions[p] for p in allp}
@@ -569,9 +574,26 @@ class Builder:
         self.timed("vmlinux", self.build_vmlinux)
         self.timed("guest-initrd.cpio.gz", self.build_guest)
         self.timed("dom0.cpio.gz", self.build_dom0)
+        self.timed("efi", self.build_efi)
         self.manifest["seconds"]["total"] = round(time.monotonic() - t0, 1)
         (self.out / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
         log(f"done in {time.monotonic() - t0:.1f}s; products in {self.out}")
+
+    def build_efi(self) -> bool:
+        """OVMF and GRUB's EFI image maker with its modules, for
+        images/bare/efi.sh (stordom booted by GRUB's multiboot2 loader)."""
+        key = self.key(EFI_PKGS, [])
+        if self.stamp_ok("efi", key):
+            return False
+        out = self.out / "efi"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        shutil.copy(self.pk.tree("ovmf") / "usr/share/ovmf/OVMF.fd", out / "OVMF.fd")
+        shutil.copy(self.pk.tree("grub-common") / "usr/bin/grub-mkimage", out / "grub-mkimage")
+        shutil.copytree(self.pk.tree("grub-efi-amd64-bin") / "usr/lib/grub/x86_64-efi",
+                        out / "x86_64-efi")
+        self.stamp("efi", key)
+        return True
 
     def build_xen(self, pkg: str) -> bool:
         key = self.key([pkg], [])

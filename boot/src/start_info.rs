@@ -40,6 +40,12 @@ pub enum StartInfoError {
     TooManyModules(u32),
     /// A command line has no NUL within [`MAX_CMDLINE`] bytes or is not UTF-8.
     BadCmdline(u64),
+    /// A multiboot2 information block larger than
+    /// [`crate::multiboot2::MAX_INFO_SIZE`] or smaller than its header.
+    BadInfoSize(u32),
+    /// A multiboot2 tag at this address is malformed (size too small,
+    /// past the block's end, a module ending before it starts).
+    BadTag(u64),
 }
 
 impl fmt::Display for StartInfoError {
@@ -55,6 +61,8 @@ impl fmt::Display for StartInfoError {
             Self::BadCmdline(pa) => {
                 write!(f, "command line at {pa:#x} is unterminated or not UTF-8")
             }
+            Self::BadInfoSize(n) => write!(f, "multiboot2 information of {n} bytes"),
+            Self::BadTag(pa) => write!(f, "malformed multiboot2 tag at {pa:#x}"),
         }
     }
 }
@@ -81,7 +89,8 @@ pub enum MemoryType {
 }
 
 impl MemoryType {
-    fn from_raw(raw: u32) -> Self {
+    /// From the E820 type number (multiboot2 uses the same numbers).
+    pub(crate) fn from_raw(raw: u32) -> Self {
         match raw {
             1 => Self::Ram,
             2 => Self::Reserved,
@@ -124,12 +133,27 @@ pub struct Module<'a> {
     pub cmdline: &'a str,
 }
 
-/// The parsed start_info: owned copies of every table, so the originals'
+/// How stordom was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// Xen's or QEMU's PVH entry, with an `hvm_start_info` block.
+    Pvh,
+    /// A multiboot2 loader (GRUB, e.g. GRUB's EFI image in an HVM guest
+    /// or on bare metal), with a multiboot2 information block.
+    Multiboot2,
+}
+
+/// What the loader handed over (an `hvm_start_info` or a multiboot2
+/// information block): owned copies of every table, so the originals'
 /// memory can be reused once the caller has reserved what it must keep.
 pub struct StartInfo<'a> {
-    /// Physical address of the start_info block itself.
+    /// The loader's protocol.
+    pub protocol: BootProtocol,
+    /// Physical address of the block itself.
     pub paddr: u64,
-    /// start_info version (1 and up carry the memory map).
+    /// Its length in bytes (the tables it points to aside).
+    pub(crate) block_len: u64,
+    /// start_info version (1 and up carry the memory map); 0 for multiboot2.
     pub version: u32,
     /// SIF_* flags.
     pub flags: u32,
@@ -137,20 +161,20 @@ pub struct StartInfo<'a> {
     pub rsdp: u64,
     /// Our command line.
     pub cmdline: &'a str,
-    cmdline_span: (u64, u64),
-    memmap: [MemoryRegion; MAX_MEMMAP_ENTRIES],
-    memmap_len: usize,
-    memmap_span: (u64, u64),
-    modules: [Module<'a>; MAX_MODULES],
-    modules_len: usize,
-    modlist_span: (u64, u64),
+    pub(crate) cmdline_span: (u64, u64),
+    pub(crate) memmap: [MemoryRegion; MAX_MEMMAP_ENTRIES],
+    pub(crate) memmap_len: usize,
+    pub(crate) memmap_span: (u64, u64),
+    pub(crate) modules: [Module<'a>; MAX_MODULES],
+    pub(crate) modules_len: usize,
+    pub(crate) modlist_span: (u64, u64),
 }
 
 /// Backing store for the strings of a [`StartInfo`] (command lines are
 /// copied here, so no reference into loader memory survives parsing).
 pub struct StringArena {
     buf: [u8; MAX_CMDLINE * (MAX_MODULES + 1)],
-    used: usize,
+    pub(crate) used: usize,
 }
 
 impl Default for StringArena {
@@ -169,18 +193,18 @@ impl StringArena {
     }
 }
 
-fn u32_at(b: &[u8], off: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
-fn u64_at(b: &[u8], off: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from(u32_at(b, off)) | (u64::from(u32_at(b, off + 4)) << 32)
 }
 
 /// Copies a NUL-terminated string at `paddr` into the arena; returns the
 /// arena range and the number of bytes the string occupies in memory (NUL
 /// included). Address 0 means "no string".
-fn read_cstr(
+pub(crate) fn read_cstr(
     mem: &impl PhysRead,
     paddr: u64,
     arena: &mut StringArena,
@@ -217,7 +241,7 @@ fn table_entry(base: u64, index: usize, entry_size: usize) -> Result<u64, StartI
         .ok_or(StartInfoError::Unreadable(base))
 }
 
-fn arena_str(arena: &StringArena, range: (usize, usize)) -> &str {
+pub(crate) fn arena_str(arena: &StringArena, range: (usize, usize)) -> &str {
     // The range was validated as UTF-8 when it was copied in.
     core::str::from_utf8(&arena.buf[range.0..range.1]).unwrap_or("")
 }
@@ -301,7 +325,9 @@ impl<'a> StartInfo<'a> {
             };
         }
         Ok(Self {
+            protocol: BootProtocol::Pvh,
             paddr,
+            block_len: START_INFO_SIZE as u64,
             version,
             flags: u32_at(&raw, 8),
             rsdp: u64_at(&raw, 32),
@@ -332,12 +358,12 @@ impl<'a> StartInfo<'a> {
         &self.modules[..self.modules_len]
     }
 
-    /// Physical ranges (start, len) the loader's data occupies: start_info,
-    /// its tables, command lines and modules. A frame allocator must not hand
+    /// Physical ranges (start, len) the loader's data occupies: its block,
+    /// the tables it points to, command lines and modules. A frame allocator must not hand
     /// these out while anything may still read them.
     pub fn occupied(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         [
-            (self.paddr, START_INFO_SIZE as u64),
+            (self.paddr, self.block_len),
             self.cmdline_span,
             self.memmap_span,
             self.modlist_span,

@@ -1,4 +1,5 @@
-//! stordom: the bare-metal kernel. Boots through the PVH entry in `boot`,
+//! stordom: the bare-metal kernel. Boots through the PVH or the multiboot2
+//! entry in `boot`,
 //! sets up the CPU, memory and clocks, then runs its job.
 #![no_std]
 #![no_main]
@@ -18,7 +19,7 @@ mod xen_selftest;
 extern crate alloc;
 
 use arch::{apic, clock, cpu, interrupts};
-use boot::start_info::{PhysRead, StartInfo, StringArena};
+use boot::start_info::{BootProtocol, PhysRead, StartInfo, StringArena};
 use kernel::cmdline::{Fault, Job, Options};
 
 /// Reads loader data through the entry stub's identity map of low 4 GiB.
@@ -47,25 +48,40 @@ fn fail(what: core::fmt::Arguments) -> ! {
 }
 
 #[unsafe(no_mangle)]
-extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
+extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
     clock::mark_boot();
     console::init();
     arch::init_cpu();
     console::init_log(kernel::cmdline::LogLevel::Info);
 
     let mut arena = StringArena::new();
-    let info = match StartInfo::parse(&EarlyMemory, u64::from(start_info_paddr), &mut arena) {
+    let parsed = if multiboot2_paddr != 0 {
+        StartInfo::parse_multiboot2(&EarlyMemory, u64::from(multiboot2_paddr), &mut arena)
+    } else {
+        StartInfo::parse(&EarlyMemory, u64::from(start_info_paddr), &mut arena)
+    };
+    let info = match parsed {
         Ok(info) => info,
-        Err(e) => fail(format_args!("start_info at {start_info_paddr:#x}: {e}")),
+        Err(e) => fail(format_args!(
+            "boot information (start_info {start_info_paddr:#x}, multiboot2 {multiboot2_paddr:#x}): {e}"
+        )),
     };
     let opts = Options::parse(info.cmdline);
     console::init_log(opts.log_level);
-    log::info!(
-        "stordom {} (PVH boot, start_info v{} at {:#x})",
-        env!("CARGO_PKG_VERSION"),
-        info.version,
-        info.paddr
-    );
+    match info.protocol {
+        BootProtocol::Pvh => log::info!(
+            "stordom {} (PVH boot, start_info v{} at {:#x})",
+            env!("CARGO_PKG_VERSION"),
+            info.version,
+            info.paddr
+        ),
+        BootProtocol::Multiboot2 => log::info!(
+            "stordom {} (multiboot2 boot, information at {:#x}, ACPI RSDP at {:#x})",
+            env!("CARGO_PKG_VERSION"),
+            info.paddr,
+            info.rsdp
+        ),
+    }
     log::info!("command line: \"{}\"", info.cmdline);
     if let Some(word) = opts.unknown {
         log::warn!("command line: ignoring \"{word}\"");
@@ -95,7 +111,7 @@ extern "C" fn stordom_main(start_info_paddr: u32) -> ! {
         mem.heap_bytes >> 20,
         mem.kernel.0,
         mem.kernel.1,
-        if boot::pvh::nx_enabled() {
+        if boot::entry::nx_enabled() {
             "on"
         } else {
             "unavailable"

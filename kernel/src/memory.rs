@@ -185,7 +185,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
         }
     }
 
-    let mut tables = PageTables::new(KernelTables, boot::pvh::nx_enabled())?;
+    let mut tables = PageTables::new(KernelTables, boot::entry::nx_enabled())?;
     for r in ram() {
         let start = r.start.next_multiple_of(PAGE).max(PAGE);
         let end = r.end() & !(PAGE - 1);
@@ -220,7 +220,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
         PageAccess::READ_ONLY,
     )?;
     tables.map(rodata_end, rodata_end, kend - rodata_end, PageAccess::DATA)?;
-    tables.unmap(boot::pvh::stack_guard_page(), PAGE)?;
+    tables.unmap(boot::entry::stack_guard_page(), PAGE)?;
     for guard in crate::arch::ist_guard_pages() {
         tables.unmap(guard, PAGE)?;
     }

@@ -1,6 +1,11 @@
-//! The PVH entry: Xen's ELF note, and the 32-bit stub that turns on long
-//! mode, NX, write protection and SSE with identity page tables for the
-//! first 4 GiB, then calls `stordom_main(start_info_paddr)` in 64-bit mode.
+//! The two ways in: the PVH entry (Xen's ELF note; Xen or QEMU start it
+//! with `%ebx` = the `hvm_start_info` block) and the multiboot2 entry (the
+//! header GRUB looks for; it starts it with `%eax` = the multiboot2 magic
+//! and `%ebx` = the information block), both in 32-bit protected mode with
+//! paging off. They share the stub that turns on long mode, NX, write
+//! protection and SSE with identity page tables for the first 4 GiB, then
+//! calls `stordom_main(start_info_paddr, multiboot2_paddr)` in 64-bit mode
+//! (the one the loader did not give is 0).
 //!
 //! Only boot-time state lives here: the kernel replaces these page tables
 //! and this GDT as soon as it knows the memory map.
@@ -23,7 +28,37 @@ core::arch::global_asm!(
     options(att_syntax)
 );
 
-// The stub. Register use: %ebx = start_info paddr on entry (saved first).
+// The multiboot2 header (Multiboot2 Specification 3.1): i386
+// architecture, an entry address tag naming the 32-bit entry, and no
+// request for EFI boot services, so a loader on EFI exits them first. The
+// linker puts it first in the image, inside the first 32 KiB of the file
+// where loaders look for it.
+core::arch::global_asm!(
+    r#"
+    .pushsection .multiboot2, "a"
+    .balign 8
+mb2_header:
+    .long 0xe85250d6
+    .long 0
+    .long mb2_header_end - mb2_header
+    .long -(0xe85250d6 + (mb2_header_end - mb2_header))
+    .balign 8
+    .word 3
+    .word 0
+    .long 12
+    .long mb2_entry32
+    .balign 8
+    .word 0
+    .word 0
+    .long 8
+mb2_header_end:
+    .popsection
+    "#,
+    options(att_syntax)
+);
+
+// The stubs. Register use: %ebx = the loader's block on entry (saved
+// first); %eax = the multiboot2 magic for the multiboot2 entry.
 core::arch::global_asm!(
     r#"
     .pushsection .text.entry, "ax"
@@ -33,6 +68,17 @@ pvh_entry32:
     cli
     cld
     movl %ebx, boot_start_info_paddr
+    jmp entry32_common
+
+    .global mb2_entry32
+mb2_entry32:
+    cli
+    cld
+    cmpl $0x36d76289, %eax
+    jne no_long_mode
+    movl %ebx, boot_multiboot2_paddr
+
+entry32_common:
     movl $boot_stack_top, %esp
 
     /* Long mode is required; NX is used when the CPU has it. */
@@ -108,6 +154,7 @@ entry64:
     movq $boot_stack_top, %rsp
     xorl %ebp, %ebp
     movl boot_start_info_paddr, %edi
+    movl boot_multiboot2_paddr, %esi
     call stordom_main
     ud2
     .popsection
@@ -128,6 +175,8 @@ early_gdt_ptr:
     .balign 4
     .global boot_start_info_paddr
 boot_start_info_paddr:
+    .long 0
+boot_multiboot2_paddr:
     .long 0
     .global boot_nx_enabled
 boot_nx_enabled:
