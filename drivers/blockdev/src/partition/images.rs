@@ -39,7 +39,9 @@ pub fn write_gpt(image: &mut [u8], block_size: usize, partitions: &[(u64, u64)])
     let blocks = (image.len() / block_size) as u64;
     let array_blocks = gpt_array_blocks(block_size);
     let pmbr_blocks = u32::try_from(blocks - 1).unwrap_or(u32::MAX);
-    write_mbr(image, block_size, 0, &[(0xee, 1, pmbr_blocks)]);
+    let unused = (0, 0, 0);
+    let protective = [(0xee, 1, pmbr_blocks), unused, unused, unused];
+    write_mbr(image, block_size, 0, &protective);
     let copies = [
         (1, blocks - 1, 2),
         (blocks - 1, 1, blocks - 1 - array_blocks),
