@@ -685,7 +685,7 @@ impl fmt::Display for EntryError {
             EntryError::CoversTable => f.write_str("covers a block of the partition table"),
             EntryError::Overlaps { other } => write!(f, "overlaps partition {other}"),
             EntryError::Extended => {
-                f.write_str("is an extended partition (its logical partitions are served)")
+                f.write_str("is an extended partition, served through its logical partitions")
             }
         }
     }

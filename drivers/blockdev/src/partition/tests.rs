@@ -541,6 +541,13 @@ fn the_console_line_names_each_partition_in_512_byte_sectors() {
     image[4096 + 60] ^= 1;
     let line = format!("{}", parse(&image, 4096).unwrap());
     assert!(line.starts_with("GPT from the backup header (primary: header CRC32 mismatch): p1"));
+    // The line the `partitions` scenario looks for has this shape.
+    let line = format!("{}", parse(&sample_mbr(512, 0x05), 512).unwrap());
+    assert_eq!(
+        line,
+        "MBR: p1 1+1023, p2 refused (is an extended partition, served through its logical \
+         partitions), p5 1025+511, p6 1537+1023, p7 2562+100"
+    );
     let mut empty = vec![0; 512 * 128];
     write_gpt(&mut empty, 512, &[]);
     assert_eq!(
