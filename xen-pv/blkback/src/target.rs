@@ -18,6 +18,11 @@
 //! found the disk, with [`blockdev::partition::read_partition_table`]).
 //! Several vbds may serve ranges or partitions of one disk; overlapping
 //! claims, and a whole disk with any of its parts, are refused.
+//!
+//! Partitions are host-tested only so far: the table parser in blockdev,
+//! and a vbd on a partition of a simulated GPT disk in
+//! `tests/partitions.rs`; the Xen scenario `partitions` (an MBR in a boot
+//! module) has not run yet.
 
 use core::fmt;
 
