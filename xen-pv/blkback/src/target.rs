@@ -146,7 +146,11 @@ impl<'a> Target<'a> {
             let index = parse_u32(digits).ok_or(OpenError::BadSyntax)?;
             return Ok(match partition {
                 None => Target::Module { index },
-                // The kernel names a module's disk `module:N`.
+                // The kernel names a module's disk `module:N`: no zeros
+                // before N, or the name would not match.
+                Some(_) if digits.len() > 1 && digits.starts_with('0') => {
+                    return Err(OpenError::BadSyntax);
+                }
                 Some(number) => Target::Partition {
                     disk: &params[.."module:".len() + digits.len()],
                     number,
@@ -287,6 +291,7 @@ mod tests {
             "module::p1",
             "module:x:p1",
             "module:0:p1x",
+            "module:01:p1",
             "ram:64M:p1",
             "nvme0n1@1",
             "nvme0n1@+5",
