@@ -7,7 +7,7 @@
 #   make bench-engine  the blkback engine on the host: requests/s and allocations per request
 #   make soak       3 guests + attach/detach churn on stordom for SOAK_SECS (1800)
 #   make hostile    the hostile blkfront vs stordom under Xen, with a bystander guest
-#   make fuzz       the host fuzz tests, each for FUZZ_SECS (200; ~10 min in all), then
+#   make fuzz       the host fuzz tests, each for FUZZ_SECS (200; ~20 min in all), then
 #                   the hostile campaign under Xen at FUZZ_HOSTILE_COUNT requests (10^6; ~50 min)
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare

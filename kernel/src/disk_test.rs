@@ -2,79 +2,16 @@
 //! (emulated) hardware, and measure them.
 
 use crate::arch::clock;
-use crate::platform::KernelHal;
-use crate::storage::NamedDisk;
+use crate::storage::{Buffer, NamedDisk, REQUEST_DEADLINE_NS, open_whole, run_sync};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blockdev::{Completion, Geometry, QueueHandle, Request, Segment, SubmitError};
-use drivers::hal::{DmaRegion, Hal, PAGE_SIZE};
+use drivers::hal::PAGE_SIZE;
 use test_pattern::{first_mismatch, pattern_byte};
 
-/// Longest a single request may take before the test calls it hung
-/// (drivers time out and reset well before this).
-const REQUEST_DEADLINE_NS: u64 = 60_000_000_000;
 /// Bytes of the large scatter-gather transfer.
 const LARGE_IO: usize = 1 << 20;
-
-/// A DMA buffer, freed on drop.
-struct Buffer(Option<DmaRegion>);
-
-impl Buffer {
-    fn new(bytes: usize) -> Result<Self, String> {
-        KernelHal
-            .dma_alloc(bytes.div_ceil(PAGE_SIZE))
-            .map(|r| Self(Some(r)))
-            .ok_or_else(|| format!("no memory for a {bytes}-byte buffer"))
-    }
-
-    fn region(&self) -> &DmaRegion {
-        self.0.as_ref().expect("buffer is live until dropped")
-    }
-
-    fn phys(&self, offset: usize) -> u64 {
-        self.region().phys + offset as u64
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        let r = self.region();
-        // SAFETY: the region is ours, mapped, and len() bytes long.
-        unsafe { core::slice::from_raw_parts_mut(r.virt.as_ptr(), r.len()) }
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        if let Some(region) = self.0.take() {
-            // SAFETY: no request using the buffer is in flight any more
-            // (every test waits for its completions).
-            unsafe { KernelHal.dma_free(region) };
-        }
-    }
-}
-
-/// A queue handle on the whole of `disk`.
-fn open_whole(disk: &NamedDisk) -> Result<QueueHandle, String> {
-    let view = disk.disk.claim_all().map_err(|e| format!("{e:?}"))?;
-    view.open_queue().map_err(|e| format!("{e:?}"))
-}
-
-/// Submits `request` and waits for its completion.
-fn run_sync(dev: &mut QueueHandle, tag: u64, request: Request<'_>) -> Result<(), String> {
-    dev.submit(tag, request).map_err(|e| format!("{e:?}"))?;
-    let start = clock::now_ns();
-    let mut done = [Completion::default(); 8];
-    loop {
-        let n = dev.poll(&mut done);
-        if let Some(c) = done[..n].iter().find(|c| c.tag == tag) {
-            return c.result.map_err(|e| format!("{e:?}"));
-        }
-        if clock::now_ns() - start > REQUEST_DEADLINE_NS {
-            return Err("no completion within 60 s".into());
-        }
-        core::hint::spin_loop();
-    }
-}
 
 fn fill(buf: &mut Buffer, seed: u32, len: usize) {
     for (i, b) in buf.bytes()[..len].iter_mut().enumerate() {

@@ -7,15 +7,16 @@
 use crate::arch::{self, clock};
 use crate::memory;
 use crate::platform::KernelHal;
-use crate::storage::NamedDisk;
+use crate::storage::{self, NamedDisk};
 use crate::xen::{self, PortChannel, XenConnection};
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blkback::{
     OpenError, Platform, Progress, Target, TargetOpener, UnservedGap, VbdBackends,
-    XenBackendServices, claim_sectors, statistics,
+    XenBackendServices, claim_partition, claim_sectors, statistics,
 };
+use blockdev::partition::{PartitionTable, TableError};
 use blockdev::{Disk, DiskView};
 use core::fmt;
 use core::ptr::NonNull;
@@ -152,11 +153,18 @@ impl LoopCounters {
 /// Opens `target=` values (see blkback::target for the syntax)
 /// as views of the boot modules and the disks found on PCI.
 pub struct KernelOpener {
-    disks: Vec<NamedDisk>,
+    disks: Vec<ServableDisk>,
+}
+
+/// A disk and its partitions, as read at boot.
+struct ServableDisk {
+    named: NamedDisk,
+    partitions: Result<PartitionTable, TableError>,
 }
 
 impl KernelOpener {
-    /// Boot modules become `module:N`, discovered disks go by their names.
+    /// Boot modules become `module:N`, discovered disks go by their names;
+    /// the partition table of each is read and logged.
     pub fn new(modules: &[(u64, u64)], mut disks: Vec<NamedDisk>) -> Self {
         for (i, &(start, len)) in modules.iter().enumerate() {
             let blocks = len / 512;
@@ -178,14 +186,24 @@ impl KernelOpener {
                 disk: Disk::new(disk),
             });
         }
+        let disks = disks
+            .into_iter()
+            .map(|named| {
+                let partitions = storage::read_partitions(&named);
+                match &partitions {
+                    Ok(table) => log::info!("partitions: {}: {table}", named.name),
+                    Err(e) => log::warn!("partitions: {}: table unusable: {e}", named.name),
+                }
+                ServableDisk { named, partitions }
+            })
+            .collect();
         Self { disks }
     }
 
-    fn named(&self, name: &str) -> Result<&Disk, OpenError> {
+    fn named(&self, name: &str) -> Result<&ServableDisk, OpenError> {
         self.disks
             .iter()
-            .find(|d| d.name == name)
-            .map(|d| &d.disk)
+            .find(|d| d.named.name == name)
             .ok_or(OpenError::NotFound)
     }
 }
@@ -199,15 +217,19 @@ impl TargetOpener for KernelOpener {
                 Ok(Disk::new(disk).claim_all()?)
             }
             Target::Module { index } => {
-                Ok(self.named(&alloc::format!("module:{index}"))?.claim_all()?)
+                let module = self.named(&alloc::format!("module:{index}"))?;
+                Ok(module.named.disk.claim_all()?)
             }
-            Target::Disk { name } => Ok(self.named(name)?.claim_all()?),
+            Target::Disk { name } => Ok(self.named(name)?.named.disk.claim_all()?),
             Target::Range {
                 disk,
                 start,
                 sectors,
-            } => claim_sectors(self.named(disk)?, start, sectors),
-            Target::Partition { .. } => Err(OpenError::Other("partitions are not served yet")),
+            } => claim_sectors(&self.named(disk)?.named.disk, start, sectors),
+            Target::Partition { disk, number } => {
+                let disk = self.named(disk)?;
+                claim_partition(&disk.named.disk, &disk.partitions, number)
+            }
         }
     }
 }

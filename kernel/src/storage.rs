@@ -1,15 +1,20 @@
 //! Finding the disks: PCI through ECAM (ACPI MCFG) or the port-I/O
 //! fallback, then NVMe namespaces, AHCI ports and virtio-blk devices, each
-//! a [`blockdev::Disk`] with a name an operator can use.
+//! a [`blockdev::Disk`] with a name an operator can use; reading their
+//! partition tables; synchronous I/O for that and the test jobs.
 
+use crate::arch::clock;
 use crate::memory;
 use crate::platform::{KernelHal, KernelPorts};
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
+use blockdev::partition::{self, PartitionTable, TableError};
+use blockdev::{Completion, QueueHandle, Request, Segment};
 use core::cell::RefCell;
 use drivers::ahci::{self, AhciConfig};
+use drivers::hal::{DmaRegion, Hal, PAGE_SIZE};
 use drivers::nvme::{NvmeConfig, NvmeController, NvmeNamespace};
 use drivers::pci::{self, Bdf, ConfigAccess, Ecam, PortConfig, StorageKind, acpi};
 use drivers::virtio::VirtioBlock;
@@ -187,4 +192,96 @@ pub fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
         }
     }
     disks
+}
+
+/// Longest a single request may take before it is called hung (drivers
+/// time out and reset well before this).
+pub const REQUEST_DEADLINE_NS: u64 = 60_000_000_000;
+/// A DMA buffer, freed on drop: for synchronous I/O at boot and in the
+/// test jobs.
+pub struct Buffer(Option<DmaRegion>);
+
+impl Buffer {
+    pub fn new(bytes: usize) -> Result<Self, String> {
+        KernelHal
+            .dma_alloc(bytes.div_ceil(PAGE_SIZE))
+            .map(|r| Self(Some(r)))
+            .ok_or_else(|| format!("no memory for a {bytes}-byte buffer"))
+    }
+
+    fn region(&self) -> &DmaRegion {
+        self.0.as_ref().expect("buffer is live until dropped")
+    }
+
+    pub fn phys(&self, offset: usize) -> u64 {
+        self.region().phys + offset as u64
+    }
+
+    pub fn bytes(&mut self) -> &mut [u8] {
+        let r = self.region();
+        // SAFETY: the region is ours, mapped, and len() bytes long.
+        unsafe { core::slice::from_raw_parts_mut(r.virt.as_ptr(), r.len()) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(region) = self.0.take() {
+            // SAFETY: no request using the buffer is in flight any more:
+            // its users wait for their completions, which drivers give
+            // (timed out, if need be) before `run_sync`'s deadline.
+            unsafe { KernelHal.dma_free(region) };
+        }
+    }
+}
+
+/// A queue handle on the whole of `disk`.
+pub fn open_whole(disk: &NamedDisk) -> Result<QueueHandle, String> {
+    let view = disk.disk.claim_all().map_err(|e| format!("{e:?}"))?;
+    view.open_queue().map_err(|e| format!("{e:?}"))
+}
+
+/// Submits `request` and waits for its completion.
+pub fn run_sync(dev: &mut QueueHandle, tag: u64, request: Request<'_>) -> Result<(), String> {
+    dev.submit(tag, request).map_err(|e| format!("{e:?}"))?;
+    let start = clock::now_ns();
+    let mut done = [Completion::default(); 8];
+    loop {
+        let n = dev.poll(&mut done);
+        if let Some(c) = done[..n].iter().find(|c| c.tag == tag) {
+            return c.result.map_err(|e| format!("{e:?}"));
+        }
+        if clock::now_ns() - start > REQUEST_DEADLINE_NS {
+            return Err("no completion within 60 s".into());
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Reads `disk`'s partition table, through a queue of its own, before
+/// anything else uses the disk.
+pub fn read_partitions(disk: &NamedDisk) -> Result<PartitionTable, TableError> {
+    let mut queue = open_whole(disk);
+    let mut buffer = Buffer::new(partition::MAX_READ_BYTES);
+    partition::read_partition_table(&disk.disk.geometry(), |lba, out| {
+        let read = match (&mut queue, &mut buffer) {
+            (Ok(queue), Ok(buffer)) => {
+                let segments = [Segment {
+                    phys: buffer.phys(0),
+                    len: out.len() as u32,
+                }];
+                let request = Request::Read {
+                    lba,
+                    segments: &segments,
+                };
+                run_sync(queue, 0, request)
+                    .map(|()| out.copy_from_slice(&buffer.bytes()[..out.len()]))
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        };
+        if let Err(e) = &read {
+            log::warn!("partitions: {}: reading block {lba}: {e}", disk.name);
+        }
+        read.is_ok()
+    })
 }

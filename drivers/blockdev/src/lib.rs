@@ -10,6 +10,9 @@
 //!   on it come back on it alone, even when several handles (of several
 //!   disks, e.g. the namespaces of one NVMe controller) share a hardware
 //!   queue.
+//! - Before serving a disk's partitions, a consumer reads its table with
+//!   [`partition::read_partition_table`] (MBR and GPT) and claims the
+//!   partition's blocks.
 #![no_std]
 
 extern crate alloc;
@@ -17,6 +20,7 @@ extern crate alloc;
 extern crate std;
 
 mod disk;
+pub mod partition;
 
 pub use disk::{ClaimError, Disk, DiskView, QueueHandle};
 

@@ -25,7 +25,8 @@
 //!   `target=`; syntax in [`target`]) into a claimed [`blockdev::DiskView`].
 //!   Each ring of a vbd opens a queue handle of its own on the view; the
 //!   handle keeps the view's range and its completions to itself, so ranges
-//!   of one disk and namespaces of one controller may be served at once.
+//!   or partitions of one disk and namespaces of one controller may be
+//!   served at once.
 //! - Its `drivers::Hal` must translate the GFN window: the engine hands the
 //!   device segments at `gfn * 4096 + first_sect * 512` of mapped grants,
 //!   so `phys_to_virt` must work there (identity-map the window) and a
@@ -137,7 +138,7 @@ use core::ptr::NonNull;
 
 pub use negotiate::FrontendRing;
 pub use served_disk::{SECTOR_SIZE, ServedDisk};
-pub use target::{OpenError, Target, TargetOpener, claim_sectors};
+pub use target::{OpenError, Target, TargetOpener, claim_partition, claim_sectors};
 pub use unserved::UnservedGap;
 pub use vbd::{
     Attention, Progress, RingsPolled, VBD_UPDATES_PER_PASS, VbdBackends, VbdId, VbdStatus,

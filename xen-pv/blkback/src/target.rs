@@ -8,16 +8,25 @@
 //! | `ram:64M`                 | a new zero-filled RAM disk; size in bytes with an optional `K`/`M`/`G`/`T` (binary) suffix, a multiple of 512 |
 //! | `module:0`                | boot module 0 (as the boot loader listed them)      |
 //! | `nvme0n1`                 | a whole disk, named by the kernel (`nvme<c>n<ns>`, `ahci<port>`, `virtio<n>`, ...) |
-//! | `nvme0n1:p1`              | partition 1 of that disk (GPT or MBR, from 1)       |
+//! | `nvme0n1:p1`, `module:0:p1` | partition 1 of that disk or module, numbered as Linux does (GPT: entry index + 1; MBR: primaries 1-4 by slot, logical partitions from 5) |
 //! | `nvme0n1@2048+1048576`    | 1048576 sectors from sector 2048 of that disk; sectors are 512 bytes, as everywhere in blkif, and must be aligned to the disk's logical block size |
 //!
 //! This module parses; [`TargetOpener::open`] (the kernel) maps a
 //! [`Target`] to a claimed [`DiskView`]: [`blockdev::Disk::claim_all`] for a
-//! whole disk, [`claim_sectors`] for a [`Target::Range`]. Two vbds may
-//! serve ranges of one disk; overlapping claims are refused.
+//! whole disk, [`claim_sectors`] for a [`Target::Range`], [`claim_partition`]
+//! for a [`Target::Partition`] (from the table the kernel read when it
+//! found the disk, with [`blockdev::partition::read_partition_table`]).
+//! Several vbds may serve ranges or partitions of one disk; overlapping
+//! claims, and a whole disk with any of its parts, are refused.
+//!
+//! Partitions are host-tested only so far: the table parser in blockdev,
+//! and a vbd on a partition of a simulated GPT disk in
+//! `tests/partitions.rs`; the Xen scenario `partitions` (an MBR in a boot
+//! module) has not run yet.
 
 use core::fmt;
 
+use blockdev::partition::{EntryError, PartitionTable, TableError};
 use blockdev::{ClaimError, Disk, DiskView};
 
 /// Longest disk name accepted.
@@ -32,7 +41,8 @@ pub enum Target<'a> {
     Module { index: u32 },
     /// A whole disk.
     Disk { name: &'a str },
-    /// Partition `number` (from 1) of a disk.
+    /// Partition `number` (from 1) of a disk; `disk` is a disk name or
+    /// `module:N`.
     Partition { disk: &'a str, number: u32 },
     /// `sectors` 512-byte sectors of a disk, from sector `start`.
     Range {
@@ -58,21 +68,26 @@ pub enum OpenError {
     /// The disk's geometry cannot be served over blkif (block size not a
     /// multiple of 512, no blocks).
     BadGeometry,
-    /// Something else, described by the kernel.
-    Other(&'static str),
+    /// The disk's partition table could not be read or trusted.
+    PartitionTable(TableError),
+    /// The partition's table entry is unusable.
+    BadPartition(EntryError),
 }
 
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OpenError::BadSyntax => "target syntax not understood",
-            OpenError::NotFound => "no such disk, partition or module",
-            OpenError::BadSize => "bad size or range",
-            OpenError::OutOfMemory => "out of memory",
-            OpenError::Busy => "target is in use",
-            OpenError::BadGeometry => "disk geometry cannot be served",
-            OpenError::Other(why) => why,
-        })
+        match self {
+            OpenError::BadSyntax => f.write_str("target syntax not understood"),
+            OpenError::NotFound => f.write_str("no such disk, partition or module"),
+            OpenError::BadSize => f.write_str("bad size or range"),
+            OpenError::OutOfMemory => f.write_str("out of memory"),
+            OpenError::Busy => f.write_str("target is in use"),
+            OpenError::BadGeometry => f.write_str("disk geometry cannot be served"),
+            OpenError::PartitionTable(why) => {
+                write!(f, "the disk's partition table is unusable: {why}")
+            }
+            OpenError::BadPartition(why) => write!(f, "the partition {why}"),
+        }
     }
 }
 
@@ -103,6 +118,19 @@ pub fn claim_sectors(disk: &Disk, start: u64, sectors: u64) -> Result<DiskView, 
     Ok(disk.claim(start / per_block, sectors / per_block)?)
 }
 
+/// Claims partition `number` of `disk` (a [`Target::Partition`]) as
+/// `table`, read from the disk when it was found, lists it.
+pub fn claim_partition(
+    disk: &Disk,
+    table: &Result<PartitionTable, TableError>,
+    number: u32,
+) -> Result<DiskView, OpenError> {
+    let table = table.as_ref().map_err(|e| OpenError::PartitionTable(*e))?;
+    let entry = table.entry(number).ok_or(OpenError::NotFound)?;
+    let extent = entry.extent.map_err(OpenError::BadPartition)?;
+    Ok(disk.claim(extent.start, extent.blocks)?)
+}
+
 impl<'a> Target<'a> {
     /// Parses a `params` value (see the module documentation).
     pub fn parse(params: &'a str) -> Result<Target<'a>, OpenError> {
@@ -113,18 +141,23 @@ impl<'a> Target<'a> {
             }
             return Ok(Target::Ram { bytes });
         }
-        if let Some(index) = params.strip_prefix("module:") {
-            let index = parse_number(index).ok_or(OpenError::BadSyntax)?;
-            let index = u32::try_from(index).map_err(|_| OpenError::BadSyntax)?;
-            return Ok(Target::Module { index });
+        if let Some(rest) = params.strip_prefix("module:") {
+            let (digits, partition) = split_partition(rest)?;
+            let index = parse_u32(digits).ok_or(OpenError::BadSyntax)?;
+            return Ok(match partition {
+                None => Target::Module { index },
+                // The kernel names a module's disk `module:N`: no zeros
+                // before N, or the name would not match.
+                Some(_) if digits.len() > 1 && digits.starts_with('0') => {
+                    return Err(OpenError::BadSyntax);
+                }
+                Some(number) => Target::Partition {
+                    disk: &params[.."module:".len() + digits.len()],
+                    number,
+                },
+            });
         }
-        if let Some((disk, partition)) = params.split_once(":p") {
-            let number = parse_number(partition)
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or(OpenError::BadSyntax)?;
-            if number == 0 {
-                return Err(OpenError::BadSyntax);
-            }
+        if let (disk, Some(number)) = split_partition(params)? {
             return Ok(Target::Partition {
                 disk: disk_name(disk)?,
                 number,
@@ -150,6 +183,17 @@ impl<'a> Target<'a> {
     }
 }
 
+/// Splits `text` at a `:pN` suffix into what comes before and N (from 1).
+fn split_partition(text: &str) -> Result<(&str, Option<u32>), OpenError> {
+    let Some((before, number)) = text.split_once(":p") else {
+        return Ok((text, None));
+    };
+    let number = parse_u32(number)
+        .filter(|&n| n > 0)
+        .ok_or(OpenError::BadSyntax)?;
+    Ok((before, Some(number)))
+}
+
 /// A disk name: a lowercase letter, then lowercase letters and digits.
 fn disk_name(name: &str) -> Result<&str, OpenError> {
     let mut chars = name.chars();
@@ -168,6 +212,10 @@ fn parse_number(text: &str) -> Option<u64> {
         return None;
     }
     text.parse().ok()
+}
+
+fn parse_u32(text: &str) -> Option<u32> {
+    parse_number(text).and_then(|n| u32::try_from(n).ok())
 }
 
 /// A byte count with an optional binary suffix.
@@ -206,6 +254,13 @@ mod tests {
             })
         );
         assert_eq!(
+            Target::parse("module:3:p12"),
+            Ok(Target::Partition {
+                disk: "module:3",
+                number: 12
+            })
+        );
+        assert_eq!(
             Target::parse("ahci0@2048+1048576"),
             Ok(Target::Range {
                 disk: "ahci0",
@@ -229,6 +284,15 @@ mod tests {
             "module:99999999999",
             "nvme0n1:p0",
             "nvme0n1:p",
+            "nvme0n1:p1:p2",
+            "nvme0n1:p4294967296",
+            "module:0:p0",
+            "module:0:p",
+            "module::p1",
+            "module:x:p1",
+            "module:0:p1x",
+            "module:01:p1",
+            "ram:64M:p1",
             "nvme0n1@1",
             "nvme0n1@+5",
             "NVME",

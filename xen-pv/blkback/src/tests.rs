@@ -9,6 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
+use blockdev::partition::{PartitionTable, TableError};
 use blockdev::{Completion, Disk, DiskView, Geometry, QueuedDevice, SubmitError};
 use drivers::{NullDisk, RamDisk};
 use zerocopy::IntoBytes;
@@ -33,6 +34,7 @@ use xen_pv::{Hypercall, PAGE_SIZE};
 
 mod engine_benchmark;
 mod hostile_frontend;
+mod partitions;
 mod xenstore_churn;
 
 const WINDOW: u64 = 0x10_0000;
@@ -127,6 +129,8 @@ struct TestOpener {
     disks: Disks,
     /// `shared0`, made on first use and sliced by `shared0@start+count`.
     shared: Option<Disk>,
+    /// `parted0`, made on first use, with its partition table.
+    parted: Option<(Disk, Result<PartitionTable, TableError>)>,
     /// `nvme0n1` and `nvme0n2`: two disks on one set of queues.
     namespaces: [Disk; 2],
 }
@@ -269,6 +273,8 @@ impl TestOpener {
                 self.shared = Some(shared.clone());
                 return claim_sectors(&shared, start, sectors);
             }
+            Target::Disk { name: "parted0" } => self.partitioned(false).0,
+            Target::Partition { disk, number } => return self.open_partition(disk, number),
             _ => return Err(OpenError::NotFound),
         };
         Ok(disk.claim_all()?)
@@ -346,6 +352,7 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         hal,
         disks: disks.clone(),
         shared: None,
+        parted: None,
         namespaces: [first, second],
     };
     let mut h = Harness {
