@@ -92,12 +92,15 @@ EFI_PKGS = ["grub-common", "grub-efi-amd64-bin", "ovmf"]
 # dom0-hvm: dom0 plus what libxl needs for an HVM guest: the device model
 # (QEMU for Xen) and the libraries it links against, hvmloader (shipped by
 # xen-utils, dropped from the plain dom0) and OVMF.
-HVM_PKGS = ["qemu-system-xen", "ovmf", "libbz2-1.0", "libdw1", "libelf1", "libfdt1",
+HVM_PKGS = ["qemu-system-xen", "qemu-system-data", "ovmf", "libbz2-1.0", "libdw1", "libelf1", "libfdt1",
             "libffi8", "libglib2.0-0", "libgstreamer-plugins-base1.0-0",
             "libgstreamer1.0-0", "libjpeg62-turbo", "liblz4-1", "libopus0",
             "liborc-0.4-0", "libpixman-1-0", "libsasl2-2", "libspice-server1",
             "libstdc++6", "libudev1", "libunwind8", "libusb-1.0-0"]
 DEVICE_MODEL = "usr/libexec/xen-qemu-system-i386"
+# What the device model reads from its data directory: the keymap libxl
+# names on its command line, and the option ROMs its -kernel loading uses.
+DEVICE_MODEL_DATA = ["keymaps/en-us", "linuxboot.bin", "linuxboot_dma.bin", "kvmvapic.bin"]
 HVMLOADER = f"usr/lib/xen-{XEN_VER}/boot/hvmloader"
 GUEST_PKGS = BASE_PKGS + [
     "fio", "libaio1", "zlib1g", "libnuma1",
@@ -727,6 +730,10 @@ class Builder:
                 xen_tree = self.pk.tree(f"xen-utils-{XEN_VER}")
                 (root / HVMLOADER).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(xen_tree / HVMLOADER, root / HVMLOADER)
+                data = self.pk.tree("qemu-system-data") / "usr/share/qemu"
+                for rel in DEVICE_MODEL_DATA:
+                    (root / "usr/share/qemu" / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(data / rel, root / "usr/share/qemu" / rel)
                 (root / "usr/share/ovmf").mkdir(parents=True, exist_ok=True)
                 shutil.copy(self.pk.tree("ovmf") / "usr/share/ovmf/OVMF.fd",
                             root / "usr/share/ovmf/OVMF.fd")
