@@ -12,6 +12,8 @@
 KERNEL := target/x86_64-unknown-linux-gnu/release/stordom
 GNTSHARE := target/x86_64-unknown-linux-gnu/release/gntshare
 HOSTILE_FRONT := target/x86_64-unknown-linux-gnu/release/hostile-front
+# stordom in GRUB's EFI image (multiboot2), for HVM stordom under OVMF.
+STORDOM_EFI := target/stordom.efi
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
 SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests hostile compare soak
 SOAK_SECS ?= 1800
@@ -20,7 +22,7 @@ HOSTILE_COUNT ?= 20000
 FUZZ_HOSTILE_COUNT ?= 1000000
 ENGINE_BENCH_JSON ?= runs/engine-bench.json
 XEN_ENV = STORDOM_ELF=$(abspath $(KERNEL)) GNTSHARE=$(abspath $(GNTSHARE)) \
-	HOSTILE_FRONT=$(abspath $(HOSTILE_FRONT))
+	HOSTILE_FRONT=$(abspath $(HOSTILE_FRONT)) STORDOM_EFI=$(abspath $(STORDOM_EFI))
 CMDLINE ?= loglevel=info
 BOOT ?= pvh
 MODULE ?= target/demo-module.img
@@ -67,9 +69,10 @@ test-boot: build images
 	python3 tests/boot.py $(KERNEL)
 
 # Install host tools, fetch the Debian packages, build Xen/dom0/guest images
-# (cached in images/cache).
-images:
+# (cached in images/cache), and stordom's GRUB EFI image.
+images: build
 	$(MAKE) --no-print-directory -C images build
+	images/bare/efi.sh $(KERNEL) $(STORDOM_EFI) ""
 
 test-xen: build images
 	python3 images/test_run.py

@@ -14,6 +14,8 @@ $STORDOM_IMAGES_CACHE):
                                      ~66 MB in dom0 under TCG on every create)
                guest-initrd.cpio.gz  test guest: busybox, fio, e2fsprogs, jobs
                dom0.cpio.gz          dom0: xl toolstack, blkback, guest image
+               dom0-hvm.cpio.gz      the same plus the device model, hvmloader and
+                                     OVMF, for scenarios with HVM guests
                efi/                  OVMF.fd, grub-mkimage and GRUB's x86_64-efi
                                      modules: images/bare/efi.sh makes a GRUB EFI
                                      image that boots stordom by multiboot2
@@ -87,6 +89,19 @@ DOM0_MODULES = [
 # the ceph/gluster/rdma/pmem/nbd engines are replaced by stubs), e2fsprogs.
 # GRUB's EFI loader and OVMF: stordom's multiboot2 entry under EFI.
 EFI_PKGS = ["grub-common", "grub-efi-amd64-bin", "ovmf"]
+# dom0-hvm: dom0 plus what libxl needs for an HVM guest: the device model
+# (QEMU for Xen) and the libraries it links against, hvmloader (shipped by
+# xen-utils, dropped from the plain dom0) and OVMF.
+HVM_PKGS = ["qemu-system-xen", "qemu-system-data", "ovmf", "libbz2-1.0", "libdw1", "libelf1", "libfdt1",
+            "libffi8", "libglib2.0-0", "libgstreamer-plugins-base1.0-0",
+            "libgstreamer1.0-0", "libjpeg62-turbo", "liblz4-1", "libopus0",
+            "liborc-0.4-0", "libpixman-1-0", "libsasl2-2", "libspice-server1",
+            "libstdc++6", "libudev1", "libunwind8", "libusb-1.0-0"]
+DEVICE_MODEL = "usr/libexec/xen-qemu-system-i386"
+# What the device model reads from its data directory: the keymap libxl
+# names on its command line, and the option ROMs its -kernel loading uses.
+DEVICE_MODEL_DATA = ["keymaps/en-us", "linuxboot.bin", "linuxboot_dma.bin", "kvmvapic.bin"]
+HVMLOADER = f"usr/lib/xen-{XEN_VER}/boot/hvmloader"
 GUEST_PKGS = BASE_PKGS + [
     "fio", "libaio1", "zlib1g", "libnuma1",
     "e2fsprogs", "libext2fs2", "libcom-err2", "libblkid1", "libuuid1",
@@ -183,7 +198,7 @@ def repin() -> None:
         die("apt knows no linux-image-6.1.0-*-amd64: run 'apt-get update'")
     old = read_lock()
     host = apt_candidates(sorted(old["host"]))
-    images = apt_candidates(sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + [
+    images = apt_candidates(sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + HVM_PKGS + [
         f"xen-hypervisor-{XEN_VER}-{ARCH}", kernels[-1][1]])))
     head = [l for l in LOCK.read_text().splitlines() if l.startswith("#")]
     body = ["", "[host]", *(f"{k} {v}" for k, v in sorted(host.items())),
@@ -564,7 +579,7 @@ class Builder:
         self.kver = kver
         self.kpkg = kpkg
         xen_pkg = f"xen-hypervisor-{XEN_VER}-{ARCH}"
-        allp = sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + [xen_pkg, kpkg]))
+        allp = sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + HVM_PKGS + [xen_pkg, kpkg]))
         self.pk.fetch(allp)
         self.manifest["seconds"]["fetch"] = round(time.monotonic() - t0, 1)
         self.manifest["packages"] = {p: self.pk.versions[p] for p in allp}
@@ -573,7 +588,8 @@ class Builder:
         self.timed("vmlinuz", self.build_vmlinuz)
         self.timed("vmlinux", self.build_vmlinux)
         self.timed("guest-initrd.cpio.gz", self.build_guest)
-        self.timed("dom0.cpio.gz", self.build_dom0)
+        self.timed("dom0.cpio.gz", lambda: self.build_dom0("dom0.cpio.gz", hvm=False))
+        self.timed("dom0-hvm.cpio.gz", lambda: self.build_dom0("dom0-hvm.cpio.gz", hvm=True))
         self.timed("efi", self.build_efi)
         self.manifest["seconds"]["total"] = round(time.monotonic() - t0, 1)
         (self.out / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
@@ -687,12 +703,12 @@ class Builder:
         self.stamp("guest-initrd.cpio.gz", key)
         return True
 
-    def build_dom0(self) -> bool:
+    def build_dom0(self, product: str, hvm: bool) -> bool:
         files = [f for f in sorted((HERE / "dom0").rglob("*")) if f.is_file()]
         guest = self.out / "guest-initrd.cpio.gz"
-        key = self.key(DOM0_PKGS + [self.kpkg], files,
+        key = self.key(DOM0_PKGS + [self.kpkg] + (HVM_PKGS if hvm else []), files,
                        hashlib.sha256(guest.read_bytes()).hexdigest())  # kernel: via kpkg
-        if self.stamp_ok("dom0.cpio.gz", key):
+        if self.stamp_ok(product, key):
             return False
         with tempfile.TemporaryDirectory(dir=self.cache) as td:
             root = Path(td) / "root"
@@ -708,7 +724,20 @@ class Builder:
                       "dev/shm"):
                 (root / d).mkdir(parents=True, exist_ok=True)
             add_modules(self.ktree(), self.kver, root, DOM0_MODULES)
-            check_closure(root, DOM0_MUST_RUN)
+            if hvm:
+                trees = [self.pk.tree(p) for p in HVM_PKGS + DOM0_PKGS if p != "busybox-static"]
+                copy_with_libs(trees, root, [DEVICE_MODEL])
+                xen_tree = self.pk.tree(f"xen-utils-{XEN_VER}")
+                (root / HVMLOADER).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(xen_tree / HVMLOADER, root / HVMLOADER)
+                data = self.pk.tree("qemu-system-data") / "usr/share/qemu"
+                for rel in DEVICE_MODEL_DATA:
+                    (root / "usr/share/qemu" / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(data / rel, root / "usr/share/qemu" / rel)
+                (root / "usr/share/ovmf").mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.pk.tree("ovmf") / "usr/share/ovmf/OVMF.fd",
+                            root / "usr/share/ovmf/OVMF.fd")
+            check_closure(root, DOM0_MUST_RUN + ([DEVICE_MODEL] if hvm else []))
             shutil.copy(self.out / "vmlinuz", root / "images/vmlinuz")
             shutil.copy(self.out / "vmlinux", root / "images/vmlinux")
             shutil.copy(guest, root / "images/guest-initrd.cpio.gz")
@@ -719,8 +748,8 @@ class Builder:
                 shutil.copy2(f, d)
             os.chmod(root / "init", 0o755)
             run(["ldconfig", "-r", str(root)], capture_output=True)
-            make_cpio(root, self.out / "dom0.cpio.gz")
-        self.stamp("dom0.cpio.gz", key)
+            make_cpio(root, self.out / product)
+        self.stamp(product, key)
         return True
 
 

@@ -104,6 +104,8 @@ DEFAULTS = {
     "dom0_mem": "1024M",
     "dom0_vcpus": 1,
     "dom0_args": "",
+    # dom0-hvm.cpio.gz for scenarios that start HVM guests (device model).
+    "dom0_image": "dom0.cpio.gz",
     "script": "dom0.sh",
 }
 
@@ -319,7 +321,7 @@ class Attempt:
         try:
             initrd = work / "dom0-initrd.cpio.gz"
             with open(initrd, "wb") as f:
-                with open(self.images / "dom0.cpio.gz", "rb") as base:
+                with open(self.images / self.sc.cfg["dom0_image"], "rb") as base:
                     shutil.copyfileobj(base, f)
                 f.write(build_overlay(self.sc))
             cmd = self.qemu_cmd(initrd)
@@ -713,7 +715,7 @@ def main() -> None:
         if b.returncode != 0:
             die("image build failed (see above)")
     build_s = time.monotonic() - tb
-    for f in ("xen.elf", "vmlinuz", "dom0.cpio.gz"):
+    for f in ("xen.elf", "vmlinuz", sc.cfg["dom0_image"]):
         if not (images / f).exists():
             die(f"{images / f} missing: run images/build.py")
 

@@ -197,7 +197,10 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
         .job
         .unwrap_or(if xen.is_some() { Job::Serve } else { Job::Boot });
     // A PVH guest has no PCI of its own: probing ports there only traps.
-    let find_disks = || match storage::pci_config(info.rsdp, xen.is_none()) {
+    // An HVM guest (started by firmware, so by multiboot2) has the device
+    // model's bus, without ECAM on Xen's i440fx.
+    let ports = xen.is_none() || info.protocol != BootProtocol::Pvh;
+    let find_disks = || match storage::pci_config(info.rsdp, ports) {
         Some(mut pci) => {
             let disks = storage::discover(&mut pci);
             let names: alloc::vec::Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();

@@ -110,13 +110,20 @@ pub fn callback_vector_param(vector: u8) -> u64 {
 
 /// Routes event upcalls for `vcpu` to interrupt `vector`: the per-vCPU
 /// vector where Xen has it, else the domain-wide callback vector.
+///
+/// With the per-vCPU vector, `HVM_PARAM_CALLBACK_IRQ` is set to 1 as Linux
+/// and FreeBSD do: Xen then ignores it (the vector wins), but libxl reads a
+/// zero there in an HVM guest as "no PV drivers" and refuses `xl shutdown`.
 pub fn setup_upcall<H: Hypercall + ?Sized>(
     h: &H,
     vcpu: u32,
     vector: u8,
 ) -> Result<UpcallMethod, Errno> {
     match command(h, &mut SetEvtchnUpcallVector { vcpu, vector }) {
-        Ok(_) => Ok(UpcallMethod::PerVcpuVector),
+        Ok(_) => {
+            set_param(h, PARAM_CALLBACK_IRQ, 1)?;
+            Ok(UpcallMethod::PerVcpuVector)
+        }
         Err(Errno::ENOSYS | Errno::EINVAL) if has_feature(h, XENFEAT_HVM_CALLBACK_VECTOR)? => {
             set_param(h, PARAM_CALLBACK_IRQ, callback_vector_param(vector))?;
             Ok(UpcallMethod::CallbackVector)

@@ -122,13 +122,13 @@ wait_gone() {
 
 domain_console() { echo "/var/log/xen/console/guest-$1.log"; }
 
-stordom_ready() {
-    local t0 now
+stordom_ready() {   # stordom_ready NAME [SECS]: its ready line within SECS (30)
+    local t0 now secs=${2:-30}
     read -r t0 _ </proc/uptime
     until grep -q "serve: watching backend/vbd; ready" "$(domain_console $1)" 2>/dev/null; do
         read -r now _ </proc/uptime
-        if [ $(( ${now%.*} - ${t0%.*} )) -gt 30 ]; then
-            result "ready:$1" fail "no ready line in 30 s"
+        if [ $(( ${now%.*} - ${t0%.*} )) -gt $secs ]; then
+            result "ready:$1" fail "no ready line in $secs s"
             # Where it is stuck: its state now and 2 s later (a diagnosis
             # the runner makes only when a run times out).
             diag_dump 2>&1 | sed 's/^/[dom0] diag: /'
