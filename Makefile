@@ -15,7 +15,8 @@ HOSTILE_FRONT := target/x86_64-unknown-linux-gnu/release/hostile-front
 # stordom in GRUB's EFI image (multiboot2), for HVM stordom under OVMF.
 STORDOM_EFI := target/stordom.efi
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
-SCENARIOS ?= baseline xen-guest stordom-disk attach-cycles guest-reboot stordom-two-guests hostile compare soak
+SCENARIOS ?= baseline xen-guest stordom-disk hvm-stordom partitions attach-cycles guest-reboot \
+	stordom-two-guests hostile compare soak
 SOAK_SECS ?= 1800
 FUZZ_SECS ?= 200
 HOSTILE_COUNT ?= 20000
