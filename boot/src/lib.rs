@@ -8,3 +8,7 @@
 pub mod entry;
 pub mod multiboot2;
 pub mod start_info;
+#[cfg(test)]
+extern crate std;
+#[cfg(test)]
+mod test_memory;

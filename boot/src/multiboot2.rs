@@ -188,28 +188,8 @@ fn memory_map(
 mod tests {
     extern crate std;
     use super::*;
+    use crate::test_memory::Mem;
     use std::vec::Vec;
-
-    /// Guest memory as a flat byte vector starting at physical 0.
-    struct Mem(Vec<u8>);
-
-    impl PhysRead for Mem {
-        fn read(&self, paddr: u64, buf: &mut [u8]) -> bool {
-            let Ok(start) = usize::try_from(paddr) else {
-                return false;
-            };
-            match start
-                .checked_add(buf.len())
-                .and_then(|end| self.0.get(start..end))
-            {
-                Some(src) => {
-                    buf.copy_from_slice(src);
-                    true
-                }
-                None => false,
-            }
-        }
-    }
 
     /// A multiboot2 block being built: tags appended 8-aligned.
     struct Block(Vec<u8>);

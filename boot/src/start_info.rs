@@ -378,28 +378,8 @@ impl<'a> StartInfo<'a> {
 mod tests {
     extern crate std;
     use super::*;
+    use crate::test_memory::Mem;
     use std::vec::Vec;
-
-    /// Guest memory as a flat byte vector starting at physical 0.
-    struct Mem(Vec<u8>);
-
-    impl PhysRead for Mem {
-        fn read(&self, paddr: u64, buf: &mut [u8]) -> bool {
-            let Ok(start) = usize::try_from(paddr) else {
-                return false;
-            };
-            match start
-                .checked_add(buf.len())
-                .and_then(|end| self.0.get(start..end))
-            {
-                Some(src) => {
-                    buf.copy_from_slice(src);
-                    true
-                }
-                None => false,
-            }
-        }
-    }
 
     impl Mem {
         fn put(&mut self, at: usize, bytes: &[u8]) {

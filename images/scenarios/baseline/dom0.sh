@@ -3,10 +3,5 @@ G1_DISK=$(ramdisk_loop g1 "$DISK_MIB") || { result setup fail "no ramdisk"; retu
 say "g1 disk: $G1_DISK ($DISK_MIB MiB in dom0 RAM)"
 domain_create /scenario/g1.cfg || return 1
 # Which backend serves the guest's disk: Linux blkback in dom0 (domid 0).
-g1=$(xl domid g1)
-be=$(xenstore-read /local/domain/$g1/device/vbd/51712/backend 2>/dev/null)
-case "$be" in
-    /local/domain/0/backend/vbd/*) result backend:g1 pass "$be" ;;
-    *) result backend:g1 fail "backend path '$be'" ;;
-esac
+served_by g1 0
 wait_gone g1 200

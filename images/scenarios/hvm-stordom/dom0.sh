@@ -26,12 +26,7 @@ else
 fi
 grep -a "INFO\|WARN\|ERROR" $serial | sed 's/^/[dom0] serial: /' | head -n 40
 domain_create /scenario/g1.cfg || return 1
-g1=$(xl domid g1)
-be=$(xenstore-read /local/domain/$g1/device/vbd/51712/backend 2>/dev/null)
-case "$be" in
-    /local/domain/$sd/backend/vbd/*) result backend:g1 pass "$be" ;;
-    *) result backend:g1 fail "backend path '$be'" ;;
-esac
+served_by g1 "$sd"
 wait_gone g1 240
 grants_released stordom
 xl shutdown stordom

@@ -9,11 +9,7 @@ say "stordom (domid $sd) serving $(( $(now_ms) - t0 )) ms after xl create"
 
 domain_create /scenario/g1.cfg || return 1
 g1=$(xl domid g1)
-be=$(xenstore-read /local/domain/$g1/device/vbd/51712/backend 2>/dev/null)
-case "$be" in
-    /local/domain/$sd/backend/vbd/*) result backend:g1 pass "$be" ;;
-    *) result backend:g1 fail "backend path '$be'" ;;
-esac
+served_by g1 "$sd"
 # stordom's per-vbd statistics show up in xenstore while the guest works.
 n=0
 until [ "$(xenstore-read $be/statistics/wr_req 2>/dev/null || echo 0)" -gt 0 ] \

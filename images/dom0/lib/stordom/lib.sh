@@ -122,6 +122,19 @@ wait_gone() {
 
 domain_console() { echo "/var/log/xen/console/guest-$1.log"; }
 
+# served_by GUEST DOMID: RESULT backend:GUEST, whether the backend of
+# GUEST's first disk (xvda, 51712) lives in domain DOMID; the backend's
+# path is left in $be.
+served_by() {
+    local id
+    id=$(xl domid "$1") || { result "backend:$1" fail "no domain $1"; return 1; }
+    be=$(xenstore-read /local/domain/$id/device/vbd/51712/backend 2>/dev/null)
+    case "$be" in
+        /local/domain/$2/backend/vbd/*) result "backend:$1" pass "$be" ;;
+        *) result "backend:$1" fail "backend path '$be'"; return 1 ;;
+    esac
+}
+
 stordom_ready() {   # stordom_ready NAME [SECS]: its ready line within SECS (30)
     local t0 now secs=${2:-30}
     read -r t0 _ </proc/uptime
