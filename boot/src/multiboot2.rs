@@ -7,8 +7,9 @@
 //! string is bounded as for `hvm_start_info`.
 
 use crate::start_info::{
-    BootProtocol, MAX_MEMMAP_ENTRIES, MAX_MODULES, MemoryRegion, MemoryType, Module, PhysRead,
-    StartInfo, StartInfoError, StringArena, arena_str, read_cstr, u32_at, u64_at,
+    BootProtocol, MAX_MEMMAP_ENTRIES, MAX_MODULES, MemoryRegion, MemoryType, NO_REGION, PhysRead,
+    RawModule, StartInfo, StartInfoError, StringArena, arena_str, read_cstr, resolve_modules,
+    u32_at, u64_at,
 };
 
 /// What a multiboot2 loader leaves in `%eax`.
@@ -49,14 +50,10 @@ impl<'a> StartInfo<'a> {
         if !(TAG_HEADER * 2..=MAX_INFO_SIZE).contains(&total) {
             return Err(StartInfoError::BadInfoSize(total));
         }
-        let mut memmap = [MemoryRegion {
-            start: 0,
-            len: 0,
-            kind: MemoryType::Reserved,
-        }; MAX_MEMMAP_ENTRIES];
+        let mut memmap = [NO_REGION; MAX_MEMMAP_ENTRIES];
         let mut memmap_len = None;
         let mut cmdline = None;
-        let mut module_raw = [(0u64, 0u64, (0usize, 0usize)); MAX_MODULES];
+        let mut module_raw: [RawModule; MAX_MODULES] = [(0, 0, (0, 0)); MAX_MODULES];
         let mut modules_len = 0;
         let (mut rsdp_old, mut rsdp_new) = (0, 0);
         let mut at = TAG_HEADER;
@@ -100,18 +97,7 @@ impl<'a> StartInfo<'a> {
         }
         let memmap_len = memmap_len.ok_or(StartInfoError::NoMemoryMap)?;
         let arena: &'a StringArena = arena;
-        let mut modules = [Module {
-            start: 0,
-            len: 0,
-            cmdline: "",
-        }; MAX_MODULES];
-        for (slot, &(start, len, range)) in modules.iter_mut().zip(&module_raw).take(modules_len) {
-            *slot = Module {
-                start,
-                len,
-                cmdline: arena_str(arena, range),
-            };
-        }
+        let modules = resolve_modules(arena, &module_raw[..modules_len]);
         Ok(StartInfo {
             protocol: BootProtocol::Multiboot2,
             paddr,

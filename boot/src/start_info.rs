@@ -246,6 +246,37 @@ pub(crate) fn arena_str(arena: &StringArena, range: (usize, usize)) -> &str {
     core::str::from_utf8(&arena.buf[range.0..range.1]).unwrap_or("")
 }
 
+/// An unused memory-map slot.
+pub(crate) const NO_REGION: MemoryRegion = MemoryRegion {
+    start: 0,
+    len: 0,
+    kind: MemoryType::Reserved,
+};
+
+/// A module as a parser finds it: start, length, and the arena range of
+/// its command line.
+pub(crate) type RawModule = (u64, u64, (usize, usize));
+
+/// The modules of `raw`, their command lines read from `arena`.
+pub(crate) fn resolve_modules<'a>(
+    arena: &'a StringArena,
+    raw: &[RawModule],
+) -> [Module<'a>; MAX_MODULES] {
+    let mut modules = [Module {
+        start: 0,
+        len: 0,
+        cmdline: "",
+    }; MAX_MODULES];
+    for (slot, &(start, len, range)) in modules.iter_mut().zip(raw) {
+        *slot = Module {
+            start,
+            len,
+            cmdline: arena_str(arena, range),
+        };
+    }
+    modules
+}
+
 impl<'a> StartInfo<'a> {
     /// Parses the block at `paddr`, copying every table and string out.
     pub fn parse(
@@ -277,11 +308,7 @@ impl<'a> StartInfo<'a> {
             return Err(StartInfoError::TooManyModules(nr_modules));
         }
 
-        let mut memmap = [MemoryRegion {
-            start: 0,
-            len: 0,
-            kind: MemoryType::Reserved,
-        }; MAX_MEMMAP_ENTRIES];
+        let mut memmap = [NO_REGION; MAX_MEMMAP_ENTRIES];
         for (i, slot) in memmap.iter_mut().take(memmap_entries as usize).enumerate() {
             let mut e = [0u8; MEMMAP_ENTRY_SIZE];
             let at = table_entry(memmap_paddr, i, MEMMAP_ENTRY_SIZE)?;
@@ -296,7 +323,7 @@ impl<'a> StartInfo<'a> {
         }
 
         let (cmdline_range, cmdline_len) = read_cstr(mem, cmdline_paddr, arena)?;
-        let mut module_raw = [(0u64, 0u64, (0usize, 0usize)); MAX_MODULES];
+        let mut module_raw: [RawModule; MAX_MODULES] = [(0, 0, (0, 0)); MAX_MODULES];
         for (i, slot) in module_raw.iter_mut().take(nr_modules as usize).enumerate() {
             let mut e = [0u8; MODLIST_ENTRY_SIZE];
             let at = table_entry(modlist_paddr, i, MODLIST_ENTRY_SIZE)?;
@@ -308,22 +335,7 @@ impl<'a> StartInfo<'a> {
         }
 
         let arena: &'a StringArena = arena;
-        let mut modules = [Module {
-            start: 0,
-            len: 0,
-            cmdline: "",
-        }; MAX_MODULES];
-        for (slot, &(start, len, range)) in modules
-            .iter_mut()
-            .zip(module_raw.iter())
-            .take(nr_modules as usize)
-        {
-            *slot = Module {
-                start,
-                len,
-                cmdline: arena_str(arena, range),
-            };
-        }
+        let modules = resolve_modules(arena, &module_raw[..nr_modules as usize]);
         Ok(Self {
             protocol: BootProtocol::Pvh,
             paddr,
