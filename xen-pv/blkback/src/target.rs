@@ -19,10 +19,9 @@
 //! Several vbds may serve ranges or partitions of one disk; overlapping
 //! claims, and a whole disk with any of its parts, are refused.
 //!
-//! Partitions are host-tested only so far: the table parser in blockdev,
-//! and a vbd on a partition of a simulated GPT disk in
-//! `tests/partitions.rs`; the Xen scenario `partitions` (an MBR in a boot
-//! module) has not run yet.
+//! Partitions are tested on the host (the table parser in blockdev, and a
+//! vbd on a partition of a simulated GPT disk in `tests/partitions.rs`)
+//! and under Xen by the `partitions` scenario (an MBR in a boot module).
 
 use core::fmt;
 
