@@ -85,13 +85,18 @@ pub fn pci_config(rsdp: u64, allow_ports: bool) -> Option<PciConfig> {
 
 /// Brings up every storage controller found and returns its disks.
 pub fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
-    let buses = match config {
-        PciConfig::Ecam(_, first, last) => *first..=*last,
-        PciConfig::Ports(_) => 0..=255,
+    // ECAM reads are cheap: every bus in the window. Port I/O may trap
+    // to a device model each time (an HVM guest): follow the bridges.
+    let functions = match config {
+        PciConfig::Ecam(_, first, last) => {
+            let buses = *first..=*last;
+            pci::enumerate(config, buses)
+        }
+        PciConfig::Ports(_) => pci::enumerate_behind_bridges(config, 0),
     };
     let mut disks = Vec::new();
     let (mut nvme_index, mut ahci_index, mut virtio_index) = (0, 0, 0);
-    for function in pci::enumerate(config, buses) {
+    for function in functions {
         log::debug!(
             "pci: {:02x}:{:02x}.{} {:04x}:{:04x} class {:02x}{:02x}{:02x}",
             function.bdf.bus,

@@ -29,6 +29,8 @@ mod header {
     pub const CLASS: u16 = 0x08;
     pub const HEADER_TYPE: u16 = 0x0c;
     pub const BAR0: u16 = 0x10;
+    /// Type 1 (bridge) header: primary, secondary, subordinate bus.
+    pub const BRIDGE_BUSES: u16 = 0x18;
     pub const CAPABILITIES: u16 = 0x34;
 }
 
@@ -128,6 +130,32 @@ pub fn enumerate(config: &mut impl ConfigAccess, buses: RangeInclusive<u8>) -> V
             }
         }
     }
+    found
+}
+
+/// Every present function reachable from bus `root`: that bus, then the
+/// secondary bus of each PCI-to-PCI bridge found, as firmware numbered
+/// them; each bus scanned once, in bus, device, function order. Where
+/// every config access is expensive (port I/O trapped to a device model)
+/// this reads a few hundred words instead of every slot of 256 buses.
+pub fn enumerate_behind_bridges(config: &mut impl ConfigAccess, root: u8) -> Vec<Function> {
+    let mut found = Vec::new();
+    let mut scanned = [false; 256];
+    let mut pending = alloc::vec![root];
+    while let Some(bus) = pending.pop() {
+        if core::mem::replace(&mut scanned[usize::from(bus)], true) {
+            continue;
+        }
+        let start = found.len();
+        found.extend(enumerate(config, bus..=bus));
+        for f in &found[start..] {
+            if f.header_type == 1 {
+                let secondary = (config.read32(f.bdf, header::BRIDGE_BUSES) >> 8) as u8;
+                pending.push(secondary);
+            }
+        }
+    }
+    found.sort_by_key(|f| f.bdf);
     found
 }
 

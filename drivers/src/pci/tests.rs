@@ -273,6 +273,51 @@ impl PortIo for SimPorts {
 }
 
 #[test]
+fn enumeration_behind_bridges_scans_only_the_buses_bridges_lead_to() {
+    let mut config = platform();
+    // A bridge on bus 0 to bus 2 (where the virtio function is), another
+    // on bus 2 to bus 9, and a device on bus 7 that no bridge leads to.
+    let mut to_bus_2 = SimFunction::new(0x8086, 0x7000, [6, 4, 0], 1);
+    to_bus_2.space[0x18 / 4] = 0x0002_0200;
+    config.functions.insert(bdf(0, 6, 0), to_bus_2);
+    let mut to_bus_9 = SimFunction::new(0x8086, 0x7001, [6, 4, 0], 1);
+    to_bus_9.space[0x18 / 4] = 0x0009_0902;
+    config.functions.insert(bdf(2, 1, 0), to_bus_9);
+    config
+        .functions
+        .insert(bdf(9, 0, 0), SimFunction::new(0x1b36, 0x0010, [1, 8, 2], 0));
+    config
+        .functions
+        .insert(bdf(7, 0, 0), SimFunction::new(0x1b36, 0x0010, [1, 8, 2], 0));
+    let found: Vec<Bdf> = enumerate_behind_bridges(&mut config, 0)
+        .iter()
+        .map(|f| f.bdf)
+        .collect();
+    assert_eq!(
+        found,
+        [
+            bdf(0, 3, 0),
+            bdf(0, 4, 0),
+            bdf(0, 4, 2),
+            bdf(0, 5, 0),
+            bdf(0, 6, 0),
+            bdf(2, 0, 0),
+            bdf(2, 1, 0),
+            bdf(9, 0, 0),
+        ]
+    );
+    // The full scan finds the same, plus the device no bridge leads to.
+    let all = enumerate(&mut config, 0..=255);
+    assert_eq!(all.len(), found.len() + 1);
+    // A bridge that leads back to its own bus is scanned once.
+    let mut looped = platform();
+    let mut to_bus_0 = SimFunction::new(0x8086, 0x7000, [6, 4, 0], 1);
+    to_bus_0.space[0x18 / 4] = 0x0000_0000;
+    looped.functions.insert(bdf(0, 6, 0), to_bus_0);
+    assert_eq!(enumerate_behind_bridges(&mut looped, 0).len(), 5);
+}
+
+#[test]
 fn port_io_mechanism_reaches_the_same_functions() {
     let mut ports = PortConfig(SimPorts {
         config: platform(),
