@@ -16,7 +16,9 @@
 use blkback::blkif::{self, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use host_fuzz::FuzzRng;
 
-use crate::cases::{Baseline, CaseConfig, after_case, expect_disconnected};
+use crate::cases::{
+    Baseline, CaseConfig, after_case, expect_disconnected, expect_valid_backend_state,
+};
 use crate::dom0::Dom0;
 use crate::front::{AttachOptions, DATA_PAGES, HostileFront, Segment, frontend_write};
 
@@ -298,15 +300,8 @@ fn flap_state(
         }
     }
     d.settle();
-    let backend_state = d.xs_read(&format!("{}/state", front.backend_path));
-    if !matches!(
-        backend_state.as_deref(),
-        Some("1" | "2" | "3" | "4" | "5" | "6")
-    ) {
-        return Err(format!(
-            "backend state {backend_state:?} after the frontend's states {states:?}"
-        ));
-    }
+    expect_valid_backend_state(&front, d)
+        .map_err(|e| format!("{e} after the frontend's states {states:?}"))?;
     let (devid, persistent) = (front.devid, front.persistent);
     front
         .detach(d)

@@ -276,6 +276,20 @@ pub(crate) fn expect_disconnected(
     }
 }
 
+/// Checks that the backend's state is a valid XenbusState (1-6), whatever
+/// the frontend wrote to its own.
+pub(crate) fn expect_valid_backend_state(
+    front: &HostileFront,
+    d: &mut dyn Dom0,
+) -> Result<(), String> {
+    let state = front.backend_state(d);
+    if matches!(state.as_deref(), Some("1" | "2" | "3" | "4" | "5" | "6")) {
+        Ok(())
+    } else {
+        Err(format!("backend state {state:?}"))
+    }
+}
+
 /// Ends a case that broke its ring: close and detach.
 fn finish_disconnected(front: HostileFront, d: &mut dyn Dom0) -> Result<String, String> {
     let why = expect_disconnected(&front, d);
@@ -724,15 +738,7 @@ fn xenstore_churn(d: &mut dyn Dom0, devid: u32, _: &CaseConfig) -> Result<String
         frontend_write(d, &fe, "state", state)?;
         d.settle();
     }
-    let backend_state = front.backend_state(d);
-    if !matches!(
-        backend_state.as_deref(),
-        Some("1" | "2" | "3" | "4" | "5" | "6")
-    ) {
-        return Err(format!(
-            "backend state {backend_state:?} after the flapping"
-        ));
-    }
+    expect_valid_backend_state(&front, d).map_err(|e| format!("{e} after the flapping"))?;
     frontend_write(d, &fe, "state", "6")?;
     wait_node(d, &format!("{}/state", front.backend_path), &["6"], 10)?;
     let error = d.xs_read(&format!("{}/error", front.backend_path));
