@@ -243,6 +243,16 @@ fn break_ring(
     };
     front.force_req_prod(d, value);
     expect_disconnected(&front, d).map_err(|e| format!("req_prod {value}: {e}"))?;
+    reattach(d, front, rng)
+}
+
+/// Detaches `front` and attaches its vbd again: persistent grants as
+/// before (the campaign draws that once), a ring start drawn afresh.
+fn reattach(
+    d: &mut dyn Dom0,
+    front: HostileFront,
+    rng: &mut FuzzRng,
+) -> Result<HostileFront, String> {
     let (devid, persistent) = (front.devid, front.persistent);
     front.detach(d)?;
     HostileFront::attach(d, devid, attach_options(rng, persistent))
@@ -302,11 +312,8 @@ fn flap_state(
     d.settle();
     expect_valid_backend_state(&front, d)
         .map_err(|e| format!("{e} after the frontend's states {states:?}"))?;
-    let (devid, persistent) = (front.devid, front.persistent);
-    front
-        .detach(d)
-        .map_err(|e| format!("closing after the frontend's states {states:?}: {e}"))?;
-    HostileFront::attach(d, devid, attach_options(rng, persistent))
+    reattach(d, front, rng)
+        .map_err(|e| format!("reattaching after the frontend's states {states:?}: {e}"))
 }
 
 /// A request from the pages in `free` (taking those it uses), or `None`
