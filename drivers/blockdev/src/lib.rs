@@ -13,6 +13,8 @@
 //! - Before serving a disk's partitions, a consumer reads its table with
 //!   [`partition::read_partition_table`] (MBR and GPT) and claims the
 //!   partition's blocks.
+//! - [`le_field`] reads little-endian fields without panicking, for the
+//!   partition tables and for the drivers' ACPI and NVMe Identify parsing.
 #![no_std]
 
 extern crate alloc;
@@ -20,6 +22,7 @@ extern crate alloc;
 extern crate std;
 
 mod disk;
+pub mod le_field;
 pub mod partition;
 
 pub use disk::{ClaimError, Disk, DiskView, QueueHandle};

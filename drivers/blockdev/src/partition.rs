@@ -37,6 +37,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::Geometry;
+use crate::le_field::{le_u32_at, le_u64_at};
 
 #[cfg(any(test, feature = "images"))]
 pub mod images;
@@ -362,8 +363,8 @@ fn mbr_records(block: &[u8], check_boot: bool) -> Option<[MbrRecord; 4]> {
         }
         *record = MbrRecord {
             kind: raw[4],
-            start: u64::from(le32(raw, 8)),
-            blocks: u64::from(le32(raw, 12)),
+            start: u64::from(le_u32_at(raw, 8)),
+            blocks: u64::from(le_u32_at(raw, 12)),
         };
     }
     Some(records)
@@ -459,7 +460,7 @@ impl GptHeader {
         if &block[..8] != b"EFI PART" {
             return Err(GptError::Signature);
         }
-        let size = le32(block, gpt_field::HEADER_SIZE) as usize;
+        let size = le_u32_at(block, gpt_field::HEADER_SIZE) as usize;
         if !(GPT_HEADER_MIN..=block.len()).contains(&size) {
             return Err(GptError::HeaderSize);
         }
@@ -469,17 +470,17 @@ impl GptHeader {
             .update(&block[..crc_at])
             .update(&[0; 4])
             .update(&block[crc_at + 4..size]);
-        if crc.finish() != le32(block, crc_at) {
+        if crc.finish() != le_u32_at(block, crc_at) {
             return Err(GptError::HeaderCrc);
         }
         Ok(GptHeader {
-            my_lba: le64(block, gpt_field::MY_LBA),
-            first_usable: le64(block, gpt_field::FIRST_USABLE),
-            last_usable: le64(block, gpt_field::LAST_USABLE),
-            array_lba: le64(block, gpt_field::ARRAY_LBA),
-            entry_count: le32(block, gpt_field::ENTRY_COUNT),
-            entry_size: le32(block, gpt_field::ENTRY_SIZE),
-            array_crc: le32(block, gpt_field::ARRAY_CRC),
+            my_lba: le_u64_at(block, gpt_field::MY_LBA),
+            first_usable: le_u64_at(block, gpt_field::FIRST_USABLE),
+            last_usable: le_u64_at(block, gpt_field::LAST_USABLE),
+            array_lba: le_u64_at(block, gpt_field::ARRAY_LBA),
+            entry_count: le_u32_at(block, gpt_field::ENTRY_COUNT),
+            entry_size: le_u32_at(block, gpt_field::ENTRY_SIZE),
+            array_crc: le_u32_at(block, gpt_field::ARRAY_CRC),
         })
     }
 
@@ -551,7 +552,7 @@ fn read_gpt<F: FnMut(u64, &mut [u8]) -> bool>(
             let raw = &chunk[(index * entry_size - offset) as usize..][..128];
             index += 1;
             if raw[..16].iter().any(|&b| b != 0) {
-                let (first, last) = (le64(raw, 32), le64(raw, 40));
+                let (first, last) = (le_u64_at(raw, 32), le_u64_at(raw, 40));
                 entries.push(PartitionEntry {
                     // At most 8192 entries (MAX_GPT_ARRAY_BYTES / 128).
                     number: index as u32,
@@ -614,18 +615,6 @@ fn refuse_overlaps(entries: &mut [PartitionEntry]) {
     for (i, other) in refused {
         entries[i].extent = Err(EntryError::Overlaps { other });
     }
-}
-
-fn le32(bytes: &[u8], at: usize) -> u32 {
-    let mut word = [0; 4];
-    word.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(word)
-}
-
-fn le64(bytes: &[u8], at: usize) -> u64 {
-    let mut word = [0; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(word)
 }
 
 /// CRC-32 as GPT uses it (IEEE 802.3, reflected, as zlib's).

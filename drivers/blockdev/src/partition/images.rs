@@ -2,7 +2,8 @@
 //! crate's, and other crates' with the `images` feature).
 
 use super::gpt_field::*;
-use super::{GPT_HEADER_MIN, MBR_RECORDS, crc32, le32, le64};
+use super::{GPT_HEADER_MIN, MBR_RECORDS, crc32};
+use crate::le_field::{le_u32_at, le_u64_at};
 
 /// The Linux file system data type GUID, as GPT stores it.
 pub const LINUX_DATA: [u8; 16] = [
@@ -102,11 +103,11 @@ pub fn set_field(
 pub fn seal_gpt(image: &mut [u8], block_size: usize, lba: u64) {
     let at = lba as usize * block_size;
     let header = &image[at..at + block_size];
-    let array = le64(header, ARRAY_LBA)
+    let array = le_u64_at(header, ARRAY_LBA)
         .checked_mul(block_size as u64)
         .and_then(|start| usize::try_from(start).ok());
-    let bytes = le32(header, ENTRY_COUNT) as usize * le32(header, ENTRY_SIZE) as usize;
-    let size = (le32(header, HEADER_SIZE) as usize).min(block_size);
+    let bytes = le_u32_at(header, ENTRY_COUNT) as usize * le_u32_at(header, ENTRY_SIZE) as usize;
+    let size = (le_u32_at(header, HEADER_SIZE) as usize).min(block_size);
     if let Some(entries) = array.and_then(|start| image.get(start..start.checked_add(bytes)?)) {
         let crc = crc32(entries);
         set_field(image, block_size, lba, ARRAY_CRC, 4, crc.into());
