@@ -1,5 +1,7 @@
 //! Parsing of Identify data, trusting nothing the controller reports.
 
+use blockdev::le_field::{le_u16_at, le_u32_at, le_u64_at};
+
 /// What stordom uses from Identify Controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControllerInfo {
@@ -17,23 +19,6 @@ pub struct ControllerInfo {
     pub write_zeroes: bool,
 }
 
-fn u16_at(data: &[u8; 4096], offset: usize) -> u16 {
-    u16::from_le_bytes([data[offset], data[offset + 1]])
-}
-
-fn u32_at(data: &[u8; 4096], offset: usize) -> u32 {
-    u32::from_le_bytes([
-        data[offset],
-        data[offset + 1],
-        data[offset + 2],
-        data[offset + 3],
-    ])
-}
-
-fn u64_at(data: &[u8; 4096], offset: usize) -> u64 {
-    u64::from(u32_at(data, offset)) | (u64::from(u32_at(data, offset + 4)) << 32)
-}
-
 impl ControllerInfo {
     /// Parses Identify Controller data (memory page size 4 KiB assumed).
     pub fn parse(data: &[u8; 4096]) -> Self {
@@ -42,7 +27,7 @@ impl ControllerInfo {
         let mut model = [0; 40];
         model.copy_from_slice(&data[24..64]);
         let mdts = data[77];
-        let optional_commands = u16_at(data, 520);
+        let optional_commands = le_u16_at(data, 520);
         Self {
             serial,
             model,
@@ -86,7 +71,7 @@ pub enum NamespaceError {
 impl Namespace {
     /// Parses Identify Namespace data for namespace `id`.
     pub fn parse(id: u32, data: &[u8; 4096]) -> Result<Self, NamespaceError> {
-        let blocks = u64_at(data, 0);
+        let blocks = le_u64_at(data, 0);
         if blocks == 0 {
             return Err(NamespaceError::Empty);
         }
@@ -95,7 +80,7 @@ impl Namespace {
         if format >= formats.min(64) {
             return Err(NamespaceError::BadFormat);
         }
-        let descriptor = u32_at(data, 128 + 4 * format);
+        let descriptor = le_u32_at(data, 128 + 4 * format);
         if descriptor & 0xffff != 0 {
             return Err(NamespaceError::Metadata);
         }
@@ -106,8 +91,8 @@ impl Namespace {
         let optimal_io_reported = data[24] & (1 << 4) != 0;
         let (write_granularity, discard_granularity) = if optimal_io_reported {
             (
-                u32::from(u16_at(data, 64)) + 1,
-                u32::from(u16_at(data, 66)) + 1,
+                u32::from(le_u16_at(data, 64)) + 1,
+                u32::from(le_u16_at(data, 66)) + 1,
             )
         } else {
             (1, 1)
@@ -126,7 +111,7 @@ impl Namespace {
 pub(crate) fn active_namespace_ids(data: &[u8; 4096]) -> impl Iterator<Item = u32> + '_ {
     let mut previous = 0;
     (0..1024)
-        .map(|i| u32_at(data, i * 4))
+        .map(|i| le_u32_at(data, i * 4))
         .take_while(move |&id| {
             let rising = id > previous && id != u32::MAX;
             previous = id;

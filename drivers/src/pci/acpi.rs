@@ -4,6 +4,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use blockdev::le_field::{le_u16_at, le_u32_at, le_u64_at};
 
 /// One ECAM window of the MCFG table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,14 +51,6 @@ fn checksum_ok(bytes: &[u8]) -> bool {
     bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
 }
 
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    u64::from(u32_at(bytes, at)) | (u64::from(u32_at(bytes, at + 4)) << 32)
-}
-
 /// Checks a table's header, length and checksum.
 fn check_table(table: &[u8], signature: &[u8; 4]) -> Result<(), AcpiError> {
     if table.len() < HEADER_LEN {
@@ -66,7 +59,7 @@ fn check_table(table: &[u8], signature: &[u8; 4]) -> Result<(), AcpiError> {
     if &table[..4] != signature {
         return Err(AcpiError::BadSignature);
     }
-    if u32_at(table, 4) as usize != table.len() {
+    if le_u32_at(table, 4) as usize != table.len() {
         return Err(AcpiError::BadLength);
     }
     if !checksum_ok(table) {
@@ -83,8 +76,8 @@ pub fn parse_mcfg(table: &[u8]) -> Result<Vec<McfgEntry>, AcpiError> {
     Ok(entries
         .chunks_exact(16)
         .map(|entry| McfgEntry {
-            base: u64_at(entry, 0),
-            segment: u16::from_le_bytes([entry[8], entry[9]]),
+            base: le_u64_at(entry, 0),
+            segment: le_u16_at(entry, 8),
             start_bus: entry[10],
             end_bus: entry[11],
         })
@@ -101,7 +94,7 @@ fn read_table(
     if !read_phys(address, &mut header) {
         return Err(AcpiError::Unreadable);
     }
-    let len = u32_at(&header, 4);
+    let len = le_u32_at(&header, 4);
     if !(HEADER_LEN as u32..=MAX_TABLE_LEN).contains(&len) {
         return Err(AcpiError::BadLength);
     }
@@ -135,17 +128,17 @@ pub fn find_table(
         if !checksum_ok(&rsdp) {
             return Err(AcpiError::BadRsdp);
         }
-        (u64_at(&rsdp, 24), b"XSDT", 8)
+        (le_u64_at(&rsdp, 24), b"XSDT", 8)
     } else {
-        (u64::from(u32_at(&rsdp, 16)), b"RSDT", 4)
+        (u64::from(le_u32_at(&rsdp, 16)), b"RSDT", 4)
     };
     let root_table = read_table(&mut read_phys, root)?;
     check_table(&root_table, root_signature)?;
     for pointer in root_table[HEADER_LEN..].chunks_exact(pointer_size) {
         let address = if pointer_size == 8 {
-            u64_at(pointer, 0)
+            le_u64_at(pointer, 0)
         } else {
-            u64::from(u32_at(pointer, 0))
+            u64::from(le_u32_at(pointer, 0))
         };
         let table = read_table(&mut read_phys, address)?;
         if &table[..4] == signature {
