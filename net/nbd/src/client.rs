@@ -381,6 +381,13 @@ impl NbdClient {
         self.export.as_ref()
     }
 
+    /// The capacities of everything the client allocated, which nothing the
+    /// server sends may grow.
+    #[cfg(test)]
+    pub(crate) fn footprint(&self) -> (usize, usize, usize) {
+        (self.control.capacity(), self.completions.capacity(), self.slots.capacity())
+    }
+
     /// Requests submitted and not yet completed.
     pub fn pending(&self) -> usize {
         self.slots

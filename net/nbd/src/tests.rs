@@ -60,6 +60,8 @@ struct Rig {
     /// Completion results by tag, each in the order it came.
     completed: HashMap<u64, Vec<Result<(), NbdRequestError>>>,
     seed: u64,
+    /// Every byte the client received, when set.
+    record: Option<Vec<u8>>,
 }
 
 impl Rig {
@@ -67,7 +69,7 @@ impl Rig {
         let mut client = NbdClient::new(test_config()).unwrap();
         assert!(client.connection_started());
         let mut disk = std::vec![0u8; DISK_SIZE];
-        FuzzRng::new(seed ^ 0xd15c).fill(&mut disk[..DISK_SIZE / 2]);
+        FuzzRng::new(seed ^ 0xd15c).fill(&mut disk[..DISK_SIZE / 16]);
         Rig {
             client,
             server: SimServer::new(options, seed),
@@ -77,6 +79,7 @@ impl Rig {
             max_piece: 1 << 16,
             completed: HashMap::new(),
             seed,
+            record: None,
         }
     }
 
@@ -100,6 +103,9 @@ impl Rig {
             while !self.server.output.is_empty() {
                 let n = (1 + self.rng.below(self.max_piece) as usize).min(self.server.output.len());
                 let piece: Vec<u8> = self.server.output.drain(..n).collect();
+                if let Some(record) = &mut self.record {
+                    record.extend_from_slice(&piece);
+                }
                 self.client.receive(&piece, &mut self.memory)?;
                 moved = true;
             }
