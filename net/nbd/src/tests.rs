@@ -62,6 +62,11 @@ struct Rig {
     seed: u64,
     /// Every byte the client received, when set.
     record: Option<Vec<u8>>,
+    /// Drops the connection once this many bytes went this way on it
+    /// (true: to the server), then connects to a new server on the same disk.
+    cut_after: Option<(bool, u64)>,
+    /// Bytes moved to the server and to the client on this connection.
+    moved: (u64, u64),
 }
 
 impl Rig {
@@ -80,6 +85,8 @@ impl Rig {
             completed: HashMap::new(),
             seed,
             record: None,
+            cut_after: None,
+            moved: (0, 0),
         }
     }
 
@@ -91,8 +98,13 @@ impl Rig {
             while self.client.wants_to_transmit() {
                 let mut buf = std::vec![0u8; 1 + self.rng.below(self.max_piece) as usize];
                 let n = self.client.transmit(&mut buf, &mut self.memory);
-                self.server.receive(&buf[..n], &mut self.disk);
+                let delivered = self.cut_piece(true, n);
+                self.server.receive(&buf[..delivered], &mut self.disk);
                 moved |= n > 0;
+                if delivered < n {
+                    self.reconnect();
+                    break;
+                }
                 if n == 0 {
                     break;
                 }
@@ -106,14 +118,39 @@ impl Rig {
                 if let Some(record) = &mut self.record {
                     record.extend_from_slice(&piece);
                 }
-                self.client.receive(&piece, &mut self.memory)?;
+                let delivered = self.cut_piece(false, n);
+                self.client.receive(&piece[..delivered], &mut self.memory)?;
                 moved = true;
+                if delivered < n {
+                    self.reconnect();
+                    break;
+                }
             }
             self.collect();
             if !moved {
                 return Ok(());
             }
         }
+    }
+
+    /// How much of `n` bytes going one way arrive before the cut.
+    fn cut_piece(&mut self, to_server: bool, n: usize) -> usize {
+        let moved = if to_server { &mut self.moved.0 } else { &mut self.moved.1 };
+        let allowed = match self.cut_after {
+            Some((side, limit)) if side == to_server => (limit.saturating_sub(*moved) as usize).min(n),
+            _ => n,
+        };
+        *moved += allowed as u64;
+        allowed
+    }
+
+    /// The connection drops; the client reconnects to a fresh server on the same disk.
+    fn reconnect(&mut self) {
+        self.client.connection_lost();
+        self.cut_after = None;
+        self.moved = (0, 0);
+        self.server = SimServer::new(self.server.options.clone(), self.rng.next_u64());
+        assert!(self.client.connection_started());
     }
 
     fn collect(&mut self) {
