@@ -271,11 +271,18 @@ enum RxStep {
         done: u32,
     },
     /// `NBD_OPT_EXPORT_NAME`'s reply: size, flags and maybe 124 zeroes.
-    ExportNameReply { len: u32, done: u32 },
+    ExportNameReply {
+        len: u32,
+        done: u32,
+    },
     /// A simple (16-byte) or structured (20-byte) reply header.
     ReplyHeader,
     /// A simple read reply's data.
-    SimpleReadData { slot: usize, len: u32, done: u32 },
+    SimpleReadData {
+        slot: usize,
+        len: u32,
+        done: u32,
+    },
     /// A structured chunk's payload: a fixed head, then data or skipped bytes.
     Chunk {
         slot: usize,
@@ -385,7 +392,11 @@ impl NbdClient {
     /// server sends may grow.
     #[cfg(test)]
     pub(crate) fn footprint(&self) -> (usize, usize, usize) {
-        (self.control.capacity(), self.completions.capacity(), self.slots.capacity())
+        (
+            self.control.capacity(),
+            self.completions.capacity(),
+            self.slots.capacity(),
+        )
     }
 
     /// Requests submitted and not yet completed.
@@ -454,13 +465,20 @@ impl NbdClient {
         }
         let export = self.export.ok_or(NbdSubmitError::NotConnected)?;
         self.check_command(&export, &command)?;
-        let in_use = self.slots.iter().filter(|s| s.phase != SlotPhase::Free).count();
+        let in_use = self
+            .slots
+            .iter()
+            .filter(|s| s.phase != SlotPhase::Free)
+            .count();
         if in_use + self.completions.len() >= self.slots.len() {
             return Err(NbdSubmitError::Full);
         }
         if command == NbdCommand::Flush && !export.can_flush() {
             // Without a volatile cache every acknowledged write is durable.
-            self.completions.push_back(NbdCompletion { tag, result: Ok(()) });
+            self.completions.push_back(NbdCompletion {
+                tag,
+                result: Ok(()),
+            });
             return Ok(());
         }
         let index = self
@@ -481,7 +499,11 @@ impl NbdClient {
         Ok(())
     }
 
-    fn check_command(&self, export: &NbdExport, command: &NbdCommand) -> Result<(), NbdSubmitError> {
+    fn check_command(
+        &self,
+        export: &NbdExport,
+        command: &NbdCommand,
+    ) -> Result<(), NbdSubmitError> {
         let (_, flags, offset, len) = command.wire_fields();
         if command.changes_data() && export.read_only() {
             return Err(NbdSubmitError::ReadOnly);
@@ -497,14 +519,17 @@ impl NbdClient {
         if *command == NbdCommand::Flush {
             return Ok(());
         }
-        let max_payload = export
-            .block_size
-            .map_or(self.config.max_payload, |b| b.maximum.min(self.config.max_payload));
+        let max_payload = export.block_size.map_or(self.config.max_payload, |b| {
+            b.maximum.min(self.config.max_payload)
+        });
         let carries_payload = matches!(command, NbdCommand::Read { .. } | NbdCommand::Write { .. });
         if len == 0 || (carries_payload && len > max_payload) {
             return Err(NbdSubmitError::BadLength);
         }
-        if offset.checked_add(u64::from(len)).is_none_or(|end| end > export.size) {
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > export.size)
+        {
             return Err(NbdSubmitError::OutOfRange);
         }
         let minimum = u64::from(export.block_size.map_or(1, |b| b.minimum));
@@ -528,8 +553,14 @@ impl NbdClient {
                 SlotPhase::Free | SlotPhase::Sending | SlotPhase::TimedOutOnWire => continue,
             };
             let result = Err(NbdRequestError::TimedOut);
-            self.completions.push_back(NbdCompletion { tag: slot.tag, result });
-            *slot = InFlightSlot { phase: next, ..*slot };
+            self.completions.push_back(NbdCompletion {
+                tag: slot.tag,
+                result,
+            });
+            *slot = InFlightSlot {
+                phase: next,
+                ..*slot
+            };
         }
     }
 
@@ -600,7 +631,10 @@ impl NbdClient {
         slot.cookie = (generation << 16) | index as u64;
         slot.phase = SlotPhase::Sending;
         let (command, flags, offset, len) = slot.command.wire_fields();
-        self.sending = Some((index, encode_request(command, flags, slot.cookie, offset, len)));
+        self.sending = Some((
+            index,
+            encode_request(command, flags, slot.cookie, offset, len),
+        ));
         self.sending_done = 0;
         true
     }
@@ -625,7 +659,11 @@ impl NbdClient {
         let payload_done = self.sending_done.saturating_sub(NBD_REQUEST_LEN as u64);
         let n = (payload_len - payload_done).min((out.len() - written) as u64) as usize;
         if n > 0 {
-            payload.write_payload(slot.tag, payload_done as u32, &mut out[written..written + n]);
+            payload.write_payload(
+                slot.tag,
+                payload_done as u32,
+                &mut out[written..written + n],
+            );
             written += n;
             self.sending_done += n as u64;
         }
@@ -719,9 +757,19 @@ impl NbdClient {
                 }
                 Ok(())
             }
-            RxStep::OptionReplyBody { awaited, reply, len, done } => {
+            RxStep::OptionReplyBody {
+                awaited,
+                reply,
+                len,
+                done,
+            } => {
                 let done = self.consume_body(input, done, len.min(OPTION_REPLY_HEAD), len);
-                self.rx = RxStep::OptionReplyBody { awaited, reply, len, done };
+                self.rx = RxStep::OptionReplyBody {
+                    awaited,
+                    reply,
+                    len,
+                    done,
+                };
                 if done == len {
                     self.on_option_reply(awaited, reply, len)?;
                 }
@@ -743,7 +791,11 @@ impl NbdClient {
                     payload.read_payload(self.slots[slot].tag, done, &input[..n as usize]);
                 }
                 *input = &input[n as usize..];
-                self.rx = RxStep::SimpleReadData { slot, len, done: done + n };
+                self.rx = RxStep::SimpleReadData {
+                    slot,
+                    len,
+                    done: done + n,
+                };
                 if done + n == len {
                     self.rx = RxStep::ReplyHeader;
                     self.finish_request(slot, Ok(()));
@@ -765,7 +817,6 @@ impl NbdClient {
         *input = &input[n as usize..];
         done + n
     }
-
 
     fn on_greeting(&mut self) -> Result<(), NbdConnectionError> {
         let magic = be_u64(&self.head, 0);
@@ -804,15 +855,31 @@ impl NbdClient {
         let name = &self.config.export_name;
         let name_len = (name.len() as u32).to_be_bytes();
         // One information request: the block size constraints.
-        let requests = [0, 1, (NBD_INFO_BLOCK_SIZE >> 8) as u8, NBD_INFO_BLOCK_SIZE as u8];
+        let requests = [
+            0,
+            1,
+            (NBD_INFO_BLOCK_SIZE >> 8) as u8,
+            NBD_INFO_BLOCK_SIZE as u8,
+        ];
         queue_option(&mut self.control, NBD_OPT_GO, &[&name_len, name, &requests]);
         self.rx = RxStep::OptionReplyHeader(AwaitedOption::Go);
     }
 
     fn send_export_name(&mut self) {
-        queue_option(&mut self.control, NBD_OPT_EXPORT_NAME, &[&self.config.export_name]);
-        let zeroes = if self.server_no_zeroes { 0 } else { EXPORT_NAME_REPLY_ZEROES };
-        self.rx = RxStep::ExportNameReply { len: EXPORT_NAME_REPLY_HEAD + zeroes, done: 0 };
+        queue_option(
+            &mut self.control,
+            NBD_OPT_EXPORT_NAME,
+            &[&self.config.export_name],
+        );
+        let zeroes = if self.server_no_zeroes {
+            0
+        } else {
+            EXPORT_NAME_REPLY_ZEROES
+        };
+        self.rx = RxStep::ExportNameReply {
+            len: EXPORT_NAME_REPLY_HEAD + zeroes,
+            done: 0,
+        };
     }
 
     fn on_option_reply_header(&mut self, awaited: AwaitedOption) -> Result<(), NbdConnectionError> {
@@ -832,7 +899,12 @@ impl NbdClient {
         if len > MAX_OPTION_REPLY {
             return Err(NbdConnectionError::OversizedOptionReply(len));
         }
-        self.rx = RxStep::OptionReplyBody { awaited, reply, len, done: 0 };
+        self.rx = RxStep::OptionReplyBody {
+            awaited,
+            reply,
+            len,
+            done: 0,
+        };
         if len == 0 {
             self.on_option_reply(awaited, reply, 0)?;
         }
@@ -872,12 +944,17 @@ impl NbdClient {
                     self.rx = RxStep::OptionReplyHeader(AwaitedOption::Go);
                 }
                 NBD_REP_ACK => {
-                    let (size, flags) = self.go_export.ok_or(NbdConnectionError::MissingExportInfo)?;
+                    let (size, flags) = self
+                        .go_export
+                        .ok_or(NbdConnectionError::MissingExportInfo)?;
                     self.handshake_done(size, flags, self.go_block_size)?;
                 }
                 NBD_REP_ERR_UNSUP => self.send_export_name(),
                 _ if reply & NBD_REP_FLAG_ERROR != 0 => {
-                    return Err(NbdConnectionError::Refused { option: NBD_OPT_GO, refusal });
+                    return Err(NbdConnectionError::Refused {
+                        option: NBD_OPT_GO,
+                        refusal,
+                    });
                 }
                 _ => {
                     let option = NBD_OPT_GO;
@@ -890,7 +967,10 @@ impl NbdClient {
 
     fn on_info(&mut self, len: u32) -> Result<(), NbdConnectionError> {
         if len < 2 {
-            return Err(NbdConnectionError::BadInfoLength { info: u16::MAX, len });
+            return Err(NbdConnectionError::BadInfoLength {
+                info: u16::MAX,
+                len,
+            });
         }
         let info = be_u16(&self.head, 0);
         let bad_length = NbdConnectionError::BadInfoLength { info, len };
@@ -913,8 +993,16 @@ impl NbdClient {
                     && block_size.preferred >= block_size.minimum
                     && block_size.maximum >= block_size.minimum;
                 if !valid {
-                    let NbdBlockSize { minimum, preferred, maximum } = block_size;
-                    return Err(NbdConnectionError::BadBlockSize { minimum, preferred, maximum });
+                    let NbdBlockSize {
+                        minimum,
+                        preferred,
+                        maximum,
+                    } = block_size;
+                    return Err(NbdConnectionError::BadBlockSize {
+                        minimum,
+                        preferred,
+                        maximum,
+                    });
                 }
                 self.go_block_size = Some(block_size);
                 Ok(())
@@ -939,7 +1027,12 @@ impl NbdClient {
             return Err(NbdConnectionError::ExportSizeChanged { was, now: size });
         }
         let structured_replies = self.structured;
-        self.export = Some(NbdExport { size, flags, block_size, structured_replies });
+        self.export = Some(NbdExport {
+            size,
+            flags,
+            block_size,
+            structured_replies,
+        });
         self.link = NbdLinkState::Ready;
         self.rx = RxStep::ReplyHeader;
         Ok(())
@@ -949,7 +1042,10 @@ impl NbdClient {
     /// fails and the client stops.
     fn fail_everything(&mut self) {
         for index in 0..self.slots.len() {
-            if matches!(self.slots[index].phase, SlotPhase::Queued | SlotPhase::Sending | SlotPhase::AwaitingReply) {
+            if matches!(
+                self.slots[index].phase,
+                SlotPhase::Queued | SlotPhase::Sending | SlotPhase::AwaitingReply
+            ) {
                 self.finish_request(index, Err(NbdRequestError::ExportSizeChanged));
             }
         }
@@ -985,7 +1081,10 @@ impl NbdClient {
         match self.slots.get(index) {
             Some(slot)
                 if slot.cookie == cookie
-                    && matches!(slot.phase, SlotPhase::AwaitingReply | SlotPhase::TimedOutOnWire) =>
+                    && matches!(
+                        slot.phase,
+                        SlotPhase::AwaitingReply | SlotPhase::TimedOutOnWire
+                    ) =>
             {
                 Ok(index)
             }
@@ -1003,9 +1102,15 @@ impl NbdClient {
         match slot.command {
             // Structured replies make a read's reply self-describing; the
             // server must not fall back to a simple one.
-            NbdCommand::Read { .. } if self.structured => Err(NbdConnectionError::WrongReplyKind(cookie)),
+            NbdCommand::Read { .. } if self.structured => {
+                Err(NbdConnectionError::WrongReplyKind(cookie))
+            }
             NbdCommand::Read { len, .. } if error == 0 => {
-                self.rx = RxStep::SimpleReadData { slot: index, len, done: 0 };
+                self.rx = RxStep::SimpleReadData {
+                    slot: index,
+                    len,
+                    done: 0,
+                };
                 Ok(())
             }
             _ if error == 0 => {
@@ -1048,9 +1153,20 @@ impl NbdClient {
             _ => false,
         };
         if !valid {
-            return Err(NbdConnectionError::BadChunk { cookie, chunk_type, len });
+            return Err(NbdConnectionError::BadChunk {
+                cookie,
+                chunk_type,
+                len,
+            });
         }
-        self.rx = RxStep::Chunk { slot: index, flags, chunk_type, len, done: 0, data_at: 0 };
+        self.rx = RxStep::Chunk {
+            slot: index,
+            flags,
+            chunk_type,
+            len,
+            done: 0,
+            data_at: 0,
+        };
         if len == 0 {
             self.finish_chunk(index, flags)?;
         }
@@ -1071,13 +1187,28 @@ impl NbdClient {
         input: &mut &[u8],
         payload: &mut impl NbdPayload,
     ) -> Result<(), NbdConnectionError> {
-        let RxStep::Chunk { slot: index, flags, chunk_type, len, mut done, mut data_at } = self.rx else {
+        let RxStep::Chunk {
+            slot: index,
+            flags,
+            chunk_type,
+            len,
+            mut done,
+            mut data_at,
+        } = self.rx
+        else {
             return Ok(());
         };
         let head = Self::chunk_head_len(chunk_type);
         if done < head {
             if !self.gather_head(input, head as usize) {
-                self.rx = RxStep::Chunk { slot: index, flags, chunk_type, len, done: self.head_len as u32, data_at };
+                self.rx = RxStep::Chunk {
+                    slot: index,
+                    flags,
+                    chunk_type,
+                    len,
+                    done: self.head_len as u32,
+                    data_at,
+                };
                 return Ok(());
             }
             done = head;
@@ -1091,7 +1222,14 @@ impl NbdClient {
         }
         *input = &input[n as usize..];
         done += n;
-        self.rx = RxStep::Chunk { slot: index, flags, chunk_type, len, done, data_at };
+        self.rx = RxStep::Chunk {
+            slot: index,
+            flags,
+            chunk_type,
+            len,
+            done,
+            data_at,
+        };
         if done == len {
             self.finish_chunk(index, flags)?;
         }
@@ -1116,20 +1254,27 @@ impl NbdClient {
                     (be_u64(&self.head, 0), be_u32(&self.head, 8))
                 };
                 let at = self.check_read_extent(index, at, extent)?;
-                if chunk_type == NBD_REPLY_TYPE_OFFSET_HOLE && slot.phase == SlotPhase::AwaitingReply {
+                if chunk_type == NBD_REPLY_TYPE_OFFSET_HOLE
+                    && slot.phase == SlotPhase::AwaitingReply
+                {
                     payload.read_zeroes(slot.tag, at, extent);
                 }
                 Ok(at)
             }
             _ => {
-                let (error, message_len) = (be_u32(&self.head, 0), u32::from(be_u16(&self.head, 4)));
+                let (error, message_len) =
+                    (be_u32(&self.head, 0), u32::from(be_u16(&self.head, 4)));
                 let fits = match chunk_type {
                     NBD_REPLY_TYPE_ERROR => len == 6 + message_len,
                     NBD_REPLY_TYPE_ERROR_OFFSET => len == 6 + message_len + 8,
                     _ => len >= 6 + message_len,
                 };
                 if !fits {
-                    return Err(NbdConnectionError::BadChunk { cookie: slot.cookie, chunk_type, len });
+                    return Err(NbdConnectionError::BadChunk {
+                        cookie: slot.cookie,
+                        chunk_type,
+                        len,
+                    });
                 }
                 if error == NBD_ESHUTDOWN {
                     return Err(NbdConnectionError::ServerShuttingDown);
@@ -1144,7 +1289,12 @@ impl NbdClient {
 
     /// A data or hole extent of a read reply: inside the read, and not
     /// more bytes in all than the read has. Returns its offset in the read.
-    fn check_read_extent(&mut self, index: usize, at: u64, extent: u32) -> Result<u32, NbdConnectionError> {
+    fn check_read_extent(
+        &mut self,
+        index: usize,
+        at: u64,
+        extent: u32,
+    ) -> Result<u32, NbdConnectionError> {
         let slot = &mut self.slots[index];
         let NbdCommand::Read { offset, len } = slot.command else {
             return Err(NbdConnectionError::ChunkOutOfRange(slot.cookie));
@@ -1181,7 +1331,10 @@ impl NbdClient {
     fn finish_request(&mut self, index: usize, result: Result<(), NbdRequestError>) {
         let slot = core::mem::replace(&mut self.slots[index], FREE_SLOT);
         if slot.phase != SlotPhase::TimedOutOnWire {
-            self.completions.push_back(NbdCompletion { tag: slot.tag, result });
+            self.completions.push_back(NbdCompletion {
+                tag: slot.tag,
+                result,
+            });
         }
     }
 }

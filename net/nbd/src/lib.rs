@@ -49,10 +49,12 @@ mod error;
 mod wire;
 
 pub use client::{
-    NbdBlockSize, NbdClient, NbdCommand, NbdCompletion, NbdConfig, NbdExport, NbdLinkState, NbdOrder,
-    NbdPayload,
+    NbdBlockSize, NbdClient, NbdCommand, NbdCompletion, NbdConfig, NbdExport, NbdLinkState,
+    NbdOrder, NbdPayload,
 };
-pub use error::{NbdConnectionError, NbdOptionRefusal, NbdRequestError, NbdServerError, NbdSubmitError};
+pub use error::{
+    NbdConnectionError, NbdOptionRefusal, NbdRequestError, NbdServerError, NbdSubmitError,
+};
 
 #[cfg(test)]
 mod tests;

@@ -135,9 +135,15 @@ impl Rig {
 
     /// How much of `n` bytes going one way arrive before the cut.
     fn cut_piece(&mut self, to_server: bool, n: usize) -> usize {
-        let moved = if to_server { &mut self.moved.0 } else { &mut self.moved.1 };
+        let moved = if to_server {
+            &mut self.moved.0
+        } else {
+            &mut self.moved.1
+        };
         let allowed = match self.cut_after {
-            Some((side, limit)) if side == to_server => (limit.saturating_sub(*moved) as usize).min(n),
+            Some((side, limit)) if side == to_server => {
+                (limit.saturating_sub(*moved) as usize).min(n)
+            }
             _ => n,
         };
         *moved += allowed as u64;
@@ -155,7 +161,10 @@ impl Rig {
 
     fn collect(&mut self) {
         while let Some(done) = self.client.next_completion() {
-            self.completed.entry(done.tag).or_default().push(done.result);
+            self.completed
+                .entry(done.tag)
+                .or_default()
+                .push(done.result);
         }
     }
 
@@ -174,7 +183,12 @@ impl Rig {
 
     fn result_of(&self, tag: u64) -> Result<(), NbdRequestError> {
         let results = &self.completed[&tag];
-        assert_eq!(results.len(), 1, "tag {tag} completed {} times", results.len());
+        assert_eq!(
+            results.len(),
+            1,
+            "tag {tag} completed {} times",
+            results.len()
+        );
         results[0]
     }
 }
@@ -187,7 +201,11 @@ fn write_then_read_batches(rig: &mut Rig, batch: u64) -> Vec<(u64, NbdCommand)> 
             let offset = (i * 8 + batch % 8) * 4096;
             let len = 512 * (1 + (i as u32 * 3) % 16);
             let command = if batch % 2 == 0 {
-                NbdCommand::Write { offset, len, fua: i % 3 == 0 }
+                NbdCommand::Write {
+                    offset,
+                    len,
+                    fua: i % 3 == 0,
+                }
             } else {
                 NbdCommand::Read { offset, len }
             };
@@ -204,7 +222,10 @@ fn assert_reads_match_disk(rig: &Rig, requests: &[(u64, NbdCommand)]) {
         assert_eq!(rig.result_of(*tag), Ok(()));
         if let NbdCommand::Read { offset, len } = *command {
             let want = &rig.disk[offset as usize..offset as usize + len as usize];
-            assert!(rig.memory.buffers[tag] == want, "read {tag} returned other data");
+            assert!(
+                rig.memory.buffers[tag] == want,
+                "read {tag} returned other data"
+            );
         }
     }
 }

@@ -95,7 +95,13 @@ pub fn be_u64(bytes: &[u8], at: usize) -> u64 {
 }
 
 /// One request header: what the client sends before a write's payload.
-pub fn encode_request(command: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; NBD_REQUEST_LEN] {
+pub fn encode_request(
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+) -> [u8; NBD_REQUEST_LEN] {
     let mut header = [0; NBD_REQUEST_LEN];
     header[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
     header[4..6].copy_from_slice(&flags.to_be_bytes());

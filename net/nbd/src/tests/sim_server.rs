@@ -118,7 +118,9 @@ impl SimServer {
                 replies.swap(i, self.rng.below(i as u64 + 1) as usize);
             }
         }
-        replies.into_iter().for_each(|reply| self.output.extend(reply));
+        replies
+            .into_iter()
+            .for_each(|reply| self.output.extend(reply));
     }
 
     fn take(&mut self, n: usize) -> Option<Vec<u8>> {
@@ -175,7 +177,9 @@ impl SimServer {
                 self.option_reply(option, NBD_REP_INFO, &[0, 1, b'x']);
                 if let Some((minimum, preferred, maximum)) = self.options.block_size {
                     let mut info = Vec::from(NBD_INFO_BLOCK_SIZE.to_be_bytes());
-                    [minimum, preferred, maximum].iter().for_each(|v| info.extend(v.to_be_bytes()));
+                    [minimum, preferred, maximum]
+                        .iter()
+                        .for_each(|v| info.extend(v.to_be_bytes()));
                     self.option_reply(option, NBD_REP_INFO, &info);
                 }
                 self.option_reply(option, NBD_REP_ACK, &[]);
@@ -187,7 +191,8 @@ impl SimServer {
                     return;
                 }
                 self.output.extend(size.to_be_bytes());
-                self.output.extend(self.options.transmission_flags.to_be_bytes());
+                self.output
+                    .extend(self.options.transmission_flags.to_be_bytes());
                 if !self.client_no_zeroes {
                     self.output.extend([0; 124]);
                 }
@@ -202,7 +207,11 @@ impl SimServer {
             return false;
         }
         let header = &self.input[..NBD_REQUEST_LEN];
-        assert_eq!(be_u32(header, 0), NBD_REQUEST_MAGIC, "the client sent a bad request magic");
+        assert_eq!(
+            be_u32(header, 0),
+            NBD_REQUEST_MAGIC,
+            "the client sent a bad request magic"
+        );
         let request = SeenRequest {
             flags: be_u16(header, 4),
             command: be_u16(header, 6),
@@ -210,7 +219,11 @@ impl SimServer {
             offset: be_u64(header, 16),
             len: be_u32(header, 24),
         };
-        let payload_len = if request.command == NBD_CMD_WRITE { request.len as usize } else { 0 };
+        let payload_len = if request.command == NBD_CMD_WRITE {
+            request.len as usize
+        } else {
+            0
+        };
         let Some(message) = self.take(NBD_REQUEST_LEN + payload_len) else {
             return false;
         };
@@ -230,15 +243,21 @@ impl SimServer {
             }
             NBD_CMD_WRITE => {
                 disk[range].copy_from_slice(&message[NBD_REQUEST_LEN..]);
-                self.held_replies.push(simple_reply_bytes(0, request.cookie));
+                self.held_replies
+                    .push(simple_reply_bytes(0, request.cookie));
             }
             NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES => {
                 disk[range].fill(0);
-                self.held_replies.push(simple_reply_bytes(0, request.cookie));
+                self.held_replies
+                    .push(simple_reply_bytes(0, request.cookie));
             }
-            NBD_CMD_FLUSH => self.held_replies.push(simple_reply_bytes(0, request.cookie)),
+            NBD_CMD_FLUSH => self
+                .held_replies
+                .push(simple_reply_bytes(0, request.cookie)),
             NBD_CMD_DISC => self.phase = SimPhase::Closed,
-            _ => self.held_replies.push(simple_reply_bytes(NBD_EINVAL, request.cookie)),
+            _ => self
+                .held_replies
+                .push(simple_reply_bytes(NBD_EINVAL, request.cookie)),
         }
         true
     }
@@ -275,7 +294,12 @@ impl SimServer {
                 reply.extend(chunk_bytes(0, NBD_REPLY_TYPE_OFFSET_DATA, cookie, &payload));
             }
         }
-        reply.extend(chunk_bytes(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, &[]));
+        reply.extend(chunk_bytes(
+            NBD_REPLY_FLAG_DONE,
+            NBD_REPLY_TYPE_NONE,
+            cookie,
+            &[],
+        ));
         reply
     }
 }
