@@ -37,6 +37,11 @@ impl NbdPayload for TagBuffers {
 
 const DISK_SIZE: usize = 1 << 20;
 
+const READ_0: NbdCommand = NbdCommand::Read {
+    offset: 0,
+    len: 512,
+};
+
 fn test_config() -> NbdConfig {
     NbdConfig {
         export_name: b"disk0".to_vec(),
@@ -88,6 +93,13 @@ impl Rig {
             cut_after: None,
             moved: (0, 0),
         }
+    }
+
+    /// A rig whose handshake with a server offering everything is done.
+    fn ready(seed: u64) -> Self {
+        let mut rig = Rig::new(SimServerOptions::everything(b"disk0"), seed);
+        rig.pump(true).unwrap();
+        rig
     }
 
     /// Moves bytes both ways until neither side has more; replies are
@@ -200,7 +212,7 @@ fn write_then_read_batches(rig: &mut Rig, batch: u64) -> Vec<(u64, NbdCommand)> 
         .map(|i| {
             let offset = (i * 8 + batch % 8) * 4096;
             let len = 512 * (1 + (i as u32 * 3) % 16);
-            let command = if batch % 2 == 0 {
+            let command = if batch.is_multiple_of(2) {
                 NbdCommand::Write {
                     offset,
                     len,

@@ -81,15 +81,9 @@ fn a_connection_dropped_at_any_byte_is_replayed_and_nothing_completes_twice() {
     }
 }
 
-fn ready_rig() -> Rig {
-    let mut rig = Rig::new(SimServerOptions::everything(b"disk0"), 31);
-    rig.pump(true).unwrap();
-    rig
-}
-
 #[test]
 fn a_request_waiting_for_a_connection_times_out() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(31);
     rig.client.connection_lost();
     rig.submit(
         1,
@@ -112,7 +106,7 @@ fn a_request_waiting_for_a_connection_times_out() {
 
 #[test]
 fn a_late_reply_to_a_timed_out_read_is_swallowed() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(31);
     rig.submit(
         1,
         NbdCommand::Read {
@@ -137,7 +131,7 @@ fn a_late_reply_to_a_timed_out_read_is_swallowed() {
 
 #[test]
 fn a_request_partly_transmitted_times_out_only_once_it_is_out() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(31);
     rig.submit(
         1,
         NbdCommand::Write {

@@ -237,14 +237,8 @@ fn a_reconnect_to_an_export_of_another_size_fails_every_request() {
     assert_eq!(rig.result_of(1), Err(NbdRequestError::ExportSizeChanged));
     assert_eq!(rig.client.link_state(), NbdLinkState::Failed);
     assert!(!rig.client.connection_started());
-    let read = NbdCommand::Read {
-        offset: 0,
-        len: 512,
-    };
-    assert_eq!(
-        rig.client.submit(0, 2, read, NbdOrder::Free),
-        Err(NbdSubmitError::Closed)
-    );
+    let refused = rig.client.submit(0, 2, READ_0, NbdOrder::Free);
+    assert_eq!(refused, Err(NbdSubmitError::Closed));
 }
 
 /// Feeds `stream` in random pieces; the client may fail but not panic or grow.
@@ -252,25 +246,7 @@ fn feed_hostile(rng: &mut FuzzRng, stream: &[u8], with_requests: bool) {
     let mut rig = Rig::new(SimServerOptions::everything(b"disk0"), rng.next_u64());
     if with_requests {
         rig.pump(true).unwrap();
-        for tag in 0..4 {
-            rig.submit(
-                tag,
-                NbdCommand::Read {
-                    offset: tag * 4096,
-                    len: 4096,
-                },
-                NbdOrder::Free,
-            );
-        }
-        rig.submit(
-            4,
-            NbdCommand::Write {
-                offset: 0,
-                len: 512,
-                fua: false,
-            },
-            NbdOrder::Free,
-        );
+        submit_fuzz_requests(&mut rig);
         rig.pump(false).unwrap();
         rig.server.output.clear();
     }

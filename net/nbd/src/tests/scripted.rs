@@ -96,15 +96,9 @@ fn replies_reordered_and_read_chunks_split_byte_by_byte_still_land_right() {
     round_trip(simple, 3, 3);
 }
 
-fn ready_rig() -> Rig {
-    let mut rig = Rig::new(SimServerOptions::everything(b"disk0"), 7);
-    rig.pump(true).unwrap();
-    rig
-}
-
 #[test]
 fn a_flush_waits_for_the_replies_of_the_writes_before_it() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(7);
     let write = |offset| NbdCommand::Write {
         offset,
         len: 4096,
@@ -139,7 +133,7 @@ fn a_flush_waits_for_the_replies_of_the_writes_before_it() {
 
 #[test]
 fn a_barrier_as_drained_flush_and_fua_write_runs_alone() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(7);
     rig.submit(
         1,
         NbdCommand::Read {
@@ -184,7 +178,7 @@ fn a_barrier_as_drained_flush_and_fua_write_runs_alone() {
 
 #[test]
 fn refused_submissions_say_why() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(7);
     let mut submit = |command| rig.client.submit(0, 9, command, NbdOrder::Free);
     assert_eq!(
         submit(NbdCommand::Read {
@@ -302,7 +296,7 @@ fn refused_submissions_say_why() {
 
 #[test]
 fn a_full_table_refuses_until_completions_are_collected() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(7);
     for tag in 0..32 {
         rig.submit(
             tag,
@@ -313,21 +307,15 @@ fn a_full_table_refuses_until_completions_are_collected() {
             NbdOrder::Free,
         );
     }
-    let read = NbdCommand::Read {
-        offset: 0,
-        len: 512,
-    };
-    assert_eq!(
-        rig.client.submit(0, 99, read, NbdOrder::Free),
-        Err(NbdSubmitError::Full)
-    );
+    let refused = rig.client.submit(0, 99, READ_0, NbdOrder::Free);
+    assert_eq!(refused, Err(NbdSubmitError::Full));
     rig.pump(true).unwrap();
-    assert_eq!(rig.client.submit(0, 99, read, NbdOrder::Free), Ok(()));
+    assert_eq!(rig.client.submit(0, 99, READ_0, NbdOrder::Free), Ok(()));
 }
 
 #[test]
 fn trims_write_zeroes_and_a_clean_disconnect() {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(7);
     rig.submit(
         1,
         NbdCommand::Trim {
@@ -371,7 +359,7 @@ fn trims_write_zeroes_and_a_clean_disconnect() {
 /// A ready rig with one request of each given command sent and its reply
 /// held; returns the cookies.
 fn rig_with_sent(commands: &[NbdCommand]) -> (Rig, Vec<u64>) {
-    let mut rig = ready_rig();
+    let mut rig = Rig::ready(7);
     for (tag, command) in commands.iter().enumerate() {
         rig.submit(tag as u64, *command, NbdOrder::Free);
     }
@@ -382,10 +370,6 @@ fn rig_with_sent(commands: &[NbdCommand]) -> (Rig, Vec<u64>) {
     (rig, cookies)
 }
 
-const READ_0: NbdCommand = NbdCommand::Read {
-    offset: 0,
-    len: 512,
-};
 const WRITE_0: NbdCommand = NbdCommand::Write {
     offset: 0,
     len: 512,
