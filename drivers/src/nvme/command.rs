@@ -2,6 +2,7 @@
 
 use crate::hal::PhysAddr;
 use crate::nvme::prp::Prps;
+use crate::nvme::sgl::Descriptor;
 use blockdev::IoError;
 
 /// Bytes in a submission queue entry.
@@ -65,6 +66,14 @@ impl Command {
         self.0[7] = (prps.prp1 >> 32) as u32;
         self.0[8] = prps.prp2 as u32;
         self.0[9] = (prps.prp2 >> 32) as u32;
+        self
+    }
+
+    /// Names the data with a scatter-gather list (PSDT 01b: SGL for the
+    /// data, none for metadata) whose first descriptor is `sgl1`.
+    pub(crate) fn with_sgl(mut self, sgl1: Descriptor) -> Self {
+        self.0[0] = (self.0[0] & !(0b11 << 14)) | (0b01 << 14);
+        self.0[6..10].copy_from_slice(&sgl1.dwords());
         self
     }
 

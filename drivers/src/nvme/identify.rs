@@ -1,5 +1,6 @@
 //! Parsing of Identify data, trusting nothing the controller reports.
 
+use super::sgl::SglSupport;
 use blockdev::le_field::{le_u16_at, le_u32_at, le_u64_at};
 
 /// What stordom uses from Identify Controller.
@@ -17,6 +18,8 @@ pub struct ControllerInfo {
     pub dataset_management: bool,
     /// Whether Write Zeroes is supported.
     pub write_zeroes: bool,
+    /// Whether NVM commands may name their data with SGLs.
+    pub sgl: SglSupport,
 }
 
 impl ControllerInfo {
@@ -36,6 +39,7 @@ impl ControllerInfo {
             volatile_write_cache: data[525] & 1 != 0,
             dataset_management: optional_commands & (1 << 2) != 0,
             write_zeroes: optional_commands & (1 << 3) != 0,
+            sgl: SglSupport::from_sgls(le_u32_at(data, 536)),
         }
     }
 }
@@ -192,6 +196,15 @@ mod tests {
         let info = ControllerInfo::parse(&data);
         assert_eq!(info.max_transfer_bytes, Some(128 * 1024));
         assert!(info.volatile_write_cache && info.dataset_management && info.write_zeroes);
+        assert_eq!(info.sgl, SglSupport::Unsupported);
+        for (sgls, support) in [
+            (0b01, SglSupport::Unaligned),
+            (0b10, SglSupport::DwordAligned),
+            (0b11, SglSupport::Unsupported),
+        ] {
+            data[536] = sgls;
+            assert_eq!(ControllerInfo::parse(&data).sgl, support);
+        }
         data[77] = 0;
         assert_eq!(ControllerInfo::parse(&data).max_transfer_bytes, None);
     }

@@ -10,6 +10,7 @@ mod command;
 mod identify;
 mod prp;
 mod queue;
+mod sgl;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -24,6 +25,7 @@ use core::cell::RefCell;
 use core::mem::ManuallyDrop;
 
 pub use identify::{ControllerInfo, Namespace, NamespaceError};
+pub use sgl::SglSupport;
 
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
 use crate::pci::{self, Bdf, ConfigAccess};
@@ -397,7 +399,8 @@ impl<H: Hal> NvmeController<H> {
         }
         let cid = queue.free.pop().ok_or(SubmitError::QueueFull)?;
         let (list, list_phys) = queue.list_of(cid);
-        let command = match build_io_command(nsid, request, blocks, &list, list_phys) {
+        let sgl = self.info.sgl;
+        let command = match build_io_command(nsid, request, blocks, sgl, &list, list_phys) {
             Ok(command) => command,
             Err(error) => {
                 queue.free.push(cid);
@@ -615,6 +618,7 @@ fn build_io_command(
     nsid: u32,
     request: Request<'_>,
     blocks: u64,
+    sgl: SglSupport,
     list: &Region,
     list_phys: PhysAddr,
 ) -> Result<Command, SubmitError> {
@@ -628,11 +632,16 @@ fn build_io_command(
             } else {
                 io::WRITE
             };
-            let prps = prp::build(segments, list, list_phys)?;
-            Command::new(opcode, nsid)
-                .with_prps(prps)
-                .with_lba(lba)
-                .with_cdw(12, last_block)
+            // PRPs where they can name the data (the common case, and
+            // what every controller takes); an SGL where they cannot.
+            let command = match prp::build(segments, list, list_phys) {
+                Ok(prps) => Command::new(opcode, nsid).with_prps(prps),
+                Err(SubmitError::Misaligned) => {
+                    Command::new(opcode, nsid).with_sgl(sgl::build(segments, sgl, list, list_phys)?)
+                }
+                Err(error) => return Err(error),
+            };
+            command.with_lba(lba).with_cdw(12, last_block)
         }
         Request::Flush => Command::new(io::FLUSH, nsid),
         Request::Discard { lba, .. } => {

@@ -9,6 +9,7 @@ use std::vec::Vec;
 
 use super::command::{admin, io};
 use super::reg;
+use super::sgl::{DATA_BLOCK, LAST_SEGMENT};
 use crate::testing::{read_phys, virt_of, write_phys};
 
 const PAGE: u64 = 4096;
@@ -59,6 +60,10 @@ pub(crate) struct NvmeSim {
     pub optional_commands: u16,
     /// Maximum data transfer size as a power of two of pages (0: none).
     pub mdts: u8,
+    /// Identify Controller SGLS bits 1:0 (0: PRPs only).
+    pub sgl_support: u32,
+    /// I/O commands that named their data with an SGL.
+    pub sgl_commands: usize,
     /// I/O queue pairs the controller grants.
     pub max_queues: u16,
     /// Swallow I/O commands without completing them.
@@ -86,6 +91,8 @@ impl NvmeSim {
             volatile_write_cache: true,
             optional_commands: 0b1100,
             mdts: 0,
+            sgl_support: 0b01,
+            sgl_commands: 0,
             max_queues: 4,
             drop_io: false,
             dead_after_reset: false,
@@ -308,6 +315,7 @@ impl NvmeSim {
                 page[516..520].copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
                 page[520..522].copy_from_slice(&self.optional_commands.to_le_bytes());
                 page[525] = u8::from(self.volatile_write_cache);
+                page[536..540].copy_from_slice(&self.sgl_support.to_le_bytes());
             }
             2 => {
                 for (i, namespace) in self.namespaces.iter().enumerate() {
@@ -356,8 +364,16 @@ impl NvmeSim {
         match opcode {
             io::READ | io::WRITE => {
                 let bytes = range(lba, blocks, namespace.data.len())?;
+                let chunks = match (command[0] >> 14) & 0b11 {
+                    0b00 => prp_chunks(prp1, prp2, bytes.len() as u64)?,
+                    0b01 if self.sgl_support & 0b11 != 0 => {
+                        self.sgl_commands += 1;
+                        sgl_chunks(command, bytes.len() as u64)?
+                    }
+                    _ => return Err(INVALID_FIELD),
+                };
                 let mut at = bytes.start;
-                for (phys, len) in prp_chunks(prp1, prp2, bytes.len() as u64)? {
+                for (phys, len) in chunks {
                     let disk = &mut namespace.data[at..at + len];
                     if opcode == io::READ {
                         write_phys(phys, disk);
@@ -393,6 +409,40 @@ impl NvmeSim {
         }
         Ok(())
     }
+}
+
+/// The (address, length) runs the SGL of `command` describes: one Data
+/// Block descriptor, or a Last Segment descriptor naming a list of them;
+/// their lengths must add up to the transfer.
+fn sgl_chunks(command: &[u32; 16], bytes: u64) -> Result<Vec<(u64, usize)>, u16> {
+    const SGL_LENGTH_INVALID: u16 = 0x0f;
+    const SGL_TYPE_INVALID: u16 = 0x11;
+    let descriptor = |d: [u32; 4]| {
+        (
+            u64::from(d[0]) | (u64::from(d[1]) << 32),
+            d[2],
+            (d[3] >> 24) as u8,
+        )
+    };
+    let (address, length, kind) = descriptor([command[6], command[7], command[8], command[9]]);
+    let chunks: Vec<(u64, usize)> = match kind {
+        DATA_BLOCK => vec![(address, length as usize)],
+        LAST_SEGMENT if length % 16 == 0 => (0..u64::from(length / 16))
+            .map(|i| {
+                let at = address + 16 * i;
+                let d = [0, 4, 8, 12].map(|k| read_phys::<u32>(at + k));
+                match descriptor(d) {
+                    (phys, len, DATA_BLOCK) => Ok((phys, len as usize)),
+                    _ => Err(SGL_TYPE_INVALID),
+                }
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(SGL_TYPE_INVALID),
+    };
+    if chunks.iter().map(|c| c.1 as u64).sum::<u64>() != bytes {
+        return Err(SGL_LENGTH_INVALID);
+    }
+    Ok(chunks)
 }
 
 /// The (address, length) runs a PRP pair describes, walked as a controller
