@@ -107,7 +107,44 @@ DEFAULTS = {
     # dom0-hvm.cpio.gz for scenarios that start HVM guests (device model).
     "dom0_image": "dom0.cpio.gz",
     "script": "dom0.sh",
+    # Disk images on the host for QEMU's own devices: {"NAME": MiB}, made
+    # sparse and empty in the run folder's disks/ for each attempt; "{disks}"
+    # in qemu_args names that folder.
+    "host_disks": {},
+    # A program run on the host with the disks, given its phase: "prepare"
+    # (before the first boot), "killed-bootN" (QEMU was killed on request)
+    # and "end"; its output is the "host" console.
+    "host_check": "",
+    # Boots of the same disks: a scenario that asks for QEMU to be killed
+    # (KILL_MARK) is booted again, up to this many times.
+    "boots": 1,
+    # The machine of the hardware scenarios: PASSTHROUGH_ARGS, its disks,
+    # and Xen with the IOMMU on.
+    "passthrough": False,
 }
+# QEMU's emulated VT-d, and behind it the controllers stordom gets (dom0
+# passes 00:05.0 and 00:06.0 through: lib.sh's STORDOM_PCI): an NVMe with
+# two namespaces and an AHCI controller with one disk; and an NVMe that
+# dom0 keeps, the reference for benchmarks. Backed by files in the run
+# folder's disks/ (PASSTHROUGH_DISKS, MiB).
+PASSTHROUGH_ARGS = [
+    "-device", "intel-iommu,intremap=on",
+    "-drive", "file={disks}/nvme-ns1.img,if=none,id=stordom-ns1,format=raw",
+    "-drive", "file={disks}/nvme-ns2.img,if=none,id=stordom-ns2,format=raw",
+    "-device", "nvme,id=stordom-nvme,serial=stordom-nvme,addr=0x5",
+    "-device", "nvme-ns,drive=stordom-ns1,bus=stordom-nvme,nsid=1",
+    "-device", "nvme-ns,drive=stordom-ns2,bus=stordom-nvme,nsid=2",
+    "-drive", "file={disks}/ahci.img,if=none,id=stordom-sata,format=raw",
+    "-device", "ahci,id=stordom-ahci,addr=0x6",
+    "-device", "ide-hd,drive=stordom-sata,bus=stordom-ahci.0",
+    "-drive", "file={disks}/dom0-nvme.img,if=none,id=dom0-ns,format=raw",
+    "-device", "nvme,serial=dom0-nvme,drive=dom0-ns,addr=0x7",
+]
+PASSTHROUGH_DISKS = {"nvme-ns1.img": 512, "nvme-ns2.img": 256, "ahci.img": 256, "dom0-nvme.img": 512}
+# A line (on any console) asking the runner to SIGKILL QEMU at once: the
+# durability checks' power cut.
+KILL_MARK = "STORDOM-KILL-QEMU"
+DISK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def log(msg: str) -> None:
@@ -133,6 +170,10 @@ class Scenario:
             die(f"{f}: {e}")
         self.name = raw.get("name", self.dir.name)
         self.cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if k in DEFAULTS}}
+        if self.cfg["passthrough"]:
+            self.cfg["qemu_args"] = PASSTHROUGH_ARGS + self.cfg["qemu_args"]
+            self.cfg["host_disks"] = {**PASSTHROUGH_DISKS, **self.cfg["host_disks"]}
+            self.cfg["xen_args"] += " iommu=1"
         self.description = raw.get("description", "")
         self.env = {k: str(v) for k, v in raw.get("env", {}).items()}
         self.checks = raw.get("check", [])
@@ -147,6 +188,11 @@ class Scenario:
             self.files[dest] = p
         if not (self.dir / self.cfg["script"]).exists():
             die(f"scenario {self.name}: script {self.cfg['script']} not found")
+        for disk, mib in self.cfg["host_disks"].items():
+            if not DISK_NAME_RE.match(disk) or not isinstance(mib, int) or mib <= 0:
+                die(f"scenario {self.name}: host_disks: {disk} = {mib!r} (want a file name = MiB)")
+        if self.cfg["host_check"] and not (self.dir / self.cfg["host_check"]).is_file():
+            die(f"scenario {self.name}: host_check {self.cfg['host_check']} not found")
         for c in self.checks:
             if "console" not in c or not any(k in c for k in ("grep", "absent", "result", "metrics")):
                 die(f"scenario {self.name}: check {c} needs console and one of grep/absent/result/metrics")
@@ -249,6 +295,7 @@ class Attempt:
         self.milestones: dict[str, float] = {}
         self.diagnosis: dict = {}
         self.triple_fault_at: float | None = None
+        self.killed_boot = 0
 
     def console_file(self, con: str):
         if con not in self.files:
@@ -263,12 +310,18 @@ class Attempt:
     def milestone(self, name: str, t: float) -> None:
         self.milestones.setdefault(name, round(t, 1))
 
-    def reader(self, stream) -> None:
-        serial = open(self.out / "serial.log", "w", buffering=1)
+    def reader(self, stream, p: subprocess.Popen, boot: int) -> None:
+        serial = open(self.out / "serial.log", "a", buffering=1)
         for raw in iter(stream.readline, b""):
             t = time.monotonic() - self.t0
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n").replace("\r", "")
             serial.write(f"[{t:8.3f}] {text}\n")
+            if KILL_MARK in text and self.killed_boot != boot:
+                # The power cut: nothing of the machine may run on, so
+                # here, before anything else is read.
+                p.kill()
+                self.killed_boot = boot
+                self.milestone(f"qemu_killed_boot{boot}", t)
             m = CON_RE.match(text)
             if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
                 self.milestone("xen_first_line", t)
@@ -298,12 +351,14 @@ class Attempt:
         serial.close()
         self.done.set()
 
-    def qemu_cmd(self, initrd: Path) -> list[str]:
+    def qemu_cmd(self, initrd: Path, boot: int) -> list[str]:
         c = self.sc.cfg
         xen_args = (f"console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all "
                     f"console_timestamps=boot noreboot dom0_mem={c['dom0_mem']},max:{c['dom0_mem']} "
                     f"dom0_max_vcpus={c['dom0_vcpus']} {c['xen_args']}").strip()
         dom0_args = f"console=hvc0 earlyprintk=xen rdinit=/init {c['dom0_args']}".strip()
+        if c["boots"] > 1:
+            dom0_args += f" stordom.boot={boot}"
         if "," in dom0_args:
             die("dom0_args must not contain commas (QEMU splits multiboot modules on them)")
         qemu = os.environ.get("STORDOM_QEMU", "qemu-system-x86_64")
@@ -312,7 +367,8 @@ class Attempt:
         return [qemu, *datadirs, "-machine", "q35", "-accel", c["qemu_accel"], "-cpu", c["qemu_cpu"],
                 "-smp", str(c["qemu_smp"]), "-m", str(c["qemu_mem"]),
                 "-display", "none", "-serial", "stdio", "-monitor", "none",
-                "-no-reboot", "-net", "none", *c["qemu_args"],
+                "-no-reboot", "-net", "none",
+                *(a.replace("{disks}", str(self.out / "disks")) for a in c["qemu_args"]),
                 "-kernel", str(self.images / "xen.elf"), "-append", xen_args,
                 "-initrd", f"{self.images / 'vmlinuz'} {dom0_args},{initrd}"]
 
@@ -324,42 +380,88 @@ class Attempt:
                 with open(self.images / self.sc.cfg["dom0_image"], "rb") as base:
                     shutil.copyfileobj(base, f)
                 f.write(build_overlay(self.sc))
-            cmd = self.qemu_cmd(initrd)
-            (self.out / "qemu.cmdline").write_text(shlex.join(cmd) + "\n")
+            self.t0 = time.monotonic()
+            disks = self.out / "disks"
+            shutil.rmtree(disks, ignore_errors=True)
+            if self.sc.cfg["host_disks"]:
+                disks.mkdir()
+                for name, mib in self.sc.cfg["host_disks"].items():
+                    with open(disks / name, "wb") as f:
+                        f.truncate(mib << 20)
+            self.host_check("prepare")
             for con in ("xen", "dom0"):
                 self.console_file(con)
-            self.t0 = time.monotonic()
-            with open(self.out / "qemu.stderr", "wb") as err:
-                try:
-                    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err)
-                except FileNotFoundError:
-                    die(f"{cmd[0]} not found: run images/deps.sh (or fix $STORDOM_QEMU)")
-                th = threading.Thread(target=self.reader, args=(p.stdout,), daemon=True)
-                th.start()
-                self.done.wait(self.timeout)
-                self.timed_out = not self.done.is_set()
-                self.elapsed = time.monotonic() - self.t0
-                if (self.timed_out or self.triple_fault_at is not None) and p.poll() is None:
-                    # After a triple fault too: dom0's view of the dead
-                    # domain (kept where its config says on_reboot =
-                    # "preserve") is the fault's evidence.
-                    self.diagnose(p)
-                if self.done_rc is not None:
-                    time.sleep(0.5)  # let the last lines arrive
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
-                self.qemu_rc = p.returncode
-                th.join(5)
+            boots = int(self.sc.cfg["boots"])
+            for boot in range(1, boots + 1):
+                if self.boot_once(initrd, boot) and boot < boots:
+                    self.done.clear()
+                    continue
+                break
+            self.elapsed = time.monotonic() - self.t0
+            self.host_check("end")
         finally:
             for f in self.files.values():
                 f.close()
             shutil.rmtree(work, ignore_errors=True)
+
+    def boot_once(self, initrd: Path, boot: int) -> bool:
+        """Runs QEMU until the scenario is done, the timeout (counted from
+        the first boot) or a kill on the scenario's request; True for the
+        kill."""
+        cmd = self.qemu_cmd(initrd, boot)
+        with open(self.out / "qemu.cmdline", "a") as f:
+            f.write(shlex.join(cmd) + "\n")
+        with open(self.out / "qemu.stderr", "ab") as err:
+            try:
+                p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+            except FileNotFoundError:
+                die(f"{cmd[0]} not found: run images/deps.sh (or fix $STORDOM_QEMU)")
+            th = threading.Thread(target=self.reader, args=(p.stdout, p, boot), daemon=True)
+            th.start()
+            self.done.wait(max(0.0, self.t0 + self.timeout - time.monotonic()))
+            self.timed_out = not self.done.is_set()
+            if self.killed_boot == boot:
+                p.wait()
+                th.join(5)
+                self.qemu_rc = p.returncode
+                self.host_check(f"killed-boot{boot}")
+                return True
+            if (self.timed_out or self.triple_fault_at is not None) and p.poll() is None:
+                # After a triple fault too: dom0's view of the dead
+                # domain (kept where its config says on_reboot =
+                # "preserve") is the fault's evidence.
+                self.diagnose(p)
+            if self.done_rc is not None:
+                time.sleep(0.5)  # let the last lines arrive
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            self.qemu_rc = p.returncode
+            th.join(5)
+        return False
+
+    def host_check(self, phase: str) -> None:
+        """Runs the scenario's host_check with QEMU gone: its lines are the
+        "host" console (RESULT lines count as checks)."""
+        script = self.sc.cfg["host_check"]
+        if not script:
+            return
+        env = {**os.environ, "DISKS": str(self.out / "disks"), "RUN_DIR": str(self.out)}
+        try:
+            r = subprocess.run([sys.executable, str(self.sc.dir / script), phase], env=env,
+                               capture_output=True, text=True, timeout=300)
+            out, status = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired:
+            out, status = "", "timeout (300 s)"
+        t = time.monotonic() - self.t0
+        for text in out.splitlines():
+            self.record("host", t, text)
+        if status != 0:
+            self.record("host", t, f"RESULT name=host-check:{phase} status=fail detail=\"exit {status}\"")
 
     # ---- diagnosis of a timed-out run ------------------------------------------
     def count(self, con: str) -> int:
@@ -759,6 +861,9 @@ def main() -> None:
         res["images"] = {"kernel": m.get("kernel"), "products": m.get("products"),
                          "xen": m.get("packages", {}).get("xen-hypervisor-4.17-amd64")}
     (run_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    if res["failed"] == 0:
+        # A passing run's disk images prove nothing more.
+        shutil.rmtree(run_dir / "disks", ignore_errors=True)
     text = summary(res, run_dir)
     (run_dir / "summary.txt").write_text(text + "\n")
     print(text)

@@ -40,8 +40,18 @@ XEN_STATE_DUMP = "(XEN) [   62.5] RIP:    e008:[<ffff82d0402044a5>]"
 OWN_STATE_DUMP = "(XEN) [   62.5] RIP:    0008:[<000000000219f288>]"
 
 
+class FakeQemu:
+    """Stands for the QEMU process the reader may kill."""
+    def __init__(self):
+        self.kills = 0
+
+    def kill(self):
+        self.kills += 1
+
+
 def attempt(serial: list[str], done: bool = True, silent_s: float | None = None,
-            xen_answered: bool = True, dom0_answered: bool = True) -> dict:
+            xen_answered: bool = True, dom0_answered: bool = True,
+            qemu: FakeQemu | None = None) -> dict:
     """Feeds `serial` through a run's reader; with `silent_s`, the run timed
     out that long after its last line and was diagnosed (Attempt.diagnose)
     with the given answers."""
@@ -54,7 +64,7 @@ def attempt(serial: list[str], done: bool = True, silent_s: float | None = None,
         out.mkdir()
         a = run.Attempt(run.Scenario(sdir), out, Path(td), 10)
         a.t0 = 0.0
-        a.reader(io.BytesIO("".join(l + "\r\n" for l in serial).encode()))
+        a.reader(io.BytesIO("".join(l + "\r\n" for l in serial).encode()), qemu or FakeQemu(), 1)
         for f in a.files.values():
             f.close()
         a.timed_out = not done
@@ -216,6 +226,44 @@ class RunTests(unittest.TestCase):
         self.assertEqual(r["verdict"], "emulator-suspect")
         self.assertIn("a domain triple-faulted",
                       " ".join(c["detail"] for c in r["checks"] if c["status"] != "pass"))
+
+    def test_the_kill_mark_kills_qemu_once(self):
+        q = FakeQemu()
+        r = attempt(GOOD[:-1] + ["[con:guest-g1] STORDOM-KILL-QEMU after fsync",
+                                 "[con:guest-g1] STORDOM-KILL-QEMU again"], done=True, qemu=q)
+        self.assertEqual(q.kills, 1)
+        self.assertIn("qemu_killed_boot1", r["milestones"])
+
+    def test_host_check_lines_are_the_host_console(self):
+        with tempfile.TemporaryDirectory() as td:
+            sdir = Path(td) / "sc"
+            sdir.mkdir()
+            (sdir / "scenario.toml").write_text('host_check = "check.py"\nhost_disks = { "a.img" = 1 }\n')
+            (sdir / "dom0.sh").write_text("true\n")
+            (sdir / "check.py").write_text(
+                "import os, sys\n"
+                "print('RESULT name=seen-' + sys.argv[1] + ' status=pass disks=' + os.environ['DISKS'])\n"
+                "sys.exit(3)\n")
+            out = Path(td) / "out"
+            out.mkdir()
+            a = run.Attempt(run.Scenario(sdir), out, Path(td), 10)
+            a.host_check("end")
+            a.done_rc, a.timed_out, a.elapsed, a.qemu_rc = 0, False, 1.0, 0
+            res = a.evaluate()
+            for f in a.files.values():
+                f.close()
+            by_name = {c["name"]: c["status"] for c in res["checks"]}
+            self.assertEqual(by_name.get("host: seen-end"), "pass")
+            self.assertEqual(by_name.get("host: host-check:end"), "fail")
+
+    def test_bad_host_disks_are_refused(self):
+        with tempfile.TemporaryDirectory() as td:
+            sdir = Path(td) / "sc"
+            sdir.mkdir()
+            (sdir / "scenario.toml").write_text('host_disks = { "../x" = 1 }\n')
+            (sdir / "dom0.sh").write_text("true\n")
+            with self.assertRaises(SystemExit):
+                run.Scenario(sdir)
 
     def test_overlay_is_valid_cpio(self):
         with tempfile.TemporaryDirectory() as td:
