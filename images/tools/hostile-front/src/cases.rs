@@ -545,20 +545,32 @@ fn past_disk_end(d: &mut dyn Dom0, devid: u32, _: &CaseConfig) -> Result<String,
     let mut front = attach(d, devid)?;
     let segs = whole_pages(&front, 1);
     front.prepare_read(&segs);
+    // Writes carry the untouched filler past the end: on a slice of a
+    // disk, a write that escaped would show in the neighbour (the
+    // hardware scenario checks the sectors around its slice).
+    let write_segs = [Segment::whole(front.data[1].gref)];
+    front.prepare_write(front.sectors, &write_segs);
     let end = front.sectors;
     let starts = [end - 4, end, end + 1, u64::MAX - 3, u64::MAX];
     let mut requests: Vec<(u64, Vec<u8>)> = starts
         .iter()
-        .map(|&s| front.rw_request(blkif::OP_READ, s, 1, &segs))
+        .flat_map(|&s| {
+            [
+                front.rw_request(blkif::OP_READ, s, 1, &segs),
+                front.rw_request(blkif::OP_WRITE, s, 1, &write_segs),
+            ]
+        })
         .collect();
     for (s, n) in [(end - 1, 8), (u64::MAX - 1, 16), (0, u64::MAX)] {
         requests.push(front.discard_request(s, n));
     }
     let n = expect_refused(&mut front, d, requests)?;
     front.check_read(0, &segs, Some(false))?;
+    front.good_read(d, end - 8, 1)?;
     front.detach(d)?;
     Ok(format!(
-        "{n} reads and discards past the end or wrapping 64 bits refused"
+        "{n} reads, writes and discards past the end or wrapping 64 bits refused, \
+         the last sectors intact"
     ))
 }
 

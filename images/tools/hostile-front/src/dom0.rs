@@ -17,6 +17,10 @@ pub struct Grant {
 pub trait Dom0 {
     /// The domain this frontend runs in (its id in the backend's paths).
     fn domid(&self) -> u16;
+    /// What the vbds are attached as (the backend's `params`).
+    fn target(&self) -> &str {
+        crate::front::HOSTILE_TARGET
+    }
     /// The backend's domain.
     fn backend_domid(&self) -> u16;
     /// Grants a zeroed page to the backend, read-only or writable.

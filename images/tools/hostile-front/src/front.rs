@@ -698,7 +698,7 @@ fn create_nodes(d: &mut dyn Dom0, be: &str, fe: &str, devid: u32) -> Result<(), 
         ("device-type", "disk".to_string()),
         ("discard-enable", "1".to_string()),
         ("frontend", fe.to_string()),
-        ("params", HOSTILE_TARGET.to_string()),
+        ("params", d.target().to_string()),
     ];
     d.xs_write(be, "")?;
     d.xs_set_perms(be, backend, me)?;

@@ -34,6 +34,8 @@ const SETTLE_MS: i32 = 20;
 /// dom0's devices.
 pub struct XenDom0 {
     backend: u16,
+    /// The vbds' `params` (`--target`).
+    target: String,
     gntalloc: Gntalloc,
     /// The pages of the grants not yet ended, by grant reference.
     granted: HashMap<u32, SharedPages>,
@@ -52,7 +54,7 @@ fn os_error(what: &str) -> String {
 }
 
 impl XenDom0 {
-    pub fn open(backend: u16) -> Result<Self, String> {
+    pub fn open(backend: u16, target: String) -> Result<Self, String> {
         let open = |path: &str| {
             OpenOptions::new()
                 .read(true)
@@ -66,6 +68,7 @@ impl XenDom0 {
         };
         Ok(XenDom0 {
             backend,
+            target,
             gntalloc: Gntalloc::open().map_err(|e| format!("/dev/xen/gntalloc: {e}"))?,
             granted: HashMap::new(),
             evtchn: open("/dev/xen/evtchn")?,
@@ -122,6 +125,10 @@ fn path_payload(path: &str) -> Vec<u8> {
 impl Dom0 for XenDom0 {
     fn domid(&self) -> u16 {
         0
+    }
+
+    fn target(&self) -> &str {
+        &self.target
     }
 
     fn backend_domid(&self) -> u16 {

@@ -1,11 +1,14 @@
-//! usage: hostile-front [--grant-slack N] STORDOM_DOMID all | CASE... | random SEED COUNT
+//! usage: hostile-front [--grant-slack N] [--target T] STORDOM_DOMID all | CASE... | random SEED COUNT
 //!
 //! Attacks stordom (domain STORDOM_DOMID) from dom0 as a hostile blkfront
 //! and prints one `RESULT name=hostile:<case>` line per case (see
 //! `hostile_front::cases`), or one for the random campaign, whose seed it
 //! prints first. `--grant-slack N`: grants stordom may hold above a case's
 //! baseline afterwards, for other frontends' requests in flight (0 when
-//! this is the only frontend). Exit status 0 only if every case passed.
+//! this is the only frontend). `--target T`: what the vbds serve (the
+//! backend's `params`; default a fresh RAM disk, `ram:1M`), e.g. a slice of
+//! a passed-through disk whose neighbours the caller checks. Exit status 0
+//! only if every case passed.
 
 mod linux;
 
@@ -13,6 +16,7 @@ use std::io::Write;
 
 use hostile_front::campaign::run_campaign;
 use hostile_front::cases::{CASES, CaseConfig, FIRST_DEVID, run_case};
+use hostile_front::front::HOSTILE_TARGET;
 use hostile_front::result_line;
 
 /// The random campaign's vbd (the cases use the ones below it).
@@ -20,7 +24,7 @@ const CAMPAIGN_DEVID: u32 = FIRST_DEVID + 0x100;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: hostile-front [--grant-slack N] STORDOM_DOMID all | CASE... | random SEED COUNT"
+        "usage: hostile-front [--grant-slack N] [--target T] STORDOM_DOMID all | CASE... | random SEED COUNT"
     );
     eprintln!(
         "cases: {}",
@@ -36,12 +40,17 @@ fn number<T: std::str::FromStr>(text: Option<&String>) -> T {
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut config = CaseConfig::FULL;
-    if args.first().map(String::as_str) == Some("--grant-slack") {
-        config.grant_slack = number(args.get(1));
+    let mut target = HOSTILE_TARGET.to_string();
+    loop {
+        match args.first().map(String::as_str) {
+            Some("--grant-slack") => config.grant_slack = number(args.get(1)),
+            Some("--target") => target = args.get(1).cloned().unwrap_or_else(|| usage()),
+            _ => break,
+        }
         args.drain(..2);
     }
     let backend: u16 = number(args.first());
-    let mut dom0 = linux::XenDom0::open(backend).unwrap_or_else(|e| {
+    let mut dom0 = linux::XenDom0::open(backend, target).unwrap_or_else(|e| {
         eprintln!("hostile-front: {e}");
         std::process::exit(1)
     });
