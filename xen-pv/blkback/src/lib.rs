@@ -115,6 +115,8 @@ extern crate std;
 #[cfg(test)]
 mod alloc_count;
 pub mod blkif;
+pub mod bounce;
+
 pub mod negotiate;
 pub mod persistent;
 mod plan;
@@ -133,11 +135,12 @@ mod vbd;
 mod tests;
 
 use alloc::vec::Vec;
+use blockdev::DmaRegion;
 use core::fmt;
 use core::ptr::NonNull;
 
 pub use negotiate::FrontendRing;
-pub use served_disk::{SECTOR_SIZE, ServedDisk};
+pub use served_disk::{DataPath, OpenedTarget, SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_partition, claim_sectors};
 pub use unserved::UnservedGap;
 pub use vbd::{
@@ -174,6 +177,13 @@ pub trait BackendServices {
     fn now_ns(&self) -> u64;
     /// Prints one line on the console.
     fn log(&mut self, line: fmt::Arguments<'_>);
+    /// See [`Platform::alloc_bounce_pages`].
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion>;
+    /// See [`Platform::free_bounce_pages`].
+    ///
+    /// # Safety
+    /// As for [`Platform::free_bounce_pages`].
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion);
 }
 
 /// What only the kernel knows, for [`XenBackendServices`].
@@ -185,6 +195,16 @@ pub trait Platform {
     fn now_ns(&self) -> u64;
     /// See [`BackendServices::log`].
     fn log(&mut self, line: fmt::Arguments<'_>);
+    /// Allocates `pages` zeroed, page-aligned, physically contiguous pages
+    /// that the disks' devices can DMA to and the CPU reaches at `virt`
+    /// (a ring's bounce buffers), or `None` when out of memory.
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion>;
+    /// Gives back pages from [`Self::alloc_bounce_pages`].
+    ///
+    /// # Safety
+    /// `region` came from `alloc_bounce_pages`, and no device and no
+    /// pointer uses it any more.
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion);
 }
 
 /// [`BackendServices`] over this crate's event channels and grant mapper.
@@ -234,5 +254,14 @@ impl<H: Hypercall, P: Platform> BackendServices for XenBackendServices<'_, '_, H
 
     fn log(&mut self, line: fmt::Arguments<'_>) {
         self.platform.log(line);
+    }
+
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion> {
+        self.platform.alloc_bounce_pages(pages)
+    }
+
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.platform.free_bounce_pages(region) }
     }
 }
