@@ -18,9 +18,9 @@ use blkback::{
 };
 use blockdev::partition::{PartitionTable, TableError};
 use blockdev::{Disk, DmaRegion};
-use drivers::Hal;
 use core::fmt;
 use core::ptr::NonNull;
+use drivers::Hal;
 use drivers::RamDisk;
 use xen_pv::PAGE_SIZE;
 use xen_pv::vcpu::CpuTimes;
@@ -237,7 +237,10 @@ impl TargetOpener for KernelOpener {
             }
             Target::Partition { disk, number } => {
                 let disk = self.named(disk)?;
-                (disk, claim_partition(&disk.named.disk, &disk.partitions, number)?)
+                (
+                    disk,
+                    claim_partition(&disk.named.disk, &disk.partitions, number)?,
+                )
             }
         };
         Ok(OpenedTarget {

@@ -116,6 +116,7 @@ extern crate std;
 mod alloc_count;
 pub mod blkif;
 pub mod bounce;
+pub mod grant_dma_check;
 
 pub mod negotiate;
 pub mod persistent;
