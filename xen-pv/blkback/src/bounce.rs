@@ -78,39 +78,37 @@ impl BouncePool {
         unsafe { self.region.virt.add(offset) }
     }
 
-    /// Copies each granted segment (mapped where `grant_address` says)
-    /// into its bounce page, before the device writes it to disk.
-    pub(crate) fn copy_in<S: BackendServices>(
+    /// Copies between each granted segment and its bounce page, as
+    /// `direction` says.
+    pub(crate) fn copy<S: BackendServices>(
         &self,
         svc: &S,
         granted: &[Segment],
         bounced: &[Segment],
+        direction: CopyDirection,
     ) -> Result<(), &'static str> {
         for (&grant, &bounce) in granted.iter().zip(bounced) {
-            let from = grant_address(svc, grant)?;
-            // SAFETY: `from` is `grant.len` bytes of a mapped grant page,
-            // mapped until the request finishes; the bounce page is the
-            // request's own until then.
-            unsafe { copy_words(from, self.address(bounce), grant.len as usize) };
+            let (grant_at, bounce_at) = (grant_address(svc, grant)?, self.address(bounce));
+            let (from, to) = match direction {
+                CopyDirection::IntoBounce => (grant_at, bounce_at),
+                CopyDirection::OutOfBounce => (bounce_at, grant_at),
+            };
+            // SAFETY: the grant's `len` bytes lie in a grant page mapped
+            // until the request finishes; its bounce page (as long) is the
+            // request's own until then; pool and window do not overlap.
+            unsafe { copy_words(from, to, grant.len as usize) };
         }
         Ok(())
     }
+}
 
-    /// Copies each bounce page the device read into back to its granted
-    /// segment, before the response is published.
-    pub(crate) fn copy_out<S: BackendServices>(
-        &self,
-        svc: &S,
-        granted: &[Segment],
-        bounced: &[Segment],
-    ) -> Result<(), &'static str> {
-        for (&grant, &bounce) in granted.iter().zip(bounced) {
-            let to = grant_address(svc, grant)?;
-            // SAFETY: as in `copy_in`, the other way round.
-            unsafe { copy_words(self.address(bounce), to, grant.len as usize) };
-        }
-        Ok(())
-    }
+/// Which way [`BouncePool::copy`] copies.
+#[derive(Clone, Copy)]
+pub(crate) enum CopyDirection {
+    /// What a write writes, before the device reads it.
+    IntoBounce,
+    /// What a read read, once the device wrote it.
+    OutOfBounce,
 }
 
 /// Where the CPU finds a segment of a mapped grant (its `phys` is in the

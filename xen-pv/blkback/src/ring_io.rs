@@ -20,7 +20,7 @@ use xen_pv::ring::{BackRing, RingError};
 
 use crate::BackendServices;
 use crate::blkif::{self, BlkifRequest, Protocol, SEGMENTS_PER_INDIRECT_PAGE};
-use crate::bounce::{BouncePool, MAX_BOUNCE_PAGES_PER_RING};
+use crate::bounce::{BouncePool, CopyDirection, MAX_BOUNCE_PAGES_PER_RING};
 use crate::negotiate::FrontendRing;
 use crate::persistent::PersistentGrants;
 use crate::plan::{self, Plan, Refusal, Step};
@@ -1015,7 +1015,12 @@ fn bounce_in<S: BackendServices>(
     if slot.operation == blkif::OP_READ {
         return Ok(());
     }
-    pool.copy_in(svc, &slot.segments, &slot.bounced)
+    pool.copy(
+        svc,
+        &slot.segments,
+        &slot.bounced,
+        CopyDirection::IntoBounce,
+    )
 }
 
 /// Copies what a successful read read from its bounce pages into its
@@ -1026,7 +1031,12 @@ fn bounce_out<S: BackendServices>(
     svc: &S,
 ) -> Result<(), &'static str> {
     let copied = if slot.operation == blkif::OP_READ && slot.status == blkif::RSP_OKAY {
-        pool.copy_out(svc, &slot.segments, &slot.bounced)
+        pool.copy(
+            svc,
+            &slot.segments,
+            &slot.bounced,
+            CopyDirection::OutOfBounce,
+        )
     } else {
         Ok(())
     };

@@ -61,6 +61,9 @@ struct Spy {
     /// Completions held back, with their queue.
     held: Vec<(u16, Completion)>,
     ops: Vec<Op>,
+    /// Behind an IOMMU that maps only this DMA memory (see
+    /// [`bounce::fails_dma_into_grants`]).
+    grant_blind: Option<GrantWindowHal>,
 }
 
 impl Spy {
@@ -100,6 +103,11 @@ impl QueuedDevice for SpyDisk {
         request: blockdev::Request<'_>,
     ) -> Result<(), SubmitError> {
         let mut spy = self.0.borrow_mut();
+        if let Some(fault) = bounce::fails_dma_into_grants(spy.grant_blind.as_ref(), tag, &request)
+        {
+            uncounted(|| spy.held.push((queue, fault)));
+            return Ok(());
+        }
         let op = match request {
             blockdev::Request::Read { lba, .. } => Op::Read(lba),
             blockdev::Request::Write { lba, .. } => Op::Write(lba),
@@ -165,6 +173,7 @@ impl TestOpener {
             hold: false,
             held: Vec::new(),
             ops: Vec::new(),
+            grant_blind: None,
         }));
         self.disks.borrow_mut().push(spy.clone());
         SpyDisk(spy)

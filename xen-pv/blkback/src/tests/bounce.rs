@@ -1,6 +1,6 @@
 //! Bounce buffers: a device behind an IOMMU that does not see grant
-//! mappings fails every request pointing into the GFN window, and is served
-//! correctly only through a ring's bounce pages.
+//! mappings (a grant-blind spy disk) fails every request pointing into the
+//! GFN window, and is served correctly only through a ring's bounce pages.
 
 use super::*;
 use blockdev::IoError;
@@ -9,58 +9,33 @@ use blockdev::IoError;
 /// an NVMe controller reports a data transfer error).
 const DMA_FAULT: IoError = IoError::Device { code: 0x204 };
 
-/// A device behind an IOMMU that maps only stordom's own DMA memory: a
-/// read or write with a segment outside it fails without moving a byte;
-/// the others go to the spy disk underneath.
-struct GrantBlindDisk {
-    disk: SpyDisk,
-    hal: GrantWindowHal,
-    /// Failed requests' completions, with their queue.
-    faulted: Vec<(u16, Completion)>,
-}
-
-impl QueuedDevice for GrantBlindDisk {
-    fn geometry(&self) -> Geometry {
-        self.disk.geometry()
-    }
-
-    fn submit(
-        &mut self,
-        queue: u16,
-        tag: u64,
-        request: blockdev::Request<'_>,
-    ) -> Result<(), SubmitError> {
-        let segments = match request {
-            blockdev::Request::Read { segments, .. }
-            | blockdev::Request::Write { segments, .. } => segments,
-            _ => &[],
-        };
-        let reachable = |s: &blockdev::Segment| self.hal.is_dma_memory(s.phys, s.len as usize);
-        if segments.iter().all(reachable) {
-            return self.disk.submit(queue, tag, request);
+/// The completion of a request that a device behind an IOMMU mapping only
+/// `hal`'s DMA memory (when `grant_blind`) fails: one with a segment
+/// elsewhere (a grant frame) moves no byte.
+pub(super) fn fails_dma_into_grants(
+    grant_blind: Option<&GrantWindowHal>,
+    tag: u64,
+    request: &blockdev::Request<'_>,
+) -> Option<Completion> {
+    let hal = grant_blind?;
+    let segments = match *request {
+        blockdev::Request::Read { segments, .. } | blockdev::Request::Write { segments, .. } => {
+            segments
         }
-        let fault = Completion {
-            tag,
-            result: Err(DMA_FAULT),
-        };
-        uncounted(|| self.faulted.push((queue, fault)));
-        Ok(())
-    }
-
-    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
-        let done = self.disk.poll(queue, out);
-        done + hand_over_held(&mut self.faulted, queue, &mut out[done..])
-    }
+        _ => &[],
+    };
+    let reachable = |s: &blockdev::Segment| hal.is_dma_memory(s.phys, s.len as usize);
+    (!segments.iter().all(reachable)).then_some(Completion {
+        tag,
+        result: Err(DMA_FAULT),
+    })
 }
 
 impl TestOpener {
     /// A 1 MiB grant-blind disk, served on `data_path`.
     pub(super) fn grant_blind(&self, data_path: DataPath) -> Result<OpenedTarget, OpenError> {
-        let device = GrantBlindDisk {
-            disk: self.spy_device(512, 2048, 1, false),
-            hal: self.hal.clone(),
-            faulted: Vec::new(),
-        };
+        let device = self.spy_device(512, 2048, 1, false);
+        device.0.borrow_mut().grant_blind = Some(self.hal.clone());
         Ok(OpenedTarget {
             view: Disk::new(device).claim_all()?,
             data_path,
