@@ -2,33 +2,7 @@
 
 use core::ptr::NonNull;
 
-pub use blockdev::PhysAddr;
-
-/// The page size DMA memory is allocated and aligned in.
-pub const PAGE_SIZE: usize = 4096;
-
-/// Physically contiguous DMA memory handed out by [`Hal::dma_alloc`].
-#[derive(Debug)]
-pub struct DmaRegion {
-    /// Address the device uses.
-    pub phys: PhysAddr,
-    /// Address the CPU uses; `pages * PAGE_SIZE` bytes are mapped there.
-    pub virt: NonNull<u8>,
-    /// Size in pages.
-    pub pages: usize,
-}
-
-impl DmaRegion {
-    /// Size in bytes.
-    pub fn len(&self) -> usize {
-        self.pages * PAGE_SIZE
-    }
-
-    /// Whether the region is zero pages long.
-    pub fn is_empty(&self) -> bool {
-        self.pages == 0
-    }
-}
+pub use blockdev::{DmaRegion, PAGE_SIZE, PhysAddr};
 
 /// What the drivers need from the kernel (or from a test harness).
 ///

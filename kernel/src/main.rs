@@ -7,6 +7,7 @@
 mod arch;
 mod console;
 mod disk_test;
+mod grant_dma;
 mod memory;
 mod platform;
 mod power;
@@ -229,7 +230,9 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
             if job == Job::Serve {
                 let modules: alloc::vec::Vec<(u64, u64)> =
                     info.modules().iter().map(|m| (m.start, m.len)).collect();
-                let opener = serve::KernelOpener::new(&modules, find_disks());
+                let mut disks = find_disks();
+                grant_dma::check_disks(&mut connection, &mut disks);
+                let opener = serve::KernelOpener::new(&modules, disks);
                 if let Err(why) = serve::run(connection, opener) {
                     fail(format_args!("serve: {why}"));
                 }

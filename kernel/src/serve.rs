@@ -13,13 +13,14 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blkback::{
-    OpenError, Platform, Progress, Target, TargetOpener, UnservedGap, VbdBackends,
-    XenBackendServices, claim_partition, claim_sectors, statistics,
+    DataPath, OpenError, OpenedTarget, Platform, Progress, Target, TargetOpener, UnservedGap,
+    VbdBackends, XenBackendServices, claim_partition, claim_sectors, statistics,
 };
 use blockdev::partition::{PartitionTable, TableError};
-use blockdev::{Disk, DiskView};
+use blockdev::{Disk, DmaRegion};
 use core::fmt;
 use core::ptr::NonNull;
+use drivers::Hal;
 use drivers::RamDisk;
 use xen_pv::PAGE_SIZE;
 use xen_pv::vcpu::CpuTimes;
@@ -184,6 +185,8 @@ impl KernelOpener {
             disks.push(NamedDisk {
                 name: alloc::format!("module:{i}"),
                 disk: Disk::new(disk),
+                controller: None,
+                data_path: DataPath::ZeroCopy,
             });
         }
         let disks = disks
@@ -209,28 +212,41 @@ impl KernelOpener {
 }
 
 impl TargetOpener for KernelOpener {
-    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<DiskView, OpenError> {
-        match *target {
+    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<OpenedTarget, OpenError> {
+        let (named, view) = match *target {
             Target::Ram { bytes } => {
                 let disk =
                     RamDisk::allocate(KernelHal, bytes / 512, 1).ok_or(OpenError::OutOfMemory)?;
-                Ok(Disk::new(disk).claim_all()?)
+                return Ok(Disk::new(disk).claim_all()?.into());
             }
             Target::Module { index } => {
                 let module = self.named(&alloc::format!("module:{index}"))?;
-                Ok(module.named.disk.claim_all()?)
+                (module, module.named.disk.claim_all()?)
             }
-            Target::Disk { name } => Ok(self.named(name)?.named.disk.claim_all()?),
+            Target::Disk { name } => {
+                let disk = self.named(name)?;
+                (disk, disk.named.disk.claim_all()?)
+            }
             Target::Range {
                 disk,
                 start,
                 sectors,
-            } => claim_sectors(&self.named(disk)?.named.disk, start, sectors),
+            } => {
+                let disk = self.named(disk)?;
+                (disk, claim_sectors(&disk.named.disk, start, sectors)?)
+            }
             Target::Partition { disk, number } => {
                 let disk = self.named(disk)?;
-                claim_partition(&disk.named.disk, &disk.partitions, number)
+                (
+                    disk,
+                    claim_partition(&disk.named.disk, &disk.partitions, number)?,
+                )
             }
-        }
+        };
+        Ok(OpenedTarget {
+            view,
+            data_path: named.named.data_path,
+        })
     }
 }
 
@@ -249,6 +265,15 @@ impl Platform for KernelPlatform {
 
     fn log(&mut self, line: fmt::Arguments<'_>) {
         log::info!("{line}");
+    }
+
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion> {
+        KernelHal.dma_alloc(pages)
+    }
+
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion) {
+        // SAFETY: the caller's promise: from `dma_alloc`, and unused now.
+        unsafe { KernelHal.dma_free(region) };
     }
 }
 

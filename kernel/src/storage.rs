@@ -10,6 +10,7 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
+use blkback::DataPath;
 use blockdev::partition::{self, PartitionTable, TableError};
 use blockdev::{Completion, QueueHandle, Request, Segment};
 use core::cell::RefCell;
@@ -25,6 +26,23 @@ pub struct NamedDisk {
     pub name: String,
     /// The device.
     pub disk: blockdev::Disk,
+    /// The controller whose DMA moves its data (`nvme0`, `ahci0`, ...);
+    /// `None` when the CPU copies (RAM disks, boot modules).
+    pub controller: Option<String>,
+    /// How its vbds move data (the start-up check's verdict).
+    pub data_path: DataPath,
+}
+
+impl NamedDisk {
+    /// A disk whose device DMAs, zero-copy until checked.
+    fn on_controller(name: String, disk: blockdev::Disk, controller: &str) -> Self {
+        Self {
+            name,
+            disk,
+            controller: Some(controller.into()),
+            data_path: DataPath::ZeroCopy,
+        }
+    }
 }
 
 /// Configuration space, however it is reached.
@@ -146,10 +164,11 @@ pub fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
                                 None => blockdev::Disk::new(ns),
                             };
                             first.get_or_insert_with(|| disk.clone());
-                            disks.push(NamedDisk {
-                                name: format!("nvme{index}n{nsid}"),
+                            disks.push(NamedDisk::on_controller(
+                                format!("nvme{index}n{nsid}"),
                                 disk,
-                            });
+                                &format!("nvme{index}"),
+                            ));
                         }
                     }
                     Err(e) => log::error!("nvme{index}: {place}: {e:?}"),
@@ -170,10 +189,11 @@ pub fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
                                 port.number(),
                                 if port.uses_ncq() { "on" } else { "off" }
                             );
-                            disks.push(NamedDisk {
-                                name: format!("ahci{index}p{}", port.number()),
-                                disk: blockdev::Disk::new(port),
-                            });
+                            disks.push(NamedDisk::on_controller(
+                                format!("ahci{index}p{}", port.number()),
+                                blockdev::Disk::new(port),
+                                &format!("ahci{index}"),
+                            ));
                         }
                     }
                     Err(e) => log::error!("ahci{index}: {place}: {e:?}"),
@@ -186,10 +206,11 @@ pub fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
                 match unsafe { VirtioBlock::from_pci(KernelHal, config, at) } {
                     Ok(dev) => {
                         log::info!("virtio{index}: {place}");
-                        disks.push(NamedDisk {
-                            name: format!("virtio{index}"),
-                            disk: blockdev::Disk::new(dev),
-                        });
+                        disks.push(NamedDisk::on_controller(
+                            format!("virtio{index}"),
+                            blockdev::Disk::new(dev),
+                            &format!("virtio{index}"),
+                        ));
                     }
                     Err(e) => log::error!("virtio{index}: {place}: {e:?}"),
                 }

@@ -1,8 +1,10 @@
 //! Grant tables: batched map/unmap of foreign grants into a window of
-//! guest-physical frames. The batch calls take the caller's buffers, so a
-//! caller that keeps them allocates nothing per batch.
+//! guest-physical frames (the batch calls take the caller's buffers, so a
+//! caller that keeps them allocates nothing per batch), and the entries of
+//! the domain's own table, to grant a page of its own ([`GrantEntryV1`]).
 
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::hypercall::{Command, command_batch};
 use crate::{DomId, Errno, Hypercall, PAGE_SIZE};
@@ -307,10 +309,106 @@ impl<H: Hypercall> GrantMapper<H> {
     }
 }
 
+/// `GTF_permit_access`: the grantee may map the frame.
+const GTF_PERMIT_ACCESS: u16 = 1;
+/// `GTF_readonly`: the grantee may only read it.
+const GTF_READONLY: u16 = 1 << 2;
+/// `GTF_reading | GTF_writing`: Xen has the grant mapped (set and cleared
+/// by Xen alone).
+const GTF_IN_USE: u16 = (1 << 3) | (1 << 4);
+
+/// `grant_entry_v1_t`: one entry of a domain's own grant table, in the
+/// frames it maps with [`crate::memory::map_grant_table_frame`]. The
+/// flags and domid form the word Xen compares-and-exchanges.
+#[repr(C)]
+pub struct GrantEntryV1 {
+    /// `flags` (low half) and `domid` (high half).
+    header: AtomicU32,
+    frame: AtomicU32,
+}
+
+/// Entries of one grant-table frame (v1).
+pub const GRANT_ENTRIES_PER_FRAME: usize = PAGE_SIZE / core::mem::size_of::<GrantEntryV1>();
+/// Entries the toolstack reserves (console, xenstore, ...); never offered.
+pub const RESERVED_GRANT_ENTRIES: usize = 8;
+
+/// Why a grant of one's own could not be ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantStillMapped;
+
+impl GrantEntryV1 {
+    /// Whether the entry grants nothing (free to offer).
+    pub fn is_free(&self) -> bool {
+        self.header.load(Ordering::Acquire) as u16 == 0
+    }
+
+    /// Grants guest frame `gfn` to domain `grantee`; false (and nothing
+    /// changed) when the entry is in use.
+    pub fn offer(&self, grantee: DomId, gfn: u32, readonly: bool) -> bool {
+        let flags = GTF_PERMIT_ACCESS | if readonly { GTF_READONLY } else { 0 };
+        if !self.is_free() {
+            return false;
+        }
+        // The frame is in place before Xen can see the entry permitted.
+        self.frame.store(gfn, Ordering::Release);
+        let header = u32::from(flags) | (u32::from(grantee) << 16);
+        self.header
+            .compare_exchange(0, header, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Ends the grant, unless Xen still has it mapped.
+    pub fn end(&self) -> Result<(), GrantStillMapped> {
+        let mut header = self.header.load(Ordering::Acquire);
+        loop {
+            if header as u16 & GTF_IN_USE != 0 {
+                return Err(GrantStillMapped);
+            }
+            match self
+                .header
+                .compare_exchange(header, 0, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => header = now,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    fn entry() -> GrantEntryV1 {
+        GrantEntryV1 {
+            header: AtomicU32::new(0),
+            frame: AtomicU32::new(0),
+        }
+    }
+
+    #[test]
+    fn an_own_grant_is_offered_as_xen_reads_it_and_ended_once_unmapped() {
+        assert_eq!(size_of::<GrantEntryV1>(), 8);
+        assert_eq!(GRANT_ENTRIES_PER_FRAME, 512);
+        let e = entry();
+        assert!(e.offer(3, 0x1234, false));
+        assert_eq!(e.header.load(Ordering::Relaxed), 1 | 3 << 16);
+        assert_eq!(e.frame.load(Ordering::Relaxed), 0x1234);
+        assert!(!e.is_free());
+        assert!(
+            !e.offer(4, 0x99, true),
+            "an entry in use is not offered again"
+        );
+        // Xen marks it mapped for writing: it cannot be ended.
+        e.header.fetch_or(1 << 4 | 1 << 3, Ordering::Relaxed);
+        assert_eq!(e.end(), Err(GrantStillMapped));
+        e.header.fetch_and(!(1 << 4 | 1 << 3), Ordering::Relaxed);
+        assert_eq!(e.end(), Ok(()));
+        assert!(e.is_free());
+        assert!(e.offer(4, 0x99, true));
+        assert_eq!(e.header.load(Ordering::Relaxed), 1 | 1 << 2 | 4 << 16);
+    }
 
     #[test]
     fn layouts_match_grant_table_h() {

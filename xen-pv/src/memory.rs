@@ -7,6 +7,8 @@ use crate::{DOMID_SELF, DomId, Errno, Hypercall, PAGE_SIZE};
 
 /// `XENMAPSPACE_shared_info`: map the shared_info page.
 pub const XENMAPSPACE_SHARED_INFO: u32 = 0;
+/// `XENMAPSPACE_grant_table`: map a frame of the domain's own grant table.
+pub const XENMAPSPACE_GRANT_TABLE: u32 = 1;
 
 /// `struct xen_add_to_physmap` (XENMEM_add_to_physmap).
 #[derive(Clone, Copy, Debug, Default)]
@@ -25,11 +27,33 @@ xen_command!(AddToPhysmap, Memory, 7, "struct xen_add_to_physmap");
 /// frame the kernel reserved); the kernel then maps `gfn` and views it as a
 /// [`SharedInfo`].
 pub fn map_shared_info<H: Hypercall + ?Sized>(h: &H, gfn: u64) -> Result<(), Errno> {
+    add_to_own_physmap(h, XENMAPSPACE_SHARED_INFO, 0, gfn)
+}
+
+/// Places frame `index` of the domain's own (v1) grant table at guest
+/// frame `gfn` (a frame the kernel gives up for it, as for shared_info);
+/// the kernel then views it as [`crate::grant::GrantEntryV1`]s to grant
+/// its own pages.
+pub fn map_grant_table_frame<H: Hypercall + ?Sized>(
+    h: &H,
+    index: u64,
+    gfn: u64,
+) -> Result<(), Errno> {
+    add_to_own_physmap(h, XENMAPSPACE_GRANT_TABLE, index, gfn)
+}
+
+/// XENMEM_add_to_physmap for this domain: item `idx` of `space` at `gfn`.
+fn add_to_own_physmap<H: Hypercall + ?Sized>(
+    h: &H,
+    space: u32,
+    idx: u64,
+    gfn: u64,
+) -> Result<(), Errno> {
     let mut arg = AddToPhysmap {
         domid: DOMID_SELF,
         size: 0,
-        space: XENMAPSPACE_SHARED_INFO,
-        idx: 0,
+        space,
+        idx,
         gpfn: gfn,
     };
     command(h, &mut arg).map(drop)

@@ -28,9 +28,37 @@ pub mod partition;
 pub use disk::{ClaimError, Disk, DiskView, QueueHandle};
 
 use alloc::collections::VecDeque;
+use core::ptr::NonNull;
 
 /// A physical (bus) address.
 pub type PhysAddr = u64;
+
+/// The page size DMA memory is allocated and aligned in.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Physically contiguous DMA memory, as a kernel hands it to drivers
+/// (`drivers::Hal::dma_alloc`) and to the backend's bounce buffers.
+#[derive(Debug)]
+pub struct DmaRegion {
+    /// Address the device uses.
+    pub phys: PhysAddr,
+    /// Address the CPU uses; `pages * PAGE_SIZE` bytes are mapped there.
+    pub virt: NonNull<u8>,
+    /// Size in pages.
+    pub pages: usize,
+}
+
+impl DmaRegion {
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.pages * PAGE_SIZE
+    }
+
+    /// Whether the region is zero pages long.
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+}
 
 /// One piece of a scatter-gather list: `len` bytes of RAM at `phys`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,10 +19,14 @@
 //! # What the kernel provides
 //! - A [`BackendServices`] implementation: event channels (bind, send, close),
 //!   batched grant map/unmap into its GFN window, the address at which a
-//!   window frame is mapped, a clock and a console. [`XenBackendServices`] builds
+//!   window frame is mapped, a clock, a console, and DMA pages for bounce
+//!   buffers. [`XenBackendServices`] builds
 //!   one from [`EventChannels`], [`GrantMapper`] and a small [`Platform`].
 //! - A [`TargetOpener`] that turns a parsed [`Target`] (`params`, the xl
-//!   `target=`; syntax in [`target`]) into a claimed [`blockdev::DiskView`].
+//!   `target=`; syntax in [`target`]) into a claimed [`blockdev::DiskView`]
+//!   and the [`DataPath`] its vbd takes (zero-copy, or bounce buffers for a
+//!   device that cannot DMA into grant mappings; [`grant_dma_check`]
+//!   judges the kernel's start-up check).
 //!   Each ring of a vbd opens a queue handle of its own on the view; the
 //!   handle keeps the view's range and its completions to itself, so ranges
 //!   or partitions of one disk and namespaces of one controller may be
@@ -30,7 +34,8 @@
 //! - Its `drivers::Hal` must translate the GFN window: the engine hands the
 //!   device segments at `gfn * 4096 + first_sect * 512` of mapped grants,
 //!   so `phys_to_virt` must work there (identity-map the window) and a
-//!   DMA-capable device must reach it (IOMMU permitting).
+//!   DMA-capable device must reach it (IOMMU permitting; otherwise the
+//!   opener says [`DataPath::Bounce`] and the device gets bounce pages).
 //!
 //! # Call sequence
 //! 1. Setup: `let mut vbds = VbdBackends::new(opener);` then
@@ -103,6 +108,10 @@
 //! you mean to serve at full depth (2600 with 16-page rings of indirect
 //! requests); when it runs out, requests fail with `BLKIF_RSP_ERROR` and
 //! nothing else breaks.
+//! A ring of a vbd with [`DataPath::Bounce`] also holds a pool of DMA
+//! pages allocated at connect: one per segment it may have in flight, at
+//! most [`bounce::MAX_BOUNCE_PAGES_PER_RING`] (4 MiB); a request is taken
+//! only when its segments' pages are free.
 //! Rings per vbd: [`served_disk::MAX_QUEUES`]. Log lines:
 //! [`rate_limited_log::MAX_LOG_LINES_PER_SECOND`] per vbd.
 
@@ -115,6 +124,9 @@ extern crate std;
 #[cfg(test)]
 mod alloc_count;
 pub mod blkif;
+pub mod bounce;
+pub mod grant_dma_check;
+
 pub mod negotiate;
 pub mod persistent;
 mod plan;
@@ -133,11 +145,12 @@ mod vbd;
 mod tests;
 
 use alloc::vec::Vec;
+use blockdev::DmaRegion;
 use core::fmt;
 use core::ptr::NonNull;
 
 pub use negotiate::FrontendRing;
-pub use served_disk::{SECTOR_SIZE, ServedDisk};
+pub use served_disk::{DataPath, OpenedTarget, SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_partition, claim_sectors};
 pub use unserved::UnservedGap;
 pub use vbd::{
@@ -174,6 +187,13 @@ pub trait BackendServices {
     fn now_ns(&self) -> u64;
     /// Prints one line on the console.
     fn log(&mut self, line: fmt::Arguments<'_>);
+    /// See [`Platform::alloc_bounce_pages`].
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion>;
+    /// See [`Platform::free_bounce_pages`].
+    ///
+    /// # Safety
+    /// As for [`Platform::free_bounce_pages`].
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion);
 }
 
 /// What only the kernel knows, for [`XenBackendServices`].
@@ -185,6 +205,16 @@ pub trait Platform {
     fn now_ns(&self) -> u64;
     /// See [`BackendServices::log`].
     fn log(&mut self, line: fmt::Arguments<'_>);
+    /// Allocates `pages` zeroed, page-aligned, physically contiguous pages
+    /// that the disks' devices can DMA to and the CPU reaches at `virt`
+    /// (a ring's bounce buffers), or `None` when out of memory.
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion>;
+    /// Gives back pages from [`Self::alloc_bounce_pages`].
+    ///
+    /// # Safety
+    /// `region` came from `alloc_bounce_pages`, and no device and no
+    /// pointer uses it any more.
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion);
 }
 
 /// [`BackendServices`] over this crate's event channels and grant mapper.
@@ -234,5 +264,14 @@ impl<H: Hypercall, P: Platform> BackendServices for XenBackendServices<'_, '_, H
 
     fn log(&mut self, line: fmt::Arguments<'_>) {
         self.platform.log(line);
+    }
+
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion> {
+        self.platform.alloc_bounce_pages(pages)
+    }
+
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.platform.free_bounce_pages(region) }
     }
 }

@@ -44,6 +44,9 @@ pub(crate) struct Slot {
     pub(crate) grants: Vec<GrantedSegment>,
     /// The same segments where the device finds them, once mapped.
     pub(crate) segments: Vec<blockdev::Segment>,
+    /// Their bounce pages, while in flight on a bouncing ring (the device
+    /// is given these instead).
+    pub(crate) bounced: Vec<blockdev::Segment>,
     /// Grants mapped for this request alone.
     pub(crate) mappings: Vec<Mapping>,
     /// Persistent grants it uses.
@@ -64,7 +67,8 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    pub(crate) fn new(segments: usize) -> Result<Slot, TryReserveError> {
+    /// Room for requests of up to `segments` segments, bounced if `bounce`.
+    pub(crate) fn new(segments: usize, bounce: bool) -> Result<Slot, TryReserveError> {
         Ok(Slot {
             state: SlotState::Free,
             id: 0,
@@ -72,6 +76,7 @@ impl Slot {
             steps: Steps::default(),
             grants: reserved(segments)?,
             segments: reserved(segments)?,
+            bounced: reserved(if bounce { segments } else { 0 })?,
             mappings: reserved(segments)?,
             kept: reserved(segments)?,
             map_readonly: true,
@@ -112,15 +117,19 @@ pub(crate) fn reserved<T>(capacity: usize) -> Result<Vec<T>, TryReserveError> {
 }
 
 /// The request state of `count` slots of up to `segments` segments each.
-pub(crate) fn allocate_slots(count: usize, segments: usize) -> Result<Vec<Slot>, TryReserveError> {
+pub(crate) fn allocate_slots(
+    count: usize,
+    segments: usize,
+    bounce: bool,
+) -> Result<Vec<Slot>, TryReserveError> {
     let mut slots = reserved(count)?;
     for _ in 0..count {
-        slots.push(Slot::new(segments)?);
+        slots.push(Slot::new(segments, bounce)?);
     }
     Ok(slots)
 }
 
-/// Where the device finds `grant`'s sectors of the page mapped at `gfn`.
+/// Where `grant`'s sectors are in the page mapped at `gfn`.
 pub(crate) fn device_segment(gfn: u64, grant: GrantedSegment) -> blockdev::Segment {
     blockdev::Segment {
         phys: gfn * PAGE_SIZE as u64 + u64::from(grant.first_sect) * SECTOR_SIZE,

@@ -20,6 +20,7 @@ use xen_pv::ring::{BackRing, RingError};
 
 use crate::BackendServices;
 use crate::blkif::{self, BlkifRequest, Protocol, SEGMENTS_PER_INDIRECT_PAGE};
+use crate::bounce::{BouncePool, CopyDirection, MAX_BOUNCE_PAGES_PER_RING};
 use crate::negotiate::FrontendRing;
 use crate::persistent::PersistentGrants;
 use crate::plan::{self, Plan, Refusal, Step};
@@ -27,7 +28,7 @@ use crate::rate_limited_log::RateLimitedLog;
 use crate::request_slot::{
     IndirectPages, Slot, SlotState, allocate_slots, device_segment, read_indirect_page, reserved,
 };
-use crate::served_disk::ServedDisk;
+use crate::served_disk::{DataPath, ServedDisk};
 use crate::statistics::{RequestCounters, RingReport, WATCHDOG_NS};
 
 /// Rounds of complete / start / consume in one [`BlkifRing::serve`], so a device
@@ -69,6 +70,8 @@ pub enum ConnectError {
     Queue(blockdev::ClaimError),
     /// No memory for the ring's request state.
     OutOfMemory,
+    /// No DMA memory for the ring's bounce buffers.
+    NoBouncePages,
     /// A ring page grant could not be mapped.
     RingGrant(GrantError),
     /// A mapped ring page has no (aligned) address in this domain.
@@ -84,6 +87,7 @@ impl fmt::Display for ConnectError {
         match self {
             ConnectError::Queue(e) => write!(f, "opening a disk queue failed: {e:?}"),
             ConnectError::OutOfMemory => f.write_str("out of memory for the ring's requests"),
+            ConnectError::NoBouncePages => f.write_str("no DMA memory for bounce buffers"),
             ConnectError::RingGrant(e) => write!(f, "mapping ring-ref failed: {e:?}"),
             ConnectError::RingAddress => f.write_str("ring page has no address"),
             ConnectError::RingSize => f.write_str("ring size not offered"),
@@ -156,6 +160,8 @@ pub struct BlkifRing {
     mapped_grants: usize,
     /// The grants kept mapped, when the frontend asked for it.
     persistent: Option<PersistentGrants>,
+    /// Bounce pages, when the device cannot DMA into grant mappings.
+    bounce: Option<BouncePool>,
     /// What it answered so far, and when it last did.
     counters: RequestCounters,
     last_completion_ns: u64,
@@ -233,8 +239,9 @@ impl BlkifRing {
             .min(ring.size() as usize)
             .min(MAX_SEGMENT_STATE_PER_RING / disk.max_request_segments())
             .max(1);
+        let bouncing = disk.data_path() == DataPath::Bounce;
         let state = (|| {
-            let slots = allocate_slots(count, disk.max_request_segments())?;
+            let slots = allocate_slots(count, disk.max_request_segments(), bouncing)?;
             let kept = persistent.then(PersistentGrants::new).transpose()?;
             Ok::<_, TryReserveError>((
                 slots,
@@ -243,11 +250,23 @@ impl BlkifRing {
                 kept,
             ))
         })();
-        let Ok((slots, taken, to_unmap, kept)) = state else {
-            drop(ring);
-            unmap_logged(svc, &mut mappings);
-            svc.close_port(port);
-            return Err(ConnectError::OutOfMemory);
+        // Enough pages for every segment the ring may have in flight.
+        let pool_pages = (count * disk.max_request_segments()).min(MAX_BOUNCE_PAGES_PER_RING);
+        let allocated = match state {
+            Ok(state) if bouncing => {
+                BouncePool::allocate(svc, pool_pages).map(|pool| (state, Some(pool)))
+            }
+            Ok(state) => Ok((state, None)),
+            Err(_) => Err(ConnectError::OutOfMemory),
+        };
+        let ((slots, taken, to_unmap, kept), bounce) = match allocated {
+            Ok(allocated) => allocated,
+            Err(e) => {
+                drop(ring);
+                unmap_logged(svc, &mut mappings);
+                svc.close_port(port);
+                return Err(e);
+            }
         };
         Ok(BlkifRing {
             frontend: domid,
@@ -273,6 +292,7 @@ impl BlkifRing {
             max_indirect: disk.max_indirect_segments(),
             mapped_grants: 0,
             persistent: kept,
+            bounce,
             counters: RequestCounters::default(),
             last_completion_ns: 0,
             now_ns: svc.now_ns(),
@@ -358,8 +378,12 @@ impl BlkifRing {
             ring_mappings,
             to_unmap,
             persistent,
+            bounce,
             ..
         } = self;
+        if let Some(pool) = bounce {
+            pool.release(svc);
+        }
         let mut mappings = to_unmap;
         mappings.extend(
             persistent
@@ -451,6 +475,12 @@ impl BlkifRing {
                 break;
             };
             if self.mapped_grants + reserved_grants + largest_request > MAX_MAPPED_GRANTS_PER_RING {
+                starved = true;
+                break;
+            }
+            if let Some(pool) = &self.bounce
+                && reserved_grants + largest_request > pool.free_pages()
+            {
                 starved = true;
                 break;
             }
@@ -717,6 +747,14 @@ impl BlkifRing {
                 continue;
             }
             slot.state = SlotState::InFlight;
+            if slot.status == blkif::RSP_OKAY
+                && let Some(pool) = &mut self.bounce
+                && let Err(why) = bounce_in(pool, slot, svc)
+            {
+                let id = slot.id;
+                log.line(svc, format_args!("request {id:#x}: {why}"));
+                slot.status = blkif::RSP_ERROR;
+            }
             if slot.status != blkif::RSP_OKAY {
                 // Refused before any step ran: no barrier to wait for.
                 slot.started = true;
@@ -871,11 +909,14 @@ impl BlkifRing {
             slot.steps.clear();
         }
         let Some(step) = slot.steps.current() else {
-            self.finish(index);
+            self.finish(index, svc, log);
             return true;
         };
         let tag = index as u64;
-        let segments = &slot.segments;
+        let segments = match self.bounce {
+            Some(_) => &slot.bounced,
+            None => &slot.segments,
+        };
         let (submitted, rest) = match step {
             Step::Read { lba } => (
                 self.queue
@@ -915,20 +956,28 @@ impl BlkifRing {
                 slot.status = blkif::RSP_ERROR;
                 log.line(svc, format_args!("request {id:#x}: device refused: {e:?}"));
                 self.slots[index].steps.clear();
-                self.finish(index);
+                self.finish(index, svc, log);
                 true
             }
         }
     }
 
     /// Queues the response of the request in slot `index` and frees the
-    /// slot; its grants are unmapped before the response is published.
-    fn finish(&mut self, index: usize) {
+    /// slot; its grants are unmapped before the response is published (and
+    /// what a bounced read read is copied into them first).
+    fn finish<S: BackendServices>(&mut self, index: usize, svc: &mut S, log: &mut RateLimitedLog) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
         if slot.state != SlotState::InFlight {
             return;
+        }
+        if let Some(pool) = &mut self.bounce
+            && let Err(why) = bounce_out(pool, slot, svc)
+        {
+            let id = slot.id;
+            log.line(svc, format_args!("request {id:#x}: {why}"));
+            slot.status = blkif::RSP_ERROR;
         }
         slot.state = SlotState::Free;
         self.in_flight -= 1;
@@ -949,6 +998,52 @@ impl BlkifRing {
         self.last_completion_ns = self.now_ns;
         self.respond(id, operation, status);
     }
+}
+
+/// Gives a request starting on a bouncing ring a bounce page per segment,
+/// and copies what it writes into them.
+fn bounce_in<S: BackendServices>(
+    pool: &mut BouncePool,
+    slot: &mut Slot,
+    svc: &S,
+) -> Result<(), &'static str> {
+    for &segment in &slot.segments {
+        // `take_requests` took no more segments than pages are free.
+        let page = pool.take(segment).ok_or("no bounce page free")?;
+        slot.bounced.push(page);
+    }
+    if slot.operation == blkif::OP_READ {
+        return Ok(());
+    }
+    pool.copy(
+        svc,
+        &slot.segments,
+        &slot.bounced,
+        CopyDirection::IntoBounce,
+    )
+}
+
+/// Copies what a successful read read from its bounce pages into its
+/// grants, and gives the pages back.
+fn bounce_out<S: BackendServices>(
+    pool: &mut BouncePool,
+    slot: &mut Slot,
+    svc: &S,
+) -> Result<(), &'static str> {
+    let copied = if slot.operation == blkif::OP_READ && slot.status == blkif::RSP_OKAY {
+        pool.copy(
+            svc,
+            &slot.segments,
+            &slot.bounced,
+            CopyDirection::OutOfBounce,
+        )
+    } else {
+        Ok(())
+    };
+    for page in slot.bounced.drain(..) {
+        pool.give_back(page);
+    }
+    copied
 }
 
 /// Logs the unmaps that failed; their frames stay reserved, which is all

@@ -19,19 +19,52 @@ pub const MAX_QUEUES: u16 = 4;
 /// Linux blkback's default): 1 MiB per request.
 pub const MAX_INDIRECT_SEGMENTS: u16 = 256;
 
+/// How a vbd's data moves between the guest's granted pages and the
+/// device (the kernel checks at start-up which one a device needs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataPath {
+    /// The device reads and writes the grant-mapped pages itself.
+    #[default]
+    ZeroCopy,
+    /// The device cannot reach grant mappings: it reads and writes bounce
+    /// pages of stordom's own, and the CPU copies between them and the
+    /// grants.
+    Bounce,
+}
+
+/// A claimed view and the data path its vbd uses: what
+/// [`crate::TargetOpener::open`] returns.
+pub struct OpenedTarget {
+    pub view: DiskView,
+    pub data_path: DataPath,
+}
+
+impl From<DiskView> for OpenedTarget {
+    /// A view whose data the device reaches in the grants themselves (or
+    /// the CPU copies, as for RAM disks).
+    fn from(view: DiskView) -> Self {
+        OpenedTarget {
+            view,
+            data_path: DataPath::ZeroCopy,
+        }
+    }
+}
+
 /// The disk behind a vbd and what the frontend may do with it.
 pub struct ServedDisk {
     view: DiskView,
     geometry: Geometry,
     read_only: bool,
+    data_path: DataPath,
     /// blkif sectors per logical block.
     sectors_per_block: u64,
 }
 
 impl ServedDisk {
-    /// Checks that `view` can be served over blkif: a logical block of a
-    /// whole number of 512-byte sectors, and at least one block.
-    pub fn new(view: DiskView, read_only: bool) -> Result<ServedDisk, OpenError> {
+    /// Checks that the target's view can be served over blkif: a logical
+    /// block of a whole number of 512-byte sectors, and at least one block.
+    pub fn new(target: OpenedTarget, read_only: bool) -> Result<ServedDisk, OpenError> {
+        let OpenedTarget { view, data_path } = target;
         let geometry = view.geometry();
         let block = u64::from(geometry.logical_block_size);
         if block < SECTOR_SIZE || !block.is_multiple_of(SECTOR_SIZE) || geometry.blocks == 0 {
@@ -44,8 +77,13 @@ impl ServedDisk {
             view,
             geometry,
             read_only,
+            data_path,
             sectors_per_block: block / SECTOR_SIZE,
         })
+    }
+
+    pub fn data_path(&self) -> DataPath {
+        self.data_path
     }
 
     pub fn geometry(&self) -> &Geometry {

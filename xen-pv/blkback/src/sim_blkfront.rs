@@ -6,13 +6,15 @@
 //! clock.
 
 use alloc::alloc::{Layout, alloc_zeroed, dealloc};
+use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::Cell;
+use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use blockdev::DmaRegion;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::Platform;
@@ -297,15 +299,34 @@ pub fn segment_page(segs: &[Seg]) -> Vec<u8> {
 
 /// A `drivers::Hal` whose "physical" addresses are the simulated guest's
 /// frames (mapped grants included), like the kernel's identity-mapped
-/// GFN window, with heap memory for what devices allocate.
+/// GFN window, with heap memory for what devices (and bounce buffers)
+/// allocate, at addresses of its own. Clones share the heap memory.
 #[derive(Clone)]
 pub struct GrantWindowHal {
     sim: Rc<SimXen>,
+    /// Live DMA allocations: pages by "physical" address.
+    dma: Rc<RefCell<BTreeMap<u64, usize>>>,
 }
 
 impl GrantWindowHal {
     pub fn new(sim: Rc<SimXen>) -> Self {
-        GrantWindowHal { sim }
+        GrantWindowHal {
+            sim,
+            dma: Rc::default(),
+        }
+    }
+
+    /// Whether `len` bytes at `phys` lie in one DMA allocation (not in a
+    /// grant-mapped frame): what a device behind an IOMMU that does not
+    /// see grant mappings can reach.
+    pub fn is_dma_memory(&self, phys: u64, len: usize) -> bool {
+        let dma = self.dma.borrow();
+        dma.range(..=phys)
+            .next_back()
+            .is_some_and(|(&start, &pages)| {
+                phys.checked_add(len as u64)
+                    .is_some_and(|end| end <= start + (pages * PAGE_SIZE) as u64)
+            })
     }
 }
 
@@ -318,20 +339,20 @@ fn pages_layout(pages: usize) -> Option<Layout> {
 
 // SAFETY: `dma_alloc` hands out zeroed, page-aligned heap memory owned by
 // the caller until `dma_free`; `phys_to_virt` returns only pointers into a
-// frame the simulation has mapped, and only when the range stays in it.
+// frame the simulation has mapped or into a live DMA allocation, and only
+// when the range stays in it.
 unsafe impl drivers::Hal for GrantWindowHal {
     fn dma_alloc(&self, pages: usize) -> Option<drivers::DmaRegion> {
         let layout = pages_layout(pages)?;
         // SAFETY: the layout has a non-zero size.
         let virt = NonNull::new(unsafe { alloc_zeroed(layout) })?;
-        Some(drivers::DmaRegion {
-            phys: virt.as_ptr() as u64 | HEAP_PHYS_TAG,
-            virt,
-            pages,
-        })
+        let phys = virt.as_ptr() as u64 | HEAP_PHYS_TAG;
+        self.dma.borrow_mut().insert(phys, pages.max(1));
+        Some(drivers::DmaRegion { phys, virt, pages })
     }
 
     unsafe fn dma_free(&self, region: drivers::DmaRegion) {
+        self.dma.borrow_mut().remove(&region.phys);
         if let Some(layout) = pages_layout(region.pages) {
             // SAFETY: the caller passes back a region from `dma_alloc`,
             // allocated with this layout.
@@ -340,6 +361,9 @@ unsafe impl drivers::Hal for GrantWindowHal {
     }
 
     fn phys_to_virt(&self, phys: drivers::PhysAddr, len: usize) -> Option<NonNull<u8>> {
+        if self.is_dma_memory(phys, len) {
+            return NonNull::new((phys & !HEAP_PHYS_TAG) as *mut u8);
+        }
         let offset = (phys % PAGE_SIZE as u64) as usize;
         if offset.checked_add(len)? > PAGE_SIZE {
             return None;
@@ -362,28 +386,50 @@ unsafe impl drivers::Hal for GrantWindowHal {
     }
 }
 
-/// The console and clock of the simulated driver domain.
+/// The console, clock and bounce-buffer memory of the simulated driver
+/// domain.
 pub struct SimPlatform {
-    sim: Rc<SimXen>,
+    hal: GrantWindowHal,
     /// Every line logged, in order.
     pub lines: Vec<String>,
     /// The clock; tests move it.
     pub now_ns: Cell<u64>,
+    /// Bounce pages allocated and not yet given back.
+    pub bounce_pages_held: usize,
 }
 
 impl SimPlatform {
-    pub fn new(sim: Rc<SimXen>) -> Self {
+    /// Bounce buffers come from `hal`'s DMA memory, which devices on it
+    /// reach.
+    pub fn new(hal: &GrantWindowHal) -> Self {
         SimPlatform {
-            sim,
+            hal: hal.clone(),
             lines: Vec::new(),
             now_ns: Cell::new(0),
+            bounce_pages_held: 0,
         }
     }
 }
 
 impl Platform for &mut SimPlatform {
     fn frame_address(&self, gfn: u64) -> Option<NonNull<u8>> {
-        self.sim.frame_ptr(gfn)
+        self.hal.sim.frame_ptr(gfn)
+    }
+
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion> {
+        use drivers::Hal;
+        // DMA memory, as the kernel's frames: not stordom's heap.
+        let region = not_stordom_heap(|| self.hal.dma_alloc(pages))?;
+        self.bounce_pages_held += region.pages;
+        Some(region)
+    }
+
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion) {
+        use drivers::Hal;
+        self.bounce_pages_held -= region.pages;
+        // SAFETY: the caller's promise: it came from `dma_alloc` and is
+        // no longer used.
+        not_stordom_heap(|| unsafe { self.hal.dma_free(region) });
     }
 
     fn now_ns(&self) -> u64 {
@@ -391,12 +437,18 @@ impl Platform for &mut SimPlatform {
     }
 
     fn log(&mut self, line: core::fmt::Arguments<'_>) {
-        // The console's memory, not stordom's heap (the counting allocator
-        // exists in this crate's own tests only, not for other crates'
-        // tests through feature `sim`).
-        #[cfg(test)]
-        crate::alloc_count::uncounted(|| self.lines.push(alloc::format!("{line}")));
-        #[cfg(not(test))]
-        self.lines.push(alloc::format!("{line}"));
+        // The console's memory.
+        not_stordom_heap(|| self.lines.push(alloc::format!("{line}")));
     }
+}
+
+/// Runs `f`, whose allocations stand for memory that is not stordom's heap
+/// (the console's, DMA frames), uncounted (the counting allocator exists in
+/// this crate's own tests only, not for other crates' tests through
+/// feature `sim`).
+fn not_stordom_heap<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(test)]
+    return crate::alloc_count::uncounted(f);
+    #[cfg(not(test))]
+    f()
 }

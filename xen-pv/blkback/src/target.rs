@@ -28,6 +28,8 @@ use core::fmt;
 use blockdev::partition::{EntryError, PartitionTable, TableError};
 use blockdev::{ClaimError, Disk, DiskView};
 
+use crate::served_disk::OpenedTarget;
+
 /// Longest disk name accepted.
 pub const MAX_DISK_NAME: usize = 32;
 
@@ -93,8 +95,9 @@ impl fmt::Display for OpenError {
 /// Opens targets; the kernel implements it over its disks and modules.
 pub trait TargetOpener {
     /// Claims `target` for one vbd; `read_only` when the toolstack's
-    /// `mode` is `r`. Each ring of the vbd opens a queue of the view.
-    fn open(&mut self, target: &Target<'_>, read_only: bool) -> Result<DiskView, OpenError>;
+    /// `mode` is `r`. Each ring of the vbd opens a queue of the view, and
+    /// moves data the way the returned data path says.
+    fn open(&mut self, target: &Target<'_>, read_only: bool) -> Result<OpenedTarget, OpenError>;
 }
 
 impl From<ClaimError> for OpenError {

@@ -32,6 +32,7 @@ use xen_pv::xenbus::XenbusState;
 use xen_pv::xenstore::{Access, Perm, Xenstore, XenstoreInterface};
 use xen_pv::{Hypercall, PAGE_SIZE};
 
+mod bounce;
 mod engine_benchmark;
 mod hostile_frontend;
 mod partitions;
@@ -60,6 +61,9 @@ struct Spy {
     /// Completions held back, with their queue.
     held: Vec<(u16, Completion)>,
     ops: Vec<Op>,
+    /// Behind an IOMMU that maps only this DMA memory (see
+    /// [`bounce::fails_dma_into_grants`]).
+    grant_blind: Option<GrantWindowHal>,
 }
 
 impl Spy {
@@ -99,6 +103,11 @@ impl QueuedDevice for SpyDisk {
         request: blockdev::Request<'_>,
     ) -> Result<(), SubmitError> {
         let mut spy = self.0.borrow_mut();
+        if let Some(fault) = bounce::fails_dma_into_grants(spy.grant_blind.as_ref(), tag, &request)
+        {
+            uncounted(|| spy.held.push((queue, fault)));
+            return Ok(());
+        }
         let op = match request {
             blockdev::Request::Read { lba, .. } => Op::Read(lba),
             blockdev::Request::Write { lba, .. } => Op::Write(lba),
@@ -141,6 +150,16 @@ impl TestOpener {
     }
 
     fn spy_with(&self, block_size: u32, blocks: u64, queues: u16, cached: bool) -> Disk {
+        Disk::new(self.spy_device(block_size, blocks, queues, cached))
+    }
+
+    /// 1 GiB that stores nothing: the engine benchmark's disk.
+    fn null_disk(&self) -> Disk {
+        Disk::new(NullDisk::new(self.hal.clone(), 1 << 21, 1))
+    }
+
+    /// A RAM disk that records what it is asked (found by [`Harness::disk`]).
+    fn spy_device(&self, block_size: u32, blocks: u64, queues: u16, cached: bool) -> SpyDisk {
         let words = (u64::from(block_size) * blocks / 8) as usize;
         let mut storage = vec![0u64; words].into_boxed_slice();
         let base = core::ptr::NonNull::new(storage.as_mut_ptr().cast::<u8>()).unwrap();
@@ -154,9 +173,10 @@ impl TestOpener {
             hold: false,
             held: Vec::new(),
             ops: Vec::new(),
+            grant_blind: None,
         }));
         self.disks.borrow_mut().push(spy.clone());
-        Disk::new(SpyDisk(spy))
+        SpyDisk(spy)
     }
 }
 
@@ -234,7 +254,7 @@ impl SharedQueueController {
 }
 
 impl TargetOpener for TestOpener {
-    fn open(&mut self, target: &Target<'_>, read_only: bool) -> Result<DiskView, OpenError> {
+    fn open(&mut self, target: &Target<'_>, read_only: bool) -> Result<OpenedTarget, OpenError> {
         // The disks stand for devices, not for stordom's heap.
         uncounted(|| self.open_uncounted(target, read_only))
     }
@@ -245,7 +265,7 @@ impl TestOpener {
         &mut self,
         target: &Target<'_>,
         _read_only: bool,
-    ) -> Result<DiskView, OpenError> {
+    ) -> Result<OpenedTarget, OpenError> {
         let disk = match *target {
             Target::Ram { bytes } if bytes <= 1 << 20 => self.spy(512, bytes / 512, false),
             Target::Ram { .. } => return Err(OpenError::OutOfMemory),
@@ -257,8 +277,7 @@ impl TestOpener {
                 let disk = RamDisk::allocate(self.hal.clone(), 16384, 1);
                 Disk::new(disk.ok_or(OpenError::OutOfMemory)?)
             }
-            // 1 GiB that stores nothing: the engine benchmark's disk.
-            Target::Disk { name: "null" } => Disk::new(NullDisk::new(self.hal.clone(), 1 << 21, 1)),
+            Target::Disk { name: "null" } => self.null_disk(),
             Target::Disk { name: "nvme0n1" } => self.namespaces[0].clone(),
             Target::Disk { name: "nvme0n2" } => self.namespaces[1].clone(),
             Target::Range {
@@ -271,13 +290,27 @@ impl TestOpener {
                     None => self.spy(512, 2048, false),
                 };
                 self.shared = Some(shared.clone());
-                return claim_sectors(&shared, start, sectors);
+                return claim_sectors(&shared, start, sectors).map(OpenedTarget::from);
             }
             Target::Disk { name: "parted0" } => self.partitioned(false).0,
-            Target::Partition { disk, number } => return self.open_partition(disk, number),
+            Target::Disk { name: "blind" } => return self.grant_blind(DataPath::ZeroCopy),
+            Target::Disk {
+                name: "blindbounced",
+            } => return self.grant_blind(DataPath::Bounce),
+            Target::Disk {
+                name: "nullbounced",
+            } => {
+                return Ok(OpenedTarget {
+                    view: self.null_disk().claim_all()?,
+                    data_path: DataPath::Bounce,
+                });
+            }
+            Target::Partition { disk, number } => {
+                return self.open_partition(disk, number).map(OpenedTarget::from);
+            }
             _ => return Err(OpenError::NotFound),
         };
-        Ok(disk.claim_all()?)
+        Ok(disk.claim_all()?.into())
     }
 }
 
@@ -360,7 +393,7 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         xs: Xenstore::new(&iface, Xenstored(SimXenstored::new(&iface, GUEST))),
         events: EventChannels::new(Hypervisor(&sim), sim.shared_info()),
         grants: GrantMapper::new(Hypervisor(&sim), GfnWindow::new(WINDOW, frames)),
-        platform: SimPlatform::new(sim.clone()),
+        platform: SimPlatform::new(&opener.hal),
         vbds: VbdBackends::new(opener),
         disks,
         controller,

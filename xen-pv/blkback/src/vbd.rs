@@ -9,6 +9,7 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use blockdev::DmaRegion;
 use core::cell::RefCell;
 use core::fmt;
 use core::ops::Bound::{Excluded, Unbounded};
@@ -22,7 +23,7 @@ use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
 use crate::statistics::{self, RingReport};
 
-use crate::served_disk::ServedDisk;
+use crate::served_disk::{DataPath, ServedDisk};
 use crate::target::{Target, TargetOpener};
 use crate::unserved::{UnservedGap, UnservedGaps};
 use xen_pv::event::Port;
@@ -641,6 +642,15 @@ impl<S: BackendServices> BackendServices for SharedServices<'_, '_, S> {
     fn log(&mut self, line: fmt::Arguments<'_>) {
         self.0.borrow_mut().log(line);
     }
+
+    fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion> {
+        self.0.borrow_mut().alloc_bounce_pages(pages)
+    }
+
+    unsafe fn free_bounce_pages(&mut self, region: DmaRegion) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.0.borrow_mut().free_bounce_pages(region) }
+    }
 }
 
 /// Serves the rings of one vbd for [`VbdBackends::poll_rings`].
@@ -836,7 +846,7 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     let read_only = !mode.contains('w');
     let disk = Target::parse(&params)
         .and_then(|target| opener.open(&target, read_only))
-        .and_then(|view| ServedDisk::new(view, read_only));
+        .and_then(|opened| ServedDisk::new(opened, read_only));
     let disk = match disk {
         Ok(disk) => disk,
         Err(e) => {
@@ -854,10 +864,14 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     };
     publish_features(xs, &path, &disk, &offer)?;
     let sectors = disk.sectors();
+    let path_note = match disk.data_path() {
+        DataPath::ZeroCopy => "",
+        DataPath::Bounce => ", bounce buffers",
+    };
     vbd.disk = Some(disk);
     vbd.log.line(
         svc,
-        format_args!("serving {params} ({sectors} sectors, mode {mode})"),
+        format_args!("serving {params} ({sectors} sectors, mode {mode}{path_note})"),
     );
     xs.watch(&format!("{frontend}/state"), &frontend_token(vbd.id))?;
     vbd.frontend_path = Some(frontend);

@@ -6,8 +6,8 @@
 use std::rc::Rc;
 
 use blkback::sim_blkfront::{GrantWindowHal, SimPlatform};
-use blkback::{OpenError, Target, TargetOpener, VbdBackends, XenBackendServices};
-use blockdev::{Disk, DiskView};
+use blkback::{OpenError, OpenedTarget, Target, TargetOpener, VbdBackends, XenBackendServices};
+use blockdev::Disk;
 use drivers::RamDisk;
 use host_fuzz::FuzzRun;
 use hostile_front::campaign::run_campaign;
@@ -45,13 +45,13 @@ struct RamDisks {
 }
 
 impl TargetOpener for RamDisks {
-    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<DiskView, OpenError> {
+    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<OpenedTarget, OpenError> {
         let Target::Ram { bytes } = *target else {
             return Err(OpenError::NotFound);
         };
         let disk =
             RamDisk::allocate(self.hal.clone(), bytes / 512, 1).ok_or(OpenError::OutOfMemory)?;
-        Ok(Disk::new(disk).claim_all()?)
+        Ok(Disk::new(disk).claim_all()?.into())
     }
 }
 
@@ -72,15 +72,14 @@ struct SimDom0<'a> {
 fn with_sim_dom0(test: impl FnOnce(&mut SimDom0<'_>)) {
     let sim = Rc::new(SimXen::new());
     let iface = XenstoreInterface::new_boxed(0);
+    let hal = GrantWindowHal::new(sim.clone());
     let mut d = SimDom0 {
         sim: &sim,
         xs: Xenstore::new(&iface, SimXenstored::new(&iface, GUEST)),
         events: EventChannels::new(Xen(&sim), sim.shared_info()),
         grants: GrantMapper::new(Xen(&sim), GfnWindow::new(WINDOW_GFN, 4096)),
-        platform: SimPlatform::new(sim.clone()),
-        vbds: VbdBackends::new(RamDisks {
-            hal: GrantWindowHal::new(sim.clone()),
-        }),
+        platform: SimPlatform::new(&hal),
+        vbds: VbdBackends::new(RamDisks { hal }),
         deferred: Vec::new(),
     };
     d.vbds.start(&mut d.xs).unwrap();

@@ -1,7 +1,7 @@
 //! The ring engine under load on the host: the simulated blkfront sends
 //! batches of reads and writes to a vbd over a null disk, for every shape
 //! of request (4 KiB and 1 MiB, direct and indirect segments, persistent
-//! grants on and off). `cargo test` checks that the engine's steady state
+//! grants on and off, zero-copy and through bounce buffers). `cargo test` checks that the engine's steady state
 //! allocates nothing; `make bench-engine` measures requests per second on
 //! one core (the engine, the simulated Xen and the simulated frontend all
 //! run on this thread) and allocations per request.
@@ -28,16 +28,21 @@ struct RequestShape {
     /// 11 segments.
     indirect: bool,
     persistent: bool,
+    /// Served through bounce buffers ([`DataPath::Bounce`]).
+    bounce: bool,
 }
 
 impl RequestShape {
     fn every() -> impl Iterator<Item = RequestShape> {
-        [1, 256].into_iter().flat_map(|pages| {
-            [false, true].into_iter().flat_map(move |indirect| {
-                [false, true].map(|persistent| RequestShape {
-                    pages,
-                    indirect,
-                    persistent,
+        [false, true].into_iter().flat_map(|bounce| {
+            [1, 256].into_iter().flat_map(move |pages| {
+                [false, true].into_iter().flat_map(move |indirect| {
+                    [false, true].map(|persistent| RequestShape {
+                        pages,
+                        indirect,
+                        persistent,
+                        bounce,
+                    })
                 })
             })
         })
@@ -58,6 +63,10 @@ impl RequestShape {
     fn persistent_label(self) -> &'static str {
         if self.persistent { "on" } else { "off" }
     }
+
+    fn data_path_label(self) -> &'static str {
+        if self.bounce { "bounce" } else { "zero-copy" }
+    }
 }
 
 /// A connected vbd over the null disk, and one batch of requests of
@@ -65,7 +74,8 @@ impl RequestShape {
 /// own pages, reused batch after batch (as blkfront does with persistent
 /// grants).
 fn loaded_ring<'a>(h: &mut Harness<'a>, shape: RequestShape) -> (SimBlkfront<'a>, Vec<Vec<u8>>) {
-    let id = h.add_vbd(FRONTEND, DEVID, "null", "w");
+    let target = if shape.bounce { "nullbounced" } else { "null" };
+    let id = h.add_vbd(FRONTEND, DEVID, target, "w");
     h.pump();
     if shape.persistent {
         h.frontend_write(id, "feature-persistent", "1");
@@ -194,12 +204,14 @@ impl ShapeFigures {
             .collect();
         format!(
             "{{\"request_bytes\": {}, \"segments\": \"{}\", \"persistent_grants\": {}, \
+             \"data_path\": \"{}\", \
              \"ring_requests_per_request\": {}, \"requests_per_second_median\": {:.0}, \
              \"requests_per_second_rounds\": [{}], \"mib_per_second_median\": {:.1}, \
              \"allocations_per_ring_request\": {}}}",
             shape.bytes(),
             shape.segments_label(),
             shape.persistent,
+            shape.data_path_label(),
             self.ring_requests_per_request,
             self.median(),
             rounds.join(", "),
@@ -264,9 +276,9 @@ fn engine_benchmark() {
         BENCH_ROUND.as_millis()
     );
     std::println!(
-        "| request | segments | persistent grants | ring requests each | requests/s | MiB/s | allocations per ring request |"
+        "| request | segments | persistent grants | data path | ring requests each | requests/s | MiB/s | allocations per ring request |"
     );
-    std::println!("|---|---|---|---:|---:|---:|---:|");
+    std::println!("|---|---|---|---|---:|---:|---:|---:|");
     for figures in &measured {
         let shape = figures.shape;
         let (min, max) = (
@@ -274,10 +286,11 @@ fn engine_benchmark() {
             figures.requests_per_second[figures.requests_per_second.len() - 1],
         );
         std::println!(
-            "| {} | {} | {} | {} | {:.0} ({min:.0}-{max:.0}) | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} ({min:.0}-{max:.0}) | {:.0} | {} |",
             shape.size_label(),
             shape.segments_label(),
             shape.persistent_label(),
+            shape.data_path_label(),
             figures.ring_requests_per_request,
             figures.median(),
             figures.mib_per_second(),
