@@ -247,3 +247,47 @@ bystander_phase() {
     echo "bystander: $1 terse fields 1-9,47-50: $(tail -n 1 $out | cut -d';' -f1-9,47-50)" >&2
     tail -n 1 $out | awk -F';' '{ printf "%d", $49 }'
 }
+
+# Queue depths (issue 9): random writes of mixed sizes with crc32c verify,
+# at QD1 on the first half of the disk and QD32 on the second, each block
+# read back and checked as it goes and again at the end.
+job_depths() {
+    local dev=/dev/$1 half=$(( $(disk_mib $1) / 2 )) rc=0
+    local v="--rw=randwrite --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_backlog=32 --bssplit=4k/40:16k/20:64k/20:256k/10:1m/10 --blockalign=4k --fsync=32 --end_fsync=1 --randseed=20261206"
+    $FIO --output=/tmp/depths.txt \
+        --name=qd1 --filename=$dev --offset=0 --size=${half}M --iodepth=1 $v \
+        --name=qd32 --filename=$dev --offset=${half}M --size=${half}M --iodepth=32 $v || rc=1
+    grep -E 'err=|verify|WRITE:|READ:' /tmp/depths.txt
+    if grep -q 'verify: bad\|bad magic\|crc32c: verify failed\|err= *[1-9]' /tmp/depths.txt; then
+        rc=1; cat /tmp/depths.txt
+    fi
+    return $rc
+}
+
+# Durability (issue 9): 8 MiB of random data at 16 MiB, written with
+# O_DIRECT and made durable with fsync; its md5 is printed for the host,
+# which compares it with the backing file after QEMU is killed (runner
+# KILL mark), and for the next boot's `found` job.
+DURABLE_OFFSET_MIB=16
+DURABLE_MIB=8
+job_durable() {
+    head -c $((DURABLE_MIB << 20)) /dev/urandom >/tmp/durable
+    dd if=/tmp/durable of=/dev/$1 bs=1M seek=$DURABLE_OFFSET_MIB oflag=direct conv=fsync,notrunc \
+        2>/dev/null || { echo "durable: the write failed"; return 1; }
+    echo "DURABLE disk=$1 offset=$((DURABLE_OFFSET_MIB << 20)) bytes=$((DURABLE_MIB << 20)) md5=$(md5sum </tmp/durable | cut -d' ' -f1)"
+}
+
+# Holds the guest (and its disks) connected, idle, until it is killed: a
+# guest that shut down would have its backend flush on disconnect.
+job_hold() {
+    echo "hold: idle until killed"
+    while :; do sleep 60; done
+}
+
+# What the durable job left: the md5 of the same 8 MiB, read fresh.
+job_found() {
+    local sum
+    sum=$(dd if=/dev/$1 bs=1M skip=$DURABLE_OFFSET_MIB count=$DURABLE_MIB iflag=direct 2>/dev/null \
+        | md5sum | cut -d' ' -f1) || return 1
+    echo "FOUND disk=$1 offset=$((DURABLE_OFFSET_MIB << 20)) bytes=$((DURABLE_MIB << 20)) md5=$sum"
+}

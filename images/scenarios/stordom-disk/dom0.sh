@@ -1,5 +1,4 @@
 # stordom serves a stock Linux guest's disk, dom0 side.
-now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
 t0=$(now_ms)
 domain_create /scenario/stordom.cfg || return 1
 sd=$(xl domid stordom)

@@ -1,5 +1,4 @@
 # stordom as a Xen guest, dom0 side.
-now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
 t0=$(now_ms)
 domain_create /scenario/stordom.cfg || return 1
 domid=$(xl domid stordom)

@@ -122,6 +122,49 @@ wait_gone() {
 
 domain_console() { echo "/var/log/xen/console/guest-$1.log"; }
 
+now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+
+# The controllers run.py's `passthrough = true` gives the machine for
+# stordom: an NVMe with two namespaces and an AHCI controller with one
+# disk. dom0's own NVMe, the reference, is at 00:07.0.
+STORDOM_PCI="0000:00:05.0 0000:00:06.0"
+
+# assign_controllers: hands stordom's controllers to pciback (RESULT
+# assignable:BDF each).
+assign_controllers() {
+    local bdf out
+    modprobe xen-pciback || { result pciback fail "modprobe xen-pciback"; return 1; }
+    modprobe nvme || { result nvme fail "modprobe nvme"; return 1; }
+    for bdf in $STORDOM_PCI; do
+        if out=$(xl pci-assignable-add $bdf 2>&1); then
+            result "assignable:$bdf" pass
+        else
+            result "assignable:$bdf" fail "$out"
+            return 1
+        fi
+    done
+}
+
+# start_hvm_stordom [BDF...]: creates the HVM stordom
+# (/lib/stordom/stordom-hvm.cfg) with those PCI functions passed through
+# and waits (400 s: firmware under nested TCG is slow) until it serves;
+# its domid is left in $sd. On failure its firmware's serial output and
+# the device model's log say why.
+start_hvm_stordom() {
+    local t0 bdf pci="" cfg=/tmp/stordom-hvm.src
+    cp /lib/stordom/stordom-hvm.cfg $cfg
+    for bdf in "$@"; do pci="$pci${pci:+, }'$bdf'"; done
+    [ -z "$pci" ] || echo "pci = [ $pci ]" >>$cfg
+    t0=$(now_ms)
+    if ! domain_create $cfg || ! stordom_ready stordom 400; then
+        sed 's/^/[dom0] serial: /' /var/log/xen/stordom-serial.log 2>/dev/null | tail -n 40
+        sed 's/^/[dom0] qemu-dm: /' /var/log/xen/qemu-dm-stordom.log 2>/dev/null | tail -n 40
+        return 1
+    fi
+    sd=$(xl domid stordom)
+    say "HVM stordom (domid $sd) serving $(( $(now_ms) - t0 )) ms after xl create"
+}
+
 # served_by GUEST DOMID: RESULT backend:GUEST, whether the backend of
 # GUEST's first disk (xvda, 51712) lives in domain DOMID; the backend's
 # path is left in $be.
