@@ -39,7 +39,7 @@ pub fn check_disks(xen: &mut XenConnection, disks: &mut [NamedDisk]) {
     if controllers.is_empty() {
         return;
     }
-    let mut own_grant = OwnGrant::offer(xen);
+    let table = OwnGrantTable::map(xen);
     for controller in &controllers {
         let mut members = disks
             .iter_mut()
@@ -47,9 +47,21 @@ pub fn check_disks(xen: &mut XenConnection, disks: &mut [NamedDisk]) {
         let Some(first) = members.next() else {
             continue;
         };
-        let outcome = match &mut own_grant {
-            Ok(grant) => check_controller(&mut xen.grants, grant, first),
-            Err(why) => Err(GrantDmaFailure::Setup(why.clone())),
+        // A fresh page and grant for each controller: the first mapping
+        // of a grant of one's own page moves the page away from its frame
+        // number (OwnGrant::end), so a second mapping of the same grant
+        // finds a hole there (GNTST_bad_page, seen under Xen 4.17).
+        let grant = table
+            .as_ref()
+            .map_err(String::clone)
+            .and_then(OwnGrant::offer);
+        let outcome = match grant {
+            Ok(mut grant) => {
+                let outcome = check_controller(&mut xen.grants, &mut grant, first);
+                grant.end();
+                outcome
+            }
+            Err(why) => Err(GrantDmaFailure::Setup(why)),
         };
         let data_path = data_path_after(&outcome);
         first.data_path = data_path;
@@ -68,9 +80,6 @@ pub fn check_disks(xen: &mut XenConnection, disks: &mut [NamedDisk]) {
             ),
         }
     }
-    if let Ok(grant) = own_grant {
-        grant.end();
-    }
     for disk in disks.iter().filter(|d| d.controller.is_some()) {
         let value = match disk.data_path {
             DataPath::ZeroCopy => "zero-copy",
@@ -83,19 +92,16 @@ pub fn check_disks(xen: &mut XenConnection, disks: &mut [NamedDisk]) {
     }
 }
 
-/// A page of stordom's own, granted to itself.
-struct OwnGrant {
+/// The first frame of stordom's own grant table, mapped.
+struct OwnGrantTable {
     domid: DomId,
-    entry: &'static GrantEntryV1,
-    gref: u32,
-    page: Buffer,
+    entries: &'static [GrantEntryV1; GRANT_ENTRIES_PER_FRAME],
 }
 
-impl OwnGrant {
+impl OwnGrantTable {
     /// Maps the first frame of stordom's grant table over a frame it
-    /// gives up (as shared_info is), and grants a fresh page in its
-    /// highest free entry to its own domain.
-    fn offer(xen: &mut XenConnection) -> Result<OwnGrant, String> {
+    /// gives up (as shared_info is), for the domain's life.
+    fn map(xen: &mut XenConnection) -> Result<OwnGrantTable, String> {
         let domid: DomId = xen
             .store
             .read_string(Tx::NONE, "domid")
@@ -109,9 +115,25 @@ impl OwnGrant {
         // SAFETY: Xen now backs this identity-mapped frame with the first
         // frame of the domain's (v1) grant table, for the domain's life;
         // GrantEntryV1 mirrors an entry with atomics, as Xen changes it.
-        let entries: &'static [GrantEntryV1; GRANT_ENTRIES_PER_FRAME] =
-            unsafe { &*(frame as *const _) };
-        let (gref, entry) = entries
+        let entries = unsafe { &*(frame as *const _) };
+        Ok(OwnGrantTable { domid, entries })
+    }
+}
+
+/// A page of stordom's own, granted to itself.
+struct OwnGrant {
+    domid: DomId,
+    entry: &'static GrantEntryV1,
+    gref: u32,
+    page: Buffer,
+}
+
+impl OwnGrant {
+    /// Grants a fresh page in the table's highest free entry to its own
+    /// domain.
+    fn offer(table: &OwnGrantTable) -> Result<OwnGrant, String> {
+        let (gref, entry) = table
+            .entries
             .iter()
             .enumerate()
             .skip(RESERVED_GRANT_ENTRIES)
@@ -121,23 +143,28 @@ impl OwnGrant {
         let page = Buffer::new(PAGE_SIZE)?;
         let gfn = u32::try_from(page.phys(0) / PAGE_SIZE as u64)
             .map_err(|_| "the page lies above what a v1 grant names")?;
-        if !entry.offer(domid, gfn, false) {
+        if !entry.offer(table.domid, gfn, false) {
             return Err("the grant entry was taken meanwhile".into());
         }
         Ok(OwnGrant {
-            domid,
+            domid: table.domid,
             entry,
             gref: gref as u32,
             page,
         })
     }
 
-    /// Ends the grant; its page is freed only once Xen let go of it.
+    /// Ends the grant. Its page is never given back to the allocator:
+    /// mapping a domain's own page through a grant in an HVM domain moves
+    /// it (Xen 4.17's p2m_add_page removes the frame's other guest-physical
+    /// mapping, "aliased!"), so after the check its old frame number is a
+    /// hole, which DMA or the CPU must never use again. One page per
+    /// controller is the price of the check.
     fn end(self) {
         if self.entry.end().is_err() {
-            log::warn!("dma: grant {} still mapped; its page is kept", self.gref);
-            core::mem::forget(self.page);
+            log::warn!("dma: grant {} is still mapped", self.gref);
         }
+        core::mem::forget(self.page);
     }
 }
 
