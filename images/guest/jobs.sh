@@ -82,6 +82,7 @@ job_perf() {
     perf_one seq_read_1m MiB/s 7 $t --rw=read --bs=1m --iodepth=8 || rc=1
     perf_one rand_read_4k_qd1 IOPS 8 $t --rw=randread --bs=4k --iodepth=1 || rc=1
     perf_one rand_read_4k_qd32 IOPS 8 $t --rw=randread --bs=4k --iodepth=32 || rc=1
+    perf_one rand_write_4k_qd1 IOPS 49 $t --rw=randwrite --bs=4k --iodepth=1 || rc=1
     perf_one rand_write_4k_qd32 IOPS 49 $t --rw=randwrite --bs=4k --iodepth=32 || rc=1
     return $rc
 }
