@@ -15,7 +15,7 @@ HOSTILE_FRONT := target/x86_64-unknown-linux-gnu/release/hostile-front
 # stordom in GRUB's EFI image (multiboot2), for HVM stordom under OVMF.
 STORDOM_EFI := target/stordom.efi
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
-SCENARIOS ?= baseline xen-guest stordom-disk hvm-stordom partitions attach-cycles guest-reboot \
+SCENARIOS ?= baseline xen-guest stordom-disk hvm-stordom hardware partitions attach-cycles guest-reboot \
 	stordom-two-guests hostile compare soak
 SOAK_SECS ?= 1800
 FUZZ_SECS ?= 200
@@ -28,7 +28,7 @@ CMDLINE ?= loglevel=info
 BOOT ?= pvh
 MODULE ?= target/demo-module.img
 
-.PHONY: all build run run-bare test test-host test-boot test-xen images lint bench bench-engine soak hostile fuzz clean
+.PHONY: all build run run-ram run-bare test test-host test-boot test-xen images lint bench bench-engine soak hostile fuzz clean
 
 all: build
 
@@ -42,12 +42,16 @@ $(MODULE):
 	@mkdir -p $(dir $@)
 	head -c 1048576 /dev/urandom > $@
 
-# stordom's main job: Xen (nested in QEMU) boots dom0, stordom as a storage
-# driver domain, and a stock Linux guest whose disk is a stordom RAM disk;
-# the guest checks its data and measures it. stordom's console is printed.
-run: build images
-	@$(XEN_ENV) python3 images/run.py stordom-disk --no-build --retries 2; status=$$?; \
-	run=$$(ls -td runs/*-stordom-disk | head -1); \
+# stordom's main job: Xen (nested in QEMU) boots dom0 and stordom as an HVM
+# storage driver domain owning the NVMe and AHCI controllers passed through
+# to it; a stock Linux guest whose disk is namespace 1 of that NVMe checks
+# its data and measures it. stordom's console is printed. `make run-ram`:
+# the PVH stordom serving a RAM disk instead.
+run: RUN_SCENARIO = nvme-disk
+run-ram: RUN_SCENARIO = stordom-disk
+run run-ram: build images
+	@$(XEN_ENV) python3 images/run.py $(RUN_SCENARIO) --no-build --retries 2; status=$$?; \
+	run=$$(ls -td runs/*-$(RUN_SCENARIO) | head -1); \
 	echo "--- stordom's console ($$run/guest-stordom.log) ---"; cat $$run/guest-stordom.log; exit $$status
 
 # 33 is the debug-exit device's "success" (see images/bare/qemu.sh).
@@ -84,9 +88,13 @@ test-xen: build images
 # ceilings for later comparisons in the same run, not hardware) and
 # stordom vs dom0's blkback under Xen.
 bench: bench-engine build images
-	python3 tests/bench.py $(KERNEL)
+	@mkdir -p runs
+	python3 tests/bench.py $(KERNEL) --json runs/bench-bare.json
 	$(XEN_ENV) python3 images/run.py compare --no-build --retries 2
 	python3 images/compare.py $$(ls -td runs/*-compare | head -1)/results.json
+	$(XEN_ENV) python3 images/run.py compare-nvme --no-build --retries 2
+	python3 images/compare.py $$(ls -td runs/*-compare-nvme | head -1)/results.json \
+		--bare runs/bench-bare.json --bare-disk nvme0n1
 
 # The ring engine on the host, no emulator: the simulated blkfront and Xen
 # against a vbd over a null disk, all on one core; requests per second and

@@ -131,14 +131,15 @@ PASSTHROUGH_ARGS = [
     "-device", "intel-iommu,intremap=on",
     "-drive", "file={disks}/nvme-ns1.img,if=none,id=stordom-ns1,format=raw",
     "-drive", "file={disks}/nvme-ns2.img,if=none,id=stordom-ns2,format=raw",
-    "-device", "nvme,id=stordom-nvme,serial=stordom-nvme,addr=0x5",
+    # mdts=9 (2 MiB a command) as in tests/bench.py's bare-QEMU disks.
+    "-device", "nvme,id=stordom-nvme,serial=stordom-nvme,addr=0x5,mdts=9",
     "-device", "nvme-ns,drive=stordom-ns1,bus=stordom-nvme,nsid=1",
     "-device", "nvme-ns,drive=stordom-ns2,bus=stordom-nvme,nsid=2",
     "-drive", "file={disks}/ahci.img,if=none,id=stordom-sata,format=raw",
     "-device", "ahci,id=stordom-ahci,addr=0x6",
     "-device", "ide-hd,drive=stordom-sata,bus=stordom-ahci.0",
     "-drive", "file={disks}/dom0-nvme.img,if=none,id=dom0-ns,format=raw",
-    "-device", "nvme,serial=dom0-nvme,drive=dom0-ns,addr=0x7",
+    "-device", "nvme,serial=dom0-nvme,drive=dom0-ns,addr=0x7,mdts=9",
 ]
 PASSTHROUGH_DISKS = {"nvme-ns1.img": 512, "nvme-ns2.img": 256, "ahci.img": 256, "dom0-nvme.img": 512}
 # A line (on any console) asking the runner to SIGKILL QEMU at once: the
