@@ -220,7 +220,7 @@ pub trait Platform {
 /// [`BackendServices`] over this crate's event channels and grant mapper.
 pub struct XenBackendServices<'r, 'a, H, P> {
     pub events: &'r mut EventChannels<'a, H>,
-    pub grants: &'r mut GrantMapper<H>,
+    pub grants: &'r mut GrantMapper<'a, H>,
     pub platform: P,
 }
 

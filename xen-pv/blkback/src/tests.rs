@@ -21,9 +21,11 @@ use crate::rate_limited_log::LOG_WINDOW_NS;
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::statistics::WATCHDOG_NS;
 use crate::vbd::DETACH_GRACE_NS;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 use host_fuzz::{FuzzRng, FuzzRun};
 use xen_pv::event::EventChannels;
 use xen_pv::grant::{GfnWindow, GrantMapper};
+use xen_pv::held::{HeldGrants, HeldPorts};
 use xen_pv::hypercall::HypercallOp;
 use xen_pv::ring::{PeerChannel, TimedOut};
 use xen_pv::sim::xenstore::SimXenstored;
@@ -357,7 +359,10 @@ struct Harness<'a> {
     sim: &'a SimXen,
     xs: Xenstore<'a, Xenstored<'a>>,
     events: EventChannels<'a, Hypervisor<'a>>,
-    grants: GrantMapper<Hypervisor<'a>>,
+    grants: GrantMapper<'a, Hypervisor<'a>>,
+    /// What the engine holds of Xen, as the kernel's statics record it.
+    held_grants: &'a HeldGrants,
+    held_ports: &'a HeldPorts,
     platform: SimPlatform,
     vbds: VbdBackends<TestOpener>,
     disks: Disks,
@@ -372,6 +377,8 @@ fn run(test: impl FnOnce(&mut Harness<'_>)) {
 fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
     let sim = Rc::new(SimXen::new());
     let iface = XenstoreInterface::new_boxed(0);
+    let held_grants: &HeldGrants = &HeldGrants::<[AtomicU64; 4096]>::new();
+    let held_ports: &HeldPorts = &HeldPorts::<[AtomicU32; 64]>::new();
     let disks = Disks::default();
     let hal = GrantWindowHal::new(sim.clone());
     let controller = SharedQueueController::new(&hal);
@@ -391,8 +398,14 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
     let mut h = Harness {
         sim: &sim,
         xs: Xenstore::new(&iface, Xenstored(SimXenstored::new(&iface, GUEST))),
-        events: EventChannels::new(Hypervisor(&sim), sim.shared_info()),
-        grants: GrantMapper::new(Hypervisor(&sim), GfnWindow::new(WINDOW, frames)),
+        events: EventChannels::new(Hypervisor(&sim), sim.shared_info(), held_ports),
+        grants: GrantMapper::new(
+            Hypervisor(&sim),
+            GfnWindow::new(WINDOW, frames),
+            held_grants,
+        ),
+        held_grants,
+        held_ports,
         platform: SimPlatform::new(&opener.hal),
         vbds: VbdBackends::new(opener),
         disks,
