@@ -38,6 +38,7 @@ mod bounce;
 mod engine_benchmark;
 mod hostile_frontend;
 mod partitions;
+mod restart;
 mod xenstore_churn;
 
 const WINDOW: u64 = 0x10_0000;
@@ -144,9 +145,23 @@ struct TestOpener {
     parted: Option<(Disk, Result<PartitionTable, TableError>)>,
     /// `nvme0n1` and `nvme0n2`: two disks on one set of queues.
     namespaces: [Disk; 2],
+    /// `kept0` and `kept1`: RAM that outlives engine instances.
+    kept: [Rc<restart::KeptRam>; 2],
 }
 
 impl TestOpener {
+    /// An opener of the same disks, for an engine restarted in place.
+    fn twin(&self) -> TestOpener {
+        TestOpener {
+            hal: self.hal.clone(),
+            disks: self.disks.clone(),
+            shared: None,
+            parted: None,
+            namespaces: self.namespaces.clone(),
+            kept: self.kept.clone(),
+        }
+    }
+
     fn spy(&self, block_size: u32, blocks: u64, cached: bool) -> Disk {
         self.spy_with(block_size, blocks, 1, cached)
     }
@@ -282,6 +297,8 @@ impl TestOpener {
             Target::Disk { name: "null" } => self.null_disk(),
             Target::Disk { name: "nvme0n1" } => self.namespaces[0].clone(),
             Target::Disk { name: "nvme0n2" } => self.namespaces[1].clone(),
+            Target::Disk { name: "kept0" } => self.kept[0].disk(&self.hal),
+            Target::Disk { name: "kept1" } => self.kept[1].disk(&self.hal),
             Target::Range {
                 disk: "shared0",
                 start,
@@ -365,6 +382,8 @@ struct Harness<'a> {
     held_ports: &'a HeldPorts,
     platform: SimPlatform,
     vbds: VbdBackends<TestOpener>,
+    /// The opener of the next instance, after a restart.
+    spare_opener: TestOpener,
     disks: Disks,
     controller: Rc<RefCell<SharedQueueController>>,
 }
@@ -394,7 +413,9 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         shared: None,
         parted: None,
         namespaces: [first, second],
+        kept: [restart::KeptRam::new(), restart::KeptRam::new()],
     };
+    let spare_opener = opener.twin();
     let mut h = Harness {
         sim: &sim,
         xs: Xenstore::new(&iface, Xenstored(SimXenstored::new(&iface, GUEST))),
@@ -408,6 +429,7 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         held_ports,
         platform: SimPlatform::new(&opener.hal),
         vbds: VbdBackends::new(opener),
+        spare_opener,
         disks,
         controller,
     };
