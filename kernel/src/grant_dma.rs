@@ -171,7 +171,7 @@ impl OwnGrant {
 /// Reads block 0 of `disk` into an ordinary buffer, then (through a
 /// mapping of `grant`) into the granted page, and compares.
 fn check_controller(
-    grants: &mut GrantMapper<Hypercalls>,
+    grants: &mut GrantMapper<'static, Hypercalls>,
     grant: &mut OwnGrant,
     disk: &NamedDisk,
 ) -> Result<(), GrantDmaFailure> {

@@ -13,12 +13,13 @@ use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
 use xen_pv::event::{EventChannels, EvtchnSend, Port, take_pending};
 use xen_pv::grant::{GfnWindow, GrantMapper};
+use xen_pv::held::{HeldGrants, HeldPorts};
 use xen_pv::hvm::{self, UpcallMethod};
 use xen_pv::hypercall::command;
 use xen_pv::memory::{SharedInfo, map_shared_info};
@@ -106,7 +107,7 @@ pub struct XenConnection {
     /// The xenstore connection.
     pub store: Xenstore<'static, PortChannel>,
     /// Grant mappings into the reserved GFN window.
-    pub grants: GrantMapper<Hypercalls>,
+    pub grants: GrantMapper<'static, Hypercalls>,
     /// How upcalls arrive.
     pub upcall: UpcallMethod,
 }
@@ -127,6 +128,14 @@ const CONSOLE_WAIT_NS: u64 = 10_000_000;
 /// Guest frames reserved for grant mappings: 64 MiB, enough for several
 /// rings with every request in flight carrying 1 MiB.
 pub const GRANT_WINDOW_FRAMES: u64 = 16384;
+/// Ring ports stordom may hold bound at once (vbds times their queues).
+const HELD_PORTS_MAX: usize = 256;
+
+/// The grant mappings and ring ports held, outside the heap: what an
+/// in-place restart gives back with `xen_pv::held::release_all` (see that
+/// module for the restart sequence).
+static HELD_GRANTS: HeldGrants<[AtomicU64; GRANT_WINDOW_FRAMES as usize]> = HeldGrants::new();
+static HELD_PORTS: HeldPorts<[AtomicU32; HELD_PORTS_MAX]> = HeldPorts::new();
 
 /// An event channel used as a [`PeerChannel`]: `notify` sends on it,
 /// `wait` halts until its port fires (or gives up after `timeout_ns`).
@@ -320,7 +329,7 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
         .evtchn_upcall_mask
         .store(0, Ordering::SeqCst);
     SHARED_INFO.call_once(|| shared);
-    let mut events = EventChannels::new(hc, shared);
+    let mut events = EventChannels::new(hc, shared, &HELD_PORTS);
 
     interrupts::set_handler(UPCALL_VECTOR, on_upcall);
     let upcall = hvm::setup_upcall(&hc, 0, UPCALL_VECTOR)
@@ -360,6 +369,7 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
     let grants = GrantMapper::new(
         hc,
         GfnWindow::new(window_base / PAGE_SIZE as u64, GRANT_WINDOW_FRAMES as usize),
+        &HELD_GRANTS,
     );
 
     Ok(XenConnection {

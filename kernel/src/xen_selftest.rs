@@ -78,7 +78,10 @@ pub fn run(xen: &mut XenConnection) -> Result<String, String> {
 
 /// Parses "DOMID SEED GREF...", maps the grants read-only, checks them
 /// and unmaps them.
-fn check_grants(grants: &mut GrantMapper<Hypercalls>, offer: &str) -> Result<String, String> {
+fn check_grants(
+    grants: &mut GrantMapper<'static, Hypercalls>,
+    offer: &str,
+) -> Result<String, String> {
     let mut words = offer.split_ascii_whitespace();
     let bad = || format!("malformed grant offer \"{offer}\"");
     let domid: DomId = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;

@@ -4,6 +4,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use core::sync::atomic::Ordering;
 
+use crate::held::HeldPorts;
 use crate::hypercall::command;
 use crate::memory::{EVTCHN_WORD_BITS, EVTCHN_WORDS, SharedInfo};
 use crate::{DOMID_SELF, DomId, Errno, Hypercall};
@@ -124,17 +125,21 @@ pub struct EventChannels<'a, H> {
     shared: &'a SharedInfo,
     handlers: BTreeMap<Port, Handler>,
     unhandled: u64,
+    /// The interdomain ports bound here, for a restart to close.
+    held: &'a HeldPorts,
 }
 
 impl<'a, H: Hypercall> EventChannels<'a, H> {
     /// Takes over event delivery through `shared` (mapped with
-    /// [`crate::memory::map_shared_info`]).
-    pub fn new(xen: H, shared: &'a SharedInfo) -> Self {
+    /// [`crate::memory::map_shared_info`]); interdomain ports bound from
+    /// now on are recorded in `held` until closed.
+    pub fn new(xen: H, shared: &'a SharedInfo, held: &'a HeldPorts) -> Self {
         EventChannels {
             xen,
             shared,
             handlers: BTreeMap::new(),
             unhandled: 0,
+            held,
         }
     }
 
@@ -151,6 +156,8 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
 
     /// Binds a local port to `remote_port` of domain `remote` (which the
     /// remote allocated unbound for us), e.g. a frontend's ring channel.
+    /// ENOSPC when the record of held ports is full: a port a restart
+    /// could not close is not kept.
     pub fn bind_interdomain(&mut self, remote: DomId, remote_port: u32) -> Result<Port, Errno> {
         let mut arg = BindInterdomain {
             remote_dom: remote,
@@ -158,6 +165,15 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
             local_port: 0,
         };
         command(&self.xen, &mut arg)?;
+        if !self.held.bound(arg.local_port) {
+            command(
+                &self.xen,
+                &mut EvtchnClose {
+                    port: arg.local_port,
+                },
+            )?;
+            return Err(Errno::ENOSPC);
+        }
         Ok(Port(arg.local_port))
     }
 
@@ -182,6 +198,7 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
     /// Closes `port` and forgets its handler.
     pub fn close(&mut self, port: Port) -> Result<(), Errno> {
         self.handlers.remove(&port);
+        self.held.closed(port.0);
         command(&self.xen, &mut EvtchnClose { port: port.0 }).map(drop)
     }
 
@@ -292,6 +309,7 @@ mod tests {
     use alloc::sync::Arc;
     use alloc::vec::Vec;
     use core::mem::size_of;
+    use core::sync::atomic::AtomicU32;
     use std::sync::Mutex;
 
     const FRONTEND: DomId = 7;
@@ -316,7 +334,8 @@ mod tests {
     #[test]
     fn bind_send_and_dispatch_between_domains() {
         let sim = SimXen::new();
-        let mut ev = EventChannels::new(&sim, sim.shared_info());
+        let held = HeldPorts::<[AtomicU32; 128]>::new();
+        let mut ev = EventChannels::new(&sim, sim.shared_info(), &held);
         let remote_port = sim.remote_alloc_unbound(FRONTEND);
         let port = ev.bind_interdomain(FRONTEND, remote_port).unwrap();
         let (seen, handler) = recorder();
@@ -345,7 +364,8 @@ mod tests {
     #[test]
     fn alloc_unbound_lets_the_remote_bind() {
         let sim = SimXen::new();
-        let mut ev = EventChannels::new(&sim, sim.shared_info());
+        let held = HeldPorts::<[AtomicU32; 128]>::new();
+        let mut ev = EventChannels::new(&sim, sim.shared_info(), &held);
         let port = ev.alloc_unbound(FRONTEND).unwrap();
         assert_eq!(sim.remote_bind(FRONTEND + 1, port), Err(Errno::EINVAL));
         let remote = sim.remote_bind(FRONTEND, port).unwrap();
@@ -356,7 +376,8 @@ mod tests {
     #[test]
     fn masked_events_are_not_dispatched_but_not_lost() {
         let sim = SimXen::new();
-        let mut ev = EventChannels::new(&sim, sim.shared_info());
+        let held = HeldPorts::<[AtomicU32; 128]>::new();
+        let mut ev = EventChannels::new(&sim, sim.shared_info(), &held);
         let (seen, handler) = recorder();
         let mut ports = Vec::new();
         for _ in 0..3 {
@@ -389,7 +410,8 @@ mod tests {
     #[test]
     fn scan_covers_many_words_and_counts_unhandled() {
         let sim = SimXen::new();
-        let mut ev = EventChannels::new(&sim, sim.shared_info());
+        let held = HeldPorts::<[AtomicU32; 128]>::new();
+        let mut ev = EventChannels::new(&sim, sim.shared_info(), &held);
         let (seen, handler) = recorder();
         // Bind enough ports to span two pending words (ports 1..=70).
         let mut last = None;
@@ -413,7 +435,8 @@ mod tests {
     #[test]
     fn events_for_another_vcpu_wait_for_that_vcpu() {
         let sim = SimXen::new();
-        let mut ev = EventChannels::new(&sim, sim.shared_info());
+        let held = HeldPorts::<[AtomicU32; 128]>::new();
+        let mut ev = EventChannels::new(&sim, sim.shared_info(), &held);
         let rp = sim.remote_alloc_unbound(FRONTEND);
         let port = ev.bind_interdomain(FRONTEND, rp).unwrap();
         ev.set_handler(port, Box::new(|_| {}));

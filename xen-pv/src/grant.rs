@@ -6,6 +6,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use crate::held::HeldGrants;
 use crate::hypercall::{Command, command_batch};
 use crate::{DomId, Errno, Hypercall, PAGE_SIZE};
 
@@ -189,19 +190,27 @@ pub struct GrantStats {
     pub hypercalls: u64,
 }
 
-/// Maps, unmaps and copies grants in batches, keeping count.
-pub struct GrantMapper<H> {
+/// Maps, unmaps and copies grants in batches, keeping count, and writes
+/// every mapping it holds in a [`HeldGrants`] record (for a restart).
+pub struct GrantMapper<'r, H> {
     xen: H,
     window: GfnWindow,
     stats: GrantStats,
+    held: &'r HeldGrants,
 }
 
-impl<H: Hypercall> GrantMapper<H> {
-    pub fn new(xen: H, window: GfnWindow) -> Self {
+impl<'r, H: Hypercall> GrantMapper<'r, H> {
+    /// Maps into `window`, recording in `held` (emptied first by
+    /// [`crate::held::release_all`] after a restart); frames of the window
+    /// beyond the record's capacity are not used.
+    pub fn new(xen: H, mut window: GfnWindow, held: &'r HeldGrants) -> Self {
+        window.used.truncate(held.capacity());
+        held.set_window(window.base);
         GrantMapper {
             xen,
             window,
             stats: GrantStats::default(),
+            held,
         }
     }
 
@@ -247,6 +256,7 @@ impl<H: Hypercall> GrantMapper<H> {
                 });
                 results.push(match outcome {
                     Ok(handle) => {
+                        self.held.mapped(gfn, handle);
                         self.stats.mapped += 1;
                         self.stats.maps += 1;
                         Ok(Mapping {
@@ -287,6 +297,7 @@ impl<H: Hypercall> GrantMapper<H> {
             for (mapping, op) in mappings.drain(start..).zip(&ops) {
                 match call.and_then(|()| GrantError::from_status(op.status)) {
                     Ok(()) => {
+                        self.held.unmapped(mapping.gfn);
                         self.window.free(mapping.gfn);
                         self.stats.mapped = self.stats.mapped.saturating_sub(1);
                         self.stats.unmaps += 1;
@@ -450,6 +461,7 @@ mod sim_tests {
     use super::*;
     use crate::hypercall::{Command, HypercallOp};
     use crate::sim::SimXen;
+    use core::sync::atomic::AtomicU64;
 
     const FRONTEND: DomId = 7;
     const WINDOW: u64 = 0x10_0000;
@@ -468,7 +480,8 @@ mod sim_tests {
         let grefs: Vec<GrantRef> = (0..70u8)
             .map(|i| sim.offer_grant(FRONTEND, false, &[i; 8]))
             .collect();
-        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 128));
+        let held = HeldGrants::<[AtomicU64; 128]>::new();
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 128), &held);
         let specs: Vec<GrantSpec> = grefs.iter().map(|r| spec(*r, false)).collect();
         let mut results = Vec::new();
         g.map_batch(&specs, &mut results);
@@ -495,7 +508,8 @@ mod sim_tests {
         let ro = sim.offer_grant(FRONTEND, true, b"ro");
         let rw = sim.offer_grant(FRONTEND, false, b"rw");
         // Frames are taken before the hypercall: 4 frames for 5 operations.
-        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4));
+        let held = HeldGrants::<[AtomicU64; 128]>::new();
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4), &held);
         let mut results = Vec::new();
         let specs = [
             spec(ro, false),
@@ -529,7 +543,8 @@ mod sim_tests {
         let specs: Vec<GrantSpec> = (0..40)
             .map(|_| spec(sim.offer_grant(FRONTEND, false, b"x"), false))
             .collect();
-        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 64));
+        let held = HeldGrants::<[AtomicU64; 128]>::new();
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 64), &held);
         sim.fail_next_hypercall(Errno::EFAULT);
         let mut results = Vec::new();
         g.map_batch(&specs, &mut results);
@@ -559,7 +574,8 @@ mod sim_tests {
     fn stale_handles_are_rejected() {
         let sim = SimXen::new();
         let gref = sim.offer_grant(FRONTEND, false, b"x");
-        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4));
+        let held = HeldGrants::<[AtomicU64; 128]>::new();
+        let mut g = GrantMapper::new(&sim, GfnWindow::new(WINDOW, 4), &held);
         let mut results = Vec::new();
         g.map_batch(&[spec(gref, false)], &mut results);
         let mut m = results.pop().unwrap().unwrap();

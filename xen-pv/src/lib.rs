@@ -53,6 +53,7 @@ pub mod arch;
 pub mod console;
 pub mod event;
 pub mod grant;
+pub mod held;
 pub mod hvm;
 pub mod hypercall;
 pub mod memory;

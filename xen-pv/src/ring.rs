@@ -294,6 +294,16 @@ impl<'a> BackRing<'a> {
         self.ring.entries
     }
 
+    /// The index the next request is taken from.
+    pub fn req_cons(&self) -> u32 {
+        self.req_cons
+    }
+
+    /// The index the next response is put at.
+    pub fn rsp_prod_pvt(&self) -> u32 {
+        self.rsp_prod_pvt
+    }
+
     /// The ring's indices as they are now, for operators: the shared ones
     /// as the frontend left them (reported, never trusted) and ours.
     pub fn indices(&self) -> RingIndices {

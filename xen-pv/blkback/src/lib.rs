@@ -95,6 +95,18 @@
 //! ```
 //! Every call comes from the poll loop, none from the upcall handler.
 //!
+//! # Restart
+//! After an in-place restart (sequence in `xen_pv::held`: the dead
+//! instance's grants and ring ports released from their record, a fresh
+//! heap, watches reset), a new `VbdBackends` is started as at boot. A vbd
+//! whose backend `state` reads Connected with its frontend Connected is
+//! adopted rather than offered again: its rings are mapped and bound from
+//! the frontend's nodes and attached at the shared `rsp_prod`, and the
+//! requests in `[rsp_prod, req_prod)` are served afresh. That range is
+//! exactly the unanswered requests because answers are published in ring
+//! order (a request's answer waits for the older ones'). Any other state
+//! takes the ordinary path.
+//!
 //! # Resource bounds per frontend
 //! Per ring: in-flight requests up to the ring size (32 per ring page) and
 //! the device's queue depth; data grants mapped for requests in flight up to
@@ -220,7 +232,7 @@ pub trait Platform {
 /// [`BackendServices`] over this crate's event channels and grant mapper.
 pub struct XenBackendServices<'r, 'a, H, P> {
     pub events: &'r mut EventChannels<'a, H>,
-    pub grants: &'r mut GrantMapper<H>,
+    pub grants: &'r mut GrantMapper<'a, H>,
     pub platform: P,
 }
 

@@ -37,6 +37,9 @@ pub(crate) enum SlotState {
 /// One ring slot's request state, allocated at connect and reused.
 pub(crate) struct Slot {
     pub(crate) state: SlotState,
+    /// The ring index its request was taken from: where its answer goes
+    /// in the ring's order.
+    pub(crate) ring_index: u32,
     pub(crate) id: u64,
     pub(crate) operation: u8,
     pub(crate) steps: Steps,
@@ -71,6 +74,7 @@ impl Slot {
     pub(crate) fn new(segments: usize, bounce: bool) -> Result<Slot, TryReserveError> {
         Ok(Slot {
             state: SlotState::Free,
+            ring_index: 0,
             id: 0,
             operation: 0,
             steps: Steps::default(),
@@ -91,8 +95,9 @@ impl Slot {
     }
 
     /// Takes a new request `id` of `operation`, at `now_ns`.
-    pub(crate) fn take(&mut self, id: u64, operation: u8, now_ns: u64) {
+    pub(crate) fn take(&mut self, ring_index: u32, id: u64, operation: u8, now_ns: u64) {
         self.state = SlotState::Taken;
+        self.ring_index = ring_index;
         self.taken_at_ns = now_ns;
         self.overdue_reported = false;
         self.id = id;

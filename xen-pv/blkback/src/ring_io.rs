@@ -129,6 +129,14 @@ impl MapBatch {
     }
 }
 
+/// The answer to a request, waiting for its turn in ring order.
+#[derive(Clone, Copy)]
+struct Answer {
+    id: u64,
+    operation: u8,
+    status: i16,
+}
+
 /// A connected ring.
 pub struct BlkifRing {
     frontend: DomId,
@@ -153,7 +161,10 @@ pub struct BlkifRing {
     indirect_pages: Vec<Mapping>,
     to_unmap: Vec<Mapping>,
     unmap_failures: Vec<(Mapping, GrantError)>,
-    responses_queued: bool,
+    /// Answers of the requests taken and not yet published, by ring index
+    /// (masked): published strictly in ring order (see
+    /// [`Self::publish_answers`]).
+    answers: Vec<Option<Answer>>,
     /// What `feature-max-indirect-segments` promised (0: none).
     max_indirect: u16,
     /// Data grants mapped for requests in flight (not the kept ones).
@@ -243,11 +254,14 @@ impl BlkifRing {
         let state = (|| {
             let slots = allocate_slots(count, disk.max_request_segments(), bouncing)?;
             let kept = persistent.then(PersistentGrants::new).transpose()?;
+            let mut answers = reserved(ring.size() as usize)?;
+            answers.resize(ring.size() as usize, None);
             Ok::<_, TryReserveError>((
                 slots,
                 reserved(count)?,
                 reserved(MAX_MAPPED_GRANTS_PER_RING + MAX_BATCH)?,
                 kept,
+                answers,
             ))
         })();
         // Enough pages for every segment the ring may have in flight.
@@ -259,7 +273,7 @@ impl BlkifRing {
             Ok(state) => Ok((state, None)),
             Err(_) => Err(ConnectError::OutOfMemory),
         };
-        let ((slots, taken, to_unmap, kept), bounce) = match allocated {
+        let ((slots, taken, to_unmap, kept, answers), bounce) = match allocated {
             Ok(allocated) => allocated,
             Err(e) => {
                 drop(ring);
@@ -288,7 +302,7 @@ impl BlkifRing {
             indirect_pages: Vec::with_capacity(MAX_BATCH),
             to_unmap,
             unmap_failures: Vec::new(),
-            responses_queued: false,
+            answers,
             max_indirect: disk.max_indirect_segments(),
             mapped_grants: 0,
             persistent: kept,
@@ -424,7 +438,7 @@ impl BlkifRing {
             worked = true;
         }
         self.unmap_finished(svc);
-        if core::mem::take(&mut self.responses_queued) && self.ring.push_responses() {
+        if self.publish_answers() && self.ring.push_responses() {
             // A failed send leaves the frontend to find the responses on
             // its next look at the ring.
             let _ = svc.notify(self.port);
@@ -445,11 +459,41 @@ impl BlkifRing {
         log_unmap_failures(svc, &mut self.unmap_failures);
     }
 
-    fn respond(&mut self, id: u64, operation: u8, status: i16) {
-        let mut out = [0u8; blkif::ENTRY_SIZE_X86_64];
-        let bytes = blkif::encode_response(self.protocol, id, operation, status, &mut out);
-        self.ring.put_response(bytes);
-        self.responses_queued = true;
+    /// Notes the answer to the request taken at `ring_index`, for
+    /// [`Self::publish_answers`].
+    fn respond(&mut self, ring_index: u32, id: u64, operation: u8, status: i16) {
+        let mask = self.answers.len() - 1;
+        self.answers[ring_index as usize & mask] = Some(Answer {
+            id,
+            operation,
+            status,
+        });
+    }
+
+    /// Puts the noted answers on the ring in ring order, stopping at the
+    /// first request still unanswered; true if any was put. In order so
+    /// that the shared `rsp_prod` alone says what was answered: every
+    /// request below it, none from it on, each still in its ring slot
+    /// (a response only overwrites the slot of the request it answers).
+    /// That is what lets a restarted instance take the ring over (see
+    /// [`crate::vbd`]'s adoption): it serves `[rsp_prod, req_prod)` again.
+    /// The price: a slow request holds back the answers of the later ones
+    /// (not their work), as a ring full of them holds back new requests.
+    fn publish_answers(&mut self) -> bool {
+        let mask = self.answers.len() - 1;
+        let mut any = false;
+        while let Some(answer) = self.answers[self.ring.rsp_prod_pvt() as usize & mask].take() {
+            let mut out = [0u8; blkif::ENTRY_SIZE_X86_64];
+            let Answer {
+                id,
+                operation,
+                status,
+            } = answer;
+            let bytes = blkif::encode_response(self.protocol, id, operation, status, &mut out);
+            self.ring.put_response(bytes);
+            any = true;
+        }
+        any
     }
 
     /// Copies requests out while there is a free slot, grant room and
@@ -485,6 +529,7 @@ impl BlkifRing {
                 break;
             }
             let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
+            let ring_index = self.ring.req_cons();
             match self.ring.next_request(&mut entry) {
                 Ok(true) => {}
                 Ok(false) => break,
@@ -500,7 +545,7 @@ impl BlkifRing {
                 Ok(request) => request,
                 Err(r) => {
                     let why = plan::refusal_reason(r.error);
-                    self.refuse(r.id, r.operation, (r.status, why), svc, log);
+                    self.refuse(ring_index, r.id, r.operation, (r.status, why), svc, log);
                     continue;
                 }
             };
@@ -513,7 +558,7 @@ impl BlkifRing {
                     segments,
                     ..
                 } => {
-                    slot.take(id, plan::data_operation(direction), self.now_ns);
+                    slot.take(ring_index, id, plan::data_operation(direction), self.now_ns);
                     slot.grants.extend_from_slice(segments.as_slice());
                     plan::plan_data(direction, sector, &slot.grants, disk)
                 }
@@ -523,12 +568,12 @@ impl BlkifRing {
                     segments,
                     ..
                 } => {
-                    slot.take(id, blkif::OP_WRITE_BARRIER, self.now_ns);
+                    slot.take(ring_index, id, blkif::OP_WRITE_BARRIER, self.now_ns);
                     slot.grants.extend_from_slice(segments.as_slice());
                     plan::plan_barrier(sector, &slot.grants, disk)
                 }
                 BlkifRequest::Flush { id } => {
-                    slot.take(id, blkif::OP_FLUSH_DISKCACHE, self.now_ns);
+                    slot.take(ring_index, id, blkif::OP_FLUSH_DISKCACHE, self.now_ns);
                     plan::plan_flush(disk)
                 }
                 BlkifRequest::Discard {
@@ -537,7 +582,7 @@ impl BlkifRing {
                     nr_sectors,
                     secure,
                 } => {
-                    slot.take(id, blkif::OP_DISCARD, self.now_ns);
+                    slot.take(ring_index, id, blkif::OP_DISCARD, self.now_ns);
                     plan::plan_discard(sector, nr_sectors, secure, disk)
                 }
                 BlkifRequest::Indirect {
@@ -550,7 +595,7 @@ impl BlkifRing {
                 } => {
                     // Answered as the operation it carries, as Linux
                     // blkback does; planned once its segments are read.
-                    slot.take(id, plan::data_operation(direction), self.now_ns);
+                    slot.take(ring_index, id, plan::data_operation(direction), self.now_ns);
                     let nr_segments = usize::from(nr_segments);
                     // `parse_request` bounded the count by what we
                     // advertised, which fits the reference array.
@@ -575,9 +620,9 @@ impl BlkifRing {
                     reserved_grants += self.slots[index].grants.len();
                 }
                 Err(refusal) => {
-                    let (id, operation) = (slot.id, slot.operation);
+                    let (ring_index, id, operation) = (slot.ring_index, slot.id, slot.operation);
                     slot.state = SlotState::Free;
-                    self.refuse(id, operation, refusal, svc, log);
+                    self.refuse(ring_index, id, operation, refusal, svc, log);
                 }
             }
         }
@@ -595,9 +640,9 @@ impl BlkifRing {
             match planned {
                 Ok(plan) => self.accept(index, plan),
                 Err(refusal) => {
-                    let (id, operation) = (slot.id, slot.operation);
+                    let (ring_index, id, operation) = (slot.ring_index, slot.id, slot.operation);
                     slot.state = SlotState::Free;
-                    self.refuse(id, operation, refusal, svc, log);
+                    self.refuse(ring_index, id, operation, refusal, svc, log);
                 }
             }
         }
@@ -616,6 +661,7 @@ impl BlkifRing {
     /// Answers a request refused before it took a slot's resources.
     fn refuse<S: BackendServices>(
         &mut self,
+        ring_index: u32,
         id: u64,
         operation: u8,
         (status, why): Refusal,
@@ -624,7 +670,7 @@ impl BlkifRing {
     ) {
         log.line(svc, format_args!("request {id:#x} refused: {why}"));
         self.counters.count(operation, 0, status);
-        self.respond(id, operation, status);
+        self.respond(ring_index, id, operation, status);
     }
 
     /// Records the plan of the request in slot `index`, to be mapped and
@@ -992,11 +1038,12 @@ impl BlkifRing {
             }
         }
         slot.kept.clear();
-        let (id, operation, status) = (slot.id, slot.operation, slot.status);
+        let (ring_index, id, operation, status) =
+            (slot.ring_index, slot.id, slot.operation, slot.status);
         let sectors = slot.grants.iter().map(|g| u64::from(g.sectors())).sum();
         self.counters.count(operation, sectors, status);
         self.last_completion_ns = self.now_ns;
-        self.respond(id, operation, status);
+        self.respond(ring_index, id, operation, status);
     }
 }
 

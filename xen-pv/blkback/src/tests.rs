@@ -21,9 +21,11 @@ use crate::rate_limited_log::LOG_WINDOW_NS;
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::statistics::WATCHDOG_NS;
 use crate::vbd::DETACH_GRACE_NS;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 use host_fuzz::{FuzzRng, FuzzRun};
 use xen_pv::event::EventChannels;
 use xen_pv::grant::{GfnWindow, GrantMapper};
+use xen_pv::held::{HeldGrants, HeldPorts};
 use xen_pv::hypercall::HypercallOp;
 use xen_pv::ring::{PeerChannel, TimedOut};
 use xen_pv::sim::xenstore::SimXenstored;
@@ -36,6 +38,7 @@ mod bounce;
 mod engine_benchmark;
 mod hostile_frontend;
 mod partitions;
+mod restart;
 mod xenstore_churn;
 
 const WINDOW: u64 = 0x10_0000;
@@ -142,9 +145,23 @@ struct TestOpener {
     parted: Option<(Disk, Result<PartitionTable, TableError>)>,
     /// `nvme0n1` and `nvme0n2`: two disks on one set of queues.
     namespaces: [Disk; 2],
+    /// `kept0` and `kept1`: RAM that outlives engine instances.
+    kept: [Rc<restart::KeptRam>; 2],
 }
 
 impl TestOpener {
+    /// An opener of the same disks, for an engine restarted in place.
+    fn twin(&self) -> TestOpener {
+        TestOpener {
+            hal: self.hal.clone(),
+            disks: self.disks.clone(),
+            shared: None,
+            parted: None,
+            namespaces: self.namespaces.clone(),
+            kept: self.kept.clone(),
+        }
+    }
+
     fn spy(&self, block_size: u32, blocks: u64, cached: bool) -> Disk {
         self.spy_with(block_size, blocks, 1, cached)
     }
@@ -280,6 +297,8 @@ impl TestOpener {
             Target::Disk { name: "null" } => self.null_disk(),
             Target::Disk { name: "nvme0n1" } => self.namespaces[0].clone(),
             Target::Disk { name: "nvme0n2" } => self.namespaces[1].clone(),
+            Target::Disk { name: "kept0" } => self.kept[0].disk(&self.hal),
+            Target::Disk { name: "kept1" } => self.kept[1].disk(&self.hal),
             Target::Range {
                 disk: "shared0",
                 start,
@@ -357,9 +376,14 @@ struct Harness<'a> {
     sim: &'a SimXen,
     xs: Xenstore<'a, Xenstored<'a>>,
     events: EventChannels<'a, Hypervisor<'a>>,
-    grants: GrantMapper<Hypervisor<'a>>,
+    grants: GrantMapper<'a, Hypervisor<'a>>,
+    /// What the engine holds of Xen, as the kernel's statics record it.
+    held_grants: &'a HeldGrants,
+    held_ports: &'a HeldPorts,
     platform: SimPlatform,
     vbds: VbdBackends<TestOpener>,
+    /// The opener of the next instance, after a restart.
+    spare_opener: TestOpener,
     disks: Disks,
     controller: Rc<RefCell<SharedQueueController>>,
 }
@@ -372,6 +396,8 @@ fn run(test: impl FnOnce(&mut Harness<'_>)) {
 fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
     let sim = Rc::new(SimXen::new());
     let iface = XenstoreInterface::new_boxed(0);
+    let held_grants: &HeldGrants = &HeldGrants::<[AtomicU64; 4096]>::new();
+    let held_ports: &HeldPorts = &HeldPorts::<[AtomicU32; 64]>::new();
     let disks = Disks::default();
     let hal = GrantWindowHal::new(sim.clone());
     let controller = SharedQueueController::new(&hal);
@@ -387,14 +413,23 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         shared: None,
         parted: None,
         namespaces: [first, second],
+        kept: [restart::KeptRam::new(), restart::KeptRam::new()],
     };
+    let spare_opener = opener.twin();
     let mut h = Harness {
         sim: &sim,
         xs: Xenstore::new(&iface, Xenstored(SimXenstored::new(&iface, GUEST))),
-        events: EventChannels::new(Hypervisor(&sim), sim.shared_info()),
-        grants: GrantMapper::new(Hypervisor(&sim), GfnWindow::new(WINDOW, frames)),
+        events: EventChannels::new(Hypervisor(&sim), sim.shared_info(), held_ports),
+        grants: GrantMapper::new(
+            Hypervisor(&sim),
+            GfnWindow::new(WINDOW, frames),
+            held_grants,
+        ),
+        held_grants,
+        held_ports,
         platform: SimPlatform::new(&opener.hal),
         vbds: VbdBackends::new(opener),
+        spare_opener,
         disks,
         controller,
     };

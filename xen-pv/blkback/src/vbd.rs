@@ -709,8 +709,18 @@ fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         return Ok(());
     }
     let online = read_optional(xs, &format!("{}/online", vbd.path))?.is_none_or(|v| v != "0");
-    if !vbd.failed && vbd.disk.is_none() && online && !open(vbd, xs, svc, opener)? {
+    let opening = !vbd.failed && vbd.disk.is_none() && online;
+    // Only a vbd this instance has not written to yet may be one a
+    // previous instance (in this domain) left connected.
+    let start = match opening && vbd.state == XenbusState::Initialising {
+        true if left_connected(xs, &vbd.path)? => VbdStart::Adoption,
+        _ => VbdStart::Handshake,
+    };
+    if opening && !open(vbd, xs, svc, opener, start)? {
         return Ok(());
+    }
+    if start == VbdStart::Adoption {
+        return connect(vbd, xs, svc, start);
     }
     // None once the toolstack removed the frontend's directory (or before
     // the frontend's path is known). A removed frontend reads as EACCES,
@@ -748,7 +758,7 @@ fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         XenbusState::Initialised | XenbusState::Connected => {
             let may_connect = matches!(vbd.state, XenbusState::InitWait | XenbusState::Closed);
             if may_connect && !vbd.connected() {
-                connect(vbd, xs, svc)?;
+                connect(vbd, xs, svc, VbdStart::Handshake)?;
             }
         }
         XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
@@ -826,13 +836,58 @@ fn detach<C: PeerChannel>(
     Ok(())
 }
 
-/// Reads the toolstack's nodes, opens the target and publishes the
-/// features, then InitWait. False while the nodes are incomplete.
+/// How a vbd comes to serve its frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VbdStart {
+    /// The xenbus dance: features, InitWait, the frontend's rings, size,
+    /// Connected.
+    Handshake,
+    /// A previous instance of stordom in this domain (restarted in place)
+    /// left the vbd Connected with its frontend Connected: its rings are
+    /// taken over as they are, with no state written. The frontend's
+    /// nodes (rings, event channels, protocol, persistent grants, page
+    /// order, queues) are read as for a connect, the rings mapped and the
+    /// ports bound again (the previous instance's were released first,
+    /// see `xen_pv::held`), and each ring is attached from its shared
+    /// `rsp_prod`: the requests in `[rsp_prod, req_prod)` are exactly the
+    /// unanswered ones (answers are published in ring order) and are
+    /// taken, parsed and served afresh, the older ones never again. A
+    /// write the previous instance had started is redone: the same data
+    /// at the same sectors, so doing it twice leaves what doing it once
+    /// does; a barrier among them still waits for the older ones. Indices
+    /// that are garbage (more requests than the ring holds) break the
+    /// ring at its first serve: that vbd is closed with the reason.
+    Adoption,
+}
+
+/// Whether a previous instance left the vbd at `path` Connected with its
+/// frontend Connected.
+fn left_connected<C: PeerChannel>(xs: &mut Xenstore<'_, C>, path: &str) -> Result<bool, XsError> {
+    let state_of = |xs: &mut Xenstore<'_, C>, dir: &str| -> Result<XenbusState, XsError> {
+        let node = match read_optional(xs, &format!("{dir}/state")) {
+            Err(XsError::Access) => None,
+            other => other?,
+        };
+        Ok(node.map_or(XenbusState::Unknown, |v| XenbusState::parse(v.as_bytes())))
+    };
+    if state_of(xs, path)? != XenbusState::Connected {
+        return Ok(false);
+    }
+    let Some(frontend) = read_optional(xs, &format!("{path}/frontend"))? else {
+        return Ok(false);
+    };
+    Ok(state_of(xs, &frontend)? == XenbusState::Connected)
+}
+
+/// Reads the toolstack's nodes and opens the target; on a handshake,
+/// publishes the features, then InitWait (an adopted vbd's are still
+/// there). False while the nodes are incomplete.
 fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
     opener: &mut O,
+    start: VbdStart,
 ) -> Result<bool, XsError> {
     let path = vbd.path.clone();
     let node = |xs: &mut Xenstore<'_, C>, name: &str| read_optional(xs, &format!("{path}/{name}"));
@@ -862,7 +917,9 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         removable,
         discard_enabled,
     };
-    publish_features(xs, &path, &disk, &offer)?;
+    if start == VbdStart::Handshake {
+        publish_features(xs, &path, &disk, &offer)?;
+    }
     let sectors = disk.sectors();
     let path_note = match disk.data_path() {
         DataPath::ZeroCopy => "",
@@ -875,17 +932,21 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     );
     xs.watch(&format!("{frontend}/state"), &frontend_token(vbd.id))?;
     vbd.frontend_path = Some(frontend);
-    set_state(xs, vbd, XenbusState::InitWait)?;
+    if start == VbdStart::Handshake {
+        set_state(xs, vbd, XenbusState::InitWait)?;
+    }
     Ok(true)
 }
 
-/// Maps the frontend's rings and binds their channels, publishes the
-/// disk's size, then Connected. A frontend whose details are unusable gets
-/// an error node and Closing.
+/// Maps the frontend's rings and binds their channels; on a handshake,
+/// publishes the disk's size, then Connected (an adopted vbd is Connected
+/// already). A frontend whose details are unusable gets an error node and
+/// Closing.
 fn connect<C: PeerChannel, S: BackendServices>(
     vbd: &mut Vbd,
     xs: &mut Xenstore<'_, C>,
     svc: &mut S,
+    start: VbdStart,
 ) -> Result<(), XsError> {
     let (Some(frontend), Some(disk)) = (vbd.frontend_path.clone(), &vbd.disk) else {
         return Ok(());
@@ -917,24 +978,42 @@ fn connect<C: PeerChannel, S: BackendServices>(
         }
     }
     let path = vbd.path.clone();
-    let written = publish_size(xs, &path, sectors, &geometry);
+    let written = match start {
+        VbdStart::Handshake => publish_size(xs, &path, sectors, &geometry),
+        VbdStart::Adoption => Ok(()),
+    };
+    let unanswered: u64 = connected
+        .iter()
+        .map(|ring| {
+            let indices = ring.report().indices;
+            u64::from(indices.req_prod.wrapping_sub(indices.rsp_prod))
+        })
+        .sum();
     vbd.rings = connected;
     written?;
+    if let Some(first) = rings.first() {
+        let (count, pages) = (rings.len(), first.ring_refs.len());
+        let (protocol, persistent) = (first.protocol, first.persistent);
+        let how = match start {
+            VbdStart::Handshake => "connected",
+            VbdStart::Adoption => "adopted",
+        };
+        vbd.log.line(
+            svc,
+            format_args!(
+                "{how}: {count} ring(s) of {pages} page(s), {protocol:?}, \
+                 persistent grants {persistent}, {unanswered} unanswered"
+            ),
+        );
+    }
+    if start == VbdStart::Adoption {
+        vbd.state = XenbusState::Connected;
+        return Ok(());
+    }
     // A reconnect clears the complaint about the previous connection.
     match xs.rm(Tx::NONE, &format!("{path}/error")) {
         Ok(()) | Err(XsError::NoEntry) => {}
         Err(e) => return Err(e),
-    }
-    if let Some(first) = rings.first() {
-        let (count, pages) = (rings.len(), first.ring_refs.len());
-        let (protocol, persistent) = (first.protocol, first.persistent);
-        vbd.log.line(
-            svc,
-            format_args!(
-                "connected: {count} ring(s) of {pages} page(s), {protocol:?}, \
-                 persistent grants {persistent}"
-            ),
-        );
     }
     set_state(xs, vbd, XenbusState::Connected)
 }

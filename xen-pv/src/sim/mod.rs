@@ -217,6 +217,23 @@ impl SimXen {
         Ok(port)
     }
 
+    /// Whether domain `dom`'s port `port` is unbound and reserved for the
+    /// guest: what Xen leaves of an interdomain channel whose guest end
+    /// was closed, so the guest may bind it again.
+    pub fn remote_port_awaits_guest(&self, dom: DomId, port: u32) -> bool {
+        self.world.borrow().remote_ports.get(&(dom, port))
+            == Some(&PortState::Unbound { remote: GUEST })
+    }
+
+    /// Interdomain channels the guest has bound now.
+    pub fn guest_interdomain_ports(&self) -> usize {
+        let w = self.world.borrow();
+        w.guest_ports
+            .values()
+            .filter(|p| matches!(p, PortState::Interdomain { .. }))
+            .count()
+    }
+
     /// Domain `dom` notifies its port `port`; the guest's end goes pending.
     pub fn remote_send(&self, dom: DomId, port: u32) -> Result<(), Errno> {
         let target = match self.world.borrow().remote_ports.get(&(dom, port)) {

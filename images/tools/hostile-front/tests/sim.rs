@@ -8,6 +8,7 @@ use std::rc::Rc;
 use blkback::sim_blkfront::{GrantWindowHal, SimPlatform};
 use blkback::{OpenError, OpenedTarget, Target, TargetOpener, VbdBackends, XenBackendServices};
 use blockdev::Disk;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 use drivers::RamDisk;
 use host_fuzz::FuzzRun;
 use hostile_front::campaign::run_campaign;
@@ -15,6 +16,7 @@ use hostile_front::cases::{CASES, CaseConfig, FIRST_DEVID, run_case};
 use hostile_front::dom0::{Dom0, Grant};
 use xen_pv::event::EventChannels;
 use xen_pv::grant::{GfnWindow, GrantMapper};
+use xen_pv::held::{HeldGrants, HeldPorts};
 use xen_pv::hypercall::HypercallOp;
 use xen_pv::sim::xenstore::SimXenstored;
 use xen_pv::sim::{GUEST, SimXen};
@@ -61,7 +63,7 @@ struct SimDom0<'a> {
     sim: &'a SimXen,
     xs: Xenstore<'a, SimXenstored<'a>>,
     events: EventChannels<'a, Xen<'a>>,
-    grants: GrantMapper<Xen<'a>>,
+    grants: GrantMapper<'a, Xen<'a>>,
     platform: SimPlatform,
     vbds: VbdBackends<RamDisks>,
     /// Grants revoked while stordom mapped them: ended once it unmaps
@@ -73,11 +75,13 @@ fn with_sim_dom0(test: impl FnOnce(&mut SimDom0<'_>)) {
     let sim = Rc::new(SimXen::new());
     let iface = XenstoreInterface::new_boxed(0);
     let hal = GrantWindowHal::new(sim.clone());
+    let held_grants: &HeldGrants = &HeldGrants::<[AtomicU64; 4096]>::new();
+    let held_ports: &HeldPorts = &HeldPorts::<[AtomicU32; 64]>::new();
     let mut d = SimDom0 {
         sim: &sim,
         xs: Xenstore::new(&iface, SimXenstored::new(&iface, GUEST)),
-        events: EventChannels::new(Xen(&sim), sim.shared_info()),
-        grants: GrantMapper::new(Xen(&sim), GfnWindow::new(WINDOW_GFN, 4096)),
+        events: EventChannels::new(Xen(&sim), sim.shared_info(), held_ports),
+        grants: GrantMapper::new(Xen(&sim), GfnWindow::new(WINDOW_GFN, 4096), held_grants),
         platform: SimPlatform::new(&hal),
         vbds: VbdBackends::new(RamDisks { hal }),
         deferred: Vec::new(),
