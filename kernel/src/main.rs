@@ -177,7 +177,6 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
     }
 
     let connection = xen.map(|x| {
-        console::disable_serial();
         match xen::start_services(x, mem.ram_end) {
             Ok(c) => {
                 log::info!(
