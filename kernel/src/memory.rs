@@ -35,6 +35,11 @@ static TABLES_LIVE: AtomicBool = AtomicBool::new(false);
 /// restart goes back to it, so every frame the dead instance took (DMA
 /// queues, bounce buffers, RAM disks not kept) is free again.
 static FRAMES_AT_SERVING: Mutex<Option<FrameAllocator>> = Mutex::new(None);
+/// Page-table frames taken since serving began (an MMIO mapping of a
+/// device found again after a restart): the tables keep using them, so an
+/// in-place restart must not give them back. Bounded: a table wanted
+/// beyond it is refused (the mapping fails).
+static TABLE_FRAMES_SINCE_SERVING: Mutex<([u64; 64], usize)> = Mutex::new(([0; 64], 0));
 /// The heap's memory `(start, bytes)`, for starting it afresh.
 static HEAP_MEMORY: Mutex<(u64, u64)> = Mutex::new((0, 0));
 
@@ -90,6 +95,16 @@ unsafe impl TableMemory for KernelTables {
         if frame + FRAME_SIZE > EARLY_MAPPED && !TABLES_LIVE.load(Ordering::Acquire) {
             let _ = frames.free(frame, 1);
             return None;
+        }
+        if FRAMES_AT_SERVING.lock().is_some() {
+            let mut since = TABLE_FRAMES_SINCE_SERVING.lock();
+            let (kept, count) = &mut *since;
+            let Some(slot) = kept.get_mut(*count) else {
+                let _ = frames.free(frame, 1);
+                return None;
+            };
+            *slot = frame;
+            *count += 1;
         }
         // SAFETY: the frame is ours and mapped (see the impl's comment).
         unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE as usize) };
@@ -417,7 +432,8 @@ pub fn read_u64(addr: u64) -> Option<u64> {
 
 /// Serving begins: what is allocated now stays across in-place restarts.
 pub fn mark_serving_start() {
-    *FRAMES_AT_SERVING.lock() = Some(FRAMES.lock().clone());
+    let snapshot = FRAMES.lock().clone();
+    *FRAMES_AT_SERVING.lock() = Some(snapshot);
 }
 
 /// Takes the locks a dead instance may have held (one vCPU: it was
@@ -435,6 +451,7 @@ pub unsafe fn restart_heap() {
         HEAP_MEMORY.force_unlock();
         FRAMES.force_unlock();
         FRAMES_AT_SERVING.force_unlock();
+        TABLE_FRAMES_SINCE_SERVING.force_unlock();
         TABLES.force_unlock();
         DIRECT_RANGES.force_unlock();
         HEAP.heap.force_unlock();
@@ -449,15 +466,17 @@ pub unsafe fn restart_heap() {
 }
 
 /// Gives back every frame taken since [`mark_serving_start`] but the
-/// `kept` ranges (`(start, frames)`): run once no device can reach the dead
-/// instance's frames any more.
+/// `kept` ranges (`(start, frames)`) and the page tables: run once no
+/// device can reach the dead instance's frames any more.
 pub fn restart_frames(kept: impl Iterator<Item = (u64, u64)>) {
     let Some(at_start) = FRAMES_AT_SERVING.lock().clone() else {
         return;
     };
+    let since = TABLE_FRAMES_SINCE_SERVING.lock();
+    let tables = since.0[..since.1].iter().map(|&frame| (frame, 1));
     let mut frames = FRAMES.lock();
     *frames = at_start;
-    for (start, count) in kept {
+    for (start, count) in kept.chain(tables) {
         if let Err(e) = frames.reserve(start, count * FRAME_SIZE) {
             log::error!("memory: keeping {count} frame(s) at {start:#x}: {e:?}");
         }
