@@ -200,9 +200,9 @@ pub fn published() -> (u64, ReasonText) {
     (history.count, history.last_reason)
 }
 
-/// The new instance served its rings after adopting `vbds` vbds with
-/// `requests` unanswered: logs the pause the guests saw (from the
-/// trigger), once per restart, and lets a later failure restart again.
+/// The instance served its rings after adopting `vbds` vbds with
+/// `requests` unanswered: after a restart, logs the pause the guests saw
+/// (from the trigger) and lets a later failure restart again.
 pub fn rings_served_again(vbds: usize, requests: u64) {
     let mut history = HISTORY.lock();
     if !core::mem::take(&mut history.pause_unreported) {

@@ -470,8 +470,10 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     // The watch's first event is its setting up, not a request.
     let mut restart_watch_set = false;
     // The toolstack's work has run over every vbd since the start (each
-    // one left Connected adopted), and the rings were served after it.
+    // one left Connected adopted); the next ring pass ends a restart's
+    // pause.
     let mut vbds_settled = false;
+    let mut pause_reported = false;
     // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
     let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
     log::info!("serve: watching backend/vbd; ready");
@@ -515,7 +517,8 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         };
         let polled = vbds.poll_rings(&mut backend);
         marks.ends[1] = clock::now_ns();
-        if vbds_settled {
+        if vbds_settled && !pause_reported {
+            pause_reported = true;
             let adopted = vbds.adoptions();
             restart::rings_served_again(adopted.vbds, adopted.unanswered_requests);
         }
