@@ -207,6 +207,7 @@ boot_stack_top:
 unsafe extern "C" {
     static boot_nx_enabled: u32;
     static boot_stack_guard: u8;
+    static boot_stack_top: u8;
 }
 
 /// Whether the entry stub turned on EFER.NXE (the CPU has NX).
@@ -214,6 +215,11 @@ pub fn nx_enabled() -> bool {
     // SAFETY: written once by the entry stub before any Rust code runs and
     // never again; reading a u32 static is a plain aligned load.
     unsafe { core::ptr::addr_of!(boot_nx_enabled).read_volatile() != 0 }
+}
+
+/// Address one past the boot stack (its initial stack pointer).
+pub fn stack_top() -> u64 {
+    core::ptr::addr_of!(boot_stack_top) as u64
 }
 
 /// Physical address of the guard page under the boot stack (identity mapped).

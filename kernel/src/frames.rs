@@ -29,6 +29,7 @@ pub enum FrameError {
 }
 
 /// The allocator. Never hands out frame 0.
+#[derive(Clone)]
 pub struct FrameAllocator {
     free: [Range; MAX_RANGES],
     len: usize,

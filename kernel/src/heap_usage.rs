@@ -34,6 +34,12 @@ impl HeapUsage {
         self.peak.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// The heap was started afresh (an in-place restart): nothing is in
+    /// use; the peak stays.
+    pub fn emptied(&self) {
+        self.in_use.store(0, Ordering::Relaxed);
+    }
+
     /// An allocation of `bytes` was freed.
     pub fn freed(&self, bytes: usize) {
         self.in_use.fetch_sub(bytes, Ordering::Relaxed);

@@ -1,12 +1,18 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
-//! heap's use counters, the command line, and the x86-64 page-table
+//! heap's use counters, the command line, the restart policy and the RAM
+//! disks kept across restarts, and the x86-64 page-table
 //! format. The bare-metal binary
 //! is `src/main.rs`.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod cmdline;
 pub mod frames;
 pub mod heap_usage;
+pub mod ram_disk_registry;
+pub mod restart_policy;
 // The x86-64 page-table format: architecture code, so it lives under
 // `arch/x86_64/`; built here to be host-tested, and reached by the kernel
 // through its `arch` facade (`arch::paging`).

@@ -11,6 +11,7 @@ mod grant_dma;
 mod memory;
 mod platform;
 mod power;
+mod restart;
 mod rt;
 mod serve;
 mod storage;
@@ -200,15 +201,7 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
     // An HVM guest (started by firmware, so by multiboot2) has the device
     // model's bus, without ECAM on Xen's i440fx.
     let ports = xen.is_none() || info.protocol != BootProtocol::Pvh;
-    let find_disks = || match storage::pci_config(info.rsdp, ports) {
-        Some(mut pci) => {
-            let disks = storage::discover(&mut pci);
-            let names: alloc::vec::Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
-            log::info!("storage: {} disk(s): {}", disks.len(), names.join(" "));
-            disks
-        }
-        None => alloc::vec::Vec::new(),
-    };
+    let find_disks = || storage::find_disks(info.rsdp, ports);
     match job {
         Job::Boot => {}
         Job::DiskSelftest | Job::DiskBench => {
@@ -227,24 +220,46 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
                 fail(format_args!("job={job:?} needs Xen"));
             };
             if job == Job::Serve {
-                let modules: alloc::vec::Vec<(u64, u64)> =
-                    info.modules().iter().map(|m| (m.start, m.len)).collect();
+                let mut setup = restart::ServeSetup {
+                    modules: [(0, 0); boot::start_info::MAX_MODULES],
+                    module_count: 0,
+                    rsdp: info.rsdp,
+                    pci_ports: ports,
+                };
+                for (slot, m) in setup.modules.iter_mut().zip(info.modules()) {
+                    *slot = (m.start, m.len);
+                    setup.module_count += 1;
+                }
                 let mut disks = find_disks();
                 grant_dma::check_disks(&mut connection, &mut disks);
-                let opener = serve::KernelOpener::new(&modules, disks);
-                if let Err(why) = serve::run(connection, opener) {
-                    fail(format_args!("serve: {why}"));
-                }
-            } else {
-                match xen_selftest::run(&mut connection) {
-                    Ok(summary) => log::info!("xen-selftest: PASS {summary}"),
-                    Err(why) => fail(format_args!("xen-selftest: FAIL {why}")),
-                }
+                let setup = restart::serving_begins(setup);
+                serve_job(connection, setup, disks);
+            }
+            match xen_selftest::run(&mut connection) {
+                Ok(summary) => log::info!("xen-selftest: PASS {summary}"),
+                Err(why) => fail(format_args!("xen-selftest: FAIL {why}")),
             }
         }
     }
     log::info!("exiting");
     crate::power::exit(cpu::ExitStatus::Success)
+}
+
+/// Serves `disks` and the boot modules until the toolstack asks stordom
+/// to shut down (at boot, and again after each in-place restart).
+fn serve_job(
+    connection: xen::XenConnection,
+    setup: &restart::ServeSetup,
+    disks: alloc::vec::Vec<storage::NamedDisk>,
+) -> ! {
+    let opener = serve::KernelOpener::new(setup.modules(), disks);
+    match serve::run(connection, opener) {
+        Ok(()) => {
+            log::info!("exiting");
+            crate::power::exit(cpu::ExitStatus::Success)
+        }
+        Err(why) => fail(format_args!("serve: {why}")),
+    }
 }
 
 /// Causes `fault` on purpose (the harness's negative tests).

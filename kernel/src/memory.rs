@@ -9,7 +9,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::frames::{FRAME_SIZE, FrameAllocator};
 use kernel::heap_usage::HeapUsage;
-use linked_list_allocator::LockedHeap;
+use linked_list_allocator::{Heap, LockedHeap};
 use spin::Mutex;
 
 unsafe extern "C" {
@@ -30,6 +30,18 @@ static FRAMES: Mutex<FrameAllocator> = Mutex::new(FrameAllocator::new());
 static TABLES: Mutex<Option<PageTables<KernelTables>>> = Mutex::new(None);
 /// Set once CR3 holds the kernel's tables (all RAM reachable).
 static TABLES_LIVE: AtomicBool = AtomicBool::new(false);
+
+/// The frame allocator as it stood when serving began: an in-place
+/// restart goes back to it, so every frame the dead instance took (DMA
+/// queues, bounce buffers, RAM disks not kept) is free again.
+static FRAMES_AT_SERVING: Mutex<Option<FrameAllocator>> = Mutex::new(None);
+/// Page-table frames taken since serving began (an MMIO mapping of a
+/// device found again after a restart): the tables keep using them, so an
+/// in-place restart must not give them back. Bounded: a table wanted
+/// beyond it is refused (the mapping fails).
+static TABLE_FRAMES_SINCE_SERVING: Mutex<([u64; 64], usize)> = Mutex::new(([0; 64], 0));
+/// The heap's memory `(start, bytes)`, for starting it afresh.
+static HEAP_MEMORY: Mutex<(u64, u64)> = Mutex::new((0, 0));
 
 #[global_allocator]
 static HEAP: CountingHeap = CountingHeap {
@@ -83,6 +95,16 @@ unsafe impl TableMemory for KernelTables {
         if frame + FRAME_SIZE > EARLY_MAPPED && !TABLES_LIVE.load(Ordering::Acquire) {
             let _ = frames.free(frame, 1);
             return None;
+        }
+        if FRAMES_AT_SERVING.lock().is_some() {
+            let mut since = TABLE_FRAMES_SINCE_SERVING.lock();
+            let (kept, count) = &mut *since;
+            let Some(slot) = kept.get_mut(*count) else {
+                let _ = frames.free(frame, 1);
+                return None;
+            };
+            *slot = frame;
+            *count += 1;
         }
         // SAFETY: the frame is ours and mapped (see the impl's comment).
         unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE as usize) };
@@ -252,6 +274,7 @@ pub fn init(info: &StartInfo) -> Result<MemorySummary, MemoryError> {
         // handed to the heap for good.
         unsafe { HEAP.heap.lock().init(heap as *mut u8, heap_bytes as usize) };
         HEAP.usage.set_size(heap_bytes as usize);
+        *HEAP_MEMORY.lock() = (heap, heap_bytes);
         (frames.free_bytes(), heap_bytes)
     };
     Ok(MemorySummary {
@@ -405,4 +428,57 @@ pub fn read_u64(addr: u64) -> Option<u64> {
     // SAFETY: the page is mapped (just checked) and aligned; a stale read
     // of a diagnostic word is harmless.
     Some(unsafe { (addr as *const u64).read_volatile() })
+}
+
+/// Serving begins: what is allocated now stays across in-place restarts.
+pub fn mark_serving_start() {
+    let snapshot = FRAMES.lock().clone();
+    *FRAMES_AT_SERVING.lock() = Some(snapshot);
+}
+
+/// Takes the locks a dead instance may have held (one vCPU: it was
+/// interrupted holding them and never runs again) and starts the heap
+/// afresh over its memory: every allocation of the dead instance is
+/// forgotten, none freed.
+///
+/// # Safety
+/// The caller abandons every context that used the heap, the frame
+/// allocator or the page tables: nothing of the dead instance runs again
+/// or is dropped, and nothing of its heap is used after this.
+pub unsafe fn restart_heap() {
+    // SAFETY: the caller's promise: the holders are gone for good.
+    unsafe {
+        HEAP_MEMORY.force_unlock();
+        FRAMES.force_unlock();
+        FRAMES_AT_SERVING.force_unlock();
+        TABLE_FRAMES_SINCE_SERVING.force_unlock();
+        TABLES.force_unlock();
+        DIRECT_RANGES.force_unlock();
+        HEAP.heap.force_unlock();
+    }
+    let (start, bytes) = *HEAP_MEMORY.lock();
+    let mut heap = HEAP.heap.lock();
+    *heap = Heap::empty();
+    // SAFETY: the heap's own frames, mapped writable, used by nothing else
+    // now that the dead instance's allocations are forgotten.
+    unsafe { heap.init(start as *mut u8, bytes as usize) };
+    HEAP.usage.emptied();
+}
+
+/// Gives back every frame taken since [`mark_serving_start`] but the
+/// `kept` ranges (`(start, frames)`) and the page tables: run once no
+/// device can reach the dead instance's frames any more.
+pub fn restart_frames(kept: impl Iterator<Item = (u64, u64)>) {
+    let Some(at_start) = FRAMES_AT_SERVING.lock().clone() else {
+        return;
+    };
+    let since = TABLE_FRAMES_SINCE_SERVING.lock();
+    let tables = since.0[..since.1].iter().map(|&frame| (frame, 1));
+    let mut frames = FRAMES.lock();
+    *frames = at_start;
+    for (start, count) in kept.chain(tables) {
+        if let Err(e) = frames.reserve(start, count * FRAME_SIZE) {
+            log::error!("memory: keeping {count} frame(s) at {start:#x}: {e:?}");
+        }
+    }
 }

@@ -56,10 +56,13 @@ pub extern "C" fn _Unwind_Resume() -> ! {
     crate::power::exit(cpu::ExitStatus::Failure)
 }
 
+/// Once serving began, a panic restarts stordom in place (see
+/// `restart`); before, or when the restart cap forbids it, the domain
+/// crashes.
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     cpu::disable_interrupts();
     console::fatal(format_args!("PANIC: {info}\n"));
     console::stack_dump(cpu::stack_pointer());
-    crate::power::exit(cpu::ExitStatus::Failure)
+    crate::restart::after_fatal("panic", format_args!("{}", info.message()))
 }

@@ -2,11 +2,12 @@
 //! domain. Watches `backend/vbd`, runs each vbd's xenbus state machine and
 //! ring engine (the blkback crate) over the disks it can open, and polls
 //! until idle, then halts until the next event. `xl shutdown` powers it
-//! off cleanly.
+//! off cleanly; `control/restart` restarts it in place (see `restart`).
 
 use crate::arch::{self, clock};
 use crate::memory;
 use crate::platform::KernelHal;
+use crate::restart::{self, RAM_DISKS};
 use crate::storage::{self, NamedDisk};
 use crate::xen::{self, PortChannel, XenConnection};
 use alloc::collections::BTreeMap;
@@ -17,19 +18,28 @@ use blkback::{
     VbdBackends, XenBackendServices, claim_partition, claim_sectors, statistics,
 };
 use blockdev::partition::{PartitionTable, TableError};
-use blockdev::{Disk, DmaRegion};
+use blockdev::{Completion, Disk, DmaRegion, Geometry, QueuedDevice, Request, SubmitError};
 use core::fmt;
 use core::ptr::NonNull;
 use drivers::Hal;
 use drivers::RamDisk;
+use kernel::ram_disk_registry::{RamDiskRefusal, RamFrames};
+use kernel::restart_policy::ControlRequest;
 use xen_pv::PAGE_SIZE;
 use xen_pv::vcpu::CpuTimes;
-use xen_pv::xenstore::{Tx, Xenstore};
+use xen_pv::xenstore::{Tx, Xenstore, XsError};
 
 /// Longest halt when idle; events end it sooner. Short enough for the
 /// backend's timed work (a detached vbd's grace before its removal).
 const IDLE_HALT_NS: u64 = 250_000_000;
 const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
+/// The operator's restart node: dom0 writes it (`xenstore-write
+/// /local/domain/<stordom>/control/restart <reason>`). `control/` is the
+/// toolstack's, read-only to stordom, so stordom cannot clear it: each
+/// write is a request, seen as a watch event (the event the watch fires
+/// when set up is not one).
+const RESTART_NODE: &str = "control/restart";
+const RESTART_TOKEN: &str = "stordom-restart";
 /// How often statistics are published and the watchdog looks.
 const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 /// How often the heartbeat is logged while requests are outstanding.
@@ -212,12 +222,17 @@ impl KernelOpener {
 }
 
 impl TargetOpener for KernelOpener {
-    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<OpenedTarget, OpenError> {
+    fn open(
+        &mut self,
+        vbd_path: &str,
+        target: &Target<'_>,
+        _read_only: bool,
+    ) -> Result<OpenedTarget, OpenError> {
         let (named, view) = match *target {
             Target::Ram { bytes } => {
-                let disk =
-                    RamDisk::allocate(KernelHal, bytes / 512, 1).ok_or(OpenError::OutOfMemory)?;
-                return Ok(Disk::new(disk).claim_all()?.into());
+                return Ok(Disk::new(KeptRamDisk::open(vbd_path, bytes)?)
+                    .claim_all()?
+                    .into());
             }
             Target::Module { index } => {
                 let module = self.named(&alloc::format!("module:{index}"))?;
@@ -247,6 +262,68 @@ impl TargetOpener for KernelOpener {
             view,
             data_path: named.named.data_path,
         })
+    }
+}
+
+/// A vbd's RAM disk, its memory kept in [`RAM_DISKS`] under the vbd's
+/// backend path: across an in-place restart (the dead instance never drops
+/// it), until the vbd lets it go.
+struct KeptRamDisk {
+    ram: RamDisk<KernelHal>,
+    vbd_path: String,
+}
+
+impl KeptRamDisk {
+    /// The RAM disk of `bytes` for the vbd at `vbd_path`: the one kept
+    /// from before a restart, or a new, zeroed one.
+    fn open(vbd_path: &str, bytes: u64) -> Result<Self, OpenError> {
+        let frames = bytes.div_ceil(PAGE_SIZE as u64);
+        let opened = RAM_DISKS
+            .lock()
+            .open(vbd_path, frames, memory::alloc_frames, free_ram)
+            .map_err(|refusal| match refusal {
+                RamDiskRefusal::Busy => OpenError::Busy,
+                RamDiskRefusal::Full | RamDiskRefusal::KeyTooLong | RamDiskRefusal::OutOfMemory => {
+                    OpenError::OutOfMemory
+                }
+            })?;
+        let storage = NonNull::new(opened.memory.start as *mut u8).ok_or(OpenError::OutOfMemory)?;
+        if opened.kept {
+            log::info!("serve: {vbd_path}: RAM disk kept from before the restart");
+        }
+        // SAFETY: the registry gave these frames (identity-mapped RAM,
+        // `bytes` long at least) to this vbd alone, until `drop`.
+        let ram = unsafe { RamDisk::new(KernelHal, storage, 512, bytes / 512, 1) };
+        Ok(Self {
+            ram,
+            vbd_path: vbd_path.into(),
+        })
+    }
+}
+
+fn free_ram(memory: RamFrames) {
+    memory::free_frames(memory.start, memory.frames);
+}
+
+impl QueuedDevice for KeptRamDisk {
+    fn geometry(&self) -> Geometry {
+        self.ram.geometry()
+    }
+
+    fn submit(&mut self, queue: u16, tag: u64, request: Request<'_>) -> Result<(), SubmitError> {
+        self.ram.submit(queue, tag, request)
+    }
+
+    fn poll(&mut self, queue: u16, out: &mut [Completion]) -> usize {
+        self.ram.poll(queue, out)
+    }
+}
+
+impl Drop for KeptRamDisk {
+    fn drop(&mut self) {
+        if let Some(memory) = RAM_DISKS.lock().close(&self.vbd_path) {
+            free_ram(memory);
+        }
     }
 }
 
@@ -289,6 +366,70 @@ fn shutdown_requested(xs: &mut Xenstore<'static, PortChannel>) -> bool {
     }
 }
 
+/// Acts on `control/restart` (see [`RESTART_NODE`]). Returns only when
+/// there is nothing to do or the restart was refused.
+fn restart_requested(xs: &mut Xenstore<'static, PortChannel>) {
+    let value = match xs.read(Tx::NONE, RESTART_NODE) {
+        Ok(value) => value,
+        Err(XsError::NoEntry) => return,
+        Err(e) => {
+            log::warn!("serve: reading {RESTART_NODE}: {e:?}");
+            return;
+        }
+    };
+    match ControlRequest::parse(&value) {
+        ControlRequest::Nothing => {}
+        ControlRequest::Restart(words) => {
+            let words = if words.is_empty() {
+                "(no reason given)"
+            } else {
+                words
+            };
+            let refusal = restart::restart("operator", format_args!("{words}"));
+            log::warn!("serve: restart asked in {RESTART_NODE} refused: {refusal:?}");
+        }
+        // Test hooks (the `restart` scenario): a panic and a hang in the
+        // loop, as a bug would make them, for the panic path and the
+        // stall watchdog to restart.
+        ControlRequest::InjectPanic => panic!("injected through {RESTART_NODE} (test hook)"),
+        ControlRequest::InjectHang => {
+            log::warn!("serve: hanging as {RESTART_NODE} asks (test hook)");
+            loop {
+                restart::check_stall("hang injected through control/restart");
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Writes `data/restarts` and, after a restart, `data/last-restart`.
+fn publish_restarts(xs: &mut Xenstore<'static, PortChannel>) {
+    let (count, reason) = restart::published();
+    let count = alloc::format!("{count}");
+    let mut nodes: Vec<(&str, &[u8])> = alloc::vec![("data/restarts", count.as_bytes())];
+    if !reason.as_str().is_empty() {
+        nodes.push(("data/last-restart", reason.as_str().as_bytes()));
+    }
+    if let Err(e) = xs.write_batch(&nodes) {
+        log::warn!("serve: publishing the restart count: {e:?}");
+    }
+}
+
+/// Frees the RAM disks kept across a restart whose vbd is gone.
+fn drop_orphan_ram_disks(xs: &mut Xenstore<'static, PortChannel>) {
+    let mut ram_disks = RAM_DISKS.lock();
+    if ram_disks.orphans() == 0 {
+        return;
+    }
+    ram_disks.drop_orphans(
+        |vbd_path| !matches!(xs.read(Tx::NONE, vbd_path), Err(XsError::NoEntry)),
+        |memory| {
+            log::info!("serve: freeing a kept RAM disk whose vbd is gone");
+            free_ram(memory);
+        },
+    );
+}
+
 /// Publishes the number of mapped grants in `data/grants-mapped` when it
 /// changed, so operators and tests can see every grant given back.
 fn publish_grant_count(
@@ -323,6 +464,16 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         .map_err(|e| alloc::format!("watching backend/vbd: {e:?}"))?;
     xs.watch("control/shutdown", SHUTDOWN_TOKEN)
         .map_err(|e| alloc::format!("watching control/shutdown: {e:?}"))?;
+    xs.watch(RESTART_NODE, RESTART_TOKEN)
+        .map_err(|e| alloc::format!("watching {RESTART_NODE}: {e:?}"))?;
+    publish_restarts(&mut xs);
+    // The watch's first event is its setting up, not a request.
+    let mut restart_watch_set = false;
+    // The toolstack's work has run over every vbd since the start (each
+    // one left Connected adopted); the next ring pass ends a restart's
+    // pause.
+    let mut vbds_settled = false;
+    let mut pause_reported = false;
     // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
     let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
     log::info!("serve: watching backend/vbd; ready");
@@ -332,6 +483,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let tables_digest = arch::descriptor_tables_digest();
     loop {
         counters.turns += 1;
+        restart::progress();
         let mut marks = TurnMarks {
             start: clock::now_ns(),
             cpu_at_start: xen::cpu_times(),
@@ -342,15 +494,21 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         // A bounded number of events per pass, each only noted: their work
         // is done by `attend`, a bounded share per pass.
         let mut shutdown_event = false;
+        let mut restart_events = 0;
         let intake = vbds
             .take_watch_events(&mut xs, |event| {
                 shutdown_event |= event.token == SHUTDOWN_TOKEN;
+                restart_events += usize::from(event.token == RESTART_TOKEN);
             })
             .map_err(|e| alloc::format!("xenstore: {e:?}"))?;
         if (shutdown_event || intake.lost) && shutdown_requested(&mut xs) {
             log::info!("serve: shutdown requested");
             return Ok(());
         }
+        if restart_events > usize::from(!restart_watch_set) {
+            restart_requested(&mut xs);
+        }
+        restart_watch_set |= restart_events > 0;
         marks.ends[0] = clock::now_ns();
         let mut backend = XenBackendServices {
             events: &mut events,
@@ -359,9 +517,18 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         };
         let polled = vbds.poll_rings(&mut backend);
         marks.ends[1] = clock::now_ns();
+        if vbds_settled && !pause_reported {
+            pause_reported = true;
+            let adopted = vbds.adoptions();
+            restart::rings_served_again(adopted.vbds, adopted.unanswered_requests);
+        }
         let served_before = vbds.ring_passes_while_waiting();
         let attended = vbds.attend(&mut xs, &mut backend, &polled.attention);
         marks.served_in_toolstack = vbds.ring_passes_while_waiting() - served_before;
+        if !vbds_settled && attended == Progress::Idle && counters.turns >= 2 {
+            vbds_settled = true;
+            drop_orphan_ram_disks(&mut xs);
+        }
         let now = clock::now_ns();
         marks.ends[2] = now;
         if now >= counters.next_housekeeping_ns {

@@ -101,17 +101,49 @@ pub fn pci_config(rsdp: u64, allow_ports: bool) -> Option<PciConfig> {
     })
 }
 
-/// Brings up every storage controller found and returns its disks.
-pub fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
+/// Every PCI function present.
+fn functions(config: &mut PciConfig) -> Vec<pci::Function> {
     // ECAM reads are cheap: every bus in the window. Port I/O may trap
     // to a device model each time (an HVM guest): follow the bridges.
-    let functions = match config {
+    match config {
         PciConfig::Ecam(_, first, last) => {
             let buses = *first..=*last;
             pci::enumerate(config, buses)
         }
         PciConfig::Ports(_) => pci::enumerate_behind_bridges(config, 0),
+    }
+}
+
+/// The disks of every storage controller on PCI (reached through the
+/// RSDP's MCFG, or ports if `allow_ports`), each controller brought up.
+pub fn find_disks(rsdp: u64, allow_ports: bool) -> Vec<NamedDisk> {
+    match pci_config(rsdp, allow_ports) {
+        Some(mut pci) => {
+            let disks = discover(&mut pci);
+            let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+            log::info!("storage: {} disk(s): {}", disks.len(), names.join(" "));
+            disks
+        }
+        None => Vec::new(),
+    }
+}
+
+/// Stops every storage controller on PCI from reaching memory (see
+/// `pci::disable_bus_master`).
+pub fn stop_bus_mastering(rsdp: u64, allow_ports: bool) {
+    let Some(mut pci) = pci_config(rsdp, allow_ports) else {
+        return;
     };
+    for function in functions(&mut pci) {
+        if function.storage_kind().is_some() {
+            pci::disable_bus_master(&mut pci, function.bdf);
+        }
+    }
+}
+
+/// Brings up every storage controller found and returns its disks.
+fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
+    let functions = functions(config);
     let mut disks = Vec::new();
     let (mut nvme_index, mut ahci_index, mut virtio_index) = (0, 0, 0);
     for function in functions {

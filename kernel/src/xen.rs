@@ -12,21 +12,20 @@ use crate::arch::paging::PageAccess;
 use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
-use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
 use xen_pv::event::{EventChannels, EvtchnSend, Port, take_pending};
 use xen_pv::grant::{GfnWindow, GrantMapper};
-use xen_pv::held::{HeldGrants, HeldPorts};
+use xen_pv::held::{HeldGrants, HeldPorts, Released, release_all};
 use xen_pv::hvm::{self, UpcallMethod};
 use xen_pv::hypercall::command;
 use xen_pv::memory::{SharedInfo, map_shared_info};
 use xen_pv::ring::{PeerChannel, TimedOut};
 use xen_pv::sched;
 use xen_pv::vcpu::{self, CpuTimes, RunstateArea};
-use xen_pv::xenstore::{Xenstore, XenstoreInterface};
+use xen_pv::xenstore::{StreamRecord, Xenstore, XenstoreInterface};
 use xen_pv::{Errno, PAGE_SIZE};
 
 /// Xen, once the hypercall page is installed.
@@ -50,6 +49,8 @@ pub enum XenError {
     Map,
     /// A hypercall failed.
     Hypercall(&'static str, Errno),
+    /// A xenstore request failed.
+    Store(&'static str, xen_pv::xenstore::XsError),
 }
 
 impl core::fmt::Display for XenError {
@@ -59,6 +60,7 @@ impl core::fmt::Display for XenError {
             Self::HypercallPage(e) => write!(f, "hypercall page not installed: {e:?}"),
             Self::Map => write!(f, "a Xen page could not be mapped"),
             Self::Hypercall(what, e) => write!(f, "{what} failed: {e:?}"),
+            Self::Store(what, e) => write!(f, "xenstore: {what} failed: {e:?}"),
         }
     }
 }
@@ -136,6 +138,26 @@ const HELD_PORTS_MAX: usize = 256;
 /// module for the restart sequence).
 static HELD_GRANTS: HeldGrants<[AtomicU64; GRANT_WINDOW_FRAMES as usize]> = HeldGrants::new();
 static HELD_PORTS: HeldPorts<[AtomicU32; HELD_PORTS_MAX]> = HeldPorts::new();
+/// Where the xenstore ring's streams stand, for the connection of the
+/// next instance after an in-place restart.
+static STORE_STREAMS: StreamRecord = StreamRecord::new();
+/// Set by the store and console ports' handlers, whichever instance's
+/// event channels dispatch them (statics, not heap: they outlive it).
+static STORE_FIRED: AtomicBool = AtomicBool::new(false);
+static CONSOLE_FIRED: AtomicBool = AtomicBool::new(false);
+
+/// What [`start_services`] set up once for the domain's life, from which
+/// each serving instance makes its [`XenConnection`].
+struct DomainRings {
+    shared: &'static SharedInfo,
+    store_iface: &'static XenstoreInterface,
+    store_port: u32,
+    console_port: u32,
+    window_base_gfn: u64,
+    upcall: UpcallMethod,
+}
+
+static DOMAIN_RINGS: Once<DomainRings> = Once::new();
 
 /// An event channel used as a [`PeerChannel`]: `notify` sends on it,
 /// `wait` halts until its port fires (or gives up after `timeout_ns`).
@@ -143,7 +165,7 @@ pub struct PortChannel {
     xen: Hypercalls,
     shared: &'static SharedInfo,
     port: Port,
-    fired: Arc<AtomicBool>,
+    fired: &'static AtomicBool,
     timeout_ns: u64,
 }
 
@@ -155,14 +177,10 @@ impl PortChannel {
         shared: &'static SharedInfo,
         events: &mut EventChannels<'static, Hypercalls>,
         port: u32,
+        fired: &'static AtomicBool,
         timeout_ns: u64,
     ) -> Self {
-        let fired = Arc::new(AtomicBool::new(false));
-        let flag = fired.clone();
-        events.set_handler(
-            Port(port),
-            Box::new(move |_| flag.store(true, Ordering::Release)),
-        );
+        flag_events(events, port, fired);
         Self {
             xen,
             shared,
@@ -171,6 +189,18 @@ impl PortChannel {
             timeout_ns,
         }
     }
+}
+
+/// Has `events` set `fired` for each event on `port`.
+fn flag_events(
+    events: &mut EventChannels<'static, Hypercalls>,
+    port: u32,
+    fired: &'static AtomicBool,
+) {
+    events.set_handler(
+        Port(port),
+        Box::new(move |_| fired.store(true, Ordering::Release)),
+    );
 }
 
 impl PeerChannel for PortChannel {
@@ -217,8 +247,15 @@ impl PortChannel {
                     waited / 1_000_000
                 );
             }
-            if work.as_mut().is_some_and(|work| work()) {
-                continue;
+            match work.as_mut() {
+                // The work serves the rings: the loop is not stalled.
+                Some(work) => {
+                    crate::restart::progress();
+                    if work() {
+                        continue;
+                    }
+                }
+                None => crate::restart::check_stall("waiting for a xenstore or console reply"),
             }
             // Until the watchdog spoke, wake at its mark: a reply still
             // missing there is reported, however soon after it comes.
@@ -316,7 +353,9 @@ fn on_upcall() {
 }
 
 /// Maps shared_info, routes upcalls, connects xenstore and the PV console,
-/// and reserves the grant window above `ram_end`.
+/// and reserves the grant window above `ram_end`: once for the domain's
+/// life. Each serving instance then gets its connection from
+/// [`connect`] (the first) or [`reconnect`] (after an in-place restart).
 pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, XenError> {
     let hc: Hypercalls = &xen.hypercalls;
     let shared_frame = memory::alloc_frames(1).ok_or(XenError::OutOfMemory)?;
@@ -329,7 +368,6 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
         .evtchn_upcall_mask
         .store(0, Ordering::SeqCst);
     SHARED_INFO.call_once(|| shared);
-    let mut events = EventChannels::new(hc, shared, &HELD_PORTS);
 
     interrupts::set_handler(UPCALL_VECTOR, on_upcall);
     let upcall = hvm::setup_upcall(&hc, 0, UPCALL_VECTOR)
@@ -345,15 +383,19 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
     // SAFETY: the store page is shared with xenstored for the domain's
     // life; XenstoreInterface mirrors its layout with atomics.
     let store_iface: &'static XenstoreInterface = unsafe { map_ring_page(&store_ring)? };
-    let store_channel =
-        PortChannel::new(hc, shared, &mut events, store_ring.port, STORE_TIMEOUT_NS);
 
     let console_ring =
         hvm::console_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_CONSOLE_*", e))?;
     // SAFETY: as for the store page, with xenconsoled.
     let console_iface: &'static XenconsInterface = unsafe { map_ring_page(&console_ring)? };
-    let console_channel =
-        PortChannel::new(hc, shared, &mut events, console_ring.port, CONSOLE_WAIT_NS);
+    // The console's channel holds no heap memory: it outlives instances.
+    let console_channel = PortChannel {
+        xen: hc,
+        shared,
+        port: Port(console_ring.port),
+        fired: &CONSOLE_FIRED,
+        timeout_ns: CONSOLE_WAIT_NS,
+    };
     *CONSOLE.lock() = Some(PvConsole::new(console_iface, console_channel));
 
     let window_base = ram_end.max(4 << 30).next_multiple_of(1 << 30);
@@ -366,18 +408,81 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
     let window_end = window_base + GRANT_WINDOW_FRAMES * PAGE_SIZE as u64;
     memory::add_direct_range(window_base, window_end);
     log::debug!("xen: grant window {window_base:#x}-{window_end:#x}");
-    let grants = GrantMapper::new(
-        hc,
-        GfnWindow::new(window_base / PAGE_SIZE as u64, GRANT_WINDOW_FRAMES as usize),
-        &HELD_GRANTS,
-    );
-
+    DOMAIN_RINGS.call_once(|| DomainRings {
+        shared,
+        store_iface,
+        store_port: store_ring.port,
+        console_port: console_ring.port,
+        window_base_gfn: window_base / PAGE_SIZE as u64,
+        upcall,
+    });
+    let rings = DOMAIN_RINGS.get().ok_or(XenError::Map)?;
+    let (events, grants, store_channel) = instance_channels(xen, rings);
+    let mut store = Xenstore::new(store_iface, store_channel);
+    store.keep_record(&STORE_STREAMS);
     Ok(XenConnection {
         events,
-        store: Xenstore::new(store_iface, store_channel),
+        store,
         grants,
         upcall,
     })
+}
+
+/// A new instance's event channels (the store and console ports'
+/// handlers set), grant mapper over the whole window, and store channel.
+fn instance_channels(
+    xen: &'static Xen,
+    rings: &'static DomainRings,
+) -> (
+    EventChannels<'static, Hypercalls>,
+    GrantMapper<'static, Hypercalls>,
+    PortChannel,
+) {
+    let hc: Hypercalls = &xen.hypercalls;
+    let mut events = EventChannels::new(hc, rings.shared, &HELD_PORTS);
+    flag_events(&mut events, rings.console_port, &CONSOLE_FIRED);
+    let store = PortChannel::new(
+        hc,
+        rings.shared,
+        &mut events,
+        rings.store_port,
+        &STORE_FIRED,
+        STORE_TIMEOUT_NS,
+    );
+    let grants = GrantMapper::new(
+        hc,
+        GfnWindow::new(rings.window_base_gfn, GRANT_WINDOW_FRAMES as usize),
+        &HELD_GRANTS,
+    );
+    (events, grants, store)
+}
+
+/// After an in-place restart (on a fresh heap; the dead instance's
+/// connection is abandoned, never dropped): gives back the grant mappings
+/// and ring ports it held, then connects anew, taking the xenstore ring
+/// up where it stopped and dropping its watches and transactions.
+pub fn reconnect() -> Result<(XenConnection, Released), XenError> {
+    let xen = XEN.get().ok_or(XenError::Map)?;
+    let released = release_all(&&xen.hypercalls, &HELD_GRANTS, &HELD_PORTS);
+    // SAFETY: one vCPU, and the dead instance never runs again: the only
+    // holder of the console's lock is gone for good.
+    unsafe { CONSOLE.force_unlock() };
+    let rings = DOMAIN_RINGS.get().ok_or(XenError::Map)?;
+    let (events, grants, store_channel) = instance_channels(xen, rings);
+    let mut store = Xenstore::resume(rings.store_iface, store_channel, &STORE_STREAMS)
+        .map_err(|e| XenError::Store("resuming the ring", e))?;
+    store
+        .reset_watches()
+        .map_err(|e| XenError::Store("XS_RESET_WATCHES", e))?;
+    Ok((
+        XenConnection {
+            events,
+            store,
+            grants,
+            upcall: rings.upcall,
+        },
+        released,
+    ))
 }
 
 /// Maps the page of a ring the toolstack set up (xenstore, console) and

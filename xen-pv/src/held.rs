@@ -26,7 +26,9 @@
 //!    (they come from HVM params and stay bound): the new instance keeps
 //!    using them.
 //! 4. A fresh heap over the same memory (the old one is abandoned
-//!    whole, not freed piece by piece), then the usual bring-up: a new
+//!    whole, not freed piece by piece; stordom's kernel starts it before
+//!    step 2, whose PCI walk allocates, as [`release_all`] needs none),
+//!    then the usual bring-up: a new
 //!    `EventChannels` and `GrantMapper` (a new window over the same GFNs,
 //!    all free again, recording into the same statics).
 //! 5. The xenstore connection: a reply the dead instance waited for may

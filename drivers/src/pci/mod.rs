@@ -255,6 +255,18 @@ pub fn enable_memory_and_bus_master(config: &mut impl ConfigAccess, bdf: Bdf) {
     config.write32(bdf, header::COMMAND_STATUS, command | u32::from(wanted));
 }
 
+/// Turns off bus mastering: the function can no longer read or write
+/// memory (an in-place restart stops what the previous instance left in
+/// flight; the driver's bring-up turns it on again).
+pub fn disable_bus_master(config: &mut impl ConfigAccess, bdf: Bdf) {
+    let command = config.read32(bdf, header::COMMAND_STATUS) & 0xffff;
+    config.write32(
+        bdf,
+        header::COMMAND_STATUS,
+        command & !u32::from(command::BUS_MASTER),
+    );
+}
+
 /// One entry of the capability list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capability {

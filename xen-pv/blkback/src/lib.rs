@@ -166,8 +166,8 @@ pub use served_disk::{DataPath, OpenedTarget, SECTOR_SIZE, ServedDisk};
 pub use target::{OpenError, Target, TargetOpener, claim_partition, claim_sectors};
 pub use unserved::UnservedGap;
 pub use vbd::{
-    Attention, Progress, RingsPolled, VBD_UPDATES_PER_PASS, VbdBackends, VbdId, VbdStatus,
-    WATCH_EVENTS_TAKEN_PER_PASS, WATCH_TOKEN, WatchIntake,
+    Adoptions, Attention, Progress, RingsPolled, VBD_UPDATES_PER_PASS, VbdBackends, VbdId,
+    VbdStatus, WATCH_EVENTS_TAKEN_PER_PASS, WATCH_TOKEN, WatchIntake,
 };
 
 use xen_pv::event::{EventChannels, Port};

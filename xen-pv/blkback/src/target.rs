@@ -94,10 +94,16 @@ impl fmt::Display for OpenError {
 
 /// Opens targets; the kernel implements it over its disks and modules.
 pub trait TargetOpener {
-    /// Claims `target` for one vbd; `read_only` when the toolstack's
-    /// `mode` is `r`. Each ring of the vbd opens a queue of the view, and
-    /// moves data the way the returned data path says.
-    fn open(&mut self, target: &Target<'_>, read_only: bool) -> Result<OpenedTarget, OpenError>;
+    /// Claims `target` for the vbd at `vbd_path` (`backend/vbd/<frontend>/
+    /// <devid>`); `read_only` when the toolstack's `mode` is `r`. Each
+    /// ring of the vbd opens a queue of the view, and moves data the way
+    /// the returned data path says.
+    fn open(
+        &mut self,
+        vbd_path: &str,
+        target: &Target<'_>,
+        read_only: bool,
+    ) -> Result<OpenedTarget, OpenError>;
 }
 
 impl From<ClaimError> for OpenError {

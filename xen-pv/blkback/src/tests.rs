@@ -271,7 +271,12 @@ impl SharedQueueController {
 }
 
 impl TargetOpener for TestOpener {
-    fn open(&mut self, target: &Target<'_>, read_only: bool) -> Result<OpenedTarget, OpenError> {
+    fn open(
+        &mut self,
+        _vbd_path: &str,
+        target: &Target<'_>,
+        read_only: bool,
+    ) -> Result<OpenedTarget, OpenError> {
         // The disks stand for devices, not for stordom's heap.
         uncounted(|| self.open_uncounted(target, read_only))
     }

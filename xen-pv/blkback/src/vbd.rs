@@ -168,6 +168,9 @@ struct Vbd {
     published: BTreeMap<String, u64>,
     /// A watch event concerned it since its last update.
     watch_pending: bool,
+    /// Adopted from a previous instance, with this many requests left
+    /// unanswered on its rings.
+    adopted_unanswered: Option<u64>,
 }
 
 impl Vbd {
@@ -200,6 +203,14 @@ pub struct VbdBackends<O> {
     /// The rings' serving, in the loop's passes and while the toolstack's
     /// xenstore requests wait.
     serving: RingServing,
+}
+
+/// What [`VbdBackends::adoptions`] counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adoptions {
+    pub vbds: usize,
+    /// Requests in `[rsp_prod, req_prod)` at adoption, served afresh.
+    pub unanswered_requests: u64,
 }
 
 /// What the serving passes did.
@@ -422,6 +433,16 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
+    /// The vbds this instance adopted from a previous one (see the crate
+    /// documentation, "Restart"), and the requests they had unanswered.
+    pub fn adoptions(&self) -> Adoptions {
+        let adopted = self.devices.values().filter_map(|v| v.adopted_unanswered);
+        Adoptions {
+            vbds: adopted.clone().count(),
+            unanswered_requests: adopted.sum(),
+        }
+    }
+
     /// Times the rings were served while the toolstack's work (a vbd's
     /// state machine, a rescan) waited for xenstore, a count that only
     /// grows: that work does not hold them up.
@@ -500,6 +521,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 recheck_at: None,
                 published: BTreeMap::new(),
                 watch_pending: false,
+                adopted_unanswered: None,
             };
             self.devices.insert(id, vbd);
             self.update(xs, svc, id);
@@ -900,7 +922,7 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     let discard_enabled = node(xs, "discard-enable")?.is_none_or(|v| v != "0");
     let read_only = !mode.contains('w');
     let disk = Target::parse(&params)
-        .and_then(|target| opener.open(&target, read_only))
+        .and_then(|target| opener.open(&path, &target, read_only))
         .and_then(|opened| ServedDisk::new(opened, read_only));
     let disk = match disk {
         Ok(disk) => disk,
@@ -1007,6 +1029,7 @@ fn connect<C: PeerChannel, S: BackendServices>(
         );
     }
     if start == VbdStart::Adoption {
+        vbd.adopted_unanswered = Some(unanswered);
         vbd.state = XenbusState::Connected;
         return Ok(());
     }

@@ -310,6 +310,11 @@ impl<'a> SimXenstored<'a> {
                 }
                 return Ok(ok);
             }
+            MsgType::ResetWatches => {
+                self.watches.clear();
+                self.transactions.clear();
+                return Ok(ok);
+            }
             MsgType::GetDomainPath => return Ok(format!("/local/domain/{first}\0").into_bytes()),
             MsgType::Watch | MsgType::Unwatch => {
                 let path = self.absolute(first)?;

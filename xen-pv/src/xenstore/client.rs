@@ -3,6 +3,7 @@
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use super::XenstoreInterface;
 use super::wire::{
@@ -38,10 +39,43 @@ pub struct WatchEvent {
     pub token: String,
 }
 
+/// Where a connection's two byte streams stand, kept outside the heap (a
+/// `static`) so that a connection made after an in-place restart can take
+/// the ring up mid-message: the dead instance may have sent part of a
+/// request or read part of a reply, and both streams must stay framed.
+pub struct StreamRecord {
+    next_req_id: AtomicU32,
+    /// Bytes of the request being sent not yet in the ring.
+    request_left: AtomicU32,
+    /// Bytes of the message being received already taken from the ring.
+    reply_taken: AtomicU32,
+    /// The first bytes of that message (its header, once taken whole).
+    reply_header: [AtomicU8; HEADER_LEN],
+}
+
+impl StreamRecord {
+    pub const fn new() -> Self {
+        StreamRecord {
+            next_req_id: AtomicU32::new(1),
+            request_left: AtomicU32::new(0),
+            reply_taken: AtomicU32::new(0),
+            reply_header: [const { AtomicU8::new(0) }; HEADER_LEN],
+        }
+    }
+}
+
+impl Default for StreamRecord {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A xenstore connection.
 pub struct Xenstore<'a, C> {
     iface: &'a XenstoreInterface,
     channel: C,
+    /// Where the streams stand, for a successor (see [`Xenstore::resume`]).
+    record: Option<&'a StreamRecord>,
     next_req_id: u32,
     /// A reply or event being assembled across partial ring reads.
     partial: Vec<u8>,
@@ -68,6 +102,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         Xenstore {
             iface,
             channel,
+            record: None,
             next_req_id: 1,
             partial: Vec::new(),
             watch_events: VecDeque::new(),
@@ -76,6 +111,55 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             broken: None,
             batch: None,
         }
+    }
+
+    /// A connection over a ring an earlier connection (of a dead instance
+    /// of this domain) used with `record`: the rest of a request it left
+    /// half sent goes out as zero bytes (xenstored then answers or
+    /// rejects a request nobody waits for), a message it left half read is
+    /// completed and dropped as a stale one, and request ids go on from
+    /// where it stopped, so none of its late replies is taken for a new
+    /// one. Call [`Self::reset_watches`] next.
+    pub fn resume(
+        iface: &'a XenstoreInterface,
+        channel: C,
+        record: &'a StreamRecord,
+    ) -> Result<Self, XsError> {
+        let mut xs = Self::new(iface, channel);
+        xs.next_req_id = record.next_req_id.load(Ordering::Acquire);
+        let taken = record.reply_taken.swap(0, Ordering::AcqRel) as usize;
+        xs.partial = record
+            .reply_header
+            .iter()
+            .take(taken)
+            .map(|b| b.load(Ordering::Acquire))
+            .collect();
+        xs.partial.resize(taken, 0);
+        let left = record.request_left.swap(0, Ordering::AcqRel) as usize;
+        xs.record = Some(record);
+        if left > 0 {
+            xs.send(&alloc::vec![0; left.min(HEADER_LEN + PAYLOAD_MAX)])?;
+            xs.channel.notify();
+        }
+        Ok(xs)
+    }
+
+    /// Records the streams in `record` from now on (see [`Self::resume`]).
+    pub fn keep_record(&mut self, record: &'a StreamRecord) {
+        record
+            .next_req_id
+            .store(self.next_req_id, Ordering::Release);
+        self.record = Some(record);
+    }
+
+    /// Drops every watch and transaction xenstored holds for this
+    /// connection (a dead instance's), then the watch events queued so
+    /// far: they were for those watches.
+    pub fn reset_watches(&mut self) -> Result<(), XsError> {
+        self.request(MsgType::ResetWatches, Tx::NONE, &[], b"")?;
+        self.watch_events.clear();
+        self.queued_watch_bytes = 0;
+        Ok(())
     }
 
     /// Runs `body` on this connection with a channel that does `work`
@@ -94,6 +178,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
                 inner: &mut self.channel,
                 work,
             },
+            record: self.record,
             next_req_id: self.next_req_id,
             partial: core::mem::take(&mut self.partial),
             watch_events: core::mem::take(&mut self.watch_events),
@@ -177,11 +262,11 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         }
         let header = Header {
             msg_type: MsgType::Write as u32,
-            req_id: self.next_req_id,
+            req_id: self.take_req_id(),
             tx_id: Tx::NONE.0,
             len: len as u32,
         };
-        self.next_req_id = self.next_req_id.wrapping_add(1);
+        self.begin_request(len);
         // Fits whole (checked above), so none of these waits.
         self.send(&header.encode())?;
         self.send(path.as_bytes())?;
@@ -353,14 +438,14 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         if len > PAYLOAD_MAX {
             return Err(XsError::RequestTooLarge);
         }
-        let req_id = self.next_req_id;
-        self.next_req_id = self.next_req_id.wrapping_add(1);
+        let req_id = self.take_req_id();
         let header = Header {
             msg_type: msg_type as u32,
             req_id,
             tx_id: tx.0,
             len: len as u32,
         };
+        self.begin_request(len);
         self.send(&header.encode())?;
         for s in strings {
             self.send(s.as_bytes())?;
@@ -387,6 +472,26 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
         }
     }
 
+    fn take_req_id(&mut self) -> u32 {
+        let id = self.next_req_id;
+        self.next_req_id = id.wrapping_add(1);
+        if let Some(record) = self.record {
+            record
+                .next_req_id
+                .store(self.next_req_id, Ordering::Release);
+        }
+        id
+    }
+
+    /// A request of `payload` bytes (after its header) is sent next.
+    fn begin_request(&mut self, payload: usize) {
+        if let Some(record) = self.record {
+            record
+                .request_left
+                .store((HEADER_LEN + payload) as u32, Ordering::Release);
+        }
+    }
+
     fn send(&mut self, mut bytes: &[u8]) -> Result<(), XsError> {
         loop {
             let written = self
@@ -394,6 +499,11 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
                 .requests()
                 .write(bytes)
                 .map_err(|_| self.fail(XsError::RingCorrupt))?;
+            if let Some(record) = self.record {
+                let left = record.request_left.load(Ordering::Acquire);
+                let left = left.saturating_sub(written as u32);
+                record.request_left.store(left, Ordering::Release);
+            }
             bytes = &bytes[written..];
             if bytes.is_empty() {
                 return Ok(());
@@ -430,6 +540,9 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             if let (Some(header), true) = (header, self.partial.len() == wanted) {
                 let payload = self.partial.split_off(HEADER_LEN);
                 self.partial.clear();
+                if let Some(record) = self.record {
+                    record.reply_taken.store(0, Ordering::Release);
+                }
                 return Ok(Some((header, payload)));
             }
             let have = self.partial.len();
@@ -437,6 +550,14 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
             let read = self.iface.responses().read(&mut self.partial[have..]);
             let read = read.map_err(|_| self.fail(XsError::RingCorrupt))?;
             self.partial.truncate(have + read);
+            if let Some(record) = self.record {
+                for (kept, byte) in record.reply_header.iter().zip(&self.partial).skip(have) {
+                    kept.store(*byte, Ordering::Release);
+                }
+                record
+                    .reply_taken
+                    .store(self.partial.len() as u32, Ordering::Release);
+            }
             if read == 0 {
                 return Ok(None);
             }

@@ -518,3 +518,45 @@ fn an_unacknowledged_write_that_does_not_fit_is_not_sent() {
         );
     });
 }
+
+#[test]
+fn a_connection_resumed_mid_message_keeps_the_streams_framed() {
+    // An instance dies with a watch event half read; its successor
+    // resumes the same ring from the record, drops the old instance's
+    // watches, and works.
+    let iface = XenstoreInterface::new_boxed(u32::MAX - 30);
+    let record = StreamRecord::new();
+    let mut old = Xenstore::new(&iface, SimXenstored::new(&iface, GUEST));
+    old.keep_record(&record);
+    old.watch("w", "old-token").unwrap();
+    old.write(Tx::NONE, "w", b"1").unwrap();
+    old.channel_mut().set_chunks(16, 5);
+    old.channel_mut().inject_watch_event("w/x", "old-token");
+    old.channel_mut().step();
+    assert_eq!(
+        old.poll_watch_event().unwrap(),
+        Some(event("w", "old-token"))
+    );
+    // Part of the second event is taken.
+    old.channel_mut().step();
+    assert_eq!(
+        old.poll_watch_event().unwrap(),
+        Some(event("w", "old-token"))
+    );
+    assert_eq!(old.poll_watch_event().unwrap(), None);
+    let spare = XenstoreInterface::new_boxed(0);
+    let daemon = core::mem::replace(old.channel_mut(), SimXenstored::new(&spare, GUEST));
+    core::mem::forget(old);
+
+    let mut new = Xenstore::resume(&iface, daemon, &record).unwrap();
+    new.reset_watches().unwrap();
+    assert_eq!(new.channel_mut().watch_count(), 0);
+    assert_eq!(new.poll_watch_event().unwrap(), None);
+    new.watch("w", "new-token").unwrap();
+    assert_eq!(new.read(Tx::NONE, "w").unwrap(), b"1");
+    new.channel_mut()
+        .dom0_write(&alloc::format!("{HOME}/w"), b"2");
+    let seen: Vec<WatchEvent> = core::iter::from_fn(|| new.poll_watch_event().unwrap()).collect();
+    assert!(seen.iter().all(|e| e.token == "new-token"), "{seen:?}");
+    assert_eq!(new.read(Tx::NONE, "w").unwrap(), b"2");
+}

@@ -29,6 +29,9 @@ pub enum MsgType {
     SetPerms = 14,
     WatchEvent = 15,
     Error = 16,
+    /// Drops every watch and transaction of the connection
+    /// (`XS_RESET_WATCHES`, which unprivileged domains may send).
+    ResetWatches = 21,
 }
 
 impl MsgType {
@@ -50,6 +53,7 @@ impl MsgType {
             SetPerms,
             WatchEvent,
             Error,
+            ResetWatches,
         ]
         .into_iter()
         .find(|t| *t as u32 == n)

@@ -47,7 +47,12 @@ struct RamDisks {
 }
 
 impl TargetOpener for RamDisks {
-    fn open(&mut self, target: &Target<'_>, _read_only: bool) -> Result<OpenedTarget, OpenError> {
+    fn open(
+        &mut self,
+        _vbd_path: &str,
+        target: &Target<'_>,
+        _read_only: bool,
+    ) -> Result<OpenedTarget, OpenError> {
         let Target::Ram { bytes } = *target else {
             return Err(OpenError::NotFound);
         };

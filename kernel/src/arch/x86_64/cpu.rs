@@ -85,6 +85,25 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Calls `next` on a fresh boot stack (its top), never coming back: the
+/// frames of the current stack, whatever they hold, are never used again.
+pub fn run_on_boot_stack(next: extern "C" fn() -> !) -> ! {
+    // SAFETY: the boot stack is mapped, writable and ours; `next` never
+    // returns, so nothing needs the abandoned frames. The top is page
+    // aligned, so `next` starts with the stack aligned as the ABI wants.
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, {top}",
+            "xor ebp, ebp",
+            "call {next}",
+            "ud2",
+            top = in(reg) boot::entry::stack_top(),
+            next = in(reg) next,
+            options(noreturn)
+        )
+    }
+}
+
 /// The current stack pointer.
 #[inline(always)]
 pub fn stack_pointer() -> u64 {

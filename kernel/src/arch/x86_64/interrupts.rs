@@ -325,5 +325,19 @@ fn report_exception(frame: &InterruptFrame) -> ! {
         frame.r15,
     ));
     crate::console::stack_dump(frame.rsp);
-    crate::power::exit(super::cpu::ExitStatus::Failure)
+    crate::restart::after_fatal(
+        "fault",
+        format_args!(
+            "exception {vector} ({}) at RIP {:#x}",
+            EXCEPTION_NAMES[vector], frame.rip
+        ),
+    )
+}
+
+/// Every IST stack is free again: an in-place restart abandoned the
+/// handler that was using one (it never returns).
+pub fn release_ist_stacks() {
+    for slot in &IST_IN_USE {
+        slot.store(0, Ordering::Release);
+    }
 }

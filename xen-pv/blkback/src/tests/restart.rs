@@ -333,8 +333,16 @@ fn a_restarted_engine_answers_every_request_once_and_keeps_the_data() {
         assert!(done_unanswered >= 10, "{done_unanswered}");
         plain.submit(&mut rng, 6);
         kept.submit(&mut rng, 6);
+        let unanswered = (plain.unanswered.len() + kept.unanswered.len()) as u64;
         let mapped = h.sim.mapped_grants();
         let released = h.restart();
+        assert_eq!(
+            h.vbds.adoptions(),
+            Adoptions {
+                vbds: 2,
+                unanswered_requests: unanswered
+            }
+        );
         assert_eq!(released.grants_unmapped, mapped);
         assert_eq!(released.ports_closed, 3, "one per ring");
         assert!(h.logged(&format!("vbd {}: adopted: 1 ring(s)", plain.id)));

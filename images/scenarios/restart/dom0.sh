@@ -1,0 +1,78 @@
+# In-place restart (issue 12): two guests run the soak job (fio with
+# crc32c verify at QD1..QD64, flushes, discards, a stall watcher that fails
+# at 10 s without a completion) on stordom RAM disks while dom0 restarts
+# stordom five times through its control node: a plain request, the panic
+# and hang test hooks, mixed.  After each, stordom's restart count went up,
+# it is the same domain, and its console has the restart's line with the
+# pause the guests saw.
+domain_create /scenario/stordom.cfg || return 1
+sd=$(xl domid stordom)
+stordom_ready stordom
+node=/local/domain/$sd/control/restart
+# control/ is the toolstack's: dom0 makes the node and lets stordom read it
+# (an empty value asks for nothing).
+xenstore-write $node "" && xenstore-chmod $node n0 r$sd \
+    || { result setup fail "cannot make $node readable by stordom"; return 1; }
+for g in g1 g2; do
+    domain_create /scenario/$g.cfg || return 1
+done
+
+started() {  # started GUEST: its soak job's fio is running
+    grep -q "soak: $SOAK_SECS s on xvda" "$(domain_console $1)" 2>/dev/null
+}
+read -r t0 _ </proc/uptime
+until started g1 && started g2; do
+    read -r now _ </proc/uptime
+    if [ $(( ${now%.*} - ${t0%.*} )) -gt 240 ]; then
+        result guests-running fail "the soak job did not start in both guests within 240 s"
+        return 1
+    fi
+    nap 1
+done
+result guests-running pass
+nap 15
+
+k=0
+for how in "operator request from the restart scenario" panic hang "second operator request" panic; do
+    k=$((k + 1))
+    say "restart $k: control/restart = $how"
+    t_ask=$(now_ms)
+    xenstore-write $node "$how"
+    n=0
+    until [ "$(xenstore-read /local/domain/$sd/data/restarts 2>/dev/null)" = $k ]; do
+        n=$((n + 1)); [ $n -gt 400 ] && break
+        nap 0.1
+    done
+    count=$(xenstore-read /local/domain/$sd/data/restarts 2>/dev/null)
+    if [ "$count" = $k ]; then
+        result restart-$k pass "$how: data/restarts = $k after $(( $(now_ms) - t_ask )) ms, last-restart '$(xenstore-read /local/domain/$sd/data/last-restart 2>/dev/null)'"
+    else
+        result restart-$k fail "$how: data/restarts is '$count' 40 s after the request, not $k"
+    fi
+    same_domain stordom "$sd"
+    n=0
+    until grep -q "restart $k (.*): rings served again after" "$(domain_console stordom)" 2>/dev/null; do
+        n=$((n + 1)); [ $n -gt 300 ] && break
+        nap 0.1
+    done
+    line=$(grep -o "restart $k (.*): rings served again after.*" "$(domain_console stordom)" 2>/dev/null)
+    if [ -n "$line" ]; then
+        result restart-$k-served pass "$line"
+    else
+        result restart-$k-served fail "no 'restart $k (...): rings served again' line on stordom's console"
+    fi
+    nap 20
+done
+
+for g in g1 g2; do
+    wait_gone $g $((SOAK_SECS + 240))
+done
+count=$(xenstore-read /local/domain/$sd/data/restarts 2>/dev/null)
+if [ "$count" = 5 ]; then
+    result restarts-counted pass "data/restarts = 5"
+else
+    result restarts-counted fail "data/restarts = '$count' at the end, not 5"
+fi
+grants_released stordom
+xl shutdown stordom
+wait_gone stordom 30
