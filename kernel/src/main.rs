@@ -177,17 +177,15 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
         );
     }
 
-    let connection = xen.map(|x| {
-        match xen::start_services(x, mem.ram_end) {
-            Ok(c) => {
-                log::info!(
-                    "xen: shared_info, event channels ({:?}), xenstore and PV console up",
-                    c.upcall
-                );
-                c
-            }
-            Err(e) => fail(format_args!("xen: {e}")),
+    let connection = xen.map(|x| match xen::start_services(x, mem.ram_end) {
+        Ok(c) => {
+            log::info!(
+                "xen: shared_info, event channels ({:?}), xenstore and PV console up",
+                c.upcall
+            );
+            c
         }
+        Err(e) => fail(format_args!("xen: {e}")),
     });
 
     if let Some(fault) = opts.fault {
