@@ -1,13 +1,14 @@
 # In-place restart (issue 12): two guests run the soak job (fio with
 # crc32c verify at QD1..QD64, flushes, discards, a stall watcher that fails
-# at 10 s without a completion) on stordom RAM disks while dom0 restarts
+# at 10 s without a completion), one on a stordom RAM disk, the other on a
+# slice of the NVMe passed through to the HVM stordom, while dom0 restarts
 # stordom five times through its control node: a plain request, the panic
 # and hang test hooks, mixed.  After each, stordom's restart count went up,
 # it is the same domain, and its console has the restart's line with the
 # pause the guests saw.
-domain_create /scenario/stordom.cfg || return 1
-sd=$(xl domid stordom)
-stordom_ready stordom
+assign_controllers || return 1
+# shellcheck disable=SC2086 # a list of PCI functions
+start_hvm_stordom $STORDOM_PCI || return 1
 node=/local/domain/$sd/control/restart
 # control/ is the toolstack's: dom0 makes the node and lets stordom read it
 # (an empty value asks for nothing).
