@@ -49,6 +49,18 @@ class FakeQemu:
         self.kills += 1
 
 
+def scenario_dir(td: str, toml: str, files: dict[str, str | bytes] | None = None) -> Path:
+    """A scenario folder in `td`: scenario.toml, an empty dom0.sh, `files`."""
+    sdir = Path(td) / "sc"
+    sdir.mkdir()
+    (sdir / "scenario.toml").write_text(toml)
+    (sdir / "dom0.sh").write_text("true\n")
+    for name, data in (files or {}).items():
+        path = sdir / name
+        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+    return sdir
+
+
 def attempt(serial: list[str], done: bool = True, silent_s: float | None = None,
             xen_answered: bool = True, dom0_answered: bool = True,
             qemu: FakeQemu | None = None) -> dict:
@@ -56,10 +68,7 @@ def attempt(serial: list[str], done: bool = True, silent_s: float | None = None,
     out that long after its last line and was diagnosed (Attempt.diagnose)
     with the given answers."""
     with tempfile.TemporaryDirectory() as td:
-        sdir = Path(td) / "sc"
-        sdir.mkdir()
-        (sdir / "scenario.toml").write_text(TOML)
-        (sdir / "dom0.sh").write_text("true\n")
+        sdir = scenario_dir(td, TOML)
         out = Path(td) / "out"
         out.mkdir()
         a = run.Attempt(run.Scenario(sdir), out, Path(td), 10)
@@ -236,14 +245,11 @@ class RunTests(unittest.TestCase):
 
     def test_host_check_lines_are_the_host_console(self):
         with tempfile.TemporaryDirectory() as td:
-            sdir = Path(td) / "sc"
-            sdir.mkdir()
-            (sdir / "scenario.toml").write_text('host_check = "check.py"\nhost_disks = { "a.img" = 1 }\n')
-            (sdir / "dom0.sh").write_text("true\n")
-            (sdir / "check.py").write_text(
-                "import os, sys\n"
-                "print('RESULT name=seen-' + sys.argv[1] + ' status=pass disks=' + os.environ['DISKS'])\n"
-                "sys.exit(3)\n")
+            sdir = scenario_dir(
+                td, 'host_check = "check.py"\nhost_disks = { "a.img" = 1 }\n',
+                {"check.py": "import os, sys\n"
+                 "print('RESULT name=seen-' + sys.argv[1] + ' status=pass disks=' + os.environ['DISKS'])\n"
+                 "sys.exit(3)\n"})
             out = Path(td) / "out"
             out.mkdir()
             a = run.Attempt(run.Scenario(sdir), out, Path(td), 10)
@@ -258,20 +264,14 @@ class RunTests(unittest.TestCase):
 
     def test_bad_host_disks_are_refused(self):
         with tempfile.TemporaryDirectory() as td:
-            sdir = Path(td) / "sc"
-            sdir.mkdir()
-            (sdir / "scenario.toml").write_text('host_disks = { "../x" = 1 }\n')
-            (sdir / "dom0.sh").write_text("true\n")
+            sdir = scenario_dir(td, 'host_disks = { "../x" = 1 }\n')
             with self.assertRaises(SystemExit):
                 run.Scenario(sdir)
 
     def test_overlay_is_valid_cpio(self):
         with tempfile.TemporaryDirectory() as td:
-            sdir = Path(td) / "sc"
-            sdir.mkdir()
-            (sdir / "scenario.toml").write_text('[files]\n"/stordom/x.elf" = "x.bin"\n')
-            (sdir / "dom0.sh").write_text("true\n")
-            (sdir / "x.bin").write_bytes(b"\x7fELF" + bytes(100))
+            sdir = scenario_dir(td, '[files]\n"/stordom/x.elf" = "x.bin"\n',
+                                {"x.bin": b"\x7fELF" + bytes(100)})
             data = gzip.decompress(run.build_overlay(run.Scenario(sdir)))
             names = subprocess.run(["cpio", "-t", "--quiet"], input=data, capture_output=True,
                                    check=True).stdout.decode().split()

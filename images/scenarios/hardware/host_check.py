@@ -66,21 +66,24 @@ def prepare() -> None:
     print(f"prepared {NS1.name}: MBR with p1 {ENV['P1_START']}+{ENV['P1_SECTORS']}, fences {ENV['FENCES']}")
 
 
-def durable(guest: str) -> tuple[int, int, str] | None:
-    """(offset, bytes, md5) of what `guest` made durable on its xvda, as
-    dom0 copied its line before the power cut."""
-    log = RUN_DIR / "dom0.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    m = re.search(rf"\[dom0\] {guest} DURABLE disk=xvda offset=(\d+) bytes=(\d+) md5=([0-9a-f]{{32}})", text)
+def md5_line(log: str, prefix: str) -> tuple[int, int, str] | None:
+    """(offset, bytes, md5) of the first line of console `log` that has
+    `prefix` before "offset=... bytes=... md5=..."."""
+    path = RUN_DIR / log
+    text = path.read_text(errors="replace") if path.exists() else ""
+    m = re.search(rf"{prefix} offset=(\d+) bytes=(\d+) md5=([0-9a-f]{{32}})", text)
     return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+def durable(guest: str) -> tuple[int, int, str] | None:
+    """What `guest` made durable on its xvda, as dom0 copied its line
+    before the power cut."""
+    return md5_line("dom0.log", rf"\[dom0\] {guest} DURABLE disk=xvda")
 
 
 def found(disk: str) -> tuple[int, int, str] | None:
-    """(offset, bytes, md5) the second boot's guest g7 read on `disk`."""
-    log = RUN_DIR / "guest-g7.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    m = re.search(rf"FOUND disk={disk} offset=(\d+) bytes=(\d+) md5=([0-9a-f]{{32}})", text)
-    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+    """What the second boot's guest g7 read on `disk`."""
+    return md5_line("guest-g7.log", f"FOUND disk={disk}")
 
 
 # Where each durable guest's xvda lives on the host: (file, byte offset).
