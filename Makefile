@@ -91,10 +91,10 @@ bench: bench-engine build images
 	@mkdir -p runs
 	python3 tests/bench.py $(KERNEL) --json runs/bench-bare.json
 	$(XEN_ENV) python3 images/run.py compare --no-build --retries 2
-	python3 images/compare.py $$(ls -td runs/*-compare | head -1)/results.json
+	run=$$(ls -td runs/*-compare | head -1); python3 images/compare.py $$run/results.json --json $$run/table.json
 	$(XEN_ENV) python3 images/run.py compare-nvme --no-build --retries 2
-	python3 images/compare.py $$(ls -td runs/*-compare-nvme | head -1)/results.json \
-		--bare runs/bench-bare.json --bare-disk nvme0n1
+	run=$$(ls -td runs/*-compare-nvme | head -1); python3 images/compare.py $$run/results.json \
+		--bare runs/bench-bare.json --bare-disk nvme0n1 --json $$run/table.json
 
 # The ring engine on the host, no emulator: the simulated blkfront and Xen
 # against a vbd over a null disk, all on one core; requests per second and

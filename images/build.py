@@ -13,7 +13,10 @@ $STORDOM_IMAGES_CACHE):
                                      guests boot (libxc would otherwise unxz
                                      ~66 MB in dom0 under TCG on every create)
                guest-initrd.cpio.gz  test guest: busybox, fio, e2fsprogs, jobs
-               dom0.cpio.gz          dom0: xl toolstack, blkback, guest image
+               driverdom.cpio.gz     a Linux storage driver domain (the peer
+                                     stordom replaces): xen-blkback, `xl devd`
+               dom0.cpio.gz          dom0: xl toolstack, blkback, guest and
+                                     driver-domain images
                dom0-hvm.cpio.gz      the same plus the device model, hvmloader and
                                      OVMF, for scenarios with HVM guests
                efi/                  OVMF.fd, grub-mkimage and GRUB's x86_64-efi
@@ -85,6 +88,16 @@ DOM0_MODULES = [
     "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs",
     "xen-blkback", "xen-blkfront", "loop", "brd", "nvme", "xen-pciback",
 ]
+# The Linux driver domain: dom0's packages (xl devd links all of libxl),
+# without the daemons only dom0 runs.
+DRIVERDOM_MODULES = ["xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs",
+                     "xen-blkback", "loop"]
+DRIVERDOM_MUST_RUN = [f"usr/lib/xen-{XEN_VER}/bin/xl", "usr/bin/xenstore-read",
+                      "usr/bin/xenstore-write", "bin/bash", "bin/kmod", "usr/bin/flock",
+                      "sbin/losetup", "lib/x86_64-linux-gnu/libgcc_s.so.1"]
+DRIVERDOM_DROP = [f"usr/lib/xen-{XEN_VER}/bin/xenstored", f"usr/lib/xen-{XEN_VER}/bin/oxenstored",
+                  f"usr/lib/xen-{XEN_VER}/bin/xenconsoled",
+                  f"usr/lib/xen-{XEN_VER}/bin/xen-init-dom0"]
 # test guest: fio (its real runtime needs only libc, libaio, libz, libnuma;
 # the ceph/gluster/rdma/pmem/nbd engines are replaced by stubs), e2fsprogs.
 # GRUB's EFI loader and OVMF: stordom's multiboot2 entry under EFI.
@@ -588,6 +601,7 @@ class Builder:
         self.timed("vmlinuz", self.build_vmlinuz)
         self.timed("vmlinux", self.build_vmlinux)
         self.timed("guest-initrd.cpio.gz", self.build_guest)
+        self.timed("driverdom.cpio.gz", self.build_driverdom)
         self.timed("dom0.cpio.gz", lambda: self.build_dom0("dom0.cpio.gz", hvm=False))
         self.timed("dom0-hvm.cpio.gz", lambda: self.build_dom0("dom0-hvm.cpio.gz", hvm=True))
         self.timed("efi", self.build_efi)
@@ -703,11 +717,37 @@ class Builder:
         self.stamp("guest-initrd.cpio.gz", key)
         return True
 
+    def build_driverdom(self) -> bool:
+        files = [f for f in sorted((HERE / "driverdom").rglob("*")) if f.is_file()]
+        key = self.key(DOM0_PKGS + [self.kpkg], files)
+        if self.stamp_ok("driverdom.cpio.gz", key):
+            return False
+        with tempfile.TemporaryDirectory(dir=self.cache) as td:
+            root = Path(td) / "root"
+            root.mkdir()
+            for p in DOM0_PKGS:
+                if p != "busybox-static":
+                    merge_tree(self.pk.tree(p), root)
+            install_busybox(root, self.pk.tree("busybox-static"))
+            skeleton(root)
+            for rel in DRIVERDOM_DROP:
+                (root / rel).unlink()
+            add_modules(self.ktree(), self.kver, root, DRIVERDOM_MODULES)
+            for f in files:
+                shutil.copy2(f, root / f.relative_to(HERE / "driverdom"))
+            os.chmod(root / "init", 0o755)
+            check_closure(root, DRIVERDOM_MUST_RUN)
+            run(["ldconfig", "-r", str(root)], capture_output=True)
+            make_cpio(root, self.out / "driverdom.cpio.gz")
+        self.stamp("driverdom.cpio.gz", key)
+        return True
+
     def build_dom0(self, product: str, hvm: bool) -> bool:
         files = [f for f in sorted((HERE / "dom0").rglob("*")) if f.is_file()]
         guest = self.out / "guest-initrd.cpio.gz"
+        driverdom = self.out / "driverdom.cpio.gz"
         key = self.key(DOM0_PKGS + [self.kpkg] + (HVM_PKGS if hvm else []), files,
-                       hashlib.sha256(guest.read_bytes()).hexdigest())  # kernel: via kpkg
+                       hashlib.sha256(guest.read_bytes() + driverdom.read_bytes()).hexdigest())
         if self.stamp_ok(product, key):
             return False
         with tempfile.TemporaryDirectory(dir=self.cache) as td:
@@ -741,6 +781,7 @@ class Builder:
             shutil.copy(self.out / "vmlinuz", root / "images/vmlinuz")
             shutil.copy(self.out / "vmlinux", root / "images/vmlinux")
             shutil.copy(guest, root / "images/guest-initrd.cpio.gz")
+            shutil.copy(driverdom, root / "images/driverdom.cpio.gz")
             for f in files:
                 rel = f.relative_to(HERE / "dom0")
                 d = root / rel

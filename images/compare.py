@@ -1,18 +1,31 @@
 #!/usr/bin/env python3
-"""Side-by-side figures of a compare scenario (compare, compare-nvme):
-each metric of the guest on dom0's blkback and of the guest on stordom,
-every round, the medians, and stordom's median as a ratio of dom0's
-(higher is better for all). With --bare, also stordom's own figure for
-the device on bare QEMU (tests/bench.py --json, no Xen) and the guest's
-median as a ratio of it: what serving through Xen costs.
+"""Side-by-side figures of a compare scenario (compare, compare-nvme): each
+metric for every backend that served it (dom0's Linux blkback, a Linux
+driver domain's blkback, stordom), every round, the medians, and
+stordom's median as a ratio of each peer's. Higher is better, except for
+the units listed in LOWER_IS_BETTER (latencies, times), where a ratio
+below 1 is stordom ahead. With --bare, also stordom's own figure for the
+device on bare QEMU (tests/bench.py --json, no Xen) and the guest's median
+as a ratio of it: what serving through Xen costs. With --json, the table
+is also written there.
 
 usage: compare.py RUN_FOLDER/results.json [--bare BENCH_JSON --bare-disk DISK]
+                  [--json OUT]
 """
 import argparse
 import json
 import statistics
 
-REFERENCE, CANDIDATE = "guest-g-dom0", "guest-g-stordom"
+# Backend columns, in table order: a metric belongs to a column by its
+# `backend=` (the boot figures dom0 prints) or by the guest console it
+# came from.
+COLUMNS = [
+    ("dom0", "dom0 blkback", {"guest-g-dom0", "Domain-0"}),
+    ("linuxdd", "Linux drv dom", {"guest-g-linuxdd", "linuxdd"}),
+    ("stordom", "stordom", {"guest-g-stordom", "stordom"}),
+]
+CANDIDATE = "stordom"
+LOWER_IS_BETTER = {"us", "ms", "MiB"}
 # The guest's metric names for tests/bench.py's columns.
 BARE_COLUMNS = {
     "rr4k-qd1": "rand_read_4k_qd1", "rr4k-qd32": "rand_read_4k_qd32",
@@ -21,11 +34,17 @@ BARE_COLUMNS = {
 }
 
 
+def column_of(metric: dict) -> str | None:
+    owner = metric.get("backend", metric["console"])
+    return next((key for key, _, owners in COLUMNS if owner in owners), None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
     ap.add_argument("--bare", help="tests/bench.py --json output")
     ap.add_argument("--bare-disk", default="nvme0n1", help="its row to compare with")
+    ap.add_argument("--json", help="write the table here too")
     a = ap.parse_args()
     results = json.load(open(a.results))
     bare = {}
@@ -34,22 +53,40 @@ def main() -> None:
         bare = {BARE_COLUMNS[k]: v for k, v in row.items() if k in BARE_COLUMNS}
     rounds: dict = {}
     for m in results["metrics"]:
-        rounds.setdefault((m["name"], m["unit"]), {}).setdefault(m["console"], []).append(m["value"])
-    head = f"{'metric':<20}{'unit':<7}{'dom0 blkback':>22}{'stordom':>22}{'stordom/dom0':>14}"
+        col = column_of(m)
+        if col:
+            rounds.setdefault((m["name"], m["unit"]), {}).setdefault(col, []).append(m["value"])
+    present = [c for c in COLUMNS if any(c[0] in by for by in rounds.values())]
+    peers = [c for c in present if c[0] != CANDIDATE]
+    head = f"{'metric':<24}{'unit':<7}" + "".join(f"{label:>24}" for _, label, _ in present)
+    head += "".join(f"{'stordom/' + key:>17}" for key, _, _ in peers)
     if bare:
         head += f"{'bare ' + a.bare_disk:>16}{'stordom/bare':>14}"
     print(head)
+    table = []
     for (name, unit), by in rounds.items():
-        ref, cand = by.get(REFERENCE, []), by.get(CANDIDATE, [])
-        if not ref or not cand:
-            continue
-        ref_med, cand_med = statistics.median(ref), statistics.median(cand)
-        cells = [" ".join(f"{v:g}" for v in ref), " ".join(f"{v:g}" for v in cand)]
-        line = f"{name:<20}{unit:<7}{cells[0]:>22}{cells[1]:>22}{cand_med / ref_med:>13.2f}x"
-        if name in bare:
-            line += f"{bare[name]:>16g}{cand_med / bare[name]:>13.2f}x" if bare[name] else ""
+        row = {"metric": name, "unit": unit,
+               "rounds": {key: by.get(key, []) for key, _, _ in present},
+               "median": {key: statistics.median(by[key]) for key, _, _ in present if key in by}}
+        line = f"{name:<24}{unit:<7}"
+        line += "".join(f"{' '.join(f'{v:g}' for v in by.get(key, [])) or '-':>24}"
+                        for key, _, _ in present)
+        cand = row["median"].get(CANDIDATE)
+        row["ratio"] = {key: cand / row["median"][key] for key, _, _ in peers
+                        if cand is not None and row["median"].get(key)}
+        line += "".join(f"{row['ratio'][key]:>16.2f}x" if key in row["ratio"] else f"{'-':>17}"
+                        for key, _, _ in peers)
+        if name in bare and bare[name] and cand is not None:
+            row["bare"] = bare[name]
+            line += f"{bare[name]:>16g}{cand / bare[name]:>13.2f}x"
+        table.append(row)
         print(line)
-    print("(each cell lists every round; the ratios are of the medians)")
+    print("(each cell lists every round; the ratios are of the medians; for "
+          f"{', '.join(sorted(LOWER_IS_BETTER))} lower is better, so a ratio below 1 is stordom ahead)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"run": a.results, "table": table}, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

@@ -59,10 +59,13 @@ job_canary() {
 }
 
 # Throughput / IOPS.  Writes the region first so reads hit allocated data.
-# terse v3 fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS.
-perf_one() {   # perf_one METRIC UNIT FIELD fio-args...
-    local metric=$1 unit=$2 field=$3; shift 3
+# terse v3 fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS;
+# with --percentile_list=50:99 the completion latency percentiles (us) are
+# fields 18-19 (read) and 59-60 (write), as "50.000000%=V".
+perf_one() {   # perf_one METRIC UNIT FIELD LATENCY_FIELD|- fio-args...
+    local metric=$1 unit=$2 field=$3 lat=$4; shift 4
     local out
+    [ "$lat" != - ] && set -- "$@" --percentile_list=50:99
     out=$($FIO --name=$metric --output-format=terse --terse-version=3 "$@") || { echo "perf: fio $metric failed"; echo "$out"; return 1; }
     local v
     v=$(echo "$out" | tail -n 1 | awk -F';' -v f=$field -v u=$unit \
@@ -71,6 +74,11 @@ perf_one() {   # perf_one METRIC UNIT FIELD fio-args...
         echo "perf: $metric gave no figure: $out"; return 1
     fi
     echo "METRIC name=$metric disk=$DISK value=$v unit=$unit"
+    [ "$lat" = - ] && return 0
+    echo "$out" | tail -n 1 | awk -F';' -v f=$lat -v m=$metric -v d=$DISK '{
+        split($f, p50, "="); split($(f + 1), p99, "=")
+        printf "METRIC name=%s_p50 disk=%s value=%d unit=us\n", m, d, p50[2]
+        printf "METRIC name=%s_p99 disk=%s value=%d unit=us\n", m, d, p99[2] }'
 }
 
 job_perf() {
@@ -78,12 +86,12 @@ job_perf() {
     local dev=/dev/$1 mib=$(disk_mib $1) rc=0
     [ $mib -gt 256 ] && mib=256
     local t="--filename=$dev --size=${mib}M --runtime=$PERF_RUNTIME --time_based --ramp_time=1"
-    perf_one seq_write_1m MiB/s 48 $t --rw=write --bs=1m --iodepth=8 || rc=1
-    perf_one seq_read_1m MiB/s 7 $t --rw=read --bs=1m --iodepth=8 || rc=1
-    perf_one rand_read_4k_qd1 IOPS 8 $t --rw=randread --bs=4k --iodepth=1 || rc=1
-    perf_one rand_read_4k_qd32 IOPS 8 $t --rw=randread --bs=4k --iodepth=32 || rc=1
-    perf_one rand_write_4k_qd1 IOPS 49 $t --rw=randwrite --bs=4k --iodepth=1 || rc=1
-    perf_one rand_write_4k_qd32 IOPS 49 $t --rw=randwrite --bs=4k --iodepth=32 || rc=1
+    perf_one seq_write_1m MiB/s 48 - $t --rw=write --bs=1m --iodepth=8 || rc=1
+    perf_one seq_read_1m MiB/s 7 - $t --rw=read --bs=1m --iodepth=8 || rc=1
+    perf_one rand_read_4k_qd1 IOPS 8 18 $t --rw=randread --bs=4k --iodepth=1 || rc=1
+    perf_one rand_read_4k_qd32 IOPS 8 - $t --rw=randread --bs=4k --iodepth=32 || rc=1
+    perf_one rand_write_4k_qd1 IOPS 49 59 $t --rw=randwrite --bs=4k --iodepth=1 || rc=1
+    perf_one rand_write_4k_qd32 IOPS 49 - $t --rw=randwrite --bs=4k --iodepth=32 || rc=1
     return $rc
 }
 

@@ -8,8 +8,13 @@
 #   domain_create CFG            render + `xl create`; result "create:NAME"
 #   wait_gone NAME SECONDS       wait for a domain to shut down; destroy on timeout
 #   domain_console NAME          path of a domain's console log in dom0
+#   console_line NAME TEXT SECS  wait for TEXT in domain NAME's console
 #   stordom_ready NAME           wait until stordom NAME serves (console line);
 #                                on failure dom0 prints its diagnosis of it twice
+#   create_backend_timed CFG NAME TEXT SECS  create a driver domain, wait for
+#                                TEXT; METRIC backend_ready_ms
+#   create_guest_timed CFG NAME BACKEND  create a guest, wait for its xvda to
+#                                be Connected; METRIC vbd_connected_ms
 #   grants_released NAME [RESULT] stordom NAME holds no grant (result RESULT,
 #                                default "grants-released")
 #   same_domain NAME DOMID       NAME is still domain DOMID (result
@@ -178,22 +183,62 @@ served_by() {
     esac
 }
 
+# console_line NAME TEXT SECS: waits for TEXT in domain NAME's console.
+console_line() {
+    local t0 now
+    t0=$(now_ms)
+    until grep -q "$2" "$(domain_console $1)" 2>/dev/null; do
+        now=$(now_ms)
+        [ $((now - t0)) -gt $(($3 * 1000)) ] && return 1
+        nap 0.1
+    done
+}
+
 stordom_ready() {   # stordom_ready NAME [SECS]: its ready line within SECS (30)
-    local t0 now secs=${2:-30}
-    read -r t0 _ </proc/uptime
-    until grep -q "serve: watching backend/vbd; ready" "$(domain_console $1)" 2>/dev/null; do
-        read -r now _ </proc/uptime
-        if [ $(( ${now%.*} - ${t0%.*} )) -gt $secs ]; then
-            result "ready:$1" fail "no ready line in $secs s"
-            # Where it is stuck: its state now and 2 s later (a diagnosis
-            # the runner makes only when a run times out).
-            diag_dump 2>&1 | sed 's/^/[dom0] diag: /'
-            nap 2
-            diag_dump 2>&1 | sed 's/^/[dom0] diag: /'
+    local secs=${2:-30}
+    if ! console_line $1 "serve: watching backend/vbd; ready" $secs; then
+        result "ready:$1" fail "no ready line in $secs s"
+        # Where it is stuck: its state now and 2 s later (a diagnosis
+        # the runner makes only when a run times out).
+        diag_dump 2>&1 | sed 's/^/[dom0] diag: /'
+        nap 2
+        diag_dump 2>&1 | sed 's/^/[dom0] diag: /'
+        return 1
+    fi
+}
+
+# create_backend_timed CFG NAME READY_TEXT SECS: creates a storage driver
+# domain and reports the milliseconds from `xl create` to the console line
+# that says it serves (METRIC backend_ready_ms, backend=NAME).
+create_backend_timed() {
+    local t0
+    t0=$(now_ms)
+    domain_create "$1" || return 1
+    if ! console_line $2 "$3" $4; then
+        result "ready:$2" fail "no '$3' on its console within $4 s"
+        return 1
+    fi
+    echo "METRIC name=backend_ready_ms backend=$2 value=$(( $(now_ms) - t0 )) unit=ms"
+    result "ready:$2" pass
+}
+
+# create_guest_timed CFG NAME BACKEND: creates a guest and reports the
+# milliseconds from `xl create` until its first vbd (xvda) is Connected at
+# the backend (METRIC vbd_connected_ms, backend=BACKEND, a domain name).
+create_guest_timed() {
+    local t0 fe be state=
+    t0=$(now_ms)
+    domain_create "$1" || return 1
+    fe=$(xl domid $2) && be=$(xl domid $3) || return 1
+    until [ "$state" = 4 ]; do
+        state=$(xenstore-read /local/domain/$be/backend/vbd/$fe/51712/state 2>/dev/null)
+        if [ $(( $(now_ms) - t0 )) -gt 120000 ]; then
+            result "connected:$2" fail "xvda not Connected at $3 within 120 s (state '$state')"
             return 1
         fi
-        nap 0.2
+        nap 0.1
     done
+    echo "METRIC name=vbd_connected_ms backend=$3 value=$(( $(now_ms) - t0 )) unit=ms"
 }
 
 grants_released() {
