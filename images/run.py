@@ -124,8 +124,9 @@ DEFAULTS = {
 }
 # QEMU's emulated VT-d, and behind it the controllers stordom gets (dom0
 # passes 00:05.0 and 00:06.0 through: lib.sh's STORDOM_PCI): an NVMe with
-# two namespaces and an AHCI controller with one disk; and an NVMe that
-# dom0 keeps, the reference for benchmarks. Backed by files in the run
+# two namespaces and an AHCI controller with one disk; an NVMe that dom0
+# keeps, the reference for benchmarks; and an NVMe whose offline virtual
+# function the hardware scenario passes as well (lib.sh's OFFLINE_VF_PF). Backed by files in the run
 # folder's disks/ (PASSTHROUGH_DISKS, MiB).
 PASSTHROUGH_ARGS = [
     "-device", "intel-iommu,intremap=on",
@@ -140,6 +141,14 @@ PASSTHROUGH_ARGS = [
     "-device", "ide-hd,drive=stordom-sata,bus=stordom-ahci.0",
     "-drive", "file={disks}/dom0-nvme.img,if=none,id=dom0-ns,format=raw",
     "-device", "nvme,serial=dom0-nvme,drive=dom0-ns,addr=0x7,mdts=9",
+    # A controller that cannot come up, for the hardware scenario: an NVMe
+    # with one SR-IOV virtual function (00:08.1), which dom0 enables and
+    # passes to stordom without ever bringing it online (QEMU's VF then
+    # reads every register but CSTS as 0 and refuses CC.EN). SR-IOV needs
+    # a subsystem; function 0 must say multifunction for the VF at .1.
+    "-device", "nvme-subsys,id=offline-vf-subsys,nqn=stordom-offline-vf",
+    "-device", "nvme,serial=offline-vf-pf,subsys=offline-vf-subsys,addr=0x8,multifunction=on,"
+               "sriov_max_vfs=1,sriov_vq_flexible=2,sriov_vi_flexible=1",
 ]
 PASSTHROUGH_DISKS = {"nvme-ns1.img": 512, "nvme-ns2.img": 256, "ahci.img": 256, "dom0-nvme.img": 512}
 # A line (on any console) asking the runner to SIGKILL QEMU at once: the

@@ -39,6 +39,7 @@ pub mod nvme;
 pub mod pci;
 pub mod ramdisk;
 mod region;
+mod segment_copy;
 #[cfg(test)]
 mod testing;
 pub mod virtio;

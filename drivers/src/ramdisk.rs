@@ -6,6 +6,7 @@ use core::ptr::NonNull;
 
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
 use crate::instant::{InstantCompletions, instant_geometry};
+use crate::segment_copy::{self, CopyDirection};
 use blockdev::{self, Completion, Geometry, QueuedDevice, Request, Segment, SubmitError};
 
 /// A block device over a range of memory.
@@ -66,35 +67,16 @@ impl<H: Hal> RamDisk<H> {
         &mut self,
         offset: usize,
         segments: &[Segment],
-        to_disk: bool,
+        direction: CopyDirection,
     ) -> Result<(), SubmitError> {
-        // Every segment is checked before anything is copied.
-        for segment in segments {
-            self.hal
-                .phys_to_virt(segment.phys, segment.len as usize)
-                .ok_or(SubmitError::BadAddress)?;
+        segment_copy::check_mapped(&self.hal, segments)?;
+        // SAFETY: `validate` kept `offset` plus the segments' length within
+        // the storage that `new`'s caller vouched for; guest buffers never
+        // overlap the disk's own storage.
+        unsafe {
+            let disk = self.storage.add(offset);
+            segment_copy::copy(&self.hal, disk, segments, direction)
         }
-        let mut at = offset;
-        for segment in segments {
-            let len = segment.len as usize;
-            let virt = self
-                .hal
-                .phys_to_virt(segment.phys, len)
-                .ok_or(SubmitError::BadAddress)?;
-            // SAFETY: `validate` kept `at + len` within the storage that
-            // `new`'s caller vouched for; `phys_to_virt` vouched for `virt`;
-            // guest buffers never overlap the disk's own storage.
-            unsafe {
-                let disk = self.storage.as_ptr().add(at);
-                if to_disk {
-                    core::ptr::copy_nonoverlapping(virt.as_ptr(), disk, len);
-                } else {
-                    core::ptr::copy_nonoverlapping(disk, virt.as_ptr(), len);
-                }
-            }
-            at += len;
-        }
-        Ok(())
     }
 }
 
@@ -109,8 +91,11 @@ impl<H: Hal> QueuedDevice for RamDisk<H> {
         match request {
             Request::Read { lba, segments } | Request::Write { lba, segments } => {
                 let (offset, _) = self.byte_range(lba, blocks);
-                let to_disk = matches!(request, Request::Write { .. });
-                self.transfer(offset, segments, to_disk)?;
+                let direction = match request {
+                    Request::Write { .. } => CopyDirection::FromSegments,
+                    _ => CopyDirection::IntoSegments,
+                };
+                self.transfer(offset, segments, direction)?;
             }
             Request::Flush => {}
             Request::Discard { lba, blocks } | Request::WriteZeroes { lba, blocks } => {

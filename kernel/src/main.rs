@@ -203,7 +203,7 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
     match job {
         Job::Boot => {}
         Job::DiskSelftest | Job::DiskBench => {
-            let disks = find_disks();
+            let disks = find_disks().disks;
             let ok = if job == Job::DiskSelftest {
                 disk_test::selftest_all(&disks)
             } else {
@@ -228,10 +228,10 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
                     *slot = (m.start, m.len);
                     setup.module_count += 1;
                 }
-                let mut disks = find_disks();
-                grant_dma::check_disks(&mut connection, &mut disks);
+                let mut found = find_disks();
+                grant_dma::check_disks(&mut connection, &mut found.disks);
                 let setup = restart::serving_begins(setup);
-                serve_job(connection, setup, disks);
+                serve_job(connection, setup, found);
             }
             match xen_selftest::run(&mut connection) {
                 Ok(summary) => log::info!("xen-selftest: PASS {summary}"),
@@ -243,14 +243,14 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
     crate::power::exit(cpu::ExitStatus::Success)
 }
 
-/// Serves `disks` and the boot modules until the toolstack asks stordom
-/// to shut down (at boot, and again after each in-place restart).
+/// Serves the disks `found` and the boot modules until the toolstack asks
+/// stordom to shut down (at boot, and again after each in-place restart).
 fn serve_job(
     connection: xen::XenConnection,
     setup: &restart::ServeSetup,
-    disks: alloc::vec::Vec<storage::NamedDisk>,
+    found: storage::Discovery,
 ) -> ! {
-    let opener = serve::KernelOpener::new(setup.modules(), disks);
+    let opener = serve::KernelOpener::new(setup.modules(), found);
     match serve::run(connection, opener) {
         Ok(()) => {
             log::info!("exiting");

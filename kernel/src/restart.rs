@@ -187,11 +187,11 @@ extern "C" fn start_new_instance() -> ! {
     // The start-up check's page cannot be given back (see grant_dma), so
     // it is not made again: PCI disks go through bounce buffers, which
     // work whatever the IOMMU does.
-    let mut disks = storage::find_disks(setup.rsdp, setup.pci_ports);
-    for disk in disks.iter_mut().filter(|d| d.controller.is_some()) {
+    let mut found = storage::find_disks(setup.rsdp, setup.pci_ports);
+    for disk in found.disks.iter_mut().filter(|d| d.controller.is_some()) {
         disk.data_path = blkback::DataPath::Bounce;
     }
-    crate::serve_job(connection, setup, disks)
+    crate::serve_job(connection, setup, found)
 }
 
 /// The count and reason of the last restart, if any, for `data/`.

@@ -8,11 +8,12 @@ use crate::arch::{self, clock};
 use crate::memory;
 use crate::platform::KernelHal;
 use crate::restart::{self, RAM_DISKS};
-use crate::storage::{self, NamedDisk};
+use crate::storage::{self, Discovery, NamedDisk};
 use crate::xen::{self, PortChannel, XenConnection};
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
+use blkback::controllers::BringUpFailures;
 use blkback::{
     DataPath, OpenError, OpenedTarget, Platform, Progress, Target, TargetOpener, UnservedGap,
     VbdBackends, XenBackendServices, claim_partition, claim_sectors, statistics,
@@ -165,6 +166,9 @@ impl LoopCounters {
 /// as views of the boot modules and the disks found on PCI.
 pub struct KernelOpener {
     disks: Vec<ServableDisk>,
+    /// The controllers (and disks) that failed to come up: a target on
+    /// one of them is refused with the reason.
+    failures: BringUpFailures,
 }
 
 /// A disk and its partitions, as read at boot.
@@ -174,9 +178,13 @@ struct ServableDisk {
 }
 
 impl KernelOpener {
-    /// Boot modules become `module:N`, discovered disks go by their names;
-    /// the partition table of each is read and logged.
-    pub fn new(modules: &[(u64, u64)], mut disks: Vec<NamedDisk>) -> Self {
+    /// Boot modules become `module:N`, the disks `found` go by their
+    /// names; the partition table of each is read and logged.
+    pub fn new(modules: &[(u64, u64)], found: Discovery) -> Self {
+        let Discovery {
+            mut disks,
+            failures,
+        } = found;
         for (i, &(start, len)) in modules.iter().enumerate() {
             let blocks = len / 512;
             let Some(storage) = NonNull::new(start as *mut u8).filter(|_| blocks > 0) else {
@@ -210,14 +218,14 @@ impl KernelOpener {
                 ServableDisk { named, partitions }
             })
             .collect();
-        Self { disks }
+        Self { disks, failures }
     }
 
     fn named(&self, name: &str) -> Result<&ServableDisk, OpenError> {
         self.disks
             .iter()
             .find(|d| d.named.name == name)
-            .ok_or(OpenError::NotFound)
+            .ok_or_else(|| self.failures.refusal(name))
     }
 }
 

@@ -8,17 +8,18 @@ use crate::memory;
 use crate::platform::{KernelHal, KernelPorts};
 use alloc::format;
 use alloc::rc::Rc;
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use blkback::DataPath;
+use blkback::controllers::{BringUpFailures, ControllerKind, ControllerNumbering, disk_name};
 use blockdev::partition::{self, PartitionTable, TableError};
 use blockdev::{Completion, QueueHandle, Request, Segment};
 use core::cell::RefCell;
-use drivers::ahci::{self, AhciConfig};
+use drivers::ahci::{self, AhciConfig, AhciError};
 use drivers::hal::{DmaRegion, Hal, PAGE_SIZE};
-use drivers::nvme::{NvmeConfig, NvmeController, NvmeNamespace};
+use drivers::nvme::{NvmeConfig, NvmeController, NvmeError, NvmeNamespace};
 use drivers::pci::{self, Bdf, ConfigAccess, Ecam, PortConfig, StorageKind, acpi};
-use drivers::virtio::VirtioBlock;
+use drivers::virtio::{VirtioBlock, VirtioBlockError};
 
 /// A disk stordom can serve.
 pub struct NamedDisk {
@@ -114,18 +115,36 @@ fn functions(config: &mut PciConfig) -> Vec<pci::Function> {
     }
 }
 
+/// What bringing up the storage controllers on PCI found.
+#[derive(Default)]
+pub struct Discovery {
+    /// The disks of the controllers that came up.
+    pub disks: Vec<NamedDisk>,
+    /// The controllers (and AHCI ports' disks) that failed to come up.
+    pub failures: BringUpFailures,
+}
+
 /// The disks of every storage controller on PCI (reached through the
-/// RSDP's MCFG, or ports if `allow_ports`), each controller brought up.
-pub fn find_disks(rsdp: u64, allow_ports: bool) -> Vec<NamedDisk> {
-    match pci_config(rsdp, allow_ports) {
-        Some(mut pci) => {
-            let disks = discover(&mut pci);
-            let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
-            log::info!("storage: {} disk(s): {}", disks.len(), names.join(" "));
-            disks
-        }
-        None => Vec::new(),
-    }
+/// RSDP's MCFG, or ports if `allow_ports`), each controller brought up,
+/// and the controllers that failed to come up.
+pub fn find_disks(rsdp: u64, allow_ports: bool) -> Discovery {
+    let Some(mut pci) = pci_config(rsdp, allow_ports) else {
+        return Discovery::default();
+    };
+    let found = discover(&mut pci);
+    let names: Vec<&str> = found.disks.iter().map(|d| d.name.as_str()).collect();
+    let failed: Vec<&str> = found.failures.iter().map(|f| f.device.as_str()).collect();
+    let failed = if failed.is_empty() {
+        String::new()
+    } else {
+        format!("; failed to come up: {}", failed.join(", "))
+    };
+    log::info!(
+        "storage: {} disk(s): {}{failed}",
+        found.disks.len(),
+        names.join(" ")
+    );
+    found
 }
 
 /// Stops every storage controller on PCI from reaching memory (see
@@ -141,11 +160,13 @@ pub fn stop_bus_mastering(rsdp: u64, allow_ports: bool) {
     }
 }
 
-/// Brings up every storage controller found and returns its disks.
-fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
+/// Brings up every storage controller found: its disks, or why it failed.
+/// Each controller takes the next name of its kind, whether it comes up
+/// or not, so the others' names stay as they are.
+fn discover(config: &mut PciConfig) -> Discovery {
     let functions = functions(config);
-    let mut disks = Vec::new();
-    let (mut nvme_index, mut ahci_index, mut virtio_index) = (0, 0, 0);
+    let mut found = Discovery::default();
+    let mut numbering = ControllerNumbering::new();
     for function in functions {
         log::debug!(
             "pci: {:02x}:{:02x}.{} {:04x}:{:04x} class {:02x}{:02x}{:02x}",
@@ -162,94 +183,132 @@ fn discover(config: &mut PciConfig) -> Vec<NamedDisk> {
             continue;
         };
         let at = function.bdf;
+        let controller = numbering.name_next(controller_kind(kind));
         let place = format!("{:02x}:{:02x}.{}", at.bus, at.device, at.function);
-        match kind {
-            StorageKind::Nvme => {
-                let index = nvme_index;
-                nvme_index += 1;
-                // SAFETY: stordom owns every controller it finds; this one
-                // is brought up once, here.
-                match unsafe {
-                    NvmeController::from_pci(KernelHal, config, at, NvmeConfig::default())
-                } {
-                    Ok(controller) => {
-                        let namespaces: Vec<u32> =
-                            controller.namespaces().iter().map(|n| n.id).collect();
-                        log::info!(
-                            "nvme{index}: {place}, {} namespace(s), volatile write cache {}",
-                            namespaces.len(),
-                            if controller.info().volatile_write_cache {
-                                "on"
-                            } else {
-                                "off"
-                            }
-                        );
-                        let shared = Rc::new(RefCell::new(controller));
-                        // The namespaces share the controller's queues.
-                        let mut first: Option<blockdev::Disk> = None;
-                        for nsid in namespaces {
-                            let Some(ns) = NvmeNamespace::new(shared.clone(), nsid) else {
-                                continue;
-                            };
-                            let disk = match &first {
-                                Some(first) => first.sharing_queues(ns),
-                                None => blockdev::Disk::new(ns),
-                            };
-                            first.get_or_insert_with(|| disk.clone());
-                            disks.push(NamedDisk::on_controller(
-                                format!("nvme{index}n{nsid}"),
-                                disk,
-                                &format!("nvme{index}"),
-                            ));
-                        }
-                    }
-                    Err(e) => log::error!("nvme{index}: {place}: {e:?}"),
-                }
-            }
-            StorageKind::Ahci => {
-                let index = ahci_index;
-                ahci_index += 1;
-                // SAFETY: as for NVMe.
-                match unsafe { ahci::probe_pci(KernelHal, config, at, AhciConfig::default()) } {
-                    Ok(probe) => {
-                        for (port, e) in &probe.failed {
-                            log::error!("ahci{index}p{port}: {e:?}");
-                        }
-                        for port in probe.ports {
-                            log::info!(
-                                "ahci{index}p{}: {place}, NCQ {}",
-                                port.number(),
-                                if port.uses_ncq() { "on" } else { "off" }
-                            );
-                            disks.push(NamedDisk::on_controller(
-                                format!("ahci{index}p{}", port.number()),
-                                blockdev::Disk::new(port),
-                                &format!("ahci{index}"),
-                            ));
-                        }
-                    }
-                    Err(e) => log::error!("ahci{index}: {place}: {e:?}"),
-                }
-            }
+        let brought_up = match kind {
+            StorageKind::Nvme => bring_up_nvme(config, at, &controller, &place, &mut found)
+                .map_err(|e| e.to_string()),
+            StorageKind::Ahci => bring_up_ahci(config, at, &controller, &place, &mut found)
+                .map_err(|e| e.to_string()),
             StorageKind::VirtioBlock => {
-                let index = virtio_index;
-                virtio_index += 1;
-                // SAFETY: as for NVMe.
-                match unsafe { VirtioBlock::from_pci(KernelHal, config, at) } {
-                    Ok(dev) => {
-                        log::info!("virtio{index}: {place}");
-                        disks.push(NamedDisk::on_controller(
-                            format!("virtio{index}"),
-                            blockdev::Disk::new(dev),
-                            &format!("virtio{index}"),
-                        ));
-                    }
-                    Err(e) => log::error!("virtio{index}: {place}: {e:?}"),
-                }
+                bring_up_virtio(config, at, &controller, &place, &mut found)
+                    .map_err(|e| e.to_string())
             }
+        };
+        if let Err(why) = brought_up {
+            log::error!(
+                "storage: controller {controller} at {place} failed to come up: {why}; its disks are not served"
+            );
+            found.failures.controller_failed(&controller, why);
         }
     }
-    disks
+    found
+}
+
+fn controller_kind(kind: StorageKind) -> ControllerKind {
+    match kind {
+        StorageKind::Nvme => ControllerKind::Nvme,
+        StorageKind::Ahci => ControllerKind::Ahci,
+        StorageKind::VirtioBlock => ControllerKind::Virtio,
+    }
+}
+
+/// Brings up the NVMe controller at `at` and adds its namespaces.
+fn bring_up_nvme(
+    config: &mut PciConfig,
+    at: Bdf,
+    controller_name: &str,
+    place: &str,
+    found: &mut Discovery,
+) -> Result<(), NvmeError> {
+    // SAFETY: stordom owns every controller it finds; this one is brought
+    // up once, here.
+    let controller =
+        unsafe { NvmeController::from_pci(KernelHal, config, at, NvmeConfig::default()) }?;
+    let namespaces: Vec<u32> = controller.namespaces().iter().map(|n| n.id).collect();
+    log::info!(
+        "{controller_name}: {place}, {} namespace(s), volatile write cache {}, SGLs {:?}",
+        namespaces.len(),
+        if controller.info().volatile_write_cache {
+            "on"
+        } else {
+            "off"
+        },
+        controller.info().sgl
+    );
+    let shared = Rc::new(RefCell::new(controller));
+    // The namespaces share the controller's queues.
+    let mut first: Option<blockdev::Disk> = None;
+    for nsid in namespaces {
+        let Some(ns) = NvmeNamespace::new(shared.clone(), nsid) else {
+            continue;
+        };
+        let disk = match &first {
+            Some(first) => first.sharing_queues(ns),
+            None => blockdev::Disk::new(ns),
+        };
+        first.get_or_insert_with(|| disk.clone());
+        found.disks.push(NamedDisk::on_controller(
+            disk_name(ControllerKind::Nvme, controller_name, nsid),
+            disk,
+            controller_name,
+        ));
+    }
+    Ok(())
+}
+
+/// Brings up the AHCI controller at `at` and adds the disks of its ports;
+/// a port whose disk fails is recorded as failed.
+fn bring_up_ahci(
+    config: &mut PciConfig,
+    at: Bdf,
+    controller_name: &str,
+    place: &str,
+    found: &mut Discovery,
+) -> Result<(), AhciError> {
+    // SAFETY: as for NVMe.
+    let probe = unsafe { ahci::probe_pci(KernelHal, config, at, AhciConfig::default()) }?;
+    for (port, e) in &probe.failed {
+        let name = disk_name(ControllerKind::Ahci, controller_name, u32::from(*port));
+        log::error!("storage: disk {name} at {place} failed to come up: {e}; it is not served");
+        found.failures.disk_failed(&name, e);
+    }
+    for port in probe.ports {
+        let name = disk_name(
+            ControllerKind::Ahci,
+            controller_name,
+            u32::from(port.number()),
+        );
+        log::info!(
+            "{name}: {place}, NCQ {}",
+            if port.uses_ncq() { "on" } else { "off" }
+        );
+        found.disks.push(NamedDisk::on_controller(
+            name,
+            blockdev::Disk::new(port),
+            controller_name,
+        ));
+    }
+    Ok(())
+}
+
+/// Brings up the virtio-blk device at `at`, one disk.
+fn bring_up_virtio(
+    config: &mut PciConfig,
+    at: Bdf,
+    controller_name: &str,
+    place: &str,
+    found: &mut Discovery,
+) -> Result<(), VirtioBlockError> {
+    // SAFETY: as for NVMe.
+    let device = unsafe { VirtioBlock::from_pci(KernelHal, config, at) }?;
+    log::info!("{controller_name}: {place}");
+    found.disks.push(NamedDisk::on_controller(
+        disk_name(ControllerKind::Virtio, controller_name, 0),
+        blockdev::Disk::new(device),
+        controller_name,
+    ));
+    Ok(())
 }
 
 /// Longest a single request may take before it is called hung (drivers

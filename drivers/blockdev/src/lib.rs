@@ -106,6 +106,20 @@ pub enum Request<'a> {
     },
 }
 
+impl Request<'_> {
+    /// The same request with its data in `segments` instead (a read or a
+    /// write; other requests carry no data and stay as they are).
+    pub fn with_segments(self, segments: &[Segment]) -> Request<'_> {
+        match self {
+            Request::Read { lba, .. } => Request::Read { lba, segments },
+            Request::Write { lba, .. } => Request::Write { lba, segments },
+            Request::Flush => Request::Flush,
+            Request::Discard { lba, blocks } => Request::Discard { lba, blocks },
+            Request::WriteZeroes { lba, blocks } => Request::WriteZeroes { lba, blocks },
+        }
+    }
+}
+
 /// Shape and limits of a block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {

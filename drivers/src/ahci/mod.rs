@@ -17,6 +17,7 @@ mod tests;
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::fmt;
 
 pub use ata::{AtaIdentity, IdentifyError};
 
@@ -134,6 +135,34 @@ pub enum AhciError {
     },
     /// IDENTIFY DEVICE data is unusable.
     Identify(IdentifyError),
+}
+
+impl fmt::Display for AhciError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadBar => f.write_str("the ABAR cannot be mapped or is too small for its ports"),
+            Self::ResetTimeout => f.write_str("the HBA did not finish its reset in time"),
+            Self::AddressTooHigh => {
+                f.write_str("the HBA cannot address 64-bit DMA memory (CAP.S64A)")
+            }
+            Self::OutOfMemory => f.write_str("no DMA memory for its command lists"),
+            Self::TooFewSlots => f.write_str("the HBA offers fewer than two command slots"),
+            Self::PortTimeout => {
+                f.write_str("the port did not stop, link up or become idle in time")
+            }
+            Self::CommandFailed { status, error } => write!(
+                f,
+                "a bring-up command failed (ATA status {status:#04x}, error {error:#04x})"
+            ),
+            Self::Identify(IdentifyError::NoLba48) => {
+                f.write_str("the disk does not support 48-bit addressing")
+            }
+            Self::Identify(IdentifyError::Empty) => f.write_str("the disk reports no sectors"),
+            Self::Identify(IdentifyError::BadSectorSize) => f.write_str(
+                "the disk's logical sector size is not a power of two from 512 to 64 KiB",
+            ),
+        }
+    }
 }
 
 /// The ports a probe brought up, and the ones with a disk that failed.

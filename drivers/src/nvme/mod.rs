@@ -22,6 +22,7 @@ use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use core::fmt;
 use core::mem::ManuallyDrop;
 
 pub use identify::{ControllerInfo, Namespace, NamespaceError};
@@ -30,8 +31,10 @@ pub use sgl::SglSupport;
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE, PhysAddr};
 use crate::pci::{self, Bdf, ConfigAccess};
 use crate::region::Region;
-use blockdev::{self, Completion, Geometry, IoError, QueuedDevice, Request, SubmitError};
+use crate::segment_copy::{self, CopyDirection};
+use blockdev::{self, Completion, Geometry, IoError, QueuedDevice, Request, Segment, SubmitError};
 use command::{Command, Entry, admin, cns, io};
+use core::sync::atomic::{Ordering, fence};
 use queue::{Doorbells, QueuePair};
 
 /// Controller registers (offsets into BAR0).
@@ -111,6 +114,33 @@ pub enum NvmeError {
     NoIoQueues,
 }
 
+impl fmt::Display for NvmeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadBar => f.write_str("BAR0 cannot be mapped or is too small for the registers"),
+            Self::PageSizeUnsupported => {
+                f.write_str("the controller cannot use 4 KiB pages (CAP.MPSMIN)")
+            }
+            Self::NoNvmCommandSet => f.write_str("CAP.CSS does not list the NVM command set"),
+            Self::OutOfMemory => f.write_str("no DMA memory for its queues"),
+            Self::ReadyTimeout => {
+                f.write_str("the controller did not change CSTS.RDY within CAP.TO")
+            }
+            Self::Fatal => f.write_str("the controller reports a fatal status (CSTS.CFS)"),
+            Self::AdminTimeout { opcode } => {
+                write!(f, "admin command {opcode:#04x} got no completion in time")
+            }
+            Self::AdminFailed { opcode, status } => {
+                write!(
+                    f,
+                    "admin command {opcode:#04x} failed with status {status:#x}"
+                )
+            }
+            Self::NoIoQueues => f.write_str("the controller granted no I/O queues"),
+        }
+    }
+}
+
 /// A command in flight on an I/O queue.
 #[derive(Clone, Copy, Debug)]
 struct InFlight {
@@ -126,17 +156,151 @@ struct IoQueue {
     /// PRP list (or DSM range) pages, `list_pages` for each slot.
     lists: DmaRegion,
     list_pages: usize,
+    /// For a controller that cannot name every segment layout.
+    bounce: Option<BounceBuffer>,
     /// Completions waiting to be polled.
     finished: VecDeque<Completion>,
 }
 
+/// The bounce buffer of an I/O queue of a controller without SGLs for any
+/// address and length: a read or write whose segments neither PRPs nor
+/// the controller's SGLs can name (sub-page pieces of different pages, as
+/// a 1 KiB-block file system's requests) goes through it as one command,
+/// the data of a write copied in at submission, that of a read copied out
+/// at its completion. One such command is in flight per queue at a time;
+/// the next one is refused with `QueueFull` (tried again after a poll)
+/// until it completes. Allocated with the queue: nothing per request.
+struct BounceBuffer {
+    /// The largest transfer, physically contiguous.
+    region: DmaRegion,
+    /// The CID of the command using it.
+    user: Option<u16>,
+    /// Where the read using it goes when it completes (empty for a
+    /// write); its capacity is the most segments a request may have.
+    read_into: Vec<Segment>,
+}
+
+/// What a queue's [`BounceBuffer`] holds: its size and the most segments
+/// a request may have.
+#[derive(Clone, Copy)]
+struct BounceSize {
+    pages: usize,
+    max_segments: usize,
+}
+
+impl BounceBuffer {
+    fn new(hal: &impl Hal, size: BounceSize) -> Option<Self> {
+        let mut read_into = Vec::new();
+        read_into.try_reserve_exact(size.max_segments).ok()?;
+        Some(Self {
+            region: hal.dma_alloc(size.pages)?,
+            user: None,
+            read_into,
+        })
+    }
+
+    /// The command in slot `cid` will move the data of `request` (a read
+    /// or write) through the buffer: returns the one segment, over the
+    /// buffer, that the device gets instead of the request's. A write's
+    /// data is copied in now.
+    fn take(
+        &mut self,
+        hal: &impl Hal,
+        cid: u16,
+        request: Request<'_>,
+    ) -> Result<Segment, SubmitError> {
+        let (Request::Read { segments, .. } | Request::Write { segments, .. }) = request else {
+            return Err(SubmitError::Misaligned);
+        };
+        if self.user.is_some() {
+            return Err(SubmitError::QueueFull);
+        }
+        let bytes: usize = segments.iter().map(|s| s.len as usize).sum();
+        if bytes > self.region.len() || segments.len() > self.read_into.capacity() {
+            return Err(SubmitError::TooLarge);
+        }
+        segment_copy::check_mapped(hal, segments)?;
+        if let Request::Write { .. } = request {
+            // SAFETY: the buffer is `bytes` long at least (checked above),
+            // ours alone while no command uses it, and device memory apart
+            // from the request's segments.
+            unsafe {
+                segment_copy::copy(hal, self.region.virt, segments, CopyDirection::FromSegments)?
+            };
+        } else {
+            // Within the capacity reserved at allocation: no allocation.
+            self.read_into.clear();
+            self.read_into.extend_from_slice(segments);
+        }
+        self.user = Some(cid);
+        Ok(Segment {
+            phys: self.region.phys,
+            len: bytes as u32,
+        })
+    }
+
+    /// Frees the buffer without delivering anything.
+    fn release(&mut self) {
+        self.user = None;
+        self.read_into.clear();
+    }
+
+    /// The command using the buffer ended with `result`: a read's data
+    /// goes to its segments; the buffer is free again.
+    fn give_back(&mut self, hal: &impl Hal, result: Result<(), IoError>) -> Result<(), IoError> {
+        if result.is_err() || self.read_into.is_empty() {
+            self.release();
+            return result;
+        }
+        // The device wrote the buffer before it posted the completion just
+        // read: no read of the buffer may move before that.
+        fence(Ordering::Acquire);
+        // SAFETY: the read's segments fit the buffer (checked when it was
+        // taken), the device is done with it, and it is device memory
+        // apart from the segments.
+        let copied = unsafe {
+            segment_copy::copy(
+                hal,
+                self.region.virt,
+                &self.read_into,
+                CopyDirection::IntoSegments,
+            )
+        };
+        self.release();
+        // The segments were mapped when the read was taken: only a mapping
+        // gone since leaves the data undelivered.
+        copied.map_err(|_| IoError::InvalidRequest)
+    }
+
+    fn free(self, hal: &impl Hal) {
+        // SAFETY: the controller is disabled; no command points here any more.
+        unsafe { hal.dma_free(self.region) };
+    }
+}
+
 impl IoQueue {
-    fn new(hal: &impl Hal, id: u16, depth: u16, list_pages: usize) -> Option<Self> {
+    fn new(
+        hal: &impl Hal,
+        id: u16,
+        depth: u16,
+        list_pages: usize,
+        bounce: Option<BounceSize>,
+    ) -> Option<Self> {
         let pair = QueuePair::new(hal, id, depth)?;
         let slots = usize::from(depth - 1);
         let Some(lists) = hal.dma_alloc(slots * list_pages) else {
             pair.free(hal);
             return None;
+        };
+        let bounce = match bounce.map(|size| BounceBuffer::new(hal, size)) {
+            None => None,
+            Some(Some(buffer)) => Some(buffer),
+            Some(None) => {
+                pair.free(hal);
+                // SAFETY: no command was ever submitted on this queue.
+                unsafe { hal.dma_free(lists) };
+                return None;
+            }
         };
         Some(Self {
             pair,
@@ -144,6 +308,7 @@ impl IoQueue {
             free: (0..depth - 1).rev().collect(),
             lists,
             list_pages,
+            bounce,
             finished: VecDeque::new(),
         })
     }
@@ -164,19 +329,23 @@ impl IoQueue {
     /// Moves posted completions into `finished`, ignoring entries whose CID
     /// names no command in flight (a confused controller must not make us
     /// complete a tag twice).
-    fn reap(&mut self, regs: &Region, doorbells: Doorbells) {
+    fn reap(&mut self, hal: &impl Hal, regs: &Region, doorbells: Doorbells) {
         let mut took_any = false;
         while let Some(entry) = self.pair.next_completion() {
             took_any = true;
-            self.complete(entry.cid, entry.io_result());
+            self.complete(hal, entry.cid, entry.io_result());
         }
         if took_any {
             self.pair.release(regs, doorbells);
         }
     }
 
-    fn complete(&mut self, cid: u16, result: Result<(), IoError>) {
+    fn complete(&mut self, hal: &impl Hal, cid: u16, result: Result<(), IoError>) {
         if let Some(in_flight) = self.slots.get_mut(usize::from(cid)).and_then(Option::take) {
+            let result = match &mut self.bounce {
+                Some(bounce) if bounce.user == Some(cid) => bounce.give_back(hal, result),
+                _ => result,
+            };
             self.finished.push_back(Completion {
                 tag: in_flight.tag,
                 result,
@@ -194,10 +363,11 @@ impl IoQueue {
 
     /// Fails every command in flight: late ones with `Timeout`, the rest
     /// with `Aborted`.
-    fn fail_all(&mut self, now: u64) {
+    fn fail_all(&mut self, hal: &impl Hal, now: u64) {
         for cid in 0..self.slots.len() as u16 {
             let late = self.slots[usize::from(cid)].is_some_and(|f| f.deadline_ns <= now);
             self.complete(
+                hal,
                 cid,
                 Err(if late {
                     IoError::Timeout
@@ -210,6 +380,9 @@ impl IoQueue {
 
     fn free(self, hal: &impl Hal) {
         self.pair.free(hal);
+        if let Some(bounce) = self.bounce {
+            bounce.free(hal);
+        }
         // SAFETY: the controller is disabled; no command points here any more.
         unsafe { hal.dma_free(self.lists) };
     }
@@ -362,10 +535,16 @@ impl<H: Hal> NvmeController<H> {
                 0
             },
             max_transfer_bytes: max_transfer as u32,
-            max_segments: (max_transfer / PAGE_SIZE as u64 + 1) as u16,
+            max_segments: self.max_segments() as u16,
             queues: self.queues.len() as u16,
             queue_depth: self.config.queue_depth - 1,
         })
+    }
+
+    /// The most segments a read or write may have: one per page of the
+    /// largest transfer, and one more for a start inside a page.
+    fn max_segments(&self) -> usize {
+        self.max_transfer_bytes() as usize / PAGE_SIZE + 1
     }
 
     fn max_transfer_bytes(&self) -> u32 {
@@ -400,7 +579,26 @@ impl<H: Hal> NvmeController<H> {
         let cid = queue.free.pop().ok_or(SubmitError::QueueFull)?;
         let (list, list_phys) = queue.list_of(cid);
         let sgl = self.info.sgl;
-        let command = match build_io_command(nsid, request, blocks, sgl, &list, list_phys) {
+        let built = match (
+            build_io_command(nsid, request, blocks, sgl, &list, list_phys),
+            &mut queue.bounce,
+        ) {
+            // Neither PRPs nor the controller's SGLs can name the segments:
+            // the data goes through the queue's bounce buffer.
+            (Err(SubmitError::Misaligned), Some(bounce)) => {
+                bounce.take(&self.hal, cid, request).and_then(|buffer| {
+                    let buffer = [buffer];
+                    let bounced = request.with_segments(&buffer);
+                    let built = build_io_command(nsid, bounced, blocks, sgl, &list, list_phys);
+                    if built.is_err() {
+                        bounce.release();
+                    }
+                    built
+                })
+            }
+            (built, _) => built,
+        };
+        let command = match built {
             Ok(command) => command,
             Err(error) => {
                 queue.free.push(cid);
@@ -421,7 +619,7 @@ impl<H: Hal> NvmeController<H> {
             return 0;
         };
         if !self.failed {
-            io_queue.reap(&self.regs, self.doorbells);
+            io_queue.reap(&self.hal, &self.regs, self.doorbells);
             if io_queue.has_expired(self.hal.now_ns()) {
                 self.recover();
             }
@@ -436,8 +634,8 @@ impl<H: Hal> NvmeController<H> {
         self.resets += 1;
         let now = self.hal.now_ns();
         for queue in &mut self.queues {
-            queue.reap(&self.regs, self.doorbells);
-            queue.fail_all(now);
+            queue.reap(&self.hal, &self.regs, self.doorbells);
+            queue.fail_all(&self.hal, now);
         }
         if self.bring_up().is_err() {
             self.failed = true;
@@ -601,11 +799,16 @@ impl<H: Hal> NvmeController<H> {
     }
 
     fn allocate_queues(&mut self, count: u16) -> Result<(), NvmeError> {
-        let entries = self.max_transfer_bytes() as usize / PAGE_SIZE + 1;
+        let entries = self.max_segments();
         // At least one page per slot: Dataset Management puts its range there.
         let list_pages = prp::list_pages_for(entries).max(1);
+        // Only SGLs of any address and length name every segment layout.
+        let bounce = (self.info.sgl != SglSupport::Unaligned).then(|| BounceSize {
+            pages: (self.max_transfer_bytes() as usize).div_ceil(PAGE_SIZE),
+            max_segments: self.max_segments(),
+        });
         for id in 1..=count {
-            let queue = IoQueue::new(&self.hal, id, self.config.queue_depth, list_pages)
+            let queue = IoQueue::new(&self.hal, id, self.config.queue_depth, list_pages, bounce)
                 .ok_or(NvmeError::OutOfMemory)?;
             self.queues.push(queue);
         }

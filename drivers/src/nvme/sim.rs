@@ -70,6 +70,8 @@ pub(crate) struct NvmeSim {
     pub drop_io: bool,
     /// Never become ready again after a disable.
     pub dead_after_reset: bool,
+    /// Never become ready at all.
+    pub never_ready: bool,
     /// Post the next I/O completion with this status instead.
     pub fail_next_io: Option<u16>,
     /// Post every I/O completion twice, the copy with a CID nobody used.
@@ -96,6 +98,7 @@ impl NvmeSim {
             max_queues: 4,
             drop_io: false,
             dead_after_reset: false,
+            never_ready: false,
             fail_next_io: None,
             post_stray_cids: false,
             flushes: 0,
@@ -155,7 +158,7 @@ impl NvmeSim {
     }
 
     fn enable(&mut self) {
-        if self.dead_after_reset && self.resets > 0 {
+        if self.never_ready || (self.dead_after_reset && self.resets > 0) {
             return;
         }
         let sizes = self.register(reg::AQA);

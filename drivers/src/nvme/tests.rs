@@ -8,6 +8,7 @@ use std::vec::Vec;
 use super::sim::{NvmeSim, SimNamespace};
 use super::*;
 use crate::testing::{TestHal, read_request, run_one, segment, write_request};
+use std::string::ToString;
 
 const BAR_LEN: usize = 0x2000;
 
@@ -365,19 +366,18 @@ fn sub_page_segments_go_by_sgl_and_round_trip() {
 }
 
 #[test]
-fn dword_aligned_sgls_refuse_odd_pieces() {
+fn dword_aligned_sgls_bounce_odd_pieces() {
     let setup = Setup::one_namespace();
     setup.sim.borrow_mut().sgl_support = 0b10;
     let mut disk = setup.disk(1);
-    let buffer = setup.hal.dma_buffer(2);
+    let buffer = setup.hal.buffer_with_pattern(2, 4);
     let odd = [
         segment(buffer.phys + 2, 510),
         segment(buffer.phys + 4096 + 512, 514),
     ];
-    assert_eq!(
-        disk.submit(0, 1, write_request(0, &odd)),
-        Err(SubmitError::Misaligned)
-    );
+    write_on_queue_0(&setup, &mut disk, 1, 0, &odd);
+    assert!(setup.stored(0, 1024) == gathered(&setup.hal, &odd));
+    assert_eq!(setup.sim.borrow().sgl_commands, 0, "SGLs could not say it");
     let even = [
         segment(buffer.phys + 512, 512),
         segment(buffer.phys + 4096 + 512, 512),
@@ -386,26 +386,221 @@ fn dword_aligned_sgls_refuse_odd_pieces() {
         run_one(&setup.hal, &mut disk, 0, 2, write_request(0, &even)),
         Ok(())
     );
+    assert_eq!(setup.sim.borrow().sgl_commands, 1);
+}
+
+/// Writes `segments` at `lba` on queue 0 of `disk` and waits until the
+/// device took them.
+fn write_on_queue_0(
+    setup: &Setup,
+    disk: &mut NvmeNamespace<TestHal>,
+    tag: u64,
+    lba: u64,
+    segments: &[Segment],
+) {
+    let written = run_one(&setup.hal, disk, 0, tag, write_request(lba, segments));
+    assert_eq!(written, Ok(()), "write {tag}");
+}
+
+/// The bytes of `segments`, one after another.
+fn gathered(hal: &TestHal, segments: &[Segment]) -> Vec<u8> {
+    segments
+        .iter()
+        .flat_map(|s| hal.bytes(s.phys, s.len as usize))
+        .collect()
+}
+
+/// The simulated controller, made to lack SGLs, brought up with a queue
+/// depth of `depth`.
+fn without_sgls(setup: &Setup, depth: u16) -> Rc<RefCell<NvmeController<TestHal>>> {
+    setup.sim.borrow_mut().sgl_support = 0;
+    let config = NvmeConfig {
+        queue_depth: depth,
+        ..NvmeConfig::default()
+    };
+    Rc::new(RefCell::new(setup.controller(config).unwrap()))
+}
+
+/// Namespace 1 of [`without_sgls`].
+fn first_namespace_without_sgls(setup: &Setup, depth: u16) -> NvmeNamespace<TestHal> {
+    NvmeNamespace::new(without_sgls(setup, depth), 1).unwrap()
 }
 
 #[test]
-fn inexpressible_scatter_gather_is_refused_without_losing_a_slot() {
+fn without_sgls_sub_page_segments_are_bounced_and_round_trip() {
+    // 512-byte and 4 KiB blocks; segments as blkfront sends them for a
+    // 1 KiB-block file system, and other layouts PRPs cannot name.
+    let setup = Setup::new(vec![
+        SimNamespace::new(1, 9, 8192),
+        SimNamespace::new(2, 12, 64),
+    ]);
+    let controller = without_sgls(&setup, 64);
+    let mut disks = [1, 2].map(|nsid| NvmeNamespace::new(controller.clone(), nsid).unwrap());
+    let source = setup.hal.buffer_with_pattern(8, 9);
+    let target = setup.hal.dma_buffer(8);
+    let page = |n: u64| source.phys + n * 4096;
+    let layouts: [Vec<Segment>; 4] = [
+        // 1 KiB pieces of four pages, at different offsets.
+        vec![
+            segment(page(0) + 3072, 1024),
+            segment(page(2) + 1024, 1024),
+            segment(page(1), 1024),
+            segment(page(5) + 2048, 1024),
+        ],
+        // 512-byte pieces, the first starting on a page, the last ending
+        // inside one.
+        vec![
+            segment(page(3), 512),
+            segment(page(4) + 512, 512),
+            segment(page(6) + 3584, 512),
+            segment(page(7) + 1536, 2560),
+        ],
+        // A whole page between two pieces that do not end on a page.
+        vec![
+            segment(page(0) + 512, 1536),
+            segment(page(2), 4096),
+            segment(page(4) + 1024, 2560),
+        ],
+        // One piece, then a second that starts inside its page.
+        vec![segment(page(1), 2048), segment(page(3) + 2048, 2048)],
+    ];
+    let mut tag = 0;
+    let mut allocations = None;
+    for (index, disk) in disks.iter_mut().enumerate() {
+        let block_shift = setup.sim.borrow().namespaces[index].block_shift;
+        for (number, layout) in layouts.iter().enumerate() {
+            let lba = 8 * number as u64;
+            let bytes: u32 = layout.iter().map(|s| s.len).sum();
+            tag += 1;
+            assert_eq!(
+                run_one(&setup.hal, disk, 0, tag, write_request(lba, layout)),
+                Ok(()),
+                "namespace {} layout {number}",
+                index + 1
+            );
+            let expected = gathered(&setup.hal, layout);
+            let stored = setup.sim.borrow().namespaces[index].data[(lba << block_shift) as usize..]
+                [..bytes as usize]
+                .to_vec();
+            assert!(stored == expected, "layout {number} written as is");
+            // Read back into the same shapes of another buffer.
+            let back: Vec<Segment> = layout
+                .iter()
+                .map(|s| segment(target.phys + (s.phys - source.phys), s.len))
+                .collect();
+            tag += 1;
+            assert_eq!(
+                run_one(&setup.hal, disk, 0, tag, read_request(lba, &back)),
+                Ok(())
+            );
+            assert!(
+                gathered(&setup.hal, &back) == expected,
+                "layout {number} read back"
+            );
+            // Nothing is allocated per request, after the first ones.
+            let now = setup.hal.driver_allocations();
+            assert_eq!(*allocations.get_or_insert(now), now);
+        }
+    }
+    let sim = setup.sim.borrow();
+    assert_eq!(sim.sgl_commands, 0);
+    assert_eq!(sim.io_commands, 16, "one command per request");
+}
+
+#[test]
+fn a_busy_bounce_buffer_holds_the_next_bounced_request_back_in_order() {
     let setup = Setup::one_namespace();
-    // PRPs only: nothing can name sub-page pieces.
-    setup.sim.borrow_mut().sgl_support = 0;
-    let controller = setup
-        .controller(NvmeConfig {
-            queue_depth: 2,
-            ..NvmeConfig::default()
-        })
-        .unwrap();
-    let mut disk = NvmeNamespace::new(Rc::new(RefCell::new(controller)), 1).unwrap();
-    let buffer = setup.hal.dma_buffer(3);
-    let bad = [segment(buffer.phys, 512), segment(buffer.phys + 4096, 512)];
+    let mut disk = first_namespace_without_sgls(&setup, 64);
+    let source = setup.hal.buffer_with_pattern(4, 2);
+    let pieces = |first: u64| {
+        [
+            segment(source.phys + first, 1024),
+            segment(source.phys + 2 * 4096 + 1024, 1024),
+        ]
+    };
+    let (first, second) = (pieces(0), pieces(4096 + 2048));
+    disk.submit(0, 1, write_request(0, &first)).unwrap();
+    assert_eq!(
+        disk.submit(0, 2, write_request(4, &second)),
+        Err(SubmitError::QueueFull),
+        "queue 0's bounce buffer is taken"
+    );
+    // Requests PRPs can name, and flushes, go on meanwhile; so do bounced
+    // requests of other queues.
+    let whole = [segment(source.phys + 3 * 4096, 4096)];
+    disk.submit(0, 3, write_request(16, &whole)).unwrap();
+    disk.submit(0, 4, Request::Flush).unwrap();
+    disk.submit(1, 5, write_request(8, &second)).unwrap();
+    setup.hal.step_device();
+    let mut out = [Completion::default(); 8];
+    let count = disk.poll(0, &mut out);
+    let answered: Vec<(u64, Result<(), IoError>)> =
+        out[..count].iter().map(|c| (c.tag, c.result)).collect();
+    assert_eq!(
+        answered,
+        [(1, Ok(())), (3, Ok(())), (4, Ok(()))],
+        "one completion each, the bounced write before the flush"
+    );
+    assert_eq!(disk.poll(1, &mut out), 1);
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 2, write_request(4, &second)),
+        Ok(())
+    );
+    assert!(setup.stored(0, 2048) == gathered(&setup.hal, &first));
+    assert!(setup.stored(4 * 512, 2048) == gathered(&setup.hal, &second));
+    assert!(setup.stored(8 * 512, 2048) == gathered(&setup.hal, &second));
+}
+
+#[test]
+fn a_reset_frees_the_bounce_buffer_and_delivers_no_stale_read() {
+    let setup = Setup::one_namespace();
+    let mut disk = first_namespace_without_sgls(&setup, 64);
+    let target = setup.hal.dma_buffer(2);
+    let pieces = [
+        segment(target.phys + 1024, 1024),
+        segment(target.phys + 4096 + 512, 1024),
+    ];
+    setup.sim.borrow_mut().drop_io = true;
+    disk.submit(0, 1, read_request(0, &pieces)).unwrap();
+    setup.hal.step_device();
+    setup.sim.borrow_mut().drop_io = false;
+    setup.hal.advance(10_000_000_000);
+    let mut out = [Completion::default(); 2];
+    assert_eq!(disk.poll(0, &mut out), 1);
+    assert_eq!(out[0].result, Err(IoError::Timeout));
+    assert!(
+        setup.hal.bytes(target.phys, 8192).iter().all(|&b| b == 0),
+        "nothing was copied out of the buffer"
+    );
+    let source = setup.hal.buffer_with_pattern(2, 6);
+    let write = [
+        segment(source.phys + 1024, 1024),
+        segment(source.phys + 4096 + 512, 1024),
+    ];
+    // The buffer is free again.
+    write_on_queue_0(&setup, &mut disk, 2, 0, &write);
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 3, read_request(0, &pieces)),
+        Ok(())
+    );
+    assert!(gathered(&setup.hal, &pieces) == gathered(&setup.hal, &write));
+}
+
+#[test]
+fn a_bounced_request_of_unreachable_memory_is_refused_without_losing_a_slot() {
+    let setup = Setup::one_namespace();
+    // PRPs only, and one slot.
+    let mut disk = first_namespace_without_sgls(&setup, 2);
+    // Sub-page pieces of memory the Hal does not map.
+    let bad = [segment(0x1000, 512), segment(0x3000, 512)];
     for _ in 0..3 {
         assert_eq!(
             disk.submit(0, 1, write_request(0, &bad)),
-            Err(SubmitError::Misaligned)
+            Err(SubmitError::BadAddress)
+        );
+        assert_eq!(
+            disk.submit(0, 1, read_request(0, &bad)),
+            Err(SubmitError::BadAddress)
         );
     }
     assert_eq!(setup.sim.borrow().io_commands, 0);
@@ -414,10 +609,17 @@ fn inexpressible_scatter_gather_is_refused_without_losing_a_slot() {
         Ok(()),
         "the only slot is still free"
     );
+    let buffer = setup.hal.dma_buffer(2);
+    let good = [segment(buffer.phys, 512), segment(buffer.phys + 4096, 512)];
+    assert_eq!(
+        run_one(&setup.hal, &mut disk, 0, 3, write_request(0, &good)),
+        Ok(()),
+        "so is the bounce buffer"
+    );
     assert_eq!(
         disk.submit(
             0,
-            3,
+            4,
             Request::Discard {
                 lba: 8191,
                 blocks: 2
@@ -426,7 +628,7 @@ fn inexpressible_scatter_gather_is_refused_without_losing_a_slot() {
         Err(SubmitError::OutOfRange)
     );
     assert_eq!(
-        disk.submit(4, 3, Request::Flush),
+        disk.submit(4, 4, Request::Flush),
         Err(SubmitError::NoSuchQueue)
     );
 }
@@ -532,6 +734,37 @@ fn bring_up_errors() {
         hal.driver_allocations(),
         0,
         "dropping the controller frees its memory"
+    );
+}
+
+#[test]
+fn a_controller_that_never_becomes_ready_is_refused_with_why() {
+    let setup = Setup::one_namespace();
+    setup.sim.borrow_mut().never_ready = true;
+    let error = setup.controller(NvmeConfig::default()).err();
+    assert_eq!(error, Some(NvmeError::ReadyTimeout));
+    assert_eq!(
+        error.unwrap().to_string(),
+        "the controller did not change CSTS.RDY within CAP.TO"
+    );
+    assert_eq!(
+        setup.hal.driver_allocations(),
+        0,
+        "nothing is left allocated"
+    );
+}
+
+#[test]
+fn a_controller_whose_registers_read_zero_is_refused() {
+    // QEMU's NVMe SR-IOV virtual function while offline (never brought
+    // online by its physical function) reads every register but CSTS as 0.
+    let setup = Setup::one_namespace();
+    setup.hal.write_bytes(setup.bar(), &[0; 8]);
+    let error = setup.controller(NvmeConfig::default()).err();
+    assert_eq!(error, Some(NvmeError::NoNvmCommandSet));
+    assert_eq!(
+        error.unwrap().to_string(),
+        "CAP.CSS does not list the NVM command set"
     );
 }
 

@@ -194,6 +194,16 @@ pub enum VirtioBlockError {
     OutOfMemory,
 }
 
+impl core::fmt::Display for VirtioBlockError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::Transport => "the virtio PCI transport cannot be set up (capabilities missing)",
+            Self::Device => "the virtio-blk driver refused the device (its features or its queue)",
+            Self::OutOfMemory => "no DMA memory for its queue",
+        })
+    }
+}
+
 impl<H: Hal + Default, T: Transport> VirtioBlock<H, T> {
     /// Initialises the device behind `transport`.
     pub fn new(hal: H, transport: T) -> Result<Self, VirtioBlockError> {

@@ -1,14 +1,18 @@
 # stordom as an HVM driver domain owning a passed-through NVMe (two
 # namespaces) and an AHCI controller, serving slices of them to stock
-# Linux guests (issue 9). Two boots of the same disks (scenario.toml):
+# Linux guests, and a third controller that cannot come up (issue 9). Two boots of the same disks (scenario.toml):
 # the first ends with a power cut (the runner kills QEMU) right after two
 # guests made data durable; the second finds that data.
 boot=1
 case " $(cat /proc/cmdline) " in *" stordom.boot=2 "*) boot=2 ;; esac
 say "boot $boot of the same disks"
 assign_controllers || return 1
+# A third controller that cannot come up (offline_nvme_vf), last so that
+# stordom names it nvme1 and the others keep their names. Without it the
+# rest still runs; the failed-controller checks then fail.
+offline_nvme_vf
 # shellcheck disable=SC2086 # a list of PCI functions
-start_hvm_stordom $STORDOM_PCI || return 1
+start_hvm_stordom $STORDOM_PCI $OFFLINE_VF || return 1
 
 # guest NAME JOBS TARGET...: starts a guest whose disks xvda, xvdb, ...
 # are those targets of stordom's.
@@ -37,8 +41,9 @@ if [ $boot = 2 ]; then
 fi
 
 # Targets that cannot be served: dom0 attaches each to itself; stordom
-# must refuse it with a reason in the backend's error node and close it.
-bad_target() {   # bad_target NAME TARGET: RESULT bad-target:NAME
+# must refuse it with a reason in the backend's error node (containing
+# WHY, when given) and close it.
+bad_target() {   # bad_target NAME TARGET [WHY]: RESULT bad-target:NAME
     local devid=51728 be err state n=0
     be=/local/domain/$sd/backend/vbd/0/$devid
     xl block-attach 0 "backend=stordom, vdev=xvdb, access=rw, target=$2" >/tmp/attach.out 2>&1 &
@@ -48,7 +53,7 @@ bad_target() {   # bad_target NAME TARGET: RESULT bad-target:NAME
     done
     state=$(xenstore-read $be/state 2>/dev/null)
     wait
-    if [ -n "$err" ] && [ "$state" = 6 ]; then
+    if [ -n "$err" ] && [ "$state" = 6 ] && case "$err" in *"${3-}"*) true ;; *) false ;; esac; then
         result bad-target:$1 pass "$2: closed: $err"
     else
         result bad-target:$1 fail "$2: state '$state', error '$err'; xl: $(tr '\n' ' ' </tmp/attach.out)"
@@ -64,6 +69,13 @@ modprobe xen-blkfront
 bad_target no-disk nvme9n1
 bad_target no-partition nvme0n1:p7
 bad_target past-end "nvme0n2@0+999999999"
+# The disks of the controller that failed to come up, whole, a partition,
+# a range: refused with the controller and why (the vbds above and below
+# are served meanwhile).
+failed="controller nvme1 failed to come up: "
+bad_target failed-controller nvme1n1 "$failed"
+bad_target failed-controller-partition nvme1n1:p1 "$failed"
+bad_target failed-controller-range "nvme1n1@0+2048" "$failed"
 
 # A hostile frontend on a 1 MiB slice between two fences: requests past
 # its end are refused, the fences (host_check.py) stay as they were.

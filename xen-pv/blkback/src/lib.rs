@@ -137,6 +137,7 @@ extern crate std;
 mod alloc_count;
 pub mod blkif;
 pub mod bounce;
+pub mod controllers;
 pub mod grant_dma_check;
 
 pub mod negotiate;

@@ -7,7 +7,7 @@
 //! |---------------------------|-----------------------------------------------------|
 //! | `ram:64M`                 | a new zero-filled RAM disk; size in bytes with an optional `K`/`M`/`G`/`T` (binary) suffix, a multiple of 512 |
 //! | `module:0`                | boot module 0 (as the boot loader listed them)      |
-//! | `nvme0n1`                 | a whole disk, named by the kernel (`nvme<c>n<ns>`, `ahci<port>`, `virtio<n>`, ...) |
+//! | `nvme0n1`                 | a whole disk, named by the kernel (`nvme<c>n<ns>`, `ahci<c>p<port>`, `virtio<c>`; see [`crate::controllers`]) |
 //! | `nvme0n1:p1`, `module:0:p1` | partition 1 of that disk or module, numbered as Linux does (GPT: entry index + 1; MBR: primaries 1-4 by slot, logical partitions from 5) |
 //! | `nvme0n1@2048+1048576`    | 1048576 sectors from sector 2048 of that disk; sectors are 512 bytes, as everywhere in blkif, and must be aligned to the disk's logical block size |
 //!
@@ -28,6 +28,7 @@ use core::fmt;
 use blockdev::partition::{EntryError, PartitionTable, TableError};
 use blockdev::{ClaimError, Disk, DiskView};
 
+use crate::controllers::BringUpFailure;
 use crate::served_disk::OpenedTarget;
 
 /// Longest disk name accepted.
@@ -73,6 +74,9 @@ pub enum OpenError {
     PartitionTable(TableError),
     /// The partition's table entry is unusable.
     BadPartition(EntryError),
+    /// The disk's controller (or the disk itself) failed to come up when
+    /// stordom started.
+    BringUpFailed(BringUpFailure),
 }
 
 impl fmt::Display for OpenError {
@@ -88,6 +92,7 @@ impl fmt::Display for OpenError {
                 write!(f, "the disk's partition table is unusable: {why}")
             }
             OpenError::BadPartition(why) => write!(f, "the partition {why}"),
+            OpenError::BringUpFailed(failure) => write!(f, "{failure}"),
         }
     }
 }

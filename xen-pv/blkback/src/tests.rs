@@ -17,6 +17,7 @@ use zerocopy::IntoBytes;
 use super::*;
 use crate::alloc_count::{count, uncounted};
 use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
+use crate::controllers::BringUpFailures;
 use crate::rate_limited_log::LOG_WINDOW_NS;
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::statistics::WATCHDOG_NS;
@@ -36,6 +37,7 @@ use xen_pv::{Hypercall, PAGE_SIZE};
 
 mod bounce;
 mod engine_benchmark;
+mod failed_controllers;
 mod hostile_frontend;
 mod partitions;
 mod restart;
@@ -147,6 +149,9 @@ struct TestOpener {
     namespaces: [Disk; 2],
     /// `kept0` and `kept1`: RAM that outlives engine instances.
     kept: [Rc<restart::KeptRam>; 2],
+    /// The controllers and disks that "failed to come up" (see
+    /// `tests/failed_controllers.rs`).
+    failures: BringUpFailures,
 }
 
 impl TestOpener {
@@ -159,6 +164,7 @@ impl TestOpener {
             parted: None,
             namespaces: self.namespaces.clone(),
             kept: self.kept.clone(),
+            failures: self.failures.clone(),
         }
     }
 
@@ -332,7 +338,10 @@ impl TestOpener {
             Target::Partition { disk, number } => {
                 return self.open_partition(disk, number).map(OpenedTarget::from);
             }
-            _ => return Err(OpenError::NotFound),
+            Target::Disk { name: disk } | Target::Range { disk, .. } => {
+                return Err(self.failures.refusal(disk));
+            }
+            Target::Module { .. } => return Err(OpenError::NotFound),
         };
         Ok(disk.claim_all()?.into())
     }
@@ -419,6 +428,7 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         parted: None,
         namespaces: [first, second],
         kept: [restart::KeptRam::new(), restart::KeptRam::new()],
+        failures: failed_controllers::failures(),
     };
     let spare_opener = opener.twin();
     let mut h = Harness {

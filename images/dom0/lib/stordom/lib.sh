@@ -19,6 +19,8 @@
 #                                default "grants-released")
 #   same_domain NAME DOMID       NAME is still domain DOMID (result
 #                                "NAME-same-domain": it never restarted)
+#   offline_nvme_vf              an NVMe virtual function that cannot come
+#                                up, made assignable ($OFFLINE_VF)
 #   dom0_heartbeat, diag_listener  started by /init (see there)
 
 # busybox sh here prefers its own applets to programs in PATH: call
@@ -131,8 +133,10 @@ now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
 
 # The controllers run.py's `passthrough = true` gives the machine for
 # stordom: an NVMe with two namespaces and an AHCI controller with one
-# disk. dom0's own NVMe, the reference, is at 00:07.0.
+# disk. dom0's own NVMe, the reference, is at 00:07.0. The NVMe at
+# 00:08.0 (dom0's too) has an SR-IOV virtual function: offline_nvme_vf.
 STORDOM_PCI="0000:00:05.0 0000:00:06.0"
+OFFLINE_VF_PF="0000:00:08.0"
 
 # assign_controllers: hands stordom's controllers to pciback (RESULT
 # assignable:BDF each).
@@ -148,6 +152,36 @@ assign_controllers() {
             return 1
         fi
     done
+}
+
+# offline_nvme_vf: a controller that cannot come up, for stordom to refuse
+# (RESULT offline-vf). Enables the one SR-IOV virtual function of the NVMe
+# at $OFFLINE_VF_PF (run after assign_controllers: dom0's nvme driver owns
+# the PF) with no dom0 driver probing it, never brings it online (no
+# Virtualization Management command gives it resources), and hands it to
+# pciback; its BDF is left in $OFFLINE_VF. QEMU's offline VF reads every
+# register but CSTS as 0 (CSTS.CFS set) and refuses CC.EN.
+offline_nvme_vf() {
+    local pf=/sys/bus/pci/devices/$OFFLINE_VF_PF n=0 out
+    OFFLINE_VF=""
+    # nvme probes asynchronously: SR-IOV is configured through its driver.
+    until [ -e $pf/driver ]; do
+        n=$((n + 1)); [ $n -gt 50 ] && { result offline-vf fail "no driver bound to $OFFLINE_VF_PF"; return 1; }
+        nap 0.2
+    done
+    echo 0 >$pf/sriov_drivers_autoprobe 2>/dev/null
+    if ! out=$( (echo 1 >$pf/sriov_numvfs) 2>&1); then
+        result offline-vf fail "enabling a virtual function of $OFFLINE_VF_PF: $out"
+        return 1
+    fi
+    out=$(readlink $pf/virtfn0) || { result offline-vf fail "no virtfn0 under $OFFLINE_VF_PF"; return 1; }
+    OFFLINE_VF=${out##*/}
+    if ! out=$(xl pci-assignable-add $OFFLINE_VF 2>&1); then
+        result offline-vf fail "$OFFLINE_VF: $out"
+        OFFLINE_VF=""
+        return 1
+    fi
+    result offline-vf pass "$OFFLINE_VF, offline virtual function of $OFFLINE_VF_PF"
 }
 
 # start_hvm_stordom [BDF...]: creates the HVM stordom

@@ -56,7 +56,7 @@ impl TestOpener {
         let (disk, table) = match disk {
             "parted0" => self.partitioned(false),
             "badgpt0" => self.partitioned(true),
-            _ => return Err(OpenError::NotFound),
+            _ => return Err(self.failures.refusal(disk)),
         };
         claim_partition(&disk, &table, number)
     }
