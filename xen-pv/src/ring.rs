@@ -420,6 +420,16 @@ impl<'a> FrontRing<'a> {
         self.ring.entries
     }
 
+    /// The index the next request is put at.
+    pub fn req_prod_pvt(&self) -> u32 {
+        self.req_prod_pvt
+    }
+
+    /// The index the next response is taken from.
+    pub fn rsp_cons(&self) -> u32 {
+        self.rsp_cons
+    }
+
     /// Free request slots.
     pub fn free_requests(&self) -> u32 {
         self.ring.entries - self.req_prod_pvt.wrapping_sub(self.rsp_cons)
@@ -439,6 +449,30 @@ impl<'a> FrontRing<'a> {
     pub fn push_requests(&mut self) -> bool {
         let header = self.ring.header();
         publish(&header.req_prod, self.req_prod_pvt, &header.req_event)
+    }
+
+    /// Responses ready to consume, after checking the backend's index: a
+    /// backend may answer only requests that were published, so one
+    /// claiming more is broken or hostile (the slots past them hold our
+    /// own requests, not answers).
+    pub fn unconsumed_responses(&self) -> Result<u32, RingError> {
+        let rsp_prod = self.ring.header().rsp_prod.load(Ordering::Acquire);
+        let responses = rsp_prod.wrapping_sub(self.rsp_cons);
+        if responses > self.req_prod_pvt.wrapping_sub(self.rsp_cons) {
+            return Err(RingError::Overflow);
+        }
+        Ok(responses)
+    }
+
+    /// As [`Self::next_response`], for a frontend facing an untrusted
+    /// backend: refuses a response index beyond the requests published.
+    pub fn next_checked_response(&mut self, out: &mut [u8]) -> Result<bool, RingError> {
+        if self.unconsumed_responses()? == 0 {
+            return Ok(false);
+        }
+        self.ring.read(self.rsp_cons, out);
+        self.rsp_cons = self.rsp_cons.wrapping_add(1);
+        Ok(true)
     }
 
     /// Copies the next response into `out`; false if there is none.
@@ -463,6 +497,13 @@ impl<'a> FrontRing<'a> {
             .store(self.rsp_cons.wrapping_add(1), Ordering::Release);
         fence(Ordering::SeqCst);
         header.rsp_prod.load(Ordering::Acquire) != self.rsp_cons
+    }
+
+    /// Test hook: overwrites the shared response producer as a broken or
+    /// malicious backend would.
+    #[cfg(test)]
+    fn corrupt_rsp_prod(&self, value: u32) {
+        self.ring.header().rsp_prod.store(value, Ordering::Release);
     }
 
     /// Test hook: overwrites the shared request producer as a broken or
@@ -642,6 +683,41 @@ mod tests {
         assert_eq!(back.unconsumed_requests(), Err(RingError::Overflow));
         let mut entry = [0u8; ENTRY];
         assert_eq!(back.next_request(&mut entry), Err(RingError::Overflow));
+    }
+
+    #[test]
+    fn frontend_refuses_more_responses_than_requests() {
+        let mut mem = page();
+        let base = NonNull::new(mem.as_mut_ptr().cast::<u8>()).unwrap();
+        // SAFETY: as above.
+        let (mut front, mut back) = unsafe {
+            let front = FrontRing::init(base, PAGE, ENTRY, u32::MAX - 1);
+            (front, BackRing::attach(base, PAGE, ENTRY))
+        };
+        let mut entry = [0u8; ENTRY];
+        for i in 0..3u8 {
+            assert!(front.put_request(&[i]));
+        }
+        front.push_requests();
+        while back.next_request(&mut entry).unwrap() {
+            back.put_response(&entry);
+        }
+        back.push_responses();
+        assert_eq!(front.unconsumed_responses(), Ok(3));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(true));
+        assert_eq!(entry[0], 0);
+        // The backend claims a fourth answer to a request never made.
+        let start = u32::MAX - 1;
+        front.corrupt_rsp_prod(start.wrapping_add(4));
+        assert_eq!(front.unconsumed_responses(), Err(RingError::Overflow));
+        assert_eq!(
+            front.next_checked_response(&mut entry),
+            Err(RingError::Overflow)
+        );
+        front.corrupt_rsp_prod(start.wrapping_add(3));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(true));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(true));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(false));
     }
 
     #[test]
