@@ -144,30 +144,17 @@ pub(crate) mod tests {
     #[test]
     fn frames_it_cannot_complete_are_refused_without_panicking() {
         let good = udp_frame(b"hello", 0);
-        let mut arp = good.clone();
-        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-        assert_eq!(
-            complete_blank_checksum(&mut arp),
-            Err(ChecksumError::UnsupportedProtocol)
-        );
-        let mut fragment = good.clone();
-        fragment[14 + 6] = 0x20;
-        assert_eq!(
-            complete_blank_checksum(&mut fragment),
-            Err(ChecksumError::Fragment)
-        );
-        let mut long = good.clone();
-        long[14 + 2..14 + 4].copy_from_slice(&2000u16.to_be_bytes());
-        assert_eq!(
-            complete_blank_checksum(&mut long),
-            Err(ChecksumError::Malformed)
-        );
-        let mut icmp = good.clone();
-        icmp[14 + 9] = 1;
-        assert_eq!(
-            complete_blank_checksum(&mut icmp),
-            Err(ChecksumError::UnsupportedProtocol)
-        );
+        let cases: [(usize, &[u8], ChecksumError); 4] = [
+            (12, &[0x08, 0x06], ChecksumError::UnsupportedProtocol),
+            (14 + 6, &[0x20], ChecksumError::Fragment),
+            (14 + 2, &[0x07, 0xd0], ChecksumError::Malformed),
+            (14 + 9, &[1], ChecksumError::UnsupportedProtocol),
+        ];
+        for (at, bytes, error) in cases {
+            let mut bad = good.clone();
+            bad[at..at + bytes.len()].copy_from_slice(bytes);
+            assert_eq!(complete_blank_checksum(&mut bad), Err(error), "{at}");
+        }
         // Every truncation of a good frame: an answer, never a panic.
         for cut in 0..good.len() {
             let mut short = good[..cut].to_vec();

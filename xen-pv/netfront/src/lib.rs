@@ -26,6 +26,22 @@
 //! still marks `NETRXF_csum_blank` is completed in software; we never
 //! send blank checksums). The `mtu` node is ignored (netif allows it).
 //!
+//! # Wiring it into the kernel (not done yet)
+//! 1. A `NetfrontHal`: pages from the frame allocator (identity-mapped,
+//!    kept for the domain's life), grants through the domain's own grant
+//!    table frames ([`xen_pv::grant::GrantEntryV1::offer`] and `end`,
+//!    entries above [`xen_pv::grant::RESERVED_GRANT_ENTRIES`] that the
+//!    DMA check does not use; netfront holds 2 + RX + TX buffers' worth,
+//!    194 by default, which the first frame's 504 free entries hold),
+//!    and ports through [`xen_pv::event::EventChannels`]
+//!    (`alloc_unbound`, `send`, `close`).
+//! 2. For each `device/vif/<n>` in its own directory: `Netfront::new`,
+//!    then `start(&mut xenstore, token)`; route watch events with that
+//!    token to `attend`, and call `attend` too when `needs_attend`.
+//! 3. A smoltcp `Interface` on the netfront, polled when the port fires
+//!    or smoltcp's `poll_delay` runs out; with `has_pending_rx` false
+//!    after a poll, the loop may halt until the next event.
+//!
 //! The backend is untrusted: every ring entry is copied once and checked
 //! (response indices, ids in flight, offsets and sizes within a page,
 //! statuses), RX data is copied out of the shared page before it is
@@ -56,6 +72,6 @@ mod tests;
 pub use device::{NetfrontRxToken, NetfrontTxToken};
 pub use hal::{NetfrontHal, OwnPage, XenbusStore};
 pub use netfront::{
-    BrokenRing, ETHERNET_HEADER_LEN, MAX_FRAME_LEN, MTU, Netfront, NetfrontConfig, NetfrontError,
-    Phase, Statistics,
+    BrokenRing, ETHERNET_HEADER_LEN, MAX_FRAME_LEN, MAX_UNCONNECTED_ATTEMPTS, MTU, Netfront,
+    NetfrontConfig, NetfrontError, Phase, Statistics,
 };

@@ -79,7 +79,14 @@ pub enum NetfrontError {
     Share(ShareError),
     /// No event channel could be allocated.
     NoPort,
+    /// The backend closed this many connections in a row before
+    /// connecting them (netback refusing our nodes, say): we stop
+    /// offering new ones rather than loop with it.
+    BackendNeverConnects(u32),
 }
+
+/// Connections the backend may close before connecting, in a row.
+pub const MAX_UNCONNECTED_ATTEMPTS: u32 = 4;
 
 /// Why a connection's data path was abandoned: something the backend
 /// wrote into the rings broke the protocol.
@@ -164,6 +171,8 @@ pub struct Netfront<H> {
     written_state: XenbusState,
     error: Option<NetfrontError>,
     broken_ring: Option<BrokenRing>,
+    /// Connections published since one last reached Running.
+    unconnected_attempts: u32,
     pub(crate) pages: PagePool,
     pub(crate) link: Option<Link>,
     pub(crate) tx: TxBuffers,
@@ -198,6 +207,7 @@ impl<H: NetfrontHal> Netfront<H> {
             written_state: XenbusState::Unknown,
             error: None,
             broken_ring: None,
+            unconnected_attempts: 0,
             pages,
             link: None,
             tx: TxBuffers::new(config.tx_buffers),
@@ -214,6 +224,7 @@ impl<H: NetfrontHal> Netfront<H> {
         token: &str,
     ) -> Result<(), NetfrontError> {
         self.error = None;
+        self.unconnected_attempts = 0;
         self.release();
         let outcome = self.read_frontend_nodes(store).and_then(|()| {
             let state = format!("{}/state", self.backend_dir);
@@ -247,6 +258,7 @@ impl<H: NetfrontHal> Netfront<H> {
         let outcome = match (self.phase, backend) {
             (Phase::Published, XenbusState::Connected) => {
                 self.phase = Phase::Running;
+                self.unconnected_attempts = 0;
                 // The backend may have missed our posted RX buffers.
                 self.notify_backend();
                 Ok(())
@@ -381,6 +393,12 @@ impl<H: NetfrontHal> Netfront<H> {
     /// Grants the pages, sets up the rings, posts the RX buffers and
     /// publishes everything with state Connected, in one transaction.
     fn connect<S: XenbusStore>(&mut self, store: &mut S) -> Result<(), NetfrontError> {
+        if self.unconnected_attempts >= MAX_UNCONNECTED_ATTEMPTS {
+            return Err(NetfrontError::BackendNeverConnects(
+                self.unconnected_attempts,
+            ));
+        }
+        self.unconnected_attempts += 1;
         // The toolstack may have pointed us at another backend.
         self.read_frontend_nodes(store)?;
         if !feature_enabled(store.read(&format!("{}/feature-rx-copy", self.backend_dir))) {

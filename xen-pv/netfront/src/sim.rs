@@ -324,6 +324,9 @@ pub struct SimNetback {
     pub tx_answer: TxAnswer,
     /// Leave the rings mapped at disconnect (a backend that holds on).
     pub keep_rings_mapped: bool,
+    /// Refuse every connection (as a netback that cannot map the rings
+    /// or bind the port would).
+    pub refuse_connects: bool,
     /// Connections made.
     pub connects: u64,
     /// Why the last connection attempt was refused, as netback's
@@ -354,6 +357,7 @@ impl SimNetback {
             pending_rx: VecDeque::new(),
             tx_answer: TxAnswer::Okay,
             keep_rings_mapped: false,
+            refuse_connects: false,
             connects: 0,
             refused: None,
         };
@@ -470,8 +474,15 @@ impl SimNetback {
             (XenbusState::Initialising, XenbusState::Closed) => {
                 self.switch(store, XenbusState::InitWait)
             }
-            (XenbusState::Connected, XenbusState::InitWait) if self.connect(store) => {
-                self.switch(store, XenbusState::Connected);
+            (XenbusState::Connected, XenbusState::InitWait) => {
+                if self.connect(store) {
+                    self.switch(store, XenbusState::Connected);
+                } else {
+                    // xenbus_dev_fatal: an error node, and Closing.
+                    let why = self.refused.clone().unwrap_or_default();
+                    store.dom0_write(&format!("{}/error", self.backend_dir), why.as_bytes());
+                    self.switch(store, XenbusState::Closing);
+                }
             }
             (
                 XenbusState::Closing | XenbusState::Closed,
@@ -495,6 +506,10 @@ impl SimNetback {
     fn connect(&mut self, store: &SimXenstored) -> bool {
         self.refused = None;
         let refuse = |why: &str| Some(String::from(why));
+        if self.refuse_connects {
+            self.refused = refuse("refused by the test");
+            return false;
+        }
         if self.read_number(store, "request-rx-copy") != Some(1) {
             self.refused = refuse("request-rx-copy");
             return false;

@@ -15,8 +15,7 @@ use crate::{MAX_FRAME_LEN, Phase};
 
 #[test]
 fn frames_flow_both_ways_and_buffers_are_reused() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let mut sent = Vec::new();
     for i in 0..200u32 {
         let len = 14 + (i as usize * 37) % (MAX_FRAME_LEN - 13);
@@ -69,8 +68,7 @@ fn frames_flow_both_ways_and_buffers_are_reused() {
 
 #[test]
 fn tx_stops_when_every_buffer_is_in_flight_and_resumes_on_completion() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     vif.netback.tx_answer = crate::sim::TxAnswer::Withhold;
     for i in 0..8 {
         assert!(vif.send(&frame(i, 60)));
@@ -90,8 +88,7 @@ fn tx_stops_when_every_buffer_is_in_flight_and_resumes_on_completion() {
 
 #[test]
 fn multi_slot_packets_are_assembled_or_dropped_when_oversized() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let head = frame(1, 700);
     let tail = frame(2, 800);
     vif.netback.pending_rx.push_back(vec![
@@ -113,8 +110,7 @@ fn multi_slot_packets_are_assembled_or_dropped_when_oversized() {
 
 #[test]
 fn a_packet_split_across_polls_is_finished_on_the_next() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     vif.netback
         .pending_rx
         .push_back(vec![RxSlot::frame(&frame(1, 100), NETRXF_MORE_DATA)]);
@@ -130,8 +126,7 @@ fn a_packet_split_across_polls_is_finished_on_the_next() {
 
 #[test]
 fn extra_info_slots_are_skipped_and_bounded() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let f = frame(9, 90);
     vif.netback.pending_rx.push_back(vec![
         RxSlot::frame(&f, NETRXF_EXTRA_INFO),
@@ -155,8 +150,7 @@ fn extra_info_slots_are_skipped_and_bounded() {
 
 #[test]
 fn a_blank_checksum_is_completed_and_a_validated_one_passed_on() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let blank = udp_frame(b"netfront checksum", 0x1234);
     vif.netback.pending_rx.push_back(vec![RxSlot::frame(
         &blank,
@@ -185,8 +179,7 @@ fn a_blank_checksum_is_completed_and_a_validated_one_passed_on() {
 
 #[test]
 fn frames_netback_would_refuse_are_not_sent() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     assert_eq!(vif.netfront.send_with(13, |b| b.len()), Some(13));
     assert_eq!(
         vif.netfront.send_with(MAX_FRAME_LEN + 1, |b| b.len()),
@@ -200,8 +193,7 @@ fn frames_netback_would_refuse_are_not_sent() {
 
 #[test]
 fn notifications_follow_the_event_indices() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let kicks = vif.netback.notifications_from_frontend();
     // netback has not asked to be woken for TX (req_event is where the
     // ring started), so the first request notifies, later ones in the

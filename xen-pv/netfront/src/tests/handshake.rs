@@ -17,8 +17,7 @@ const SMALL_PAGES: usize = 2 + 16 + 8;
 
 #[test]
 fn the_handshake_publishes_what_netback_reads_and_connects() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let node = |vif: &mut Vif, name: &str| vif.netback.frontend_node(vif.xs.channel_mut(), name);
     for (name, value) in [
         ("request-rx-copy", "1"),
@@ -61,8 +60,7 @@ fn the_handshake_publishes_what_netback_reads_and_connects() {
 
 #[test]
 fn a_closing_backend_is_followed_to_closed_and_connected_again() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let store = vif.xs.channel_mut();
     vif.netback.force_state(store, XenbusState::Closing);
     vif.netfront.attend(&mut vif.xs).unwrap();
@@ -90,8 +88,7 @@ fn a_closing_backend_is_followed_to_closed_and_connected_again() {
 
 #[test]
 fn a_restarted_backend_in_initwait_gets_fresh_rings() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let old_port = vif.netfront.port().unwrap();
     let store = vif.xs.channel_mut();
     vif.netback.force_state(store, XenbusState::Initialising);
@@ -125,8 +122,7 @@ fn a_backend_left_connected_by_a_former_instance_is_reset() {
 
 #[test]
 fn a_removed_vif_is_left_alone() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let frontend: alloc::string::String = vif.netback.frontend_dir().into();
     let backend: alloc::string::String = vif.netback.backend_dir().into();
     let store = vif.xs.channel_mut();
@@ -209,8 +205,7 @@ fn running_out_of_grants_or_pages_fails_cleanly() {
 
 #[test]
 fn a_backend_that_keeps_our_pages_mapped_costs_a_bounded_number_of_them() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     vif.netback.keep_rings_mapped = true;
     // Each reconnect loses both ring pages; the bound is 4.
     for round in 1..=2 {
@@ -260,4 +255,27 @@ fn attending_before_the_backend_connects_changes_nothing() {
     vif.settle();
     assert_eq!(vif.netfront.phase(), Phase::Running);
     assert_eq!(vif.netback.connects, 1);
+}
+
+#[test]
+fn a_backend_that_never_connects_is_given_up_on() {
+    let mut vif = Vif::small();
+    vif.netback.refuse_connects = true;
+    vif.netfront.start(&mut vif.xs, super::TOKEN).unwrap();
+    vif.settle();
+    assert_eq!(vif.netfront.phase(), Phase::Failed);
+    assert_eq!(
+        vif.netfront.error(),
+        Some(&NetfrontError::BackendNeverConnects(
+            crate::MAX_UNCONNECTED_ATTEMPTS
+        ))
+    );
+    assert_eq!(vif.netfront.statistics().connects, 4);
+    assert_eq!(vif.hal.grants(), 0);
+    assert_eq!(vif.hal.open_ports(), 0);
+    // The operator (or kernel) may try again once the backend is fixed.
+    vif.netback.refuse_connects = false;
+    vif.netfront.start(&mut vif.xs, super::TOKEN).unwrap();
+    vif.settle();
+    assert_eq!(vif.netfront.phase(), Phase::Running);
 }

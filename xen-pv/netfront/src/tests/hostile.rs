@@ -34,8 +34,7 @@ fn a_tx_answer_with_an_unknown_id_breaks_the_ring() {
         TxAnswer::WrongId(7),
         TxAnswer::Twice,
     ] {
-        let mut vif = Vif::small();
-        vif.connect();
+        let mut vif = Vif::connected();
         vif.netback.tx_answer = answer;
         assert!(vif.send(&frame(0, 60)));
         vif.netback.step(vif.xs.channel_mut());
@@ -56,8 +55,7 @@ fn a_tx_answer_with_an_unknown_id_breaks_the_ring() {
 
 #[test]
 fn bad_tx_statuses_are_counted_and_the_buffer_reclaimed() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     for status in [NETIF_RSP_ERROR, -2, NETIF_RSP_NULL, 77, i16::MIN] {
         vif.netback.tx_answer = TxAnswer::Status(status);
         assert!(vif.send(&frame(0, 60)));
@@ -72,8 +70,7 @@ fn bad_tx_statuses_are_counted_and_the_buffer_reclaimed() {
 
 #[test]
 fn bad_rx_slots_are_dropped_and_their_buffers_reposted() {
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let data = |offset: u16, flags: u16, status: i16| RxSlot::Data {
         data: Vec::new(),
         offset,
@@ -106,8 +103,7 @@ fn bad_rx_slots_are_dropped_and_their_buffers_reposted() {
 #[test]
 fn response_indices_past_the_requests_break_the_ring() {
     for rx in [true, false] {
-        let mut vif = Vif::small();
-        vif.connect();
+        let mut vif = Vif::connected();
         if rx {
             vif.netback.corrupt_rx_rsp_prod(17);
         } else {
@@ -150,8 +146,7 @@ impl Random {
 fn a_random_campaign_of_garbage_never_panics_and_bounds_what_we_hold() {
     let seed = 0x6e65_7466_726f_6e74;
     let mut random = Random(seed);
-    let mut vif = Vif::small();
-    vif.connect();
+    let mut vif = Vif::connected();
     let pages = vif.hal.pages_allocated();
     let flags = [
         0,

@@ -52,6 +52,13 @@ impl Vif {
         Self::new(small_config())
     }
 
+    /// A small vif, connected and running.
+    pub fn connected() -> Vif {
+        let mut vif = Self::small();
+        vif.connect();
+        vif
+    }
+
     /// Runs the backend and the frontend's xenbus side until neither
     /// moves (the kernel would run attend on each watch event).
     pub fn settle(&mut self) {
