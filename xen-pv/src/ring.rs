@@ -205,6 +205,17 @@ impl SharedRing<'_> {
         }
     }
 
+    /// Copies the entry at `*index` out and moves `*index` past it, when
+    /// `waiting` (already bounded by the caller) is not zero.
+    fn take(&self, index: &mut u32, waiting: u32, out: &mut [u8]) -> bool {
+        if waiting == 0 {
+            return false;
+        }
+        self.read(*index, out);
+        *index = index.wrapping_add(1);
+        true
+    }
+
     fn write(&self, index: u32, bytes: &[u8]) {
         let slot = self.slot_offset(index);
         for (i, b) in bytes.iter().take(self.entry_size).enumerate() {
@@ -332,12 +343,8 @@ impl<'a> BackRing<'a> {
     /// Copies the next request into `out` (at most one entry) and consumes
     /// it; `Ok(false)` when there is none.
     pub fn next_request(&mut self, out: &mut [u8]) -> Result<bool, RingError> {
-        if self.unconsumed_requests()? == 0 {
-            return Ok(false);
-        }
-        self.ring.read(self.req_cons, out);
-        self.req_cons = self.req_cons.wrapping_add(1);
-        Ok(true)
+        let waiting = self.unconsumed_requests()?;
+        Ok(self.ring.take(&mut self.req_cons, waiting, out))
     }
 
     /// Queues a response privately; [`Self::push_responses`] publishes it.
@@ -420,6 +427,16 @@ impl<'a> FrontRing<'a> {
         self.ring.entries
     }
 
+    /// The index the next request is put at.
+    pub fn req_prod_pvt(&self) -> u32 {
+        self.req_prod_pvt
+    }
+
+    /// The index the next response is taken from.
+    pub fn rsp_cons(&self) -> u32 {
+        self.rsp_cons
+    }
+
     /// Free request slots.
     pub fn free_requests(&self) -> u32 {
         self.ring.entries - self.req_prod_pvt.wrapping_sub(self.rsp_cons)
@@ -441,15 +458,31 @@ impl<'a> FrontRing<'a> {
         publish(&header.req_prod, self.req_prod_pvt, &header.req_event)
     }
 
+    /// Responses ready to consume, after checking the backend's index: a
+    /// backend may answer only requests that were published, so one
+    /// claiming more is broken or hostile (the slots past them hold our
+    /// own requests, not answers).
+    pub fn unconsumed_responses(&self) -> Result<u32, RingError> {
+        let rsp_prod = self.ring.header().rsp_prod.load(Ordering::Acquire);
+        let responses = rsp_prod.wrapping_sub(self.rsp_cons);
+        if responses > self.req_prod_pvt.wrapping_sub(self.rsp_cons) {
+            return Err(RingError::Overflow);
+        }
+        Ok(responses)
+    }
+
+    /// As [`Self::next_response`], for a frontend facing an untrusted
+    /// backend: refuses a response index beyond the requests published.
+    pub fn next_checked_response(&mut self, out: &mut [u8]) -> Result<bool, RingError> {
+        let waiting = self.unconsumed_responses()?;
+        Ok(self.ring.take(&mut self.rsp_cons, waiting, out))
+    }
+
     /// Copies the next response into `out`; false if there is none.
     pub fn next_response(&mut self, out: &mut [u8]) -> bool {
         let rsp_prod = self.ring.header().rsp_prod.load(Ordering::Acquire);
-        if rsp_prod == self.rsp_cons {
-            return false;
-        }
-        self.ring.read(self.rsp_cons, out);
-        self.rsp_cons = self.rsp_cons.wrapping_add(1);
-        true
+        let waiting = rsp_prod.wrapping_sub(self.rsp_cons);
+        self.ring.take(&mut self.rsp_cons, waiting, out)
     }
 
     /// Asks to be notified of the next response (`RING_FINAL_CHECK_FOR_RESPONSES`).
@@ -463,6 +496,13 @@ impl<'a> FrontRing<'a> {
             .store(self.rsp_cons.wrapping_add(1), Ordering::Release);
         fence(Ordering::SeqCst);
         header.rsp_prod.load(Ordering::Acquire) != self.rsp_cons
+    }
+
+    /// Test hook: overwrites the shared response producer as a broken or
+    /// malicious backend would.
+    #[cfg(test)]
+    fn corrupt_rsp_prod(&self, value: u32) {
+        self.ring.header().rsp_prod.store(value, Ordering::Release);
     }
 
     /// Test hook: overwrites the shared request producer as a broken or
@@ -587,15 +627,20 @@ mod tests {
         assert!(second.iter().any(|w| *w != 0), "the second page was used");
     }
 
+    /// Both views of a one-page ring in `mem`, its indices at `start`.
+    fn ring_pair(mem: &mut [u64], start: u32) -> (FrontRing<'_>, BackRing<'_>) {
+        let base = NonNull::new(mem.as_mut_ptr().cast::<u8>()).unwrap();
+        // SAFETY: `mem` is an aligned page, borrowed as long as both views.
+        unsafe {
+            let front = FrontRing::init(base, PAGE, ENTRY, start);
+            (front, BackRing::attach(base, PAGE, ENTRY))
+        }
+    }
+
     #[test]
     fn request_response_cycle_wraps_at_u32_max() {
         let mut mem = page();
-        let base = NonNull::new(mem.as_mut_ptr().cast::<u8>()).unwrap();
-        // SAFETY: `mem` is an aligned page that outlives both ring views.
-        let (mut front, mut back) = unsafe {
-            let front = FrontRing::init(base, PAGE, ENTRY, u32::MAX - 40);
-            (front, BackRing::attach(base, PAGE, ENTRY))
-        };
+        let (mut front, mut back) = ring_pair(&mut mem, u32::MAX - 40);
         let mut entry = [0u8; ENTRY];
         let mut served = 0u32;
         for round in 0..5u8 {
@@ -625,12 +670,7 @@ mod tests {
     #[test]
     fn full_ring_and_overflowing_producer_are_bounded() {
         let mut mem = page();
-        let base = NonNull::new(mem.as_mut_ptr().cast::<u8>()).unwrap();
-        // SAFETY: as above.
-        let (mut front, mut back) = unsafe {
-            let front = FrontRing::init(base, PAGE, ENTRY, u32::MAX);
-            (front, BackRing::attach(base, PAGE, ENTRY))
-        };
+        let (mut front, mut back) = ring_pair(&mut mem, u32::MAX);
         for i in 0..32u8 {
             assert!(front.put_request(&[i]));
         }
@@ -645,14 +685,39 @@ mod tests {
     }
 
     #[test]
+    fn frontend_refuses_more_responses_than_requests() {
+        let mut mem = page();
+        let (mut front, mut back) = ring_pair(&mut mem, u32::MAX - 1);
+        let mut entry = [0u8; ENTRY];
+        for i in 0..3u8 {
+            assert!(front.put_request(&[i]));
+        }
+        front.push_requests();
+        while back.next_request(&mut entry).unwrap() {
+            back.put_response(&entry);
+        }
+        back.push_responses();
+        assert_eq!(front.unconsumed_responses(), Ok(3));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(true));
+        assert_eq!(entry[0], 0);
+        // The backend claims a fourth answer to a request never made.
+        let start = u32::MAX - 1;
+        front.corrupt_rsp_prod(start.wrapping_add(4));
+        assert_eq!(front.unconsumed_responses(), Err(RingError::Overflow));
+        assert_eq!(
+            front.next_checked_response(&mut entry),
+            Err(RingError::Overflow)
+        );
+        front.corrupt_rsp_prod(start.wrapping_add(3));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(true));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(true));
+        assert_eq!(front.next_checked_response(&mut entry), Ok(false));
+    }
+
+    #[test]
     fn backend_does_not_consume_requests_it_cannot_answer() {
         let mut mem = page();
-        let base = NonNull::new(mem.as_mut_ptr().cast::<u8>()).unwrap();
-        // SAFETY: as above.
-        let (mut front, mut back) = unsafe {
-            let front = FrontRing::init(base, PAGE, ENTRY, 0);
-            (front, BackRing::attach(base, PAGE, ENTRY))
-        };
+        let (mut front, mut back) = ring_pair(&mut mem, 0);
         let mut entry = [0u8; ENTRY];
         for _ in 0..32 {
             front.put_request(&[1]);
