@@ -176,6 +176,10 @@ offline_nvme_vf() {
     fi
     out=$(readlink $pf/virtfn0) || { result offline-vf fail "no virtfn0 under $OFFLINE_VF_PF"; return 1; }
     OFFLINE_VF=${out##*/}
+    # With autoprobe off, Linux probes a VF only for the driver named in
+    # its driver_override (pci_device_can_probe): without it pciback's
+    # bind fails with ENODEV.
+    echo pciback >/sys/bus/pci/devices/$OFFLINE_VF/driver_override
     if ! out=$(xl pci-assignable-add $OFFLINE_VF 2>&1); then
         result offline-vf fail "$OFFLINE_VF: $out"
         OFFLINE_VF=""
