@@ -14,6 +14,7 @@ mod power;
 mod restart;
 mod rt;
 mod serve;
+mod serve_profile;
 mod storage;
 mod xen;
 mod xen_selftest;

@@ -8,6 +8,7 @@ use crate::arch::{self, clock};
 use crate::memory;
 use crate::platform::KernelHal;
 use crate::restart::{self, RAM_DISKS};
+use crate::serve_profile::{self, LoopTotals, ServingProfile};
 use crate::storage::{self, Discovery, NamedDisk};
 use crate::xen::{self, PortChannel, XenConnection};
 use alloc::collections::BTreeMap;
@@ -102,6 +103,13 @@ impl fmt::Display for CpuSpent {
 }
 
 impl LoopCounters {
+    fn totals(&self) -> LoopTotals {
+        LoopTotals {
+            turns: self.turns,
+            sleeps: self.sleeps,
+        }
+    }
+
     /// Logs `hb up=... outstanding=N | <each busy ring>` every
     /// [`HEARTBEAT_NS`] while requests are outstanding, and once more when
     /// none are left. It goes to every console, the 0xe9 port included,
@@ -488,6 +496,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let mut published_grants = None;
     let mut published_heap = BTreeMap::new();
     let mut counters = LoopCounters::default();
+    let mut profile = ServingProfile::default();
     let tables_digest = arch::descriptor_tables_digest();
     loop {
         counters.turns += 1;
@@ -511,6 +520,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             .map_err(|e| alloc::format!("xenstore: {e:?}"))?;
         if (shutdown_event || intake.lost) && shutdown_requested(&mut xs) {
             log::info!("serve: shutdown requested");
+            serve_profile::log_summary(counters.totals(), &vbds.answered());
             return Ok(());
         }
         if restart_events > usize::from(!restart_watch_set) {
@@ -549,6 +559,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             // The connection's failure shows on its own in the next pass.
             let heap = memory::heap_usage().nodes();
             let _ = statistics::publish_changed(&mut xs, "data", heap, &mut published_heap);
+            profile.publish(&mut xs, counters.totals(), &vbds.answered());
         }
         marks.ends[3] = clock::now_ns();
         let gap = vbds.take_longest_unserved(marks.ends[3]);

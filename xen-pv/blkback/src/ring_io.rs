@@ -669,7 +669,7 @@ impl BlkifRing {
         log: &mut RateLimitedLog,
     ) {
         log.line(svc, format_args!("request {id:#x} refused: {why}"));
-        self.counters.count(operation, 0, status);
+        self.counters.count(operation, 0, 0, status);
         self.respond(ring_index, id, operation, status);
     }
 
@@ -1041,7 +1041,8 @@ impl BlkifRing {
         let (ring_index, id, operation, status) =
             (slot.ring_index, slot.id, slot.operation, slot.status);
         let sectors = slot.grants.iter().map(|g| u64::from(g.sectors())).sum();
-        self.counters.count(operation, sectors, status);
+        self.counters
+            .count(operation, sectors, slot.grants.len() as u64, status);
         self.last_completion_ns = self.now_ns;
         self.respond(ring_index, id, operation, status);
     }
