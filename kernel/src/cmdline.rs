@@ -1,5 +1,7 @@
 //! The kernel command line: space-separated `key=value` words.
 
+use crate::idle_poll::DEFAULT_IDLE_POLL_NS;
+
 /// Minimum severity that reaches the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -99,6 +101,9 @@ pub struct Options<'a> {
     pub fault: Option<Fault>,
     /// `job=`: what to do once booted (None: the platform's default).
     pub job: Option<Job>,
+    /// `idle_poll_us=`: how long the serve loop polls after its last work
+    /// before it sleeps, in nanoseconds (see `idle_poll`).
+    pub idle_poll_ns: u64,
     /// The first word not understood, reported rather than silently dropped.
     pub unknown: Option<&'a str>,
 }
@@ -111,6 +116,7 @@ impl<'a> Options<'a> {
             log_level: LogLevel::Info,
             fault: None,
             job: None,
+            idle_poll_ns: DEFAULT_IDLE_POLL_NS,
             unknown: None,
         };
         for word in cmdline.split_ascii_whitespace() {
@@ -119,6 +125,12 @@ impl<'a> Options<'a> {
                 "loglevel" => LogLevel::parse(value).map(|l| opts.log_level = l).is_some(),
                 "fault" => Fault::parse(value).map(|f| opts.fault = Some(f)).is_some(),
                 "job" => Job::parse(value).map(|j| opts.job = Some(j)).is_some(),
+                "idle_poll_us" => value
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|us| us.checked_mul(1000))
+                    .map(|ns| opts.idle_poll_ns = ns)
+                    .is_some(),
                 _ => false,
             };
             if !understood && opts.unknown.is_none() {
@@ -142,6 +154,7 @@ mod tests {
                 log_level: LogLevel::Info,
                 fault: None,
                 job: None,
+                idle_poll_ns: DEFAULT_IDLE_POLL_NS,
                 unknown: None
             }
         );
@@ -166,6 +179,11 @@ mod tests {
         );
         assert_eq!(Options::parse("job=disk-bench").job, Some(Job::DiskBench));
         assert_eq!(Options::parse("job=dance").unknown, Some("job=dance"));
+        assert_eq!(Options::parse("idle_poll_us=0").idle_poll_ns, 0);
+        assert_eq!(Options::parse("idle_poll_us=750").idle_poll_ns, 750_000);
+        let bad = Options::parse("idle_poll_us=-1");
+        assert_eq!(bad.unknown, Some("idle_poll_us=-1"));
+        assert_eq!(bad.idle_poll_ns, DEFAULT_IDLE_POLL_NS);
         assert_eq!(
             Options::parse("fault=stackoverflow").fault,
             Some(Fault::StackOverflow)

@@ -1,5 +1,5 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
-//! heap's use counters, the command line, the restart policy and the RAM
+//! heap's use counters, the command line, the serve loop's idle polling, the restart policy and the RAM
 //! disks kept across restarts, and the x86-64 page-table
 //! format. The bare-metal binary
 //! is `src/main.rs`.
@@ -11,6 +11,7 @@ extern crate std;
 pub mod cmdline;
 pub mod frames;
 pub mod heap_usage;
+pub mod idle_poll;
 pub mod ram_disk_registry;
 pub mod restart_policy;
 // The x86-64 page-table format: architecture code, so it lives under

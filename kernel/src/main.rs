@@ -14,6 +14,7 @@ mod power;
 mod restart;
 mod rt;
 mod serve;
+mod serve_profile;
 mod storage;
 mod xen;
 mod xen_selftest;
@@ -70,6 +71,7 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
     };
     let opts = Options::parse(info.cmdline);
     console::init_log(opts.log_level);
+    serve::IDLE_POLL_NS.store(opts.idle_poll_ns, core::sync::atomic::Ordering::Relaxed);
     match info.protocol {
         BootProtocol::Pvh => log::info!(
             "stordom {} (PVH boot, start_info v{} at {:#x})",

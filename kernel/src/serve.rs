@@ -8,6 +8,7 @@ use crate::arch::{self, clock};
 use crate::memory;
 use crate::platform::KernelHal;
 use crate::restart::{self, RAM_DISKS};
+use crate::serve_profile::{self, LoopTotals, ServingProfile};
 use crate::storage::{self, Discovery, NamedDisk};
 use crate::xen::{self, PortChannel, XenConnection};
 use alloc::collections::BTreeMap;
@@ -22,8 +23,10 @@ use blockdev::partition::{PartitionTable, TableError};
 use blockdev::{Completion, Disk, DmaRegion, Geometry, QueuedDevice, Request, SubmitError};
 use core::fmt;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 use drivers::Hal;
 use drivers::RamDisk;
+use kernel::idle_poll::{DEFAULT_IDLE_POLL_NS, IdlePoll};
 use kernel::ram_disk_registry::{RamDiskRefusal, RamFrames};
 use kernel::restart_policy::ControlRequest;
 use xen_pv::PAGE_SIZE;
@@ -41,6 +44,9 @@ const SHUTDOWN_TOKEN: &str = "stordom-shutdown";
 /// when set up is not one).
 const RESTART_NODE: &str = "control/restart";
 const RESTART_TOKEN: &str = "stordom-restart";
+/// How long the loop polls after its last work before it sleeps (the
+/// command line's `idle_poll_us=`, set at boot).
+pub static IDLE_POLL_NS: AtomicU64 = AtomicU64::new(DEFAULT_IDLE_POLL_NS);
 /// How often statistics are published and the watchdog looks.
 const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 /// How often the heartbeat is logged while requests are outstanding.
@@ -102,6 +108,13 @@ impl fmt::Display for CpuSpent {
 }
 
 impl LoopCounters {
+    fn totals(&self) -> LoopTotals {
+        LoopTotals {
+            turns: self.turns,
+            sleeps: self.sleeps,
+        }
+    }
+
     /// Logs `hb up=... outstanding=N | <each busy ring>` every
     /// [`HEARTBEAT_NS`] while requests are outstanding, and once more when
     /// none are left. It goes to every console, the 0xe9 port included,
@@ -488,6 +501,8 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let mut published_grants = None;
     let mut published_heap = BTreeMap::new();
     let mut counters = LoopCounters::default();
+    let mut profile = ServingProfile::default();
+    let mut idle_poll = IdlePoll::new(IDLE_POLL_NS.load(Ordering::Relaxed));
     let tables_digest = arch::descriptor_tables_digest();
     loop {
         counters.turns += 1;
@@ -511,6 +526,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             .map_err(|e| alloc::format!("xenstore: {e:?}"))?;
         if (shutdown_event || intake.lost) && shutdown_requested(&mut xs) {
             log::info!("serve: shutdown requested");
+            serve_profile::log_summary(counters.totals(), &vbds.answered());
             return Ok(());
         }
         if restart_events > usize::from(!restart_watch_set) {
@@ -549,19 +565,26 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             // The connection's failure shows on its own in the next pass.
             let heap = memory::heap_usage().nodes();
             let _ = statistics::publish_changed(&mut xs, "data", heap, &mut published_heap);
+            profile.publish(&mut xs, counters.totals(), &vbds.answered());
         }
         marks.ends[3] = clock::now_ns();
         let gap = vbds.take_longest_unserved(marks.ends[3]);
         counters.check_unserved(&marks, gap);
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
         let idle = polled.progress == Progress::Idle && attended == Progress::Idle;
+        if !idle {
+            idle_poll.busy(now);
+        }
         if idle && intake.taken == 0 {
             publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
             // An event that came while xenstore was busy is looked at
             // before halting (interrupts stay off until the halt), and so
             // is a watch event the client queued while waiting for a
             // reply (its port's pending bit was consumed by that wait).
-            if !xen::events_pending(&events) && xs.queued_watch_events() == 0 {
+            if !xen::events_pending(&events)
+                && xs.queued_watch_events() == 0
+                && idle_poll.may_sleep(now)
+            {
                 counters.sleeps += 1;
                 xen::sleep_until_any_event(&events, IDLE_HALT_NS);
                 let woken = clock::now_ns();

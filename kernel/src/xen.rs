@@ -22,6 +22,7 @@ use xen_pv::held::{HeldGrants, HeldPorts, Released, release_all};
 use xen_pv::hvm::{self, UpcallMethod};
 use xen_pv::hypercall::command;
 use xen_pv::memory::{SharedInfo, map_shared_info};
+use xen_pv::profile::{HypercallProfile, ProfileSnapshot, Profiled};
 use xen_pv::ring::{PeerChannel, TimedOut};
 use xen_pv::sched;
 use xen_pv::vcpu::{self, CpuTimes, RunstateArea};
@@ -32,11 +33,20 @@ use xen_pv::{Errno, PAGE_SIZE};
 pub struct Xen {
     /// Where Xen's CPUID leaves are.
     pub cpuid: XenCpuid,
-    /// The hypercall entry points.
-    pub hypercalls: HypercallPage,
+    /// The hypercall entry points, every call counted in
+    /// [`HYPERCALL_PROFILE`].
+    pub hypercalls: Profiled<'static, HypercallPage>,
 }
 
 static XEN: Once<Xen> = Once::new();
+
+/// Every hypercall stordom made, by kind, timed in TSC ticks.
+static HYPERCALL_PROFILE: HypercallProfile = HypercallProfile::new();
+
+/// The hypercalls made so far (see [`xen_pv::profile`]).
+pub fn hypercall_profile() -> ProfileSnapshot {
+    HYPERCALL_PROFILE.snapshot()
+}
 
 /// Why Xen could not be brought up.
 #[derive(Debug)]
@@ -77,9 +87,10 @@ pub fn init(cpuid: XenCpuid) -> Result<&'static Xen, XenError> {
     let page = core::ptr::NonNull::new(frame as *mut u8).ok_or(XenError::OutOfMemory)?;
     // SAFETY: we run at CPL 0 on Xen (CPUID said so); the frame is ours,
     // identity-mapped writable, and is used for nothing else.
-    let hypercalls =
+    let installed =
         unsafe { HypercallPage::install(page, frame, &cpuid) }.map_err(XenError::HypercallPage)?;
     memory::protect(frame, PAGE_SIZE as u64, PageAccess::CODE).map_err(|_| XenError::Map)?;
+    let hypercalls = Profiled::new(installed, &HYPERCALL_PROFILE, cpu::rdtsc);
     Ok(XEN.call_once(|| Xen { cpuid, hypercalls }))
 }
 
@@ -99,7 +110,7 @@ pub fn tsc_hz(cpuid: &XenCpuid) -> Option<u64> {
 }
 
 /// How the kernel makes hypercalls.
-pub type Hypercalls = &'static HypercallPage;
+pub type Hypercalls = &'static Profiled<'static, HypercallPage>;
 
 /// What a Xen job owns: its event channels, xenstore connection and
 /// grant mapper (the PV console is the logger's).
@@ -386,6 +397,7 @@ pub fn start_services(xen: &'static Xen, ram_end: u64) -> Result<XenConnection, 
 
     let console_ring =
         hvm::console_ring(&hc).map_err(|e| XenError::Hypercall("HVM_PARAM_CONSOLE_*", e))?;
+    HYPERCALL_PROFILE.name_ports(store_ring.port, console_ring.port);
     // SAFETY: as for the store page, with xenconsoled.
     let console_iface: &'static XenconsInterface = unsafe { map_ring_page(&console_ring)? };
     // The console's channel holds no heap memory: it outlives instances.

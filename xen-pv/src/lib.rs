@@ -57,6 +57,7 @@ pub mod held;
 pub mod hvm;
 pub mod hypercall;
 pub mod memory;
+pub mod profile;
 pub mod ring;
 pub mod sched;
 #[cfg(any(test, feature = "sim"))]

@@ -116,7 +116,8 @@
 //! page for every request neither fills the window nor starves itself);
 //! plus the ring pages (up
 //! to 16) and, briefly, one indirect page per request being taken (up to
-//! the in-flight bound). Size the GFN window for about 2100 frames per ring
+//! the in-flight bound; with persistent grants indirect pages are kept
+//! read-only among the kept grants, within their bound). Size the GFN window for about 2100 frames per ring
 //! you mean to serve at full depth (2600 with 16-page rings of indirect
 //! requests); when it runs out, requests fail with `BLKIF_RSP_ERROR` and
 //! nothing else breaks.

@@ -1,6 +1,7 @@
 //! Persistent grants (`feature-persistent`): blkfront then moves data
-//! through a fixed pool of granted pages, so the backend maps each once and
-//! keeps it, saving a map and an unmap hypercall per segment.
+//! through a fixed pool of granted pages (its indirect pages too), so the
+//! backend maps each once and keeps it, saving a map and an unmap
+//! hypercall per segment (and per indirect page).
 
 use alloc::collections::{BTreeMap, TryReserveError};
 use alloc::vec::Vec;
@@ -53,7 +54,20 @@ impl PersistentGrants {
     /// The frame of kept grant `gref`, now in use; `None` if it is not
     /// kept or another segment uses it (that one is mapped on its own).
     pub fn take(&mut self, gref: GrantRef) -> Option<u64> {
-        let kept = self.kept.get_mut(&gref).filter(|k| !k.in_use)?;
+        self.take_if(gref, |_| true)
+    }
+
+    /// As [`Self::take`], for a data segment: only a writable mapping (an
+    /// indirect page is kept read-only).
+    pub fn take_writable(&mut self, gref: GrantRef) -> Option<u64> {
+        self.take_if(gref, |kept| !kept.mapping.grant.readonly)
+    }
+
+    fn take_if(&mut self, gref: GrantRef, usable: impl Fn(&Kept) -> bool) -> Option<u64> {
+        let kept = self
+            .kept
+            .get_mut(&gref)
+            .filter(|k| !k.in_use && usable(k))?;
         kept.in_use = true;
         self.uses += 1;
         kept.last_used = self.uses;
@@ -85,6 +99,15 @@ impl PersistentGrants {
                 last_used,
             },
         );
+        Ok(())
+    }
+
+    /// Keeps a fresh mapping that no segment uses (an indirect page, read
+    /// already) as [`Self::keep`] does.
+    pub fn keep_unused(&mut self, mapping: Mapping) -> Result<(), Mapping> {
+        let gref = mapping.grant.gref;
+        self.keep(mapping)?;
+        self.release(gref);
         Ok(())
     }
 
@@ -168,6 +191,20 @@ mod tests {
         );
         assert!(grants.evicted_mut().is_empty());
         assert_eq!(grants.into_mappings().len(), MAX_PERSISTENT_GRANTS_PER_RING);
+    }
+
+    #[test]
+    fn a_read_only_kept_grant_is_lent_for_reading_only() {
+        let mut grants = PersistentGrants::new().unwrap();
+        let mut read_only = mapping(7);
+        read_only.grant.readonly = true;
+        assert_eq!(grants.keep_unused(read_only), Ok(()));
+        assert_eq!(grants.take_writable(7), None, "a data segment maps it anew");
+        assert_eq!(grants.take(7), Some(0x1007));
+        assert_eq!(grants.take(7), None, "in use");
+        grants.release(7);
+        assert_eq!(grants.keep_unused(mapping(8)), Ok(()));
+        assert_eq!(grants.take_writable(8), Some(0x1008));
     }
 
     #[test]

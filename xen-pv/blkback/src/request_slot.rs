@@ -142,22 +142,23 @@ pub(crate) fn device_segment(gfn: u64, grant: GrantedSegment) -> blockdev::Segme
     }
 }
 
-/// Copies `count` segments out of a mapped indirect page, checking each.
+/// Copies `count` segments out of the indirect page mapped at `gfn`,
+/// checking each.
 pub(crate) fn read_indirect_page<S: BackendServices>(
     svc: &S,
-    page: &Mapping,
+    gfn: u64,
     count: usize,
     out: &mut Vec<GrantedSegment>,
 ) -> Result<(), &'static str> {
     let base = svc
-        .frame_address(page.gfn)
+        .frame_address(gfn)
         .ok_or("indirect page has no address")?;
     let entry_size = size_of::<blkif::WireSegment>();
     for index in 0..count.min(SEGMENTS_PER_INDIRECT_PAGE) {
         let mut raw = [0u8; 8];
         for (offset, byte) in raw.iter_mut().enumerate() {
             // SAFETY: `index < 512` and `offset < 8`, so the byte lies in
-            // the page mapped at `page.gfn`, mapped until the caller unmaps
+            // the page mapped at `gfn`, mapped until the caller unmaps
             // it; volatile because the frontend may write it meanwhile.
             *byte = unsafe {
                 base.as_ptr()

@@ -15,7 +15,7 @@ use core::ptr::NonNull;
 use blockdev::{Completion, QueueHandle, SubmitError};
 use xen_pv::DomId;
 use xen_pv::event::Port;
-use xen_pv::grant::{GrantError, GrantSpec, MAX_BATCH, Mapping};
+use xen_pv::grant::{GrantError, GrantRef, GrantSpec, MAX_BATCH, Mapping};
 use xen_pv::ring::{BackRing, RingError};
 
 use crate::BackendServices;
@@ -669,7 +669,7 @@ impl BlkifRing {
         log: &mut RateLimitedLog,
     ) {
         log.line(svc, format_args!("request {id:#x} refused: {why}"));
-        self.counters.count(operation, 0, status);
+        self.counters.count(operation, 0, 0, status);
         self.respond(ring_index, id, operation, status);
     }
 
@@ -690,6 +690,10 @@ impl BlkifRing {
 
     /// Maps the indirect pages of the indirect requests taken, in
     /// batches, and copies their segments (checked once) into their slots.
+    /// With persistent grants the pages are kept (read-only) as data
+    /// grants are (Linux blkfront takes them from the same pool, and Linux
+    /// blkback keeps them too): a kept page is read where it is mapped,
+    /// with no hypercall.
     fn fetch_indirect_segments<S: BackendServices>(&mut self, svc: &mut S) {
         for at in 0..self.taken.len() {
             let index = self.taken[at];
@@ -700,12 +704,23 @@ impl BlkifRing {
                 self.slots[index].fetch_failed = Some("no indirect pages");
             }
             for page in 0..indirect.count {
+                let gref = indirect.pages[page];
+                if let Some(gfn) = self.persistent.as_mut().and_then(|k| k.take(gref)) {
+                    // The request's earlier pages are read first: its
+                    // segments are listed in page order.
+                    if self.batch.targets.last().is_some_and(|t| t.slot == index) {
+                        self.read_indirect_batch(svc);
+                    }
+                    read_into_slot(svc, &mut self.slots[index], page, gfn);
+                    self.release_kept(gref);
+                    continue;
+                }
                 if self.batch.specs.len() == MAX_BATCH {
                     self.read_indirect_batch(svc);
                 }
                 self.batch.specs.push(GrantSpec {
                     domid: self.frontend,
-                    gref: indirect.pages[page],
+                    gref,
                     readonly: true,
                 });
                 self.batch.targets.push(BatchTarget {
@@ -717,7 +732,8 @@ impl BlkifRing {
         self.read_indirect_batch(svc);
     }
 
-    /// Maps the gathered indirect pages, reads them and unmaps them.
+    /// Maps the gathered indirect pages, reads them, and keeps them (with
+    /// persistent grants, while there is room) or unmaps them.
     fn read_indirect_batch<S: BackendServices>(&mut self, svc: &mut S) {
         if self.batch.specs.is_empty() {
             return;
@@ -729,23 +745,17 @@ impl BlkifRing {
                 slot.fetch_failed = slot.fetch_failed.or(Some("indirect page unmappable"));
                 continue;
             };
-            if slot.fetch_failed.is_none()
-                && let Some(indirect) = slot.indirect
-            {
-                let first = target.index * SEGMENTS_PER_INDIRECT_PAGE;
-                let count = indirect
-                    .nr_segments
-                    .saturating_sub(first)
-                    .min(SEGMENTS_PER_INDIRECT_PAGE);
-                if let Err(why) = read_indirect_page(svc, &page, count, &mut slot.grants) {
-                    slot.fetch_failed = Some(why);
-                }
-            }
-            self.indirect_pages.push(page);
+            read_into_slot(svc, slot, target.index, page.gfn);
+            let spare = match &mut self.persistent {
+                Some(kept) => kept.keep_unused(page).err(),
+                None => Some(page),
+            };
+            self.indirect_pages.extend(spare);
         }
         self.batch.clear();
         svc.unmap_grants(&mut self.indirect_pages, &mut self.unmap_failures);
         log_unmap_failures(svc, &mut self.unmap_failures);
+        self.unmap_evicted(svc);
     }
 
     /// Maps the data grants of the requests accepted in this poll (kept
@@ -763,7 +773,10 @@ impl BlkifRing {
             for segment in 0..count {
                 let slot = &mut self.slots[index];
                 let grant = slot.grants[segment];
-                let kept = self.persistent.as_mut().and_then(|k| k.take(grant.gref));
+                let kept = self
+                    .persistent
+                    .as_mut()
+                    .and_then(|k| k.take_writable(grant.gref));
                 slot.segments.push(blockdev::Segment { phys: 0, len: 0 });
                 if let Some(gfn) = kept {
                     slot.kept.push(grant.gref);
@@ -843,7 +856,19 @@ impl BlkifRing {
             }
         }
         self.batch.clear();
-        // Kept grants evicted to make room for this batch's, in one batch.
+        self.unmap_evicted(svc);
+    }
+
+    /// A kept indirect page is read: it is free for the next request.
+    fn release_kept(&mut self, gref: GrantRef) {
+        if let Some(kept) = &mut self.persistent {
+            kept.release(gref);
+        }
+    }
+
+    /// Unmaps the kept grants evicted to make room for a batch's, in one
+    /// batch.
+    fn unmap_evicted<S: BackendServices>(&mut self, svc: &mut S) {
         if let Some(kept) = &mut self.persistent
             && !kept.evicted_mut().is_empty()
         {
@@ -1041,9 +1066,29 @@ impl BlkifRing {
         let (ring_index, id, operation, status) =
             (slot.ring_index, slot.id, slot.operation, slot.status);
         let sectors = slot.grants.iter().map(|g| u64::from(g.sectors())).sum();
-        self.counters.count(operation, sectors, status);
+        self.counters
+            .count(operation, sectors, slot.grants.len() as u64, status);
         self.last_completion_ns = self.now_ns;
         self.respond(ring_index, id, operation, status);
+    }
+}
+
+/// Copies the segments listed in page `page` of the indirect request in
+/// `slot`, mapped at `gfn`, into the slot (unless fetching already failed).
+fn read_into_slot<S: BackendServices>(svc: &S, slot: &mut Slot, page: usize, gfn: u64) {
+    if slot.fetch_failed.is_some() {
+        return;
+    }
+    let Some(indirect) = slot.indirect else {
+        return;
+    };
+    let first = page * SEGMENTS_PER_INDIRECT_PAGE;
+    let count = indirect
+        .nr_segments
+        .saturating_sub(first)
+        .min(SEGMENTS_PER_INDIRECT_PAGE);
+    if let Err(why) = read_indirect_page(svc, gfn, count, &mut slot.grants) {
+        slot.fetch_failed = Some(why);
     }
 }
 

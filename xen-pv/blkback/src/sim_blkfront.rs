@@ -250,14 +250,19 @@ impl<'s> SimBlkfront<'s> {
     }
 
     /// Every response published so far, as the bytes of its ring entry
-    /// (the response, then whatever the entry held before).
+    /// (the response, then whatever the entry held before). Asks to be
+    /// notified of the next one, as blkfront's interrupt handler does.
     pub fn raw_responses(&mut self) -> Vec<[u8; blkif::ENTRY_SIZE_X86_64]> {
         let mut out = Vec::new();
         let mut entry = [0u8; blkif::ENTRY_SIZE_X86_64];
-        while self.ring.next_response(&mut entry) {
-            out.push(entry);
+        loop {
+            while self.ring.next_response(&mut entry) {
+                out.push(entry);
+            }
+            if !self.ring.final_check_for_responses() {
+                return out;
+            }
         }
-        out
     }
 
     /// Entries in the ring.

@@ -41,12 +41,16 @@ pub struct RequestCounters {
     pub errors: u64,
     /// Requests answered, whatever the outcome (not a Linux counter).
     pub answered: u64,
+    /// Data segments (grants) of the requests answered, whatever the
+    /// outcome (not a Linux counter).
+    pub segments: u64,
 }
 
 impl RequestCounters {
-    /// Counts a request answered with `status`.
-    pub(crate) fn count(&mut self, operation: u8, sectors: u64, status: i16) {
+    /// Counts a request of `segments` answered with `status`.
+    pub(crate) fn count(&mut self, operation: u8, sectors: u64, segments: u64, status: i16) {
         self.answered += 1;
+        self.segments += segments;
         if status != blkif::RSP_OKAY {
             self.errors += 1;
             return;
@@ -82,6 +86,7 @@ impl RequestCounters {
         self.oo_req += other.oo_req;
         self.errors += other.errors;
         self.answered += other.answered;
+        self.segments += other.segments;
     }
 
     /// Each counter with the node name Linux blkback gives it.

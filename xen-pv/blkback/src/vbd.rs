@@ -21,7 +21,7 @@ use crate::negotiate::{
 };
 use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
-use crate::statistics::{self, RingReport};
+use crate::statistics::{self, RequestCounters, RingReport};
 
 use crate::served_disk::{DataPath, ServedDisk};
 use crate::target::{Target, TargetOpener};
@@ -171,6 +171,8 @@ struct Vbd {
     /// Adopted from a previous instance, with this many requests left
     /// unanswered on its rings.
     adopted_unanswered: Option<u64>,
+    /// What its closed rings answered.
+    closed_rings_answered: RequestCounters,
 }
 
 impl Vbd {
@@ -203,6 +205,8 @@ pub struct VbdBackends<O> {
     /// The rings' serving, in the loop's passes and while the toolstack's
     /// xenstore requests wait.
     serving: RingServing,
+    /// What the rings of the vbds removed answered.
+    removed_vbds_answered: RequestCounters,
 }
 
 /// What [`VbdBackends::adoptions`] counts.
@@ -246,7 +250,21 @@ impl<O: TargetOpener> VbdBackends<O> {
             update_start: first,
             dropped_watch_events: 0,
             serving: RingServing::default(),
+            removed_vbds_answered: RequestCounters::default(),
         }
+    }
+
+    /// What every ring answered since this instance started, closed ones
+    /// included: a count that only grows (the profile's requests).
+    pub fn answered(&self) -> RequestCounters {
+        let mut total = self.removed_vbds_answered;
+        for vbd in self.devices.values() {
+            total.add(&vbd.closed_rings_answered);
+            vbd.rings
+                .iter()
+                .for_each(|ring| total.add(&ring.report().counters));
+        }
+        total
     }
 
     /// Watches `backend/vbd`; the first event (fired at once) discovers
@@ -522,6 +540,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 published: BTreeMap::new(),
                 watch_pending: false,
                 adopted_unanswered: None,
+                closed_rings_answered: RequestCounters::default(),
             };
             self.devices.insert(id, vbd);
             self.update(xs, svc, id);
@@ -547,8 +566,10 @@ impl<O: TargetOpener> VbdBackends<O> {
             }
             gone
         });
-        if gone == Some(true) {
-            self.devices.remove(&id);
+        if gone == Some(true)
+            && let Some(vbd) = self.devices.remove(&id)
+        {
+            self.removed_vbds_answered.add(&vbd.closed_rings_answered);
             svc.log(format_args!("vbd {}/{}: removed", id.frontend, id.devid));
         }
     }
@@ -715,6 +736,7 @@ fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
 ) -> Result<(), XsError> {
     if vbd.drained() {
         for ring in vbd.rings.drain(..) {
+            vbd.closed_rings_answered.add(&ring.report().counters);
             ring.close(svc);
         }
     }

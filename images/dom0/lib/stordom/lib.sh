@@ -21,6 +21,9 @@
 #                                "NAME-same-domain": it never restarted)
 #   offline_nvme_vf              an NVMe virtual function that cannot come
 #                                up, made assignable ($OFFLINE_VF)
+#   stordom_profile_mark NAME    remember stordom NAME's serving profile
+#   stordom_profile_report NAME  METRIC lines (backend=stordom) of what its
+#                                profile moved by since the mark, per request
 #   dom0_heartbeat, diag_listener  started by /init (see there)
 
 # busybox sh here prefers its own applets to programs in PATH: call
@@ -293,6 +296,60 @@ grants_released() {
         result "$what" fail "$1 still maps '$mapped' grants"
         return 1
     fi
+}
+
+# stordom_profile NAME: stordom NAME's serving profile (its data/profile
+# nodes: hypercalls by kind, requests, turns, sleeps, cpu times), one
+# "node value" line each, e.g. "grant-map/calls 1234".
+stordom_profile() {
+    local sd
+    sd=$(xl domid "$1" 2>/dev/null) || return 1
+    xenstore-ls -f "/local/domain/$sd/data/profile" 2>/dev/null |
+        sed -n "s|^/local/domain/$sd/data/profile/\([^ ]*\) = \"\([0-9][0-9]*\)\"\$|\1 \2|p"
+}
+
+stordom_profile_mark() {
+    stordom_profile "$1" >"/tmp/profile-mark.$1"
+}
+
+# stordom_profile_report NAME: after a round served by stordom NAME (its
+# guest gone), METRIC lines of what the profile moved by since
+# stordom_profile_mark, per request answered meanwhile (the guest's boot
+# and disk connection included): hypercalls and their busy time (sleeps
+# aside), each kind's calls, time and batch size, the loop's turns and
+# sleeps, segments, and the vCPU's runstate times. stordom publishes once
+# a second: wait for it first.
+stordom_profile_report() {
+    nap 2
+    stordom_profile "$1" >"/tmp/profile-now.$1" || return 1
+    awk '
+        FNR == NR { before[$1] = $2; next }
+        { moved[$1] = $2 - before[$1]; order[++nodes] = $1 }
+        function metric(name, value, unit) {
+            printf "METRIC name=%s backend=stordom value=%.3f unit=%s\n", name, value, unit
+        }
+        END {
+            requests = moved["requests"]
+            if (requests <= 0) { print "[dom0] stordom profile: no request answered since the mark"; exit }
+            printf "[dom0] stordom profile: %d requests since the mark\n", requests
+            metric("hypercalls_per_request", moved["hypercalls/calls"] / requests, "calls")
+            metric("hypercall_us_per_request", moved["hypercalls/busy-ns"] / 1000 / requests, "us")
+            for (i = 1; i <= nodes; i++) {
+                node = order[i]
+                n = split(node, part, "/")
+                if (n != 2 || part[1] == "hypercalls" || part[1] == "cpu" || moved[node] <= 0) continue
+                kind = part[1]; gsub("-", "_", kind)
+                if (part[2] == "calls") metric(kind "_calls_per_request", moved[node] / requests, "calls")
+                if (part[2] == "ns") metric(kind "_us_per_request", moved[node] / 1000 / requests, "us")
+                if (part[2] == "ops") metric(kind "_ops_per_call", moved[node] / moved[part[1] "/calls"], "ops")
+            }
+            metric("loop_turns_per_request", moved["turns"] / requests, "turns")
+            metric("loop_sleeps_per_request", moved["sleeps"] / requests, "sleeps")
+            metric("segments_per_request", moved["segments"] / requests, "segs")
+            metric("cpu_running_us_per_request", moved["cpu/running"] / 1000 / requests, "us")
+            metric("cpu_runnable_us_per_request", moved["cpu/runnable"] / 1000 / requests, "us")
+            metric("cpu_blocked_us_per_request", moved["cpu/blocked"] / 1000 / requests, "us")
+        }' "/tmp/profile-mark.$1" "/tmp/profile-now.$1"
 }
 
 same_domain() {

@@ -1,0 +1,92 @@
+//! What serving costs stordom, for dom0 to read per guest request: every
+//! hypercall by kind with its time (counted where hypercalls are made,
+//! see `xen_pv::profile`), the serve loop's turns and sleeps, the
+//! requests and segments answered, and the vCPU's runstate times. Published
+//! under `data/profile/` by the loop's housekeeping (values that changed
+//! only), and summed up in one console line at shutdown.
+
+use crate::arch::clock;
+use crate::xen::{self, PortChannel};
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use blkback::statistics::{self, RequestCounters};
+use xen_pv::profile::Average;
+use xen_pv::xenstore::Xenstore;
+
+/// Where the nodes go, under stordom's home.
+const PROFILE_DIR: &str = "data/profile";
+
+/// What the serve loop counted since it started.
+#[derive(Clone, Copy)]
+pub struct LoopTotals {
+    pub turns: u64,
+    pub sleeps: u64,
+}
+
+/// The profile's nodes as last written.
+#[derive(Default)]
+pub struct ServingProfile {
+    published: BTreeMap<String, u64>,
+}
+
+impl ServingProfile {
+    /// Writes the nodes that changed since the last call, without waiting
+    /// for xenstored (see `statistics::publish_changed`): `requests`,
+    /// `segments`, `turns`, `sleeps`, `cpu/{running,runnable,blocked}`
+    /// (ns), and each hypercall kind's `calls`, `ns` (and `ops`).
+    pub fn publish(
+        &mut self,
+        xs: &mut Xenstore<'static, PortChannel>,
+        totals: LoopTotals,
+        answered: &RequestCounters,
+    ) {
+        let mut nodes = xen::hypercall_profile().nodes(clock::tsc_hz());
+        nodes.extend([
+            ("requests".into(), answered.answered),
+            ("segments".into(), answered.segments),
+            ("turns".into(), totals.turns),
+            ("sleeps".into(), totals.sleeps),
+        ]);
+        if let Some(cpu) = xen::cpu_times() {
+            nodes.extend([
+                ("cpu/running".into(), cpu.running),
+                ("cpu/runnable".into(), cpu.runnable),
+                ("cpu/blocked".into(), cpu.blocked),
+            ]);
+        }
+        // The connection's failure shows on its own in the loop's next pass.
+        let _ = statistics::publish_changed(xs, PROFILE_DIR, nodes, &mut self.published);
+    }
+}
+
+/// Logs the profile since boot in one line: `profile: N requests (S
+/// segments/request), T turns and Z sleeps/request, cpu ...; H
+/// hypercalls (...)`.
+pub fn log_summary(totals: LoopTotals, answered: &RequestCounters) {
+    let requests = answered.answered;
+    let per = |total: u64| Average {
+        total,
+        count: requests,
+    };
+    let cpu: Vec<String> = xen::cpu_times()
+        .map(|t| {
+            [
+                ("run", t.running),
+                ("wait", t.runnable),
+                ("blocked", t.blocked),
+            ]
+            .iter()
+            .map(|(name, ns)| alloc::format!("{name}={}ms", ns / 1_000_000))
+            .collect()
+        })
+        .unwrap_or_default();
+    log::info!(
+        "profile: {requests} requests ({} segments/request), {} turns and {} sleeps/request, cpu {}; {}",
+        per(answered.segments),
+        per(totals.turns),
+        per(totals.sleeps),
+        cpu.join(" "),
+        xen::hypercall_profile().per_request(requests, clock::tsc_hz()),
+    );
+}
