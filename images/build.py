@@ -87,6 +87,9 @@ DOM0_MUST_RUN = [
 DOM0_MODULES = [
     "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs",
     "xen-blkback", "xen-blkfront", "loop", "brd", "nvme", "xen-pciback",
+    # The net scenario: netback for stordom's vif, a bridge for it
+    # (busybox's brctl and ip run the vif-bridge hotplug script).
+    "xen-netback", "bridge",
 ]
 # The Linux driver domain: dom0's packages (xl devd links all of libxl),
 # without the daemons only dom0 runs.

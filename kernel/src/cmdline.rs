@@ -1,6 +1,7 @@
 //! The kernel command line: space-separated `key=value` words.
 
 use crate::idle_poll::DEFAULT_IDLE_POLL_NS;
+use core::net::Ipv4Addr;
 
 /// Minimum severity that reaches the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,8 +105,33 @@ pub struct Options<'a> {
     /// `idle_poll_us=`: how long the serve loop polls after its last work
     /// before it sleeps, in nanoseconds (see `idle_poll`).
     pub idle_poll_ns: u64,
+    /// `stordom.ip=ADDR/PREFIX`: the vif's IPv4 address (it wins over
+    /// the vif's `ip` node).
+    pub ip: Option<Ipv4Cidr>,
     /// The first word not understood, reported rather than silently dropped.
     pub unknown: Option<&'a str>,
+}
+
+/// An IPv4 address and its network's prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Cidr {
+    /// `ADDR/PREFIX`, or a bare `ADDR` with `default_prefix`.
+    pub fn parse(text: &str, default_prefix: u8) -> Option<Self> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, prefix.parse().ok()?),
+            None => (text, default_prefix),
+        };
+        (prefix <= 32).then_some(())?;
+        Some(Self {
+            address: address.parse().ok()?,
+            prefix,
+        })
+    }
 }
 
 impl<'a> Options<'a> {
@@ -117,6 +143,7 @@ impl<'a> Options<'a> {
             fault: None,
             job: None,
             idle_poll_ns: DEFAULT_IDLE_POLL_NS,
+            ip: None,
             unknown: None,
         };
         for word in cmdline.split_ascii_whitespace() {
@@ -130,6 +157,10 @@ impl<'a> Options<'a> {
                     .ok()
                     .and_then(|us| us.checked_mul(1000))
                     .map(|ns| opts.idle_poll_ns = ns)
+                    .is_some(),
+                "stordom.ip" => Ipv4Cidr::parse(value, 32)
+                    .filter(|_| value.contains('/'))
+                    .map(|cidr| opts.ip = Some(cidr))
                     .is_some(),
                 _ => false,
             };
@@ -155,6 +186,7 @@ mod tests {
                 fault: None,
                 job: None,
                 idle_poll_ns: DEFAULT_IDLE_POLL_NS,
+                ip: None,
                 unknown: None
             }
         );
@@ -195,6 +227,35 @@ mod tests {
         assert_eq!(
             Options::parse("fault=nestedinterrupt").fault,
             Some(Fault::NestedInterrupt)
+        );
+    }
+
+    #[test]
+    fn the_vif_address_needs_its_prefix() {
+        let ip = Options::parse("stordom.ip=10.0.0.2/24").ip;
+        assert_eq!(
+            ip,
+            Some(Ipv4Cidr {
+                address: Ipv4Addr::new(10, 0, 0, 2),
+                prefix: 24
+            })
+        );
+        for bad in [
+            "stordom.ip=10.0.0.2",
+            "stordom.ip=10.0.0.2/33",
+            "stordom.ip=10.0.0/24",
+            "stordom.ip=/24",
+            "stordom.ip=10.0.0.2/",
+        ] {
+            let o = Options::parse(bad);
+            assert_eq!((o.ip, o.unknown), (None, Some(bad)));
+        }
+        assert_eq!(
+            Ipv4Cidr::parse("192.168.1.9", 24),
+            Some(Ipv4Cidr {
+                address: Ipv4Addr::new(192, 168, 1, 9),
+                prefix: 24
+            })
         );
     }
 

@@ -10,7 +10,7 @@
 //! any disk. A controller whose check fails or cannot be made gets bounce
 //! buffers; the verdict is logged and published under `data/dma/<disk>`.
 
-use crate::memory;
+use crate::own_grant_table::{self, OwnGrantTable};
 use crate::storage::{self, Buffer, NamedDisk};
 use crate::xen::{Hypercalls, XenConnection};
 use alloc::format;
@@ -20,10 +20,7 @@ use alloc::vec::Vec;
 use blkback::DataPath;
 use blkback::grant_dma_check::{GrantDmaFailure, data_path_after, verify_grant_dma};
 use blockdev::{Request, Segment};
-use xen_pv::grant::{
-    GRANT_ENTRIES_PER_FRAME, GrantEntryV1, GrantMapper, GrantSpec, Mapping, RESERVED_GRANT_ENTRIES,
-};
-use xen_pv::memory::map_grant_table_frame;
+use xen_pv::grant::{GrantEntryV1, GrantMapper, GrantSpec, Mapping, RESERVED_GRANT_ENTRIES};
 use xen_pv::xenstore::Tx;
 use xen_pv::{DomId, PAGE_SIZE};
 
@@ -39,7 +36,7 @@ pub fn check_disks(xen: &mut XenConnection, disks: &mut [NamedDisk]) {
     if controllers.is_empty() {
         return;
     }
-    let table = OwnGrantTable::map(xen);
+    let table = own_grant_table::get_or_map(&mut xen.store);
     for controller in &controllers {
         let mut members = disks
             .iter_mut()
@@ -51,10 +48,7 @@ pub fn check_disks(xen: &mut XenConnection, disks: &mut [NamedDisk]) {
         // of a grant of one's own page moves the page away from its frame
         // number (OwnGrant::end), so a second mapping of the same grant
         // finds a hole there (GNTST_bad_page, seen under Xen 4.17).
-        let grant = table
-            .as_ref()
-            .map_err(String::clone)
-            .and_then(OwnGrant::offer);
+        let grant = table.clone().and_then(OwnGrant::offer);
         let outcome = match grant {
             Ok(mut grant) => {
                 let outcome = check_controller(&mut xen.grants, &mut grant, first);
@@ -89,34 +83,6 @@ pub fn check_disks(xen: &mut XenConnection, disks: &mut [NamedDisk]) {
         if let Err(e) = xen.store.write(Tx::NONE, &node, value.as_bytes()) {
             log::warn!("dma: writing {node}: {e:?}");
         }
-    }
-}
-
-/// The first frame of stordom's own grant table, mapped.
-struct OwnGrantTable {
-    domid: DomId,
-    entries: &'static [GrantEntryV1; GRANT_ENTRIES_PER_FRAME],
-}
-
-impl OwnGrantTable {
-    /// Maps the first frame of stordom's grant table over a frame it
-    /// gives up (as shared_info is), for the domain's life.
-    fn map(xen: &mut XenConnection) -> Result<OwnGrantTable, String> {
-        let domid: DomId = xen
-            .store
-            .read_string(Tx::NONE, "domid")
-            .ok()
-            .and_then(|d| d.parse().ok())
-            .ok_or("own domid unreadable in xenstore")?;
-        let frame = memory::alloc_frames(1).ok_or("no frame for the grant table")?;
-        let hypercalls: Hypercalls = &crate::xen::get().ok_or("Xen is not set up")?.hypercalls;
-        map_grant_table_frame(&hypercalls, 0, frame / PAGE_SIZE as u64)
-            .map_err(|e| format!("mapping the grant table: {e:?}"))?;
-        // SAFETY: Xen now backs this identity-mapped frame with the first
-        // frame of the domain's (v1) grant table, for the domain's life;
-        // GrantEntryV1 mirrors an entry with atomics, as Xen changes it.
-        let entries = unsafe { &*(frame as *const _) };
-        Ok(OwnGrantTable { domid, entries })
     }
 }
 

@@ -9,6 +9,8 @@ mod console;
 mod disk_test;
 mod grant_dma;
 mod memory;
+mod net;
+mod own_grant_table;
 mod platform;
 mod power;
 mod restart;
@@ -225,6 +227,7 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
                     module_count: 0,
                     rsdp: info.rsdp,
                     pci_ports: ports,
+                    vif_ip: opts.ip,
                 };
                 for (slot, m) in setup.modules.iter_mut().zip(info.modules()) {
                     *slot = (m.start, m.len);
@@ -232,6 +235,7 @@ extern "C" fn stordom_main(start_info_paddr: u32, multiboot2_paddr: u32) -> ! {
                 }
                 let mut found = find_disks();
                 grant_dma::check_disks(&mut connection, &mut found.disks);
+                net::reserve_at_boot(&mut connection);
                 let setup = restart::serving_begins(setup);
                 serve_job(connection, setup, found);
             }
@@ -253,7 +257,7 @@ fn serve_job(
     found: storage::Discovery,
 ) -> ! {
     let opener = serve::KernelOpener::new(setup.modules(), found);
-    match serve::run(connection, opener) {
+    match serve::run(connection, opener, setup.vif_ip) {
         Ok(()) => {
             log::info!("exiting");
             crate::power::exit(cpu::ExitStatus::Success)

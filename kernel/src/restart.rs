@@ -42,6 +42,8 @@ pub struct ServeSetup {
     pub rsdp: u64,
     /// Whether PCI may be probed through I/O ports.
     pub pci_ports: bool,
+    /// `stordom.ip=`: the vif's address, if given.
+    pub vif_ip: Option<kernel::cmdline::Ipv4Cidr>,
 }
 
 impl ServeSetup {

@@ -6,6 +6,7 @@
 
 use crate::arch::{self, clock};
 use crate::memory;
+use crate::net::{NetStack, NetTurn};
 use crate::platform::KernelHal;
 use crate::restart::{self, RAM_DISKS};
 use crate::serve_profile::{self, LoopTotals, ServingProfile};
@@ -26,6 +27,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 use drivers::Hal;
 use drivers::RamDisk;
+use http_metrics::Metrics;
+use kernel::cmdline::Ipv4Cidr;
 use kernel::idle_poll::{DEFAULT_IDLE_POLL_NS, IdlePoll};
 use kernel::ram_disk_registry::{RamDiskRefusal, RamFrames};
 use kernel::restart_policy::ControlRequest;
@@ -469,11 +472,27 @@ fn publish_grant_count(
     }
 }
 
+/// What the metrics endpoint shows, from the sources of the nodes
+/// stordom publishes in xenstore (the vif's counters are the endpoint's).
+fn gather_metrics(vbds: &VbdBackends<KernelOpener>, grants_mapped: usize) -> Metrics {
+    Metrics {
+        vbds: vbds.snapshots(),
+        grants_mapped: grants_mapped as u64,
+        heap: memory::heap_usage().nodes().to_vec(),
+        restarts: restart::published().0,
+        net: netfront::Statistics::default(),
+    }
+}
+
 /// Serves vbds until the toolstack asks stordom to shut down. The loop
 /// owns the event channels, xenstore connection and grant mapper: ring
 /// polling touches no xenstore node, and what it finds for the toolstack
 /// is handled afterwards.
-pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
+pub fn run(
+    xen: XenConnection,
+    opener: KernelOpener,
+    vif_ip: Option<Ipv4Cidr>,
+) -> Result<(), String> {
     let XenConnection {
         mut events,
         store: mut xs,
@@ -497,6 +516,7 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
     let mut pause_reported = false;
     // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
     let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
+    let mut net = NetStack::bring_up(&mut xs, vif_ip);
     log::info!("serve: watching backend/vbd; ready");
     let mut published_grants = None;
     let mut published_heap = BTreeMap::new();
@@ -520,6 +540,9 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
         let mut restart_events = 0;
         let intake = vbds
             .take_watch_events(&mut xs, |event| {
+                if net.as_mut().is_some_and(|net| net.note_watch_event(event)) {
+                    return;
+                }
                 shutdown_event |= event.token == SHUTDOWN_TOKEN;
                 restart_events += usize::from(event.token == RESTART_TOKEN);
             })
@@ -567,11 +590,19 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
             let _ = statistics::publish_changed(&mut xs, "data", heap, &mut published_heap);
             profile.publish(&mut xs, counters.totals(), &vbds.answered());
         }
+        let grants_mapped = grants.stats().mapped;
+        let net_turn = match net.as_mut() {
+            Some(net) => net.turn(&mut xs, &mut events, clock::now_ns(), || {
+                gather_metrics(&vbds, grants_mapped)
+            }),
+            None => NetTurn::default(),
+        };
         marks.ends[3] = clock::now_ns();
         let gap = vbds.take_longest_unserved(marks.ends[3]);
         counters.check_unserved(&marks, gap);
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
-        let idle = polled.progress == Progress::Idle && attended == Progress::Idle;
+        let idle =
+            polled.progress == Progress::Idle && attended == Progress::Idle && !net_turn.busy;
         if !idle {
             idle_poll.busy(now);
         }
@@ -586,9 +617,12 @@ pub fn run(xen: XenConnection, opener: KernelOpener) -> Result<(), String> {
                 && idle_poll.may_sleep(now)
             {
                 counters.sleeps += 1;
-                xen::sleep_until_any_event(&events, IDLE_HALT_NS);
+                let halt_ns = net_turn
+                    .wake_in_ns
+                    .map_or(IDLE_HALT_NS, |ns| ns.min(IDLE_HALT_NS));
+                xen::sleep_until_any_event(&events, halt_ns);
                 let woken = clock::now_ns();
-                if woken >= now + IDLE_HALT_NS {
+                if woken >= now + halt_ns {
                     counters.timeouts += 1;
                 }
                 vbds.idle_until(woken);

@@ -212,6 +212,13 @@ impl<'a, H: Hypercall> EventChannels<'a, H> {
         self.handlers.insert(port, handler);
     }
 
+    /// Forgets `port`'s handler without closing the port (one its
+    /// owner closed through other means): the port is no longer waited
+    /// on, and its events count as unhandled.
+    pub fn forget_handler(&mut self, port: Port) {
+        self.handlers.remove(&port);
+    }
+
     /// Stops delivery of `port`; events still become pending and are
     /// delivered after [`Self::unmask`].
     pub fn mask(&self, port: Port) -> Result<(), Errno> {

@@ -169,7 +169,7 @@ pub use target::{OpenError, Target, TargetOpener, claim_partition, claim_sectors
 pub use unserved::UnservedGap;
 pub use vbd::{
     Adoptions, Attention, Progress, RingsPolled, VBD_UPDATES_PER_PASS, VbdBackends, VbdId,
-    VbdStatus, WATCH_EVENTS_TAKEN_PER_PASS, WATCH_TOKEN, WatchIntake,
+    VbdSnapshot, VbdStatus, WATCH_EVENTS_TAKEN_PER_PASS, WATCH_TOKEN, WatchIntake,
 };
 
 use xen_pv::event::{EventChannels, Port};

@@ -150,27 +150,50 @@ impl fmt::Display for RingReport {
     }
 }
 
+/// A vbd's rings summed: what its `statistics/` nodes and stordom's
+/// metrics endpoint both show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VbdTotals {
+    pub counters: RequestCounters,
+    /// Requests taken and not yet answered, on every ring.
+    pub in_flight: usize,
+    /// When a ring last answered a request (0: never).
+    pub last_completion_ns: u64,
+}
+
+impl VbdTotals {
+    pub fn of(rings: &[RingReport]) -> VbdTotals {
+        let mut totals = VbdTotals::default();
+        for ring in rings {
+            totals.counters.add(&ring.counters);
+            totals.in_flight += ring.in_flight;
+            totals.last_completion_ns = totals.last_completion_ns.max(ring.last_completion_ns);
+        }
+        totals
+    }
+}
+
 /// The nodes of a vbd's statistics (names under its `statistics/`) and
 /// their values: `rd_req`, `wr_req`, `f_req`, `ds_req`, `rd_sect`,
 /// `wr_sect`, `oo_req`, `errors` summed over its rings, `in_flight`,
 /// `last_completion_ms` (stordom's clock, 0: none yet) and, per ring N,
 /// `ring-N/{req_prod,req_cons,rsp_prod,req_event,rsp_event,in_flight}`.
 pub(crate) fn nodes(rings: &[RingReport]) -> Vec<(String, u64)> {
-    let mut total = RequestCounters::default();
-    rings.iter().for_each(|r| total.add(&r.counters));
-    let in_flight: usize = rings.iter().map(|r| r.in_flight).sum();
-    let last = rings
-        .iter()
-        .map(|r| r.last_completion_ns)
-        .max()
-        .unwrap_or(0);
-    let mut nodes: Vec<(String, u64)> = total
+    let VbdTotals {
+        counters,
+        in_flight,
+        last_completion_ns,
+    } = VbdTotals::of(rings);
+    let mut nodes: Vec<(String, u64)> = counters
         .named()
         .iter()
         .map(|&(name, value)| (name.to_string(), value))
         .collect();
     nodes.push(("in_flight".to_string(), in_flight as u64));
-    nodes.push(("last_completion_ms".to_string(), last / 1_000_000));
+    nodes.push((
+        "last_completion_ms".to_string(),
+        last_completion_ns / 1_000_000,
+    ));
     for (n, ring) in rings.iter().enumerate() {
         let i = &ring.indices;
         for (name, value) in [

@@ -21,7 +21,7 @@ use crate::negotiate::{
 };
 use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
-use crate::statistics::{self, RequestCounters, RingReport};
+use crate::statistics::{self, RequestCounters, RingReport, VbdTotals};
 
 use crate::served_disk::{DataPath, ServedDisk};
 use crate::target::{Target, TargetOpener};
@@ -142,6 +142,20 @@ pub struct VbdStatus {
     pub in_flight: usize,
 }
 
+/// A vbd as [`VbdBackends::snapshots`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VbdSnapshot {
+    pub id: VbdId,
+    /// The backend state last written.
+    pub state: XenbusState,
+    /// The toolstack's `params` (what is served), once read.
+    pub target: Option<String>,
+    /// The served disk's size in 512-byte sectors, once opened.
+    pub sectors: Option<u64>,
+    /// Its rings' counters summed (zero while none is connected).
+    pub totals: VbdTotals,
+}
+
 struct Vbd {
     id: VbdId,
     /// `backend/vbd/<frontend>/<devid>`.
@@ -151,6 +165,8 @@ struct Vbd {
     /// The backend state last written (Initialising: none yet).
     state: XenbusState,
     disk: Option<ServedDisk>,
+    /// The toolstack's `params` of the disk being served.
+    target: Option<String>,
     /// The connected rings (one per queue the frontend opened).
     rings: Vec<BlkifRing>,
     /// The target could not be served; waits for the toolstack.
@@ -482,6 +498,25 @@ impl<O: TargetOpener> VbdBackends<O> {
         self.serving.gaps.idle_until(now);
     }
 
+    /// Every vbd as it stands, for the metrics endpoint: the same ring
+    /// reports as its published `statistics/`.
+    pub fn snapshots(&self) -> Vec<VbdSnapshot> {
+        self.devices
+            .values()
+            .filter(|vbd| !vbd.removed)
+            .map(|vbd| {
+                let reports: Vec<RingReport> = vbd.rings.iter().map(BlkifRing::report).collect();
+                VbdSnapshot {
+                    id: vbd.id,
+                    state: vbd.state,
+                    target: vbd.target.clone(),
+                    sectors: vbd.disk.as_ref().map(ServedDisk::sectors),
+                    totals: VbdTotals::of(&reports),
+                }
+            })
+            .collect()
+    }
+
     /// The vbd's current position, if it is known.
     pub fn status(&self, id: VbdId) -> Option<VbdStatus> {
         self.devices.get(&id).map(|vbd| VbdStatus {
@@ -531,6 +566,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 frontend_path: None,
                 state: XenbusState::Initialising,
                 disk: None,
+                target: None,
                 rings: Vec::new(),
                 failed: false,
                 removed: false,
@@ -970,6 +1006,7 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         DataPath::Bounce => ", bounce buffers",
     };
     vbd.disk = Some(disk);
+    vbd.target = Some(params.clone());
     vbd.log.line(
         svc,
         format_args!("serving {params} ({sectors} sectors, mode {mode}{path_note})"),

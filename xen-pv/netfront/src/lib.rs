@@ -26,7 +26,7 @@
 //! still marks `NETRXF_csum_blank` is completed in software; we never
 //! send blank checksums). The `mtu` node is ignored (netif allows it).
 //!
-//! # Wiring it into the kernel (not done yet)
+//! # Wiring it into the kernel (done in `kernel/src/net.rs`)
 //! 1. A `NetfrontHal`: pages from the frame allocator (identity-mapped,
 //!    kept for the domain's life), grants through the domain's own grant
 //!    table frames ([`xen_pv::grant::GrantEntryV1::offer`] and `end`,

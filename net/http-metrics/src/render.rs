@@ -1,0 +1,458 @@
+//! What the endpoint shows and how: [`Metrics`] (gathered by the kernel
+//! from the counters it already publishes in xenstore), rendered in the
+//! Prometheus text format (`GET /metrics`) or as JSON (`GET /vbds`), and
+//! the answer to a request, framed as an HTTP response.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+use blkback::VbdSnapshot;
+
+use crate::request::{BadRequest, Method, Request};
+
+/// The largest response body: a larger one (thousands of vbds) is
+/// answered 500 rather than built.
+pub const RESPONSE_BODY_MAX: usize = 256 * 1024;
+
+/// stordom as it stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub vbds: Vec<VbdSnapshot>,
+    /// Frontend grants mapped now (`data/grants-mapped`).
+    pub grants_mapped: u64,
+    /// The heap's figures as published under `data/` (`heap-in-use`,
+    /// `heap-peak`, `heap-size`, in bytes).
+    pub heap: Vec<(&'static str, u64)>,
+    /// In-place restarts so far (`data/restarts`).
+    pub restarts: u64,
+    /// The vif's counters.
+    pub net: netfront::Statistics,
+}
+
+/// One metric family: its name, help, type and samples
+/// (`(labels, value)`).
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn start<'a>(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: u64) {
+        let _ = if labels.is_empty() {
+            writeln!(self.out, "{name} {value}")
+        } else {
+            writeln!(self.out, "{name}{{{labels}}} {value}")
+        };
+    }
+}
+
+/// Each vbd's label set, `frontend="F",devid="D"`.
+fn vbd_labels(vbd: &VbdSnapshot) -> String {
+    format!(
+        "frontend=\"{}\",devid=\"{}\"",
+        vbd.id.frontend, vbd.id.devid
+    )
+}
+
+/// One figure of a vbd.
+type VbdFigure = fn(&VbdSnapshot) -> u64;
+
+/// The per-vbd families: name, type, help, and the samples of each vbd
+/// (`(kind label, figure)`; an empty label: no `kind`).
+type VbdFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, VbdFigure)],
+);
+
+const VBD_FAMILIES: [VbdFamily; 7] = [
+    (
+        "stordom_vbd_requests_total",
+        "counter",
+        "Requests completed, by kind (blkback's rd_req, wr_req, f_req, ds_req).",
+        &[
+            ("read", |v| v.totals.counters.rd_req),
+            ("write", |v| v.totals.counters.wr_req),
+            ("flush", |v| v.totals.counters.f_req),
+            ("discard", |v| v.totals.counters.ds_req),
+        ],
+    ),
+    (
+        "stordom_vbd_read_bytes_total",
+        "counter",
+        "Bytes read (rd_sect times 512).",
+        &[("", |v| v.totals.counters.rd_sect * blkback::SECTOR_SIZE)],
+    ),
+    (
+        "stordom_vbd_written_bytes_total",
+        "counter",
+        "Bytes written (wr_sect times 512).",
+        &[("", |v| v.totals.counters.wr_sect * blkback::SECTOR_SIZE)],
+    ),
+    (
+        "stordom_vbd_errors_total",
+        "counter",
+        "Requests answered with an error.",
+        &[("", |v| v.totals.counters.errors)],
+    ),
+    (
+        "stordom_vbd_ring_full_total",
+        "counter",
+        "Times requests waited on the ring for a free slot (oo_req).",
+        &[("", |v| v.totals.counters.oo_req)],
+    ),
+    (
+        "stordom_vbd_in_flight",
+        "gauge",
+        "Requests taken from the rings and not yet answered.",
+        &[("", |v| v.totals.in_flight as u64)],
+    ),
+    (
+        "stordom_vbd_size_bytes",
+        "gauge",
+        "Size of the disk served (0 until it is opened).",
+        &[("", |v| v.sectors.unwrap_or(0) * blkback::SECTOR_SIZE)],
+    ),
+];
+
+/// `GET /metrics`: the Prometheus text format (version 0.0.4).
+pub fn prometheus(metrics: &Metrics) -> String {
+    let mut out = String::new();
+    let vbds: Vec<(String, &VbdSnapshot)> =
+        metrics.vbds.iter().map(|v| (vbd_labels(v), v)).collect();
+    for (name, kind, help, samples) in VBD_FAMILIES {
+        let mut family = Family::start(&mut out, name, kind, help);
+        for (labels, vbd) in &vbds {
+            for (kind_label, figure) in samples {
+                if kind_label.is_empty() {
+                    family.sample(name, labels, figure(vbd));
+                } else {
+                    let labels = format!("{labels},kind=\"{kind_label}\"");
+                    family.sample(name, &labels, figure(vbd));
+                }
+            }
+        }
+    }
+    Family::start(
+        &mut out,
+        "stordom_grants_mapped",
+        "gauge",
+        "Frontend grants mapped now.",
+    )
+    .sample("stordom_grants_mapped", "", metrics.grants_mapped);
+    let mut family = Family::start(
+        &mut out,
+        "stordom_heap_bytes",
+        "gauge",
+        "The heap: in use, its peak, its size.",
+    );
+    for (node, value) in &metrics.heap {
+        let figure = node.strip_prefix("heap-").unwrap_or(node);
+        family.sample(
+            "stordom_heap_bytes",
+            &format!("figure=\"{figure}\""),
+            *value,
+        );
+    }
+    Family::start(
+        &mut out,
+        "stordom_restarts_total",
+        "counter",
+        "In-place restarts since the domain started.",
+    )
+    .sample("stordom_restarts_total", "", metrics.restarts);
+    let net = &metrics.net;
+    for (name, help, rx, tx) in [
+        (
+            "stordom_net_frames_total",
+            "Ethernet frames on the vif.",
+            net.rx_frames,
+            net.tx_frames,
+        ),
+        (
+            "stordom_net_bytes_total",
+            "Ethernet bytes on the vif.",
+            net.rx_bytes,
+            net.tx_bytes,
+        ),
+        (
+            "stordom_net_dropped_total",
+            "Frames dropped on the vif.",
+            net.rx_dropped,
+            net.tx_dropped + net.tx_errors,
+        ),
+    ] {
+        let mut family = Family::start(&mut out, name, "counter", help);
+        family.sample(name, "direction=\"rx\"", rx);
+        family.sample(name, "direction=\"tx\"", tx);
+    }
+    out
+}
+
+/// `s` as a JSON string literal.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `GET /vbds`: a JSON array, one object per vbd.
+pub fn vbds_json(metrics: &Metrics) -> String {
+    let mut out = String::from("[");
+    for (n, vbd) in metrics.vbds.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "\n  {{\"frontend\": {}, \"devid\": {}, \"target\": ",
+            vbd.id.frontend, vbd.id.devid
+        );
+        match &vbd.target {
+            Some(target) => json_string(&mut out, target),
+            None => out.push_str("null"),
+        }
+        let _ = write!(out, ", \"state\": \"{:?}\", \"sectors\": ", vbd.state);
+        match vbd.sectors {
+            Some(sectors) => {
+                let _ = write!(out, "{sectors}");
+            }
+            None => out.push_str("null"),
+        }
+        out.push('}');
+    }
+    out.push_str("\n]\n");
+    out
+}
+
+/// The answer to one request, as bytes to send (status line, headers,
+/// body), from `metrics` (asked for only when a known path is read).
+pub fn answer(
+    request: Result<Request<'_>, BadRequest>,
+    metrics: impl FnOnce() -> Metrics,
+) -> Vec<u8> {
+    let request = match request {
+        Ok(request) => request,
+        Err(BadRequest::Malformed) => return response(400, "Bad Request", TEXT, b"bad request\n"),
+        Err(BadRequest::TooLong) => {
+            return response(
+                431,
+                "Request Header Fields Too Large",
+                TEXT,
+                b"request head too long\n",
+            );
+        }
+    };
+    if request.method == Method::Other {
+        return response(405, "Method Not Allowed", TEXT, b"GET or HEAD only\n");
+    }
+    let body = match request.path {
+        "/metrics" => (PROMETHEUS, prometheus(&metrics())),
+        "/vbds" => (JSON, vbds_json(&metrics())),
+        _ => return response(404, "Not Found", TEXT, b"not found\n"),
+    };
+    if body.1.len() > RESPONSE_BODY_MAX {
+        return response(500, "Internal Server Error", TEXT, b"response too large\n");
+    }
+    let mut bytes = response(200, "OK", body.0, body.1.as_bytes());
+    if request.method == Method::Head {
+        bytes.truncate(bytes.len() - body.1.len());
+    }
+    bytes
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+const JSON: &str = "application/json";
+
+fn response(status: u16, reason: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!(
+        "HTTP/1.0 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::request::parse_request;
+    use alloc::string::ToString;
+    use alloc::vec;
+    use blkback::VbdId;
+    use blkback::statistics::{RequestCounters, VbdTotals};
+    use xen_pv::xenbus::XenbusState;
+
+    pub(crate) fn sample_metrics() -> Metrics {
+        let vbd = VbdSnapshot {
+            id: VbdId {
+                frontend: 3,
+                devid: 51712,
+            },
+            state: XenbusState::Connected,
+            target: Some("ram:256M".to_string()),
+            sectors: Some(524_288),
+            totals: VbdTotals {
+                counters: RequestCounters {
+                    rd_req: 10,
+                    wr_req: 20,
+                    f_req: 2,
+                    ds_req: 1,
+                    rd_sect: 80,
+                    wr_sect: 160,
+                    oo_req: 4,
+                    errors: 5,
+                    answered: 38,
+                },
+                in_flight: 7,
+                last_completion_ns: 0,
+            },
+        };
+        let opening = VbdSnapshot {
+            id: VbdId {
+                frontend: 4,
+                devid: 51728,
+            },
+            state: XenbusState::InitWait,
+            target: Some("odd \"name\"\\\n".to_string()),
+            sectors: None,
+            totals: VbdTotals::default(),
+        };
+        Metrics {
+            vbds: vec![vbd, opening],
+            grants_mapped: 12,
+            heap: vec![("heap-in-use", 100), ("heap-peak", 200), ("heap-size", 300)],
+            restarts: 1,
+            net: netfront::Statistics {
+                rx_frames: 5,
+                tx_frames: 6,
+                rx_dropped: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn prometheus_shows_each_counter_once_with_its_labels() {
+        let text = prometheus(&sample_metrics());
+        let vbd = "frontend=\"3\",devid=\"51712\"";
+        for line in [
+            format!("stordom_vbd_requests_total{{{vbd},kind=\"read\"}} 10"),
+            format!("stordom_vbd_requests_total{{{vbd},kind=\"write\"}} 20"),
+            format!("stordom_vbd_requests_total{{{vbd},kind=\"flush\"}} 2"),
+            format!("stordom_vbd_requests_total{{{vbd},kind=\"discard\"}} 1"),
+            format!("stordom_vbd_read_bytes_total{{{vbd}}} 40960"),
+            format!("stordom_vbd_written_bytes_total{{{vbd}}} 81920"),
+            format!("stordom_vbd_errors_total{{{vbd}}} 5"),
+            format!("stordom_vbd_ring_full_total{{{vbd}}} 4"),
+            format!("stordom_vbd_in_flight{{{vbd}}} 7"),
+            format!("stordom_vbd_size_bytes{{{vbd}}} 268435456"),
+            "stordom_vbd_size_bytes{frontend=\"4\",devid=\"51728\"} 0".to_string(),
+            "stordom_grants_mapped 12".to_string(),
+            "stordom_heap_bytes{figure=\"in-use\"} 100".to_string(),
+            "stordom_heap_bytes{figure=\"size\"} 300".to_string(),
+            "stordom_restarts_total 1".to_string(),
+            "stordom_net_frames_total{direction=\"tx\"} 6".to_string(),
+            "stordom_net_dropped_total{direction=\"rx\"} 1".to_string(),
+        ] {
+            assert_eq!(
+                text.lines().filter(|l| *l == line).count(),
+                1,
+                "{line} in\n{text}"
+            );
+        }
+        // Every sample's family is declared before it, once.
+        let mut declared = alloc::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                assert!(declared.insert(rest.split(' ').next().unwrap().to_string()));
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(declared.contains(name), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn vbds_json_escapes_what_the_toolstack_wrote() {
+        let json = vbds_json(&sample_metrics());
+        assert!(json.contains(
+            "{\"frontend\": 3, \"devid\": 51712, \"target\": \"ram:256M\", \"state\": \"Connected\", \"sectors\": 524288}"
+        ));
+        assert!(json.contains("\"target\": \"odd \\\"name\\\"\\\\\\u000a\""));
+        assert!(json.contains("\"state\": \"InitWait\", \"sectors\": null"));
+        assert_eq!(vbds_json(&Metrics::default()), "[\n]\n");
+    }
+
+    fn status_line(bytes: &[u8]) -> String {
+        let text = core::str::from_utf8(bytes).unwrap();
+        text.lines().next().unwrap().to_string()
+    }
+
+    #[test]
+    fn answers_by_path_and_method() {
+        let ask = |head: &[u8]| answer(parse_request(head), sample_metrics);
+        let ok = ask(b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status_line(&ok), "HTTP/1.0 200 OK");
+        let text = core::str::from_utf8(&ok).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(head.contains("Connection: close"));
+        let head_only = ask(b"HEAD /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(head_only, ok[..head.len() + 4]);
+        for (head, status) in [
+            (&b"GET /vbds HTTP/1.0\r\n\r\n"[..], "HTTP/1.0 200 OK"),
+            (
+                b"GET /nonexistent HTTP/1.1\r\n\r\n",
+                "HTTP/1.0 404 Not Found",
+            ),
+            (
+                b"DELETE /metrics HTTP/1.1\r\n\r\n",
+                "HTTP/1.0 405 Method Not Allowed",
+            ),
+            (b"GARBAGE\r\n\r\n", "HTTP/1.0 400 Bad Request"),
+        ] {
+            assert_eq!(status_line(&ask(head)), status, "{head:?}");
+        }
+        assert_eq!(
+            status_line(&answer(Err(BadRequest::TooLong), sample_metrics)),
+            "HTTP/1.0 431 Request Header Fields Too Large"
+        );
+    }
+
+    #[test]
+    fn metrics_are_gathered_only_for_a_known_path() {
+        let never = || -> Metrics { panic!("gathered for an unknown path") };
+        let answered = answer(parse_request(b"GET /x HTTP/1.1\r\n\r\n"), never);
+        assert_eq!(status_line(&answered), "HTTP/1.0 404 Not Found");
+    }
+
+    #[test]
+    fn an_oversized_body_is_refused() {
+        let mut metrics = sample_metrics();
+        let vbd = metrics.vbds[0].clone();
+        metrics.vbds = vec![vbd; 1000];
+        let answered = answer(parse_request(b"GET /metrics HTTP/1.1\r\n\r\n"), || {
+            metrics.clone()
+        });
+        assert_eq!(status_line(&answered), "HTTP/1.0 500 Internal Server Error");
+    }
+}
