@@ -321,6 +321,7 @@ pub(crate) mod tests {
                     oo_req: 4,
                     errors: 5,
                     answered: 38,
+                    segments: 40,
                 },
                 in_flight: 7,
                 last_completion_ns: 0,
