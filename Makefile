@@ -16,7 +16,7 @@ HOSTILE_FRONT := target/x86_64-unknown-linux-gnu/release/hostile-front
 STORDOM_EFI := target/stordom.efi
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
 SCENARIOS ?= baseline xen-guest stordom-disk hvm-stordom hardware partitions attach-cycles guest-reboot \
-	stordom-two-guests hostile compare soak restart
+	stordom-two-guests hostile compare soak restart net
 SOAK_SECS ?= 1800
 FUZZ_SECS ?= 200
 HOSTILE_COUNT ?= 20000
