@@ -3,7 +3,8 @@
 #   make test       lints, host unit tests, bare-QEMU boot tests, Xen scenarios
 #   make run-bare   boot stordom alone under bare QEMU and exit (BOOT=efi: by GRUB's
 #                   multiboot2 loader under OVMF instead of the PVH entry)
-#   make bench      disk benchmarks: the host engine; bare-QEMU drivers; stordom vs dom0 blkback
+#   make bench      disk benchmarks: the host engine; bare-QEMU drivers; stordom vs dom0's
+#                   blkback vs a Linux driver domain (RAM disks, NVMe); memory to serve 8 vbds
 #   make bench-engine  the blkback engine on the host: requests/s and allocations per request
 #   make soak       3 guests + attach/detach churn on stordom for SOAK_SECS (1800)
 #   make hostile    the hostile blkfront vs stordom under Xen, with a bystander guest
@@ -95,6 +96,8 @@ bench: bench-engine build images
 	$(XEN_ENV) python3 images/run.py compare-nvme --no-build --retries 2
 	run=$$(ls -td runs/*-compare-nvme | head -1); python3 images/compare.py $$run/results.json \
 		--bare runs/bench-bare.json --bare-disk nvme0n1 --json $$run/table.json
+	$(XEN_ENV) python3 images/run.py footprint --no-build --retries 2
+	run=$$(ls -td runs/*-footprint | head -1); python3 images/compare.py $$run/results.json --json $$run/table.json
 
 # The ring engine on the host, no emulator: the simulated blkfront and Xen
 # against a vbd over a null disk, all on one core; requests per second and

@@ -204,8 +204,10 @@ class Scenario:
         if self.cfg["host_check"] and not (self.dir / self.cfg["host_check"]).is_file():
             die(f"scenario {self.name}: host_check {self.cfg['host_check']} not found")
         for c in self.checks:
-            if "console" not in c or not any(k in c for k in ("grep", "absent", "result", "metrics")):
-                die(f"scenario {self.name}: check {c} needs console and one of grep/absent/result/metrics")
+            if "console" not in c or not any(k in c for k in ("grep", "absent", "result", "metrics",
+                                                              "informational")):
+                die(f"scenario {self.name}: check {c} needs console and one of "
+                    "grep/absent/result/metrics/informational")
 
 
 RIP_RE = re.compile(r"diag: rip: ([0-9a-f]{16})")
@@ -673,6 +675,11 @@ class Attempt:
         for c in self.sc.checks:
             con = c["console"]
             cons = list(self.lines) if con == "*" else [con]
+            if c.get("informational"):
+                # The console's RESULT lines are measurements the scenario
+                # judges itself (e.g. a guest failing on a backend given
+                # too little memory): kept in results.json, not checks.
+                referenced.update((r["console"], r["line"]) for r in results if r["console"] in cons)
             pool = [(cn, i, t, text) for cn in cons for i, (t, text) in enumerate(self.lines.get(cn, []), 1)]
             if "result" in c:
                 rs = [r for r in results if r["name"] == c["result"] and (con == "*" or r["console"] == con)]
