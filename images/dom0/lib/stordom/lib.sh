@@ -224,13 +224,23 @@ served_by() {
     esac
 }
 
+# uptime_cs: sets UPTIME_CS to dom0's uptime in centiseconds without
+# starting a process, not even a subshell (the polling loops below run ten
+# times a second; see nap).
+uptime_cs() {
+    local up _
+    read -r up _ </proc/uptime
+    UPTIME_CS=$(( ${up%.*} * 100 + 1${up#*.} - 100 ))
+}
+
 # console_line NAME TEXT SECS: waits for TEXT in domain NAME's console.
 console_line() {
-    local t0 now
-    t0=$(now_ms)
-    until grep -q "$2" "$(domain_console $1)" 2>/dev/null; do
-        now=$(now_ms)
-        [ $((now - t0)) -gt $(($3 * 1000)) ] && return 1
+    local t0 log
+    uptime_cs; t0=$UPTIME_CS
+    log=$(domain_console $1)
+    until grep -q "$2" "$log" 2>/dev/null; do
+        uptime_cs
+        [ $((UPTIME_CS - t0)) -gt $(($3 * 100)) ] && return 1
         nap 0.1
     done
 }
@@ -273,7 +283,8 @@ create_guest_timed() {
     fe=$(xl domid $2) && be=$(xl domid $3) || return 1
     until [ "$state" = 4 ]; do
         state=$(xenstore-read /local/domain/$be/backend/vbd/$fe/51712/state 2>/dev/null)
-        if [ $(( $(now_ms) - t0 )) -gt 120000 ]; then
+        uptime_cs
+        if [ $((UPTIME_CS * 10 - t0)) -gt 120000 ]; then
             result "connected:$2" fail "xvda not Connected at $3 within 120 s (state '$state')"
             return 1
         fi
@@ -317,10 +328,10 @@ stordom_profile_mark() {
 # stordom_profile_mark, per request answered meanwhile (the guest's boot
 # and disk connection included): hypercalls and their busy time (sleeps
 # aside), each kind's calls, time and batch size, the loop's turns and
-# sleeps, segments, and the vCPU's runstate times. stordom publishes once
-# a second: wait for it first.
+# sleeps, segments, and the vCPU's runstate times. stordom publishes
+# after a second without requests, checked once a second: wait for it.
 stordom_profile_report() {
-    nap 2
+    nap 3
     stordom_profile "$1" >"/tmp/profile-now.$1" || return 1
     awk '
         FNR == NR { before[$1] = $2; next }
