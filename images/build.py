@@ -720,6 +720,15 @@ class Builder:
         self.stamp("guest-initrd.cpio.gz", key)
         return True
 
+    def xen_userland(self, root: Path) -> None:
+        """dom0's packages (the xl toolstack and what it runs) and busybox
+        into an empty root: dom0's and the Linux driver domain's base."""
+        for p in DOM0_PKGS:
+            if p != "busybox-static":
+                merge_tree(self.pk.tree(p), root)
+        install_busybox(root, self.pk.tree("busybox-static"))
+        skeleton(root)
+
     def build_driverdom(self) -> bool:
         files = [f for f in sorted((HERE / "driverdom").rglob("*")) if f.is_file()]
         key = self.key(DOM0_PKGS + [self.kpkg], files)
@@ -728,11 +737,7 @@ class Builder:
         with tempfile.TemporaryDirectory(dir=self.cache) as td:
             root = Path(td) / "root"
             root.mkdir()
-            for p in DOM0_PKGS:
-                if p != "busybox-static":
-                    merge_tree(self.pk.tree(p), root)
-            install_busybox(root, self.pk.tree("busybox-static"))
-            skeleton(root)
+            self.xen_userland(root)
             for rel in DRIVERDOM_DROP:
                 (root / rel).unlink()
             add_modules(self.ktree(), self.kver, root, DRIVERDOM_MODULES)
@@ -756,12 +761,7 @@ class Builder:
         with tempfile.TemporaryDirectory(dir=self.cache) as td:
             root = Path(td) / "root"
             root.mkdir()
-            for p in DOM0_PKGS:
-                if p == "busybox-static":
-                    continue
-                merge_tree(self.pk.tree(p), root)
-            install_busybox(root, self.pk.tree("busybox-static"))
-            skeleton(root)
+            self.xen_userland(root)
             for d in ("var/log/xen/console", "var/lib/xen", "var/run/xen",
                       "var/run/xenstored", "var/lib/xenstored", "images", "scenario",
                       "dev/shm"):
