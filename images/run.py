@@ -818,9 +818,12 @@ def main() -> None:
     ap.add_argument("--cache", default=os.environ.get("STORDOM_IMAGES_CACHE", str(HERE / "cache")))
     a = ap.parse_args()
 
+    # A folder holding a scenario.toml, else a scenario of images/scenarios
+    # by name (`net` is also the repository's network crates folder).
     sdir = Path(a.scenario)
-    if not sdir.exists() and (HERE / "scenarios" / a.scenario).exists():
-        sdir = HERE / "scenarios" / a.scenario
+    named = HERE / "scenarios" / a.scenario
+    if not (sdir / "scenario.toml").exists() and (named / "scenario.toml").exists():
+        sdir = named
     sc = Scenario(sdir)
     for kv in a.env:
         name, eq, value = kv.partition("=")
