@@ -132,7 +132,18 @@ wait_gone() {
 
 domain_console() { echo "/var/log/xen/console/guest-$1.log"; }
 
-now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+# uptime_cs: sets UPTIME_CS to dom0's uptime in centiseconds without
+# starting a process, not even a subshell (the polling loops below run ten
+# times a second; see nap).
+uptime_cs() {
+    local up _
+    read -r up _ </proc/uptime
+    UPTIME_CS=$(( ${up%.*} * 100 + 1${up#*.} - 100 ))
+}
+
+# now_ms: dom0's uptime in milliseconds (to the centisecond /proc/uptime
+# gives), the same clock as uptime_cs.
+now_ms() { uptime_cs; echo $((UPTIME_CS * 10)); }
 
 # The controllers run.py's `passthrough = true` gives the machine for
 # stordom: an NVMe with two namespaces and an AHCI controller with one
@@ -224,15 +235,6 @@ served_by() {
     esac
 }
 
-# uptime_cs: sets UPTIME_CS to dom0's uptime in centiseconds without
-# starting a process, not even a subshell (the polling loops below run ten
-# times a second; see nap).
-uptime_cs() {
-    local up _
-    read -r up _ </proc/uptime
-    UPTIME_CS=$(( ${up%.*} * 100 + 1${up#*.} - 100 ))
-}
-
 # console_line NAME TEXT SECS: waits for TEXT in domain NAME's console.
 console_line() {
     local t0 log
@@ -283,8 +285,7 @@ create_guest_timed() {
     fe=$(xl domid $2) && be=$(xl domid $3) || return 1
     until [ "$state" = 4 ]; do
         state=$(xenstore-read /local/domain/$be/backend/vbd/$fe/51712/state 2>/dev/null)
-        uptime_cs
-        if [ $((UPTIME_CS * 10 - t0)) -gt 120000 ]; then
+        if [ $(( $(now_ms) - t0 )) -gt 120000 ]; then
             result "connected:$2" fail "xvda not Connected at $3 within 120 s (state '$state')"
             return 1
         fi
