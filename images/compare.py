@@ -23,6 +23,8 @@ COLUMNS = [
     ("dom0", "dom0 blkback", {"guest-g-dom0", "Domain-0"}),
     ("linuxdd", "Linux drv dom", {"guest-g-linuxdd", "linuxdd"}),
     ("stordom", "stordom", {"guest-g-stordom", "stordom"}),
+    # The `ab` scenario's second stordom build.
+    ("stordom-b", "stordom B", {"guest-g-stordom-b", "stordom-b"}),
 ]
 CANDIDATE = "stordom"
 # calls, turns and sleeps: stordom's serving profile per request (dom0

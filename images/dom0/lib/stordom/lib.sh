@@ -22,8 +22,15 @@
 #   offline_nvme_vf              an NVMe virtual function that cannot come
 #                                up, made assignable ($OFFLINE_VF)
 #   stordom_profile_mark NAME    remember stordom NAME's serving profile
-#   stordom_profile_report NAME  METRIC lines (backend=stordom) of what its
+#   stordom_profile_report NAME  METRIC lines (backend=NAME) of what its
 #                                profile moved by since the mark, per request
+#   dom0_bridge                  netback and the bridge xenbr0 at 10.0.0.1/24
+#   vif_on_bridge DOMID          wait for DOMID's vif Connected and on xenbr0
+#   http_get HOST PATH BODY      GET http://HOST/PATH into BODY; HTTP_STATUS
+#   nbd_server_start             qemu-nbd serving $NBD_FILE ($NBD_MIB MiB) as
+#                                disk0 on 10.0.0.1:10809; NBD_PID
+#   metrics_match_fio GUEST IP   after GUEST's integrity job (its hold line),
+#                                stordom's /metrics at IP against fio's totals
 #   dom0_heartbeat, diag_listener  started by /init (see there)
 
 # busybox sh here prefers its own applets to programs in PATH: call
@@ -334,11 +341,11 @@ stordom_profile_mark() {
 stordom_profile_report() {
     nap 3
     stordom_profile "$1" >"/tmp/profile-now.$1" || return 1
-    awk '
+    awk -v backend="$1" '
         FNR == NR { before[$1] = $2; next }
         { moved[$1] = $2 - before[$1]; order[++nodes] = $1 }
         function metric(name, value, unit) {
-            printf "METRIC name=%s backend=stordom value=%.3f unit=%s\n", name, value, unit
+            printf "METRIC name=%s backend=%s value=%.3f unit=%s\n", name, backend, value, unit
         }
         END {
             requests = moved["requests"]
@@ -362,6 +369,112 @@ stordom_profile_report() {
             metric("cpu_runnable_us_per_request", moved["cpu/runnable"] / 1000 / requests, "us")
             metric("cpu_blocked_us_per_request", moved["cpu/blocked"] / 1000 / requests, "us")
         }' "/tmp/profile-mark.$1" "/tmp/profile-now.$1"
+}
+
+# dom0_bridge: netback loaded and a bridge xenbr0 with dom0 at 10.0.0.1/24
+# for driver domains' vifs (`vif = [ 'bridge=xenbr0,ip=...' ]`).
+dom0_bridge() {
+    if modprobe xen-netback && modprobe bridge \
+            && brctl addbr xenbr0 \
+            && ip addr add 10.0.0.1/24 dev xenbr0 && ip link set xenbr0 up; then
+        result bridge pass "xenbr0 10.0.0.1/24, netback loaded"
+    else
+        result bridge fail "netback or bridge setup failed"
+        return 1
+    fi
+}
+
+# vif_on_bridge DOMID: netback Connected to DOMID's first vif and the
+# hotplug script (vif-bridge) put it on the bridge (result vif-connected).
+vif_on_bridge() {
+    local vif=/local/domain/0/backend/vif/$1/0 n=0
+    until [ "$(xenstore-read $vif/state 2>/dev/null)" = 4 ] && [ -e /sys/class/net/xenbr0/brif/vif$1.0 ]; do
+        n=$((n + 1)); [ $n -gt 300 ] && break
+        nap 0.2
+    done
+    if [ $n -le 300 ]; then
+        result vif-connected pass "vif$1.0 on xenbr0, backend state 4"
+    else
+        result vif-connected fail "backend state '$(xenstore-read $vif/state 2>/dev/null)', bridge ports: $(ls /sys/class/net/xenbr0/brif 2>/dev/null)"
+        xenstore-ls -f $vif 2>&1 | sed 's/^/[dom0]   /'
+        xenstore-ls -f /local/domain/$1/device/vif 2>&1 | sed 's/^/[dom0]   /'
+        return 1
+    fi
+}
+
+# http_get HOST PATH BODY_FILE: GET over bash's /dev/tcp (busybox's static
+# wget segfaults here, at the same address every time, before it
+# connects: runs/20261207-025220-net). Sets HTTP_STATUS; true on 200.
+http_get() {
+    HTTP_STATUS=
+    timeout 30 bash -c 'exec 3<>/dev/tcp/$0/80 && printf "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" "$1" "$0" >&3 && cat <&3' \
+        "$1" "$2" 2>&1 | tr -d '\r' >/tmp/http-response
+    HTTP_STATUS=$(head -n 1 /tmp/http-response | awk '{ print $2 }')
+    sed '1,/^$/d' /tmp/http-response >"$3"
+    [ "$HTTP_STATUS" = 200 ]
+}
+
+# metrics_match_fio GUEST IP: once GUEST (jobs integrity,hold on xvda) has
+# finished its fio job, stordom's /metrics at IP (results metrics-fetch,
+# metrics-bytes): the vbd's byte counters against what fio moved, never
+# less and at most a slack more (reads: the guest kernel's partition
+# scan; writes: none expected). /tmp/metrics keeps the answer.
+metrics_match_fio() {
+    local log fio_read_kib fio_write_kib labels read_bytes written_bytes gid
+    local read_slack_kib=16384 write_slack_kib=1024
+    gid=$(xl domid $1) || { result metrics-bytes fail "no domain $1"; return 1; }
+    log=$(domain_console $1)
+    if ! console_line $1 "hold: idle until killed" 900; then
+        result metrics-bytes fail "$1 did not finish its integrity job within 900 s"
+        xl destroy $1
+        return 1
+    fi
+    fio_read_kib=$(sed -n "s/.*METRIC name=integrity_read_kib disk=xvda value=\([0-9]*\) .*/\1/p" "$log" | tail -n 1)
+    fio_write_kib=$(sed -n "s/.*METRIC name=integrity_write_kib disk=xvda value=\([0-9]*\) .*/\1/p" "$log" | tail -n 1)
+    say "$1's fio moved ${fio_read_kib:-?} KiB read, ${fio_write_kib:-?} KiB written"
+    if http_get $2 /metrics /tmp/metrics; then
+        result metrics-fetch pass "$(wc -l </tmp/metrics) lines"
+        sed 's/^/[dom0] metrics: /' /tmp/metrics
+    else
+        result metrics-fetch fail "GET http://$2/metrics: status '$HTTP_STATUS': $(head -n 3 /tmp/http-response)"
+    fi
+    labels="frontend=\"$gid\",devid=\"51712\""
+    read_bytes=$(grep -F "stordom_vbd_read_bytes_total{$labels}" /tmp/metrics 2>/dev/null | awk '{ print $2 }' | head -n 1)
+    written_bytes=$(grep -F "stordom_vbd_written_bytes_total{$labels}" /tmp/metrics 2>/dev/null | awk '{ print $2 }' | head -n 1)
+    if kib_within "$read_bytes" "$fio_read_kib" $read_slack_kib \
+            && kib_within "$written_bytes" "$fio_write_kib" $write_slack_kib; then
+        result metrics-bytes pass "read $read_bytes B (fio $fio_read_kib KiB), written $written_bytes B (fio $fio_write_kib KiB)"
+    else
+        result metrics-bytes fail "read '$read_bytes' B vs fio '$fio_read_kib' KiB, written '$written_bytes' B vs fio '$fio_write_kib' KiB"
+    fi
+}
+
+kib_within() {   # kib_within COUNTED_BYTES FIO_KIB SLACK_KIB
+    [ -n "$1" ] && [ -n "$2" ] && [ "$2" -gt 0 ] \
+        && [ $(( $1 / 1024 )) -ge "$2" ] && [ $(( $1 / 1024 - $2 )) -le "$3" ]
+}
+
+# nbd_server_start: qemu-nbd on 10.0.0.1:10809 (dom0_bridge first), export
+# disk0: $NBD_FILE, made $NBD_MIB MiB on dom0's tmpfs if missing. Cache
+# writeback (the page cache outlives the process, as a file-backed
+# server's does), persistent (clients one after another), up to 8 at
+# once. Sets NBD_PID; true once it listens.
+NBD_FILE=/tmp/nbd-disk0.img
+nbd_server_start() {
+    local n=0
+    [ -e "$NBD_FILE" ] || truncate -s ${NBD_MIB}M "$NBD_FILE"
+    qemu-nbd -f raw -x disk0 -b 10.0.0.1 -p 10809 -t -e 8 --cache=writeback \
+        "$NBD_FILE" >>/tmp/qemu-nbd.log 2>&1 &
+    NBD_PID=$!
+    # Listening (state 0A) on 10809, 2A39 in /proc/net/tcp.
+    until grep -q ":2A39 00000000:0000 0A" /proc/net/tcp 2>/dev/null; do
+        n=$((n + 1))
+        if [ $n -gt 100 ] || ! kill -0 $NBD_PID 2>/dev/null; then
+            sed 's/^/[dom0] qemu-nbd: /' /tmp/qemu-nbd.log
+            return 1
+        fi
+        nap 0.1
+    done
 }
 
 same_domain() {

@@ -1,0 +1,52 @@
+# stordom serving disks that live on an NBD server (issue 13), dom0 side:
+# netback and a bridge; qemu-nbd serving a file on dom0's tmpfs to the
+# bridge; stordom with a vif. g1 runs fio integrity on target=nbd:... and
+# stordom's /metrics must match its totals; g2 runs mkfs+fsck and then
+# the soak job while dom0 kills the NBD server (SIGKILL) and starts it
+# again, NBD_KILLS times: the guest must see no error.
+STORDOM_IP=10.0.0.2
+
+dom0_bridge || return 1
+if nbd_server_start; then
+    result nbd-server pass "qemu-nbd (pid $NBD_PID) serving $NBD_FILE (${NBD_MIB} MiB) as disk0 on 10.0.0.1:10809"
+else
+    result nbd-server fail "qemu-nbd did not listen on 10.0.0.1:10809"
+    return 1
+fi
+
+domain_create /scenario/stordom.cfg || return 1
+sd=$(xl domid stordom)
+stordom_ready stordom || return 1
+vif_on_bridge "$sd" || return 1
+
+domain_create /scenario/g1.cfg || return 1
+served_by g1 "$sd"
+metrics_match_fio g1 $STORDOM_IP || return 1
+xl destroy g1
+wait_gone g1 30
+
+domain_create /scenario/g2.cfg || return 1
+served_by g2 "$sd"
+if ! console_line g2 "soak: $SOAK_SECS s on xvda" 600; then
+    result nbd-kills fail "g2's soak never started"
+    xl destroy g2
+    return 1
+fi
+# Kills spread over the soak's first half, each followed by a pause
+# before the server is back (stordom reconnects with backoff, replays).
+kills=0
+for k in $(seq 1 $NBD_KILLS); do
+    nap $NBD_KILL_EVERY
+    kill -9 $NBD_PID && wait $NBD_PID 2>/dev/null
+    say "NBD server killed ($k of $NBD_KILLS) during g2's soak"
+    nap $NBD_DOWN_SECS
+    nbd_server_start || { result nbd-kills fail "qemu-nbd did not come back after kill $k"; break; }
+    say "NBD server back (pid $NBD_PID)"
+    kills=$k
+done
+[ $kills = $NBD_KILLS ] && result nbd-kills pass "$kills kills, each ${NBD_DOWN_SECS} s down"
+wait_gone g2 $((SOAK_SECS + 300))
+
+xl shutdown stordom
+wait_gone stordom 30
+kill $NBD_PID 2>/dev/null
