@@ -9,6 +9,7 @@ mod console;
 mod disk_test;
 mod grant_dma;
 mod memory;
+mod nbd;
 mod net;
 mod own_grant_table;
 mod platform;

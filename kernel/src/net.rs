@@ -1,7 +1,8 @@
 //! stordom on its vif (`vif = [ ... ]` in its xl config: `device/vif/0`):
 //! the netfront (xen-pv/netfront) on pages and grants of stordom's own, a
-//! smoltcp interface with one IPv4 address (ARP, ICMP echo, TCP), and the
-//! metrics endpoint (net/http-metrics) on TCP port 80.
+//! smoltcp interface with one IPv4 address (ARP, ICMP echo, TCP), the
+//! metrics endpoint (net/http-metrics) on TCP port 80, and the NBD links
+//! of `nbd:` vbds (see [`crate::nbd`]).
 //!
 //! The address: `stordom.ip=ADDR/PREFIX` on the command line wins (the
 //! operator's word for this domain); else the first address of the vif's
@@ -11,7 +12,8 @@
 //!
 //! What the network may cost the serve loop each turn is bounded
 //! ([`FRAMES_IN_PER_TURN`] frames taken, [`EGRESS_PASSES_PER_TURN`]
-//! egress passes, the endpoint's few connections), and it never keeps
+//! egress passes, the endpoint's few connections, a socket buffer's
+//! worth each way per NBD link), and it never keeps
 //! the loop awake when idle: the loop sleeps until the vif's port fires or
 //! smoltcp's next timer ([`NetTurn::wake_in_ns`]).
 //!
@@ -26,6 +28,7 @@
 
 use crate::arch::clock;
 use crate::memory;
+use crate::nbd::SharedNbdLinks;
 use crate::own_grant_table::{self, OwnGrantTable};
 use crate::xen::{Hypercalls, PortChannel, XenConnection};
 use alloc::boxed::Box;
@@ -246,6 +249,8 @@ pub struct NetStack {
     watched_port: Option<u32>,
     /// The phase last logged.
     logged_phase: Phase,
+    /// The `nbd:` vbds' links, their sockets in `sockets`.
+    nbd: SharedNbdLinks,
 }
 
 fn smoltcp_now(now_ns: u64) -> Instant {
@@ -254,10 +259,12 @@ fn smoltcp_now(now_ns: u64) -> Instant {
 
 impl NetStack {
     /// Brings the vif up, when [`reserve_at_boot`] reserved for it: starts
-    /// the netfront's handshake and makes the interface.
+    /// the netfront's handshake and makes the interface; `nbd`'s links
+    /// may connect through it from then on.
     pub fn bring_up(
         xs: &mut Xenstore<'static, PortChannel>,
         command_line_ip: Option<Ipv4Cidr>,
+        nbd: SharedNbdLinks,
     ) -> Option<NetStack> {
         let reservation = RESERVATION.get()?;
         let xen = crate::xen::get()?;
@@ -308,6 +315,7 @@ impl NetStack {
                 "net: {VIF_DIR}: no address (no stordom.ip= and no usable {vif_ip}): nothing served"
             ),
         }
+        nbd.borrow_mut().network_up(address.is_some());
         let mut sockets = SocketSet::new(Vec::new());
         let server = MetricsServer::new(&mut sockets);
         Some(NetStack {
@@ -318,6 +326,7 @@ impl NetStack {
             server,
             attend_due: false,
             watched_port: None,
+            nbd,
         })
     }
 
@@ -345,10 +354,18 @@ impl NetStack {
             self.log_phase();
         }
         self.watch_port(events);
-        if !self.netfront.is_running() {
-            return NetTurn::default();
-        }
         let now = smoltcp_now(now_ns);
+        if !self.netfront.is_running() {
+            // No frames move, but the links' timers and deadlines run.
+            let nbd = self
+                .nbd
+                .borrow_mut()
+                .pump(&mut self.sockets, &mut self.iface);
+            return NetTurn {
+                busy: false,
+                wake_in_ns: nbd.wake_in_ns,
+            };
+        }
         let mut turn = NetTurn::default();
         self.iface.poll_maintenance(now);
         let mut frames_in = 0;
@@ -367,6 +384,10 @@ impl NetStack {
             gathered.net = statistics;
             gathered
         });
+        let nbd = self
+            .nbd
+            .borrow_mut()
+            .pump(&mut self.sockets, &mut self.iface);
         for _ in 0..EGRESS_PASSES_PER_TURN {
             if self
                 .iface
@@ -378,11 +399,16 @@ impl NetStack {
         }
         turn.busy = frames_in == FRAMES_IN_PER_TURN
             || served.answered > 0
+            || nbd.busy
             || self.netfront.has_pending_rx();
-        turn.wake_in_ns = self
+        let smoltcp_wake = self
             .iface
             .poll_delay(now, &self.sockets)
             .map(|delay| delay.total_micros() * 1000);
+        turn.wake_in_ns = match (smoltcp_wake, nbd.wake_in_ns) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if turn.wake_in_ns == Some(0) {
             turn.busy = true;
         }

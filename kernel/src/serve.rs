@@ -6,6 +6,7 @@
 
 use crate::arch::{self, clock};
 use crate::memory;
+use crate::nbd::{NbdLinks, SharedNbdLinks};
 use crate::net::{NetStack, NetTurn};
 use crate::platform::KernelHal;
 use crate::restart::{self, RAM_DISKS};
@@ -179,12 +180,15 @@ impl LoopCounters {
 }
 
 /// Opens `target=` values (see blkback::target for the syntax)
-/// as views of the boot modules and the disks found on PCI.
+/// as views of the boot modules and the disks found on PCI, and of NBD
+/// exports over the vif.
 pub struct KernelOpener {
     disks: Vec<ServableDisk>,
     /// The controllers (and disks) that failed to come up: a target on
     /// one of them is refused with the reason.
     failures: BringUpFailures,
+    /// The `nbd:` targets' links (the network pumps them).
+    nbd: SharedNbdLinks,
 }
 
 /// A disk and its partitions, as read at boot.
@@ -234,7 +238,16 @@ impl KernelOpener {
                 ServableDisk { named, partitions }
             })
             .collect();
-        Self { disks, failures }
+        Self {
+            disks,
+            failures,
+            nbd: NbdLinks::shared(),
+        }
+    }
+
+    /// The links of `nbd:` targets, for the network to pump.
+    pub fn nbd_links(&self) -> SharedNbdLinks {
+        self.nbd.clone()
     }
 
     fn named(&self, name: &str) -> Result<&ServableDisk, OpenError> {
@@ -250,9 +263,19 @@ impl TargetOpener for KernelOpener {
         &mut self,
         vbd_path: &str,
         target: &Target<'_>,
-        _read_only: bool,
+        read_only: bool,
     ) -> Result<OpenedTarget, OpenError> {
         let (named, view) = match *target {
+            Target::Nbd {
+                address,
+                port,
+                export,
+            } => {
+                return self
+                    .nbd
+                    .borrow_mut()
+                    .open(vbd_path, address, port, export, read_only);
+            }
             Target::Ram { bytes } => {
                 return Ok(Disk::new(KeptRamDisk::open(vbd_path, bytes)?)
                     .claim_all()?
@@ -474,13 +497,18 @@ fn publish_grant_count(
 
 /// What the metrics endpoint shows, from the sources of the nodes
 /// stordom publishes in xenstore (the vif's counters are the endpoint's).
-fn gather_metrics(vbds: &VbdBackends<KernelOpener>, grants_mapped: usize) -> Metrics {
+fn gather_metrics(
+    vbds: &VbdBackends<KernelOpener>,
+    grants_mapped: usize,
+    nbd: &SharedNbdLinks,
+) -> Metrics {
     Metrics {
         vbds: vbds.snapshots(),
         grants_mapped: grants_mapped as u64,
         heap: memory::heap_usage().nodes().to_vec(),
         restarts: restart::published().0,
         net: netfront::Statistics::default(),
+        nbd_reconnects: nbd.borrow().reconnects(),
     }
 }
 
@@ -499,7 +527,9 @@ pub fn run(
         mut grants,
         ..
     } = xen;
+    let nbd = opener.nbd_links();
     let mut vbds = VbdBackends::new(opener);
+    let nbd_for_metrics = nbd.clone();
     vbds.start(&mut xs)
         .map_err(|e| alloc::format!("watching backend/vbd: {e:?}"))?;
     xs.watch("control/shutdown", SHUTDOWN_TOKEN)
@@ -516,7 +546,7 @@ pub fn run(
     let mut pause_reported = false;
     // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
     let _ = xs.write(Tx::NONE, "control/feature-poweroff", b"1");
-    let mut net = NetStack::bring_up(&mut xs, vif_ip);
+    let mut net = NetStack::bring_up(&mut xs, vif_ip, nbd);
     log::info!("serve: watching backend/vbd; ready");
     let mut published_grants = None;
     let mut published_heap = BTreeMap::new();
@@ -602,7 +632,7 @@ pub fn run(
         let grants_mapped = grants.stats().mapped;
         let net_turn = match net.as_mut() {
             Some(net) => net.turn(&mut xs, &mut events, clock::now_ns(), || {
-                gather_metrics(&vbds, grants_mapped)
+                gather_metrics(&vbds, grants_mapped, &nbd_for_metrics)
             }),
             None => NetTurn::default(),
         };

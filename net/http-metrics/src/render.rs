@@ -8,7 +8,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
-use blkback::VbdSnapshot;
+use blkback::{VbdId, VbdSnapshot};
 
 use crate::request::{BadRequest, Method, Request};
 
@@ -29,6 +29,8 @@ pub struct Metrics {
     pub restarts: u64,
     /// The vif's counters.
     pub net: netfront::Statistics,
+    /// Reconnects of each `nbd:` vbd's link since it was made.
+    pub nbd_reconnects: Vec<(VbdId, u64)>,
 }
 
 /// One metric family: its name, help, type and samples
@@ -53,11 +55,8 @@ impl Family<'_> {
 }
 
 /// Each vbd's label set, `frontend="F",devid="D"`.
-fn vbd_labels(vbd: &VbdSnapshot) -> String {
-    format!(
-        "frontend=\"{}\",devid=\"{}\"",
-        vbd.id.frontend, vbd.id.devid
-    )
+fn vbd_labels(id: &VbdId) -> String {
+    format!("frontend=\"{}\",devid=\"{}\"", id.frontend, id.devid)
 }
 
 /// One figure of a vbd.
@@ -125,8 +124,11 @@ const VBD_FAMILIES: [VbdFamily; 7] = [
 /// `GET /metrics`: the Prometheus text format (version 0.0.4).
 pub fn prometheus(metrics: &Metrics) -> String {
     let mut out = String::new();
-    let vbds: Vec<(String, &VbdSnapshot)> =
-        metrics.vbds.iter().map(|v| (vbd_labels(v), v)).collect();
+    let vbds: Vec<(String, &VbdSnapshot)> = metrics
+        .vbds
+        .iter()
+        .map(|v| (vbd_labels(&v.id), v))
+        .collect();
     for (name, kind, help, samples) in VBD_FAMILIES {
         let mut family = Family::start(&mut out, name, kind, help);
         for (labels, vbd) in &vbds {
@@ -168,6 +170,15 @@ pub fn prometheus(metrics: &Metrics) -> String {
         "In-place restarts since the domain started.",
     )
     .sample("stordom_restarts_total", "", metrics.restarts);
+    let mut family = Family::start(
+        &mut out,
+        "stordom_nbd_reconnects_total",
+        "counter",
+        "Connections an nbd vbd's link made to its server after the first.",
+    );
+    for (id, reconnects) in &metrics.nbd_reconnects {
+        family.sample("stordom_nbd_reconnects_total", &vbd_labels(id), *reconnects);
+    }
     let net = &metrics.net;
     for (name, help, rx, tx) in [
         (
@@ -297,7 +308,6 @@ pub(crate) mod tests {
     use crate::request::parse_request;
     use alloc::string::ToString;
     use alloc::vec;
-    use blkback::VbdId;
     use blkback::statistics::{RequestCounters, VbdTotals};
     use xen_pv::xenbus::XenbusState;
 
@@ -348,6 +358,13 @@ pub(crate) mod tests {
                 rx_dropped: 1,
                 ..Default::default()
             },
+            nbd_reconnects: vec![(
+                VbdId {
+                    frontend: 5,
+                    devid: 51712,
+                },
+                3,
+            )],
         }
     }
 
@@ -371,6 +388,7 @@ pub(crate) mod tests {
             "stordom_heap_bytes{figure=\"in-use\"} 100".to_string(),
             "stordom_heap_bytes{figure=\"size\"} 300".to_string(),
             "stordom_restarts_total 1".to_string(),
+            "stordom_nbd_reconnects_total{frontend=\"5\",devid=\"51712\"} 3".to_string(),
             "stordom_net_frames_total{direction=\"tx\"} 6".to_string(),
             "stordom_net_dropped_total{direction=\"rx\"} 1".to_string(),
         ] {

@@ -56,5 +56,7 @@ pub use error::{
     NbdConnectionError, NbdOptionRefusal, NbdRequestError, NbdServerError, NbdSubmitError,
 };
 
+#[cfg(any(test, feature = "sim"))]
+pub mod sim_server;
 #[cfg(test)]
 mod tests;

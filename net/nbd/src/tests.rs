@@ -4,15 +4,14 @@
 mod disconnects;
 mod hostile;
 mod scripted;
-mod sim_server;
 
 use std::collections::HashMap;
 use std::vec::Vec;
 
 use host_fuzz::FuzzRng;
 
+use crate::sim_server::{SimServer, SimServerOptions};
 use crate::*;
-use sim_server::{SimServer, SimServerOptions};
 
 /// The caller's memory: one buffer per tag (write data, read destination).
 #[derive(Default)]

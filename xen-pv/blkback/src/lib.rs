@@ -135,7 +135,7 @@ extern crate alloc;
 extern crate std;
 
 #[cfg(test)]
-mod alloc_count;
+use ::alloc_count;
 pub mod blkif;
 pub mod bounce;
 pub mod controllers;
@@ -164,8 +164,11 @@ use core::fmt;
 use core::ptr::NonNull;
 
 pub use negotiate::FrontendRing;
-pub use served_disk::{DataPath, OpenedTarget, SECTOR_SIZE, ServedDisk};
-pub use target::{OpenError, Target, TargetOpener, claim_partition, claim_sectors};
+pub use served_disk::{DataPath, MAX_INDIRECT_SEGMENTS, OpenedTarget, SECTOR_SIZE, ServedDisk};
+pub use target::{
+    MAX_NBD_EXPORT, NBD_DEFAULT_PORT, NbdTargetError, OpenError, Target, TargetOpener,
+    claim_partition, claim_sectors,
+};
 pub use unserved::UnservedGap;
 pub use vbd::{
     Adoptions, Attention, Progress, RingsPolled, VBD_UPDATES_PER_PASS, VbdBackends, VbdId,

@@ -10,6 +10,7 @@
 //! | `nvme0n1`                 | a whole disk, named by the kernel (`nvme<c>n<ns>`, `ahci<c>p<port>`, `virtio<c>`; see [`crate::controllers`]) |
 //! | `nvme0n1:p1`, `module:0:p1` | partition 1 of that disk or module, numbered as Linux does (GPT: entry index + 1; MBR: primaries 1-4 by slot, logical partitions from 5) |
 //! | `nvme0n1@2048+1048576`    | 1048576 sectors from sector 2048 of that disk; sectors are 512 bytes, as everywhere in blkif, and must be aligned to the disk's logical block size |
+//! | `nbd:10.0.0.2:10809/disk0` | export `disk0` of the NBD server at 10.0.0.2, port 10809, reached over stordom's vif; `nbd:HOST[:PORT][/EXPORT]`: HOST an IPv4 address (there is no DNS), PORT 1-65535 (default [`NBD_DEFAULT_PORT`]), EXPORT at most [`MAX_NBD_EXPORT`] bytes with no control characters (absent or empty: the server's default export) |
 //!
 //! This module parses; [`TargetOpener::open`] (the kernel) maps a
 //! [`Target`] to a claimed [`DiskView`]: [`blockdev::Disk::claim_all`] for a
@@ -19,12 +20,18 @@
 //! Several vbds may serve ranges or partitions of one disk; overlapping
 //! claims, and a whole disk with any of its parts, are refused.
 //!
+//! A [`Target::Nbd`] has no disk until its server has answered: the
+//! kernel's opener answers [`OpenError::InProgress`] while it connects,
+//! and the vbd asks again a little later.
+//!
 //! Partitions are tested on the host (the table parser in blockdev, and a
 //! vbd on a partition of a simulated GPT disk in `tests/partitions.rs`)
 //! and under Xen by the `partitions` scenario (an MBR in a boot module).
 
 use core::fmt;
+use core::net::Ipv4Addr;
 
+use alloc::string::String;
 use blockdev::partition::{EntryError, PartitionTable, TableError};
 use blockdev::{ClaimError, Disk, DiskView};
 
@@ -33,6 +40,11 @@ use crate::served_disk::OpenedTarget;
 
 /// Longest disk name accepted.
 pub const MAX_DISK_NAME: usize = 32;
+/// The NBD port an `nbd:` target without one connects to (IANA's).
+pub const NBD_DEFAULT_PORT: u16 = 10809;
+/// Longest export name an `nbd:` target may ask for, in bytes (the
+/// protocol allows 4096; xenstore values and logs stay short).
+pub const MAX_NBD_EXPORT: usize = 256;
 
 /// A parsed `target`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +64,46 @@ pub enum Target<'a> {
         start: u64,
         sectors: u64,
     },
+    /// Export `export` (empty: the server's default) of the NBD server at
+    /// `address`:`port`.
+    Nbd {
+        address: Ipv4Addr,
+        port: u16,
+        export: &'a str,
+    },
+}
+
+/// What is wrong with an `nbd:` target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NbdTargetError {
+    /// The host is not a dotted IPv4 address (a name, IPv6, or garbage).
+    HostNotIpv4,
+    /// The address cannot be connected to (0.0.0.0, broadcast, multicast).
+    UnusableAddress,
+    /// The port is not a number from 1 to 65535.
+    BadPort,
+    /// The export name is longer than [`MAX_NBD_EXPORT`] bytes.
+    ExportTooLong,
+    /// The export name has a control character.
+    BadExportName,
+}
+
+impl fmt::Display for NbdTargetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NbdTargetError::HostNotIpv4 => {
+                f.write_str("the host must be an IPv4 address such as 10.0.0.2 (there is no DNS)")
+            }
+            NbdTargetError::UnusableAddress => {
+                f.write_str("the address is unspecified, broadcast or multicast")
+            }
+            NbdTargetError::BadPort => f.write_str("the port must be a number from 1 to 65535"),
+            NbdTargetError::ExportTooLong => {
+                write!(f, "the export name is longer than {MAX_NBD_EXPORT} bytes")
+            }
+            NbdTargetError::BadExportName => f.write_str("the export name has a control character"),
+        }
+    }
 }
 
 /// Why a target cannot be served; reported in the backend's `error` node.
@@ -77,6 +129,14 @@ pub enum OpenError {
     /// The disk's controller (or the disk itself) failed to come up when
     /// stordom started.
     BringUpFailed(BringUpFailure),
+    /// An `nbd:` target that does not follow its syntax, and why.
+    BadNbdTarget(NbdTargetError),
+    /// A network target cannot be served: no network, no connection to
+    /// its server in time, or the server refused (the kernel's words).
+    Network(String),
+    /// Not an error yet: the target is being made ready (a network target
+    /// connecting); the vbd asks again shortly.
+    InProgress,
 }
 
 impl fmt::Display for OpenError {
@@ -93,6 +153,9 @@ impl fmt::Display for OpenError {
             }
             OpenError::BadPartition(why) => write!(f, "the partition {why}"),
             OpenError::BringUpFailed(failure) => write!(f, "{failure}"),
+            OpenError::BadNbdTarget(why) => write!(f, "bad nbd target: {why}"),
+            OpenError::Network(why) => f.write_str(why),
+            OpenError::InProgress => f.write_str("still connecting"),
         }
     }
 }
@@ -154,6 +217,9 @@ impl<'a> Target<'a> {
             }
             return Ok(Target::Ram { bytes });
         }
+        if let Some(rest) = params.strip_prefix("nbd:") {
+            return parse_nbd(rest).map_err(OpenError::BadNbdTarget);
+        }
         if let Some(rest) = params.strip_prefix("module:") {
             let (digits, partition) = split_partition(rest)?;
             let index = parse_u32(digits).ok_or(OpenError::BadSyntax)?;
@@ -194,6 +260,36 @@ impl<'a> Target<'a> {
             name: disk_name(params)?,
         })
     }
+}
+
+/// `HOST[:PORT][/EXPORT]` of an `nbd:` target.
+fn parse_nbd(text: &str) -> Result<Target<'_>, NbdTargetError> {
+    let (authority, export) = text.split_once('/').unwrap_or((text, ""));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = parse_number(port)
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|&p| p != 0)
+                .ok_or(NbdTargetError::BadPort)?;
+            (host, port)
+        }
+        None => (authority, NBD_DEFAULT_PORT),
+    };
+    let address: Ipv4Addr = host.parse().map_err(|_| NbdTargetError::HostNotIpv4)?;
+    if address.is_unspecified() || address.is_broadcast() || address.is_multicast() {
+        return Err(NbdTargetError::UnusableAddress);
+    }
+    if export.len() > MAX_NBD_EXPORT {
+        return Err(NbdTargetError::ExportTooLong);
+    }
+    if export.chars().any(char::is_control) {
+        return Err(NbdTargetError::BadExportName);
+    }
+    Ok(Target::Nbd {
+        address,
+        port,
+        export,
+    })
 }
 
 /// Splits `text` at a `:pN` suffix into what comes before and N (from 1).
@@ -281,6 +377,77 @@ mod tests {
                 sectors: 1048576
             })
         );
+    }
+
+    #[test]
+    fn nbd_targets_parse() {
+        let nbd = |address: [u8; 4], port, export| Target::Nbd {
+            address: Ipv4Addr::from(address),
+            port,
+            export,
+        };
+        let cases = [
+            (
+                "nbd:10.0.0.2:10809/disk0",
+                nbd([10, 0, 0, 2], 10809, "disk0"),
+            ),
+            (
+                "nbd:10.0.0.2/disk0",
+                nbd([10, 0, 0, 2], NBD_DEFAULT_PORT, "disk0"),
+            ),
+            ("nbd:192.168.1.1:1", nbd([192, 168, 1, 1], 1, "")),
+            ("nbd:192.168.1.1:65535/", nbd([192, 168, 1, 1], 65535, "")),
+            ("nbd:127.0.0.1", nbd([127, 0, 0, 1], NBD_DEFAULT_PORT, "")),
+            (
+                "nbd:10.1.2.3:2000/a/b:c@d",
+                nbd([10, 1, 2, 3], 2000, "a/b:c@d"),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(Target::parse(text), Ok(want), "{text:?}");
+        }
+        let longest = alloc::format!("nbd:10.0.0.2/{}", "x".repeat(MAX_NBD_EXPORT));
+        assert!(matches!(Target::parse(&longest), Ok(Target::Nbd { .. })));
+    }
+
+    #[test]
+    fn malformed_nbd_targets_say_why() {
+        let overlong = alloc::format!("nbd:10.0.0.2/{}", "x".repeat(MAX_NBD_EXPORT + 1));
+        let cases = [
+            ("nbd:", NbdTargetError::HostNotIpv4),
+            (
+                "nbd:server.example:10809/disk0",
+                NbdTargetError::HostNotIpv4,
+            ),
+            ("nbd:localhost/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd:10.0.0/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd:10.0.0.256/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd:010.0.0.1/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd:[::1]:10809/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd:::1/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd: 10.0.0.2/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd:0.0.0.0/disk0", NbdTargetError::UnusableAddress),
+            ("nbd:255.255.255.255/disk0", NbdTargetError::UnusableAddress),
+            ("nbd:224.0.0.1/disk0", NbdTargetError::UnusableAddress),
+            ("nbd:10.0.0.2:/disk0", NbdTargetError::BadPort),
+            ("nbd:10.0.0.2:0/disk0", NbdTargetError::BadPort),
+            ("nbd:10.0.0.2:65536/disk0", NbdTargetError::BadPort),
+            ("nbd:10.0.0.2:-1/disk0", NbdTargetError::BadPort),
+            ("nbd:10.0.0.2:nbd/disk0", NbdTargetError::BadPort),
+            ("nbd:10.0.0.2:10809:1/disk0", NbdTargetError::HostNotIpv4),
+            ("nbd:10.0.0.2/disk\n0", NbdTargetError::BadExportName),
+            ("nbd:10.0.0.2/disk\u{7f}", NbdTargetError::BadExportName),
+            (overlong.as_str(), NbdTargetError::ExportTooLong),
+        ];
+        for (text, why) in cases {
+            assert_eq!(
+                Target::parse(text),
+                Err(OpenError::BadNbdTarget(why)),
+                "{text:?}"
+            );
+        }
+        let shown = alloc::format!("{}", OpenError::BadNbdTarget(NbdTargetError::HostNotIpv4));
+        assert!(shown.contains("IPv4") && shown.contains("DNS"), "{shown}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::controllers::BringUpFailures;
 use crate::rate_limited_log::LOG_WINDOW_NS;
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
 use crate::statistics::WATCHDOG_NS;
-use crate::vbd::DETACH_GRACE_NS;
+use crate::vbd::{DETACH_GRACE_NS, OPEN_RECHECK_NS};
 use core::sync::atomic::{AtomicU32, AtomicU64};
 use host_fuzz::{FuzzRng, FuzzRun};
 use xen_pv::event::{EventChannels, EvtchnSend};
@@ -152,6 +152,9 @@ struct TestOpener {
     /// The controllers and disks that "failed to come up" (see
     /// `tests/failed_controllers.rs`).
     failures: BringUpFailures,
+    /// Opens of `nbd:` targets answered [`OpenError::InProgress`] so far
+    /// (such a target opens once its port number of them were).
+    nbd_waits: u64,
 }
 
 impl TestOpener {
@@ -165,6 +168,7 @@ impl TestOpener {
             namespaces: self.namespaces.clone(),
             kept: self.kept.clone(),
             failures: self.failures.clone(),
+            nbd_waits: 0,
         }
     }
 
@@ -342,6 +346,14 @@ impl TestOpener {
                 return Err(self.failures.refusal(disk));
             }
             Target::Module { .. } => return Err(OpenError::NotFound),
+            Target::Nbd {
+                export: "refused", ..
+            } => return Err(OpenError::Network("the server refused the export".into())),
+            Target::Nbd { port, .. } if self.nbd_waits < u64::from(port) => {
+                self.nbd_waits += 1;
+                return Err(OpenError::InProgress);
+            }
+            Target::Nbd { .. } => self.spy(512, 2048, true),
         };
         Ok(disk.claim_all()?.into())
     }
@@ -429,6 +441,7 @@ fn run_with_window(frames: usize, test: impl FnOnce(&mut Harness<'_>)) {
         namespaces: [first, second],
         kept: [restart::KeptRam::new(), restart::KeptRam::new()],
         failures: failed_controllers::failures(),
+        nbd_waits: 0,
     };
     let spare_opener = opener.twin();
     let mut h = Harness {
@@ -1238,6 +1251,34 @@ fn online_0_before_the_frontend_connected_closes_at_once() {
         h.pump_after(DETACH_GRACE_NS);
         assert_eq!(h.xs.channel_mut().dom0_read(&be), None);
         assert!(h.vbds.status(id).is_none());
+    });
+}
+
+#[test]
+fn a_target_still_connecting_is_asked_again_until_it_opens() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "nbd:10.0.0.2:3/disk0", "w");
+        let refused = h.add_vbd(9, 768, "nbd:10.0.0.2/refused", "w");
+        h.pump();
+        // Neither served nor failed: still Initialising, no complaint.
+        assert_eq!(h.backend_state(id).as_deref(), Some("1"));
+        assert_eq!(h.backend_node(id, "error"), None);
+        for _ in 0..2 {
+            h.pump_after(OPEN_RECHECK_NS - 1);
+            assert_eq!(h.backend_state(id).as_deref(), Some("1"));
+            h.pump_after(1);
+        }
+        assert_eq!(h.backend_state(id).as_deref(), Some("2"));
+        assert_eq!(h.backend_node(id, "error"), None);
+        // Once open, no more asking: the loop is idle.
+        assert_eq!(h.pump_after(OPEN_RECHECK_NS), Progress::Idle);
+        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+        let page = front.grant(false, &[]);
+        let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(page, 0, 7)]);
+        assert_eq!(h.io(&mut front, &[read]), [ok(1, blkif::OP_READ)]);
+        assert_eq!(h.backend_state(refused).as_deref(), Some("6"));
+        let error = h.backend_node(refused, "error").unwrap();
+        assert!(error.contains("refused the export"), "{error}");
     });
 }
 

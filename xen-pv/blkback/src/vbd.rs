@@ -24,7 +24,7 @@ use crate::ring_io::BlkifRing;
 use crate::statistics::{self, RequestCounters, RingReport, VbdTotals};
 
 use crate::served_disk::{DataPath, ServedDisk};
-use crate::target::{Target, TargetOpener};
+use crate::target::{OpenError, Target, TargetOpener};
 use crate::unserved::{UnservedGap, UnservedGaps};
 use xen_pv::event::Port;
 use xen_pv::grant::{GrantError, GrantSpec, Mapping};
@@ -44,6 +44,9 @@ pub(crate) const DETACH_GRACE_NS: u64 = 1_000_000_000;
 /// How often a detached vbd looks again (the grace ended, or the frontend
 /// went without a watch event reaching us).
 const DETACH_RECHECK_NS: u64 = 250_000_000;
+/// How soon a vbd whose target is still being made ready
+/// ([`OpenError::InProgress`]: a network disk connecting) asks again.
+pub(crate) const OPEN_RECHECK_NS: u64 = 100_000_000;
 /// Token prefix of the watches on frontends' `state` nodes.
 pub(crate) const FRONTEND_TOKEN: &str = "stordom-blkback-frontend:";
 /// Watch events taken from the xenstore connection per pass of the loop:
@@ -984,6 +987,10 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         .and_then(|opened| ServedDisk::new(opened, read_only));
     let disk = match disk {
         Ok(disk) => disk,
+        Err(OpenError::InProgress) => {
+            vbd.recheck_at = Some(svc.now_ns() + OPEN_RECHECK_NS);
+            return Ok(false);
+        }
         Err(e) => {
             let why = format!("cannot serve target {params:?}: {e}");
             vbd.failed = true;
@@ -1006,6 +1013,7 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         DataPath::Bounce => ", bounce buffers",
     };
     vbd.disk = Some(disk);
+    vbd.recheck_at = None;
     vbd.target = Some(params.clone());
     vbd.log.line(
         svc,

@@ -1,8 +1,8 @@
 //! The connection dropping at every byte of a run, timeouts, and a
 //! randomised server against a model disk.
 
-use super::sim_server::*;
 use super::*;
+use crate::sim_server::*;
 use host_fuzz::FuzzRun;
 
 /// A small run: writes and a flush, then reads; returns the bytes that

@@ -1,8 +1,8 @@
 //! Hostile servers: every handshake refusal and violation, random bytes,
 //! and mutated valid streams (no panic, no growth of the client's memory).
 
-use super::sim_server::*;
 use super::*;
+use crate::sim_server::*;
 use crate::wire::*;
 use host_fuzz::FuzzRun;
 

@@ -1,11 +1,10 @@
-//! A simulated NBD server for the client's tests: fixed or plain newstyle,
-//! with or without `NBD_OPT_GO` and structured replies, replies released
-//! in order or shuffled, read replies split into many chunks and holes.
+//! A simulated NBD server, for the client's tests and (feature `sim`)
+//! other crates': fixed or plain newstyle, with or without `NBD_OPT_GO`
+//! and structured replies, replies released in order or shuffled, read
+//! replies split into many chunks and holes.
 
-use std::collections::VecDeque;
-use std::vec::Vec;
-
-use host_fuzz::FuzzRng;
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
 
 use crate::wire::*;
 
@@ -71,7 +70,7 @@ pub struct SimServer {
     held_replies: Vec<Vec<u8>>,
     /// Every request received, in order.
     pub seen: Vec<SeenRequest>,
-    rng: FuzzRng,
+    rng: SimRandom,
 }
 
 impl SimServer {
@@ -96,7 +95,7 @@ impl SimServer {
             output,
             held_replies: Vec::new(),
             seen: Vec::new(),
-            rng: FuzzRng::new(seed),
+            rng: SimRandom(seed),
         }
     }
 
@@ -301,6 +300,22 @@ impl SimServer {
             &[],
         ));
         reply
+    }
+}
+
+/// The server's shuffles and splits: a linear congruential generator
+/// (MMIX's constants), std-free so that feature `sim` builds in `no_std`
+/// workspaces.
+struct SimRandom(u64);
+
+impl SimRandom {
+    /// A number in `0..n` (`n` > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n.max(1)
     }
 }
 

@@ -1,8 +1,9 @@
-//! A counting global allocator for the host tests: counts the heap
-//! allocations the current thread makes while [`count`] runs, and the net
-//! bytes they hold ([`live_bytes`]), except inside [`uncounted`] (the
-//! simulated Xen and xenstored, devices and console, which stand for the
-//! hypervisor, dom0 and hardware, not for stordom's heap).
+//! A counting global allocator for host tests (a test binary that links
+//! this crate allocates through it): counts the heap allocations the
+//! current thread makes while [`count`] runs, and the net bytes they hold
+//! ([`live_bytes`]), except inside [`uncounted`] (what stands for the
+//! hypervisor, dom0, hardware or a remote server in a test, not for
+//! stordom's heap).
 
 use core::cell::Cell;
 use std::alloc::{GlobalAlloc, Layout, System};
