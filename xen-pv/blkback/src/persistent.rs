@@ -78,10 +78,24 @@ impl PersistentGrants {
     /// evicts the least recently used unused grants (see
     /// [`Self::evicted_mut`]). Hands the mapping back when its grant is
     /// kept already or every kept grant is in use.
+    ///
+    /// A writable mapping of a grant kept read-only (an indirect page that
+    /// is now a read's data page: Linux blkfront takes both from one pool)
+    /// replaces it, and the read-only one joins the evicted: otherwise
+    /// every later read through that page would map it anew.
     pub fn keep(&mut self, mapping: Mapping) -> Result<(), Mapping> {
         let gref = mapping.grant.gref;
-        if self.kept.contains_key(&gref) {
-            return Err(mapping);
+        if let Some(kept) = self.kept.get(&gref) {
+            let upgrade = kept.mapping.grant.readonly
+                && !kept.in_use
+                && !mapping.grant.readonly
+                && self.evicted.len() < self.evicted.capacity();
+            if !upgrade {
+                return Err(mapping);
+            }
+            if let Some(read_only) = self.kept.remove(&gref) {
+                self.evicted.push(read_only.mapping);
+            }
         }
         if self.kept.len() >= MAX_PERSISTENT_GRANTS_PER_RING {
             self.evict_least_recently_used();
@@ -205,6 +219,24 @@ mod tests {
         grants.release(7);
         assert_eq!(grants.keep_unused(mapping(8)), Ok(()));
         assert_eq!(grants.take_writable(8), Some(0x1008));
+    }
+
+    #[test]
+    fn a_writable_mapping_replaces_a_read_only_kept_one() {
+        let mut grants = PersistentGrants::new().unwrap();
+        let mut read_only = mapping(7);
+        read_only.grant.readonly = true;
+        assert_eq!(grants.keep_unused(read_only), Ok(()));
+        assert_eq!(grants.take_writable(7), None);
+        let mut writable = mapping(7);
+        writable.gfn = 0x2007;
+        assert_eq!(grants.keep(writable), Ok(()), "kept in its place");
+        assert_eq!(grants.evicted_mut().len(), 1, "the read-only one to unmap");
+        assert!(grants.evicted_mut()[0].grant.readonly);
+        grants.evicted_mut().clear();
+        grants.release(7);
+        assert_eq!(grants.take_writable(7), Some(0x2007));
+        assert!(grants.keep(mapping(7)).is_err(), "kept already, writable");
     }
 
     #[test]
