@@ -46,6 +46,13 @@ for k in $(seq 1 $NBD_KILLS); do
 done
 [ $kills = $NBD_KILLS ] && result nbd-kills pass "$kills kills, each ${NBD_DOWN_SECS} s down"
 wait_gone g2 $((SOAK_SECS + 300))
+# Each kill cost a connection, and stordom made a new one each time.
+n=$(grep -c "nbd: [0-9/]*: reconnected; [0-9]* requests replayed" "$(domain_console stordom)")
+if [ "$n" = "$kills" ]; then
+    result nbd-reconnects pass "$n reconnections for $kills kills"
+else
+    result nbd-reconnects fail "$n reconnections for $kills kills"
+fi
 
 xl shutdown stordom
 wait_gone stordom 30
