@@ -4,7 +4,8 @@
 #   make run-bare   boot stordom alone under bare QEMU and exit (BOOT=efi: by GRUB's
 #                   multiboot2 loader under OVMF instead of the PVH entry)
 #   make bench      disk benchmarks: the host engine; bare-QEMU drivers; stordom vs dom0's
-#                   blkback vs a Linux driver domain (RAM disks, NVMe); memory to serve 8 vbds
+#                   blkback vs a Linux driver domain (RAM disks, NVMe); memory to serve 8 vbds;
+#                   stordom over NBD vs dom0's blkback over Linux's nbd client
 #   make bench-engine  the blkback engine on the host: requests/s and allocations per request
 #   make soak       3 guests + attach/detach churn on stordom for SOAK_SECS (1800)
 #   make hostile    the hostile blkfront vs stordom under Xen, with a bystander guest
@@ -17,7 +18,7 @@ HOSTILE_FRONT := target/x86_64-unknown-linux-gnu/release/hostile-front
 STORDOM_EFI := target/stordom.efi
 # Scenarios under real Xen (nested in QEMU), in the order `make test` runs them.
 SCENARIOS ?= baseline xen-guest stordom-disk hvm-stordom hardware partitions attach-cycles guest-reboot \
-	stordom-two-guests hostile compare soak restart net
+	stordom-two-guests hostile compare soak restart net nbd
 SOAK_SECS ?= 1800
 FUZZ_SECS ?= 200
 HOSTILE_COUNT ?= 20000
@@ -98,6 +99,8 @@ bench: bench-engine build images
 		--bare runs/bench-bare.json --bare-disk nvme0n1 --json $$run/table.json
 	$(XEN_ENV) python3 images/run.py footprint --no-build --retries 2
 	run=$$(ls -td runs/*-footprint | head -1); python3 images/compare.py $$run/results.json --json $$run/table.json
+	$(XEN_ENV) python3 images/run.py compare-nbd --no-build --retries 2
+	run=$$(ls -td runs/*-compare-nbd | head -1); python3 images/compare.py $$run/results.json --json $$run/table.json
 
 # The ring engine on the host, no emulator: the simulated blkfront and Xen
 # against a vbd over a null disk, all on one core; requests per second and

@@ -6,10 +6,12 @@
 dom0_bridge || return 1
 nbd_server_start || { result nbd-server fail "qemu-nbd did not listen"; return 1; }
 result nbd-server pass "pid $NBD_PID, ${NBD_MIB} MiB"
-if modprobe nbd && nbd-client 10.0.0.1 10809 /dev/nbd0 -N disk0 -b 512 2>&1 | sed 's/^/[dom0] nbd-client: /' \
+# Its output to a file: the client it leaves running would hold a pipe.
+if modprobe nbd && nbd-client 10.0.0.1 10809 /dev/nbd0 -N disk0 -b 512 >/tmp/nbd-client.log 2>&1 \
         && [ "$(cat /sys/block/nbd0/size 2>/dev/null)" = $((NBD_MIB * 2048)) ]; then
     result nbd-client pass "/dev/nbd0: $(cat /sys/block/nbd0/size) sectors"
 else
+    sed 's/^/[dom0] nbd-client: /' /tmp/nbd-client.log
     result nbd-client fail "/dev/nbd0 not attached ($(cat /sys/block/nbd0/size 2>/dev/null) sectors)"
     return 1
 fi

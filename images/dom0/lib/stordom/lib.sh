@@ -374,7 +374,9 @@ stordom_profile_report() {
 # dom0_bridge: netback loaded and a bridge xenbr0 with dom0 at 10.0.0.1/24
 # for driver domains' vifs (`vif = [ 'bridge=xenbr0,ip=...' ]`).
 dom0_bridge() {
-    if modprobe xen-netback && modprobe bridge \
+    # lo up too: dom0's own connections to 10.0.0.1 (the nbd client) go
+    # through it.
+    if modprobe xen-netback && modprobe bridge && ip link set lo up \
             && brctl addbr xenbr0 \
             && ip addr add 10.0.0.1/24 dev xenbr0 && ip link set xenbr0 up; then
         result bridge pass "xenbr0 10.0.0.1/24, netback loaded"
