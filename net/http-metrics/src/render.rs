@@ -6,8 +6,9 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt::Write;
+use core::fmt::{self, Write};
 
+use blkback::statistics::LATENCY_BOUNDS_US;
 use blkback::{VbdId, VbdSnapshot};
 
 use crate::request::{BadRequest, Method, Request};
@@ -45,7 +46,7 @@ impl Family<'_> {
         Family { out }
     }
 
-    fn sample(&mut self, name: &str, labels: &str, value: u64) {
+    fn sample(&mut self, name: &str, labels: &str, value: impl fmt::Display) {
         let _ = if labels.is_empty() {
             writeln!(self.out, "{name} {value}")
         } else {
@@ -121,6 +122,62 @@ const VBD_FAMILIES: [VbdFamily; 7] = [
     ),
 ];
 
+/// The per-vbd latency histograms (see
+/// [`blkback::statistics::RequestLatencies`]).
+const LATENCY_FAMILY: &str = "stordom_vbd_request_duration_seconds";
+
+/// `us` microseconds in seconds, as short as it goes (`0.00005`, `1`).
+fn seconds_from_us(us: u64) -> String {
+    let text = format!("{}.{:06}", us / 1_000_000, us % 1_000_000);
+    text.trim_end_matches('0').trim_end_matches('.').into()
+}
+
+/// `ns` nanoseconds in seconds, exactly.
+fn seconds_from_ns(ns: u64) -> String {
+    format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
+}
+
+/// Each vbd's latency histograms, one per operation (`op` label) that has
+/// answered a request: buckets cumulative as Prometheus has them, the sum
+/// in seconds, the count. An operation with none yet is left out, as a
+/// client library shows a labelled histogram only once it observed one:
+/// an idle vbd adds nothing to the body.
+fn latency_histograms(out: &mut String, vbds: &[(String, &VbdSnapshot)]) {
+    let mut family = Family::start(
+        out,
+        LATENCY_FAMILY,
+        "histogram",
+        "Time from taking a request off the ring to pushing its response, by operation \
+         (read; write, barriers included; other: flush, discard, unknown).",
+    );
+    let bounds: Vec<String> = LATENCY_BOUNDS_US
+        .iter()
+        .map(|&us| seconds_from_us(us))
+        .chain([String::from("+Inf")])
+        .collect();
+    let (bucket, sum, count) = (
+        format!("{LATENCY_FAMILY}_bucket"),
+        format!("{LATENCY_FAMILY}_sum"),
+        format!("{LATENCY_FAMILY}_count"),
+    );
+    for (labels, vbd) in vbds {
+        for (operation, histogram) in vbd.totals.latencies.by_operation() {
+            let requests = histogram.count();
+            if requests == 0 {
+                continue;
+            }
+            let labels = format!("{labels},op=\"{operation}\"");
+            let mut cumulative = 0;
+            for (bound, in_bucket) in bounds.iter().zip(histogram.buckets) {
+                cumulative += in_bucket;
+                family.sample(&bucket, &format!("{labels},le=\"{bound}\""), cumulative);
+            }
+            family.sample(&sum, &labels, seconds_from_ns(histogram.sum_ns));
+            family.sample(&count, &labels, requests);
+        }
+    }
+}
+
 /// `GET /metrics`: the Prometheus text format (version 0.0.4).
 pub fn prometheus(metrics: &Metrics) -> String {
     let mut out = String::new();
@@ -142,6 +199,7 @@ pub fn prometheus(metrics: &Metrics) -> String {
             }
         }
     }
+    latency_histograms(&mut out, &vbds);
     Family::start(
         &mut out,
         "stordom_grants_mapped",
@@ -308,7 +366,7 @@ pub(crate) mod tests {
     use crate::request::parse_request;
     use alloc::string::ToString;
     use alloc::vec;
-    use blkback::statistics::{RequestCounters, VbdTotals};
+    use blkback::statistics::{LatencyHistogram, RequestCounters, RequestLatencies, VbdTotals};
     use xen_pv::xenbus::XenbusState;
 
     pub(crate) fn sample_metrics() -> Metrics {
@@ -332,6 +390,18 @@ pub(crate) mod tests {
                     errors: 5,
                     answered: 38,
                     segments: 40,
+                },
+                latencies: RequestLatencies {
+                    // 50 us or less: 3; 100 us: 2; 1 ms: 4; 1 s: 1; more: 1.
+                    read: LatencyHistogram {
+                        buckets: [3, 2, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+                        sum_ns: 3_004_500_000,
+                    },
+                    write: LatencyHistogram {
+                        buckets: [0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0],
+                        sum_ns: 160_000_000,
+                    },
+                    other: LatencyHistogram::default(),
                 },
                 in_flight: 7,
                 last_completion_ns: 0,
@@ -398,16 +468,82 @@ pub(crate) mod tests {
                 "{line} in\n{text}"
             );
         }
-        // Every sample's family is declared before it, once.
-        let mut declared = alloc::collections::BTreeSet::new();
+        // Every sample's family is declared before it, once (a
+        // histogram's samples are its name with a suffix).
+        let mut declared = alloc::collections::BTreeMap::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
-                assert!(declared.insert(rest.split(' ').next().unwrap().to_string()));
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(
+                    declared
+                        .insert(name.to_string(), kind.to_string())
+                        .is_none()
+                );
             } else if !line.starts_with('#') {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert!(declared.contains(name), "{line}");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .filter_map(|suffix| name.strip_suffix(suffix))
+                    .find(|base| declared.get(*base).is_some_and(|kind| kind == "histogram"))
+                    .unwrap_or(name);
+                assert!(declared.contains_key(family), "{line}");
             }
         }
+    }
+
+    #[test]
+    fn prometheus_latency_buckets_are_cumulative_with_sum_and_count() {
+        let text = prometheus(&sample_metrics());
+        let name = "stordom_vbd_request_duration_seconds";
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram\n")),
+            "{text}"
+        );
+        let read = "frontend=\"3\",devid=\"51712\",op=\"read\"";
+        let read_samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(read))
+            .collect();
+        assert_eq!(
+            read_samples,
+            [
+                format!("{name}_bucket{{{read},le=\"0.00005\"}} 3"),
+                format!("{name}_bucket{{{read},le=\"0.0001\"}} 5"),
+                format!("{name}_bucket{{{read},le=\"0.00025\"}} 5"),
+                format!("{name}_bucket{{{read},le=\"0.0005\"}} 5"),
+                format!("{name}_bucket{{{read},le=\"0.001\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"0.0025\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"0.005\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"0.01\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"0.025\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"0.05\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"0.1\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"0.25\"}} 9"),
+                format!("{name}_bucket{{{read},le=\"1\"}} 10"),
+                format!("{name}_bucket{{{read},le=\"+Inf\"}} 11"),
+                format!("{name}_sum{{{read}}} 3.004500000"),
+                format!("{name}_count{{{read}}} 11"),
+            ]
+        );
+        let write = "frontend=\"3\",devid=\"51712\",op=\"write\"";
+        for line in [
+            format!("{name}_bucket{{{write},le=\"0.005\"}} 0"),
+            format!("{name}_bucket{{{write},le=\"0.01\"}} 20"),
+            format!("{name}_bucket{{{write},le=\"+Inf\"}} 20"),
+            format!("{name}_sum{{{write}}} 0.160000000"),
+            format!("{name}_count{{{write}}} 20"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // No request yet: no series (the other operations of vbd 3, and
+        // the vbd still opening).
+        assert!(!text.contains("op=\"other\""), "{text}");
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("frontend=\"4\"")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::request_slot::{
     IndirectPages, Slot, SlotState, allocate_slots, device_segment, read_indirect_page, reserved,
 };
 use crate::served_disk::{DataPath, ServedDisk};
-use crate::statistics::{RequestCounters, RingReport, WATCHDOG_NS};
+use crate::statistics::{RequestCounters, RequestLatencies, RingReport, WATCHDOG_NS};
 
 /// Rounds of complete / start / consume in one [`BlkifRing::serve`], so a device
 /// that completes at once is answered in the same poll without a frontend
@@ -135,6 +135,8 @@ struct Answer {
     id: u64,
     operation: u8,
     status: i16,
+    /// When its request was taken from the ring.
+    taken_at_ns: u64,
 }
 
 /// A connected ring.
@@ -173,8 +175,10 @@ pub struct BlkifRing {
     persistent: Option<PersistentGrants>,
     /// Bounce pages, when the device cannot DMA into grant mappings.
     bounce: Option<BouncePool>,
-    /// What it answered so far, and when it last did.
+    /// What it answered so far, how long that took, and when it last
+    /// answered.
     counters: RequestCounters,
+    latencies: RequestLatencies,
     last_completion_ns: u64,
     /// The services' clock when the current `serve` began.
     now_ns: u64,
@@ -308,6 +312,7 @@ impl BlkifRing {
             persistent: kept,
             bounce,
             counters: RequestCounters::default(),
+            latencies: RequestLatencies::default(),
             last_completion_ns: 0,
             now_ns: svc.now_ns(),
             last_taken_ns: svc.now_ns(),
@@ -327,6 +332,7 @@ impl BlkifRing {
             size: self.ring.size(),
             in_flight: self.in_flight,
             counters: self.counters,
+            latencies: self.latencies,
             last_completion_ns: self.last_completion_ns,
         }
     }
@@ -438,7 +444,7 @@ impl BlkifRing {
             worked = true;
         }
         self.unmap_finished(svc);
-        if self.publish_answers() && self.ring.push_responses() {
+        if self.publish_answers(svc) && self.ring.push_responses() {
             // A failed send leaves the frontend to find the responses on
             // its next look at the ring.
             let _ = svc.notify(self.port);
@@ -459,14 +465,15 @@ impl BlkifRing {
         log_unmap_failures(svc, &mut self.unmap_failures);
     }
 
-    /// Notes the answer to the request taken at `ring_index`, for
-    /// [`Self::publish_answers`].
-    fn respond(&mut self, ring_index: u32, id: u64, operation: u8, status: i16) {
+    /// Notes the answer to the request taken at `ring_index` at
+    /// `taken_at_ns`, for [`Self::publish_answers`].
+    fn respond(&mut self, ring_index: u32, id: u64, operation: u8, status: i16, taken_at_ns: u64) {
         let mask = self.answers.len() - 1;
         self.answers[ring_index as usize & mask] = Some(Answer {
             id,
             operation,
             status,
+            taken_at_ns,
         });
     }
 
@@ -478,22 +485,27 @@ impl BlkifRing {
     /// That is what lets a restarted instance take the ring over (see
     /// [`crate::vbd`]'s adoption): it serves `[rsp_prod, req_prod)` again.
     /// The price: a slow request holds back the answers of the later ones
-    /// (not their work), as a ring full of them holds back new requests.
-    fn publish_answers(&mut self) -> bool {
+    /// (not their work), as a ring full of them holds back new requests;
+    /// their latencies, counted here, include that wait.
+    fn publish_answers<S: BackendServices>(&mut self, svc: &S) -> bool {
         let mask = self.answers.len() - 1;
-        let mut any = false;
+        // The clock is read once, and only when there is an answer to put.
+        let mut put_at_ns = None;
         while let Some(answer) = self.answers[self.ring.rsp_prod_pvt() as usize & mask].take() {
             let mut out = [0u8; blkif::ENTRY_SIZE_X86_64];
             let Answer {
                 id,
                 operation,
                 status,
+                taken_at_ns,
             } = answer;
             let bytes = blkif::encode_response(self.protocol, id, operation, status, &mut out);
             self.ring.put_response(bytes);
-            any = true;
+            let now_ns = *put_at_ns.get_or_insert_with(|| svc.now_ns());
+            self.latencies
+                .record(operation, now_ns.saturating_sub(taken_at_ns));
         }
-        any
+        put_at_ns.is_some()
     }
 
     /// Copies requests out while there is a free slot, grant room and
@@ -658,7 +670,8 @@ impl BlkifRing {
         broken.map(|()| took)
     }
 
-    /// Answers a request refused before it took a slot's resources.
+    /// Answers a request refused before it took a slot's resources (in the
+    /// pass it was taken in).
     fn refuse<S: BackendServices>(
         &mut self,
         ring_index: u32,
@@ -670,7 +683,7 @@ impl BlkifRing {
     ) {
         log.line(svc, format_args!("request {id:#x} refused: {why}"));
         self.counters.count(operation, 0, 0, status);
-        self.respond(ring_index, id, operation, status);
+        self.respond(ring_index, id, operation, status, self.now_ns);
     }
 
     /// Records the plan of the request in slot `index`, to be mapped and
@@ -1063,13 +1076,18 @@ impl BlkifRing {
             }
         }
         slot.kept.clear();
-        let (ring_index, id, operation, status) =
-            (slot.ring_index, slot.id, slot.operation, slot.status);
+        let (ring_index, id, operation, status, taken_at_ns) = (
+            slot.ring_index,
+            slot.id,
+            slot.operation,
+            slot.status,
+            slot.taken_at_ns,
+        );
         let sectors = slot.grants.iter().map(|g| u64::from(g.sectors())).sum();
         self.counters
             .count(operation, sectors, slot.grants.len() as u64, status);
         self.last_completion_ns = self.now_ns;
-        self.respond(ring_index, id, operation, status);
+        self.respond(ring_index, id, operation, status, taken_at_ns);
     }
 }
 

@@ -1,8 +1,9 @@
 //! What an operator sees of a vbd while it serves: Linux blkback's request
 //! counters (its `statistics/` in sysfs; here nodes under the vbd's backend
-//! directory, see [`publish`]), each ring's indices and requests in flight,
-//! the time of the last completed request, and a watchdog that reports a
-//! request or a ring that waited too long, once.
+//! directory, see [`publish`]), a histogram of request latencies, each
+//! ring's indices and requests in flight, the time of the last completed
+//! request, and a watchdog that reports a request or a ring that waited
+//! too long, once.
 
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -104,6 +105,91 @@ impl RequestCounters {
     }
 }
 
+/// Upper bounds of the latency histogram's buckets, in microseconds; one
+/// more bucket holds the latencies above the last.
+pub const LATENCY_BOUNDS_US: [u64; 13] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// Buckets of a [`LatencyHistogram`].
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// How long requests took, from being taken off the ring to their response
+/// being pushed onto it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Requests per bucket, not cumulative: bucket `i` holds the latencies
+    /// over bound `i - 1` and at most bound `i` of [`LATENCY_BOUNDS_US`],
+    /// the last one those over every bound.
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// The latencies summed, in nanoseconds (wrapping: a reader sees a
+    /// counter reset, after centuries of summed latency).
+    pub sum_ns: u64,
+}
+
+impl LatencyHistogram {
+    /// Requests counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    fn record(&mut self, latency_ns: u64) {
+        let bucket = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&bound_us| latency_ns <= bound_us * 1_000)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[bucket] += 1;
+        self.sum_ns = self.sum_ns.wrapping_add(latency_ns);
+    }
+
+    fn add(&mut self, other: &LatencyHistogram) {
+        for (bucket, more) in self.buckets.iter_mut().zip(other.buckets) {
+            *bucket += more;
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
+    }
+}
+
+/// Latencies of the requests answered, whatever the outcome, by operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestLatencies {
+    pub read: LatencyHistogram,
+    /// Writes and barriers.
+    pub write: LatencyHistogram,
+    /// Flushes, discards, and requests of an unknown operation (refused).
+    pub other: LatencyHistogram,
+}
+
+impl RequestLatencies {
+    /// Counts a request of `operation` answered `latency_ns` after it was
+    /// taken.
+    pub(crate) fn record(&mut self, operation: u8, latency_ns: u64) {
+        let histogram = match operation {
+            blkif::OP_READ => &mut self.read,
+            blkif::OP_WRITE | blkif::OP_WRITE_BARRIER => &mut self.write,
+            _ => &mut self.other,
+        };
+        histogram.record(latency_ns);
+    }
+
+    /// Adds `other`'s counts (a vbd's rings summed).
+    pub fn add(&mut self, other: &RequestLatencies) {
+        self.read.add(&other.read);
+        self.write.add(&other.write);
+        self.other.add(&other.other);
+    }
+
+    /// Each histogram with its name: its node under `statistics/latency/`,
+    /// the `op` label of the metrics endpoint.
+    pub fn by_operation(&self) -> [(&'static str, &LatencyHistogram); 3] {
+        [
+            ("read", &self.read),
+            ("write", &self.write),
+            ("other", &self.other),
+        ]
+    }
+}
+
 /// One ring as it stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingReport {
@@ -115,6 +201,8 @@ pub struct RingReport {
     pub in_flight: usize,
     /// What it answered so far.
     pub counters: RequestCounters,
+    /// How long those answers took.
+    pub latencies: RequestLatencies,
     /// When it last answered a request (the services' clock; 0: never).
     pub last_completion_ns: u64,
 }
@@ -155,6 +243,7 @@ impl fmt::Display for RingReport {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VbdTotals {
     pub counters: RequestCounters,
+    pub latencies: RequestLatencies,
     /// Requests taken and not yet answered, on every ring.
     pub in_flight: usize,
     /// When a ring last answered a request (0: never).
@@ -166,6 +255,7 @@ impl VbdTotals {
         let mut totals = VbdTotals::default();
         for ring in rings {
             totals.counters.add(&ring.counters);
+            totals.latencies.add(&ring.latencies);
             totals.in_flight += ring.in_flight;
             totals.last_completion_ns = totals.last_completion_ns.max(ring.last_completion_ns);
         }
@@ -173,27 +263,67 @@ impl VbdTotals {
     }
 }
 
+/// The value of a `statistics/` node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeValue {
+    Count(u64),
+    /// A latency histogram's requests per bucket.
+    Buckets([u64; LATENCY_BUCKETS]),
+    /// The buckets' upper bounds ([`LATENCY_BOUNDS_US`]).
+    BucketBounds,
+}
+
+/// Written as its numbers, separated by spaces.
+impl fmt::Display for NodeValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let numbers: &[u64] = match self {
+            NodeValue::Count(count) => core::slice::from_ref(count),
+            NodeValue::Buckets(counts) => counts,
+            NodeValue::BucketBounds => &LATENCY_BOUNDS_US,
+        };
+        for (n, number) in numbers.iter().enumerate() {
+            if n > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{number}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The nodes of a vbd's statistics (names under its `statistics/`) and
 /// their values: `rd_req`, `wr_req`, `f_req`, `ds_req`, `rd_sect`,
 /// `wr_sect`, `oo_req`, `errors` summed over its rings, `in_flight`,
-/// `last_completion_ms` (stordom's clock, 0: none yet) and, per ring N,
-/// `ring-N/{req_prod,req_cons,rsp_prod,req_event,rsp_event,in_flight}`.
-pub(crate) fn nodes(rings: &[RingReport]) -> Vec<(String, u64)> {
+/// `last_completion_ms` (stordom's clock, 0: none yet), the latency
+/// histograms `latency/{read,write,other}` (each the requests per bucket,
+/// space-separated) with their buckets' bounds `latency/bounds_us` and,
+/// per ring N, `ring-N/{req_prod,req_cons,rsp_prod,req_event,rsp_event,in_flight}`.
+/// One node per histogram: a busy vbd costs xenstored three writes a
+/// publication for them, not one per bucket.
+pub(crate) fn nodes(rings: &[RingReport]) -> Vec<(String, NodeValue)> {
     let VbdTotals {
         counters,
+        latencies,
         in_flight,
         last_completion_ns,
     } = VbdTotals::of(rings);
-    let mut nodes: Vec<(String, u64)> = counters
+    let mut nodes: Vec<(String, NodeValue)> = counters
         .named()
         .iter()
-        .map(|&(name, value)| (name.to_string(), value))
+        .map(|&(name, value)| (name.to_string(), NodeValue::Count(value)))
         .collect();
-    nodes.push(("in_flight".to_string(), in_flight as u64));
+    nodes.push(("in_flight".to_string(), NodeValue::Count(in_flight as u64)));
     nodes.push((
         "last_completion_ms".to_string(),
-        last_completion_ns / 1_000_000,
+        NodeValue::Count(last_completion_ns / 1_000_000),
     ));
+    nodes.push(("latency/bounds_us".to_string(), NodeValue::BucketBounds));
+    for (operation, histogram) in latencies.by_operation() {
+        nodes.push((
+            format!("latency/{operation}"),
+            NodeValue::Buckets(histogram.buckets),
+        ));
+    }
     for (n, ring) in rings.iter().enumerate() {
         let i = &ring.indices;
         for (name, value) in [
@@ -203,9 +333,15 @@ pub(crate) fn nodes(rings: &[RingReport]) -> Vec<(String, u64)> {
             ("req_event", i.req_event),
             ("rsp_event", i.rsp_event),
         ] {
-            nodes.push((format!("ring-{n}/{name}"), u64::from(value)));
+            nodes.push((
+                format!("ring-{n}/{name}"),
+                NodeValue::Count(u64::from(value)),
+            ));
         }
-        nodes.push((format!("ring-{n}/in_flight"), ring.in_flight as u64));
+        nodes.push((
+            format!("ring-{n}/in_flight"),
+            NodeValue::Count(ring.in_flight as u64),
+        ));
     }
     nodes
 }
@@ -216,7 +352,7 @@ pub(crate) fn publish<C: PeerChannel>(
     xs: &mut Xenstore<'_, C>,
     path: &str,
     rings: &[RingReport],
-    published: &mut BTreeMap<String, u64>,
+    published: &mut BTreeMap<String, NodeValue>,
 ) -> Result<(), XsError> {
     publish_changed(xs, &format!("{path}/statistics"), nodes(rings), published)
 }
@@ -227,11 +363,11 @@ pub(crate) fn publish<C: PeerChannel>(
 /// a round trip. Nodes that do not fit in the xenstore ring now wait for
 /// the next call. Each node is written on its own (no transaction): a
 /// reader may see some nodes one publication ahead of others.
-pub fn publish_changed<C: PeerChannel, N: AsRef<str>>(
+pub fn publish_changed<C: PeerChannel, N: AsRef<str>, V: PartialEq + fmt::Display>(
     xs: &mut Xenstore<'_, C>,
     dir: &str,
-    nodes: impl IntoIterator<Item = (N, u64)>,
-    published: &mut BTreeMap<String, u64>,
+    nodes: impl IntoIterator<Item = (N, V)>,
+    published: &mut BTreeMap<String, V>,
 ) -> Result<(), XsError> {
     for (name, value) in nodes {
         let name = name.as_ref();

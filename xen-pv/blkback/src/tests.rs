@@ -20,12 +20,12 @@ use crate::blkif::{self, Protocol, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use crate::controllers::BringUpFailures;
 use crate::rate_limited_log::LOG_WINDOW_NS;
 use crate::sim_blkfront::{GrantWindowHal, Response, Seg, SimBlkfront, SimPlatform, segment_page};
-use crate::statistics::WATCHDOG_NS;
+use crate::statistics::{LATENCY_BUCKETS, LatencyHistogram, WATCHDOG_NS};
 use crate::vbd::{DETACH_GRACE_NS, OPEN_RECHECK_NS};
 use core::sync::atomic::{AtomicU32, AtomicU64};
 use host_fuzz::{FuzzRng, FuzzRun};
 use xen_pv::event::{EventChannels, EvtchnSend};
-use xen_pv::grant::{GfnWindow, GrantMapper, MapGrantRef, UnmapGrantRef};
+use xen_pv::grant::{GfnWindow, GrantMapper, GrantRef, MapGrantRef, UnmapGrantRef};
 use xen_pv::held::{HeldGrants, HeldPorts};
 use xen_pv::hypercall::{Command, HypercallOp};
 use xen_pv::ring::{PeerChannel, TimedOut};
@@ -673,6 +673,17 @@ impl<'a> Harness<'a> {
         let id = self.add_vbd(FRONTEND, DEVID, "ram:1M", "w");
         self.pump();
         (id, self.connect(id, protocol, start, "3"))
+    }
+
+    /// A vbd of a disk with a volatile write cache, connected, with a page
+    /// granted to write from and one to read into.
+    fn cached_frontend(&mut self) -> (VbdId, SimBlkfront<'a>, GrantRef, GrantRef) {
+        let id = self.add_vbd(FRONTEND, DEVID, "cached", "w");
+        self.pump();
+        let front = self.connect(id, Protocol::X86_64, 0, "3");
+        let page = front.grant(true, &pattern(9));
+        let into = front.grant(false, &[0; 4096]);
+        (id, front, page, into)
     }
 
     /// A vbd of a 1 MiB RAM disk whose frontend asked for persistent
@@ -2157,22 +2168,7 @@ fn a_frontend_may_open_several_queues() {
         h.pump();
         let max = format!("{}", served_disk::MAX_QUEUES);
         assert_eq!(h.backend_node(id, "multi-queue-max-queues"), Some(max));
-        let mut fronts: Vec<SimBlkfront<'_>> = (0..3)
-            .map(|_| SimBlkfront::new(h.sim, FRONTEND, Protocol::X86_64, 0))
-            .collect();
-        h.frontend_write(id, "multi-queue-num-queues", "3");
-        for (queue, front) in fronts.iter().enumerate() {
-            h.frontend_write(id, &format!("queue-{queue}"), "");
-            for (name, value) in front.ring_nodes() {
-                let node = match name.as_str() {
-                    "protocol" => name,
-                    _ => format!("queue-{queue}/{name}"),
-                };
-                h.frontend_write(id, &node, &value);
-            }
-        }
-        h.frontend_write(id, "state", "3");
-        h.pump();
+        let mut fronts = h.connect_queues(id, 3);
         assert_eq!(h.backend_state(id).as_deref(), Some("4"));
         assert_eq!(h.sim.mapped_grants(), 3);
 
@@ -2388,6 +2384,30 @@ fn two_namespaces_of_one_controller_keep_their_completions() {
     });
 }
 
+impl<'a> Harness<'a> {
+    /// The rings of `count` queues the frontend of `id` publishes, then
+    /// Connected.
+    fn connect_queues(&mut self, id: VbdId, count: usize) -> Vec<SimBlkfront<'a>> {
+        let fronts: Vec<SimBlkfront<'a>> = (0..count)
+            .map(|_| SimBlkfront::new(self.sim, id.frontend, Protocol::X86_64, 0))
+            .collect();
+        self.frontend_write(id, "multi-queue-num-queues", &format!("{count}"));
+        for (queue, front) in fronts.iter().enumerate() {
+            self.frontend_write(id, &format!("queue-{queue}"), "");
+            for (name, value) in front.ring_nodes() {
+                let node = match name.as_str() {
+                    "protocol" => name,
+                    _ => format!("queue-{queue}/{name}"),
+                };
+                self.frontend_write(id, &node, &value);
+            }
+        }
+        self.frontend_write(id, "state", "3");
+        self.pump();
+        fronts
+    }
+}
+
 impl Harness<'_> {
     /// Publishes statistics as the loop does once a second, a few times
     /// over: what did not fit in the xenstore ring goes out the next time.
@@ -2408,6 +2428,21 @@ impl Harness<'_> {
         self.vbds.watchdog(&mut svc, now);
     }
 
+    /// Overwrites `statistics/<name>` of `id` behind the backend's back,
+    /// then publishes: a node whose value did not change is not written
+    /// again.
+    fn assert_unchanged_not_republished(&mut self, id: VbdId, name: &str) {
+        let node = format!("statistics/{name}");
+        let path = format!("{}/{node}", backend_path(id));
+        self.xs.channel_mut().dom0_write(&path, b"stale");
+        self.publish_statistics();
+        assert_eq!(
+            self.backend_node(id, &node).as_deref(),
+            Some("stale"),
+            "{node}"
+        );
+    }
+
     fn statistic(&mut self, id: VbdId, name: &str) -> Option<u64> {
         self.backend_node(id, &format!("statistics/{name}"))
             .and_then(|v| v.parse().ok())
@@ -2417,11 +2452,7 @@ impl Harness<'_> {
 #[test]
 fn statistics_count_what_was_answered_and_show_the_ring() {
     run(|h| {
-        let id = h.add_vbd(FRONTEND, DEVID, "cached", "w");
-        h.pump();
-        let mut front = h.connect(id, Protocol::X86_64, 0, "3");
-        let page = front.grant(true, &pattern(9));
-        let into = front.grant(false, &[0; 4096]);
+        let (id, mut front, page, into) = h.cached_frontend();
         let requests = [
             front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]),
             front.data_request(blkif::OP_WRITE, 2, 8, 1, &[seg(page, 2, 3)]),
@@ -2454,18 +2485,136 @@ fn statistics_count_what_was_answered_and_show_the_ring() {
         ] {
             assert_eq!(h.statistic(id, name), Some(want), "statistics/{name}");
         }
-        // Published again only when something changed.
-        let stale = format!("{}/statistics/rd_req", backend_path(id));
-        h.xs.channel_mut().dom0_write(&stale, b"stale");
-        h.publish_statistics();
-        assert_eq!(
-            h.backend_node(id, "statistics/rd_req").as_deref(),
-            Some("stale")
-        );
+        h.assert_unchanged_not_republished(id, "rd_req");
         let read = front.data_request(blkif::OP_READ, 8, 0, 1, &[seg(into, 0, 7)]);
         assert_eq!(h.io(&mut front, &[read]).len(), 1);
         h.publish_statistics();
         assert_eq!(h.statistic(id, "rd_req"), Some(2));
+    });
+}
+
+/// A histogram's buckets with `counted` requests (bucket, requests), the
+/// others empty.
+fn buckets(counted: &[(usize, u64)]) -> [u64; LATENCY_BUCKETS] {
+    let mut buckets = [0; LATENCY_BUCKETS];
+    for &(bucket, requests) in counted {
+        buckets[bucket] = requests;
+    }
+    buckets
+}
+
+/// Submits `request` while the device holds its completion, moves the
+/// simulated clock `held_ns` on, then lets it complete.
+fn answered_after(
+    h: &mut Harness<'_>,
+    front: &mut SimBlkfront<'_>,
+    request: Vec<u8>,
+    held_ns: u64,
+) {
+    let disk = h.disk(0);
+    disk.borrow_mut().hold = true;
+    assert!(h.io(front, &[request]).is_empty(), "held by the device");
+    h.platform.now_ns.set(h.platform.now_ns.get() + held_ns);
+    disk.borrow_mut().hold = false;
+    h.pump();
+    assert_eq!(front.responses().len(), 1);
+}
+
+#[test]
+fn latencies_land_in_their_buckets_by_operation() {
+    run(|h| {
+        let (id, mut front, page, into) = h.cached_frontend();
+        // Answered in the pass that took them (the clock stands still):
+        // 0 ns, a refused one (past the end of the disk) as well.
+        let reads = [
+            front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(into, 0, 7)]),
+            front.data_request(blkif::OP_READ, 2, 1 << 40, 1, &[seg(into, 0, 7)]),
+        ];
+        assert_eq!(h.io(&mut front, &reads).len(), 2);
+        let write = front.data_request(blkif::OP_WRITE, 3, 0, 1, &[seg(page, 0, 7)]);
+        answered_after(h, &mut front, write, 3_000_000);
+        let barrier = front.data_request(blkif::OP_WRITE_BARRIER, 4, 8, 1, &[seg(page, 0, 7)]);
+        answered_after(h, &mut front, barrier, 50_001);
+        let flush = front.data_request(blkif::OP_FLUSH_DISKCACHE, 5, 0, 0, &[]);
+        answered_after(h, &mut front, flush, 1_000_000_000);
+        let discard = front.discard_request(6, 0, 8, false);
+        answered_after(h, &mut front, discard, 1_000_000_001);
+
+        let latencies = h.vbds.snapshots()[0].totals.latencies;
+        assert_eq!(
+            latencies.read,
+            LatencyHistogram {
+                buckets: buckets(&[(0, 2)]),
+                sum_ns: 0,
+            }
+        );
+        // 50.001 us: over the 50 us bound, in the 100 us bucket; 3 ms in
+        // the 5 ms one.
+        assert_eq!(
+            latencies.write,
+            LatencyHistogram {
+                buckets: buckets(&[(1, 1), (6, 1)]),
+                sum_ns: 3_050_001,
+            }
+        );
+        // 1 s exactly: the 1 s bucket (bounds are inclusive); a ns more:
+        // the last.
+        assert_eq!(
+            latencies.other,
+            LatencyHistogram {
+                buckets: buckets(&[(12, 1), (13, 1)]),
+                sum_ns: 2_000_000_001,
+            }
+        );
+
+        h.publish_statistics();
+        for (name, want) in [
+            (
+                "latency/bounds_us",
+                "50 100 250 500 1000 2500 5000 10000 25000 50000 100000 250000 1000000",
+            ),
+            ("latency/read", "2 0 0 0 0 0 0 0 0 0 0 0 0 0"),
+            ("latency/write", "0 1 0 0 0 0 1 0 0 0 0 0 0 0"),
+            ("latency/other", "0 0 0 0 0 0 0 0 0 0 0 0 1 1"),
+        ] {
+            let node = format!("statistics/{name}");
+            assert_eq!(h.backend_node(id, &node).as_deref(), Some(want), "{node}");
+        }
+        h.assert_unchanged_not_republished(id, "latency/read");
+        let read = front.data_request(blkif::OP_READ, 7, 0, 1, &[seg(into, 0, 7)]);
+        answered_after(h, &mut front, read, 400_000);
+        h.publish_statistics();
+        assert_eq!(
+            h.backend_node(id, "statistics/latency/read").as_deref(),
+            Some("2 0 0 1 0 0 0 0 0 0 0 0 0 0")
+        );
+    });
+}
+
+#[test]
+fn a_vbds_latencies_sum_its_rings() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "multiqueue", "w");
+        h.pump();
+        let mut fronts = h.connect_queues(id, 2);
+        for (front, held_ns) in fronts.iter_mut().zip([0, 300_000]) {
+            let into = front.grant(false, &[]);
+            let read = front.data_request(blkif::OP_READ, 1, 0, 1, &[seg(into, 0, 7)]);
+            answered_after(h, front, read, held_ns);
+        }
+        let latencies = h.vbds.snapshots()[0].totals.latencies;
+        assert_eq!(
+            latencies.read,
+            LatencyHistogram {
+                buckets: buckets(&[(0, 1), (3, 1)]),
+                sum_ns: 300_000,
+            }
+        );
+        h.publish_statistics();
+        assert_eq!(
+            h.backend_node(id, "statistics/latency/read").as_deref(),
+            Some("1 0 0 1 0 0 0 0 0 0 0 0 0 0")
+        );
     });
 }
 

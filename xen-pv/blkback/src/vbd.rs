@@ -21,7 +21,7 @@ use crate::negotiate::{
 };
 use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
-use crate::statistics::{self, RequestCounters, RingReport, VbdTotals};
+use crate::statistics::{self, NodeValue, RequestCounters, RingReport, VbdTotals};
 
 use crate::served_disk::{DataPath, ServedDisk};
 use crate::target::{OpenError, Target, TargetOpener};
@@ -184,7 +184,7 @@ struct Vbd {
     recheck_at: Option<u64>,
     log: RateLimitedLog,
     /// Its statistics as last published (node name under `statistics/`).
-    published: BTreeMap<String, u64>,
+    published: BTreeMap<String, NodeValue>,
     /// A watch event concerned it since its last update.
     watch_pending: bool,
     /// Adopted from a previous instance, with this many requests left
