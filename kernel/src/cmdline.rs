@@ -1,6 +1,7 @@
 //! The kernel command line: space-separated `key=value` words.
 
 use crate::idle_poll::DEFAULT_IDLE_POLL_NS;
+use core::fmt;
 use core::net::Ipv4Addr;
 
 /// Minimum severity that reaches the console.
@@ -106,7 +107,7 @@ pub struct Options<'a> {
     /// before it sleeps, in nanoseconds (see `idle_poll`).
     pub idle_poll_ns: u64,
     /// `stordom.ip=ADDR/PREFIX`: the vif's IPv4 address (it wins over
-    /// the vif's `ip` node).
+    /// the vif's `ip` node and DHCP).
     pub ip: Option<Ipv4Cidr>,
     /// The first word not understood, reported rather than silently dropped.
     pub unknown: Option<&'a str>,
@@ -131,6 +132,13 @@ impl Ipv4Cidr {
             address: address.parse().ok()?,
             prefix,
         })
+    }
+}
+
+/// `ADDR/PREFIX`.
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
     }
 }
 
@@ -257,6 +265,7 @@ mod tests {
                 prefix: 24
             })
         );
+        assert_eq!(std::format!("{}", ip.expect("parsed above")), "10.0.0.2/24");
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
 //! heap's use counters, the command line, the serve loop's idle polling, the restart policy and the RAM
-//! disks kept across restarts, and the x86-64 page-table
+//! disks kept across restarts, the vif's address (its sources' order and
+//! the DHCP client), and the x86-64 page-table
 //! format. The bare-metal binary
 //! is `src/main.rs`.
 #![no_std]
 
+extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
@@ -14,6 +16,7 @@ pub mod heap_usage;
 pub mod idle_poll;
 pub mod ram_disk_registry;
 pub mod restart_policy;
+pub mod vif_address;
 // The x86-64 page-table format: architecture code, so it lives under
 // `arch/x86_64/`; built here to be host-tested, and reached by the kernel
 // through its `arch` facade (`arch::paging`).

@@ -11,7 +11,9 @@
 //! 1 MiB. Opening answers [`OpenError::InProgress`] until the first
 //! handshake finished (the vbd asks again), and fails with the reason
 //! when the server refuses the export or none answers within
-//! [`nbd_disk::OPEN_TIMEOUT_NS`].
+//! [`nbd_disk::OPEN_TIMEOUT_NS`]. While the vif awaits its DHCP lease a
+//! new link makes no attempt (none could start without an address) but
+//! its open timeout runs.
 //!
 //! Nothing of it is static: after an in-place restart the new instance
 //! makes new links (the dead one's heap, sockets included, is gone) and
@@ -74,8 +76,9 @@ unsafe impl NbdHost for KernelNbdHost {
 enum Network {
     /// No vif (or it could not be brought up).
     Absent,
-    /// A vif without an IPv4 address.
-    NoAddress,
+    /// A vif still without an IPv4 address (DHCP pending, or the lease
+    /// lost).
+    AwaitingAddress,
     Up,
 }
 
@@ -142,18 +145,20 @@ impl NbdLinks {
         }))
     }
 
-    /// The vif is up, with an address or without.
+    /// The vif is up, with an address or awaiting one (the network's
+    /// bring-up, then each DHCP lease and its loss, say which).
     pub fn network_up(&mut self, has_address: bool) {
         self.network = match has_address {
             true => Network::Up,
-            false => Network::NoAddress,
+            false => Network::AwaitingAddress,
         };
     }
 
     /// Opens export `export` of the server at `address`:`port` for the vbd
     /// at `vbd_path`: makes its link on the first call and answers
     /// [`OpenError::InProgress`] until the link's first handshake, then
-    /// hands out the device.
+    /// hands out the device. While the vif awaits its address the link
+    /// waits too, until its open timeout.
     pub fn open(
         &mut self,
         vbd_path: &str,
@@ -168,13 +173,7 @@ impl NbdLinks {
                     "nbd needs stordom to have a vif (vif = [ ... ] in its config)".into(),
                 ));
             }
-            Network::NoAddress => {
-                return Err(OpenError::Network(
-                    "nbd needs an IPv4 address on stordom's vif (stordom.ip= or the vif's ip=)"
-                        .into(),
-                ));
-            }
-            Network::Up => {}
+            Network::AwaitingAddress | Network::Up => {}
         }
         let server = SocketAddrV4::new(address, port);
         let now = clock::now_ns();
@@ -209,6 +208,10 @@ impl NbdLinks {
                 }
                 None => format!("nbd: {server}: no export after the handshake"),
             },
+            OpeningStatus::Failed(_) if self.network == Network::AwaitingAddress => format!(
+                "nbd: cannot serve export {export:?} of {server}: stordom's vif got no address \
+                 (no DHCP lease) in time"
+            ),
             OpeningStatus::Failed(reason) => {
                 format!("nbd: cannot serve export {export:?} of {server}: {reason}")
             }
@@ -287,12 +290,19 @@ impl NbdLinks {
             sockets.remove(handle);
         }
         let mut turn = NbdTurn::default();
+        let has_address = self.network == Network::Up;
         for entry in &mut self.entries {
             let handle = match (entry.placed, entry.unplaced.take()) {
                 (Some(handle), _) => handle,
                 (None, Some(socket)) => *entry.placed.insert(sockets.add(socket)),
                 (None, None) => continue,
             };
+            // A first connection waits for the address rather than fail
+            // attempts into backoff; the opener's checks time it out.
+            // Links that served go on (their requests' deadlines run).
+            if !has_address && entry.link.borrow().opening_status() == OpeningStatus::Connecting {
+                continue;
+            }
             let mut transport = SmoltcpTransport {
                 socket: sockets.get_mut::<tcp::Socket>(handle),
                 cx: iface.context(),

@@ -7,15 +7,18 @@
 //! The address: `stordom.ip=ADDR/PREFIX` on the command line wins (the
 //! operator's word for this domain); else the first address of the vif's
 //! `ip` node in dom0's backend directory (what `vif = [ 'ip=...' ]` sets
-//! for dom0's hotplug script), as a /24. Neither: the vif runs without
-//! an address (nothing served).
+//! for dom0's hotplug script), as a /24; else a DHCPv4 lease
+//! ([`kernel::vif_address`]), its router the default route. Until a
+//! lease comes, and after it is lost, the vif has no address: nothing is
+//! served and the NBD links wait ([`crate::nbd::NbdLinks::network_up`]).
 //!
 //! What the network may cost the serve loop each turn is bounded
 //! ([`FRAMES_IN_PER_TURN`] frames taken, [`EGRESS_PASSES_PER_TURN`]
 //! egress passes, the endpoint's few connections, a socket buffer's
 //! worth each way per NBD link), and it never keeps
 //! the loop awake when idle: the loop sleeps until the vif's port fires or
-//! smoltcp's next timer ([`NetTurn::wake_in_ns`]).
+//! smoltcp's next timer ([`NetTurn::wake_in_ns`]; the DHCP client's
+//! retries and renewals are among them).
 //!
 //! In-place restarts: the pool of pages and the grant table are reserved
 //! at boot, before serving begins ([`reserve_at_boot`]), so they stay
@@ -24,7 +27,8 @@
 //! next instance closes its event channel, ends its grants as netback
 //! lets go of them (they are recorded in statics, see [`OFFERED`]), and
 //! its netfront resets the stale connection (Closed, then a new one) as
-//! after a backend restart.
+//! after a backend restart. Nothing of DHCP is kept: the new instance
+//! asks for a lease afresh.
 
 use crate::arch::clock;
 use crate::memory;
@@ -37,10 +41,11 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use http_metrics::{Metrics, MetricsServer};
 use kernel::cmdline::Ipv4Cidr;
+use kernel::vif_address::{AddressSource, DhcpChange, DhcpClient, configure_interface};
 use netfront::{Netfront, NetfrontConfig, NetfrontHal, OwnPage, Phase};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketSet};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use smoltcp::wire::{EthernetAddress, HardwareAddress};
 use spin::Once;
 use xen_pv::event::{AllocUnbound, EventChannels, EvtchnClose, EvtchnSend, Port};
 use xen_pv::grant::{GRANT_ENTRIES_PER_FRAME, GrantRef, GrantStillMapped, RESERVED_GRANT_ENTRIES};
@@ -68,8 +73,6 @@ const POOL_PAGES: usize = 2
 pub const FRAMES_IN_PER_TURN: usize = 32;
 /// smoltcp egress passes per loop turn (each bounded).
 pub const EGRESS_PASSES_PER_TURN: usize = 8;
-/// The prefix of an address taken from the vif's `ip` node.
-const VIF_NODE_PREFIX: u8 = 24;
 
 /// What [`reserve_at_boot`] set aside for the domain's life.
 struct NetReservation {
@@ -251,6 +254,8 @@ pub struct NetStack {
     logged_phase: Phase,
     /// The `nbd:` vbds' links, their sockets in `sockets`.
     nbd: SharedNbdLinks,
+    /// The DHCP client, when no address was given.
+    dhcp: Option<DhcpClient>,
 }
 
 fn smoltcp_now(now_ns: u64) -> Instant {
@@ -280,44 +285,28 @@ impl NetStack {
             log::warn!("net: {VIF_DIR}: starting: {e:?}");
             return None;
         }
-        let vif_ip = alloc::format!("{}/ip", netfront.backend_dir());
-        let address = match command_line_ip {
-            Some(cidr) => Some((cidr, "stordom.ip")),
-            None => xs
-                .read_string(Tx::NONE, &vif_ip)
-                .ok()
-                .and_then(|ip| first_vif_address(&ip))
-                .map(|cidr| (cidr, "the vif's ip node")),
-        };
-        let mac = netfront.mac();
-        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        let vif_node = xs
+            .read_string(Tx::NONE, &alloc::format!("{}/ip", netfront.backend_dir()))
+            .ok();
+        let source = AddressSource::choose(command_line_ip, vif_node.as_deref());
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(netfront.mac())));
         config.random_seed = crate::arch::cpu::rdtsc();
         let now = smoltcp_now(clock::now_ns());
         let mut iface = Interface::new(config, &mut netfront, now);
-        match address {
-            Some((cidr, from)) => {
-                let [a, b, c, d] = cidr.address.octets();
-                iface.update_ip_addrs(|addresses| {
-                    let _ = addresses.push(IpCidr::new(
-                        smoltcp::wire::IpAddress::v4(a, b, c, d),
-                        cidr.prefix,
-                    ));
-                });
-                log::info!(
-                    "net: {VIF_DIR}: mac {}, address {}/{} (from {from}), metrics on port {}",
-                    EthernetAddress(mac),
-                    cidr.address,
-                    cidr.prefix,
-                    http_metrics::HTTP_PORT
-                );
-            }
-            None => log::warn!(
-                "net: {VIF_DIR}: no address (no stordom.ip= and no usable {vif_ip}): nothing served"
-            ),
-        }
-        nbd.borrow_mut().network_up(address.is_some());
         let mut sockets = SocketSet::new(Vec::new());
         let server = MetricsServer::new(&mut sockets);
+        let dhcp = match source.fixed() {
+            Some((cidr, from)) => {
+                configure_interface(&mut iface, Some(cidr), None);
+                log_address(netfront.mac(), cidr, from);
+                None
+            }
+            None => {
+                log::info!("net: {VIF_DIR}: no address given; asking DHCP");
+                Some(DhcpClient::start(&mut sockets))
+            }
+        };
+        nbd.borrow_mut().network_up(dhcp.is_none());
         Some(NetStack {
             logged_phase: netfront.phase(),
             netfront,
@@ -327,6 +316,7 @@ impl NetStack {
             attend_due: false,
             watched_port: None,
             nbd,
+            dhcp,
         })
     }
 
@@ -397,9 +387,13 @@ impl NetStack {
                 break;
             }
         }
+        // After the egress passes: a lease's expiry is found there. The
+        // links see the change next turn.
+        let dhcp_changed = self.take_dhcp_change();
         turn.busy = frames_in == FRAMES_IN_PER_TURN
             || served.answered > 0
             || nbd.busy
+            || dhcp_changed
             || self.netfront.has_pending_rx();
         let smoltcp_wake = self
             .iface
@@ -415,6 +409,28 @@ impl NetStack {
         // The netfront may have reset the connection on a broken ring.
         self.watch_port(events);
         turn
+    }
+
+    /// Puts the DHCP client's news on the interface, tells the links and
+    /// the console; whether there was any.
+    fn take_dhcp_change(&mut self) -> bool {
+        let Some(dhcp) = self.dhcp.as_mut() else {
+            return false;
+        };
+        let Some(change) = dhcp.update(&mut self.iface, &mut self.sockets) else {
+            return false;
+        };
+        match change {
+            DhcpChange::Leased(lease) => {
+                log::info!("net: {VIF_DIR}: DHCP: leased {lease}");
+                log_address(self.netfront.mac(), lease.address, "DHCP");
+            }
+            DhcpChange::Lost => log::warn!("net: {VIF_DIR}: DHCP: lease lost; address removed"),
+        }
+        self.nbd
+            .borrow_mut()
+            .network_up(matches!(change, DhcpChange::Leased(_)));
+        true
     }
 
     /// Keeps the loop's channels waiting on the netfront's port (no-op
@@ -451,8 +467,11 @@ impl NetStack {
     }
 }
 
-/// The first address of a vif's `ip` node (addresses separated by
-/// spaces, each with or without a prefix).
-fn first_vif_address(node: &str) -> Option<Ipv4Cidr> {
-    Ipv4Cidr::parse(node.split_ascii_whitespace().next()?, VIF_NODE_PREFIX)
+/// The vif's address line (a Xen scenario looks for it).
+fn log_address(mac: [u8; 6], cidr: Ipv4Cidr, from: &str) {
+    log::info!(
+        "net: {VIF_DIR}: mac {}, address {cidr} (from {from}), metrics on port {}",
+        EthernetAddress(mac),
+        http_metrics::HTTP_PORT
+    );
 }
