@@ -1,6 +1,6 @@
 # stordom serving disks that live on an NBD server (issue 13), dom0 side:
 # netback and a bridge; qemu-nbd serving a file on dom0's tmpfs to the
-# bridge; stordom with a vif. g1 runs fio integrity on target=nbd:... and
+# bridge; udhcpd leasing stordom its address; stordom with a vif. g1 runs fio integrity on target=nbd:... and
 # stordom's /metrics must match its totals; g2 runs mkfs+fsck and then
 # the soak job while dom0 kills the NBD server (SIGKILL) and starts it
 # again, NBD_KILLS times: the guest must see no error.
@@ -11,6 +11,23 @@ if nbd_server_start; then
     result nbd-server pass "qemu-nbd (pid $NBD_PID) serving $NBD_FILE (${NBD_MIB} MiB) as disk0 on 10.0.0.1:10809"
 else
     result nbd-server fail "qemu-nbd did not listen on 10.0.0.1:10809"
+    return 1
+fi
+
+# stordom's address from DHCP: the pool is the one address.
+cat >/tmp/udhcpd.conf <<EOC
+start 10.0.0.2
+end 10.0.0.2
+interface xenbr0
+lease_file /tmp/udhcpd.leases
+option subnet 255.255.255.0
+option lease 600
+EOC
+touch /tmp/udhcpd.leases
+if udhcpd -S /tmp/udhcpd.conf; then
+    result dhcp-server pass "udhcpd on xenbr0 leasing 10.0.0.2"
+else
+    result dhcp-server fail "udhcpd did not start"
     return 1
 fi
 

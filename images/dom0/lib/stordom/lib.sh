@@ -418,11 +418,13 @@ http_get() {
 
 # metrics_match_fio GUEST IP: once GUEST (jobs integrity,hold on xvda) has
 # finished its fio job, stordom's /metrics at IP (results metrics-fetch,
-# metrics-bytes): the vbd's byte counters against what fio moved, never
-# less and at most a slack more (reads: the guest kernel's partition
-# scan; writes: none expected). /tmp/metrics keeps the answer.
+# metrics-bytes, metrics-latency): the vbd's byte counters against what
+# fio moved, never less and at most a slack more (reads: the guest
+# kernel's partition scan; writes: none expected), and its latency
+# histogram's count against its request counters. /tmp/metrics keeps the
+# answer.
 metrics_match_fio() {
-    local log fio_read_kib fio_write_kib labels read_bytes written_bytes gid
+    local log fio_read_kib fio_write_kib labels read_bytes written_bytes gid requests timed
     local read_slack_kib=16384 write_slack_kib=1024
     gid=$(xl domid $1) || { result metrics-bytes fail "no domain $1"; return 1; }
     log=$(domain_console $1)
@@ -448,6 +450,15 @@ metrics_match_fio() {
         result metrics-bytes pass "read $read_bytes B (fio $fio_read_kib KiB), written $written_bytes B (fio $fio_write_kib KiB)"
     else
         result metrics-bytes fail "read '$read_bytes' B vs fio '$fio_read_kib' KiB, written '$written_bytes' B vs fio '$fio_write_kib' KiB"
+    fi
+    # Every request answered is in the latency histogram (the guest is
+    # idle: nothing in flight).
+    requests=$(grep -F "stordom_vbd_requests_total{$labels," /tmp/metrics | awk '{ n += $2 } END { print n + 0 }')
+    timed=$(grep -F "stordom_vbd_request_duration_seconds_count{$labels," /tmp/metrics | awk '{ n += $2 } END { print n + 0 }')
+    if [ "$requests" -gt 0 ] && [ "$timed" = "$requests" ]; then
+        result metrics-latency pass "$timed requests in the histogram, $requests counted"
+    else
+        result metrics-latency fail "$timed requests in the histogram, $requests counted"
     fi
 }
 
