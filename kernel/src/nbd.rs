@@ -25,7 +25,7 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use blkback::{MAX_INDIRECT_SEGMENTS, OpenError, OpenedTarget, VbdId};
+use blkback::{CompletionSignal, DataPath, MAX_INDIRECT_SEGMENTS, OpenError, OpenedTarget, VbdId};
 use blockdev::{Disk, PhysAddr};
 use core::cell::RefCell;
 use core::net::{Ipv4Addr, SocketAddrV4};
@@ -204,7 +204,13 @@ impl NbdLinks {
                 }
                 Some(device) => {
                     entry.handed_out = true;
-                    return Ok(Disk::new(device).claim_all()?.into());
+                    // Replies come as frames on the vif, whose event
+                    // wakes the loop: no polling while they are awaited.
+                    return Ok(OpenedTarget {
+                        view: Disk::new(device).claim_all()?,
+                        data_path: DataPath::ZeroCopy,
+                        completions: CompletionSignal::Event,
+                    });
                 }
                 None => format!("nbd: {server}: no export after the handshake"),
             },

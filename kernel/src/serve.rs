@@ -18,8 +18,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use blkback::controllers::BringUpFailures;
 use blkback::{
-    DataPath, OpenError, OpenedTarget, Platform, Progress, Target, TargetOpener, UnservedGap,
-    VbdBackends, XenBackendServices, claim_partition, claim_sectors, statistics,
+    CompletionSignal, DataPath, OpenError, OpenedTarget, Platform, Progress, Target, TargetOpener,
+    UnservedGap, VbdBackends, XenBackendServices, claim_partition, claim_sectors, statistics,
 };
 use blockdev::partition::{PartitionTable, TableError};
 use blockdev::{Completion, Disk, DmaRegion, Geometry, QueuedDevice, Request, SubmitError};
@@ -308,6 +308,7 @@ impl TargetOpener for KernelOpener {
         Ok(OpenedTarget {
             view,
             data_path: named.named.data_path,
+            completions: CompletionSignal::Polled,
         })
     }
 }

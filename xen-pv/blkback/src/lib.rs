@@ -164,7 +164,9 @@ use core::fmt;
 use core::ptr::NonNull;
 
 pub use negotiate::FrontendRing;
-pub use served_disk::{DataPath, MAX_INDIRECT_SEGMENTS, OpenedTarget, SECTOR_SIZE, ServedDisk};
+pub use served_disk::{
+    CompletionSignal, DataPath, MAX_INDIRECT_SEGMENTS, OpenedTarget, SECTOR_SIZE, ServedDisk,
+};
 pub use target::{
     MAX_NBD_EXPORT, NBD_DEFAULT_PORT, NbdTargetError, OpenError, Target, TargetOpener,
     claim_partition, claim_sectors,

@@ -32,20 +32,36 @@ pub enum DataPath {
     Bounce,
 }
 
-/// A claimed view and the data path its vbd uses: what
-/// [`crate::TargetOpener::open`] returns.
+/// How a device's completions reach the serving loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CompletionSignal {
+    /// Only by polling the device (NVMe, AHCI, virtio without interrupts;
+    /// RAM disks complete at once): the loop keeps polling while
+    /// requests are in flight.
+    #[default]
+    Polled,
+    /// An event wakes the loop when completions come (an NBD export: its
+    /// replies arrive as frames on the vif, whose event channel fires):
+    /// the loop may sleep with requests in flight.
+    Event,
+}
+
+/// A claimed view, the data path its vbd uses and how its completions
+/// come: what [`crate::TargetOpener::open`] returns.
 pub struct OpenedTarget {
     pub view: DiskView,
     pub data_path: DataPath,
+    pub completions: CompletionSignal,
 }
 
 impl From<DiskView> for OpenedTarget {
-    /// A view whose data the device reaches in the grants themselves (or
-    /// the CPU copies, as for RAM disks).
+    /// A polled view whose data the device reaches in the grants
+    /// themselves (or the CPU copies, as for RAM disks).
     fn from(view: DiskView) -> Self {
         OpenedTarget {
             view,
             data_path: DataPath::ZeroCopy,
+            completions: CompletionSignal::Polled,
         }
     }
 }
@@ -56,6 +72,7 @@ pub struct ServedDisk {
     geometry: Geometry,
     read_only: bool,
     data_path: DataPath,
+    completions: CompletionSignal,
     /// blkif sectors per logical block.
     sectors_per_block: u64,
 }
@@ -64,7 +81,11 @@ impl ServedDisk {
     /// Checks that the target's view can be served over blkif: a logical
     /// block of a whole number of 512-byte sectors, and at least one block.
     pub fn new(target: OpenedTarget, read_only: bool) -> Result<ServedDisk, OpenError> {
-        let OpenedTarget { view, data_path } = target;
+        let OpenedTarget {
+            view,
+            data_path,
+            completions,
+        } = target;
         let geometry = view.geometry();
         let block = u64::from(geometry.logical_block_size);
         if block < SECTOR_SIZE || !block.is_multiple_of(SECTOR_SIZE) || geometry.blocks == 0 {
@@ -78,12 +99,17 @@ impl ServedDisk {
             geometry,
             read_only,
             data_path,
+            completions,
             sectors_per_block: block / SECTOR_SIZE,
         })
     }
 
     pub fn data_path(&self) -> DataPath {
         self.data_path
+    }
+
+    pub fn completions(&self) -> CompletionSignal {
+        self.completions
     }
 
     pub fn geometry(&self) -> &Geometry {

@@ -331,12 +331,20 @@ impl TestOpener {
             Target::Disk {
                 name: "blindbounced",
             } => return self.grant_blind(DataPath::Bounce),
+            Target::Disk { name: "signalled" } => {
+                return Ok(OpenedTarget {
+                    view: self.spy(512, 2048, false).claim_all()?,
+                    data_path: DataPath::ZeroCopy,
+                    completions: CompletionSignal::Event,
+                });
+            }
             Target::Disk {
                 name: "nullbounced",
             } => {
                 return Ok(OpenedTarget {
                     view: self.null_disk().claim_all()?,
                     data_path: DataPath::Bounce,
+                    completions: CompletionSignal::Polled,
                 });
             }
             Target::Partition { disk, number } => {
@@ -1021,6 +1029,30 @@ fn a_4k_disk_takes_only_aligned_io() {
         assert_eq!(disk.borrow().ops, [Op::Write(1), Op::Discard(2, 1)]);
         assert_eq!(disk.borrow().bytes(4096, 4096), pattern(4));
     });
+}
+
+#[test]
+fn only_a_polled_device_keeps_the_loop_busy_while_requests_are_in_flight() {
+    // An NBD export's replies wake the loop through the vif's event
+    // channel: waiting for them must not spin (it took the CPU dom0's
+    // netback and NBD server needed). A polled device's completions are
+    // found only by polling.
+    for (target, busy) in [("cached", Progress::Busy), ("signalled", Progress::Idle)] {
+        run(|h| {
+            let id = h.add_vbd(FRONTEND, DEVID, target, "w");
+            h.pump();
+            let mut front = h.connect(id, Protocol::X86_64, 0, "3");
+            let disk = h.disk(0);
+            disk.borrow_mut().hold = true;
+            let page = front.grant(true, &pattern(5));
+            let write = front.data_request(blkif::OP_WRITE, 1, 0, 1, &[seg(page, 0, 7)]);
+            assert!(h.io(&mut front, &[write]).is_empty(), "held");
+            assert_eq!(h.pump(), busy, "{target}");
+            disk.borrow_mut().hold = false;
+            h.pump();
+            assert_eq!(front.responses(), [ok(1, blkif::OP_WRITE)], "{target}");
+        });
+    }
 }
 
 #[test]

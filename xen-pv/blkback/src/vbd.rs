@@ -23,7 +23,7 @@ use crate::rate_limited_log::RateLimitedLog;
 use crate::ring_io::BlkifRing;
 use crate::statistics::{self, NodeValue, RequestCounters, RingReport, VbdTotals};
 
-use crate::served_disk::{DataPath, ServedDisk};
+use crate::served_disk::{CompletionSignal, DataPath, ServedDisk};
 use crate::target::{OpenError, Target, TargetOpener};
 use crate::unserved::{UnservedGap, UnservedGaps};
 use xen_pv::event::Port;
@@ -750,7 +750,8 @@ fn poll_vbd<S: BackendServices>(vbd: &mut Vbd, svc: &mut S, now: u64, polled: &m
             Ok(worked) => busy |= worked,
             Err(e) => broken = Some(e),
         }
-        busy |= ring.in_flight() > 0;
+        // A polled device's completions are found only by polling it.
+        busy |= ring.in_flight() > 0 && disk.completions() == CompletionSignal::Polled;
     }
     if let Some(e) = broken {
         vbd.stop_rings();

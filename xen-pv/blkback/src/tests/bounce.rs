@@ -39,6 +39,7 @@ impl TestOpener {
         Ok(OpenedTarget {
             view: Disk::new(device).claim_all()?,
             data_path,
+            completions: CompletionSignal::Polled,
         })
     }
 }
