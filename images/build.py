@@ -110,14 +110,18 @@ EFI_PKGS = ["grub-common", "grub-efi-amd64-bin", "ovmf"]
 # dom0-hvm: dom0 plus what libxl needs for an HVM guest: the device model
 # (QEMU for Xen) and the libraries it links against, hvmloader (shipped by
 # xen-utils, dropped from the plain dom0) and OVMF.
-# The NBD scenarios (issue 13): dom0 serves a file with qemu-nbd, and
+# The network scenarios (issue 13): dom0 serves a file with qemu-nbd,
 # dom0's Linux blkback reaches the same server through the kernel's nbd
-# client (the bench's peer). Copied with the libraries they need.
-NBD_PKGS = ["qemu-utils", "nbd-client", "libgnutls30", "libselinux1", "libnuma1", "liburing2",
-            "libglib2.0-0", "libfuse3-3", "libaio1", "libnettle8", "libgmp10", "libhogweed6",
-            "libp11-kit0", "libidn2-0", "libunistring2", "libtasn1-6", "libpcre2-8-0",
-            "libffi8", "libnl-3-200", "libnl-genl-3-200"]
-NBD_TOOLS = ["usr/bin/qemu-nbd", "sbin/nbd-client"]
+# client (the bench's peer), and curl reads stordom's metrics endpoint.
+# Copied with the libraries they need.
+NET_PKGS = ["qemu-utils", "nbd-client", "curl", "libcurl4", "libgnutls30", "libselinux1",
+            "libnuma1", "liburing2", "libglib2.0-0", "libfuse3-3", "libaio1", "libnettle8",
+            "libgmp10", "libhogweed6", "libp11-kit0", "libidn2-0", "libunistring2", "libtasn1-6",
+            "libpcre2-8-0", "libffi8", "libnl-3-200", "libnl-genl-3-200", "libnghttp2-14",
+            "librtmp1", "libssh2-1", "libpsl5", "libgssapi-krb5-2", "libkrb5-3", "libk5crypto3",
+            "libkrb5support0", "libkeyutils1", "libldap-2.5-0", "libbrotli1", "libsasl2-2",
+            "libcom-err2"]
+NET_TOOLS = ["usr/bin/qemu-nbd", "sbin/nbd-client", "usr/bin/curl"]
 HVM_PKGS = ["qemu-system-xen", "qemu-system-data", "ovmf", "libbz2-1.0", "libdw1", "libelf1", "libfdt1",
             "libffi8", "libglib2.0-0", "libgstreamer-plugins-base1.0-0",
             "libgstreamer1.0-0", "libjpeg62-turbo", "liblz4-1", "libopus0",
@@ -605,7 +609,7 @@ class Builder:
         self.kver = kver
         self.kpkg = kpkg
         xen_pkg = f"xen-hypervisor-{XEN_VER}-{ARCH}"
-        allp = sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + HVM_PKGS + NBD_PKGS + [xen_pkg, kpkg]))
+        allp = sorted(set(DOM0_PKGS + GUEST_PKGS + EFI_PKGS + HVM_PKGS + NET_PKGS + [xen_pkg, kpkg]))
         self.pk.fetch(allp)
         self.manifest["seconds"]["fetch"] = round(time.monotonic() - t0, 1)
         self.manifest["packages"] = {p: self.pk.versions[p] for p in allp}
@@ -764,7 +768,7 @@ class Builder:
         files = [f for f in sorted((HERE / "dom0").rglob("*")) if f.is_file()]
         guest = self.out / "guest-initrd.cpio.gz"
         driverdom = self.out / "driverdom.cpio.gz"
-        key = self.key(DOM0_PKGS + NBD_PKGS + [self.kpkg] + (HVM_PKGS if hvm else []), files,
+        key = self.key(DOM0_PKGS + NET_PKGS + [self.kpkg] + (HVM_PKGS if hvm else []), files,
                        hashlib.sha256(guest.read_bytes() + driverdom.read_bytes()).hexdigest())
         if self.stamp_ok(product, key):
             return False
@@ -790,9 +794,9 @@ class Builder:
                 (root / "usr/share/ovmf").mkdir(parents=True, exist_ok=True)
                 shutil.copy(self.pk.tree("ovmf") / "usr/share/ovmf/OVMF.fd",
                             root / "usr/share/ovmf/OVMF.fd")
-            copy_with_libs([self.pk.tree(p) for p in NBD_PKGS + DOM0_PKGS if p != "busybox-static"],
-                           root, NBD_TOOLS)
-            check_closure(root, DOM0_MUST_RUN + NBD_TOOLS + ([DEVICE_MODEL] if hvm else []))
+            copy_with_libs([self.pk.tree(p) for p in NET_PKGS + DOM0_PKGS if p != "busybox-static"],
+                           root, NET_TOOLS)
+            check_closure(root, DOM0_MUST_RUN + NET_TOOLS + ([DEVICE_MODEL] if hvm else []))
             shutil.copy(self.out / "vmlinuz", root / "images/vmlinuz")
             shutil.copy(self.out / "vmlinux", root / "images/vmlinux")
             shutil.copy(guest, root / "images/guest-initrd.cpio.gz")

@@ -2,8 +2,11 @@
 # (one guest at a time, so they do not compete for the host's two cores);
 # each round's serving profile too.
 create_backend_timed /scenario/stordom.cfg stordom "serve: watching backend/vbd; ready" 60 || return 1
+# stordom-b: its own ELF, and its own command line when one is given.
+cmdline_b=STORDOM_CMDLINE
+[ -z "$STORDOM_CMDLINE_B" ] || cmdline_b=STORDOM_CMDLINE_B
 sed -e 's/^name = .*/name = "stordom-b"/' -e 's|stordom\.elf|stordom-b.elf|' \
-    /scenario/stordom.cfg >/tmp/ab-stordom-b.cfg
+    -e "s/@STORDOM_CMDLINE@/@$cmdline_b@/" /scenario/stordom.cfg >/tmp/ab-stordom-b.cfg
 sed -e 's/^name = .*/name = "g-stordom-b"/' -e 's/backend=stordom,/backend=stordom-b,/' \
     /scenario/g-stordom.cfg >/tmp/ab-g-stordom-b.cfg
 create_backend_timed /tmp/ab-stordom-b.cfg stordom-b "serve: watching backend/vbd; ready" 60 || return 1
