@@ -44,6 +44,11 @@ LINE_RE = re.compile(r"\b(RESULT|METRIC) (.*)$")
 # A domain's debug-port (0xe9) output as Xen prints it: "(d1) ...".  stordom
 # writes every log line there, so it reaches the serial line without dom0.
 XEN_GUEST_RE = re.compile(r"^\(d(\d+)\) ")
+# Xen prints its own lines and a domain's whole, but passes dom0's console
+# writes straight through in pieces, so such a line can land inside a dom0
+# line whose rest follows on the next serial line: "status=pass(d1) [..."
+# once read as a failed check (CI, the nbd scenario's shutdown:g2).
+XEN_SPLICED_RE = re.compile(r"\((?:XEN|d\d+)\) \[")
 # stordom's heartbeat and watchdog (kernel/src/serve.rs), seen through Xen.
 HEARTBEAT_RE = re.compile(r"^\(d(\d+)\) .*\bhb up=.*\boutstanding=(\d+)")
 WATCHDOG_RE = re.compile(r"^\(d(\d+)\) .*\bwatchdog: ")
@@ -308,6 +313,7 @@ class Attempt:
         self.diagnosis: dict = {}
         self.triple_fault_at: float | None = None
         self.killed_boot = 0
+        self.unfinished = ""  # a dom0 line cut by a spliced Xen line
 
     def console_file(self, con: str):
         if con not in self.files:
@@ -334,34 +340,53 @@ class Attempt:
                 p.kill()
                 self.killed_boot = boot
                 self.milestone(f"qemu_killed_boot{boot}", t)
-            m = CON_RE.match(text)
-            if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
-                self.milestone("xen_first_line", t)
-                self.record("xen", t, text)
-                if TRIPLE_FAULT_RE.search(text) and self.triple_fault_at is None:
-                    # The attempt fails whatever follows (evaluate): end
-                    # it now rather than at the timeout.
-                    self.triple_fault_at = t
-                    self.done.set()
-            elif m:
-                con = m.group(1)
-                self.record(con, t, m.group(2))
-                self.milestone(f"{con}_first_line", t)
-                if "STORDOM-GUEST-DONE" in m.group(2):
-                    self.milestone(f"{con}_done", t)
-            else:
-                self.record("dom0", t, text)
-                if "Linux version" in text:
-                    self.milestone("dom0_kernel_start", t)
-                if "STORDOM-DOM0-READY" in text:
-                    self.milestone("dom0_ready", t)
-                d = DONE_RE.search(text)
-                if d:
-                    self.milestone("scenario_done", t)
-                    self.done_rc = int(d.group(1))
-                    self.done.set()
+            for piece in self.unsplice(text):
+                self.route(t, piece)
+        if self.unfinished:
+            self.route(time.monotonic() - self.t0, self.unfinished)
         serial.close()
         self.done.set()
+
+    def unsplice(self, text: str) -> list[str]:
+        """The whole lines in one serial line: a Xen line spliced into a
+        dom0 line is its own, and the dom0 line's start waits for its rest."""
+        if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
+            return [text]
+        m = XEN_SPLICED_RE.search(text, 1)
+        if m:
+            self.unfinished += text[:m.start()]
+            return [text[m.start():]]
+        whole, self.unfinished = self.unfinished + text, ""
+        return [whole]
+
+    def route(self, t: float, text: str) -> None:
+        """Files one console line under its console and notes milestones."""
+        m = CON_RE.match(text)
+        if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
+            self.milestone("xen_first_line", t)
+            self.record("xen", t, text)
+            if TRIPLE_FAULT_RE.search(text) and self.triple_fault_at is None:
+                # The attempt fails whatever follows (evaluate): end
+                # it now rather than at the timeout.
+                self.triple_fault_at = t
+                self.done.set()
+        elif m:
+            con = m.group(1)
+            self.record(con, t, m.group(2))
+            self.milestone(f"{con}_first_line", t)
+            if "STORDOM-GUEST-DONE" in m.group(2):
+                self.milestone(f"{con}_done", t)
+        else:
+            self.record("dom0", t, text)
+            if "Linux version" in text:
+                self.milestone("dom0_kernel_start", t)
+            if "STORDOM-DOM0-READY" in text:
+                self.milestone("dom0_ready", t)
+            d = DONE_RE.search(text)
+            if d:
+                self.milestone("scenario_done", t)
+                self.done_rc = int(d.group(1))
+                self.done.set()
 
     def qemu_cmd(self, initrd: Path, boot: int) -> list[str]:
         c = self.sc.cfg
@@ -796,11 +821,17 @@ def summary(res: dict, run_dir: Path) -> str:
         # Prefer a failure that names a line.
         first = next((c for c in failed if re.search(r"\.log:\d+$", c["where"])), failed[0])
         out.append(f"  FAILED: start at {first['where']}")
-        logf = Path(first["where"].split(":")[0])
+        logf, _, at = first["where"].partition(":")
+        logf = Path(logf)
         if logf.is_file():
-            tail = logf.read_text(errors="replace").splitlines()[-8:]
+            lines = logf.read_text(errors="replace").splitlines()
+            if at.isdigit():
+                # The line the check points at, and what led to it.
+                n = int(at)
+                out.append(f"  {logf.name}, lines {max(n - 5, 1)}-{n}:")
+                out.extend(f"    {l[:150]}" for l in lines[max(n - 6, 0):n])
             out.append(f"  last lines of {logf.name}:")
-            out.extend(f"    {l[:150]}" for l in tail)
+            out.extend(f"    {l[:150]}" for l in lines[-8:])
     return "\n".join(out)
 
 

@@ -201,6 +201,16 @@ class RunTests(unittest.TestCase):
         self.assertEqual(r["verdict"], "pass")
         self.assertIn("xen.log", r["logs"])
 
+    def test_a_xen_line_spliced_into_a_dom0_line_is_taken_out(self):
+        # As the serial line had it: dom0's line, stordom's line through
+        # Xen, then the "\r\n" dom0 wrote after its text.
+        spliced = ["RESULT name=shutdown:g2 status=pass(d1) [  154.7] INFO  vbd 3/51712: removed",
+                   "", "[con:guest-g1] e2fsck 1.47.0(d1) [  154.8] INFO  hb up=1", " (5-Feb-2023)"]
+        r = attempt(GOOD[:-1] + spliced + [GOOD[-1]])
+        self.assertEqual(r["verdict"], "pass", r["checks"])
+        self.assertIn("dom0: shutdown:g2", [c["name"] for c in r["checks"]])
+        self.assertIn("e2fsck 1.47.0 (5-Feb-2023)", r["guest_log"])
+
     def test_machine_frozen_only_when_nobody_answers(self):
         r = attempt(GOOD[:-1], done=False, silent_s=100, xen_answered=False, dom0_answered=False)
         self.assertEqual(r["verdict"], "machine-frozen")

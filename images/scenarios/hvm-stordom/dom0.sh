@@ -3,7 +3,8 @@
 start_hvm_stordom || return 1
 # Its early lines, before the PV console, go to the 0xe9 port, which Xen
 # prints ((dN) in its log); the serial file holds the firmware's.
-if line=$(xl dmesg | grep -a -m1 "multiboot2 boot"); then
+# Without its "(dN) " (the runner splits serial lines there).
+if line=$(xl dmesg | grep -a -m1 "multiboot2 boot") && line=${line#(d*) }; then
     result hvm-boot pass "$line; $(grep -a -m1 'boot complete' "$(domain_console stordom)")"
 else
     result hvm-boot fail "no multiboot2 boot line from stordom in xl dmesg"
