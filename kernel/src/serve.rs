@@ -541,8 +541,8 @@ pub fn run(
     // The watch's first event is its setting up, not a request.
     let mut restart_watch_set = false;
     // The toolstack's work has run over every vbd since the start (each
-    // one left Connected adopted); the next ring pass ends a restart's
-    // pause.
+    // one left Connected adopted, each network disk connected); the next
+    // ring pass ends a restart's pause.
     let mut vbds_settled = false;
     let mut pause_reported = false;
     // Tell the toolstack `xl shutdown` may ask us rather than destroy us.
@@ -604,7 +604,11 @@ pub fn run(
         let served_before = vbds.ring_passes_while_waiting();
         let attended = vbds.attend(&mut xs, &mut backend, &polled.attention);
         marks.served_in_toolstack = vbds.ring_passes_while_waiting() - served_before;
-        if !vbds_settled && attended == Progress::Idle && counters.turns >= 2 {
+        if !vbds_settled
+            && attended == Progress::Idle
+            && counters.turns >= 2
+            && !vbds.targets_opening()
+        {
             vbds_settled = true;
             drop_orphan_ram_disks(&mut xs);
         }

@@ -3,7 +3,8 @@
 # bridge; udhcpd leasing stordom its address; stordom with a vif. g1 runs fio integrity on target=nbd:... and
 # stordom's /metrics must match its totals; g2 runs mkfs+fsck and then
 # the soak job while dom0 kills the NBD server (SIGKILL) and starts it
-# again, NBD_KILLS times: the guest must see no error.
+# again, NBD_KILLS times, then restarts stordom in place twice (an
+# operator's request, the panic hook): the guest must see no error.
 STORDOM_IP=10.0.0.2
 
 dom0_bridge || return 1
@@ -35,6 +36,7 @@ domain_create /scenario/stordom.cfg || return 1
 sd=$(xl domid stordom)
 stordom_ready stordom || return 1
 vif_on_bridge "$sd" || return 1
+restart_control "$sd" || return 1
 
 domain_create /scenario/g1.cfg || return 1
 served_by g1 "$sd"
@@ -62,6 +64,21 @@ for k in $(seq 1 $NBD_KILLS); do
     kills=$k
 done
 [ $kills = $NBD_KILLS ] && result nbd-kills pass "$kills kills, each ${NBD_DOWN_SECS} s down"
+# Then stordom itself restarts in place under the same verify (issue 12
+# with a vif): the new instance takes up the vif again, asks DHCP, connects
+# to the export and answers what the ring holds unanswered.
+k=0
+for how in "operator request from the nbd scenario" panic; do
+    nap $NBD_KILL_EVERY
+    k=$((k + 1))
+    restart_in_place "$sd" $k "$how"
+done
+n=$(grep -c "nbd: [0-9/]*: connected to 10\.0\.0\.1:10809" "$(domain_console stordom)")
+if [ "$n" -ge $((2 + k)) ]; then
+    result nbd-after-restarts pass "$n connections to the export: g1's, g2's and one per restart"
+else
+    result nbd-after-restarts fail "$n connections to the export for 2 guests and $k restarts"
+fi
 wait_gone g2 $((SOAK_SECS + 300))
 # Each kill cost a connection, and stordom made a new one each time.
 n=$(grep -c "nbd: [0-9/]*: reconnected; [0-9]* requests replayed" "$(domain_console stordom)")

@@ -9,11 +9,7 @@
 assign_controllers || return 1
 # shellcheck disable=SC2086 # a list of PCI functions
 start_hvm_stordom $STORDOM_PCI || return 1
-node=/local/domain/$sd/control/restart
-# control/ is the toolstack's: dom0 makes the node and lets stordom read it
-# (an empty value asks for nothing).
-xenstore-write $node "" && xenstore-chmod $node n0 r$sd \
-    || { result setup fail "cannot make $node readable by stordom"; return 1; }
+restart_control "$sd" || return 1
 for g in g1 g2; do
     domain_create /scenario/$g.cfg || return 1
 done
@@ -36,32 +32,7 @@ nap 15
 k=0
 for how in "operator request from the restart scenario" panic hang "second operator request" panic; do
     k=$((k + 1))
-    say "restart $k: control/restart = $how"
-    t_ask=$(now_ms)
-    xenstore-write $node "$how"
-    n=0
-    until [ "$(xenstore-read /local/domain/$sd/data/restarts 2>/dev/null)" = $k ]; do
-        n=$((n + 1)); [ $n -gt 400 ] && break
-        nap 0.1
-    done
-    count=$(xenstore-read /local/domain/$sd/data/restarts 2>/dev/null)
-    if [ "$count" = $k ]; then
-        result restart-$k pass "$how: data/restarts = $k after $(( $(now_ms) - t_ask )) ms, last-restart '$(xenstore-read /local/domain/$sd/data/last-restart 2>/dev/null)'"
-    else
-        result restart-$k fail "$how: data/restarts is '$count' 40 s after the request, not $k"
-    fi
-    same_domain stordom "$sd"
-    n=0
-    until grep -q "restart $k (.*): rings served again after" "$(domain_console stordom)" 2>/dev/null; do
-        n=$((n + 1)); [ $n -gt 300 ] && break
-        nap 0.1
-    done
-    line=$(grep -o "restart $k (.*): rings served again after.*" "$(domain_console stordom)" 2>/dev/null)
-    if [ -n "$line" ]; then
-        result restart-$k-served pass "$line"
-    else
-        result restart-$k-served fail "no 'restart $k (...): rings served again' line on stordom's console"
-    fi
+    restart_in_place "$sd" $k "$how"
     nap 20
 done
 

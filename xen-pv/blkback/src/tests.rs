@@ -1306,13 +1306,17 @@ fn a_target_still_connecting_is_asked_again_until_it_opens() {
         // Neither served nor failed: still Initialising, no complaint.
         assert_eq!(h.backend_state(id).as_deref(), Some("1"));
         assert_eq!(h.backend_node(id, "error"), None);
+        assert!(h.vbds.targets_opening());
         for _ in 0..2 {
             h.pump_after(OPEN_RECHECK_NS - 1);
             assert_eq!(h.backend_state(id).as_deref(), Some("1"));
+            assert!(h.vbds.targets_opening());
             h.pump_after(1);
         }
         assert_eq!(h.backend_state(id).as_deref(), Some("2"));
         assert_eq!(h.backend_node(id, "error"), None);
+        // The refused one failed rather than waits: none is opening.
+        assert!(!h.vbds.targets_opening());
         // Once open, no more asking: the loop is idle.
         assert_eq!(h.pump_after(OPEN_RECHECK_NS), Progress::Idle);
         let mut front = h.connect(id, Protocol::X86_64, 0, "3");

@@ -182,6 +182,8 @@ struct Vbd {
     /// Detached: when Closed was first seen, and when to look again.
     closed_at: Option<u64>,
     recheck_at: Option<u64>,
+    /// Its target answered [`OpenError::InProgress`]: not served yet.
+    target_opening: bool,
     log: RateLimitedLog,
     /// Its statistics as last published (node name under `statistics/`).
     published: BTreeMap<String, NodeValue>,
@@ -480,6 +482,12 @@ impl<O: TargetOpener> VbdBackends<O> {
         }
     }
 
+    /// Whether a vbd waits for its target to become ready (a network
+    /// disk connecting): until then its frontend is not served.
+    pub fn targets_opening(&self) -> bool {
+        self.devices.values().any(|v| v.target_opening)
+    }
+
     /// Times the rings were served while the toolstack's work (a vbd's
     /// state machine, a rescan) waited for xenstore, a count that only
     /// grows: that work does not hold them up.
@@ -576,6 +584,7 @@ impl<O: TargetOpener> VbdBackends<O> {
                 closed_when_drained: false,
                 closed_at: None,
                 recheck_at: None,
+                target_opening: false,
                 published: BTreeMap::new(),
                 watch_pending: false,
                 adopted_unanswered: None,
@@ -990,9 +999,11 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
         Ok(disk) => disk,
         Err(OpenError::InProgress) => {
             vbd.recheck_at = Some(svc.now_ns() + OPEN_RECHECK_NS);
+            vbd.target_opening = true;
             return Ok(false);
         }
         Err(e) => {
+            vbd.target_opening = false;
             let why = format!("cannot serve target {params:?}: {e}");
             vbd.failed = true;
             report(xs, svc, vbd, &why, XenbusState::Closed);
@@ -1015,6 +1026,7 @@ fn open<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     };
     vbd.disk = Some(disk);
     vbd.recheck_at = None;
+    vbd.target_opening = false;
     vbd.target = Some(params.clone());
     vbd.log.line(
         svc,

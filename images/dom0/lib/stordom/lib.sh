@@ -499,6 +499,51 @@ same_domain() {
     fi
 }
 
+# restart_control SD: makes stordom's control/restart node (control/ is the
+# toolstack's: dom0 makes it and lets stordom read it; an empty value asks
+# for nothing).
+restart_control() {
+    local node=/local/domain/$1/control/restart
+    xenstore-write $node "" && xenstore-chmod $node n0 r$1 && return 0
+    result setup fail "cannot make $node readable by stordom"
+    return 1
+}
+
+# restart_in_place SD K HOW: asks stordom (domid SD) for its Kth in-place
+# restart, writing HOW to control/restart (a reason, or the test hooks
+# "panic" and "hang"); RESULT restart-K (data/restarts went to K; with the
+# time it took) and restart-K-served (its console line with the pause the
+# guests saw), and stordom-same-domain.
+restart_in_place() {
+    local sd=$1 k=$2 how=$3 t_ask n count line
+    say "restart $k: control/restart = $how"
+    t_ask=$(now_ms)
+    xenstore-write /local/domain/$sd/control/restart "$how"
+    n=0
+    until [ "$(xenstore-read /local/domain/$sd/data/restarts 2>/dev/null)" = $k ]; do
+        n=$((n + 1)); [ $n -gt 400 ] && break
+        nap 0.1
+    done
+    count=$(xenstore-read /local/domain/$sd/data/restarts 2>/dev/null)
+    if [ "$count" = $k ]; then
+        result restart-$k pass "$how: data/restarts = $k after $(( $(now_ms) - t_ask )) ms, last-restart '$(xenstore-read /local/domain/$sd/data/last-restart 2>/dev/null)'"
+    else
+        result restart-$k fail "$how: data/restarts is '$count' 40 s after the request, not $k"
+    fi
+    same_domain stordom "$sd"
+    n=0
+    until grep -q "restart $k (.*): rings served again after" "$(domain_console stordom)" 2>/dev/null; do
+        n=$((n + 1)); [ $n -gt 300 ] && break
+        nap 0.1
+    done
+    line=$(grep -o "restart $k (.*): rings served again after.*" "$(domain_console stordom)" 2>/dev/null)
+    if [ -n "$line" ]; then
+        result restart-$k-served pass "$line"
+    else
+        result restart-$k-served fail "no 'restart $k (...): rings served again' line on stordom's console"
+    fi
+}
+
 # Background loop started by /init: every console log xenconsoled creates is
 # copied line by line onto dom0's console as "[con:guest-NAME] line"; the
 # runner splits those lines into one log per domain.
