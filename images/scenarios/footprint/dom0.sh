@@ -1,7 +1,7 @@
 # The smallest memory= at which each backend serves 8 vbds (2 MiB disks in
 # its own memory) with fio verify passing on all of them: the backend is
 # created at each size of its list, largest first, with one guest on its 8
-# disks; the first size that fails ends the descent. Creation failures
+# disks; the first size that fails twice ends the descent. Creation failures
 # and guest failures at small sizes are the measurement, not errors: only
 # "no size passed" fails the run.
 DISKS=8
@@ -41,8 +41,14 @@ for be in stordom linuxdd; do
     for mib in $sizes; do
         if trial $be $mib; then
             smallest=$mib tried="$tried $mib:pass"
+        # A size fails only if it fails twice: the Linux driver domain's
+        # hotplug scripts once failed at a size passed before and below
+        # (a toolstack failure, not the memory this measures). A pass at
+        # the second try is listed as such.
+        elif say "footprint: $be at $mib MiB failed; once more" && trial $be $mib; then
+            smallest=$mib tried="$tried $mib:fail,pass"
         else
-            tried="$tried $mib:fail"
+            tried="$tried $mib:fail,fail"
             break
         fi
     done
