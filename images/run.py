@@ -49,6 +49,7 @@ XEN_GUEST_RE = re.compile(r"^\(d(\d+)\) ")
 # line whose rest follows on the next serial line: "status=pass(d1) [..."
 # once read as a failed check (CI, the nbd scenario's shutdown:g2).
 XEN_SPLICED_RE = re.compile(r"\((?:XEN|d\d+)\) \[")
+
 # stordom's heartbeat and watchdog (kernel/src/serve.rs), seen through Xen.
 HEARTBEAT_RE = re.compile(r"^\(d(\d+)\) .*\bhb up=.*\boutstanding=(\d+)")
 WATCHDOG_RE = re.compile(r"^\(d(\d+)\) .*\bwatchdog: ")
@@ -160,6 +161,11 @@ PASSTHROUGH_DISKS = {"nvme-ns1.img": 512, "nvme-ns2.img": 256, "ahci.img": 256, 
 # durability checks' power cut.
 KILL_MARK = "STORDOM-KILL-QEMU"
 DISK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_xen_line(text: str) -> bool:
+    """Xen's own line, or a domain's debug-port line as Xen prints it."""
+    return text.startswith("(XEN)") or XEN_GUEST_RE.match(text) is not None
 
 
 def log(msg: str) -> None:
@@ -350,7 +356,7 @@ class Attempt:
     def unsplice(self, text: str) -> list[str]:
         """The whole lines in one serial line: a Xen line spliced into a
         dom0 line is its own, and the dom0 line's start waits for its rest."""
-        if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
+        if is_xen_line(text):
             return [text]
         m = XEN_SPLICED_RE.search(text, 1)
         if m:
@@ -362,7 +368,7 @@ class Attempt:
     def route(self, t: float, text: str) -> None:
         """Files one console line under its console and notes milestones."""
         m = CON_RE.match(text)
-        if text.startswith("(XEN)") or XEN_GUEST_RE.match(text):
+        if is_xen_line(text):
             self.milestone("xen_first_line", t)
             self.record("xen", t, text)
             if TRIPLE_FAULT_RE.search(text) and self.triple_fault_at is None:
