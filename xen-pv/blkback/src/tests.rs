@@ -1330,6 +1330,25 @@ fn a_target_still_connecting_is_asked_again_until_it_opens() {
 }
 
 #[test]
+fn a_target_still_connecting_stops_counting_once_its_vbd_is_taken_offline() {
+    run(|h| {
+        let id = h.add_vbd(FRONTEND, DEVID, "nbd:10.0.0.2:1000/disk0", "w");
+        h.pump();
+        assert!(h.vbds.targets_opening());
+        let be = backend_path(id);
+        h.xs.channel_mut().dom0_write(&format!("{be}/online"), b"0");
+        h.pump();
+        // A restart's pause is reported once no vbd waits on its target.
+        assert!(!h.vbds.targets_opening());
+        assert_eq!(h.backend_state(id).as_deref(), Some("6"));
+        h.xs.channel_mut().dom0_rm(&frontend_path(id));
+        h.pump_after(DETACH_GRACE_NS);
+        assert_eq!(h.xs.channel_mut().dom0_read(&be), None);
+        assert!(h.vbds.status(id).is_none());
+    });
+}
+
+#[test]
 fn a_bad_target_is_reported_and_the_others_keep_working() {
     run(|h| {
         let missing = h.add_vbd(8, 768, "nvme9n1", "w");

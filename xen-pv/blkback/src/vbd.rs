@@ -803,6 +803,8 @@ fn step<C: PeerChannel, S: BackendServices, O: TargetOpener>(
     }
     let online = read_optional(xs, &format!("{}/online", vbd.path))?.is_none_or(|v| v != "0");
     let opening = !vbd.failed && vbd.disk.is_none() && online;
+    // Taken offline while its target connected: nothing waits on it now.
+    vbd.target_opening &= opening;
     // Only a vbd this instance has not written to yet may be one a
     // previous instance (in this domain) left connected.
     let start = match opening && vbd.state == XenbusState::Initialising {
