@@ -1,8 +1,8 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
 //! heap's use counters, the command line, the serve loop's idle polling, the restart policy and the RAM
 //! disks kept across restarts, the vif's address (its sources' order and
-//! the DHCP client), and the x86-64 page-table
-//! format. The bare-metal binary
+//! the DHCP client), the x86-64 page-table
+//! format and the copy and fill loops behind `memcpy` and `memset`. The bare-metal binary
 //! is `src/main.rs`.
 #![no_std]
 
@@ -22,3 +22,6 @@ pub mod vif_address;
 // through its `arch` facade (`arch::paging`).
 #[path = "arch/x86_64/paging.rs"]
 pub mod paging;
+// The same for the string instructions the C memory functions use.
+#[path = "arch/x86_64/string_ops.rs"]
+pub mod string_ops;
