@@ -7,6 +7,7 @@ use core::mem::size_of;
 
 use xen_pv::PAGE_SIZE;
 use xen_pv::grant::{GrantRef, Mapping};
+use xen_pv::ring::copy_from_shared;
 
 use crate::BackendServices;
 use crate::blkif::{self, Direction, GrantedSegment, SEGMENTS_PER_INDIRECT_PAGE};
@@ -156,16 +157,10 @@ pub(crate) fn read_indirect_page<S: BackendServices>(
     let entry_size = size_of::<blkif::WireSegment>();
     for index in 0..count.min(SEGMENTS_PER_INDIRECT_PAGE) {
         let mut raw = [0u8; 8];
-        for (offset, byte) in raw.iter_mut().enumerate() {
-            // SAFETY: `index < 512` and `offset < 8`, so the byte lies in
-            // the page mapped at `gfn`, mapped until the caller unmaps
-            // it; volatile because the frontend may write it meanwhile.
-            *byte = unsafe {
-                base.as_ptr()
-                    .add(index * entry_size + offset)
-                    .read_volatile()
-            };
-        }
+        // SAFETY: `index < 512`, so the 8 bytes lie in the page mapped at
+        // `gfn`, mapped until the caller unmaps it; copied as shared
+        // memory because the frontend may write it meanwhile.
+        unsafe { copy_from_shared(base.as_ptr().add(index * entry_size), &mut raw) };
         let [g0, g1, g2, g3, first_sect, last_sect, _, _] = raw;
         if first_sect > last_sect || last_sect > blkif::LAST_SECTOR_IN_PAGE {
             return Err("bad first/last sector in an indirect segment");
