@@ -67,6 +67,8 @@ const UNSERVED_REPORT_NS: u64 = 1_000_000_000;
 struct LoopCounters {
     turns: u64,
     sleeps: u64,
+    /// Time in each phase of the turns (see `serve_profile::TURN_PHASES`).
+    phase_ns: [u64; 4],
     /// Sleeps that ended at their deadline rather than on an event.
     timeouts: u64,
     next_housekeeping_ns: u64,
@@ -116,6 +118,7 @@ impl LoopCounters {
         LoopTotals {
             turns: self.turns,
             sleeps: self.sleeps,
+            phase_ns: self.phase_ns,
         }
     }
 
@@ -642,6 +645,11 @@ pub fn run(
             None => NetTurn::default(),
         };
         marks.ends[3] = clock::now_ns();
+        let mut phase_start = marks.start;
+        for (total, end) in counters.phase_ns.iter_mut().zip(marks.ends) {
+            *total += end.saturating_sub(phase_start);
+            phase_start = end;
+        }
         let gap = vbds.take_longest_unserved(marks.ends[3]);
         counters.check_unserved(&marks, gap);
         counters.heartbeat(now, &vbds, xen::events_pending(&events));

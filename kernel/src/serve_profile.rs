@@ -1,7 +1,8 @@
 //! What serving costs stordom, for dom0 to read per guest request: every
 //! hypercall by kind with its time (counted where hypercalls are made,
 //! see `xen_pv::profile`), the serve loop's turns and sleeps, the
-//! requests and segments answered, and the vCPU's runstate times. Published
+//! requests and segments answered, the time the loop's turns spent in each
+//! phase, and the vCPU's runstate times. Published
 //! under `data/profile/` by the loop's housekeeping (values that changed
 //! only), and summed up in one console line at shutdown.
 
@@ -17,11 +18,17 @@ use xen_pv::xenstore::Xenstore;
 /// Where the nodes go, under stordom's home.
 const PROFILE_DIR: &str = "data/profile";
 
+/// The phases of a serve loop turn, in order, as the profile names them.
+pub const TURN_PHASES: [&str; 4] = ["intake", "rings", "toolstack", "housekeeping"];
+
 /// What the serve loop counted since it started.
 #[derive(Clone, Copy)]
 pub struct LoopTotals {
     pub turns: u64,
     pub sleeps: u64,
+    /// Clock time in each of [`TURN_PHASES`], ns (time Xen ran another
+    /// vCPU meanwhile included).
+    pub phase_ns: [u64; 4],
 }
 
 /// The profile's nodes as last written.
@@ -33,8 +40,9 @@ pub struct ServingProfile {
 impl ServingProfile {
     /// Writes the nodes that changed since the last call, without waiting
     /// for xenstored (see `statistics::publish_changed`): `requests`,
-    /// `segments`, `turns`, `sleeps`, `cpu/{running,runnable,blocked}`
-    /// (ns), and each hypercall kind's `calls`, `ns` (and `ops`).
+    /// `segments`, `turns`, `sleeps`, `turn-<phase>/ns`,
+    /// `cpu/{running,runnable,blocked}` (ns), and each hypercall kind's
+    /// `calls`, `ns` (and `ops`).
     pub fn publish(
         &mut self,
         xs: &mut Xenstore<'static, PortChannel>,
@@ -48,6 +56,12 @@ impl ServingProfile {
             ("turns".into(), totals.turns),
             ("sleeps".into(), totals.sleeps),
         ]);
+        nodes.extend(
+            TURN_PHASES
+                .iter()
+                .zip(totals.phase_ns)
+                .map(|(phase, ns)| (alloc::format!("turn-{phase}/ns"), ns)),
+        );
         if let Some(cpu) = xen::cpu_times() {
             nodes.extend([
                 ("cpu/running".into(), cpu.running),
@@ -61,8 +75,8 @@ impl ServingProfile {
 }
 
 /// Logs the profile since boot in one line: `profile: N requests (S
-/// segments/request), T turns and Z sleeps/request, cpu ...; H
-/// hypercalls (...)`.
+/// segments/request), T turns and Z sleeps/request, turns' time per
+/// request: intake .. us, ...; cpu ...; H hypercalls (...)`.
 pub fn log_summary(totals: LoopTotals, answered: &RequestCounters) {
     let requests = answered.answered;
     let per = |total: u64| Average {
@@ -81,11 +95,17 @@ pub fn log_summary(totals: LoopTotals, answered: &RequestCounters) {
             .collect()
         })
         .unwrap_or_default();
+    let phases: Vec<String> = TURN_PHASES
+        .iter()
+        .zip(totals.phase_ns)
+        .map(|(phase, ns)| alloc::format!("{phase} {} us", per(ns / 1000)))
+        .collect();
     log::info!(
-        "profile: {requests} requests ({} segments/request), {} turns and {} sleeps/request, cpu {}; {}",
+        "profile: {requests} requests ({} segments/request), {} turns and {} sleeps/request, turns' time per request: {}; cpu {}; {}",
         per(answered.segments),
         per(totals.turns),
         per(totals.sleeps),
+        phases.join(", "),
         cpu.join(" "),
         xen::hypercall_profile().per_request(requests, clock::tsc_hz()),
     );

@@ -269,11 +269,14 @@ stordom_ready() {   # stordom_ready NAME [SECS]: its ready line within SECS (30)
 
 # create_backend_timed CFG NAME READY_TEXT SECS: creates a storage driver
 # domain and reports the milliseconds from `xl create` to the console line
-# that says it serves (METRIC backend_ready_ms, backend=NAME).
+# that says it serves (METRIC backend_ready_ms, backend=NAME), and how
+# many of them `xl create` itself took, the toolstack building the
+# domain (METRIC backend_created_ms).
 create_backend_timed() {
     local t0
     t0=$(now_ms)
     domain_create "$1" || return 1
+    echo "METRIC name=backend_created_ms backend=$2 value=$(( $(now_ms) - t0 )) unit=ms"
     if ! console_line $2 "$3" $4; then
         result "ready:$2" fail "no '$3' on its console within $4 s"
         return 1
