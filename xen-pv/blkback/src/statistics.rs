@@ -346,6 +346,9 @@ pub(crate) fn nodes(rings: &[RingReport]) -> Vec<(String, NodeValue)> {
     nodes
 }
 
+/// Where under a vbd's backend directory its statistics go.
+pub const STATISTICS_DIR: &str = "statistics";
+
 /// Writes the nodes of `rings` under `path/statistics/` (see
 /// [`publish_changed`]).
 pub(crate) fn publish<C: PeerChannel>(
@@ -354,13 +357,19 @@ pub(crate) fn publish<C: PeerChannel>(
     rings: &[RingReport],
     published: &mut BTreeMap<String, NodeValue>,
 ) -> Result<(), XsError> {
-    publish_changed(xs, &format!("{path}/statistics"), nodes(rings), published)
+    publish_changed(
+        xs,
+        &format!("{path}/{STATISTICS_DIR}"),
+        nodes(rings),
+        published,
+    )
 }
 
 /// Writes each of `nodes` (a name under `dir`, a value) whose value
 /// differs from `published` (what was written before, updated here),
-/// without waiting for xenstored: publishing never holds up the rings for
-/// a round trip. Nodes that do not fit in the xenstore ring now wait for
+/// without waiting for xenstored (and waking it once for all of them):
+/// publishing never holds up the rings for a round trip. Nodes that do
+/// not fit in the xenstore ring now wait for
 /// the next call. Each node is written on its own (no transaction): a
 /// reader may see some nodes one publication ahead of others.
 pub fn publish_changed<C: PeerChannel, N: AsRef<str>, V: PartialEq + fmt::Display>(
@@ -369,13 +378,14 @@ pub fn publish_changed<C: PeerChannel, N: AsRef<str>, V: PartialEq + fmt::Displa
     nodes: impl IntoIterator<Item = (N, V)>,
     published: &mut BTreeMap<String, V>,
 ) -> Result<(), XsError> {
+    let mut writes = xs.unacknowledged_writes();
     for (name, value) in nodes {
         let name = name.as_ref();
         if published.get(name) == Some(&value) {
             continue;
         }
         let node = format!("{dir}/{name}");
-        if !xs.write_unacknowledged(&node, value.to_string().as_bytes())? {
+        if !writes.write(&node, value.to_string().as_bytes())? {
             return Ok(());
         }
         published.insert(name.to_string(), value);

@@ -498,6 +498,26 @@ fn unacknowledged_writes_land_and_their_replies_are_dropped() {
 }
 
 #[test]
+fn a_batch_of_unacknowledged_writes_wakes_xenstored_once() {
+    with_client(0, |xs| {
+        let before = xs.channel_mut().notifications();
+        {
+            let mut writes = xs.unacknowledged_writes();
+            for (path, value) in [("data/a", b"1"), ("data/b", b"2"), ("data/c", b"3")] {
+                assert!(writes.write(path, value).unwrap());
+            }
+        }
+        assert_eq!(xs.channel_mut().notifications(), before + 1);
+        assert_eq!(xs.read_string(Tx::NONE, "data/c").unwrap(), "3");
+        assert_eq!(xs.read_string(Tx::NONE, "data/a").unwrap(), "1");
+        // Nothing sent, nothing to wake it for.
+        let before = xs.channel_mut().notifications();
+        drop(xs.unacknowledged_writes());
+        assert_eq!(xs.channel_mut().notifications(), before);
+    });
+}
+
+#[test]
 fn an_unacknowledged_write_that_does_not_fit_is_not_sent() {
     with_client(0, |xs| {
         let value = [b'x'; 400];

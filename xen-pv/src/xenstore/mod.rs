@@ -10,8 +10,8 @@ pub mod wire;
 use core::sync::atomic::{AtomicU8, AtomicU32};
 
 pub use client::{
-    MAX_QUEUED_WATCH_EVENT_BYTES, MAX_QUEUED_WATCH_EVENTS, StreamRecord, Tx, WatchEvent,
-    WorkingChannel, Xenstore,
+    MAX_QUEUED_WATCH_EVENT_BYTES, MAX_QUEUED_WATCH_EVENTS, StreamRecord, Tx, UnacknowledgedWrites,
+    WatchEvent, WorkingChannel, Xenstore,
 };
 pub use wire::{Access, Perm, XsError};
 
