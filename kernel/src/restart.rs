@@ -159,7 +159,6 @@ pub fn restart(kind: &str, what: fmt::Arguments<'_>) -> Refusal {
 extern "C" fn start_new_instance() -> ! {
     interrupts::release_ist_stacks();
     progress();
-    xen::forget_deferred_notifies();
     // SAFETY: the dead instance's stack was abandoned by the switch to the
     // boot stack and nothing of it runs again (one vCPU, interrupts off).
     unsafe { memory::restart_heap() };

@@ -12,7 +12,7 @@ use crate::arch::paging::PageAccess;
 use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
@@ -292,95 +292,15 @@ pub fn sleep_until_event(ports: &[u32], max_ns: u64) {
         .get()
         .and_then(|shared| shared.vcpu_info[0].time.read())
         .map(|clock| clock.nanos_at(cpu::rdtsc()).saturating_add(max_ns));
-    let (notifies, count) = DEFERRED_NOTIFIES.take();
-    let notifies = &notifies[..count];
     match (XEN.get(), deadline) {
         (Some(xen), Some(deadline)) => {
-            let slept = match notifies {
-                [] => sched::poll(&&xen.hypercalls, ports, deadline),
-                _ => sched::send_then_poll(&&xen.hypercalls, notifies, ports, deadline),
-            };
-            if let Err(e) = slept {
+            if let Err(e) = sched::poll(&&xen.hypercalls, ports, deadline) {
                 log::warn!("xen: SCHEDOP_poll failed ({e:?}); halting instead");
                 apic::halt_until_interrupt(max_ns);
             }
         }
-        (xen, _) => {
-            if let Some(xen) = xen {
-                notifies.iter().for_each(|&port| send(xen, port));
-            }
-            apic::halt_until_interrupt(max_ns);
-        }
+        _ => apic::halt_until_interrupt(max_ns),
     }
-}
-
-/// Ring notifies held for the loop's next sleep or wait, which makes
-/// them in its own trip into Xen (`sched::send_then_poll`): under nested
-/// emulation a trip costs more than the notify's work. Only the serve
-/// loop's flow touches them (never an interrupt handler), one vCPU.
-static DEFERRED_NOTIFIES: DeferredNotifies = DeferredNotifies::new();
-
-struct DeferredNotifies {
-    ports: [AtomicU32; sched::MAX_FOLDED_SENDS],
-    len: AtomicUsize,
-}
-
-impl DeferredNotifies {
-    const fn new() -> Self {
-        Self {
-            ports: [const { AtomicU32::new(0) }; sched::MAX_FOLDED_SENDS],
-            len: AtomicUsize::new(0),
-        }
-    }
-
-    /// Holds a notify on `port`; false when there is no room (send it
-    /// now).
-    fn defer(&self, port: Port) -> bool {
-        let len = self.len.load(Ordering::Relaxed);
-        let held = &self.ports[..len];
-        if held.iter().any(|p| p.load(Ordering::Relaxed) == port.0) {
-            return true;
-        }
-        let Some(slot) = self.ports.get(len) else {
-            return false;
-        };
-        slot.store(port.0, Ordering::Relaxed);
-        self.len.store(len + 1, Ordering::Relaxed);
-        true
-    }
-
-    /// The held notifies (and how many), no longer held.
-    fn take(&self) -> ([Port; sched::MAX_FOLDED_SENDS], usize) {
-        let len = self.len.swap(0, Ordering::Relaxed);
-        let ports = core::array::from_fn(|i| Port(self.ports[i].load(Ordering::Relaxed)));
-        (ports, len)
-    }
-}
-
-/// Holds a frontend's ring notify on `port` until the loop's next sleep or
-/// wait, or [`send_deferred_notifies`]; false when there is no room.
-pub fn defer_ring_notify(port: Port) -> bool {
-    DEFERRED_NOTIFIES.defer(port)
-}
-
-/// Sends the held ring notifies now (a loop turn that does not sleep).
-pub fn send_deferred_notifies() {
-    let (notifies, count) = DEFERRED_NOTIFIES.take();
-    if let Some(xen) = XEN.get() {
-        notifies[..count].iter().for_each(|&port| send(xen, port));
-    }
-}
-
-/// Drops the held notifies: a restarted instance's ports are its own (it
-/// signals every ring it adopts).
-pub fn forget_deferred_notifies() {
-    DEFERRED_NOTIFIES.take();
-}
-
-/// Sends on `port`; a failure leaves the peer to find the news on its
-/// next look.
-fn send(xen: &Xen, port: Port) {
-    let _ = command(&&xen.hypercalls, &mut EvtchnSend { port: port.0 });
 }
 
 /// Sleeps until an event on any port bound in `events` (see
