@@ -10,7 +10,7 @@ use crate::nbd::{NbdLinks, SharedNbdLinks};
 use crate::net::{NetStack, NetTurn};
 use crate::platform::KernelHal;
 use crate::restart::{self, RAM_DISKS};
-use crate::serve_profile::{self, LoopTotals, ServingProfile};
+use crate::serve_profile::{self, LoopTotals, ServingProfile, TURN_PHASES};
 use crate::storage::{self, Discovery, NamedDisk};
 use crate::xen::{self, PortChannel, XenConnection};
 use alloc::collections::BTreeMap;
@@ -67,8 +67,8 @@ const UNSERVED_REPORT_NS: u64 = 1_000_000_000;
 struct LoopCounters {
     turns: u64,
     sleeps: u64,
-    /// Time in each phase of the turns (see `serve_profile::TURN_PHASES`).
-    phase_ns: [u64; 4],
+    /// Time in each phase of the turns (see [`TURN_PHASES`]).
+    phase_ns: [u64; TURN_PHASES.len()],
     /// Sleeps that ended at their deadline rather than on an event.
     timeouts: u64,
     next_housekeeping_ns: u64,

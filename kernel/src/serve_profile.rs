@@ -28,7 +28,7 @@ pub struct LoopTotals {
     pub sleeps: u64,
     /// Clock time in each of [`TURN_PHASES`], ns (time Xen ran another
     /// vCPU meanwhile included).
-    pub phase_ns: [u64; 4],
+    pub phase_ns: [u64; TURN_PHASES.len()],
 }
 
 /// The profile's nodes as last written.

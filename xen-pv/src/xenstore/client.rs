@@ -245,11 +245,7 @@ impl<'a, C: PeerChannel> Xenstore<'a, C> {
     /// false, sending nothing, when the request does not fit in the ring
     /// now (try again later).
     pub fn write_unacknowledged(&mut self, path: &str, value: &[u8]) -> Result<bool, XsError> {
-        let sent = self.send_unacknowledged(path, value)?;
-        if sent {
-            self.channel.notify();
-        }
-        Ok(sent)
+        self.unacknowledged_writes().write(path, value)
     }
 
     /// Unacknowledged writes (as [`Self::write_unacknowledged`]) that
