@@ -1,5 +1,5 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
-//! heap's use counters, the command line, the serve loop's idle polling, the restart policy and the RAM
+//! heap's use counters, the command line, the serve loop's idle polling and held ring notifies, the restart policy and the RAM
 //! disks kept across restarts, the vif's address (its sources' order and
 //! the DHCP client), the x86-64 page-table
 //! format and the copy and fill loops behind `memcpy` and `memset`. The bare-metal binary
@@ -13,6 +13,7 @@ extern crate std;
 pub mod cmdline;
 pub mod frames;
 pub mod heap_usage;
+pub mod held_notifies;
 pub mod idle_poll;
 pub mod ram_disk_registry;
 pub mod restart_policy;

@@ -159,6 +159,7 @@ pub fn restart(kind: &str, what: fmt::Arguments<'_>) -> Refusal {
 extern "C" fn start_new_instance() -> ! {
     interrupts::release_ist_stacks();
     progress();
+    xen::forget_held_notifies();
     // SAFETY: the dead instance's stack was abandoned by the switch to the
     // boot stack and nothing of it runs again (one vCPU, interrupts off).
     unsafe { memory::restart_heap() };

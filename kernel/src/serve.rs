@@ -34,6 +34,7 @@ use kernel::idle_poll::{DEFAULT_IDLE_POLL_NS, IdlePoll};
 use kernel::ram_disk_registry::{RamDiskRefusal, RamFrames};
 use kernel::restart_policy::ControlRequest;
 use xen_pv::PAGE_SIZE;
+use xen_pv::event::Port;
 use xen_pv::vcpu::CpuTimes;
 use xen_pv::xenstore::{Tx, Xenstore, XsError};
 
@@ -395,6 +396,10 @@ impl Platform for KernelPlatform {
         log::info!("{line}");
     }
 
+    fn hold_notify(&mut self, port: Port) -> bool {
+        xen::hold_ring_notify(port)
+    }
+
     fn alloc_bounce_pages(&mut self, pages: usize) -> Option<DmaRegion> {
         KernelHal.dma_alloc(pages)
     }
@@ -583,6 +588,7 @@ pub fn run(
             })
             .map_err(|e| alloc::format!("xenstore: {e:?}"))?;
         if (shutdown_event || intake.lost) && shutdown_requested(&mut xs) {
+            xen::send_held_notifies();
             log::info!("serve: shutdown requested");
             serve_profile::log_summary(counters.totals(), &vbds.answered());
             return Ok(());
@@ -680,5 +686,7 @@ pub fn run(
                 vbds.idle_until(woken);
             }
         }
+        // A turn that slept sent the held notifies with its sleep.
+        xen::end_turn_awake();
     }
 }

@@ -13,6 +13,7 @@ use crate::arch::{apic, clock, cpu, interrupts};
 use crate::memory;
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use kernel::held_notifies::HeldNotifies;
 use spin::{Mutex, Once};
 use xen_pv::arch::{HypercallPage, InstallError, XenCpuid};
 use xen_pv::console::{PvConsole, XenconsInterface};
@@ -292,15 +293,69 @@ pub fn sleep_until_event(ports: &[u32], max_ns: u64) {
         .get()
         .and_then(|shared| shared.vcpu_info[0].time.read())
         .map(|clock| clock.nanos_at(cpu::rdtsc()).saturating_add(max_ns));
+    let held = HELD_NOTIFIES.lock().take();
+    let notifies = held.ports();
     match (XEN.get(), deadline) {
         (Some(xen), Some(deadline)) => {
-            if let Err(e) = sched::poll(&&xen.hypercalls, ports, deadline) {
+            let slept = match notifies {
+                [] => sched::poll(&&xen.hypercalls, ports, deadline),
+                _ => sched::send_then_poll(&&xen.hypercalls, notifies, ports, deadline),
+            };
+            if let Err(e) = slept {
                 log::warn!("xen: SCHEDOP_poll failed ({e:?}); halting instead");
                 apic::halt_until_interrupt(max_ns);
             }
         }
-        _ => apic::halt_until_interrupt(max_ns),
+        (xen, _) => {
+            if let Some(xen) = xen {
+                notifies.iter().for_each(|&port| send(xen, port));
+            }
+            apic::halt_until_interrupt(max_ns);
+        }
     }
+}
+
+/// Ring notifies held for the loop's next sleep or wait (see
+/// [`HeldNotifies`]). Only the serve loop's flow touches them (never an
+/// interrupt handler), one vCPU.
+static HELD_NOTIFIES: Mutex<HeldNotifies> = Mutex::new(HeldNotifies::new());
+
+/// Holds a frontend's ring notify on `port` until the loop's next sleep or
+/// wait, or the end of the turn after this one ([`end_turn_awake`]);
+/// false when there is no room.
+pub fn hold_ring_notify(port: Port) -> bool {
+    HELD_NOTIFIES.lock().hold(port)
+}
+
+/// Ends a serve-loop turn that did not sleep: sends the notifies held
+/// through a whole turn ([`HeldNotifies::end_turn_awake`]).
+pub fn end_turn_awake() {
+    let due = HELD_NOTIFIES.lock().end_turn_awake();
+    send_all(due.ports());
+}
+
+/// Sends the held ring notifies now.
+pub fn send_held_notifies() {
+    let held = HELD_NOTIFIES.lock().take();
+    send_all(held.ports());
+}
+
+/// Drops the held notifies: a restarted instance's ports are its own (it
+/// signals every ring it adopts).
+pub fn forget_held_notifies() {
+    HELD_NOTIFIES.lock().take();
+}
+
+fn send_all(ports: &[Port]) {
+    if let Some(xen) = XEN.get() {
+        ports.iter().for_each(|&port| send(xen, port));
+    }
+}
+
+/// Sends on `port`; a failure leaves the peer to find the news on its
+/// next look.
+fn send(xen: &Xen, port: Port) {
+    let _ = command(&&xen.hypercalls, &mut EvtchnSend { port: port.0 });
 }
 
 /// Sleeps until an event on any port bound in `events` (see

@@ -5,6 +5,7 @@
 //! below, so a caller can never pair a sub-command with the wrong structure.
 
 use core::fmt;
+use core::marker::PhantomData;
 
 /// Hypercall numbers (`__HYPERVISOR_*` in public/xen.h) that stordom uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +13,8 @@ use core::fmt;
 pub enum HypercallOp {
     /// `memory_op`: physmap changes and the memory map.
     Memory = 12,
+    /// `multicall`: several hypercalls in one trip into Xen.
+    Multicall = 13,
     /// `xen_version`: version and feature queries.
     XenVersion = 17,
     /// `console_io`: the hypervisor's own console (debug builds / dom0).
@@ -26,6 +29,26 @@ pub enum HypercallOp {
     EventChannel = 32,
     /// `hvm_op`: HVM parameters and the upcall vector.
     Hvm = 34,
+}
+
+impl HypercallOp {
+    /// Every hypercall this crate knows.
+    pub const ALL: [HypercallOp; 9] = [
+        Self::Memory,
+        Self::Multicall,
+        Self::XenVersion,
+        Self::ConsoleIo,
+        Self::GrantTable,
+        Self::Vcpu,
+        Self::Sched,
+        Self::EventChannel,
+        Self::Hvm,
+    ];
+
+    /// The hypercall numbered `number`, if this crate knows it.
+    pub fn from_number(number: u64) -> Option<HypercallOp> {
+        Self::ALL.into_iter().find(|op| *op as u64 == number)
+    }
 }
 
 /// The way into the hypervisor.
@@ -155,6 +178,72 @@ pub fn command_batch<H: Hypercall + ?Sized, T: Command>(
     let ptr = args.as_mut_ptr() as u64;
     // SAFETY: as in `command`; `count` elements are live behind `ptr`.
     Errno::check(unsafe { h.hypercall(T::OP, [u64::from(T::CMD), ptr, u64::from(count), 0, 0]) })
+}
+
+/// `struct multicall_entry` (x86-64): one call of a [`multicall`], built
+/// from a sub-command's argument structure, which stays borrowed until
+/// the entry is gone.
+#[derive(Debug)]
+#[repr(C)]
+pub struct MulticallEntry<'a> {
+    pub op: u64,
+    /// The call's raw result, once the multicall was made.
+    pub result: u64,
+    pub args: [u64; 6],
+    _arg: PhantomData<&'a mut ()>,
+}
+
+impl<'a> MulticallEntry<'a> {
+    /// `T::CMD` with a pointer to `arg`, as [`command`] issues it.
+    pub fn command<T: Command>(arg: &'a mut T) -> Self {
+        Self {
+            op: T::OP as u64,
+            result: 0,
+            args: [
+                u64::from(T::CMD),
+                core::ptr::from_mut(arg) as u64,
+                0,
+                0,
+                0,
+                0,
+            ],
+            _arg: PhantomData,
+        }
+    }
+
+    /// A placeholder that borrows nothing, for the unused tail of a
+    /// fixed array of entries: never to be passed to [`multicall`].
+    pub(crate) fn unused() -> Self {
+        Self {
+            op: 0,
+            result: 0,
+            args: [0; 6],
+            _arg: PhantomData,
+        }
+    }
+
+    /// The call's result, as [`Errno::check`] splits it.
+    pub fn outcome(&self) -> Result<u64, Errno> {
+        Errno::check(self.result as i64)
+    }
+}
+
+/// Makes the calls of `entries` in order in one trip into Xen; each
+/// entry's result is in its `result`. Fails as a whole (no call made) when
+/// Xen refuses the batch itself. Under nested emulation the trip, more than
+/// the work, is what a hypercall costs.
+pub fn multicall<H: Hypercall + ?Sized>(
+    h: &H,
+    entries: &mut [MulticallEntry<'_>],
+) -> Result<(), Errno> {
+    let count = u32::try_from(entries.len()).map_err(|_| Errno::E2BIG)?;
+    let ptr = entries.as_mut_ptr() as u64;
+    // SAFETY: each entry was built by `MulticallEntry::command` from an
+    // exclusive borrow of its argument, of the layout its sub-command
+    // expects, still live (the entries borrow it); `count` entries are
+    // behind `ptr`, and Xen writes only their `result`s.
+    Errno::check(unsafe { h.hypercall(HypercallOp::Multicall, [ptr, u64::from(count), 0, 0, 0]) })
+        .map(drop)
 }
 
 /// `CONSOLEIO_write` of the hypervisor console (visible in `xl dmesg` on

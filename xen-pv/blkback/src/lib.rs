@@ -224,6 +224,12 @@ pub trait Platform {
     fn now_ns(&self) -> u64;
     /// See [`BackendServices::log`].
     fn log(&mut self, line: fmt::Arguments<'_>);
+    /// Takes a frontend's notify on `port` to send later, within two loop
+    /// turns (the kernel folds it into the loop's next sleep's trip into
+    /// Xen); false (the default) to have it sent now.
+    fn hold_notify(&mut self, _port: Port) -> bool {
+        false
+    }
     /// Allocates `pages` zeroed, page-aligned, physically contiguous pages
     /// that the disks' devices can DMA to and the CPU reaches at `virt`
     /// (a ring's bounce buffers), or `None` when out of memory.
@@ -250,6 +256,9 @@ impl<H: Hypercall, P: Platform> BackendServices for XenBackendServices<'_, '_, H
     }
 
     fn notify(&mut self, port: Port) -> Result<(), Errno> {
+        if self.platform.hold_notify(port) {
+            return Ok(());
+        }
         self.events.send(port)
     }
 

@@ -445,15 +445,19 @@ impl BlkifRing {
         }
         self.unmap_finished(svc);
         if self.publish_answers(svc) && self.ring.push_responses() {
-            // A failed send leaves the frontend to find the responses on
-            // its next look at the ring.
-            let _ = svc.notify(self.port);
+            self.notify_frontend(svc);
         }
         broken?;
         if !worked && self.in_flight == 0 && !self.stopped {
             worked = self.ring.final_check_for_requests()?;
         }
         Ok(worked)
+    }
+
+    /// Signals the frontend that the ring has answers. A failed send leaves
+    /// it to find them on its next look at the ring.
+    pub fn notify_frontend<S: BackendServices>(&self, svc: &mut S) {
+        let _ = svc.notify(self.port);
     }
 
     /// Unmaps the data grants of the requests answered since the last call.

@@ -1093,6 +1093,11 @@ fn connect<C: PeerChannel, S: BackendServices>(
             u64::from(indices.req_prod.wrapping_sub(indices.rsp_prod))
         })
         .sum();
+    if start == VbdStart::Adoption {
+        // The previous instance may have put answers on a ring and died
+        // before its notify went out (notifies wait for the loop's sleep).
+        connected.iter().for_each(|ring| ring.notify_frontend(svc));
+    }
     vbd.rings = connected;
     written?;
     if let Some(first) = rings.first() {

@@ -17,7 +17,9 @@ use crate::event::{
 use crate::grant::{GNTMAP_HOST_MAP, GNTMAP_READONLY};
 use crate::grant::{GrantRef, MapGrantRef, UnmapGrantRef};
 use crate::hvm::{GetParam, SetEvtchnUpcallVector, SetParam};
-use crate::hypercall::{Command, FeatureInfo, HypercallOp, XENFEAT_HVM_CALLBACK_VECTOR};
+use crate::hypercall::{
+    Command, FeatureInfo, HypercallOp, MulticallEntry, XENFEAT_HVM_CALLBACK_VECTOR,
+};
 use crate::memory::{AddToPhysmap, EVTCHN_WORD_BITS, SharedInfo, XENMAPSPACE_SHARED_INFO};
 use crate::sched::{SchedPoll, SchedShutdown};
 use crate::{DomId, Errno, Hypercall, PAGE_SIZE};
@@ -569,7 +571,12 @@ impl World {
 // structures Xen documents for each sub-command, within the call.
 unsafe impl Hypercall for SimXen {
     unsafe fn hypercall(&self, op: HypercallOp, args: [u64; 5]) -> i64 {
-        let cmd = args[0] as u32;
+        // A multicall's first argument is its entries, not a command.
+        let cmd = if op == HypercallOp::Multicall {
+            0
+        } else {
+            args[0] as u32
+        };
         {
             let mut w = self.world.borrow_mut();
             *w.calls.entry((op as u32, cmd)).or_default() += 1;
@@ -621,6 +628,20 @@ unsafe impl Hypercall for SimXen {
                 } else {
                     0
                 };
+                Ok(())
+            }
+            HypercallOp::Multicall => {
+                // SAFETY: per the hypercall contract, args[0] holds args[1]
+                // entries, each a call with valid arguments.
+                let entries = unsafe { args_mut::<MulticallEntry<'_>>(args[0], args[1]) };
+                for entry in entries {
+                    let [a0, a1, a2, a3, a4, _] = entry.args;
+                    entry.result = match HypercallOp::from_number(entry.op) {
+                        // SAFETY: the entry's arguments are valid (above).
+                        Some(op) => unsafe { self.hypercall(op, [a0, a1, a2, a3, a4]) },
+                        None => -i64::from(Errno::ENOSYS.0),
+                    } as u64;
+                }
                 Ok(())
             }
             _ => Err(Errno::ENOSYS),

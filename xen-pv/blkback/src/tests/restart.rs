@@ -10,8 +10,10 @@ use core::mem::{forget, replace};
 use core::ptr::NonNull;
 
 use super::*;
+use xen_pv::event::EvtchnSend;
 use xen_pv::grant::GrantRef;
 use xen_pv::held::{Released, release_all};
+use xen_pv::hypercall::{Command, HypercallOp};
 
 /// Blocks of a kept disk, in 512-byte sectors.
 const KEPT_SECTORS: u64 = 2048;
@@ -335,7 +337,15 @@ fn a_restarted_engine_answers_every_request_once_and_keeps_the_data() {
         kept.submit(&mut rng, 6);
         let unanswered = (plain.unanswered.len() + kept.unanswered.len()) as u64;
         let mapped = h.sim.mapped_grants();
+        let sends = h.sim.calls(HypercallOp::EventChannel, EvtchnSend::CMD);
         let released = h.restart();
+        // Each adopted ring's frontend is signalled once, for answers the
+        // dead engine may have put on it unsignalled (the device holds
+        // the rest: nothing new is answered yet).
+        assert_eq!(
+            h.sim.calls(HypercallOp::EventChannel, EvtchnSend::CMD) - sends,
+            3
+        );
         assert_eq!(
             h.vbds.adoptions(),
             Adoptions {
