@@ -213,20 +213,24 @@ offline_nvme_vf() {
 # (/lib/stordom/stordom-hvm.cfg) with those PCI functions passed through
 # and waits (400 s: firmware under nested TCG is slow) until it serves;
 # its domid is left in $sd. On failure its firmware's serial output and
-# the device model's log say why.
+# the device model's log say why. $HVM_NAME and $HVM_EFI, when set, name
+# the domain and its image (the ab-nvme scenario's second build).
 start_hvm_stordom() {
-    local t0 bdf pci="" cfg=/tmp/stordom-hvm.src
-    cp /lib/stordom/stordom-hvm.cfg $cfg
+    local t0 bdf pci="" cfg=/tmp/stordom-hvm.src name=${HVM_NAME:-stordom} seen
+    seen=$(wc -l <"$(domain_console "$name")" 2>/dev/null || echo 0)
+    sed -e "s/^name = .*/name = \"$name\"/" \
+        -e "s|^kernel = .*|kernel = \"${HVM_EFI:-/usr/local/bin/stordom.efi}\"|" \
+        -e "s|stordom-serial.log|$name-serial.log|" /lib/stordom/stordom-hvm.cfg >$cfg
     for bdf in "$@"; do pci="$pci${pci:+, }'$bdf'"; done
     [ -z "$pci" ] || echo "pci = [ $pci ]" >>$cfg
     t0=$(now_ms)
-    if ! domain_create $cfg || ! stordom_ready stordom 400; then
-        sed 's/^/[dom0] serial: /' /var/log/xen/stordom-serial.log 2>/dev/null | tail -n 40
-        sed 's/^/[dom0] qemu-dm: /' /var/log/xen/qemu-dm-stordom.log 2>/dev/null | tail -n 40
+    if ! domain_create $cfg || ! stordom_ready "$name" 400 "$seen"; then
+        sed 's/^/[dom0] serial: /' "/var/log/xen/$name-serial.log" 2>/dev/null | tail -n 40
+        sed 's/^/[dom0] qemu-dm: /' "/var/log/xen/qemu-dm-$name.log" 2>/dev/null | tail -n 40
         return 1
     fi
-    sd=$(xl domid stordom)
-    say "HVM stordom (domid $sd) serving $(( $(now_ms) - t0 )) ms after xl create"
+    sd=$(xl domid "$name")
+    say "HVM $name (domid $sd) serving $(( $(now_ms) - t0 )) ms after xl create"
 }
 
 # served_by GUEST DOMID: RESULT backend:GUEST, whether the backend of
@@ -242,21 +246,25 @@ served_by() {
     esac
 }
 
-# console_line NAME TEXT SECS: waits for TEXT in domain NAME's console.
+# console_line NAME TEXT SECS [SKIP]: waits for TEXT in domain NAME's console
+# after its first SKIP lines.
 console_line() {
     local t0 log
     uptime_cs; t0=$UPTIME_CS
     log=$(domain_console $1)
-    until grep -q "$2" "$log" 2>/dev/null; do
+    until tail -n +$((${4:-0} + 1)) "$log" 2>/dev/null | grep -q "$2"; do
         uptime_cs
         [ $((UPTIME_CS - t0)) -gt $(($3 * 100)) ] && return 1
         nap 0.1
     done
 }
 
-stordom_ready() {   # stordom_ready NAME [SECS]: its ready line within SECS (30)
+# stordom_ready NAME [SECS [SKIP]]: its ready line within SECS (30), after
+# the first SKIP lines of its console (those of an earlier domain of that
+# name).
+stordom_ready() {
     local secs=${2:-30}
-    if ! console_line $1 "serve: watching backend/vbd; ready" $secs; then
+    if ! console_line $1 "serve: watching backend/vbd; ready" $secs "${3:-0}"; then
         result "ready:$1" fail "no ready line in $secs s"
         # Where it is stuck: its state now and 2 s later (a diagnosis
         # the runner makes only when a run times out).
