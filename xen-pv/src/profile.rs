@@ -489,8 +489,18 @@ mod tests {
         })
     }
 
-    #[test]
-    fn every_kind_is_counted_with_its_batch_and_time() {
+    /// Runs `test` with a profiled simulated Xen, its event channels, a
+    /// ring's port bound to a frontend, and the next two ports named the
+    /// xenstore's and the console's.
+    fn with_profiled_ring(
+        test: impl FnOnce(
+            &SimXen,
+            &Profiled<'_, &SimXen>,
+            &HypercallProfile,
+            &mut EventChannels<'_, &Profiled<'_, &SimXen>>,
+            Port,
+        ),
+    ) {
         let sim = SimXen::new();
         let profile = HypercallProfile::new();
         let xen = Profiled::new(&sim, &profile, ticking);
@@ -499,61 +509,67 @@ mod tests {
         let remote = sim.remote_alloc_unbound(FRONTEND);
         let ring = events.bind_interdomain(FRONTEND, remote).unwrap();
         profile.name_ports(ring.0 + 1, ring.0 + 2);
-        events.send(ring).unwrap();
-        events.send(ring).unwrap();
-        // Sends on the named ports count apart (unbound: Xen refuses them,
-        // which costs the same exit).
-        let _ = events.send(Port(ring.0 + 1));
-        let _ = events.send(Port(ring.0 + 2));
+        test(&sim, &xen, &profile, &mut events, ring);
+    }
 
-        let grefs: Vec<_> = (0..40u8)
-            .map(|i| sim.offer_grant(FRONTEND, false, &[i]))
-            .collect();
-        let held = HeldGrants::<[AtomicU64; 64]>::new();
-        let mut grants = GrantMapper::new(&xen, GfnWindow::new(0x10_0000, 64), &held);
-        let specs: Vec<_> = grefs
-            .iter()
-            .map(|&gref| GrantSpec {
-                domid: FRONTEND,
-                gref,
-                readonly: false,
-            })
-            .collect();
-        let mut results = Vec::new();
-        grants.map_batch(&specs, &mut results);
-        let mut mappings: Vec<_> = results.into_iter().map(Result::unwrap).collect();
-        grants.unmap_batch(&mut mappings, &mut Vec::new());
-        crate::sched::poll(&xen, &[ring.0], 5).unwrap();
+    #[test]
+    fn every_kind_is_counted_with_its_batch_and_time() {
+        with_profiled_ring(|sim, xen, profile, events, ring| {
+            events.send(ring).unwrap();
+            events.send(ring).unwrap();
+            // Sends on the named ports count apart (unbound: Xen refuses them,
+            // which costs the same exit).
+            let _ = events.send(Port(ring.0 + 1));
+            let _ = events.send(Port(ring.0 + 2));
 
-        let s = profile.snapshot();
-        let totals = |calls, ops| KindTotals {
-            calls,
-            ops,
-            ticks: calls * 10,
-        };
-        assert_eq!(s.of(HypercallKind::RingNotify), totals(2, 2));
-        assert_eq!(s.of(HypercallKind::XenstoreNotify), totals(1, 1));
-        assert_eq!(s.of(HypercallKind::ConsoleNotify), totals(1, 1));
-        assert_eq!(s.of(HypercallKind::EvtchnOther), totals(1, 1), "the bind");
-        assert_eq!(s.of(HypercallKind::GrantMap), totals(2, 40), "32 + 8");
-        assert_eq!(s.of(HypercallKind::GrantUnmap), totals(2, 40));
-        assert_eq!(s.of(HypercallKind::SchedPoll), totals(1, 1));
-        assert_eq!(s.calls(), 10);
-        assert_eq!(s.busy_ticks(), 90, "the poll's time is sleep");
+            let grefs: Vec<_> = (0..40u8)
+                .map(|i| sim.offer_grant(FRONTEND, false, &[i]))
+                .collect();
+            let held = HeldGrants::<[AtomicU64; 64]>::new();
+            let mut grants = GrantMapper::new(&xen, GfnWindow::new(0x10_0000, 64), &held);
+            let specs: Vec<_> = grefs
+                .iter()
+                .map(|&gref| GrantSpec {
+                    domid: FRONTEND,
+                    gref,
+                    readonly: false,
+                })
+                .collect();
+            let mut results = Vec::new();
+            grants.map_batch(&specs, &mut results);
+            let mut mappings: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+            grants.unmap_batch(&mut mappings, &mut Vec::new());
+            crate::sched::poll(&xen, &[ring.0], 5).unwrap();
 
-        // At 10 ticks a microsecond (10 MHz).
-        let nodes = s.nodes(10_000_000);
-        let node = |name: &str| nodes.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
-        assert_eq!(node("grant-map/calls"), Some(2));
-        assert_eq!(node("grant-map/ops"), Some(40));
-        assert_eq!(node("grant-map/ns"), Some(2000));
-        assert_eq!(node("ring-notify/ops"), None, "no batch");
-        assert_eq!(node("memory/calls"), None, "never called");
-        assert_eq!(node("hypercalls/calls"), Some(10));
-        assert_eq!(node("hypercalls/busy-ns"), Some(9000));
-        assert_eq!(
-            s.per_request(4, 10_000_000).to_string(),
-            "10 hypercalls (2.50/request, busy 2.25 us/request): \
+            let s = profile.snapshot();
+            let totals = |calls, ops| KindTotals {
+                calls,
+                ops,
+                ticks: calls * 10,
+            };
+            assert_eq!(s.of(HypercallKind::RingNotify), totals(2, 2));
+            assert_eq!(s.of(HypercallKind::XenstoreNotify), totals(1, 1));
+            assert_eq!(s.of(HypercallKind::ConsoleNotify), totals(1, 1));
+            assert_eq!(s.of(HypercallKind::EvtchnOther), totals(1, 1), "the bind");
+            assert_eq!(s.of(HypercallKind::GrantMap), totals(2, 40), "32 + 8");
+            assert_eq!(s.of(HypercallKind::GrantUnmap), totals(2, 40));
+            assert_eq!(s.of(HypercallKind::SchedPoll), totals(1, 1));
+            assert_eq!(s.calls(), 10);
+            assert_eq!(s.busy_ticks(), 90, "the poll's time is sleep");
+
+            // At 10 ticks a microsecond (10 MHz).
+            let nodes = s.nodes(10_000_000);
+            let node = |name: &str| nodes.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+            assert_eq!(node("grant-map/calls"), Some(2));
+            assert_eq!(node("grant-map/ops"), Some(40));
+            assert_eq!(node("grant-map/ns"), Some(2000));
+            assert_eq!(node("ring-notify/ops"), None, "no batch");
+            assert_eq!(node("memory/calls"), None, "never called");
+            assert_eq!(node("hypercalls/calls"), Some(10));
+            assert_eq!(node("hypercalls/busy-ns"), Some(9000));
+            assert_eq!(
+                s.per_request(4, 10_000_000).to_string(),
+                "10 hypercalls (2.50/request, busy 2.25 us/request): \
              grant-map 0.50/request 0.50 us/request 20.00 ops/call, \
              grant-unmap 0.50/request 0.50 us/request 20.00 ops/call, \
              ring-notify 0.50/request 0.50 us/request, \
@@ -561,30 +577,25 @@ mod tests {
              console-notify 0.25/request 0.25 us/request, \
              evtchn-other 0.25/request 0.25 us/request, \
              sched-poll 0.25/request 0.25 us/request"
-        );
+            );
+        });
     }
 
     #[test]
     fn a_multicall_counts_as_its_calls_with_the_trip_given_to_the_last() {
-        let sim = SimXen::new();
-        let profile = HypercallProfile::new();
-        let xen = Profiled::new(&sim, &profile, ticking);
-        let held_ports = HeldPorts::<[core::sync::atomic::AtomicU32; 8]>::new();
-        let mut events = EventChannels::new(&xen, sim.shared_info(), &held_ports);
-        let remote = sim.remote_alloc_unbound(FRONTEND);
-        let ring = events.bind_interdomain(FRONTEND, remote).unwrap();
-        profile.name_ports(ring.0 + 1, ring.0 + 2);
-        crate::sched::send_then_poll(&xen, &[ring, Port(ring.0 + 1)], &[ring.0], 5).unwrap();
-        let s = profile.snapshot();
-        let totals = |calls, ticks| KindTotals {
-            calls,
-            ops: calls,
-            ticks,
-        };
-        assert_eq!(s.of(HypercallKind::RingNotify), totals(1, 0));
-        assert_eq!(s.of(HypercallKind::XenstoreNotify), totals(1, 0));
-        assert_eq!(s.of(HypercallKind::SchedPoll), totals(1, 10), "the trip's");
-        assert_eq!(s.of(HypercallKind::Other), totals(0, 0));
+        with_profiled_ring(|_, xen, profile, _, ring| {
+            crate::sched::send_then_poll(xen, &[ring, Port(ring.0 + 1)], &[ring.0], 5).unwrap();
+            let s = profile.snapshot();
+            let totals = |calls, ticks| KindTotals {
+                calls,
+                ops: calls,
+                ticks,
+            };
+            assert_eq!(s.of(HypercallKind::RingNotify), totals(1, 0));
+            assert_eq!(s.of(HypercallKind::XenstoreNotify), totals(1, 0));
+            assert_eq!(s.of(HypercallKind::SchedPoll), totals(1, 10), "the trip's");
+            assert_eq!(s.of(HypercallKind::Other), totals(0, 0));
+        });
     }
 
     #[test]
