@@ -1,9 +1,9 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
-//! heap's use counters, the command line, the serve loop's idle polling and held ring notifies, the restart policy and the RAM
-//! disks kept across restarts, the vif's address (its sources' order and
-//! the DHCP client), the x86-64 page-table
-//! format and the copy and fill loops behind `memcpy` and `memset`. The bare-metal binary
-//! is `src/main.rs`.
+//! heap's use counters, the command line, the serve loop's idle polling
+//! and held ring notifies, the restart policy and the RAM disks kept
+//! across restarts, the vif's address (its sources' order and the DHCP
+//! client), the x86-64 page-table format and the copy and fill loops
+//! behind `memcpy` and `memset`. The bare-metal binary is `src/main.rs`.
 #![no_std]
 
 extern crate alloc;
