@@ -306,10 +306,8 @@ pub fn sleep_until_event(ports: &[u32], max_ns: u64) {
                 apic::halt_until_interrupt(max_ns);
             }
         }
-        (xen, _) => {
-            if let Some(xen) = xen {
-                notifies.iter().for_each(|&port| send(xen, port));
-            }
+        _ => {
+            send_all(notifies);
             apic::halt_until_interrupt(max_ns);
         }
     }
