@@ -1,9 +1,10 @@
 //! The host-tested half of the stordom kernel: frame bookkeeping, the
-//! heap's use counters, the command line, the serve loop's idle polling
-//! and held ring notifies, the restart policy and the RAM disks kept
-//! across restarts, the vif's address (its sources' order and the DHCP
-//! client), the x86-64 page-table format and the copy and fill loops
-//! behind `memcpy` and `memset`. The bare-metal binary is `src/main.rs`.
+//! heap's use counters, the command line, the serve loop's idle polling,
+//! held ring notifies and vCPU time split, the restart policy and the RAM
+//! disks kept across restarts, the vif's address (its sources' order and
+//! the DHCP client), the x86-64 page-table format and the copy and fill
+//! loops behind `memcpy` and `memset`. The bare-metal binary is
+//! `src/main.rs`.
 #![no_std]
 
 extern crate alloc;
@@ -11,6 +12,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod cmdline;
+pub mod cpu_split;
 pub mod frames;
 pub mod heap_usage;
 pub mod held_notifies;

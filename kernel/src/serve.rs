@@ -30,6 +30,7 @@ use drivers::Hal;
 use drivers::RamDisk;
 use http_metrics::Metrics;
 use kernel::cmdline::Ipv4Cidr;
+use kernel::cpu_split::CpuSplit;
 use kernel::idle_poll::{DEFAULT_IDLE_POLL_NS, IdlePoll};
 use kernel::ram_disk_registry::{RamDiskRefusal, RamFrames};
 use kernel::restart_policy::ControlRequest;
@@ -70,6 +71,8 @@ struct LoopCounters {
     sleeps: u64,
     /// Time in each phase of the turns (see [`TURN_PHASES`]).
     phase_ns: [u64; TURN_PHASES.len()],
+    /// Where the vCPU's time went (see [`LoopTotals`]).
+    cpu_split: CpuSplit,
     /// Sleeps that ended at their deadline rather than on an event.
     timeouts: u64,
     next_housekeeping_ns: u64,
@@ -120,6 +123,7 @@ impl LoopCounters {
             turns: self.turns,
             sleeps: self.sleeps,
             phase_ns: self.phase_ns,
+            cpu_split: self.cpu_split,
         }
     }
 
@@ -656,6 +660,10 @@ pub fn run(
             *total += end.saturating_sub(phase_start);
             phase_start = end;
         }
+        let cpu_at_turn_end = xen::cpu_times();
+        counters
+            .cpu_split
+            .add_turn(marks.cpu_at_start, cpu_at_turn_end);
         let gap = vbds.take_longest_unserved(marks.ends[3]);
         counters.check_unserved(&marks, gap);
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
@@ -678,8 +686,12 @@ pub fn run(
                 let halt_ns = net_turn
                     .wake_in_ns
                     .map_or(IDLE_HALT_NS, |ns| ns.min(IDLE_HALT_NS));
+                let cpu_before_sleep = xen::cpu_times();
                 xen::sleep_until_any_event(&events, halt_ns);
                 let woken = clock::now_ns();
+                counters
+                    .cpu_split
+                    .add_sleep(cpu_before_sleep, xen::cpu_times());
                 if woken >= now + halt_ns {
                     counters.timeouts += 1;
                 }

@@ -2,7 +2,8 @@
 //! hypercall by kind with its time (counted where hypercalls are made,
 //! see `xen_pv::profile`), the serve loop's turns and sleeps, the
 //! requests and segments answered, the time the loop's turns spent in each
-//! phase, and the vCPU's runstate times. Published
+//! phase, and the vCPU's runstate times, split between the turns and the
+//! sleeps. Published
 //! under `data/profile/` by the loop's housekeeping (values that changed
 //! only), and summed up in one console line at shutdown.
 
@@ -12,6 +13,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use blkback::statistics::{self, RequestCounters};
+use kernel::cpu_split::CpuSplit;
 use xen_pv::profile::Average;
 use xen_pv::xenstore::Xenstore;
 
@@ -29,6 +31,16 @@ pub struct LoopTotals {
     /// Clock time in each of [`TURN_PHASES`], ns (time Xen ran another
     /// vCPU meanwhile included).
     pub phase_ns: [u64; TURN_PHASES.len()],
+    pub cpu_split: CpuSplit,
+}
+
+/// [`CpuSplit`]'s nodes.
+fn cpu_split_nodes(split: &CpuSplit) -> [(String, u64); 3] {
+    [
+        ("running-in-turns/ns".into(), split.running_in_turns_ns),
+        ("running-in-sleeps/ns".into(), split.running_in_sleeps_ns),
+        ("runnable-in-sleeps/ns".into(), split.runnable_in_sleeps_ns),
+    ]
 }
 
 /// The profile's nodes as last written.
@@ -41,7 +53,9 @@ impl ServingProfile {
     /// Writes the nodes that changed since the last call, without waiting
     /// for xenstored (see `statistics::publish_changed`): `requests`,
     /// `segments`, `turns`, `sleeps`, `turn-<phase>/ns`,
-    /// `cpu/{running,runnable,blocked}` (ns), and each hypercall kind's
+    /// `cpu/{running,runnable,blocked}` (ns), [`CpuSplit`]'s
+    /// `running-in-turns/ns`, `running-in-sleeps/ns` and
+    /// `runnable-in-sleeps/ns`, and each hypercall kind's
     /// `calls`, `ns` (and `ops`).
     pub fn publish(
         &mut self,
@@ -62,6 +76,7 @@ impl ServingProfile {
                 .zip(totals.phase_ns)
                 .map(|(phase, ns)| (alloc::format!("turn-{phase}/ns"), ns)),
         );
+        nodes.extend(cpu_split_nodes(&totals.cpu_split));
         if let Some(cpu) = xen::cpu_times() {
             nodes.extend([
                 ("cpu/running".into(), cpu.running),
@@ -95,18 +110,22 @@ pub fn log_summary(totals: LoopTotals, answered: &RequestCounters) {
             .collect()
         })
         .unwrap_or_default();
+    let split = totals.cpu_split;
     let phases: Vec<String> = TURN_PHASES
         .iter()
         .zip(totals.phase_ns)
         .map(|(phase, ns)| alloc::format!("{phase} {} us", per(ns / 1000)))
         .collect();
     log::info!(
-        "profile: {requests} requests ({} segments/request), {} turns and {} sleeps/request, turns' time per request: {}; cpu {}; {}",
+        "profile: {requests} requests ({} segments/request), {} turns and {} sleeps/request, turns' time per request: {}; cpu {} (per request: running {} us in turns and {} us in sleeps, runnable {} us in sleeps); {}",
         per(answered.segments),
         per(totals.turns),
         per(totals.sleeps),
         phases.join(", "),
         cpu.join(" "),
+        per(split.running_in_turns_ns / 1000),
+        per(split.running_in_sleeps_ns / 1000),
+        per(split.runnable_in_sleeps_ns / 1000),
         xen::hypercall_profile().per_request(requests, clock::tsc_hz()),
     );
 }
