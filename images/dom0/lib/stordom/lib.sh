@@ -382,6 +382,32 @@ stordom_profile_report() {
         }' "/tmp/profile-mark.$1" "/tmp/profile-now.$1"
 }
 
+# ab_rounds SECS [UP DOWN]: the A/B scenarios' three rounds, each running
+# the guest's job (/scenario/g-stordom.cfg, SECS to finish) on stordom and
+# then on stordom-b (the same guest, its disk on stordom-b, plus the xl
+# config lines in $AB_GUEST_XL_B), with each round's serving profile. UP
+# and DOWN, when given, are commands run with the backend's name before
+# and after its guest (ab-nvme starts and stops the HVM build that owns
+# the NVMe).
+ab_rounds() {
+    local secs=$1 up=$2 down=$3 round be cfg
+    sed -e 's/^name = .*/name = "g-stordom-b"/' -e 's/backend=stordom,/backend=stordom-b,/' \
+        /scenario/g-stordom.cfg >/tmp/ab-g-stordom-b.cfg
+    printf '%s\n' "$AB_GUEST_XL_B" >>/tmp/ab-g-stordom-b.cfg
+    for round in 1 2 3; do
+        for be in stordom stordom-b; do
+            cfg=/scenario/g-stordom.cfg
+            [ $be = stordom ] || cfg=/tmp/ab-g-stordom-b.cfg
+            [ -z "$up" ] || $up $be || return 1
+            stordom_profile_mark $be
+            create_guest_timed $cfg g-$be $be || return 1
+            wait_gone g-$be "$secs"
+            stordom_profile_report $be
+            [ -z "$down" ] || $down $be
+        done
+    done
+}
+
 # dom0_bridge: netback loaded and a bridge xenbr0 with dom0 at 10.0.0.1/24
 # for driver domains' vifs (`vif = [ 'bridge=xenbr0,ip=...' ]`).
 dom0_bridge() {
