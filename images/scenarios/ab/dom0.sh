@@ -10,6 +10,7 @@ sed -e 's/^name = .*/name = "stordom-b"/' -e 's|stordom\.elf|stordom-b.elf|' \
     -e "s/@STORDOM_CMDLINE@/@$cmdline_b@/" /scenario/stordom.cfg >/tmp/ab-stordom-b.cfg
 printf '%s\n' "$AB_STORDOM_XL_B" >>/tmp/ab-stordom-b.cfg
 create_backend_timed /tmp/ab-stordom-b.cfg stordom-b "serve: watching backend/vbd; ready" 60 || return 1
+[ -z "$AB_STORDOM_XL_B" ] || xl vcpu-list stordom-b | sed 's/^/[dom0] /'
 ab_rounds 150 || return 1
 xl shutdown stordom
 xl shutdown stordom-b

@@ -401,6 +401,8 @@ ab_rounds() {
             [ -z "$up" ] || $up $be || return 1
             stordom_profile_mark $be
             create_guest_timed $cfg g-$be $be || return 1
+            # Where B's pinning, if any, put the guest.
+            [ $be = stordom ] || [ -z "$AB_GUEST_XL_B" ] || xl vcpu-list g-$be | sed 's/^/[dom0] /'
             wait_gone g-$be "$secs"
             stordom_profile_report $be
             [ -z "$down" ] || $down $be
