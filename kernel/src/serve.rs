@@ -71,7 +71,7 @@ struct LoopCounters {
     sleeps: u64,
     /// Time in each phase of the turns (see [`TURN_PHASES`]).
     phase_ns: [u64; TURN_PHASES.len()],
-    /// Where the vCPU's time went (see [`LoopTotals`]).
+    /// Where the vCPU's time went, turns against sleeps.
     cpu_split: CpuSplit,
     /// Sleeps that ended at their deadline rather than on an event.
     timeouts: u64,

@@ -31,6 +31,7 @@ pub struct LoopTotals {
     /// Clock time in each of [`TURN_PHASES`], ns (time Xen ran another
     /// vCPU meanwhile included).
     pub phase_ns: [u64; TURN_PHASES.len()],
+    /// The vCPU's time, turns against sleeps.
     pub cpu_split: CpuSplit,
 }
 
