@@ -6,7 +6,9 @@ use xen_pv::vcpu::CpuTimes;
 /// (stordom's own work and its hypercalls), and across the sleeps (Xen's
 /// way into the block and back out of it, under the emulator a world
 /// switch each way), with the wait for a physical CPU after each wake-up.
-/// The rest of the running time is the few lines between the two.
+/// The serve loop reads the runstate once at each turn's end and once
+/// after each sleep, each reading ending one span and starting the next,
+/// so the two cover all its running time.
 #[derive(Clone, Copy, Default)]
 pub struct CpuSplit {
     pub running_in_turns_ns: u64,

@@ -568,12 +568,14 @@ pub fn run(
     let mut answered_at_last_housekeeping = 0;
     let mut idle_poll = IdlePoll::new(IDLE_POLL_NS.load(Ordering::Relaxed));
     let tables_digest = arch::descriptor_tables_digest();
+    // Each runstate reading ends one span of the split and starts the next.
+    let mut cpu_at_turn_start = xen::cpu_times();
     loop {
         counters.turns += 1;
         restart::progress();
         let mut marks = TurnMarks {
             start: clock::now_ns(),
-            cpu_at_start: xen::cpu_times(),
+            cpu_at_start: cpu_at_turn_start,
             ends: [0; 4],
             served_in_toolstack: 0,
         };
@@ -660,10 +662,6 @@ pub fn run(
             *total += end.saturating_sub(phase_start);
             phase_start = end;
         }
-        let cpu_at_turn_end = xen::cpu_times();
-        counters
-            .cpu_split
-            .add_turn(marks.cpu_at_start, cpu_at_turn_end);
         let gap = vbds.take_longest_unserved(marks.ends[3]);
         counters.check_unserved(&marks, gap);
         counters.heartbeat(now, &vbds, xen::events_pending(&events));
@@ -672,31 +670,39 @@ pub fn run(
         if !idle {
             idle_poll.busy(now);
         }
-        if idle && intake.taken == 0 {
+        let quiet = idle && intake.taken == 0;
+        if quiet {
             publish_grant_count(&mut xs, grants.stats().mapped, &mut published_grants);
-            // An event that came while xenstore was busy is looked at
-            // before halting (interrupts stay off until the halt), and so
-            // is a watch event the client queued while waiting for a
-            // reply (its port's pending bit was consumed by that wait).
-            if !xen::events_pending(&events)
-                && xs.queued_watch_events() == 0
-                && idle_poll.may_sleep(now)
-            {
-                counters.sleeps += 1;
-                let halt_ns = net_turn
-                    .wake_in_ns
-                    .map_or(IDLE_HALT_NS, |ns| ns.min(IDLE_HALT_NS));
-                let cpu_before_sleep = xen::cpu_times();
-                xen::sleep_until_any_event(&events, halt_ns);
-                let woken = clock::now_ns();
-                counters
-                    .cpu_split
-                    .add_sleep(cpu_before_sleep, xen::cpu_times());
-                if woken >= now + halt_ns {
-                    counters.timeouts += 1;
-                }
-                vbds.idle_until(woken);
+        }
+        let cpu_at_turn_end = xen::cpu_times();
+        counters
+            .cpu_split
+            .add_turn(marks.cpu_at_start, cpu_at_turn_end);
+        cpu_at_turn_start = cpu_at_turn_end;
+        // An event that came while xenstore was busy is looked at before
+        // halting (interrupts stay off until the halt), and so is a watch
+        // event the client queued while waiting for a reply (its port's
+        // pending bit was consumed by that wait).
+        if quiet
+            && !xen::events_pending(&events)
+            && xs.queued_watch_events() == 0
+            && idle_poll.may_sleep(now)
+        {
+            counters.sleeps += 1;
+            let halt_ns = net_turn
+                .wake_in_ns
+                .map_or(IDLE_HALT_NS, |ns| ns.min(IDLE_HALT_NS));
+            xen::sleep_until_any_event(&events, halt_ns);
+            let woken = clock::now_ns();
+            let cpu_after_sleep = xen::cpu_times();
+            counters
+                .cpu_split
+                .add_sleep(cpu_at_turn_end, cpu_after_sleep);
+            cpu_at_turn_start = cpu_after_sleep;
+            if woken >= now + halt_ns {
+                counters.timeouts += 1;
             }
+            vbds.idle_until(woken);
         }
         // A turn that slept sent the held notifies with its sleep.
         xen::end_turn_awake();
