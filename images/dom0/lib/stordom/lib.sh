@@ -282,7 +282,7 @@ stordom_ready() {
 # (METRIC backend_created_ms), and the rest, the domain's own boot (METRIC
 # backend_booted_ms).
 create_backend_timed() {
-    local t0 created
+    local t0 created ready
     t0=$(now_ms)
     domain_create "$1" || return 1
     created=$(( $(now_ms) - t0 ))
@@ -291,8 +291,9 @@ create_backend_timed() {
         result "ready:$2" fail "no '$3' on its console within $4 s"
         return 1
     fi
-    echo "METRIC name=backend_ready_ms backend=$2 value=$(( $(now_ms) - t0 )) unit=ms"
-    echo "METRIC name=backend_booted_ms backend=$2 value=$(( $(now_ms) - t0 - created )) unit=ms"
+    ready=$(( $(now_ms) - t0 ))
+    echo "METRIC name=backend_ready_ms backend=$2 value=$ready unit=ms"
+    echo "METRIC name=backend_booted_ms backend=$2 value=$(( ready - created )) unit=ms"
     result "ready:$2" pass
 }
 
